@@ -1,0 +1,1 @@
+"""Inference: shards and engines."""

@@ -1,0 +1,1 @@
+"""The cluster: device capabilities, the peer graph and partitioning."""

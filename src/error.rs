@@ -1,0 +1,21 @@
+//! The crate's one error type: every fallible API returns `Result<_, Error>`.
+
+/// What went wrong, by kind; the Python layer maps each kind to one exception class.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor's dtype, shape or bytes are inconsistent or unsupported.
+    #[error("invalid tensor: {0}")]
+    InvalidTensor(String),
+    /// A shard's layer range does not fit its model.
+    #[error("invalid shard: {0}")]
+    InvalidShard(String),
+    /// An argument outside what the API accepts.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A failure inside the tensor library.
+    #[error("tensor backend: {0}")]
+    Backend(#[from] candle_core::Error),
+}
+
+/// Shorthand for results carrying [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,16 @@
+//! xotorch-core: the Rust core of an exo-compatible peer-to-peer LLM inference cluster.
+//!
+//! Everything outside `python` is plain Rust; `python` holds the only PyO3 code and builds
+//! the `exo._core` extension module.
+
+pub mod error;
+pub mod proto;
+pub mod shard;
+pub mod tensor;
+pub mod topology;
+
+mod python;
+
+pub use error::{Error, Result};
+pub use shard::Shard;
+pub use tensor::{DType, WireTensor};

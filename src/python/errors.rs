@@ -1,0 +1,22 @@
+//! Maps each core error kind to its exception class in `exo.errors`, in one place.
+
+use pyo3::PyErr;
+
+use crate::error::Error;
+
+pyo3::import_exception!(exo.errors, InvalidTensorError);
+pyo3::import_exception!(exo.errors, InvalidShardError);
+pyo3::import_exception!(exo.errors, InvalidArgumentError);
+pyo3::import_exception!(exo.errors, BackendError);
+
+impl From<Error> for PyErr {
+    fn from(error: Error) -> Self {
+        let message = error.to_string();
+        match error {
+            Error::InvalidTensor(_) => InvalidTensorError::new_err(message),
+            Error::InvalidShard(_) => InvalidShardError::new_err(message),
+            Error::InvalidArgument(_) => InvalidArgumentError::new_err(message),
+            Error::Backend(_) => BackendError::new_err(message),
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! The `exo._core` extension module: PyO3 wrappers around the core types.
+
+mod errors;
+mod shard;
+mod tensor;
+mod topology;
+
+use pyo3::prelude::*;
+
+/// Registers every class and function of `exo._core`.
+#[pymodule(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    shard::register(m)?;
+    tensor::register(m)?;
+    topology::register(m)?;
+    Ok(())
+}

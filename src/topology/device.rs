@@ -1,0 +1,188 @@
+//! What a node can contribute: its model, chip, memory and throughput, and how
+//! they are detected on the machine the node runs on.
+
+use super::chips::chip_flops;
+
+/// Peak throughput in TFLOPS.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct DeviceFlops {
+    /// 32-bit float TFLOPS.
+    pub fp32: f64,
+    /// 16-bit float TFLOPS.
+    pub fp16: f64,
+    /// 8-bit integer TOPS.
+    pub int8: f64,
+}
+
+impl DeviceFlops {
+    /// Throughput from its three figures.
+    pub fn new(fp32: f64, fp16: f64, int8: f64) -> Self {
+        Self { fp32, fp16, int8 }
+    }
+
+    /// The JSON form (`{"fp32", "fp16", "int8"}`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"fp32": self.fp32, "fp16": self.fp16, "int8": self.int8})
+    }
+}
+
+impl std::fmt::Display for DeviceFlops {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "fp32: {:.2} TFLOPS, fp16: {:.2} TFLOPS, int8: {:.2} TFLOPS",
+            self.fp32, self.fp16, self.int8
+        )
+    }
+}
+
+/// A node's device as the cluster sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceCapabilities {
+    /// Machine model, e.g. "MacBook Pro" or "Linux Box (AMD EPYC 9B14)".
+    pub model: String,
+    /// Chip name, the key into the chip table.
+    pub chip: String,
+    /// Memory available for weights, in MB.
+    pub memory: u64,
+    /// Peak throughput.
+    pub flops: DeviceFlops,
+}
+
+impl DeviceCapabilities {
+    /// Capabilities from their parts.
+    pub fn new(model: impl Into<String>, chip: impl Into<String>, memory: u64, flops: DeviceFlops) -> Self {
+        Self { model: model.into(), chip: chip.into(), memory, flops }
+    }
+
+    /// What a node reports before (or instead of) detection.
+    pub fn unknown() -> Self {
+        Self::new("Unknown Model", "Unknown Chip", 0, DeviceFlops::default())
+    }
+
+    /// The JSON form exo classic uses in topology and discovery messages.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"model": self.model, "chip": self.chip, "memory": self.memory, "flops": self.flops.to_json()})
+    }
+}
+
+impl std::fmt::Display for DeviceCapabilities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Model: {}. Chip: {}. Memory: {}MB. Flops: {}",
+            self.model, self.chip, self.memory, self.flops
+        )
+    }
+}
+
+/// Detects this machine's CPU and memory. The chip table is consulted first; otherwise
+/// throughput is estimated from cores × clock × the widest SIMD FMA the CPU has.
+pub fn detect_device_capabilities() -> DeviceCapabilities {
+    let mut system = sysinfo::System::new();
+    system.refresh_memory();
+    system.refresh_cpu_all();
+    let cpus = system.cpus();
+    let brand = cpus.first().map(|c| c.brand().trim().to_string()).filter(|b| !b.is_empty());
+    let chip = brand.unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let memory = system.total_memory() / (1024 * 1024);
+    let mhz = cpus.iter().map(|c| c.frequency()).max().unwrap_or(0);
+    let flops = chip_flops().get(&chip).copied().unwrap_or_else(|| estimate_cpu_flops(cpus.len(), mhz));
+    let model = format!("{} Box ({chip})", os_label());
+    DeviceCapabilities::new(model, chip, memory, flops)
+}
+
+/// The OS word exo classic puts in front of "Box".
+fn os_label() -> &'static str {
+    match std::env::consts::OS {
+        "linux" => "Linux",
+        "macos" => "Mac",
+        "windows" => "Windows",
+        _ => "Unknown",
+    }
+}
+
+/// Peak CPU throughput: cores × GHz × FLOPs per cycle of the widest FMA unit (two units
+/// assumed), fp16 equal to fp32 unless the CPU has native fp16 math, int8 from dot-product
+/// instructions where present. A clock of 0 (unreadable in some VMs) counts as 2 GHz.
+fn estimate_cpu_flops(cores: usize, mhz: u64) -> DeviceFlops {
+    let ghz = if mhz == 0 { 2.0 } else { mhz as f64 / 1000.0 };
+    let simd = SimdWidth::detect();
+    let fp32 = cores as f64 * ghz * simd.fp32_flops_per_cycle / 1000.0;
+    DeviceFlops::new(fp32, fp32 * simd.fp16_speedup, fp32 * simd.int8_speedup)
+}
+
+/// Per-core figures for the SIMD units this CPU has.
+struct SimdWidth {
+    fp32_flops_per_cycle: f64,
+    fp16_speedup: f64,
+    int8_speedup: f64,
+}
+
+impl SimdWidth {
+    #[cfg(target_arch = "x86_64")]
+    fn detect() -> Self {
+        use std::arch::is_x86_feature_detected as has;
+        // 2 FMA units × lanes × 2 FLOPs per FMA.
+        let fp32_flops_per_cycle = if has!("avx512f") {
+            64.0
+        } else if has!("fma") {
+            32.0
+        } else if has!("avx") {
+            16.0
+        } else {
+            8.0
+        };
+        let fp16_speedup = if has!("avx512fp16") { 2.0 } else { 1.0 };
+        let int8_speedup = if has!("avx512vnni") || has!("avxvnni") { 4.0 } else { 2.0 };
+        Self { fp32_flops_per_cycle, fp16_speedup, int8_speedup }
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    fn detect() -> Self {
+        // NEON: 2 × 128-bit FMA units; fp16 and int8 dot products are standard on ARMv8.2+ cores.
+        Self { fp32_flops_per_cycle: 16.0, fp16_speedup: 2.0, int8_speedup: 4.0 }
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    fn detect() -> Self {
+        Self { fp32_flops_per_cycle: 2.0, fp16_speedup: 1.0, int8_speedup: 1.0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_matches_classic() {
+        let caps = DeviceCapabilities::new(
+            "MacBook Pro",
+            "Apple M3 Max",
+            131072,
+            DeviceFlops::new(14.2, 28.4, 56.8),
+        );
+        assert_eq!(
+            caps.to_string(),
+            "Model: MacBook Pro. Chip: Apple M3 Max. Memory: 131072MB. \
+             Flops: fp32: 14.20 TFLOPS, fp16: 28.40 TFLOPS, int8: 56.80 TFLOPS"
+        );
+    }
+
+    #[test]
+    fn detection_reports_this_machine() {
+        let caps = detect_device_capabilities();
+        assert!(caps.memory > 0, "{caps:?}");
+        assert!(!caps.chip.is_empty());
+        assert!(caps.flops.fp32 > 0.0, "{caps:?}");
+        assert!(caps.flops.int8 >= caps.flops.fp32);
+    }
+
+    #[test]
+    fn estimate_scales_with_cores_and_clock() {
+        let one = estimate_cpu_flops(1, 1000);
+        let four = estimate_cpu_flops(4, 2000);
+        assert!((four.fp32 - 8.0 * one.fp32).abs() < 1e-12);
+        assert_eq!(estimate_cpu_flops(1, 0).fp32, estimate_cpu_flops(1, 2000).fp32);
+    }
+}

@@ -1,0 +1,12 @@
+//! The cluster as the partitioner sees it: device capabilities, the peer graph,
+//! and how a model's layers are split across nodes.
+
+pub mod chips;
+pub mod device;
+pub mod graph;
+pub mod partition;
+
+pub use chips::chip_flops;
+pub use device::{detect_device_capabilities, DeviceCapabilities, DeviceFlops};
+pub use graph::{PeerConnection, Topology};
+pub use partition::{map_partitions_to_shards, Partition, RingMemoryWeightedPartitioning};
