@@ -3,6 +3,7 @@
 //! Everything outside `python` is plain Rust; `python` holds the only PyO3 code and builds
 //! the `exo._core` extension module.
 
+pub mod engine;
 pub mod error;
 pub mod proto;
 pub mod shard;

@@ -1,0 +1,79 @@
+//! Inference engines: run a shard's layers on a request's input, sample tokens,
+//! and turn text into tokens and back.
+
+pub mod dummy;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::shard::Shard;
+use crate::tensor::WireTensor;
+
+/// Per-request data that travels with a tensor between nodes (exo classic's `inference_state`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InferenceState {
+    /// Named tensors.
+    pub tensors: BTreeMap<String, WireTensor>,
+    /// Named lists of tensors.
+    pub tensor_lists: BTreeMap<String, Vec<WireTensor>>,
+    /// Everything else, as a JSON object.
+    pub other: serde_json::Map<String, serde_json::Value>,
+}
+
+/// How the next token is chosen from logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Nucleus mass to keep; 1.0 keeps everything.
+    pub top_p: f32,
+    /// Most likely tokens to keep; 0 keeps everything.
+    pub top_k: usize,
+    /// Seed of the sampler's random stream, for reproducible sampling.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: None }
+    }
+}
+
+/// An inference engine, as exo classic's `InferenceEngine`: the node drives it one step at a
+/// time. Implementations do their compute off the async runtime's threads.
+#[async_trait]
+pub trait Engine: Send + Sync {
+    /// Name the engine is selected by (`"candle"`, `"dummy"`, ...).
+    fn name(&self) -> &str;
+
+    /// Token ids of `prompt` (already chat-templated) for the model of `shard`.
+    async fn encode(&self, shard: &Shard, prompt: &str) -> Result<Vec<u32>>;
+
+    /// Text of `tokens` for the model of `shard`.
+    async fn decode(&self, shard: &Shard, tokens: &[u32]) -> Result<String>;
+
+    /// Picks the next token for each row of `logits` (`[batch, vocab]` or `[batch, seq, vocab]`,
+    /// last position used).
+    async fn sample(&self, logits: &WireTensor, params: SamplingParams) -> Result<Vec<u32>>;
+
+    /// Runs `shard`'s layers on `input` (token ids on the first shard, hidden states
+    /// otherwise) for `request_id`: hidden states out, or logits from the last shard.
+    async fn infer_tensor(
+        &self,
+        request_id: &str,
+        shard: &Shard,
+        input: WireTensor,
+        state: Option<InferenceState>,
+    ) -> Result<(WireTensor, Option<InferenceState>)>;
+
+    /// Loads `shard` (weights, tokenizer) if it is not the one already loaded.
+    async fn ensure_shard(&self, shard: &Shard) -> Result<()>;
+
+    /// Drops everything kept for `request_id` (its KV cache); unknown ids are ignored.
+    async fn finish_request(&self, request_id: &str);
+
+    /// Token ids that end generation for the model of `shard`.
+    async fn eos_token_ids(&self, shard: &Shard) -> Result<Vec<u32>>;
+}
