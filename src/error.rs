@@ -12,6 +12,15 @@ pub enum Error {
     /// An argument outside what the API accepts.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A model directory, config or checkpoint that cannot be used.
+    #[error("invalid model: {0}")]
+    InvalidModel(String),
+    /// A request would run past the model's context.
+    #[error("context overflow: {0}")]
+    ContextOverflow(String),
+    /// A request's KV cache was dropped to stay within the memory budget.
+    #[error("cache evicted: {0}")]
+    CacheEvicted(String),
     /// A failure inside the tensor library.
     #[error("tensor backend: {0}")]
     Backend(#[from] candle_core::Error),

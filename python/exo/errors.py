@@ -17,8 +17,29 @@ class InvalidArgumentError(ExoError, ValueError):
     """An argument outside what the API accepts."""
 
 
+class InvalidModelError(ExoError, ValueError):
+    """A model directory, config or checkpoint that cannot be used."""
+
+
+class ContextOverflowError(ExoError, ValueError):
+    """A request would run past the model's context."""
+
+
+class CacheEvictedError(ExoError, RuntimeError):
+    """A request's KV cache was dropped to stay within the memory budget."""
+
+
 class BackendError(ExoError, RuntimeError):
     """A failure inside the tensor library."""
 
 
-__all__ = ["BackendError", "ExoError", "InvalidArgumentError", "InvalidShardError", "InvalidTensorError"]
+__all__ = [
+    "BackendError",
+    "CacheEvictedError",
+    "ContextOverflowError",
+    "ExoError",
+    "InvalidArgumentError",
+    "InvalidModelError",
+    "InvalidShardError",
+    "InvalidTensorError",
+]

@@ -1,15 +1,18 @@
 //! Inference engines: run a shard's layers on a request's input, sample tokens,
 //! and turn text into tokens and back.
 
+pub mod candle;
 pub mod dummy;
+pub mod sampling;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use async_trait::async_trait;
 
 use crate::error::Result;
 use crate::shard::Shard;
-use crate::tensor::WireTensor;
+use crate::tensor::{DType, WireTensor};
 
 /// Per-request data that travels with a tensor between nodes (exo classic's `inference_state`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -76,4 +79,44 @@ pub trait Engine: Send + Sync {
 
     /// Token ids that end generation for the model of `shard`.
     async fn eos_token_ids(&self, shard: &Shard) -> Result<Vec<u32>>;
+
+    /// Starts `request_id` afresh from `prompt`: encodes it and runs the first shard on it.
+    async fn infer_prompt(
+        &self,
+        request_id: &str,
+        shard: &Shard,
+        prompt: &str,
+        state: Option<InferenceState>,
+    ) -> Result<(WireTensor, Option<InferenceState>)> {
+        self.finish_request(request_id).await;
+        let tokens: Vec<i64> = self.encode(shard, prompt).await?.into_iter().map(i64::from).collect();
+        let input =
+            WireTensor::new(DType::I64, vec![1, tokens.len()], bytemuck::cast_slice(&tokens).to_vec())?;
+        self.infer_tensor(request_id, shard, input, state).await
+    }
+}
+
+/// Finds the local directory holding a shard's model files (downloading them if needed).
+#[async_trait]
+pub trait ModelLocator: Send + Sync {
+    /// Directory with `config.json`, the tokenizer files and the shard's safetensors.
+    async fn locate(&self, shard: &Shard) -> Result<PathBuf>;
+}
+
+/// Resolves a model id that is itself a local model directory; nothing is downloaded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalDirectories;
+
+#[async_trait]
+impl ModelLocator for LocalDirectories {
+    async fn locate(&self, shard: &Shard) -> Result<PathBuf> {
+        let dir = PathBuf::from(&shard.model_id);
+        if dir.join("config.json").is_file() {
+            return Ok(dir);
+        }
+        Err(crate::error::Error::InvalidModel(format!(
+            "{} is not a local model directory (no config.json) and no downloader is configured",
+            shard.model_id
+        )))
+    }
 }

@@ -7,6 +7,9 @@ use crate::error::Error;
 pyo3::import_exception!(exo.errors, InvalidTensorError);
 pyo3::import_exception!(exo.errors, InvalidShardError);
 pyo3::import_exception!(exo.errors, InvalidArgumentError);
+pyo3::import_exception!(exo.errors, InvalidModelError);
+pyo3::import_exception!(exo.errors, ContextOverflowError);
+pyo3::import_exception!(exo.errors, CacheEvictedError);
 pyo3::import_exception!(exo.errors, BackendError);
 
 impl From<Error> for PyErr {
@@ -16,6 +19,9 @@ impl From<Error> for PyErr {
             Error::InvalidTensor(_) => InvalidTensorError::new_err(message),
             Error::InvalidShard(_) => InvalidShardError::new_err(message),
             Error::InvalidArgument(_) => InvalidArgumentError::new_err(message),
+            Error::InvalidModel(_) => InvalidModelError::new_err(message),
+            Error::ContextOverflow(_) => ContextOverflowError::new_err(message),
+            Error::CacheEvicted(_) => CacheEvictedError::new_err(message),
             Error::Backend(_) => BackendError::new_err(message),
         }
     }

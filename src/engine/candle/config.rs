@@ -1,0 +1,224 @@
+//! `config.json` of the decoder-only architectures the candle engine runs, and the
+//! per-family choices (biases, q/k norms) derived from it.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// RoPE frequency scaling as `config.json`'s `rope_scaling` gives it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct RopeScaling {
+    /// `rope_type` (newer configs) or `type` (older ones).
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    /// Context extension factor.
+    #[serde(default = "one")]
+    pub factor: f64,
+    /// Llama 3: wavelengths above `original / low_freq_factor` are divided by `factor`.
+    #[serde(default = "one")]
+    pub low_freq_factor: f64,
+    /// Llama 3: wavelengths below `original / high_freq_factor` are kept.
+    #[serde(default = "four")]
+    pub high_freq_factor: f64,
+    /// Llama 3: context length the model was pre-trained with.
+    #[serde(default = "original_context")]
+    pub original_max_position_embeddings: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn four() -> f64 {
+    4.0
+}
+
+fn original_context() -> f64 {
+    8192.0
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+
+fn default_act() -> String {
+    "silu".into()
+}
+
+/// The fields of a Hugging Face `config.json` that the decoder needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelConfig {
+    /// `llama`, `mistral`, `qwen2` or `qwen3`.
+    pub model_type: String,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP's hidden layer.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention); defaults to the query heads.
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    /// Rows of the embedding and the LM head.
+    pub vocab_size: usize,
+    /// Epsilon of every RMS norm.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// RoPE frequency scaling, if any.
+    pub rope_scaling: Option<RopeScaling>,
+    /// Whether the LM head reuses the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Longest context the model supports.
+    pub max_position_embeddings: usize,
+    /// Biases on the attention projections (Llama, Qwen3); Qwen2 always has q/k/v biases.
+    pub attention_bias: Option<bool>,
+    /// Biases on the MLP projections (Llama).
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// Activation of the gated MLP; only `silu` is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+/// Which projections carry biases and whether queries/keys are normalized per head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variant {
+    /// q, k and v projections have biases.
+    pub qkv_bias: bool,
+    /// The output projection has a bias.
+    pub o_bias: bool,
+    /// The MLP projections have biases.
+    pub mlp_bias: bool,
+    /// RMS norms on each head's queries and keys before RoPE (Qwen3).
+    pub qk_norm: bool,
+}
+
+impl ModelConfig {
+    /// Reads and checks `config.json` from a model directory.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::InvalidModel(format!("cannot read {}: {e}", path.display())))?;
+        let config: Self = serde_json::from_str(&text).map_err(|e| {
+            Error::InvalidModel(format!("{} is not a valid model config: {e}", path.display()))
+        })?;
+        config.validate().map_err(|e| Error::InvalidModel(format!("{}: {e}", path.display())))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        self.variant()?;
+        if self.hidden_act != "silu" {
+            return Err(format!("hidden_act {:?} is not supported (only silu)", self.hidden_act));
+        }
+        if let Some(scaling) = &self.rope_scaling {
+            if !matches!(scaling.rope_type.as_str(), "llama3" | "default") {
+                return Err(format!("rope_scaling type {:?} is not supported", scaling.rope_type));
+            }
+        }
+        let heads = self.num_attention_heads;
+        if heads == 0 || self.num_key_value_heads() == 0 || heads % self.num_key_value_heads() != 0 {
+            return Err(format!(
+                "{heads} attention heads cannot be shared by {} key/value heads",
+                self.num_key_value_heads()
+            ));
+        }
+        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+            return Err(format!("head_dim {} must be even and positive", self.head_dim()));
+        }
+        if self.num_hidden_layers == 0 || self.vocab_size == 0 || self.hidden_size == 0 {
+            return Err("num_hidden_layers, vocab_size and hidden_size must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The family's choices for this config, or an error for an unsupported `model_type`.
+    pub fn variant(&self) -> std::result::Result<Variant, String> {
+        let attention_bias = self.attention_bias.unwrap_or(false);
+        match self.model_type.as_str() {
+            "llama" | "mistral" => Ok(Variant {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                mlp_bias: self.mlp_bias,
+                qk_norm: false,
+            }),
+            "qwen2" => Ok(Variant { qkv_bias: true, o_bias: false, mlp_bias: false, qk_norm: false }),
+            "qwen3" => Ok(Variant {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                mlp_bias: false,
+                qk_norm: true,
+            }),
+            other => Err(format!("model_type {other:?} is not supported (llama, mistral, qwen2, qwen3)")),
+        }
+    }
+
+    /// Key/value heads.
+    pub fn num_key_value_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Per-head width.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> std::result::Result<ModelConfig, String> {
+        let config: ModelConfig = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    const LLAMA: &str = r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 256,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}"#;
+
+    #[test]
+    fn llama_defaults() {
+        let c = parse(LLAMA).unwrap();
+        assert_eq!(c.head_dim(), 16);
+        assert_eq!(c.num_key_value_heads(), 2);
+        assert_eq!(c.rope_theta, 10_000.0);
+        assert!(!c.tie_word_embeddings);
+        assert_eq!(
+            c.variant().unwrap(),
+            Variant { qkv_bias: false, o_bias: false, mlp_bias: false, qk_norm: false }
+        );
+        assert_eq!(c.rope_scaling.unwrap().factor, 32.0);
+    }
+
+    #[test]
+    fn family_variants() {
+        let qwen2 = parse(&LLAMA.replace("\"llama\"", "\"qwen2\"")).unwrap();
+        assert!(qwen2.variant().unwrap().qkv_bias);
+        let qwen3 = parse(&LLAMA.replace("\"llama\"", "\"qwen3\"")).unwrap();
+        assert!(qwen3.variant().unwrap().qk_norm);
+    }
+
+    #[test]
+    fn unsupported_configs_are_named() {
+        let err = parse(&LLAMA.replace("\"llama\"", "\"gpt2\"")).unwrap_err();
+        assert!(err.contains("gpt2"), "{err}");
+        let err = parse(&LLAMA.replace("\"llama3\"", "\"yarn\"")).unwrap_err();
+        assert!(err.contains("yarn"), "{err}");
+        let err =
+            parse(&LLAMA.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3")).unwrap_err();
+        assert!(err.contains("key/value heads"), "{err}");
+        assert!(parse(r#"{"model_type": "llama"}"#).is_err());
+    }
+}

@@ -1,0 +1,264 @@
+//! The candle engine: runs a shard of a Hugging Face decoder model on the CPU (or another
+//! candle device), one request step at a time, each request with its own KV cache.
+
+mod cache;
+mod config;
+mod linear;
+mod model;
+mod rope;
+mod weights;
+
+pub use config::ModelConfig;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use candle_core::{DType as CandleDType, Device, Tensor};
+
+use self::cache::CacheStore;
+use self::model::{ShardInput, ShardModel};
+use super::sampling::sample_token;
+use super::{Engine, InferenceState, ModelLocator, SamplingParams};
+use crate::error::{Error, Result};
+use crate::shard::Shard;
+use crate::tensor::{DType, WireTensor};
+
+/// Limits of a candle engine.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOptions {
+    /// Longest context (prompt + generated tokens) of one request.
+    pub max_context: usize,
+    /// Bytes all requests' KV caches may hold together.
+    pub cache_budget_bytes: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self { max_context: 16_384, cache_budget_bytes: 2 << 30 }
+    }
+}
+
+/// A loaded shard with the tokenizer and EOS ids of its model.
+struct Loaded {
+    model: ShardModel,
+    tokenizer: tokenizers::Tokenizer,
+    eos_token_ids: Vec<u32>,
+}
+
+impl Loaded {
+    fn load(dir: &Path, shard: &Shard, options: EngineOptions) -> Result<Self> {
+        let model = ShardModel::load(dir, shard, options.max_context, &Device::Cpu)?;
+        let tokenizer_path = dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| Error::InvalidModel(format!("cannot load {}: {e}", tokenizer_path.display())))?;
+        let eos_token_ids = read_eos_token_ids(dir)?;
+        Ok(Self { model, tokenizer, eos_token_ids })
+    }
+}
+
+/// EOS ids from `generation_config.json` and `config.json` (an id or a list in either).
+fn read_eos_token_ids(dir: &Path) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for file in ["generation_config.json", "config.json"] {
+        let path = dir.join(file);
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::InvalidModel(format!("{} is not valid JSON: {e}", path.display())))?;
+        let found: Vec<u32> = match &json["eos_token_id"] {
+            serde_json::Value::Number(n) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+            serde_json::Value::Array(list) => {
+                list.iter().filter_map(|v| v.as_u64()).map(|n| n as u32).collect()
+            }
+            _ => Vec::new(),
+        };
+        ids.extend(found.into_iter().filter(|id| !ids.contains(id)).collect::<Vec<_>>());
+    }
+    Ok(ids)
+}
+
+/// The candle engine (exo's `CandleInferenceEngine`).
+pub struct CandleEngine {
+    locator: Arc<dyn ModelLocator>,
+    options: EngineOptions,
+    loaded: tokio::sync::Mutex<Option<Arc<Loaded>>>,
+    caches: Arc<Mutex<CacheStore>>,
+}
+
+impl CandleEngine {
+    /// An engine that finds model files through `locator`.
+    pub fn new(locator: Arc<dyn ModelLocator>, options: EngineOptions) -> Self {
+        Self {
+            locator,
+            options,
+            loaded: tokio::sync::Mutex::new(None),
+            caches: Arc::new(Mutex::new(CacheStore::new(options.cache_budget_bytes))),
+        }
+    }
+
+    /// The shard currently loaded, if any.
+    pub async fn current_shard(&self) -> Option<Shard> {
+        self.loaded.lock().await.as_ref().map(|l| l.model.shard().clone())
+    }
+
+    /// Loads `shard` from `dir` directly, bypassing the locator.
+    pub async fn load_from(&self, shard: &Shard, dir: &Path) -> Result<()> {
+        let mut loaded = self.loaded.lock().await;
+        let (dir, shard_owned, options) = (dir.to_path_buf(), shard.clone(), self.options);
+        let fresh = tokio::task::spawn_blocking(move || Loaded::load(&dir, &shard_owned, options))
+            .await
+            .map_err(|e| Error::InvalidModel(format!("loading {} stopped: {e}", shard.model_id)))??;
+        *loaded = Some(Arc::new(fresh));
+        *self.caches.lock().expect("cache lock poisoned") = CacheStore::new(self.options.cache_budget_bytes);
+        Ok(())
+    }
+
+    /// The loaded model for `shard`, loading it first if another (or none) is loaded.
+    async fn model_for(&self, shard: &Shard) -> Result<Arc<Loaded>> {
+        if let Some(loaded) = self.loaded.lock().await.as_ref().filter(|l| l.model.shard() == shard) {
+            return Ok(loaded.clone());
+        }
+        shard.validate()?;
+        let dir = self.locator.locate(shard).await?;
+        self.load_from(shard, &dir).await?;
+        Ok(self.loaded.lock().await.clone().expect("just loaded"))
+    }
+
+    /// The loaded tokenizer for the model of `shard` (any shard of the model will do).
+    async fn tokenizer_for(&self, shard: &Shard) -> Result<Arc<Loaded>> {
+        if let Some(loaded) =
+            self.loaded.lock().await.as_ref().filter(|l| l.model.shard().model_id == shard.model_id)
+        {
+            return Ok(loaded.clone());
+        }
+        self.model_for(shard).await
+    }
+}
+
+/// Turns a wire tensor into the shard's input: token ids (`[seq]` or `[batch, seq]`) on the
+/// first shard, hidden states `[batch, seq, hidden]` elsewhere.
+fn shard_input(input: &WireTensor, first: bool) -> Result<ShardInput> {
+    let tensor = input.to_candle(&Device::Cpu)?;
+    if !first {
+        return Ok(ShardInput::Hidden(tensor.to_dtype(CandleDType::F32)?));
+    }
+    let ids = match input.dtype() {
+        DType::I64 | DType::I32 | DType::U32 | DType::U8 | DType::I16 => tensor,
+        other => {
+            return Err(Error::InvalidTensor(format!("token ids must be integers, got {}", other.name())))
+        }
+    };
+    if ids.dims().is_empty() || ids.dims().len() > 2 {
+        return Err(Error::InvalidTensor(format!(
+            "token ids must be [seq] or [batch, seq], got {:?}",
+            ids.dims()
+        )));
+    }
+    if ids.elem_count() > 0 && ids.to_dtype(CandleDType::F64)?.min_all()?.to_scalar::<f64>()? < 0.0 {
+        return Err(Error::InvalidTensor("token ids must not be negative".into()));
+    }
+    let ids = if ids.rank() == 1 { ids.unsqueeze(0)? } else { ids };
+    Ok(ShardInput::Tokens(ids.to_dtype(CandleDType::U32)?))
+}
+
+/// The last row of logits shaped `[.., vocab]`, as f32.
+fn last_logits(logits: &WireTensor) -> Result<Vec<f32>> {
+    let vocab = *logits
+        .shape()
+        .last()
+        .ok_or_else(|| Error::InvalidTensor("logits must have a vocabulary axis".into()))?;
+    let values: Vec<f32> =
+        logits.to_candle(&Device::Cpu)?.to_dtype(CandleDType::F32)?.flatten_all()?.to_vec1()?;
+    if vocab == 0 || values.is_empty() {
+        return Err(Error::InvalidTensor("cannot sample from empty logits".into()));
+    }
+    Ok(values[values.len() - vocab..].to_vec())
+}
+
+#[async_trait]
+impl Engine for CandleEngine {
+    fn name(&self) -> &str {
+        "candle"
+    }
+
+    async fn encode(&self, shard: &Shard, prompt: &str) -> Result<Vec<u32>> {
+        let loaded = self.tokenizer_for(shard).await?;
+        let encoding = loaded
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(|e| Error::InvalidArgument(format!("cannot encode prompt: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    async fn decode(&self, shard: &Shard, tokens: &[u32]) -> Result<String> {
+        let loaded = self.tokenizer_for(shard).await?;
+        loaded
+            .tokenizer
+            .decode(tokens, true)
+            .map_err(|e| Error::InvalidArgument(format!("cannot decode tokens: {e}")))
+    }
+
+    async fn sample(&self, logits: &WireTensor, params: SamplingParams) -> Result<Vec<u32>> {
+        Ok(vec![sample_token(&last_logits(logits)?, params)?])
+    }
+
+    async fn infer_tensor(
+        &self,
+        request_id: &str,
+        shard: &Shard,
+        input: WireTensor,
+        state: Option<InferenceState>,
+    ) -> Result<(WireTensor, Option<InferenceState>)> {
+        let loaded = self.model_for(shard).await?;
+        let input = shard_input(&input, shard.is_first_layer())?;
+        let layers = loaded.model.layer_count();
+        let mut cache = self.caches.lock().expect("cache lock poisoned").check_out(request_id, layers)?;
+        let (caches, id) = (self.caches.clone(), request_id.to_string());
+        let output = tokio::task::spawn_blocking(move || {
+            let result = loaded.model.forward(input, &mut cache).and_then(|t| WireTensor::from_candle(&t));
+            let mut store = caches.lock().expect("cache lock poisoned");
+            match &result {
+                // A failed step may have left the cache half-updated: the request cannot continue.
+                Err(_) => store.check_in(&id, cache::RequestCache::default()),
+                Ok(_) => store.check_in(&id, cache),
+            }
+            result
+        })
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("request {request_id} stopped: {e}")))??;
+        Ok((output, state))
+    }
+
+    async fn ensure_shard(&self, shard: &Shard) -> Result<()> {
+        self.model_for(shard).await.map(|_| ())
+    }
+
+    async fn finish_request(&self, request_id: &str) {
+        self.caches.lock().expect("cache lock poisoned").finish(request_id);
+    }
+
+    async fn eos_token_ids(&self, shard: &Shard) -> Result<Vec<u32>> {
+        Ok(self.tokenizer_for(shard).await?.eos_token_ids.clone())
+    }
+}
+
+/// Logits `[vocab]` for every position of `tokens`, running all of `dir`'s layers in one
+/// shard; used by tests that compare with reference logits.
+pub fn reference_logits(dir: &Path, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+    let config = ModelConfig::from_dir(dir)?;
+    let n = config.num_hidden_layers as i32;
+    let model = ShardModel::load(
+        dir,
+        &Shard::new(dir.display().to_string(), 0, n - 1, n),
+        tokens.len() + 1,
+        &Device::Cpu,
+    )?;
+    let mut cache = cache::RequestCache::new(model.layer_count());
+    tokens
+        .iter()
+        .map(|&t| {
+            let ids = Tensor::new(&[[t]], &Device::Cpu)?;
+            Ok(model.forward(ShardInput::Tokens(ids), &mut cache)?.flatten_all()?.to_vec1()?)
+        })
+        .collect()
+}

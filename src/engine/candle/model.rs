@@ -1,0 +1,464 @@
+//! The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3, built for one
+//! shard: embeddings only on the first shard, final norm and LM head only on the last.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::cache::RequestCache;
+use super::config::{ModelConfig, Variant};
+use super::linear::Linear;
+use super::rope::Rope;
+use super::weights::{ShardWeights, WeightIndex};
+use crate::error::{Error, Result};
+use crate::shard::Shard;
+
+/// RMS norm with an f32 weight.
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(weights: &ShardWeights, name: &str, size: usize, eps: f64, device: &Device) -> Result<Self> {
+        let weight = weights.load(name, &[size], device)?.to_dtype(DType::F32)?;
+        Ok(Self { weight, eps: eps as f32 })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    }
+}
+
+/// The tensors one shard needs, with their expected shapes.
+struct TensorPlan {
+    entries: Vec<(String, Vec<usize>)>,
+}
+
+impl TensorPlan {
+    fn new(config: &ModelConfig, shard: &Shard, variant: Variant, index: &WeightIndex) -> Self {
+        let (hidden, inter, vocab) = (config.hidden_size, config.intermediate_size, config.vocab_size);
+        let (q_out, kv_out) = (
+            config.num_attention_heads * config.head_dim(),
+            config.num_key_value_heads() * config.head_dim(),
+        );
+        let mut entries = Vec::new();
+        let mut add = |name: String, shape: Vec<usize>| entries.push((name, shape));
+        if shard.is_first_layer() || (shard.is_last_layer() && head_is_tied(config, index)) {
+            add("model.embed_tokens.weight".into(), vec![vocab, hidden]);
+        }
+        for layer in shard.start_layer..=shard.end_layer {
+            let p = format!("model.layers.{layer}");
+            for (proj, out) in [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] {
+                add(format!("{p}.self_attn.{proj}.weight"), vec![out, hidden]);
+                if variant.qkv_bias {
+                    add(format!("{p}.self_attn.{proj}.bias"), vec![out]);
+                }
+            }
+            add(format!("{p}.self_attn.o_proj.weight"), vec![hidden, q_out]);
+            if variant.o_bias {
+                add(format!("{p}.self_attn.o_proj.bias"), vec![hidden]);
+            }
+            if variant.qk_norm {
+                add(format!("{p}.self_attn.q_norm.weight"), vec![config.head_dim()]);
+                add(format!("{p}.self_attn.k_norm.weight"), vec![config.head_dim()]);
+            }
+            for (proj, out, input) in
+                [("gate_proj", inter, hidden), ("up_proj", inter, hidden), ("down_proj", hidden, inter)]
+            {
+                add(format!("{p}.mlp.{proj}.weight"), vec![out, input]);
+                if variant.mlp_bias {
+                    add(format!("{p}.mlp.{proj}.bias"), vec![out]);
+                }
+            }
+            add(format!("{p}.input_layernorm.weight"), vec![hidden]);
+            add(format!("{p}.post_attention_layernorm.weight"), vec![hidden]);
+        }
+        if shard.is_last_layer() {
+            add("model.norm.weight".into(), vec![hidden]);
+            if !head_is_tied(config, index) {
+                add("lm_head.weight".into(), vec![vocab, hidden]);
+            }
+        }
+        Self { entries }
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.entries.iter().map(|(n, _)| n.clone()).collect()
+    }
+}
+
+/// The LM head reuses the embedding when the config says so or the checkpoint has no head.
+fn head_is_tied(config: &ModelConfig, index: &WeightIndex) -> bool {
+    config.tie_word_embeddings || !index.contains("lm_head.weight")
+}
+
+/// Self-attention with grouped-query heads, optional biases and q/k norms.
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Loads `{prefix}.weight` and, when `bias`, `{prefix}.bias`.
+fn load_linear(
+    weights: &ShardWeights,
+    prefix: &str,
+    out: usize,
+    input: usize,
+    bias: bool,
+    device: &Device,
+) -> Result<Linear> {
+    let weight = weights.load(&format!("{prefix}.weight"), &[out, input], device)?;
+    let bias = if bias { Some(weights.load(&format!("{prefix}.bias"), &[out], device)?) } else { None };
+    Linear::new(weight, bias)
+}
+
+impl Attention {
+    fn load(
+        weights: &ShardWeights,
+        prefix: &str,
+        config: &ModelConfig,
+        variant: Variant,
+        device: &Device,
+    ) -> Result<Self> {
+        let (hidden, head_dim) = (config.hidden_size, config.head_dim());
+        let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads());
+        let norm = |name: &str| {
+            RmsNorm::load(weights, &format!("{prefix}.{name}.weight"), head_dim, config.rms_norm_eps, device)
+        };
+        Ok(Self {
+            q_proj: load_linear(
+                weights,
+                &format!("{prefix}.q_proj"),
+                heads * head_dim,
+                hidden,
+                variant.qkv_bias,
+                device,
+            )?,
+            k_proj: load_linear(
+                weights,
+                &format!("{prefix}.k_proj"),
+                kv_heads * head_dim,
+                hidden,
+                variant.qkv_bias,
+                device,
+            )?,
+            v_proj: load_linear(
+                weights,
+                &format!("{prefix}.v_proj"),
+                kv_heads * head_dim,
+                hidden,
+                variant.qkv_bias,
+                device,
+            )?,
+            o_proj: load_linear(
+                weights,
+                &format!("{prefix}.o_proj"),
+                hidden,
+                heads * head_dim,
+                variant.o_bias,
+                device,
+            )?,
+            q_norm: if variant.qk_norm { Some(norm("q_norm")?) } else { None },
+            k_norm: if variant.qk_norm { Some(norm("k_norm")?) } else { None },
+            heads,
+            kv_heads,
+            head_dim,
+        })
+    }
+
+    /// `x` is `[batch, seq, hidden]` at positions `offset..offset + seq`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        rope: &Rope,
+        cache: &mut RequestCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (b, seq, _) = x.dims3()?;
+        let split = |t: Tensor, heads: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            // (b, seq, heads, head_dim) -> optional per-head norm -> (b, heads, seq, head_dim)
+            let t = t.reshape((b, seq, heads, self.head_dim))?;
+            let t = match norm {
+                Some(norm) => norm.forward(&t)?,
+                None => t,
+            };
+            Ok(t.transpose(1, 2)?.contiguous()?)
+        };
+        let q = rope.apply(&split(self.q_proj.forward(x)?, self.heads, &self.q_norm)?, offset)?;
+        let k = rope.apply(&split(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?, offset)?;
+        let v = split(self.v_proj.forward(x)?, self.kv_heads, &None)?;
+        let (k, v) = cache.append(layer, &k, &v)?;
+        let total = k.dim(2)?;
+
+        // Group the query heads that share a key/value head: (b, kv_heads, group * seq, head_dim).
+        let group = self.heads / self.kv_heads;
+        let q = q.reshape((b, self.kv_heads, group * seq, self.head_dim))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match causal_mask(seq, offset, total, group, x.device())? {
+            Some(mask) => scores.broadcast_add(&mask)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v.contiguous()?)?;
+        // (b, kv_heads, group * seq, d) -> (b, heads, seq, d) -> (b, seq, heads * d)
+        let out = out.reshape((b, self.heads, seq, self.head_dim))?.transpose(1, 2)?.reshape((
+            b,
+            seq,
+            self.heads * self.head_dim,
+        ))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// `[group * seq, total]` additive mask hiding keys after each query's position; none for one query.
+fn causal_mask(
+    seq: usize,
+    offset: usize,
+    total: usize,
+    group: usize,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    if seq == 1 {
+        return Ok(None);
+    }
+    let row: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    let mask = Tensor::from_vec(row, (seq, total), device)?;
+    Ok(Some(mask.repeat((group, 1))?))
+}
+
+/// The gated SiLU MLP.
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(
+        weights: &ShardWeights,
+        prefix: &str,
+        config: &ModelConfig,
+        bias: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        Ok(Self {
+            gate_proj: load_linear(weights, &format!("{prefix}.gate_proj"), inter, hidden, bias, device)?,
+            up_proj: load_linear(weights, &format!("{prefix}.up_proj"), inter, hidden, bias, device)?,
+            down_proj: load_linear(weights, &format!("{prefix}.down_proj"), hidden, inter, bias, device)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gated = (candle_nn::ops::silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&gated)
+    }
+}
+
+/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    attention: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(
+        weights: &ShardWeights,
+        layer: i32,
+        config: &ModelConfig,
+        variant: Variant,
+        device: &Device,
+    ) -> Result<Self> {
+        let p = format!("model.layers.{layer}");
+        let (hidden, eps) = (config.hidden_size, config.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: RmsNorm::load(
+                weights,
+                &format!("{p}.input_layernorm.weight"),
+                hidden,
+                eps,
+                device,
+            )?,
+            attention: Attention::load(weights, &format!("{p}.self_attn"), config, variant, device)?,
+            post_attention_layernorm: RmsNorm::load(
+                weights,
+                &format!("{p}.post_attention_layernorm.weight"),
+                hidden,
+                eps,
+                device,
+            )?,
+            mlp: Mlp::load(weights, &format!("{p}.mlp"), config, variant.mlp_bias, device)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        offset: usize,
+        rope: &Rope,
+        cache: &mut RequestCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let attended =
+            self.attention.forward(&self.input_layernorm.forward(x)?, offset, rope, cache, layer)?;
+        let x = (x + attended)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + mlp)?)
+    }
+}
+
+/// What a shard consumes: token ids on the first shard, hidden states elsewhere.
+pub enum ShardInput {
+    /// Token ids `[batch, seq]` (u32).
+    Tokens(Tensor),
+    /// Hidden states `[batch, seq, hidden]` (f32).
+    Hidden(Tensor),
+}
+
+/// One shard of a decoder-only model, ready to run.
+pub struct ShardModel {
+    shard: Shard,
+    config: ModelConfig,
+    embed_tokens: Option<Tensor>,
+    blocks: Vec<Block>,
+    norm: Option<RmsNorm>,
+    lm_head: Option<Linear>,
+    rope: Rope,
+    max_context: usize,
+}
+
+impl ShardModel {
+    /// Loads `shard`'s layers from the model directory `dir`, with room for `max_context` positions.
+    pub fn load(dir: &std::path::Path, shard: &Shard, max_context: usize, device: &Device) -> Result<Self> {
+        shard.validate()?;
+        let config = ModelConfig::from_dir(dir)?;
+        if shard.n_layers as usize != config.num_hidden_layers {
+            return Err(Error::InvalidShard(format!(
+                "shard says {} layers but {} has {}",
+                shard.n_layers,
+                dir.join("config.json").display(),
+                config.num_hidden_layers
+            )));
+        }
+        let variant = config.variant().map_err(Error::InvalidModel)?;
+        let index = WeightIndex::from_dir(dir)?;
+        let plan = TensorPlan::new(&config, shard, variant, &index);
+        let weights = index.open(&plan.names())?;
+        let (vocab, hidden) = (config.vocab_size, config.hidden_size);
+        let embedding = || weights.load("model.embed_tokens.weight", &[vocab, hidden], device);
+        let embed_tokens = if shard.is_first_layer() { Some(embedding()?) } else { None };
+        let blocks = (shard.start_layer..=shard.end_layer)
+            .map(|layer| Block::load(&weights, layer, &config, variant, device))
+            .collect::<Result<Vec<_>>>()?;
+        let (norm, lm_head) = if shard.is_last_layer() {
+            let head_weight = if head_is_tied(&config, &index) {
+                match &embed_tokens {
+                    Some(e) => e.clone(),
+                    None => embedding()?,
+                }
+            } else {
+                weights.load("lm_head.weight", &[vocab, hidden], device)?
+            };
+            let norm = RmsNorm::load(&weights, "model.norm.weight", hidden, config.rms_norm_eps, device)?;
+            (Some(norm), Some(Linear::new(head_weight, None)?))
+        } else {
+            (None, None)
+        };
+        let max_context = max_context.min(config.max_position_embeddings);
+        let rope = Rope::new(&config, max_context, device)?;
+        Ok(Self { shard: shard.clone(), config, embed_tokens, blocks, norm, lm_head, rope, max_context })
+    }
+
+    /// The shard this model holds.
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+
+    /// Number of local layers (one KV cache each).
+    pub fn layer_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Runs the shard on `input` for the request whose state is `cache`; returns hidden
+    /// states `[batch, seq, hidden]`, or on the last shard the logits of the last position
+    /// `[batch, 1, vocab]`.
+    pub fn forward(&self, input: ShardInput, cache: &mut RequestCache) -> Result<Tensor> {
+        let mut x = self.embed(input)?;
+        let (_, seq, _) = x.dims3()?;
+        let offset = cache.position;
+        if offset + seq > self.max_context {
+            return Err(Error::ContextOverflow(format!(
+                "{} tokens exceed the context of {} tokens",
+                offset + seq,
+                self.max_context
+            )));
+        }
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, offset, &self.rope, cache, layer)?;
+        }
+        cache.position += seq;
+        match (&self.norm, &self.lm_head) {
+            (Some(norm), Some(head)) => head.forward(&norm.forward(&x.narrow(1, seq - 1, 1)?)?),
+            _ => Ok(x),
+        }
+    }
+
+    fn embed(&self, input: ShardInput) -> Result<Tensor> {
+        match (input, &self.embed_tokens) {
+            (ShardInput::Tokens(ids), Some(table)) => {
+                let (b, seq) = ids.dims2()?;
+                if seq == 0 {
+                    return Err(Error::InvalidArgument("no tokens to run".into()));
+                }
+                let max = ids.max_all()?.to_scalar::<u32>()? as usize;
+                if max >= self.config.vocab_size {
+                    return Err(Error::InvalidArgument(format!(
+                        "token id {max} is outside the vocabulary of {}",
+                        self.config.vocab_size
+                    )));
+                }
+                let rows = table.index_select(&ids.flatten_all()?, 0)?.to_dtype(DType::F32)?;
+                Ok(rows.reshape((b, seq, self.config.hidden_size))?)
+            }
+            (ShardInput::Hidden(h), None) => {
+                let (_, seq, width) = h.dims3().map_err(|_| {
+                    Error::InvalidArgument(format!(
+                        "hidden states must be [batch, seq, hidden], got {:?}",
+                        h.dims()
+                    ))
+                })?;
+                if width != self.config.hidden_size || seq == 0 {
+                    return Err(Error::InvalidArgument(format!(
+                        "hidden states of shape {:?} do not fit hidden size {}",
+                        h.dims(),
+                        self.config.hidden_size
+                    )));
+                }
+                Ok(h.to_dtype(DType::F32)?)
+            }
+            (ShardInput::Tokens(_), None) => Err(Error::InvalidArgument(format!(
+                "shard {}..={} starts mid-model and takes hidden states, not token ids",
+                self.shard.start_layer, self.shard.end_layer
+            ))),
+            (ShardInput::Hidden(_), Some(_)) => {
+                Err(Error::InvalidArgument("the first shard takes token ids, not hidden states".into()))
+            }
+        }
+    }
+}

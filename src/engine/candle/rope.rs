@@ -1,0 +1,114 @@
+//! Rotary position embeddings: the per-position cos/sin tables, with Llama 3's
+//! frequency scaling, computed the way Hugging Face transformers computes them.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{ModelConfig, RopeScaling};
+use crate::error::Result;
+
+/// cos/sin tables `[positions, head_dim / 2]` for every position the model supports.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Tables for `positions` positions of `config`'s head width.
+    pub fn new(config: &ModelConfig, positions: usize, device: &Device) -> Result<Self> {
+        let inv_freq = inverse_frequencies(config);
+        let half = inv_freq.len();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let steps =
+            Tensor::arange(0u32, positions as u32, device)?.to_dtype(DType::F32)?.reshape((positions, 1))?;
+        let angles = steps.matmul(&inv_freq)?;
+        Ok(Self { cos: angles.cos()?, sin: angles.sin()? })
+    }
+
+    /// Rotates `x` (`[batch, heads, seq, head_dim]`) for positions `offset..offset + seq`.
+    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, offset, seq)?;
+        let sin = self.sin.narrow(0, offset, seq)?;
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
+/// `1 / theta^(2i / d)` in f32 as transformers computes it, then Llama 3 scaling if configured.
+fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
+    let dim = config.head_dim();
+    let base = config.rope_theta as f32;
+    let plain = (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32));
+    match &config.rope_scaling {
+        Some(scaling) if scaling.rope_type == "llama3" => plain.map(|f| llama3_scaled(f, scaling)).collect(),
+        _ => plain.collect(),
+    }
+}
+
+/// Llama 3's scaling: long wavelengths are divided by `factor`, short ones kept, and the
+/// band between them interpolated smoothly.
+fn llama3_scaled(freq: f32, scaling: &RopeScaling) -> f32 {
+    let factor = scaling.factor as f32;
+    let original = scaling.original_max_position_embeddings as f32;
+    let low_freq_wavelen = original / scaling.low_freq_factor as f32;
+    let high_freq_wavelen = original / scaling.high_freq_factor as f32;
+    let wavelen = 2.0 * std::f32::consts::PI / freq;
+    if wavelen < high_freq_wavelen {
+        return freq;
+    }
+    if wavelen > low_freq_wavelen {
+        return freq / factor;
+    }
+    let smooth = (original / wavelen - scaling.low_freq_factor as f32)
+        / (scaling.high_freq_factor as f32 - scaling.low_freq_factor as f32);
+    (1.0 - smooth) * freq / factor + smooth * freq
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scaling() -> RopeScaling {
+        RopeScaling {
+            rope_type: "llama3".into(),
+            factor: 32.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        }
+    }
+
+    #[test]
+    fn llama3_scaling_bands() {
+        // Short wavelength (high frequency): unchanged.
+        assert_eq!(llama3_scaled(1.0, &scaling()), 1.0);
+        // Wavelength 2π / 1e-4 ≈ 62832 > 8192: divided by the factor.
+        assert!((llama3_scaled(1e-4, &scaling()) - 1e-4 / 32.0).abs() < 1e-12);
+        // Wavelength 4096 lies between 2048 and 8192: smooth = (8192/4096 - 1) / 3 = 1/3.
+        let f = 2.0 * std::f32::consts::PI / 4096.0;
+        let expected = (2.0 / 3.0) * f / 32.0 + (1.0 / 3.0) * f;
+        assert!((llama3_scaled(f, &scaling()) - expected).abs() < 1e-9);
+    }
+
+    #[test]
+    fn position_zero_is_identity() {
+        let config: ModelConfig = serde_json::from_str(
+            r#"{"model_type": "llama", "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+                "num_attention_heads": 1, "vocab_size": 4, "rms_norm_eps": 1e-5, "max_position_embeddings": 4}"#,
+        )
+        .unwrap();
+        let rope = Rope::new(&config, 4, &Device::Cpu).unwrap();
+        let x = Tensor::arange(0f32, 8.0, &Device::Cpu).unwrap().reshape((1, 1, 1, 8)).unwrap();
+        let rotated = rope.apply(&x, 0).unwrap();
+        assert_eq!(
+            rotated.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        // Rotation keeps each (i, i + d/2) pair's norm.
+        let moved = rope.apply(&x, 3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for i in 0..4 {
+            let before = (i as f32).hypot(i as f32 + 4.0);
+            assert!((moved[i].hypot(moved[i + 4]) - before).abs() < 1e-4);
+        }
+    }
+}
