@@ -10,17 +10,18 @@ use crate::shard::Shard;
 use crate::tensor::{DType, WireTensor};
 
 /// exo classic's `DummyInferenceEngine`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DummyEngine {
     /// Token that ends generation.
     pub eos_token_id: u32,
     /// Tokens above this value sample to EOS.
     pub num_generate_dummy_tokens: u32,
+    shard: std::sync::Mutex<Option<Shard>>,
 }
 
 impl Default for DummyEngine {
     fn default() -> Self {
-        Self { eos_token_id: 69, num_generate_dummy_tokens: 10 }
+        Self { eos_token_id: 69, num_generate_dummy_tokens: 10, shard: std::sync::Mutex::new(None) }
     }
 }
 
@@ -46,6 +47,10 @@ fn integer_values(tensor: &WireTensor) -> Result<Vec<i64>> {
 impl Engine for DummyEngine {
     fn name(&self) -> &str {
         "dummy"
+    }
+
+    fn current_shard(&self) -> Option<Shard> {
+        self.shard.lock().expect("shard lock poisoned").clone()
     }
 
     async fn encode(&self, _shard: &Shard, _prompt: &str) -> Result<Vec<u32>> {
@@ -76,6 +81,7 @@ impl Engine for DummyEngine {
         input: WireTensor,
         state: Option<InferenceState>,
     ) -> Result<(WireTensor, Option<InferenceState>)> {
+        self.ensure_shard(shard).await?;
         if !shard.is_last_layer() {
             return Ok((input, state));
         }
@@ -85,7 +91,8 @@ impl Engine for DummyEngine {
         Ok((output, state))
     }
 
-    async fn ensure_shard(&self, _shard: &Shard) -> Result<()> {
+    async fn ensure_shard(&self, shard: &Shard) -> Result<()> {
+        *self.shard.lock().expect("shard lock poisoned") = Some(shard.clone());
         Ok(())
     }
 

@@ -51,6 +51,11 @@ pub trait Engine: Send + Sync {
     /// Name the engine is selected by (`"candle"`, `"dummy"`, ...).
     fn name(&self) -> &str;
 
+    /// The shard last loaded by `ensure_shard`, if any.
+    fn current_shard(&self) -> Option<Shard> {
+        None
+    }
+
     /// Token ids of `prompt` (already chat-templated) for the model of `shard`.
     async fn encode(&self, shard: &Shard, prompt: &str) -> Result<Vec<u32>>;
 

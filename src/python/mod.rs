@@ -1,5 +1,6 @@
 //! The `exo._core` extension module: PyO3 wrappers around the core types.
 
+mod engine;
 mod errors;
 mod shard;
 mod tensor;
@@ -12,6 +13,7 @@ use pyo3::prelude::*;
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     shard::register(m)?;
+    engine::register(m)?;
     tensor::register(m)?;
     topology::register(m)?;
     Ok(())

@@ -7,7 +7,7 @@ use crate::error::Error;
 use crate::shard::Shard;
 
 /// A contiguous range of a model's layers (exo classic's frozen `Shard` dataclass).
-#[pyclass(name = "Shard", module = "exo.inference.shard", frozen, eq, hash)]
+#[pyclass(name = "Shard", module = "exo.inference.shard", frozen, eq, hash, from_py_object)]
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct PyShard {
     pub inner: Shard,

@@ -82,6 +82,7 @@ pub struct CandleEngine {
     locator: Arc<dyn ModelLocator>,
     options: EngineOptions,
     loaded: tokio::sync::Mutex<Option<Arc<Loaded>>>,
+    current: Mutex<Option<Shard>>,
     caches: Arc<Mutex<CacheStore>>,
 }
 
@@ -92,13 +93,9 @@ impl CandleEngine {
             locator,
             options,
             loaded: tokio::sync::Mutex::new(None),
+            current: Mutex::new(None),
             caches: Arc::new(Mutex::new(CacheStore::new(options.cache_budget_bytes))),
         }
-    }
-
-    /// The shard currently loaded, if any.
-    pub async fn current_shard(&self) -> Option<Shard> {
-        self.loaded.lock().await.as_ref().map(|l| l.model.shard().clone())
     }
 
     /// Loads `shard` from `dir` directly, bypassing the locator.
@@ -109,6 +106,7 @@ impl CandleEngine {
             .await
             .map_err(|e| Error::InvalidModel(format!("loading {} stopped: {e}", shard.model_id)))??;
         *loaded = Some(Arc::new(fresh));
+        *self.current.lock().expect("shard lock poisoned") = Some(shard.clone());
         *self.caches.lock().expect("cache lock poisoned") = CacheStore::new(self.options.cache_budget_bytes);
         Ok(())
     }
@@ -179,6 +177,10 @@ fn last_logits(logits: &WireTensor) -> Result<Vec<f32>> {
 impl Engine for CandleEngine {
     fn name(&self) -> &str {
         "candle"
+    }
+
+    fn current_shard(&self) -> Option<Shard> {
+        self.current.lock().expect("shard lock poisoned").clone()
     }
 
     async fn encode(&self, shard: &Shard, prompt: &str) -> Result<Vec<u32>> {

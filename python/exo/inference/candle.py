@@ -1,0 +1,5 @@
+"""The candle engine: Hugging Face decoder models (Llama, Mistral, Qwen2, Qwen3) on CPU."""
+
+from exo._core import CandleInferenceEngine
+
+__all__ = ["CandleInferenceEngine"]

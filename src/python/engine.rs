@@ -1,0 +1,317 @@
+//! Inference engines as exo classic's `InferenceEngine` classes: every method is an
+//! awaitable that runs in Rust without the GIL; arrays cross as numpy, copied once.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use numpy::PyArray1;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use super::shard::PyShard;
+use super::tensor::{ndarray_from_wire, wire_from_ndarray};
+use crate::engine::candle::{CandleEngine, EngineOptions};
+use crate::engine::dummy::DummyEngine;
+use crate::engine::{Engine, InferenceState, LocalDirectories, ModelLocator, SamplingParams};
+use crate::error::{Error, Result};
+use crate::shard::Shard;
+use crate::tensor::WireTensor;
+
+/// A Rust engine behind exo classic's `InferenceEngine` methods.
+#[pyclass(name = "NativeInferenceEngine", module = "exo.inference.inference_engine", subclass, frozen)]
+pub struct PyEngine {
+    pub inner: Arc<dyn Engine>,
+}
+
+/// A wire tensor handed to Python as a numpy array.
+struct Array(WireTensor);
+
+impl<'py> IntoPyObject<'py> for Array {
+    type Target = PyAny;
+    type Output = Bound<'py, PyAny>;
+    type Error = PyErr;
+
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Self::Output> {
+        ndarray_from_wire(py, self.0)
+    }
+}
+
+/// Token ids handed to Python as an int64 numpy array.
+struct TokenIds(Vec<u32>);
+
+impl<'py> IntoPyObject<'py> for TokenIds {
+    type Target = PyAny;
+    type Output = Bound<'py, PyAny>;
+    type Error = PyErr;
+
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Self::Output> {
+        let ids: Vec<i64> = self.0.into_iter().map(i64::from).collect();
+        Ok(PyArray1::from_vec(py, ids).into_any())
+    }
+}
+
+/// An inference state handed to Python as classic's dict: arrays, lists of arrays, and the
+/// JSON values of everything else.
+struct StateDict(Option<InferenceState>);
+
+impl<'py> IntoPyObject<'py> for StateDict {
+    type Target = PyAny;
+    type Output = Bound<'py, PyAny>;
+    type Error = PyErr;
+
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Self::Output> {
+        let Some(state) = self.0 else { return Ok(py.None().into_bound(py)) };
+        let dict = PyDict::new(py);
+        for (key, tensor) in state.tensors {
+            dict.set_item(key, ndarray_from_wire(py, tensor)?)?;
+        }
+        for (key, tensors) in state.tensor_lists {
+            let arrays =
+                tensors.into_iter().map(|t| ndarray_from_wire(py, t)).collect::<PyResult<Vec<_>>>()?;
+            dict.set_item(key, PyList::new(py, arrays)?)?;
+        }
+        let json = py.import("json")?;
+        for (key, value) in state.other {
+            dict.set_item(key, json.call_method1("loads", (value.to_string(),))?)?;
+        }
+        Ok(dict.into_any())
+    }
+}
+
+/// Reads classic's state dict: numpy arrays and lists of them become tensors, every other
+/// value must be JSON-serializable.
+fn state_from_py(state: Option<&Bound<'_, PyAny>>) -> PyResult<Option<InferenceState>> {
+    let Some(state) = state.filter(|s| !s.is_none()) else { return Ok(None) };
+    let dict = state.cast::<PyDict>()?;
+    let numpy = state.py().import("numpy")?;
+    let ndarray = numpy.getattr("ndarray")?;
+    let json = state.py().import("json")?;
+    let mut out = InferenceState::default();
+    for (key, value) in dict.iter() {
+        let key: String = key.extract()?;
+        if value.is_instance(&ndarray)? {
+            out.tensors.insert(key, wire_from_ndarray(&value)?);
+            continue;
+        }
+        if let Ok(list) = value.cast::<PyList>() {
+            if !list.is_empty() && list.iter().all(|v| v.is_instance(&ndarray).unwrap_or(false)) {
+                let tensors = list.iter().map(|v| wire_from_ndarray(&v)).collect::<PyResult<Vec<_>>>()?;
+                out.tensor_lists.insert(key, tensors);
+                continue;
+            }
+        }
+        let text: String = json.call_method1("dumps", (&value,))?.extract()?;
+        let parsed = serde_json::from_str(&text)
+            .map_err(|e| Error::InvalidArgument(format!("inference_state[{key:?}]: {e}")))?;
+        out.other.insert(key, parsed);
+    }
+    Ok(Some(out))
+}
+
+/// Token ids from a numpy array or a sequence of ints.
+fn token_ids(tokens: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    let flat =
+        tokens.py().import("numpy")?.call_method1("asarray", (tokens,))?.call_method1("reshape", (-1,))?;
+    let ids: Vec<i64> = flat.call_method0("tolist")?.extract()?;
+    ids.into_iter()
+        .map(|id| {
+            u32::try_from(id)
+                .map_err(|_| Error::InvalidArgument(format!("token id {id} is out of range")).into())
+        })
+        .collect()
+}
+
+#[pymethods]
+impl PyEngine {
+    /// The shard last loaded, or None.
+    #[getter]
+    fn shard(&self) -> Option<PyShard> {
+        self.inner.current_shard().map(|inner| PyShard { inner })
+    }
+
+    /// The engine's name (`"candle"`, `"dummy"`).
+    #[getter]
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn encode<'py>(&self, py: Python<'py>, shard: PyShard, prompt: String) -> PyResult<Bound<'py, PyAny>> {
+        let engine = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(TokenIds(engine.encode(&shard.inner, &prompt).await?))
+        })
+    }
+
+    fn decode<'py>(
+        &self,
+        py: Python<'py>,
+        shard: PyShard,
+        tokens: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (engine, tokens) = (self.inner.clone(), token_ids(tokens)?);
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(engine.decode(&shard.inner, &tokens).await?)
+        })
+    }
+
+    #[pyo3(signature = (x, temp=0.0, top_p=1.0, top_k=0, seed=None))]
+    fn sample<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        temp: f32,
+        top_p: f32,
+        top_k: usize,
+        seed: Option<u64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (engine, logits) = (self.inner.clone(), wire_from_ndarray(x)?);
+        let params = SamplingParams { temperature: temp, top_p, top_k, seed };
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(TokenIds(engine.sample(&logits, params).await?))
+        })
+    }
+
+    #[pyo3(signature = (request_id, shard, input_data, inference_state=None))]
+    fn infer_tensor<'py>(
+        &self,
+        py: Python<'py>,
+        request_id: String,
+        shard: PyShard,
+        input_data: &Bound<'py, PyAny>,
+        inference_state: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (engine, input, state) =
+            (self.inner.clone(), wire_from_ndarray(input_data)?, state_from_py(inference_state)?);
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let (output, state) = engine.infer_tensor(&request_id, &shard.inner, input, state).await?;
+            Ok((Array(output), StateDict(state)))
+        })
+    }
+
+    #[pyo3(signature = (request_id, shard, prompt, inference_state=None))]
+    fn infer_prompt<'py>(
+        &self,
+        py: Python<'py>,
+        request_id: String,
+        shard: PyShard,
+        prompt: String,
+        inference_state: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (engine, state) = (self.inner.clone(), state_from_py(inference_state)?);
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let (output, state) = engine.infer_prompt(&request_id, &shard.inner, &prompt, state).await?;
+            Ok((Array(output), StateDict(state)))
+        })
+    }
+
+    fn ensure_shard<'py>(&self, py: Python<'py>, shard: PyShard) -> PyResult<Bound<'py, PyAny>> {
+        let engine = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(
+            py,
+            async move { Ok(engine.ensure_shard(&shard.inner).await?) },
+        )
+    }
+
+    /// Frees what the engine keeps for `request_id` (its KV cache).
+    fn finish_request<'py>(&self, py: Python<'py>, request_id: String) -> PyResult<Bound<'py, PyAny>> {
+        let engine = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            engine.finish_request(&request_id).await;
+            Ok(())
+        })
+    }
+
+    /// Token ids that end generation for the model of `shard`.
+    fn eos_token_ids<'py>(&self, py: Python<'py>, shard: PyShard) -> PyResult<Bound<'py, PyAny>> {
+        let engine = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(engine.eos_token_ids(&shard.inner).await?)
+        })
+    }
+}
+
+/// exo classic's `DummyInferenceEngine`: deterministic, no model files.
+#[pyclass(name = "DummyInferenceEngine", module = "exo.inference.dummy_inference_engine", extends = PyEngine, frozen)]
+pub struct PyDummyEngine;
+
+#[pymethods]
+impl PyDummyEngine {
+    #[new]
+    fn new() -> PyClassInitializer<Self> {
+        PyClassInitializer::from(PyEngine { inner: Arc::new(DummyEngine::default()) }).add_subclass(Self)
+    }
+}
+
+/// Locates model files through a Python shard downloader (`await ensure_shard(shard, engine)`),
+/// using a model id that is itself a local model directory as is.
+struct PythonDownloader {
+    downloader: Option<Py<PyAny>>,
+}
+
+#[async_trait]
+impl ModelLocator for PythonDownloader {
+    async fn locate(&self, shard: &Shard) -> Result<PathBuf> {
+        if let Ok(dir) = LocalDirectories.locate(shard).await {
+            return Ok(dir);
+        }
+        let Some(downloader) = &self.downloader else { return LocalDirectories.locate(shard).await };
+        let download = Python::attach(|py| {
+            let shard = PyShard { inner: shard.clone() };
+            let coroutine =
+                downloader.bind(py).call_method1("ensure_shard", (shard, "CandleInferenceEngine"))?;
+            pyo3_async_runtimes::tokio::into_future(coroutine)
+        })
+        .map_err(|e| Error::InvalidModel(format!("cannot start the download of {}: {e}", shard.model_id)))?;
+        let path = download
+            .await
+            .map_err(|e| Error::InvalidModel(format!("download of {} failed: {e}", shard.model_id)))?;
+        Python::attach(|py| path.bind(py).str().and_then(|s| s.extract::<String>()))
+            .map(PathBuf::from)
+            .map_err(|e| {
+                Error::InvalidModel(format!("the downloader returned no path for {}: {e}", shard.model_id))
+            })
+    }
+}
+
+/// The candle engine (exo's `CandleInferenceEngine`); weights stay in their checkpoint dtype.
+#[pyclass(name = "CandleInferenceEngine", module = "exo.inference.candle", extends = PyEngine, frozen)]
+pub struct PyCandleEngine {
+    engine: Arc<CandleEngine>,
+}
+
+#[pymethods]
+impl PyCandleEngine {
+    #[new]
+    #[pyo3(signature = (shard_downloader=None, max_context=16_384, cache_budget_mb=2048))]
+    fn new(
+        shard_downloader: Option<Py<PyAny>>,
+        max_context: usize,
+        cache_budget_mb: usize,
+    ) -> PyClassInitializer<Self> {
+        let options = EngineOptions { max_context, cache_budget_bytes: cache_budget_mb << 20 };
+        let engine =
+            Arc::new(CandleEngine::new(Arc::new(PythonDownloader { downloader: shard_downloader }), options));
+        PyClassInitializer::from(PyEngine { inner: engine.clone() }).add_subclass(Self { engine })
+    }
+
+    /// Loads `shard` from the model directory `path`.
+    fn load_checkpoint<'py>(
+        &self,
+        py: Python<'py>,
+        shard: PyShard,
+        path: PathBuf,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let engine = self.engine.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(engine.load_from(&shard.inner, &path).await?)
+        })
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyEngine>()?;
+    m.add_class::<PyDummyEngine>()?;
+    m.add_class::<PyCandleEngine>()?;
+    Ok(())
+}
