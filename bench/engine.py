@@ -1,0 +1,176 @@
+"""Single-node engine benchmark: prefill and decode speed, time to first token and peak RSS of
+the candle engine on the synthetic llama-3.2-1b, against Hugging Face transformers on the same
+checkpoint in the same run when torch and transformers are installed (`pip install .[bench]`).
+
+    python bench/engine.py [--dtype f32 bf16] [--threads 2] [--prompt-tokens 128] [--decode-tokens 128]
+
+Each measurement runs in its own process so peak RSS belongs to one backend alone.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PRESET = "llama-3.2-1b"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prompt(prompt_tokens: int) -> list[int]:
+    rng = np.random.default_rng(0)
+    return rng.integers(1000, 100_000, size=prompt_tokens).tolist()
+
+
+async def _run_candle(model_dir: str, prompt: list[int], decode_tokens: int) -> dict[str, float]:
+    from exo.inference.candle import CandleInferenceEngine
+    from exo.inference.shard import Shard
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    engine = CandleInferenceEngine()
+    shard = Shard(model_dir, 0, layers - 1, layers)
+    started = time.perf_counter()
+    await engine.ensure_shard(shard)
+    load_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    logits, _ = await engine.infer_tensor("bench", shard, np.array([prompt], dtype=np.int64))
+    token = await engine.sample(logits)
+    prefill_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    for _ in range(decode_tokens):
+        logits, _ = await engine.infer_tensor("bench", shard, token.reshape(1, 1))
+        token = await engine.sample(logits)
+    decode_s = time.perf_counter() - started
+    return {"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s}
+
+
+def _run_transformers(model_dir: str, prompt: list[int], decode_tokens: int, dtype: str) -> dict[str, float]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch_dtype)
+    model.eval()
+    load_s = time.perf_counter() - started
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        started = time.perf_counter()
+        out = model(ids, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        prefill_s = time.perf_counter() - started
+        cache = out.past_key_values
+        started = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            token = out.logits[:, -1:].argmax(-1)
+        decode_s = time.perf_counter() - started
+    return {"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s}
+
+
+def _worker(args: argparse.Namespace) -> None:
+    prompt = _prompt(args.prompt_tokens)
+    if args.backend == "candle":
+        result = asyncio.run(_run_candle(args.model_dir, prompt, args.decode_tokens))
+    else:
+        result = _run_transformers(args.model_dir, prompt, args.decode_tokens, args.dtype[0])
+    result["peak_rss_mb"] = _peak_rss_mb()
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+def _measure(backend: str, model_dir: Path, dtype: str, args: argparse.Namespace) -> dict[str, float] | None:
+    env = {**os.environ, "RAYON_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+    command = [sys.executable, __file__, "--worker", backend, "--model-dir", str(model_dir), "--dtype", dtype]
+    command += ["--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.stderr.write(f"{backend} ({dtype}) failed:\n{done.stderr[-3000:]}\n")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _memory_bandwidth_gbs() -> float:
+    """Bytes per second of a 512 MB f32 matrix-vector product (numpy's BLAS), best of 5."""
+    matrix = np.ones((8192, 16384), dtype=np.float32)
+    vector = np.ones(16384, dtype=np.float32)
+    best = min(_timed(lambda: matrix @ vector) for _ in range(5))
+    return matrix.nbytes / best / 1e9
+
+
+def _timed(run: object) -> float:
+    started = time.perf_counter()
+    run()  # type: ignore[operator]
+    return time.perf_counter() - started
+
+
+def _weight_bytes_per_token(model_dir: Path) -> int:
+    """Bytes of weights read to decode one token: every layer plus the LM head (embedding rows are negligible)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    total = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    embedding = config["vocab_size"] * config["hidden_size"] * (2 if config["torch_dtype"] != "float32" else 4)
+    return total if config.get("tie_word_embeddings") else total - embedding
+
+
+def _report(dtype: str, model_dir: Path, args: argparse.Namespace, bandwidth: float) -> None:
+    ceiling = bandwidth * 1e9 / _weight_bytes_per_token(model_dir)
+    rows = {backend: _measure(backend, model_dir, dtype, args) for backend in ("candle", "transformers")}
+    print(f"\n{PRESET} {dtype}  ({args.threads} threads; decode ceiling {ceiling:.2f} tok/s at {bandwidth:.1f} GB/s)")
+    print(f"{'backend':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'TTFT ms':>10}{'peak RSS MB':>13}{'load s':>8}")
+    speeds = {}
+    for backend, r in rows.items():
+        if r is None:
+            print(f"{backend:<14}{'(not run)':>15}")
+            continue
+        prefill = args.prompt_tokens / r["prefill_s"]
+        decode = args.decode_tokens / r["decode_s"]
+        speeds[backend] = (prefill, decode)
+        print(
+            f"{backend:<14}{prefill:>15.1f}{decode:>14.2f}{r['prefill_s'] * 1000:>10.0f}"
+            f"{r['peak_rss_mb']:>13.0f}{r['load_s']:>8.1f}"
+        )
+    if "candle" in speeds:
+        print(f"candle decode / ceiling: {speeds['candle'][1] / ceiling:.2f}")
+    if len(speeds) == 2:
+        (cp, cd), (tp, td) = speeds["candle"], speeds["transformers"]
+        print(f"candle / transformers: prefill {cp / tp:.2f}x, decode {cd / td:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", nargs="+", default=["f32", "bf16"], choices=["f32", "bf16", "f16"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "xotorch-bench-models")
+    parser.add_argument("--worker", choices=["candle", "transformers"], dest="backend")
+    parser.add_argument("--model-dir")
+    args = parser.parse_args()
+    if args.backend:
+        _worker(args)
+        return
+    from exo.testing.synth import write_model
+
+    bandwidth = _memory_bandwidth_gbs()
+    for dtype in args.dtype:
+        model_dir = args.models / f"{PRESET}-{dtype}"
+        if not (model_dir / "config.json").exists():
+            write_model(PRESET, model_dir, dtype=dtype, seed=0)
+        _report(dtype, model_dir, args, bandwidth)
+
+
+if __name__ == "__main__":
+    main()
