@@ -6,6 +6,8 @@ mod config;
 mod linear;
 mod model;
 mod rope;
+#[cfg(test)]
+mod tests;
 mod weights;
 
 pub use config::ModelConfig;

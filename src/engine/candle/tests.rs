@@ -1,0 +1,205 @@
+//! Engine-level checks on a tiny random model written in the test: sharding, the KV cache
+//! and concurrent requests never change the numbers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+
+use super::{reference_logits, CandleEngine, EngineOptions};
+use crate::engine::{Engine, LocalDirectories, SamplingParams};
+use crate::error::Error;
+use crate::shard::Shard;
+use crate::tensor::{DType, WireTensor};
+
+const HIDDEN: usize = 32;
+const LAYERS: usize = 3;
+const VOCAB: usize = 64;
+
+/// Deterministic pseudo-random values in [-scale, scale).
+fn values(count: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..count)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// Writes a tiny model of `model_type` (Qwen3-style q/k norms, Qwen2-style biases) into a fresh dir.
+fn write_tiny_model(model_type: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let unique = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("xotorch-tiny-{model_type}-{}-{unique}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (heads, kv_heads, head_dim, inter) = (4, 2, 8, 48);
+    let config = serde_json::json!({
+        "model_type": model_type, "hidden_size": HIDDEN, "intermediate_size": inter,
+        "num_hidden_layers": LAYERS, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "vocab_size": VOCAB, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "max_position_embeddings": 128, "tie_word_embeddings": model_type == "qwen2",
+        "eos_token_id": 2,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut seed = 1;
+    let mut add = |name: String, shape: Vec<usize>, base: f32, scale: f32| {
+        seed += 1;
+        let data: Vec<f32> =
+            values(shape.iter().product(), seed, scale).into_iter().map(|v| v + base).collect();
+        tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu).unwrap());
+    };
+    add("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], 0.0, 1.0);
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        for (proj, out) in
+            [("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim), ("v_proj", kv_heads * head_dim)]
+        {
+            add(format!("{p}.self_attn.{proj}.weight"), vec![out, HIDDEN], 0.0, 0.3);
+            if model_type == "qwen2" {
+                add(format!("{p}.self_attn.{proj}.bias"), vec![out], 0.0, 0.1);
+            }
+        }
+        add(format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, heads * head_dim], 0.0, 0.3);
+        if model_type == "qwen3" {
+            add(format!("{p}.self_attn.q_norm.weight"), vec![head_dim], 1.0, 0.1);
+            add(format!("{p}.self_attn.k_norm.weight"), vec![head_dim], 1.0, 0.1);
+        }
+        add(format!("{p}.mlp.gate_proj.weight"), vec![inter, HIDDEN], 0.0, 0.3);
+        add(format!("{p}.mlp.up_proj.weight"), vec![inter, HIDDEN], 0.0, 0.3);
+        add(format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, inter], 0.0, 0.3);
+        add(format!("{p}.input_layernorm.weight"), vec![HIDDEN], 1.0, 0.1);
+        add(format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN], 1.0, 0.1);
+    }
+    add("model.norm.weight".into(), vec![HIDDEN], 1.0, 0.1);
+    if model_type != "qwen2" {
+        add("lm_head.weight".into(), vec![VOCAB, HIDDEN], 0.0, 0.3);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), TOKENIZER).unwrap();
+    dir
+}
+
+/// A word-level tokenizer over a few words, enough for encode/decode plumbing.
+const TOKENIZER: &str = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+  "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+  "decoder": null, "model": {"type": "WordLevel", "unk_token": "<unk>",
+  "vocab": {"<unk>": 0, "hello": 1, "</s>": 2, "world": 3, "tiny": 4, "model": 5}}}"#;
+
+fn engine() -> CandleEngine {
+    CandleEngine::new(Arc::new(LocalDirectories), EngineOptions::default())
+}
+
+fn tokens(ids: &[i64]) -> WireTensor {
+    WireTensor::new(DType::I64, vec![1, ids.len()], bytemuck::cast_slice(ids).to_vec()).unwrap()
+}
+
+fn floats(t: &WireTensor) -> Vec<f32> {
+    bytemuck::pod_collect_to_vec(t.data())
+}
+
+/// Runs `ids` through the ring of `shards` (one engine per shard) as one prefill step,
+/// then `steps` greedy decode steps; returns the last logits and the generated tokens.
+async fn run_ring(dir: &Path, bounds: &[(i32, i32)], ids: &[i64], steps: usize) -> (Vec<f32>, Vec<u32>) {
+    let model = dir.display().to_string();
+    let engines: Vec<_> = bounds.iter().map(|_| engine()).collect();
+    let shards: Vec<_> =
+        bounds.iter().map(|&(s, e)| Shard::new(model.clone(), s, e, LAYERS as i32)).collect();
+    let mut input = tokens(ids);
+    let mut generated = Vec::new();
+    let mut logits = Vec::new();
+    for _ in 0..=steps {
+        for (engine, shard) in engines.iter().zip(&shards) {
+            input = engine.infer_tensor("r", shard, input, None).await.unwrap().0;
+        }
+        logits = floats(&input);
+        let next = engines[0].sample(&input, SamplingParams::default()).await.unwrap()[0];
+        generated.push(next);
+        input = tokens(&[i64::from(next)]);
+    }
+    (logits, generated)
+}
+
+fn assert_close(a: &[f32], b: &[f32], tolerance: f32) {
+    assert_eq!(a.len(), b.len());
+    let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    assert!(worst <= tolerance, "max difference {worst} > {tolerance}");
+}
+
+#[tokio::test]
+async fn sharding_and_caching_never_change_the_numbers() {
+    for model_type in ["llama", "qwen2", "qwen3"] {
+        let dir = write_tiny_model(model_type);
+        let prompt = [1, 5, 9, 33, 2, 60, 7];
+        let (whole, whole_tokens) = run_ring(&dir, &[(0, 2)], &prompt, 12).await;
+        let (two, two_tokens) = run_ring(&dir, &[(0, 0), (1, 2)], &prompt, 12).await;
+        let (three, three_tokens) = run_ring(&dir, &[(0, 0), (1, 1), (2, 2)], &prompt, 12).await;
+        assert_eq!(whole_tokens, two_tokens, "{model_type}");
+        assert_eq!(whole_tokens, three_tokens, "{model_type}");
+        assert_close(&whole, &two, 1e-5);
+        assert_close(&whole, &three, 1e-5);
+
+        // Token-by-token decoding (KV cache) gives the logits of a full prefill.
+        let mut sequence: Vec<u32> = prompt.iter().map(|&t| t as u32).collect();
+        sequence.extend(&whole_tokens[..12]);
+        let stepwise = reference_logits(&dir, &sequence).unwrap();
+        let prefill =
+            run_ring(&dir, &[(0, 2)], &sequence.iter().map(|&t| i64::from(t)).collect::<Vec<_>>(), 0).await.0;
+        assert_close(stepwise.last().unwrap(), &prefill, 1e-4);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn interleaved_requests_match_requests_alone() {
+    let dir = write_tiny_model("llama");
+    let shard = Shard::new(dir.display().to_string(), 0, LAYERS as i32 - 1, LAYERS as i32);
+    let alone_a = run_ring(&dir, &[(0, 2)], &[1, 2, 3], 8).await.1;
+    let alone_b = run_ring(&dir, &[(0, 2)], &[40, 41], 8).await.1;
+    let engine = engine();
+    let (mut a, mut b) = (tokens(&[1, 2, 3]), tokens(&[40, 41]));
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    for _ in 0..=8 {
+        let (logits_a, _) = engine.infer_tensor("a", &shard, a, None).await.unwrap();
+        let (logits_b, _) = engine.infer_tensor("b", &shard, b, None).await.unwrap();
+        let next_a = engine.sample(&logits_a, SamplingParams::default()).await.unwrap()[0];
+        let next_b = engine.sample(&logits_b, SamplingParams::default()).await.unwrap()[0];
+        got_a.push(next_a);
+        got_b.push(next_b);
+        a = tokens(&[i64::from(next_a)]);
+        b = tokens(&[i64::from(next_b)]);
+    }
+    assert_eq!(got_a, alone_a);
+    assert_eq!(got_b, alone_b);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn bad_inputs_fail_the_request_only() {
+    let dir = write_tiny_model("llama");
+    let model = dir.display().to_string();
+    let engine = engine();
+    let whole = Shard::new(model.clone(), 0, 2, 3);
+    let err = engine.infer_tensor("r", &whole, tokens(&[VOCAB as i64]), None).await.unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    let hidden = WireTensor::new(DType::F32, vec![1, 1, 5], vec![0; 20]).unwrap();
+    let err = engine.infer_tensor("r", &Shard::new(model.clone(), 1, 2, 3), hidden, None).await.unwrap_err();
+    assert!(err.to_string().contains("hidden size"), "{err}");
+    let err =
+        engine.infer_tensor("r", &Shard::new(model.clone(), 0, 3, 3), tokens(&[1]), None).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidShard(_)), "{err}");
+    let err = engine.infer_tensor("r", &Shard::new(model, 0, 1, 4), tokens(&[1]), None).await.unwrap_err();
+    assert!(err.to_string().contains("4 layers"), "{err}");
+    let long: Vec<i64> = vec![1; 129];
+    let err = engine.infer_tensor("r", &whole, tokens(&long), None).await.unwrap_err();
+    assert!(matches!(err, Error::ContextOverflow(_)), "{err}");
+    // The engine still serves.
+    assert!(engine.infer_tensor("ok", &whole, tokens(&[1, 2]), None).await.is_ok());
+    assert_eq!(engine.encode(&whole, "hello tiny world").await.unwrap(), [1, 4, 3]);
+    assert_eq!(engine.eos_token_ids(&whole).await.unwrap(), [2]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
