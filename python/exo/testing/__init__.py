@@ -1,0 +1,1 @@
+"""Test support: synthetic models with real architectures and seeded random weights."""

@@ -1,0 +1,431 @@
+"""Synthetic Hugging Face models: real architectures and configs with seeded random weights.
+
+    python -m exo.testing.synth --preset tiny-llama --dtype f32 --out DIR [--seed 0] [--shards 1]
+
+writes `config.json`, safetensors weights (one file, or several with
+`model.safetensors.index.json`), a byte-level BPE `tokenizer.json` trained on a built-in text,
+`tokenizer_config.json` with the family's chat template, and `generation_config.json`.
+The same preset, dtype and seed always give the same bytes.
+"""
+
+import argparse
+import json
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exo.testing.corpus import CORPUS
+
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+QWEN_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' and default_system %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a model family's tokenizer and chat format look like."""
+
+    special_tokens: tuple[str, ...]
+    bos: str | None
+    eos: str
+    end_of_turn: str
+    chat_template: str
+    adds_bos: bool
+
+
+LLAMA3 = Family(
+    special_tokens=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    bos="<|begin_of_text|>",
+    eos="<|end_of_text|>",
+    end_of_turn="<|eot_id|>",
+    chat_template=LLAMA3_TEMPLATE,
+    adds_bos=True,
+)
+QWEN25 = Family(
+    special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    bos=None,
+    eos="<|endoftext|>",
+    end_of_turn="<|im_end|>",
+    chat_template=QWEN_TEMPLATE.replace("default_system", "true"),
+    adds_bos=False,
+)
+QWEN3 = Family(
+    special_tokens=QWEN25.special_tokens,
+    bos=None,
+    eos="<|endoftext|>",
+    end_of_turn="<|im_end|>",
+    chat_template=QWEN_TEMPLATE.replace("default_system", "false"),
+    adds_bos=False,
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model shape: `config.json` fields plus the family it belongs to."""
+
+    family: Family
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+
+def _llama_config(**overrides: Any) -> dict[str, Any]:
+    base = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "rms_norm_eps": 1e-5,
+    }
+    return base | overrides
+
+
+def _qwen_config(model_type: str, **overrides: Any) -> dict[str, Any]:
+    base = {
+        "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "Qwen3ForCausalLM"],
+        "model_type": model_type,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "rms_norm_eps": 1e-6,
+    }
+    return base | overrides
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4}
+
+PRESETS: dict[str, Preset] = {
+    "llama-3.2-1b": Preset(
+        LLAMA3,
+        _llama_config(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            vocab_size=128256,
+            rope_theta=500000.0,
+            rope_scaling=LLAMA3_ROPE,
+            tie_word_embeddings=True,
+            max_position_embeddings=131072,
+        ),
+    ),
+    "qwen2.5-0.5b": Preset(
+        QWEN25,
+        _qwen_config(
+            "qwen2",
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            max_position_embeddings=32768,
+            max_window_layers=21,
+        ),
+    ),
+    "tiny-llama": Preset(
+        LLAMA3,
+        _llama_config(
+            **TINY,
+            num_key_value_heads=2,
+            vocab_size=512,
+            rope_theta=500000.0,
+            rope_scaling=LLAMA3_ROPE,
+            tie_word_embeddings=True,
+            max_position_embeddings=2048,
+        ),
+    ),
+    "tiny-llama-untied": Preset(
+        LLAMA3,
+        _llama_config(**TINY, num_key_value_heads=4, vocab_size=512, rope_theta=10000.0, max_position_embeddings=2048),
+    ),
+    "tiny-mistral": Preset(
+        LLAMA3,
+        _llama_config(
+            **TINY,
+            num_key_value_heads=2,
+            vocab_size=512,
+            rope_theta=1000000.0,
+            max_position_embeddings=2048,
+            sliding_window=None,
+        )
+        | {"architectures": ["MistralForCausalLM"], "model_type": "mistral"},
+    ),
+    "tiny-qwen2": Preset(
+        QWEN25,
+        _qwen_config(
+            "qwen2",
+            **TINY,
+            num_key_value_heads=2,
+            vocab_size=512,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            max_position_embeddings=2048,
+            max_window_layers=4,
+        ),
+    ),
+    "tiny-qwen3": Preset(
+        QWEN3,
+        _qwen_config(
+            "qwen3",
+            **TINY,
+            num_key_value_heads=2,
+            head_dim=32,
+            attention_bias=False,
+            vocab_size=512,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            max_position_embeddings=2048,
+            max_window_layers=4,
+        ),
+    ),
+}
+
+DTYPES = {"f32": ("F32", "float32"), "bf16": ("BF16", "bfloat16"), "f16": ("F16", "float16")}
+TOKENIZER_VOCAB = 400
+
+
+def tensor_plan(preset: Preset) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of the checkpoint, in file order, with its shape."""
+    c = preset.config
+    hidden, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
+    head_dim = c.get("head_dim", hidden // heads)
+    qkv_bias = c["model_type"] == "qwen2" or c.get("attention_bias", False)
+    plan: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for layer in range(c["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        for proj, out in (
+            ("q_proj", heads * head_dim),
+            ("k_proj", kv_heads * head_dim),
+            ("v_proj", kv_heads * head_dim),
+        ):
+            plan.append((f"{p}.self_attn.{proj}.weight", (out, hidden)))
+            if qkv_bias:
+                plan.append((f"{p}.self_attn.{proj}.bias", (out,)))
+        plan.append((f"{p}.self_attn.o_proj.weight", (hidden, heads * head_dim)))
+        if c.get("attention_bias", False):
+            plan.append((f"{p}.self_attn.o_proj.bias", (hidden,)))
+        if c["model_type"] == "qwen3":
+            plan.append((f"{p}.self_attn.q_norm.weight", (head_dim,)))
+            plan.append((f"{p}.self_attn.k_norm.weight", (head_dim,)))
+        plan.append((f"{p}.mlp.gate_proj.weight", (inter, hidden)))
+        plan.append((f"{p}.mlp.up_proj.weight", (inter, hidden)))
+        plan.append((f"{p}.mlp.down_proj.weight", (hidden, inter)))
+        plan.append((f"{p}.input_layernorm.weight", (hidden,)))
+        plan.append((f"{p}.post_attention_layernorm.weight", (hidden,)))
+    plan.append(("model.norm.weight", (hidden,)))
+    if not preset.tied:
+        plan.append(("lm_head.weight", (vocab, hidden)))
+    return plan
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Normal(0, 0.02) weights; norm weights around 1. Seeded by (seed, name) alone."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    values = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+    if "norm" in name:
+        values += np.float32(1.0)
+    return values
+
+
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns of f32 `values`, rounded to nearest, ties to even."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def _encode(values: np.ndarray, dtype: str) -> bytes:
+    if dtype == "f32":
+        return values.astype("<f4").tobytes()
+    if dtype == "f16":
+        return values.astype("<f2").tobytes()
+    return to_bfloat16_bits(values).astype("<u2").tobytes()
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str, seed: int) -> None:
+    """Writes the safetensors format (header length, JSON header, raw bytes) one tensor at a time."""
+    stored, width = DTYPES[dtype][0], {"f32": 4, "bf16": 2, "f16": 2}[dtype]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in tensors:
+        size = int(np.prod(shape)) * width
+        header[name] = {"dtype": stored, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for name, shape in tensors:
+            out.write(_encode(_random_tensor(name, shape, seed), dtype))
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") else None
+
+
+def _split_by_layers(plan: list[tuple[str, tuple[int, ...]]], num_files: int, layers: int) -> Iterator[list]:
+    """Groups whole layers into `num_files` files; embeddings go first, norm and head last."""
+    bounds = np.array_split(np.arange(layers), num_files)
+    for index, group in enumerate(bounds):
+        wanted = set(group.tolist())
+        chunk = []
+        for name, shape in plan:
+            layer = _layer_of(name)
+            first = layer is None and name == "model.embed_tokens.weight" and index == 0
+            last = layer is None and name != "model.embed_tokens.weight" and index == num_files - 1
+            if first or last or (layer is not None and layer in wanted):
+                chunk.append((name, shape))
+        yield chunk
+
+
+def _write_weights(preset: Preset, out: Path, dtype: str, seed: int, num_files: int) -> None:
+    plan = tensor_plan(preset)
+    if num_files <= 1:
+        _write_safetensors(out / "model.safetensors", plan, dtype, seed)
+        return
+    layers = preset.config["num_hidden_layers"]
+    if num_files > layers:
+        raise ValueError(f"cannot split {layers} layers into {num_files} files")
+    weight_map: dict[str, str] = {}
+    total = 0
+    for index, chunk in enumerate(_split_by_layers(plan, num_files, layers), start=1):
+        file_name = f"model-{index:05d}-of-{num_files:05d}.safetensors"
+        _write_safetensors(out / file_name, chunk, dtype, seed)
+        weight_map.update({name: file_name for name, _ in chunk})
+        total += sum(int(np.prod(shape)) for _, shape in chunk) * (4 if dtype == "f32" else 2)
+    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
+
+
+def train_tokenizer(family: Family) -> Any:
+    """A byte-level BPE tokenizer trained on the built-in text, special tokens first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=list(family.special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    if family.adds_bos and family.bos:
+        bos_id = tokenizer.token_to_id(family.bos)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{family.bos} $A", pair=f"{family.bos} $A {family.bos} $B", special_tokens=[(family.bos, bos_id)]
+        )
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
+
+
+def _write_tokenizer(preset: Preset, out: Path) -> dict[str, int]:
+    family = preset.family
+    tokenizer = train_tokenizer(family)
+    if tokenizer.get_vocab_size() > preset.config["vocab_size"]:
+        raise ValueError("the tokenizer is larger than the model's vocabulary")
+    tokenizer.save(str(out / "tokenizer.json"))
+    ids = {token: tokenizer.token_to_id(token) for token in family.special_tokens}
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": family.bos,
+        "eos_token": family.end_of_turn,
+        "pad_token": family.eos,
+        "chat_template": family.chat_template,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": preset.config["max_position_embeddings"],
+        "added_tokens_decoder": {
+            str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False}
+            for t, i in ids.items()
+        },
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
+    return ids
+
+
+def write_model(preset: str, out_dir: str | Path, dtype: str = "f32", seed: int = 0, num_shards: int = 1) -> Path:
+    """Writes the complete model directory of `preset` to `out_dir` and returns it."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    spec = PRESETS[preset]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = _write_tokenizer(spec, out)
+    family = spec.family
+    eos_ids = [ids[family.eos], ids[family.end_of_turn]]
+    config = spec.config | {
+        "torch_dtype": DTYPES[dtype][1],
+        "bos_token_id": ids[family.bos] if family.bos else None,
+        "eos_token_id": eos_ids[0],
+        "transformers_version": "4.46.0",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos_ids, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    _write_weights(spec, out, dtype, seed, num_shards)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write a synthetic Hugging Face model directory.")
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shards", type=int, default=1, help="number of safetensors files")
+    args = parser.parse_args()
+    write_model(args.preset, args.out, args.dtype, args.seed, args.shards)
+
+
+if __name__ == "__main__":
+    main()
