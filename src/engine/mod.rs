@@ -3,6 +3,7 @@
 
 pub mod candle;
 pub mod dummy;
+pub mod kernels;
 pub mod sampling;
 
 use std::collections::BTreeMap;

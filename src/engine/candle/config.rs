@@ -125,13 +125,13 @@ impl ModelConfig {
             }
         }
         let heads = self.num_attention_heads;
-        if heads == 0 || self.num_key_value_heads() == 0 || heads % self.num_key_value_heads() != 0 {
+        if heads == 0 || self.num_key_value_heads() == 0 || !heads.is_multiple_of(self.num_key_value_heads()) {
             return Err(format!(
                 "{heads} attention heads cannot be shared by {} key/value heads",
                 self.num_key_value_heads()
             ));
         }
-        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
             return Err(format!("head_dim {} must be even and positive", self.head_dim()));
         }
         if self.num_hidden_layers == 0 || self.vocab_size == 0 || self.hidden_size == 0 {

@@ -8,6 +8,7 @@ use super::config::{ModelConfig, Variant};
 use super::linear::Linear;
 use super::rope::Rope;
 use super::weights::{ShardWeights, WeightIndex};
+use crate::engine::kernels::WeightMatrix;
 use crate::error::{Error, Result};
 use crate::shard::Shard;
 
@@ -20,8 +21,7 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn load(weights: &ShardWeights, name: &str, size: usize, eps: f64, device: &Device) -> Result<Self> {
-        let weight = weights.load(name, &[size], device)?.to_dtype(DType::F32)?;
-        Ok(Self { weight, eps: eps as f32 })
+        Ok(Self { weight: weights.vector_f32(name, size, device)?, eps: eps as f32 })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -115,8 +115,8 @@ fn load_linear(
     bias: bool,
     device: &Device,
 ) -> Result<Linear> {
-    let weight = weights.load(&format!("{prefix}.weight"), &[out, input], device)?;
-    let bias = if bias { Some(weights.load(&format!("{prefix}.bias"), &[out], device)?) } else { None };
+    let weight = weights.matrix(&format!("{prefix}.weight"), out, input)?;
+    let bias = if bias { Some(weights.vector_f32(&format!("{prefix}.bias"), out, device)?) } else { None };
     Linear::new(weight, bias)
 }
 
@@ -335,7 +335,7 @@ pub enum ShardInput {
 pub struct ShardModel {
     shard: Shard,
     config: ModelConfig,
-    embed_tokens: Option<Tensor>,
+    embed_tokens: Option<WeightMatrix>,
     blocks: Vec<Block>,
     norm: Option<RmsNorm>,
     lm_head: Option<Linear>,
@@ -361,7 +361,7 @@ impl ShardModel {
         let plan = TensorPlan::new(&config, shard, variant, &index);
         let weights = index.open(&plan.names())?;
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
-        let embedding = || weights.load("model.embed_tokens.weight", &[vocab, hidden], device);
+        let embedding = || weights.matrix("model.embed_tokens.weight", vocab, hidden);
         let embed_tokens = if shard.is_first_layer() { Some(embedding()?) } else { None };
         let blocks = (shard.start_layer..=shard.end_layer)
             .map(|layer| Block::load(&weights, layer, &config, variant, device))
@@ -373,7 +373,7 @@ impl ShardModel {
                     None => embedding()?,
                 }
             } else {
-                weights.load("lm_head.weight", &[vocab, hidden], device)?
+                weights.matrix("lm_head.weight", vocab, hidden)?
             };
             let norm = RmsNorm::load(&weights, "model.norm.weight", hidden, config.rms_norm_eps, device)?;
             (Some(norm), Some(Linear::new(head_weight, None)?))
@@ -426,15 +426,19 @@ impl ShardModel {
                 if seq == 0 {
                     return Err(Error::InvalidArgument("no tokens to run".into()));
                 }
-                let max = ids.max_all()?.to_scalar::<u32>()? as usize;
-                if max >= self.config.vocab_size {
-                    return Err(Error::InvalidArgument(format!(
-                        "token id {max} is outside the vocabulary of {}",
-                        self.config.vocab_size
-                    )));
+                let hidden = self.config.hidden_size;
+                let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+                let mut rows = vec![0.0f32; ids.len() * hidden];
+                for (&id, row) in ids.iter().zip(rows.chunks_exact_mut(hidden)) {
+                    if id as usize >= self.config.vocab_size {
+                        return Err(Error::InvalidArgument(format!(
+                            "token id {id} is outside the vocabulary of {}",
+                            self.config.vocab_size
+                        )));
+                    }
+                    table.row_f32(id as usize, row);
                 }
-                let rows = table.index_select(&ids.flatten_all()?, 0)?.to_dtype(DType::F32)?;
-                Ok(rows.reshape((b, seq, self.config.hidden_size))?)
+                Ok(Tensor::from_vec(rows, (b, seq, hidden), &Device::Cpu)?)
             }
             (ShardInput::Hidden(h), None) => {
                 let (_, seq, width) = h.dims3().map_err(|_| {

@@ -1,12 +1,17 @@
 //! Reading a shard's tensors from a Hugging Face safetensors checkpoint (one file or an
 //! indexed set), memory-mapped, opening only the files that hold the requested tensors.
+//! Large matrices are used in place from the map; small tensors are copied out.
 
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::SafeTensors;
 
+use crate::engine::kernels::{WeightDType, WeightMatrix};
 use crate::error::{Error, Result};
 
 const SINGLE_FILE: &str = "model.safetensors";
@@ -57,39 +62,93 @@ impl WeightIndex {
                 })
                 .collect::<Result<_>>()?,
         };
-        for file in &files {
-            if !file.exists() {
-                return Err(Error::InvalidModel(format!("weight file {} is missing", file.display())));
-            }
+        let mut tensors = HashMap::new();
+        for file in files {
+            map_file(&file, &mut tensors)?;
         }
-        let files: Vec<_> = files.into_iter().collect();
-        // SAFETY: the files are opened read-only; like every mmap reader we rely on them not being
-        // truncated while mapped (the downloader only replaces files by atomic rename).
-        let mapped = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| {
-            Error::InvalidModel(format!("cannot read safetensors in {}: {e}", self.dir.display()))
-        })?;
-        Ok(ShardWeights { mapped })
+        Ok(ShardWeights { tensors })
     }
 }
 
-/// Memory-mapped safetensors files from which a shard's tensors are loaded.
+/// A tensor's place inside a mapped file.
+struct StoredTensor {
+    map: Arc<Mmap>,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    range: Range<usize>,
+}
+
+/// Maps `path` and records where each of its tensors lies.
+fn map_file(path: &Path, tensors: &mut HashMap<String, StoredTensor>) -> Result<()> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| Error::InvalidModel(format!("weight file {} cannot be opened: {e}", path.display())))?;
+    // SAFETY: mapped read-only; like every mmap reader we rely on the file not being truncated
+    // while mapped (the downloader only replaces files by atomic rename).
+    let map = Arc::new(
+        unsafe { Mmap::map(&file) }
+            .map_err(|e| Error::InvalidModel(format!("cannot map {}: {e}", path.display())))?,
+    );
+    let parsed = SafeTensors::deserialize(&map).map_err(|e| {
+        Error::InvalidModel(format!("{} is not a valid safetensors file: {e}", path.display()))
+    })?;
+    let base = map.as_ptr() as usize;
+    for (name, view) in parsed.tensors() {
+        let start = view.data().as_ptr() as usize - base;
+        let stored = StoredTensor {
+            map: map.clone(),
+            dtype: view.dtype(),
+            shape: view.shape().to_vec(),
+            range: start..start + view.data().len(),
+        };
+        tensors.insert(name, stored);
+    }
+    Ok(())
+}
+
+/// The tensors of the mapped files, by name.
 pub struct ShardWeights {
-    mapped: MmapedSafetensors,
+    tensors: HashMap<String, StoredTensor>,
 }
 
 impl ShardWeights {
-    /// Loads `name` in its stored dtype, checking its shape.
-    pub fn load(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
-        let tensor = self
-            .mapped
-            .load(name, device)
-            .map_err(|e| Error::InvalidModel(format!("cannot load tensor {name}: {e}")))?;
-        if tensor.dims() != shape {
+    fn stored(&self, name: &str, shape: &[usize]) -> Result<&StoredTensor> {
+        let stored =
+            self.tensors.get(name).ok_or_else(|| Error::InvalidModel(format!("tensor {name} is missing")))?;
+        if stored.shape != shape {
             return Err(Error::InvalidModel(format!(
                 "tensor {name} has shape {:?}, the config implies {shape:?}",
-                tensor.dims()
+                stored.shape
             )));
         }
-        Ok(tensor)
+        Ok(stored)
+    }
+
+    /// A 2-D weight used in place from the map, in its stored dtype.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
+        let stored = self.stored(name, &[rows, cols])?;
+        let dtype = match stored.dtype {
+            safetensors::Dtype::F32 => WeightDType::F32,
+            safetensors::Dtype::BF16 => WeightDType::BF16,
+            safetensors::Dtype::F16 => WeightDType::F16,
+            other => {
+                return Err(Error::InvalidModel(format!("tensor {name} has unsupported dtype {other:?}")))
+            }
+        };
+        WeightMatrix::new(stored.map.clone(), stored.range.clone(), rows, cols, dtype)
+    }
+
+    /// A small tensor copied out of the map and widened to f32.
+    pub fn vector_f32(&self, name: &str, len: usize, device: &Device) -> Result<Tensor> {
+        let stored = self.stored(name, &[len])?;
+        let dtype = match stored.dtype {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::BF16 => DType::BF16,
+            safetensors::Dtype::F16 => DType::F16,
+            other => {
+                return Err(Error::InvalidModel(format!("tensor {name} has unsupported dtype {other:?}")))
+            }
+        };
+        let bytes = &stored.map[stored.range.clone()];
+        Ok(Tensor::from_raw_buffer(bytes, dtype, &[len], device)?.to_dtype(DType::F32)?)
     }
 }
