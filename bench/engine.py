@@ -3,6 +3,10 @@ the candle engine on the synthetic llama-3.2-1b, against Hugging Face transforme
 checkpoint in the same run when torch and transformers are installed (`pip install .[bench]`).
 
     python bench/engine.py [--dtype f32 bf16] [--threads 2] [--prompt-tokens 128] [--decode-tokens 128]
+                           [--reference-python PATH]
+
+`--reference-python` names an interpreter that has torch and transformers, when they are not
+installed beside exo (the reference worker needs only them and numpy).
 
 Each measurement runs in its own process so peak RSS belongs to one backend alone.
 """
@@ -94,7 +98,8 @@ def _worker(args: argparse.Namespace) -> None:
 
 def _measure(backend: str, model_dir: Path, dtype: str, args: argparse.Namespace) -> dict[str, float] | None:
     env = {**os.environ, "RAYON_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
-    command = [sys.executable, __file__, "--worker", backend, "--model-dir", str(model_dir), "--dtype", dtype]
+    python = args.reference_python if backend == "transformers" and args.reference_python else sys.executable
+    command = [python, __file__, "--worker", backend, "--model-dir", str(model_dir), "--dtype", dtype]
     command += ["--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -156,6 +161,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "xotorch-bench-models")
+    parser.add_argument("--reference-python", help="interpreter with torch and transformers for the reference")
     parser.add_argument("--worker", choices=["candle", "transformers"], dest="backend")
     parser.add_argument("--model-dir")
     args = parser.parse_args()

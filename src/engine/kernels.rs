@@ -149,6 +149,8 @@ impl Isa {
 
 /// Input rows computed together against one weight row.
 const ROW_BLOCK: usize = 4;
+/// Weight rows computed together (each loaded vector reused across the input rows).
+const WEIGHT_BLOCK: usize = 4;
 /// Output rows per parallel task (a few hundred KB of weights).
 const ROWS_PER_TASK: usize = 64;
 
@@ -197,22 +199,51 @@ pub fn linear_with(
     let tasks = n.div_ceil(ROWS_PER_TASK);
     (0..tasks).into_par_iter().for_each(|task| {
         let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n);
-        let mut dots = [0f32; ROW_BLOCK];
-        for row in rows {
-            let weights = &data[row * row_bytes..(row + 1) * row_bytes];
-            let add = bias.map_or(0.0, |b| b[row]);
+        let mut tile = [[0f32; ROW_BLOCK]; WEIGHT_BLOCK];
+        for first in rows.clone().step_by(WEIGHT_BLOCK) {
+            let count_w = WEIGHT_BLOCK.min(rows.end - first);
+            let weights = &data[first * row_bytes..(first + count_w) * row_bytes];
             for block in (0..m).step_by(ROW_BLOCK) {
                 let count = ROW_BLOCK.min(m - block);
                 let inputs = &x[block * k..(block + count) * k];
-                dot_rows(isa, w.dtype, weights, inputs, k, &mut dots[..count]);
-                for (i, dot) in dots[..count].iter().enumerate() {
-                    // SAFETY: (block + i, row) is inside `out` and no other task writes this row.
-                    unsafe { *out_ptr.get().add((block + i) * n + row) = dot + add };
+                dot_tile(isa, w.dtype, weights, count_w, inputs, k, count, &mut tile);
+                for (j, dots) in tile.iter().enumerate().take(count_w) {
+                    let add = bias.map_or(0.0, |b| b[first + j]);
+                    for (i, dot) in dots.iter().enumerate().take(count) {
+                        // SAFETY: (block + i, first + j) is inside `out`; no other task writes these rows.
+                        unsafe { *out_ptr.get().add((block + i) * n + first + j) = dot + add };
+                    }
                 }
             }
         }
     });
     Ok(())
+}
+
+/// `tile[j][i]` = dot of weight row `j` (of `weight_rows`) with input row `i` (of `rows`).
+#[allow(clippy::too_many_arguments)]
+fn dot_tile(
+    isa: Isa,
+    dtype: WeightDType,
+    weights: &[u8],
+    weight_rows: usize,
+    inputs: &[f32],
+    k: usize,
+    rows: usize,
+    tile: &mut [[f32; ROW_BLOCK]; WEIGHT_BLOCK],
+) {
+    #[cfg(target_arch = "x86_64")]
+    // Decoding (one input row) streams one weight row at a time: fewer concurrent streams
+    // keep the prefetchers at full bandwidth.
+    if isa == Isa::Avx512 && weight_rows == WEIGHT_BLOCK && rows > 1 {
+        // SAFETY: AVX-512 availability was checked by the caller; `weights` holds WEIGHT_BLOCK
+        // rows of k elements and `inputs` holds `rows` rows of k.
+        return unsafe { x86::dot_tile_avx512(dtype, weights, inputs, k, rows, tile) };
+    }
+    let row_bytes = k * dtype.size();
+    for (j, dots) in tile.iter_mut().enumerate().take(weight_rows) {
+        dot_rows(isa, dtype, &weights[j * row_bytes..(j + 1) * row_bytes], inputs, k, &mut dots[..rows]);
+    }
 }
 
 /// Dot products of one weight row with `dots.len()` input rows of length `k`.
@@ -245,7 +276,7 @@ fn dot_rows_portable(dtype: WeightDType, weights: &[u8], inputs: &[f32], k: usiz
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{element, WeightDType, ROW_BLOCK};
+    use super::{element, WeightDType, ROW_BLOCK, WEIGHT_BLOCK};
 
     /// Loads 16 weights from `weights` at element `i` as f32.
     #[target_feature(enable = "avx512f")]
@@ -290,6 +321,63 @@ mod x86 {
                 dot += element(weights, j, dtype) * inputs[r * k + j];
             }
             *out = dot;
+        }
+    }
+
+    /// A WEIGHT_BLOCK × `rows` tile of dot products: per 16 elements, WEIGHT_BLOCK weight loads
+    /// and `rows` input loads feed WEIGHT_BLOCK × `rows` FMAs, all in registers.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_tile_avx512(
+        dtype: WeightDType,
+        weights: &[u8],
+        inputs: &[f32],
+        k: usize,
+        rows: usize,
+        tile: &mut [[f32; ROW_BLOCK]; WEIGHT_BLOCK],
+    ) {
+        // A fixed row count lets the accumulators live in registers.
+        match rows {
+            2 => tile_avx512::<2>(dtype, weights, inputs, k, tile),
+            3 => tile_avx512::<3>(dtype, weights, inputs, k, tile),
+            _ => tile_avx512::<ROW_BLOCK>(dtype, weights, inputs, k, tile),
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_avx512<const ROWS: usize>(
+        dtype: WeightDType,
+        weights: &[u8],
+        inputs: &[f32],
+        k: usize,
+        tile: &mut [[f32; ROW_BLOCK]; WEIGHT_BLOCK],
+    ) {
+        let rows = ROWS;
+        let row_bytes = k * dtype.size();
+        let (w, x) = (weights.as_ptr(), inputs.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); ROWS]; WEIGHT_BLOCK];
+        let mut i = 0;
+        while i + 16 <= k {
+            let mut wv = [_mm512_setzero_ps(); WEIGHT_BLOCK];
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = load16(dtype, w.add(j * row_bytes), i);
+            }
+            for r in 0..rows {
+                let xv = _mm512_loadu_ps(x.add(r * k + i));
+                for (lane, v) in acc.iter_mut().zip(&wv) {
+                    lane[r] = _mm512_fmadd_ps(*v, xv, lane[r]);
+                }
+            }
+            i += 16;
+        }
+        for (j, (lanes, dots)) in acc.iter().zip(tile.iter_mut()).enumerate() {
+            let row = &weights[j * row_bytes..(j + 1) * row_bytes];
+            for (r, (lane, dot)) in lanes.iter().zip(dots.iter_mut()).enumerate().take(rows) {
+                let mut sum = _mm512_reduce_add_ps(*lane);
+                for e in i..k {
+                    sum += element(row, e, dtype) * inputs[r * k + e];
+                }
+                *dot = sum;
+            }
         }
     }
 
