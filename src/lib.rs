@@ -8,6 +8,7 @@ pub mod error;
 pub mod proto;
 pub mod shard;
 pub mod tensor;
+pub mod tokenizer;
 pub mod topology;
 
 mod python;

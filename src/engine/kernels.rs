@@ -182,7 +182,11 @@ pub fn linear_with(
     out: &mut [f32],
 ) -> Result<()> {
     let (n, k) = (w.rows, w.cols);
-    if k == 0 || !x.len().is_multiple_of(k) || out.len() != x.len() / k * n || bias.is_some_and(|b| b.len() != n) {
+    if k == 0
+        || !x.len().is_multiple_of(k)
+        || out.len() != x.len() / k * n
+        || bias.is_some_and(|b| b.len() != n)
+    {
         return Err(Error::InvalidArgument(format!(
             "linear: input of {} values, weight {n}x{k}, output of {} values do not fit",
             x.len(),

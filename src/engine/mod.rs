@@ -57,6 +57,11 @@ pub trait Engine: Send + Sync {
         None
     }
 
+    /// The tokenizer of the loaded model, if the engine has one.
+    fn tokenizer(&self) -> Option<std::sync::Arc<crate::tokenizer::Tokenizer>> {
+        None
+    }
+
     /// Token ids of `prompt` (already chat-templated) for the model of `shard`.
     async fn encode(&self, shard: &Shard, prompt: &str) -> Result<Vec<u32>>;
 

@@ -11,6 +11,7 @@ use pyo3::types::{PyDict, PyList};
 
 use super::shard::PyShard;
 use super::tensor::{ndarray_from_wire, wire_from_ndarray};
+use super::tokenizer::PyTokenizer;
 use crate::engine::candle::{CandleEngine, EngineOptions};
 use crate::engine::dummy::DummyEngine;
 use crate::engine::{Engine, InferenceState, LocalDirectories, ModelLocator, SamplingParams};
@@ -128,6 +129,12 @@ impl PyEngine {
     #[getter]
     fn shard(&self) -> Option<PyShard> {
         self.inner.current_shard().map(|inner| PyShard { inner })
+    }
+
+    /// The loaded model's tokenizer, or None.
+    #[getter]
+    fn tokenizer(&self) -> Option<PyTokenizer> {
+        self.inner.tokenizer().map(|inner| PyTokenizer { inner })
     }
 
     /// The engine's name (`"candle"`, `"dummy"`).

@@ -4,6 +4,7 @@ mod engine;
 mod errors;
 mod shard;
 mod tensor;
+mod tokenizer;
 mod topology;
 
 use pyo3::prelude::*;
@@ -15,6 +16,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     shard::register(m)?;
     engine::register(m)?;
     tensor::register(m)?;
+    tokenizer::register(m)?;
     topology::register(m)?;
     Ok(())
 }

@@ -125,7 +125,8 @@ impl ModelConfig {
             }
         }
         let heads = self.num_attention_heads;
-        if heads == 0 || self.num_key_value_heads() == 0 || !heads.is_multiple_of(self.num_key_value_heads()) {
+        if heads == 0 || self.num_key_value_heads() == 0 || !heads.is_multiple_of(self.num_key_value_heads())
+        {
             return Err(format!(
                 "{heads} attention heads cannot be shared by {} key/value heads",
                 self.num_key_value_heads()

@@ -25,6 +25,7 @@ use super::{Engine, InferenceState, ModelLocator, SamplingParams};
 use crate::error::{Error, Result};
 use crate::shard::Shard;
 use crate::tensor::{DType, WireTensor};
+use crate::tokenizer::Tokenizer;
 
 /// Limits of a candle engine.
 #[derive(Debug, Clone, Copy)]
@@ -41,42 +42,17 @@ impl Default for EngineOptions {
     }
 }
 
-/// A loaded shard with the tokenizer and EOS ids of its model.
+/// A loaded shard with its model's tokenizer.
 struct Loaded {
     model: ShardModel,
-    tokenizer: tokenizers::Tokenizer,
-    eos_token_ids: Vec<u32>,
+    tokenizer: Arc<Tokenizer>,
 }
 
 impl Loaded {
     fn load(dir: &Path, shard: &Shard, options: EngineOptions) -> Result<Self> {
         let model = ShardModel::load(dir, shard, options.max_context, &Device::Cpu)?;
-        let tokenizer_path = dir.join("tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| Error::InvalidModel(format!("cannot load {}: {e}", tokenizer_path.display())))?;
-        let eos_token_ids = read_eos_token_ids(dir)?;
-        Ok(Self { model, tokenizer, eos_token_ids })
+        Ok(Self { model, tokenizer: Arc::new(Tokenizer::from_dir(dir)?) })
     }
-}
-
-/// EOS ids from `generation_config.json` and `config.json` (an id or a list in either).
-fn read_eos_token_ids(dir: &Path) -> Result<Vec<u32>> {
-    let mut ids = Vec::new();
-    for file in ["generation_config.json", "config.json"] {
-        let path = dir.join(file);
-        let Ok(text) = std::fs::read_to_string(&path) else { continue };
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::InvalidModel(format!("{} is not valid JSON: {e}", path.display())))?;
-        let found: Vec<u32> = match &json["eos_token_id"] {
-            serde_json::Value::Number(n) => n.as_u64().map(|n| n as u32).into_iter().collect(),
-            serde_json::Value::Array(list) => {
-                list.iter().filter_map(|v| v.as_u64()).map(|n| n as u32).collect()
-            }
-            _ => Vec::new(),
-        };
-        ids.extend(found.into_iter().filter(|id| !ids.contains(id)).collect::<Vec<_>>());
-    }
-    Ok(ids)
 }
 
 /// The candle engine (exo's `CandleInferenceEngine`).
@@ -185,21 +161,16 @@ impl Engine for CandleEngine {
         self.current.lock().expect("shard lock poisoned").clone()
     }
 
+    fn tokenizer(&self) -> Option<Arc<Tokenizer>> {
+        self.loaded.try_lock().ok()?.as_ref().map(|l| l.tokenizer.clone())
+    }
+
     async fn encode(&self, shard: &Shard, prompt: &str) -> Result<Vec<u32>> {
-        let loaded = self.tokenizer_for(shard).await?;
-        let encoding = loaded
-            .tokenizer
-            .encode(prompt, false)
-            .map_err(|e| Error::InvalidArgument(format!("cannot encode prompt: {e}")))?;
-        Ok(encoding.get_ids().to_vec())
+        self.tokenizer_for(shard).await?.tokenizer.encode(prompt, false)
     }
 
     async fn decode(&self, shard: &Shard, tokens: &[u32]) -> Result<String> {
-        let loaded = self.tokenizer_for(shard).await?;
-        loaded
-            .tokenizer
-            .decode(tokens, true)
-            .map_err(|e| Error::InvalidArgument(format!("cannot decode tokens: {e}")))
+        self.tokenizer_for(shard).await?.tokenizer.decode(tokens, true)
     }
 
     async fn sample(&self, logits: &WireTensor, params: SamplingParams) -> Result<Vec<u32>> {
@@ -242,7 +213,7 @@ impl Engine for CandleEngine {
     }
 
     async fn eos_token_ids(&self, shard: &Shard) -> Result<Vec<u32>> {
-        Ok(self.tokenizer_for(shard).await?.eos_token_ids.clone())
+        Ok(self.tokenizer_for(shard).await?.tokenizer.eos_token_ids().to_vec())
     }
 }
 

@@ -1,0 +1,68 @@
+"""Tokenizers (exo classic's `exo.inference.tokenizers`), implemented in Rust.
+
+`resolve_tokenizer` loads a model's tokenizer, chat template and EOS ids from a local model
+directory, or from the downloads directory (`$EXO_HOME`, default `~/.cache/exo/downloads`).
+"""
+
+import asyncio
+import os
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exo._core import IncrementalDetokenizer, Tokenizer
+from exo.errors import InvalidModelError
+
+
+class DummyTokenizer:
+    """exo classic's stand-in tokenizer for the dummy engine."""
+
+    def __init__(self) -> None:
+        self.eos_token_id = 69
+        self.vocab_size = 1000
+
+    def apply_chat_template(
+        self,
+        conversation: Any,
+        tokenize: bool = True,
+        add_generation_prompt: bool = True,
+        tools: Any = None,
+        **kwargs: Any,
+    ) -> str:
+        return "dummy_tokenized_prompt"
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array([1])
+
+    def decode(self, tokens: Any) -> str:
+        return "dummy" * len(tokens)
+
+
+def downloads_dir() -> Path:
+    """Where downloaded models live: `$EXO_HOME`, default `~/.cache/exo/downloads`."""
+    return Path(os.environ.get("EXO_HOME", Path.home() / ".cache" / "exo" / "downloads"))
+
+
+def _model_dir(repo_id_or_path: str | PathLike[str]) -> Path:
+    local = Path(repo_id_or_path)
+    if (local / "tokenizer.json").is_file():
+        return local
+    downloaded = downloads_dir() / str(repo_id_or_path).replace("/", "--")
+    if (downloaded / "tokenizer.json").is_file():
+        return downloaded
+    raise InvalidModelError(
+        f"no tokenizer for {repo_id_or_path!s}: neither a local model directory nor downloaded to {downloaded}"
+    )
+
+
+async def resolve_tokenizer(repo_id_or_path: str | PathLike[str]) -> Tokenizer | DummyTokenizer:
+    """The tokenizer of a model (`"dummy"` gives `DummyTokenizer`)."""
+    if str(repo_id_or_path) == "dummy":
+        return DummyTokenizer()
+    model_dir = _model_dir(repo_id_or_path)
+    return await asyncio.get_running_loop().run_in_executor(None, Tokenizer.from_dir, model_dir)
+
+
+__all__ = ["DummyTokenizer", "IncrementalDetokenizer", "Tokenizer", "downloads_dir", "resolve_tokenizer"]

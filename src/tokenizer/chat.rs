@@ -1,0 +1,168 @@
+//! Chat templates: Hugging Face's Jinja templates rendered with minijinja, with the
+//! settings and globals transformers gives them.
+
+use std::path::Path;
+
+use minijinja::{Environment, ErrorKind};
+
+use crate::error::{Error, Result};
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+}
+
+const NAME: &str = "chat";
+
+impl ChatTemplate {
+    /// The template from `chat_template.jinja` or `tokenizer_config.json`'s `chat_template`
+    /// (a string, or a list of `{name, template}` whose `default` entry is used).
+    pub fn from_model_dir(dir: &Path, config: &serde_json::Value) -> Result<Option<Self>> {
+        let file = dir.join("chat_template.jinja");
+        if let Ok(source) = std::fs::read_to_string(&file) {
+            return Self::new(source).map(Some);
+        }
+        let source = match config.get("chat_template") {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .or(list.first())
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    Error::InvalidModel("tokenizer_config.json's chat_template list has no template".into())
+                })?,
+            _ => return Ok(None),
+        };
+        Self::new(source).map(Some)
+    }
+
+    /// Compiles `source` with transformers' settings (trim_blocks, lstrip_blocks, loop
+    /// controls, Python string methods, `raise_exception`, `strftime_now`).
+    pub fn new(source: String) -> Result<Self> {
+        let mut env = Environment::new();
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| Error::InvalidModel(format!("template syntax: {e}")))?;
+        env.set_syntax(syntax);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_function("strftime_now", |format: String| chrono::Local::now().format(&format).to_string());
+        env.add_template_owned(NAME, source)
+            .map_err(|e| Error::InvalidModel(format!("invalid chat template: {e:#}")))?;
+        Ok(Self { env })
+    }
+
+    /// Renders the template for `messages`.
+    pub fn render(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String> {
+        if !messages.is_array() {
+            return Err(Error::InvalidArgument("messages must be a list".into()));
+        }
+        let mut context = extra.clone();
+        context.insert("messages".into(), messages.clone());
+        context.insert("add_generation_prompt".into(), add_generation_prompt.into());
+        context.insert("bos_token".into(), bos_token.unwrap_or_default().into());
+        context.insert("eos_token".into(), eos_token.unwrap_or_default().into());
+        if let Some(tools) = tools {
+            context.insert("tools".into(), tools.clone());
+        }
+        let template = self.env.get_template(NAME).map_err(|e| Error::InvalidModel(e.to_string()))?;
+        template.render(minijinja::Value::from(minijinja::value::Serde(&context))).map_err(|e| {
+            Error::InvalidArgument(format!("chat template failed: {}", e.detail().unwrap_or(&e.to_string())))
+        })
+    }
+}
+
+/// The text of a message content given as a string or a list of `{"type": "text", "text"}`
+/// parts (other parts are dropped), for templates that expect plain strings.
+pub fn flatten_content(content: &serde_json::Value) -> String {
+    match content {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(parts) => parts
+            .iter()
+            .filter(|p| p["type"] == "text")
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const LLAMA: &str =
+        "{{- bos_token }}{%- for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n\
+        {{ m['content'] | trim }}<|eot_id|>{%- endfor %}\
+        {%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{%- endif %}";
+
+    fn render(source: &str, messages: serde_json::Value) -> Result<String> {
+        ChatTemplate::new(source.into())?.render(
+            &messages,
+            true,
+            None,
+            Some("<s>"),
+            Some("</s>"),
+            &serde_json::Map::new(),
+        )
+    }
+
+    #[test]
+    fn renders_llama_style_prompt() {
+        let text = render(LLAMA, json!([{"role": "user", "content": "  hi  "}])).unwrap();
+        // `{%-` strips the newlines before it, exactly as Python's jinja2 does.
+        assert_eq!(text, "<s><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>");
+    }
+
+    #[test]
+    fn python_string_methods_and_loop_controls_work() {
+        let source = "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}\
+                      {{ m.content.strip().upper() }}{% if m.content.startswith(' a') %}!{% endif %}{% endfor %}";
+        let text =
+            render(source, json!([{"role": "system", "content": "x"}, {"role": "user", "content": " ab "}]))
+                .unwrap();
+        assert_eq!(text, "AB!");
+    }
+
+    #[test]
+    fn raise_exception_and_strftime_now() {
+        let err = render("{{ raise_exception('roles must alternate') }}", json!([])).unwrap_err();
+        assert!(err.to_string().contains("roles must alternate"), "{err}");
+        let year = render("{{ strftime_now('%Y') }}", json!([])).unwrap();
+        assert_eq!(year.len(), 4);
+        assert!(year.starts_with("20"));
+    }
+
+    #[test]
+    fn bad_templates_and_messages_are_clear_errors() {
+        assert!(ChatTemplate::new("{% for %}".into()).is_err());
+        assert!(render(LLAMA, json!({"role": "user"})).is_err());
+    }
+
+    #[test]
+    fn list_content_flattens_to_text() {
+        let parts = json!([{"type": "text", "text": "a"}, {"type": "image_url", "image_url": "x"}, {"type": "text", "text": "b"}]);
+        assert_eq!(flatten_content(&parts), "ab");
+        assert_eq!(flatten_content(&json!("plain")), "plain");
+    }
+}
