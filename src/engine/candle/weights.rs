@@ -83,11 +83,11 @@ fn map_file(path: &Path, tensors: &mut HashMap<String, StoredTensor>) -> Result<
     let file = std::fs::File::open(path)
         .map_err(|e| Error::InvalidModel(format!("weight file {} cannot be opened: {e}", path.display())))?;
     // SAFETY: mapped read-only; like every mmap reader we rely on the file not being truncated
-    // while mapped (the downloader only replaces files by atomic rename).
-    let map = Arc::new(
-        unsafe { Mmap::map(&file) }
-            .map_err(|e| Error::InvalidModel(format!("cannot map {}: {e}", path.display())))?,
-    );
+    // while mapped (the downloader only replaces files by atomic rename). Pages are populated
+    // up front so that loading, not the first request, pays for faulting them in.
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+        .map_err(|e| Error::InvalidModel(format!("cannot map {}: {e}", path.display())))?;
+    let map = Arc::new(map);
     let parsed = SafeTensors::deserialize(&map).map_err(|e| {
         Error::InvalidModel(format!("{} is not a valid safetensors file: {e}", path.display()))
     })?;
