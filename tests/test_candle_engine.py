@@ -21,7 +21,9 @@ def _shard(model: Path) -> Shard:
     return Shard(str(model), 0, 3, 4)
 
 
-async def _generate(engine: CandleInferenceEngine, shard: Shard, request_id: str, prompt: list[int], n: int) -> list[int]:
+async def _generate(
+    engine: CandleInferenceEngine, shard: Shard, request_id: str, prompt: list[int], n: int
+) -> list[int]:
     logits, _ = await engine.infer_tensor(request_id, shard, np.array([prompt]))
     tokens = []
     for _ in range(n):
