@@ -68,8 +68,7 @@ pub trait Engine: Send + Sync {
     /// Text of `tokens` for the model of `shard`.
     async fn decode(&self, shard: &Shard, tokens: &[u32]) -> Result<String>;
 
-    /// Picks the next token for each row of `logits` (`[batch, vocab]` or `[batch, seq, vocab]`,
-    /// last position used).
+    /// Picks the next token from the last row of `logits` (`[.., vocab]`).
     async fn sample(&self, logits: &WireTensor, params: SamplingParams) -> Result<Vec<u32>>;
 
     /// Runs `shard`'s layers on `input` (token ids on the first shard, hidden states

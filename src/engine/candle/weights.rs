@@ -105,6 +105,16 @@ fn map_file(path: &Path, tensors: &mut HashMap<String, StoredTensor>) -> Result<
     Ok(())
 }
 
+/// The weight dtype of a stored tensor; other dtypes (integers, fp8, ...) are errors.
+fn weight_dtype(name: &str, dtype: safetensors::Dtype) -> Result<WeightDType> {
+    match dtype {
+        safetensors::Dtype::F32 => Ok(WeightDType::F32),
+        safetensors::Dtype::BF16 => Ok(WeightDType::BF16),
+        safetensors::Dtype::F16 => Ok(WeightDType::F16),
+        other => Err(Error::InvalidModel(format!("tensor {name} has unsupported dtype {other:?}"))),
+    }
+}
+
 /// The tensors of the mapped files, by name.
 pub struct ShardWeights {
     tensors: HashMap<String, StoredTensor>,
@@ -126,27 +136,17 @@ impl ShardWeights {
     /// A 2-D weight used in place from the map, in its stored dtype.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
         let stored = self.stored(name, &[rows, cols])?;
-        let dtype = match stored.dtype {
-            safetensors::Dtype::F32 => WeightDType::F32,
-            safetensors::Dtype::BF16 => WeightDType::BF16,
-            safetensors::Dtype::F16 => WeightDType::F16,
-            other => {
-                return Err(Error::InvalidModel(format!("tensor {name} has unsupported dtype {other:?}")))
-            }
-        };
+        let dtype = weight_dtype(name, stored.dtype)?;
         WeightMatrix::new(stored.map.clone(), stored.range.clone(), rows, cols, dtype)
     }
 
     /// A small tensor copied out of the map and widened to f32.
     pub fn vector_f32(&self, name: &str, len: usize, device: &Device) -> Result<Tensor> {
         let stored = self.stored(name, &[len])?;
-        let dtype = match stored.dtype {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::BF16 => DType::BF16,
-            safetensors::Dtype::F16 => DType::F16,
-            other => {
-                return Err(Error::InvalidModel(format!("tensor {name} has unsupported dtype {other:?}")))
-            }
+        let dtype = match weight_dtype(name, stored.dtype)? {
+            WeightDType::F32 => DType::F32,
+            WeightDType::BF16 => DType::BF16,
+            WeightDType::F16 => DType::F16,
         };
         let bytes = &stored.map[stored.range.clone()];
         Ok(Tensor::from_raw_buffer(bytes, dtype, &[len], device)?.to_dtype(DType::F32)?)
