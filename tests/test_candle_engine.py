@@ -72,3 +72,17 @@ async def test_least_recently_used_cache_is_evicted(model: Path) -> None:
     with pytest.raises(CacheEvictedError, match="r0"):
         await engine.infer_tensor("r0", shard, np.array([[3]]))
     await engine.infer_tensor("r19", shard, np.array([[3]]))
+
+
+async def test_a_shard_needs_only_its_own_weight_files(tmp_path: Path) -> None:
+    model = write_model("tiny-llama-untied", tmp_path, dtype="f16", num_shards=4)
+    whole = CandleInferenceEngine()
+    expected, _ = await whole.infer_tensor("r", Shard(str(model), 0, 3, 4), np.array([[1, 2, 3]]))
+    first, _ = await CandleInferenceEngine().infer_tensor("r", Shard(str(model), 0, 1, 4), np.array([[1, 2, 3]]))
+    # Files holding layers 0-1 (and the embedding) are not needed by the last two layers: remove them.
+    for file in ("model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors"):
+        (model / file).unlink()
+    logits, _ = await CandleInferenceEngine().infer_tensor("r", Shard(str(model), 2, 3, 4), first)
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    with pytest.raises(InvalidModelError, match="model-00001-of-00004"):
+        await CandleInferenceEngine().ensure_shard(Shard(str(model), 0, 1, 4))
