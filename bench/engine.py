@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -173,8 +174,12 @@ def main() -> None:
     bandwidth = _memory_bandwidth_gbs()
     for dtype in args.dtype:
         model_dir = args.models / f"{PRESET}-{dtype}"
-        if not (model_dir / "config.json").exists():
-            write_model(PRESET, model_dir, dtype=dtype, seed=0)
+        if not model_dir.exists():
+            # Written aside and renamed, so an interrupted run never leaves a half-written model.
+            partial = model_dir.with_name(model_dir.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            write_model(PRESET, partial, dtype=dtype, seed=0)
+            partial.rename(model_dir)
         _report(dtype, model_dir, args, bandwidth)
 
 
