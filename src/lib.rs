@@ -5,6 +5,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod net;
 pub mod proto;
 pub mod shard;
 pub mod tensor;
