@@ -21,6 +21,15 @@ pub enum Error {
     /// A request's KV cache was dropped to stay within the memory budget.
     #[error("cache evicted: {0}")]
     CacheEvicted(String),
+    /// A config file (e.g. manual discovery's network config) that does not exist.
+    #[error("config file not found at {0}")]
+    ConfigNotFound(String),
+    /// A config file that cannot be read or does not validate; the message names the file.
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+    /// Discovery could not start or reach what it needs (a port, an API).
+    #[error("discovery: {0}")]
+    Discovery(String),
     /// A failure inside the tensor library.
     #[error("tensor backend: {0}")]
     Backend(#[from] candle_core::Error),

@@ -33,12 +33,28 @@ class BackendError(ExoError, RuntimeError):
     """A failure inside the tensor library."""
 
 
+
+class ConfigNotFoundError(ExoError, FileNotFoundError):
+    """A config file (e.g. manual discovery's network config) does not exist."""
+
+
+class InvalidConfigError(ExoError, ValueError):
+    """A config file cannot be read or does not validate; the message names the file."""
+
+
+class DiscoveryError(ExoError, RuntimeError):
+    """Discovery could not start or reach what it needs (a port, an API)."""
+
+
 __all__ = [
     "BackendError",
     "CacheEvictedError",
+    "ConfigNotFoundError",
     "ContextOverflowError",
+    "DiscoveryError",
     "ExoError",
     "InvalidArgumentError",
+    "InvalidConfigError",
     "InvalidModelError",
     "InvalidShardError",
     "InvalidTensorError",

@@ -1,6 +1,8 @@
 //! Networking seams: how a node reaches its peers (`PeerHandle`), finds them (`Discovery`)
 //! and serves them (`Server`). gRPC implementations live in `grpc`, discoveries in `discovery`.
 
+pub mod discovery;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
