@@ -1,0 +1,1 @@
+"""Discovery through Tailscale's API (exo classic's `exo.networking.tailscale`)."""

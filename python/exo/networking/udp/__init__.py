@@ -1,0 +1,1 @@
+"""UDP broadcast discovery (exo classic's `exo.networking.udp`)."""
