@@ -33,7 +33,6 @@ class BackendError(ExoError, RuntimeError):
     """A failure inside the tensor library."""
 
 
-
 class ConfigNotFoundError(ExoError, FileNotFoundError):
     """A config file (e.g. manual discovery's network config) does not exist."""
 
