@@ -6,6 +6,7 @@
 pub mod engine;
 pub mod error;
 pub mod net;
+pub mod node;
 pub mod proto;
 pub mod shard;
 pub mod tensor;

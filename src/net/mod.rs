@@ -1,5 +1,7 @@
 //! Networking seams: how a node reaches its peers (`PeerHandle`), finds them (`Discovery`)
-//! and serves them (`Server`). gRPC implementations live in `grpc`, discoveries in `discovery`.
+//! and serves them (`Server`, handing calls to a `RequestHandler`). gRPC lives in `grpc`.
+
+pub mod grpc;
 
 pub mod discovery;
 
@@ -81,4 +83,31 @@ pub trait Server: Send + Sync {
     async fn start(&self) -> Result<()>;
     /// Stops listening; in-flight calls finish or fail.
     async fn stop(&self) -> Result<()>;
+}
+
+/// What a server hands incoming calls to: the node, as its peers see it.
+#[async_trait]
+pub trait RequestHandler: Send + Sync {
+    /// A peer started a request here from a prompt; returns once the local layers ran.
+    async fn handle_prompt(
+        &self,
+        shard: Shard,
+        prompt: String,
+        request_id: Option<String>,
+        state: Option<InferenceState>,
+    ) -> Result<()>;
+    /// A peer continued a request here; returns once the local layers ran.
+    async fn handle_tensor(
+        &self,
+        shard: Shard,
+        tensor: WireTensor,
+        request_id: Option<String>,
+        state: Option<InferenceState>,
+    ) -> Result<()>;
+    /// Tokens of a request arrived.
+    async fn handle_result(&self, request_id: String, tokens: Vec<u32>, is_finished: bool);
+    /// A status message arrived.
+    async fn handle_opaque_status(&self, request_id: String, status: String);
+    /// This node's view of the cluster, walking peers not in `visited`.
+    async fn handle_collect_topology(&self, visited: BTreeSet<String>, max_depth: i32) -> Result<Topology>;
 }

@@ -52,7 +52,7 @@ struct UnmadePeer {
 
 impl UnmadePeer {
     fn fail<T>(&self) -> Result<T> {
-        Err(Error::Discovery(self.reason.clone()))
+        Err(Error::StandIn(self.reason.clone()))
     }
 }
 

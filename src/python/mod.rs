@@ -5,6 +5,7 @@ mod discovery;
 mod engine;
 mod errors;
 mod net;
+mod node;
 mod shard;
 mod tensor;
 mod tokenizer;
@@ -22,6 +23,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     tokenizer::register(m)?;
     topology::register(m)?;
     net::register(m)?;
+    node::register(m)?;
     discovery::register(m)?;
     Ok(())
 }
