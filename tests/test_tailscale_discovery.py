@@ -104,10 +104,17 @@ class FakeTailscale:
         return Handler
 
 
+class QuietServer(ThreadingHTTPServer):
+    """Leaves connections the client dropped (the discovery stopping mid-request) unreported."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return None
+
+
 @pytest.fixture
 def fake_api() -> Iterator[tuple[FakeTailscale, str]]:
     api = FakeTailscale()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), api.handler())
+    server = QuietServer(("127.0.0.1", 0), api.handler())
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -128,7 +128,8 @@ async def test_unhealthy_peers_are_not_added_and_dropped_when_they_fail() -> Non
         await eventually(two_checked_one, "discovery2 health-checked discovery1")
         assert await discovery2.discover_peers() == []
 
-        # The periodic health check drops a peer that stops answering.
+        # The periodic health check drops a peer that stops answering (and it is not re-added).
+        healthy.healthy = False
         for peer in healthy.made:
             peer.healthy = False
         assert peer_ids(peers1) == ["two"]

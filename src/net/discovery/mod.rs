@@ -126,13 +126,15 @@ pub(crate) mod fake {
     use crate::tensor::WireTensor;
     use crate::topology::{DeviceCapabilities, Topology};
 
-    /// A peer that only answers health checks, healthy unless told otherwise.
+    /// A peer that only answers health checks, healthy unless told otherwise; while `hang`
+    /// is set its health check never answers.
     pub struct FakePeer {
         pub id: String,
         pub addr: String,
         pub description: String,
         pub caps: DeviceCapabilities,
         pub healthy: Arc<AtomicBool>,
+        pub hang: Arc<AtomicBool>,
         pub checks: AtomicUsize,
     }
 
@@ -161,6 +163,9 @@ pub(crate) mod fake {
         }
         async fn health_check(&self) -> bool {
             self.checks.fetch_add(1, Ordering::SeqCst);
+            if self.hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             self.healthy.load(Ordering::SeqCst)
         }
         async fn send_prompt(&self, _: &Shard, _: &str, _: &str, _: Option<InferenceState>) -> Result<()> {
@@ -190,20 +195,21 @@ pub(crate) mod fake {
     /// `(id, addr, description)` of each.
     pub struct FakeFactory {
         pub healthy: Arc<AtomicBool>,
+        pub hang: Arc<AtomicBool>,
         pub made: Arc<Mutex<Vec<(String, String, String)>>>,
     }
 
     impl FakeFactory {
         pub fn new() -> Self {
-            Self { healthy: Arc::new(AtomicBool::new(true)), made: Arc::default() }
+            Self { healthy: Arc::new(AtomicBool::new(true)), hang: Arc::default(), made: Arc::default() }
         }
 
         pub fn factory(&self) -> PeerFactory {
-            let healthy = self.healthy.clone();
-            let made = self.made.clone();
+            let (healthy, hang, made) = (self.healthy.clone(), self.hang.clone(), self.made.clone());
             Arc::new(move |id, addr, description, caps| {
                 made.lock().unwrap().push((id.clone(), addr.clone(), description.clone()));
-                Arc::new(FakePeer { id, addr, description, caps, healthy: healthy.clone(), checks: 0.into() })
+                let (healthy, hang) = (healthy.clone(), hang.clone());
+                Arc::new(FakePeer { id, addr, description, caps, healthy, hang, checks: 0.into() })
             })
         }
 

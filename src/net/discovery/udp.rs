@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
+use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::interfaces::{local_ipv4_interfaces, NetworkInterface};
@@ -137,13 +138,34 @@ struct Shared {
     factory: PeerFactory,
     peers: KnownPeers,
     capabilities: Mutex<Option<DeviceCapabilities>>,
+    /// Health checks of newly seen peers in flight; aborted when stopping.
+    checks: Mutex<JoinSet<()>>,
+}
+
+/// A claim on checking one peer at one address, released when the check ends or is aborted.
+struct CheckClaim {
+    shared: Arc<Shared>,
+    id: String,
+    addr: String,
+}
+
+impl Drop for CheckClaim {
+    fn drop(&mut self) {
+        self.shared.peers.end_check(&self.id, &self.addr);
+    }
 }
 
 impl UdpDiscovery {
     /// A discovery with these settings, making handles with `factory`; nothing runs until
     /// `start`.
     pub fn new(config: UdpConfig, factory: PeerFactory) -> Self {
-        let shared = Shared { config, factory, peers: KnownPeers::new(), capabilities: Mutex::new(None) };
+        let shared = Shared {
+            config,
+            factory,
+            peers: KnownPeers::new(),
+            capabilities: Mutex::new(None),
+            checks: Mutex::default(),
+        };
         Self { shared: Arc::new(shared), tasks: BackgroundTasks::default() }
     }
 
@@ -177,6 +199,8 @@ impl Discovery for UdpDiscovery {
 
     async fn stop(&self) -> Result<()> {
         self.tasks.stop().await;
+        let mut checks = std::mem::take(&mut *self.shared.checks.lock().unwrap_or_else(|p| p.into_inner()));
+        checks.shutdown().await;
         Ok(())
     }
 
@@ -244,16 +268,20 @@ fn on_presence(shared: &Arc<Shared>, message: PresenceMessage, from: SocketAddr)
     if !shared.peers.begin_check(&message.node_id, &addr) {
         return;
     }
-    tokio::spawn(admit(shared.clone(), message, addr));
+    let claim = CheckClaim { shared: shared.clone(), id: message.node_id.clone(), addr };
+    let mut checks = shared.checks.lock().unwrap_or_else(|p| p.into_inner());
+    while checks.try_join_next().is_some() {}
+    checks.spawn(admit(claim, message));
 }
 
 /// Makes a handle for a newly seen peer and adds it if its health check passes.
-async fn admit(shared: Arc<Shared>, message: PresenceMessage, addr: String) {
+async fn admit(claim: CheckClaim, message: PresenceMessage) {
+    let (shared, addr) = (claim.shared.clone(), claim.addr.clone());
     let description = format!("{} ({})", message.interface_type, message.interface_name);
     let caps = DeviceCapabilities::from(message.device_capabilities);
     let handle = (shared.factory)(message.node_id.clone(), addr.clone(), description, caps);
     let ok = healthy(handle.as_ref()).await;
-    shared.peers.end_check(&message.node_id, &addr);
+    drop(claim);
     if !ok {
         log::debug!("peer {} at {addr} failed its health check; not adding it", message.node_id);
         return;
@@ -436,6 +464,24 @@ mod tests {
         on_presence(&discovery.shared, message("peer", 4, "Ethernet"), from([10, 0, 0, 2]));
         settle().await;
         assert_eq!(discovery.discover_peers(0).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopping_aborts_pending_checks_and_frees_their_claims() {
+        let fakes = FakeFactory::new();
+        fakes.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+        let discovery = UdpDiscovery::new(UdpConfig::new("me", 1, 2, 3), fakes.factory());
+        on_presence(&discovery.shared, message("peer", 4, "Ethernet"), from([10, 0, 0, 2]));
+        settle().await;
+        on_presence(&discovery.shared, message("peer", 4, "Ethernet"), from([10, 0, 0, 2]));
+        assert_eq!(fakes.made.lock().unwrap().len(), 1, "one check per peer and address at a time");
+        discovery.stop().await.unwrap();
+
+        fakes.hang.store(false, std::sync::atomic::Ordering::SeqCst);
+        on_presence(&discovery.shared, message("peer", 4, "Ethernet"), from([10, 0, 0, 2]));
+        settle().await;
+        assert_eq!(discovery.discover_peers(1).await.unwrap()[0].id(), "peer");
+        assert_eq!(fakes.made.lock().unwrap().len(), 2);
     }
 
     #[tokio::test(start_paused = true)]
