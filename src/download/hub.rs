@@ -150,18 +150,25 @@ fn status_failure(settings: &HubSettings, what: &str, url: &str, response: &Resp
         "it may be gated or private: set HF_TOKEN to a token with access"
     };
     match status {
-        StatusCode::NOT_FOUND => {
-            Failure::Fatal(Error::NotFound(format!("{what} does not exist on {} ({url}){detail}", settings.endpoint)))
+        StatusCode::NOT_FOUND => Failure::Fatal(Error::NotFound(format!(
+            "{what} does not exist on {} ({url}){detail}",
+            settings.endpoint
+        ))),
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if code == "RepoNotFound" => {
+            Failure::Fatal(Error::NotFound(format!(
+                "{what} does not exist on {} or is private ({url}){detail}; {token_hint}",
+                settings.endpoint
+            )))
         }
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN if code == "RepoNotFound" => Failure::Fatal(Error::NotFound(
-            format!("{what} does not exist on {} or is private ({url}){detail}; {token_hint}", settings.endpoint),
-        )),
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Failure::Fatal(Error::Unauthorized(format!(
             "{} refused access to {what} (HTTP {}, {url}){detail}; {token_hint}",
             settings.endpoint,
             status.as_u16()
         ))),
-        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS || s == StatusCode::REQUEST_TIMEOUT => {
+        s if s.is_server_error()
+            || s == StatusCode::TOO_MANY_REQUESTS
+            || s == StatusCode::REQUEST_TIMEOUT =>
+        {
             Failure::Retry(Error::Download(format!("{what}: {url} answered HTTP {}{detail}", s.as_u16())))
         }
         s => Failure::Fatal(Error::Download(format!("{what}: {url} answered HTTP {}{detail}", s.as_u16()))),
@@ -253,7 +260,8 @@ impl HubClient {
         let url = format!("{}/api/models/{repo_id}/revision/{revision}?blobs=true", settings.endpoint);
         let what = format!("model repository {repo_id} (revision {revision})");
         let info: ApiModelInfo = with_retries(|_| async {
-            let response = self.get(settings, &url).send().await.map_err(|e| transport_failure(settings, &url, e))?;
+            let response =
+                self.get(settings, &url).send().await.map_err(|e| transport_failure(settings, &url, e))?;
             if !response.status().is_success() {
                 return Err(status_failure(settings, &what, &url, &response));
             }
@@ -300,12 +308,14 @@ impl HubClient {
             let response = request.send().await.map_err(|e| transport_failure(settings, &url, e))?;
             let headers = response.headers();
             let linked_size = header(headers, "x-linked-size").and_then(|s| s.parse().ok());
-            let ok = response.status().is_success() || (response.status().is_redirection() && linked_size.is_some());
+            let ok = response.status().is_success()
+                || (response.status().is_redirection() && linked_size.is_some());
             if !ok {
                 return Err(status_failure(settings, &what, &url, &response));
             }
             let size = linked_size.or_else(|| header(headers, "content-length").and_then(|s| s.parse().ok()));
-            let etag = header(headers, "x-linked-etag").or_else(|| header(headers, "etag")).map(|e| clean_etag(&e));
+            let etag =
+                header(headers, "x-linked-etag").or_else(|| header(headers, "etag")).map(|e| clean_etag(&e));
             let etag = etag.map(|e| e.trim_end_matches("-gzip").to_string());
             Ok(RemoteFile {
                 path: path.into(),
@@ -395,7 +405,9 @@ impl HubClient {
             StatusCode::OK => false,
             StatusCode::RANGE_NOT_SATISFIABLE => {
                 let _ = tokio::fs::remove_file(partial).await;
-                return Err(Failure::Retry(Error::Download(format!("{what}: {url} cannot resume at byte {present}"))));
+                return Err(Failure::Retry(Error::Download(format!(
+                    "{what}: {url} cannot resume at byte {present}"
+                ))));
             }
             _ => return Err(status_failure(settings, what, url, &response)),
         };
@@ -489,6 +501,9 @@ mod tests {
 
     #[test]
     fn partial_files_sit_beside_their_target() {
-        assert_eq!(partial_path(Path::new("/m/model.safetensors")), Path::new("/m/model.safetensors.partial"));
+        assert_eq!(
+            partial_path(Path::new("/m/model.safetensors")),
+            Path::new("/m/model.safetensors.partial")
+        );
     }
 }

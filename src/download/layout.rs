@@ -147,9 +147,11 @@ pub fn top_level_files(dir: &Path) -> Vec<String> {
 /// files linked (or copied) into `home/org--name`; files already there are kept. Returns the
 /// repository directories seeded.
 pub fn seed_models(seed_dir: &Path, home: &Path) -> Result<Vec<String>> {
-    let entries = std::fs::read_dir(seed_dir).map_err(|e| io_error("read the seed directory", seed_dir, e))?;
+    let entries =
+        std::fs::read_dir(seed_dir).map_err(|e| io_error("read the seed directory", seed_dir, e))?;
     let mut seeded = Vec::new();
-    let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    let mut dirs: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
     dirs.sort();
     for dir in dirs {
         let Some(name) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else { continue };

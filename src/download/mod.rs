@@ -18,11 +18,13 @@ use futures::stream::{self, Stream, StreamExt};
 use tokio::sync::{OwnedMutexGuard, Semaphore};
 
 use self::hub::{partial_path, HubClient, RemoteFile, RepoListing};
-use self::layout::{hf_cache_snapshot, hf_hub_cache, link_or_copy, repo_dir_name, top_level_files, HubSettings};
+use self::layout::{
+    hf_cache_snapshot, hf_hub_cache, link_or_copy, repo_dir_name, top_level_files, HubSettings,
+};
 use self::progress::{ProgressTracker, RepoProgress, Throttle};
 use self::selection::{
-    config_layers, config_ties_embeddings, is_metadata_file, is_weights_file, WeightMap, CONFIG_FILE, INDEX_FILE,
-    SINGLE_WEIGHTS_FILE,
+    config_layers, config_ties_embeddings, is_metadata_file, is_weights_file, WeightMap, CONFIG_FILE,
+    INDEX_FILE, SINGLE_WEIGHTS_FILE,
 };
 use crate::engine::ModelLocator;
 use crate::error::{Error, Result};
@@ -84,7 +86,8 @@ fn local_shard_files(dir: &Path, shard: &Shard) -> std::result::Result<Vec<Strin
     let weights: Vec<String> = if present(INDEX_FILE) {
         let index = std::fs::read_to_string(dir.join(INDEX_FILE)).map_err(|_| INDEX_FILE.to_string())?;
         let map = WeightMap::parse(&index, INDEX_FILE).map_err(|_| INDEX_FILE.to_string())?;
-        let tied = map.head_is_tied(read_json(&dir.join(CONFIG_FILE)).is_ok_and(|c| config_ties_embeddings(&c)));
+        let tied =
+            map.head_is_tied(read_json(&dir.join(CONFIG_FILE)).is_ok_and(|c| config_ties_embeddings(&c)));
         map.files_for(shard, tied).into_iter().collect()
     } else {
         vec![SINGLE_WEIGHTS_FILE.to_string()]
@@ -100,7 +103,8 @@ fn local_shard_files(dir: &Path, shard: &Shard) -> std::result::Result<Vec<Strin
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::InvalidModel(format!("cannot read {}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| Error::InvalidModel(format!("{} is not valid JSON: {e}", path.display())))
+    serde_json::from_str(&text)
+        .map_err(|e| Error::InvalidModel(format!("{} is not valid JSON: {e}", path.display())))
 }
 
 /// Bytes of a file present locally: the finished file, else its `.partial`.
@@ -115,7 +119,8 @@ fn cached_copy_matches(cached: &Path, file: &RemoteFile) -> bool {
     if !meta.is_file() || file.size.is_some_and(|s| s != meta.len()) {
         return false;
     }
-    let blob = cached.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let blob =
+        cached.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
     match (&file.sha256, blob) {
         (Some(sha), Some(blob)) if blob.len() == 64 => blob.eq_ignore_ascii_case(sha),
         _ => true,
@@ -125,6 +130,11 @@ fn cached_copy_matches(cached: &Path, file: &RemoteFile) -> bool {
 /// The metadata files and every weights file of a listing: what a whole model needs.
 fn whole_model_files(listing: &RepoListing) -> Vec<RemoteFile> {
     listing.files.iter().filter(|f| is_metadata_file(&f.path) || is_weights_file(&f.path)).cloned().collect()
+}
+
+/// Where the listing of `repo_id` is cached.
+fn listing_path(home: &Path, repo_id: &str) -> PathBuf {
+    home.join(LISTINGS_DIR).join(format!("{}--{REVISION}.json", repo_dir_name(repo_id)))
 }
 
 /// Downloads shards of Hugging Face repositories into exo's layout (`org--name` directories).
@@ -198,7 +208,7 @@ impl HfDownloader {
     }
 
     fn listing_path(&self, repo_id: &str) -> PathBuf {
-        self.home().join(LISTINGS_DIR).join(format!("{}--{REVISION}.json", repo_dir_name(repo_id)))
+        listing_path(&self.home(), repo_id)
     }
 
     fn cached_listing(&self, repo_id: &str) -> Option<RepoListing> {
@@ -252,7 +262,9 @@ impl HfDownloader {
         let listing = match self.cached_listing(repo_id) {
             Some(listing) => listing,
             None => {
-                if local_shard_files(&target, shard).is_ok() || self.take_from_hf_cache(repo_id, shard, &target)? {
+                if local_shard_files(&target, shard).is_ok()
+                    || self.take_from_hf_cache(repo_id, shard, &target)?
+                {
                     return Ok(target);
                 }
                 let Some(listing) = self.listing(&settings, repo_id).await? else {
@@ -299,10 +311,13 @@ impl HfDownloader {
                 shard.start_layer, shard.end_layer
             )));
         }
-        let mut files: Vec<RemoteFile> = listing.files.iter().filter(|f| is_metadata_file(&f.path)).cloned().collect();
+        let mut files: Vec<RemoteFile> =
+            listing.files.iter().filter(|f| is_metadata_file(&f.path)).cloned().collect();
         for weight in weights {
             let file = listing.file(&weight).ok_or_else(|| {
-                Error::InvalidModel(format!("{INDEX_FILE} of {repo} names {weight}, which the repository does not have"))
+                Error::InvalidModel(format!(
+                    "{INDEX_FILE} of {repo} names {weight}, which the repository does not have"
+                ))
             })?;
             files.push(file.clone());
         }
@@ -335,11 +350,17 @@ impl HfDownloader {
                 (f.path.clone(), present, f.size.unwrap_or(present))
             })
             .collect();
-        let tracker =
-            Mutex::new(ProgressTracker::new(shard.clone(), &listing.repo_id, listing.pinned_revision(), &initial));
+        let tracker = Mutex::new(ProgressTracker::new(
+            shard.clone(),
+            &listing.repo_id,
+            listing.pinned_revision(),
+            &initial,
+        ));
         self.emit(&tracker, false);
-        let downloads: Vec<_> =
-            files.iter().map(|file| self.ensure_file(settings, listing, file, target, Some(&tracker))).collect();
+        let downloads: Vec<_> = files
+            .iter()
+            .map(|file| self.ensure_file(settings, listing, file, target, Some(&tracker)))
+            .collect();
         let result = futures::future::try_join_all(downloads).await;
         self.emit(&tracker, true);
         result.map(|_| ())
@@ -386,7 +407,8 @@ impl HfDownloader {
             std::fs::remove_file(&dest)
                 .map_err(|e| Error::Download(format!("cannot replace {}: {e}", dest.display())))?;
         }
-        let cached = hf_cache_snapshot(&listing.repo_id, listing.pinned_revision()).map(|s| s.join(&file.path));
+        let cached =
+            hf_cache_snapshot(&listing.repo_id, listing.pinned_revision()).map(|s| s.join(&file.path));
         if let Some(cached) = cached.filter(|c| cached_copy_matches(c, file)) {
             link_or_copy(&cached, &dest)?;
             report(present_bytes(&dest));
@@ -418,7 +440,8 @@ impl HfDownloader {
             return Ok(PathBuf::from(repo));
         }
         let target = self.repo_dir(&repo);
-        let has_metadata = |dir: &Path| dir.join(CONFIG_FILE).is_file() && dir.join("tokenizer.json").is_file();
+        let has_metadata =
+            |dir: &Path| dir.join(CONFIG_FILE).is_file() && dir.join("tokenizer.json").is_file();
         if has_metadata(&target) {
             return Ok(target);
         }
@@ -494,7 +517,10 @@ impl HfDownloader {
 
     /// The status of every registry model `engine` supports, as each becomes known (models
     /// whose status cannot be determined, or with no bytes to fetch, are left out).
-    pub fn download_statuses(self: Arc<Self>, engine: &str) -> impl Stream<Item = (PathBuf, RepoProgress)> + Send {
+    pub fn download_statuses(
+        self: Arc<Self>,
+        engine: &str,
+    ) -> impl Stream<Item = (PathBuf, RepoProgress)> + Send {
         let engine = engine_class(engine).to_string();
         let shards: Vec<Shard> = models::get_supported_models(&[vec![engine.clone()]])
             .into_iter()
@@ -512,16 +538,25 @@ impl HfDownloader {
 
     /// Deletes the downloaded files of `model_id` for `engine`; false when there were none.
     pub fn delete_model(&self, model_id: &str, engine: &str) -> Result<bool> {
-        let engine = engine_class(engine);
-        let repo = get_repo(model_id, engine)
-            .ok_or_else(|| Error::InvalidModel(format!("no {engine} repository for model {model_id:?}")))?;
-        if is_local_model_dir(&repo) && !Path::new(&repo).starts_with(self.home()) {
-            return Err(Error::InvalidArgument(format!("{repo} is a local model directory, not a download")));
-        }
-        self.ready.lock().unwrap_or_else(|e| e.into_inner()).retain(|(_, shard), _| shard.model_id != model_id);
-        let _ = std::fs::remove_file(self.listing_path(&repo));
-        layout::delete_repo(&self.home(), &repo)
+        self.ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(_, shard), _| shard.model_id != model_id);
+        delete_model(&self.home(), model_id, engine)
     }
+}
+
+/// Deletes the files of `model_id` for `engine` downloaded to `home` (and its cached
+/// listing); false when there were none. Local model directories are never deleted.
+pub fn delete_model(home: &Path, model_id: &str, engine: &str) -> Result<bool> {
+    let engine = engine_class(engine);
+    let repo = get_repo(model_id, engine)
+        .ok_or_else(|| Error::InvalidModel(format!("no {engine} repository for model {model_id:?}")))?;
+    if is_local_model_dir(&repo) {
+        return Err(Error::InvalidArgument(format!("{repo} is a local model directory, not a download")));
+    }
+    let _ = std::fs::remove_file(listing_path(home, &repo));
+    layout::delete_repo(home, &repo)
 }
 
 /// Finds a shard's files for an engine through an [`HfDownloader`].
@@ -567,7 +602,10 @@ mod tests {
         assert_eq!(local_shard_files(d, &shard(2, 3)).unwrap_err(), "b.safetensors");
         write(d, "b.safetensors", "");
         let last = local_shard_files(d, &shard(2, 3)).unwrap();
-        assert!(last.contains(&"a.safetensors".to_string()), "tied head: the last shard needs the embeddings");
+        assert!(
+            last.contains(&"a.safetensors".to_string()),
+            "tied head: the last shard needs the embeddings"
+        );
     }
 
     #[test]
@@ -575,7 +613,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), CONFIG_FILE, "{}");
         write(dir.path(), "tokenizer_config.json", "{}");
-        assert_eq!(local_shard_files(dir.path(), &Shard::new("m", 0, 0, 2)).unwrap_err(), SINGLE_WEIGHTS_FILE);
+        assert_eq!(
+            local_shard_files(dir.path(), &Shard::new("m", 0, 0, 2)).unwrap_err(),
+            SINGLE_WEIGHTS_FILE
+        );
         write(dir.path(), SINGLE_WEIGHTS_FILE, "");
         assert!(local_shard_files(dir.path(), &Shard::new("m", 1, 1, 2)).is_ok());
     }
@@ -587,7 +628,8 @@ mod tests {
         let downloader = HfDownloader::new(options, None).unwrap();
         assert_eq!(downloader.model_layers("llama-3.2-1b", "candle").await.unwrap(), 16);
         assert!(downloader.model_layers("deepseek-v3", "candle").await.is_err());
-        let dummy = downloader.ensure_shard(&Shard::new("dummy", 0, 7, 8), "DummyInferenceEngine").await.unwrap();
+        let dummy =
+            downloader.ensure_shard(&Shard::new("dummy", 0, 7, 8), "DummyInferenceEngine").await.unwrap();
         assert_eq!(dummy, home.path().join("dummy"));
         let unknown = downloader.ensure_shard(&Shard::new("no-such-model", 0, 0, 1), "candle").await;
         assert!(matches!(unknown, Err(Error::InvalidModel(_))));

@@ -141,7 +141,8 @@ impl ProgressTracker {
         let files = files
             .iter()
             .map(|(path, present, total)| {
-                let state = FileState { downloaded: *present, this_session: 0, total: *total, started, start_time };
+                let state =
+                    FileState { downloaded: *present, this_session: 0, total: *total, started, start_time };
                 (path.clone(), state)
             })
             .collect();
@@ -166,7 +167,11 @@ impl ProgressTracker {
     pub fn snapshot(&self, now: Instant) -> RepoProgress {
         let rate = |bytes: u64, since: Instant| {
             let elapsed = now.saturating_duration_since(since).as_secs_f64();
-            if elapsed > 0.0 { bytes as f64 / elapsed } else { 0.0 }
+            if elapsed > 0.0 {
+                bytes as f64 / elapsed
+            } else {
+                0.0
+            }
         };
         let eta = |left: u64, speed: f64| if speed > 0.0 { left as f64 / speed } else { 0.0 };
         let file_progress: BTreeMap<String, FileProgress> = self
@@ -271,7 +276,10 @@ mod tests {
         let first = tracker.snapshot(Instant::now());
         assert_eq!(first.status, DownloadStatus::InProgress);
         assert_eq!((first.completed_files, first.total_files), (1, 2));
-        assert_eq!((first.downloaded_bytes, first.total_bytes, first.downloaded_bytes_this_session), (10, 40, 0));
+        assert_eq!(
+            (first.downloaded_bytes, first.total_bytes, first.downloaded_bytes_this_session),
+            (10, 40, 0)
+        );
         tracker.update("b", 12);
         tracker.update("b", 30);
         let done = tracker.snapshot(Instant::now() + Duration::from_secs(1));

@@ -20,7 +20,10 @@ pub fn is_metadata_file(path: &str) -> bool {
     if path.contains('/') || path.starts_with('.') {
         return false;
     }
-    path.ends_with(".json") || path == "tokenizer.model" || path.ends_with(".tiktoken") || path.ends_with(".txt")
+    path.ends_with(".json")
+        || path == "tokenizer.model"
+        || path.ends_with(".tiktoken")
+        || path.ends_with(".txt")
 }
 
 /// Whether `path` is a top-level safetensors weights file.
@@ -60,10 +63,14 @@ impl WeightMap {
         let map = index
             .get("weight_map")
             .and_then(|m| serde_json::from_value::<HashMap<String, String>>(m.clone()).ok())
-            .ok_or_else(|| Error::InvalidModel(format!("{source} has no weight_map of tensor names to files")))?;
+            .ok_or_else(|| {
+                Error::InvalidModel(format!("{source} has no weight_map of tensor names to files"))
+            })?;
         for file in map.values() {
             if file.contains('/') || file.contains("..") || !file.ends_with(".safetensors") {
-                return Err(Error::InvalidModel(format!("{source} names an unexpected weights file {file:?}")));
+                return Err(Error::InvalidModel(format!(
+                    "{source} names an unexpected weights file {file:?}"
+                )));
             }
         }
         Ok(Self(map))
@@ -87,7 +94,8 @@ impl WeightMap {
 /// Whether a model's `config.json` text ties the head to the embeddings.
 pub fn config_ties_embeddings(config: &serde_json::Value) -> bool {
     let direct = config.get("tie_word_embeddings").and_then(|v| v.as_bool());
-    let nested = config.get("text_config").and_then(|c| c.get("tie_word_embeddings")).and_then(|v| v.as_bool());
+    let nested =
+        config.get("text_config").and_then(|c| c.get("tie_word_embeddings")).and_then(|v| v.as_bool());
     direct.or(nested).unwrap_or(false)
 }
 
@@ -171,7 +179,9 @@ mod tests {
 
     #[test]
     fn metadata_is_top_level_configs_and_tokenizer_files() {
-        for name in ["config.json", "tokenizer.json", "merges.txt", "tokenizer.model", "x.tiktoken", INDEX_FILE] {
+        for name in
+            ["config.json", "tokenizer.json", "merges.txt", "tokenizer.model", "x.tiktoken", INDEX_FILE]
+        {
             assert!(is_metadata_file(name), "{name}");
         }
         for name in ["original/params.json", "model.safetensors", "README.md", ".gitattributes", "model.py"] {
