@@ -6,7 +6,8 @@ Serves model directories with the hub's routes on 127.0.0.1:
 - `HEAD`/`GET /{org}/{name}/resolve/{rev}/{path}` — plain files answered directly (`ETag` = git
   blob id); LFS files redirected (302 with `X-Linked-Size`/`X-Linked-Etag`) to `/cdn/{sha256}`,
   which honours `Range: bytes=N-`.
-It logs every request and can cut a transfer midway, corrupt a file, or demand a token.
+It logs every request and can cut a transfer midway, corrupt a file, hide a file, demand a
+token, or list bare file names (as some mirrors do, so that sizes and hashes come from `HEAD`).
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ class FakeHub:
 
     repos: dict[str, dict[str, HubFile]] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
-    cut_once: set[str] = field(default_factory=set)
+    cut_once: set[str] = field(default_factory=set)  # files whose first transfer breaks off midway
     corrupt: set[str] = field(default_factory=set)
     missing_files: set[str] = field(default_factory=set)
     token: str | None = None
+    bare_listing: bool = False
     url: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -75,16 +77,16 @@ class FakeHub:
         return None
 
     def file_gets(self, name: str) -> list[Request]:
-        """GETs that fetched bytes of the file called `name` (through resolve or the CDN)."""
-        wanted = {f.sha256 for files in self.repos.values() for f in files.values() if f.path == name and f.lfs}
+        """GETs that fetched bytes of the file called `name`: from the CDN for LFS files (their
+        `resolve` GET only redirects), from `resolve` for the others."""
+        blobs = {
+            f"/cdn/{f.sha256}" for files in self.repos.values() for f in files.values() if f.path == name and f.lfs
+        }
         with self.lock:
-            return [
-                r
-                for r in self.requests
-                if r.method == "GET"
-                and (r.path.endswith(f"/resolve/{COMMIT}/{name}") or r.path.rsplit("/", 1)[-1] in wanted)
-                and (r.path.startswith("/cdn/") or not name.endswith(".safetensors"))
-            ]
+            gets = [r for r in self.requests if r.method == "GET"]
+        if blobs:
+            return [r for r in gets if r.path in blobs]
+        return [r for r in gets if r.path.split("?", 1)[0].endswith(f"/resolve/{COMMIT}/{name}")]
 
     def fetched_weights(self) -> set[str]:
         """Names of the safetensors files whose bytes were fetched."""
@@ -182,7 +184,9 @@ class _Handler(BaseHTTPRequestHandler):
         siblings = []
         for f in files.values():
             entry: dict[str, object] = {"rfilename": f.path, "size": len(f.data), "blobId": f.git_sha1}
-            if f.lfs:
+            if self.hub.bare_listing:
+                entry = {"rfilename": f.path}
+            elif f.lfs:
                 entry["lfs"] = {"sha256": f.sha256, "size": len(f.data), "pointerSize": 134}
             siblings.append(entry)
         body = json.dumps({"id": repo_id, "sha": COMMIT, "siblings": siblings}).encode()

@@ -138,6 +138,18 @@ async def test_a_corrupted_download_is_detected_and_not_kept(hub: FakeHub, env: 
     assert (target / FILES[0]).exists()
 
 
+async def test_a_bare_listing_takes_sizes_and_hashes_from_head(hub: FakeHub, models: dict[str, Path]) -> None:
+    hub.bare_listing = True
+    path = await HfShardDownloader().ensure_shard(Shard(UNTIED, 0, 0, 4), "candle")
+    heads = {r.path.rsplit("/", 1)[-1] for r in hub.requests if r.method == "HEAD"}
+    assert {FILES[0], "config.json", "tokenizer.json"} <= heads
+    assert _sha256(path / FILES[0]) == _sha256(models[UNTIED] / FILES[0])
+    # The hashes from HEAD are checked too.
+    hub.corrupt.add(FILES[1])
+    with pytest.raises(IntegrityError, match=FILES[1]):
+        await HfShardDownloader().ensure_shard(Shard(UNTIED, 1, 1, 4), "candle")
+
+
 async def test_missing_repositories_and_files_give_not_found(hub: FakeHub) -> None:
     with pytest.raises(ModelNotFoundError, match="synth/nope"):
         await HfShardDownloader().ensure_shard(Shard("synth/nope", 0, 0, 1), "candle")

@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 
 /// Attempts per file before a transient failure (connection, 5xx, cut body) is final.
 const ATTEMPTS: u32 = 4;
+/// Bytes gathered before each write to a partial file.
+const WRITE_BUFFER: usize = 1 << 20;
 /// Downloads whose bytes do not match the announced hash are retried this many times.
 const INTEGRITY_RETRIES: u32 = 1;
 
@@ -412,7 +414,7 @@ impl HubClient {
             _ => return Err(status_failure(settings, what, url, &response)),
         };
         let mut written = if resumed { present } else { 0 };
-        let mut out = tokio::fs::OpenOptions::new()
+        let file_handle = tokio::fs::OpenOptions::new()
             .create(true)
             .write(true)
             .append(resumed)
@@ -420,15 +422,21 @@ impl HubClient {
             .open(partial)
             .await
             .map_err(|e| io_failure("write", partial, e))?;
+        let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file_handle);
         on_bytes(written);
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| {
-                Failure::Retry(Error::Connection(format!(
-                    "{what}: the transfer from {url} broke off after {written} bytes: {}",
-                    causes(&e)
-                )))
-            })?;
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    // Keep what arrived, so that the next attempt resumes after it.
+                    out.flush().await.map_err(|e| io_failure("write", partial, e))?;
+                    return Err(Failure::Retry(Error::Connection(format!(
+                        "{what}: the transfer from {url} broke off after {written} bytes: {}",
+                        causes(&e)
+                    ))));
+                }
+            };
             out.write_all(&chunk).await.map_err(|e| io_failure("write", partial, e))?;
             written += chunk.len() as u64;
             on_bytes(written);
