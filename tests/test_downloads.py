@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from exo.errors import (
     OfflineError,
     UnauthorizedError,
 )
+from exo.helpers import AsyncCallbackSystem
 from exo.inference.candle import CandleInferenceEngine
 from exo.inference.shard import Shard
 from exo.inference.tokenizers import resolve_tokenizer
@@ -349,3 +350,35 @@ async def test_the_candle_engine_runs_shards_it_downloaded(hub: FakeHub, models:
     last = CandleInferenceEngine(new_shard_downloader())
     logits, _ = await last.infer_tensor("r", Shard(TIED, 2, 3, 4), hidden)
     np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+class _PythonDownloader(ShardDownloader):
+    """A downloader written in Python: the engine awaits its `ensure_shard`."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.calls: list[tuple[Shard, str]] = []
+        self._on_progress = NoopShardDownloader().on_progress
+
+    async def ensure_shard(self, shard: Shard, inference_engine_name: str) -> Path:
+        self.calls.append((shard, inference_engine_name))
+        return self.model_dir
+
+    @property
+    def on_progress(self) -> AsyncCallbackSystem[str, tuple[Shard, RepoProgressEvent]]:
+        return self._on_progress
+
+    async def get_shard_download_status(
+        self, inference_engine_name: str
+    ) -> AsyncIterator[tuple[Path, RepoProgressEvent]]:
+        for item in ():
+            yield item
+
+
+async def test_the_candle_engine_still_takes_python_downloaders(models: dict[str, Path]) -> None:
+    downloader = _PythonDownloader(models[UNTIED])
+    engine = CandleInferenceEngine(downloader)
+    shard = Shard("some/model", 0, 3, 4)
+    logits, _ = await engine.infer_tensor("r", shard, np.array([[1, 2]]))
+    assert logits.shape == (1, 1, 512)
+    assert downloader.calls == [(shard, "CandleInferenceEngine")]
