@@ -83,6 +83,9 @@ pub struct Node {
     /// Cancelled or failed requests, so late messages for them are dropped.
     ended: Mutex<HashMap<String, Instant>>,
     listeners: Mutex<Vec<mpsc::UnboundedSender<NodeEvent>>>,
+    /// Steps run one at a time, first come first served: each uses every core, and requests
+    /// that do not share the engine move on to the next node in turn, so a pipeline fills.
+    compute: tokio::sync::Semaphore,
     outbox: Outbox,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -122,6 +125,7 @@ impl Node {
             requests: Mutex::new(HashMap::new()),
             ended: Mutex::new(HashMap::new()),
             listeners: Mutex::new(Vec::new()),
+            compute: tokio::sync::Semaphore::new(1),
             outbox: Outbox::new(),
             tasks: Mutex::new(Vec::new()),
         })
