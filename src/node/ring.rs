@@ -137,14 +137,19 @@ impl Node {
         self.requests.lock().expect("requests lock poisoned").insert(request_id.to_string(), request);
     }
 
-    /// Records a request arriving from a peer, keeping the context its state carries.
-    fn register(&self, request_id: &str, context: Option<RequestContext>) {
+    /// Records a request arriving from a peer, keeping the context its state carries; false
+    /// when the request already ended here (cancelled or failed).
+    fn register(&self, request_id: &str, context: Option<RequestContext>) -> bool {
         let mut requests = self.requests.lock().expect("requests lock poisoned");
+        if self.has_ended(request_id) {
+            return false;
+        }
         let request = requests.entry(request_id.to_string()).or_insert_with(|| Request::new(None));
         if request.context.is_none() {
             request.context = context;
         }
         request.last_active = Instant::now();
+        true
     }
 
     fn set_phase(&self, request_id: &str, phase: Phase) {
@@ -198,7 +203,11 @@ impl Node {
         let mut result_size = 0;
         let outcome = if let Some(shard) = shard.filter(Shard::is_first_layer) {
             self.set_phase(request_id, Phase::Processing);
-            match self.engine.infer_prompt(request_id, &shard, prompt, state.clone()).await {
+            let step = {
+                let _turn = self.compute.acquire().await.expect("the compute queue is never closed");
+                self.engine.infer_prompt(request_id, &shard, prompt, state.clone()).await
+            };
+            match step {
                 Ok((output, returned)) => {
                     result_size = output.shape().iter().product::<usize>();
                     self.after_step(
@@ -250,13 +259,20 @@ impl Node {
         request_id: &str,
         state: Option<InferenceState>,
     ) -> Result<()> {
-        if self.has_ended(request_id) {
+        if !self.register(request_id, RequestContext::from_state(state.as_ref())) {
             self.engine.finish_request(request_id).await;
             return Ok(());
         }
-        self.register(request_id, RequestContext::from_state(state.as_ref()));
         self.set_phase(request_id, Phase::Processing);
-        let (output, returned) = self.engine.infer_tensor(request_id, &shard, tensor, state.clone()).await?;
+        let (output, returned) = {
+            let _turn = self.compute.acquire().await.expect("the compute queue is never closed");
+            self.engine.infer_tensor(request_id, &shard, tensor, state.clone()).await?
+        };
+        if self.has_ended(request_id) {
+            // Ended while this step ran: the step's cache goes too.
+            self.engine.finish_request(request_id).await;
+            return Ok(());
+        }
         self.after_step(&shard, output, request_id, self.keep_context(request_id, returned.or(state))).await
     }
 
@@ -434,9 +450,18 @@ impl Node {
     /// Forgets a request here and frees its cache; with an error, its stream and the
     /// listeners learn why, and late messages for it are dropped.
     pub(super) async fn end_request(&self, request_id: &str, error: Option<String>) {
-        let request = self.requests.lock().expect("requests lock poisoned").remove(request_id);
+        let request = {
+            // The ended mark is set under the requests lock, so `register` sees it or the record.
+            let mut requests = self.requests.lock().expect("requests lock poisoned");
+            if error.is_some() {
+                self.ended
+                    .lock()
+                    .expect("ended lock poisoned")
+                    .insert(request_id.to_string(), Instant::now());
+            }
+            requests.remove(request_id)
+        };
         if let Some(error) = error {
-            self.ended.lock().expect("ended lock poisoned").insert(request_id.to_string(), Instant::now());
             if let Some(stream) = request.as_ref().and_then(|r| r.stream.as_ref()) {
                 let _ = stream.send(StreamEvent::Failed(error.clone()));
             }
@@ -458,7 +483,9 @@ impl RequestHandler for Node {
         state: Option<InferenceState>,
     ) -> Result<()> {
         let request_id = request_id.unwrap_or_else(new_request_id);
-        self.register(&request_id, RequestContext::from_state(state.as_ref()));
+        if !self.register(&request_id, RequestContext::from_state(state.as_ref())) {
+            return Err(Error::RequestFailed(format!("request {request_id} has ended")));
+        }
         let outcome = self.run_prompt(&whole_model(&shard), Some(shard), &prompt, &request_id, state).await;
         if let Err(e) = &outcome {
             self.end_request(&request_id, Some(e.to_string())).await;

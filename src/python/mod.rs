@@ -2,8 +2,10 @@
 
 mod asyncio;
 mod discovery;
+mod download;
 mod engine;
 mod errors;
+mod models;
 mod net;
 mod node;
 mod shard;
@@ -19,6 +21,8 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     shard::register(m)?;
     engine::register(m)?;
+    download::register(m)?;
+    models::register(m)?;
     tensor::register(m)?;
     tokenizer::register(m)?;
     topology::register(m)?;

@@ -136,7 +136,10 @@ fn status(error: Error) -> Status {
         | Error::ConfigNotFound(_)
         | Error::InvalidConfig(_) => Status::failed_precondition(message),
         Error::CacheEvicted(_) | Error::RequestFailed(_) => Status::aborted(message),
-        Error::Peer(_) | Error::Discovery(_) => Status::unavailable(message),
+        Error::Peer(_) | Error::Connection(_) | Error::Discovery(_) => Status::unavailable(message),
+        Error::NotFound(_) => Status::not_found(message),
+        Error::Unauthorized(_) => Status::permission_denied(message),
+        Error::Integrity(_) | Error::Offline(_) | Error::Download(_) => Status::failed_precondition(message),
         Error::Backend(_) | Error::StandIn(_) => Status::internal(message),
     }
 }
