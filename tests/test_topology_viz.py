@@ -47,8 +47,8 @@ def test_ring_shows_each_node_and_the_urls() -> None:
     assert "Linux Box (EPYC) 32GB" in text
     assert "MacBook Pro 16GB" in text
     assert "3.00 TFLOPS" in text and "8.00 TFLOPS" in text
-    assert "[0.00-0.67] layers 0-10" in text
-    assert "[0.67-1.00] layers 11-15" in text
+    assert "[0.00-0.67] layers 0-9" in text
+    assert "[0.67-1.00] layers 10-15" in text
     assert "Web chat: http://10.0.0.1:52415" in text
     assert "ChatGPT API: http://10.0.0.1:52415/v1/chat/completions" in text
     assert "GPU poor" in text and "GPU rich" in text

@@ -49,7 +49,8 @@ class _Outcome:
 
     completion_tokens: int
     finish_reason: str
-    exhausted: bool
+    # Whether the node has finished the request too (its end, EOS or the token limit), so nothing is to cancel.
+    node_done: bool
 
 
 class _Timeout(Exception):
@@ -75,8 +76,7 @@ def _error_from_exception(e: BaseException) -> ApiError:
         return ApiError(400, str(e), "invalid_model")
     if isinstance(e, (errors.InvalidArgumentError, errors.InvalidShardError)):
         return ApiError(400, str(e), "invalid_request")
-    failed = getattr(errors, "RequestFailedError", None)
-    if failed is not None and isinstance(e, failed):
+    if isinstance(e, errors.ExoError):
         return ApiError(500, f"The request failed in the cluster: {e}", "request_failed")
     return ApiError(500, f"Internal error: {type(e).__name__}: {e}", "internal_error")
 
@@ -130,7 +130,7 @@ class ChatGPTAPI:
         router.add_get("/healthcheck", self.handle_healthcheck)
         router.add_post("/quit", self.handle_quit)
         router.add_get("/", self.handle_root)
-        router.add_static("/", STATIC_DIR, name="static")
+        router.add_get("/{path:.+}", self.handle_static)
 
     @web.middleware
     async def _cors_middleware(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
@@ -187,6 +187,14 @@ class ChatGPTAPI:
 
     async def handle_root(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC_DIR / "index.html")
+
+    async def handle_static(self, request: web.Request) -> web.StreamResponse:
+        """A file of the web chat; only plain files inside its directory are served."""
+        relative = request.match_info["path"]
+        target = (STATIC_DIR / relative).resolve()
+        if not target.is_relative_to(STATIC_DIR) or not target.is_file():
+            raise ApiError(404, f"GET {request.path}: no such route or file", "not_found")
+        return web.FileResponse(target)
 
     async def handle_healthcheck(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -414,13 +422,14 @@ class ChatGPTAPI:
             raise _error_from_exception(e) from e
         return generation
 
-    async def _cancel(self, generation: AsyncIterator[int], request_id: str) -> None:
-        """Stop a generation that has not finished, on every node."""
+    async def _close(self, generation: AsyncIterator[int], request_id: str, outcome: _Outcome | None) -> None:
+        """Release `generation`; cancel the request on every node unless the node has finished it."""
         try:
             await generation.aclose()  # type: ignore[attr-defined]
-            await self.node.cancel_request(request_id)
+            if outcome is None or not outcome.node_done:
+                await self.node.cancel_request(request_id)
         except Exception:
-            logger.debug("Cancelling request %s failed", request_id, exc_info=True)
+            logger.debug("Closing request %s failed", request_id, exc_info=True)
 
     async def _generate_text(
         self,
@@ -437,12 +446,11 @@ class ChatGPTAPI:
         limit = chat.max_tokens or int(getattr(self.node, "max_generate_tokens", 0) or 0) or None
         count = 0
         finish: str | None = None
-        exhausted = False
+        node_done = True
         while finish is None:
             try:
                 token = int(await asyncio.wait_for(generation.__anext__(), timeout_for_next()))
             except StopAsyncIteration:
-                exhausted = True
                 break
             except asyncio.TimeoutError as e:
                 raise _Timeout from e
@@ -455,6 +463,7 @@ class ChatGPTAPI:
                 await on_text(text)
             if stopped:
                 finish = "stop"
+                node_done = False
             elif limit is not None and count >= limit:
                 finish = "length"
         if not stops.stopped:
@@ -466,7 +475,7 @@ class ChatGPTAPI:
                 finish = "stop"
         if finish is None:
             finish = "length" if limit is not None and count >= limit else "stop"
-        return _Outcome(count, finish, exhausted)
+        return _Outcome(count, finish, node_done)
 
     def _completion_base(self, chat: ChatRequest, request_id: str, object_type: str) -> dict[str, Any]:
         return {
@@ -509,8 +518,7 @@ class ChatGPTAPI:
             logger.debug("Chat completion %s failed", request_id, exc_info=True)
             raise _error_from_exception(e) from e
         finally:
-            if outcome is None or not outcome.exhausted:
-                await asyncio.shield(self._cancel(generation, request_id))
+            await asyncio.shield(self._close(generation, request_id, outcome))
         body = self._completion_base(chat, request_id, "chat.completion")
         body["choices"] = [
             {
@@ -570,8 +578,7 @@ class ChatGPTAPI:
             await response.write_eof()
             return response
         finally:
-            if outcome is None or not outcome.exhausted:
-                await asyncio.shield(self._cancel(generation, request_id))
+            await asyncio.shield(self._close(generation, request_id, outcome))
         if not response.prepared:
             await response.prepare(request)
             await response.write(_sse(chunk({"role": "assistant", "content": ""})))

@@ -185,6 +185,8 @@
           pieces += 1;
           reply.content += piece;
           view.body.textContent = reply.content;
+          const seconds = (performance.now() - firstTokenAt) / 1000;
+          els.stats.textContent = `generating · ${pieces} pieces${seconds > 0 ? ` · ${(pieces / seconds).toFixed(1)}/s` : ""}`;
           scrollDown();
         }
       }
@@ -202,7 +204,7 @@
       if (finish) parts.push(finish === "length" ? "stopped at the token limit" : "done");
       reply.meta = parts.join(" · ");
       view.meta.textContent = reply.meta;
-      els.stats.textContent = reply.meta;
+      els.stats.textContent = "";
       if (reply.content) state.messages.push(reply);
       else view.box.remove();
       save();
@@ -257,7 +259,8 @@
   function renderRing(ids) {
     const w = 300, h = 240, cx = w / 2, cy = h / 2, rx = 105, ry = 80;
     const points = ids.map((_, i) => {
-      const a = -Math.PI / 2 + (2 * Math.PI * i) / Math.max(ids.length, 1);
+      if (ids.length === 1) return [cx, cy];
+      const a = -Math.PI / 2 + (2 * Math.PI * i) / ids.length;
       return [cx + rx * Math.cos(a), cy + ry * Math.sin(a)];
     });
     const ns = "http://www.w3.org/2000/svg";

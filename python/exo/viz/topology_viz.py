@@ -75,11 +75,17 @@ class _Canvas:
                 self.put(x, y, "·", style)
 
     def to_text(self) -> Text:
+        """The grid as styled text, without its blank first and last rows."""
+        rows = list(self.cells)
+        while rows and all(char == " " for char, _ in rows[0]):
+            rows.pop(0)
+        while rows and all(char == " " for char, _ in rows[-1]):
+            rows.pop()
         text = Text()
-        for row_index, row in enumerate(self.cells):
+        for row_index, row in enumerate(rows):
             for char, style in row:
                 text.append(char, style)
-            if row_index < self.height - 1:
+            if row_index < len(rows) - 1:
                 text.append("\n")
         text.rstrip()
         return text
@@ -259,7 +265,8 @@ class TopologyViz:
         radius_x, radius_y = max(8, width // 5), RING_ROWS // 2 - 2
         points = []
         for i in range(len(ids)):
-            angle = -math.pi / 2 + 2 * math.pi * i / len(ids)
+            # Clockwise from the left, so two nodes sit side by side.
+            angle = math.pi + 2 * math.pi * i / len(ids)
             x = center_x if len(ids) == 1 else round(center_x + radius_x * math.cos(angle))
             y = center_y if len(ids) == 1 else round(center_y + radius_y * math.sin(angle))
             points.append((x, y))
@@ -316,17 +323,23 @@ class TopologyViz:
     def _downloading(self) -> bool:
         return any(getattr(p, "status", None) == "in_progress" for p in self.node_download_progress.values())
 
-    def _download_panel(self) -> Panel:
+    @staticmethod
+    def _progress_table() -> Table:
         table = Table(show_header=False, box=None, padding=(0, 1), expand=True)
         table.add_column("what", no_wrap=True, ratio=5)
         table.add_column("bar", no_wrap=True, ratio=4)
         table.add_column("pct", no_wrap=True, justify="right", ratio=1)
+        return table
+
+    def _download_panel(self) -> Panel:
+        parts: list[RenderableType] = []
         own = self.node_download_progress.get(self.node_id) if self.node_id else None
         if own is not None and own.status == "in_progress":
-            self._own_download_rows(table, own)
+            parts.extend(self._own_download(own))
         others = [(i, p) for i, p in self.node_download_progress.items() if i != self.node_id]
         if others:
-            table.add_row(Text("Other nodes:", "bold"), "", "")
+            parts.append(Text("Other nodes:", "bold"))
+        table = self._progress_table()
         for node_id, progress in others:
             device = self._device(node_id)
             total = max(1, int(progress.total_bytes))
@@ -337,22 +350,22 @@ class TopologyViz:
                 ProgressBar(total=total, completed=done, width=BAR_WIDTH),
                 f"{100 * done / total:.1f}%",
             )
-        return Panel(table, title="Download Progress", border_style="cyan", width=self._width() + 4)
+        if others:
+            parts.append(table)
+        return Panel(Group(*parts), title="Download Progress", border_style="cyan", width=self._width() + 4)
 
-    def _own_download_rows(self, table: Table, progress: Any) -> None:
+    def _own_download(self, progress: Any) -> list[RenderableType]:
         title = (
             f"Downloading {progress.repo_id}@{progress.repo_revision} "
             f"({progress.completed_files}/{progress.total_files} files)"
         )
-        table.add_row(Text(title, "bold"), "", "")
         eta = getattr(progress, "overall_eta", None)
         eta_text = f", {int(eta.total_seconds())}s left" if eta is not None else ""
-        table.add_row(
+        summary = (
             f"{pretty_print_bytes(progress.downloaded_bytes)} / {pretty_print_bytes(progress.total_bytes)} "
-            f"({pretty_print_bytes_per_second(progress.overall_speed)}){eta_text}",
-            "",
-            "",
+            f"({pretty_print_bytes_per_second(progress.overall_speed)}){eta_text}"
         )
+        table = self._progress_table()
         files = [f for f in progress.file_progress.values() if f.status != "complete"]
         for file in files[:MAX_FILES_SHOWN]:
             total = max(1, int(file.total))
@@ -361,3 +374,4 @@ class TopologyViz:
                 ProgressBar(total=total, completed=int(file.downloaded), width=BAR_WIDTH),
                 f"{100 * file.downloaded / total:.0f}%",
             )
+        return [Text(title, "bold"), Text(summary), table]

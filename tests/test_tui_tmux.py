@@ -1,0 +1,45 @@
+"""Smoke test of the live Rich TUI in a real terminal (tmux)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "live_topology_viz.py"
+
+
+@pytest.fixture
+def tmux_session():
+    tmux = shutil.which("tmux")
+    assert tmux, "tmux is required (scripts/check installs it)"
+    name = f"exo-tui-{uuid.uuid4().hex[:8]}"
+    yield tmux, name
+    subprocess.run([tmux, "kill-session", "-t", name], capture_output=True)
+
+
+def capture(tmux: str, name: str) -> str:
+    return subprocess.run([tmux, "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
+
+
+def test_live_tui_draws_in_a_terminal(tmux_session) -> None:
+    tmux, name = tmux_session
+    command = f"{sys.executable} {SCRIPT}"
+    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "130", "-y", "60", command], check=True)
+    screen = ""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        screen = capture(tmux, name)
+        if "to the end" in screen:
+            break
+        time.sleep(0.2)
+    assert "Exo Cluster (2 nodes)" in screen, screen
+    assert "MacBook Pro 16GB" in screen
+    assert "GPU poor" in screen
+    assert "Tell me about rings" in screen
+    assert "follows them to the end" in screen, screen
