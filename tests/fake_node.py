@@ -127,6 +127,10 @@ class FakeNode:
         self.finished: list[str] = []
         self.produced: dict[str, int] = {}
         self.server = None
+        self.on_token: AsyncCallbackSystem[str, Any] = AsyncCallbackSystem()
+        self.on_opaque_status: AsyncCallbackSystem[str, Any] = AsyncCallbackSystem()
+        self.broadcasts: list[tuple[str, str]] = []
+        self.inference_engine: Any = None
         self.current_topology = Topology()
         self.current_topology.update_node(
             node_id, DeviceCapabilities("Fake Device", "Fake Chip", 16384, DeviceFlops(1.0, 2.0, 4.0))
@@ -171,3 +175,6 @@ class FakeNode:
 
     async def cancel_request(self, request_id: str) -> None:
         self.cancelled.append(request_id)
+
+    async def broadcast_opaque_status(self, request_id: str, status: str) -> None:
+        self.broadcasts.append((request_id, status))
