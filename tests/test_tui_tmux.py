@@ -20,7 +20,7 @@ def tmux_session():
     assert tmux, "tmux is required (scripts/check installs it)"
     name = f"exo-tui-{uuid.uuid4().hex[:8]}"
     yield tmux, name
-    subprocess.run([tmux, "kill-session", "-t", name], capture_output=True)
+    subprocess.run([tmux, "kill-session", "-t", name], capture_output=True, check=False)
 
 
 def capture(tmux: str, name: str) -> str:
@@ -43,3 +43,32 @@ def test_live_tui_draws_in_a_terminal(tmux_session) -> None:
     assert "GPU poor" in screen
     assert "Tell me about rings" in screen
     assert "follows them to the end" in screen, screen
+
+
+def test_chat_tui_in_a_terminal(tmux_session, model_dir) -> None:
+    tmux, name = tmux_session
+    script = Path(__file__).parent / "scripts" / "chat_tui_fake.py"
+    command = f"{sys.executable} {script} {model_dir}"
+    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "160", "-y", "40", command], check=True)
+    wait_for_screen(tmux, name, "you>")
+    subprocess.run([tmux, "send-keys", "-t", name, "Hello there", "Enter"], check=True)
+    screen = wait_for_screen(tmux, name, "tokens/s")
+    assert "exo> Hello there, cluster!" in screen, screen
+    assert "tokens/s" in screen
+    subprocess.run([tmux, "send-keys", "-t", name, "/exit", "Enter"], check=True)
+    deadline = time.monotonic() + 30
+    while subprocess.run([tmux, "has-session", "-t", name], capture_output=True, check=False).returncode == 0:
+        assert time.monotonic() < deadline, "the chat did not exit on /exit"
+        time.sleep(0.1)
+
+
+def wait_for_screen(tmux: str, name: str, text: str, limit: float = 30) -> str:
+    """The pane's contents once `text` shows (or when `limit` seconds have passed)."""
+    screen = ""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        screen = capture(tmux, name)
+        if text in screen:
+            break
+        time.sleep(0.1)
+    return screen
