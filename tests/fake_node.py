@@ -11,6 +11,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from exo import errors
 from exo.helpers import AsyncCallbackSystem
 from exo.inference.shard import Shard
@@ -178,3 +180,51 @@ class FakeNode:
 
     async def broadcast_opaque_status(self, request_id: str, status: str) -> None:
         self.broadcasts.append((request_id, status))
+
+
+class EngineNode(FakeNode):
+    """A one-node stand-in that really generates: it runs `engine` (e.g. the candle engine) on the whole model.
+
+    `generate` yields the engine's sampled tokens until EOS or `max_tokens`, so the API is exercised with real
+    token streams and a real tokenizer.
+    """
+
+    def __init__(self, engine: Any, tokenizer: Any, *, node_id: str = "engine-node") -> None:
+        super().__init__([], node_id=node_id)
+        self.engine = engine
+        self.tokenizer = tokenizer
+
+    def generate(
+        self,
+        base_shard: Shard,
+        prompt: str,
+        request_id: str | None = None,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ):
+        request_id = request_id or f"engine-{len(self.calls)}"
+        self.calls.append({"prompt": prompt, "request_id": request_id, "max_tokens": max_tokens, "seed": seed})
+        shard = self.get_current_shard(base_shard)
+        limit = max_tokens if max_tokens is not None else self.max_generate_tokens
+        return self._tokens(request_id, shard, prompt, limit, temperature or 0.0, top_p or 1.0, top_k or 0, seed)
+
+    async def _tokens(self, request_id, shard, prompt, limit, temperature, top_p, top_k, seed):
+        eos = set(self.tokenizer.eos_token_ids)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        try:
+            logits, _ = await self.engine.infer_tensor(request_id, shard, np.array([ids]))
+            for step in range(limit):
+                step_seed = None if seed is None else seed + step
+                token = await self.engine.sample(logits, temp=temperature, top_p=top_p, top_k=top_k, seed=step_seed)
+                value = int(token[0])
+                self.produced[request_id] = step + 1
+                yield value
+                if value in eos:
+                    return
+                logits, _ = await self.engine.infer_tensor(request_id, shard, token.reshape(1, 1))
+        finally:
+            await self.engine.finish_request(request_id)
