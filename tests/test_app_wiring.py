@@ -92,8 +92,9 @@ async def test_download_progress_is_broadcast_throttled(tokenizer: Tokenizer) ->
 async def test_chat_requests_show_the_model_layers(tokenizer: Tokenizer, model_dir: Path) -> None:
     node = FakeNode(reply_tokens(tokenizer))
     app = wired_app(node, tokenizer)
-    app._on_chat_request("req-9", SimpleNamespace(model=str(model_dir)), "templated prompt")
-    assert app.topology_viz.requests["req-9"].prompt == "templated prompt"
+    chat = SimpleNamespace(model=str(model_dir), messages=[{"role": "user", "content": "What is a ring?"}])
+    app._on_chat_request("req-9", chat, "<templated>What is a ring?</templated>")
+    assert app.topology_viz.requests["req-9"].prompt == "What is a ring?"
     assert app.topology_viz.model == (
         str(model_dir),
         json.loads((model_dir / "config.json").read_text())["num_hidden_layers"],

@@ -72,3 +72,46 @@ def wait_for_screen(tmux: str, name: str, text: str, limit: float = 30) -> str:
             break
         time.sleep(0.1)
     return screen
+
+
+def _wait_gone(tmux: str, name: str, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while subprocess.run([tmux, "has-session", "-t", name], capture_output=True, check=False).returncode == 0:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_exo_main_tui_and_ctrl_c(tmux_session, model_dir) -> None:
+    """`exo.main` with its topology TUI in a terminal (cluster layer stood in); Ctrl-C shuts it down."""
+    from exo.helpers import find_available_port
+
+    tmux, name = tmux_session
+    script = Path(__file__).parent / "scripts" / "cli_with_fake_cluster.py"
+    port = find_available_port("127.0.0.1")
+    command = f"EXO_ENGINE=candle {sys.executable} {script} --chatgpt-api-port {port} --default-model {model_dir}"
+    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "140", "-y", "50", command], check=True)
+    screen = wait_for_screen(tmux, name, "GPU rich")
+    assert "Exo Cluster" in screen, screen
+    assert f":{port}/v1/chat/completions" in screen, screen
+    subprocess.run([tmux, "send-keys", "-t", name, "C-c"], check=True)
+    _wait_gone(tmux, name, "exo.main did not exit on Ctrl-C")
+
+
+def test_exo_main_chat_tui(tmux_session, model_dir) -> None:
+    """`exo.main --chat-tui` in a terminal: a question streams an answer and tokens/s; /exit ends the process."""
+    from exo.helpers import find_available_port
+
+    tmux, name = tmux_session
+    script = Path(__file__).parent / "scripts" / "cli_with_fake_cluster.py"
+    port = find_available_port("127.0.0.1")
+    command = (
+        f"EXO_ENGINE=candle {sys.executable} {script} --chat-tui --chatgpt-api-port {port} "
+        f"--default-model {model_dir} --max-generate-tokens 8"
+    )
+    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "160", "-y", "50", command], check=True)
+    wait_for_screen(tmux, name, "you>")
+    subprocess.run([tmux, "send-keys", "-t", name, "Hello there", "Enter"], check=True)
+    screen = wait_for_screen(tmux, name, "tokens/s")
+    assert "8 tokens" in screen and "(token limit)" in screen, screen
+    subprocess.run([tmux, "send-keys", "-t", name, "/exit", "Enter"], check=True)
+    _wait_gone(tmux, name, "the chat did not exit on /exit")

@@ -242,9 +242,13 @@ class App:
     def build(self) -> None:
         from exo.api import ChatGPTAPI
         from exo.inference.inference_engine import get_inference_engine
-        from exo.networking.grpc.grpc_server import GRPCServer
-        from exo.orchestration.node import Node
         from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
+
+        try:
+            from exo.networking.grpc.grpc_server import GRPCServer
+            from exo.orchestration.node import Node
+        except ImportError as e:
+            raise CliError(f"this build has no node or gRPC server ({e})") from e
 
         args = self.args
         print(f"Detected system: {get_system_info()}")
@@ -264,7 +268,10 @@ class App:
         print("ChatGPT API endpoint served at:")
         for url in api_urls:
             print(f" - {terminal_link(url)}")
-        discovery = self._discovery(node_id, args.node_port)
+        try:
+            discovery = self._discovery(node_id, args.node_port)
+        except ImportError as e:
+            raise CliError(f"this build has no {args.discovery_module} discovery ({e})") from e
         if self._wants_topology_tui():
             from exo.viz.topology_viz import TopologyViz
 
@@ -315,7 +322,8 @@ class App:
     def _on_chat_request(self, request_id: str, chat: Any, prompt: str) -> None:
         if self.topology_viz is None:
             return
-        self.topology_viz.update_prompt(request_id, prompt)
+        users = [m["content"] for m in chat.messages if m.get("role") == "user"]
+        self.topology_viz.update_prompt(request_id, users[-1] if users else prompt)
         self._show_model(chat.model)
 
     def _show_model(self, model_id: str | None) -> None:
@@ -432,9 +440,9 @@ class App:
         self.install_signal_handlers()
         await self.node.start(wait_for_peers=args.wait_for_peers)
         try:
-            await self.api.run(port=args.chatgpt_api_port)
             if args.command == "run" or args.run_model:
                 return await self._until_stopped(self.run_model(args.model_name or args.run_model, args.prompt))
+            await self.api.run(port=args.chatgpt_api_port)
             if args.chat_tui:
                 from exo.viz.chat_tui import ChatTUI
 

@@ -120,8 +120,9 @@ class TopologyViz:
                 auto_refresh=True,
                 refresh_per_second=refresh_per_second,
                 get_renderable=self.render,
-                redirect_stdout=False,
-                redirect_stderr=False,
+                # Other output (logs, prints) then scrolls above the live view instead of tearing it.
+                redirect_stdout=True,
+                redirect_stderr=True,
             )
             self._live.start()
 
