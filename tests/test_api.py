@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sys
+import types
 from pathlib import Path
 
 import aiohttp
@@ -365,3 +368,41 @@ async def test_web_chat_is_served(served: Served) -> None:
             async with session.get(served.url + asset) as r:
                 assert r.status == 200
                 assert len(await r.read()) > 100
+
+
+async def test_delete_model(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    deleted: list[tuple[str, str]] = []
+
+    async def delete_model(model_id: str, engine: str) -> bool:
+        deleted.append((model_id, engine))
+        return model_id == "llama-3.2-1b"
+
+    fake = types.ModuleType("exo.download.new_shard_download")
+    fake.delete_model = delete_model
+    monkeypatch.setitem(sys.modules, "exo.download.new_shard_download", fake)
+    async with aiohttp.ClientSession() as session:
+        async with session.delete(served.url + "/models/llama-3.2-1b") as r:
+            assert r.status == 200
+            assert (await r.json())["status"] == "success"
+        async with session.delete(served.url + "/models/never-downloaded") as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["code"] == "model_not_found"
+        monkeypatch.setitem(sys.modules, "exo.download.new_shard_download", None)
+        async with session.delete(served.url + "/models/llama-3.2-1b") as r:
+            assert r.status == 501
+    assert deleted == [("llama-3.2-1b", "CandleInferenceEngine"), ("never-downloaded", "CandleInferenceEngine")]
+
+
+async def test_stop_ends_running_streams_and_cancels_them(served: Served) -> None:
+    served.node.hang_after = 2
+    async with aiohttp.ClientSession() as session:
+        body = {"messages": [{"role": "user", "content": "x"}], "stream": True}
+        async with session.post(served.url + "/v1/chat/completions", json=body) as response:
+            await response.content.readline()
+            await served.api.stop()
+            with contextlib.suppress(aiohttp.ClientError):
+                await response.read()
+    assert served.node.cancelled == [served.node.calls[0]["request_id"]]
+    with pytest.raises(aiohttp.ClientConnectionError):
+        async with aiohttp.ClientSession() as session, session.get(served.url + "/healthcheck"):
+            pass

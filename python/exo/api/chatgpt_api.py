@@ -22,7 +22,7 @@ from aiohttp import web
 
 from exo import errors
 from exo.api.chat_request import ApiError, ChatRequest, bad_request, parse_chat_request, parse_json_object
-from exo.api.model_choice import ResolvedModel, pretty_name, registry, resolve_model, supported_model_ids
+from exo.api.model_choice import ResolvedModel, pretty_name, resolve_model, supported_model_ids
 from exo.api.text_stream import StopScanner, TokenText, count_tokens, eos_token_ids
 from exo.helpers import VERSION
 from exo.inference.shard import Shard
@@ -55,6 +55,25 @@ class _Outcome:
 
 class _Timeout(Exception):
     """No token arrived within the response timeout."""
+
+
+async def _next_token(generation: AsyncIterator[int], timeout: float) -> int:
+    """The next token, or `_Timeout` after `timeout` seconds.
+
+    Unlike `asyncio.wait_for` before Python 3.12, this never swallows a cancellation of the caller.
+    """
+    step = asyncio.ensure_future(generation.__anext__())
+    try:
+        done, _ = await asyncio.wait({step}, timeout=timeout)
+    except asyncio.CancelledError:
+        step.cancel()
+        await asyncio.wait({step}, timeout=1.0)  # let the step unwind before the generation is closed
+        raise
+    if not done:
+        step.cancel()
+        await asyncio.gather(step, return_exceptions=True)
+        raise _Timeout
+    return step.result()
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -297,10 +316,10 @@ class ChatGPTAPI:
 
     async def handle_delete_model(self, request: web.Request) -> web.Response:
         model_id = request.match_info["model_name"]
-        models = registry()
-        if models is None:
-            raise ApiError(501, "Model deletion needs the model registry (exo.models).", "not_supported")
-        from exo.download.new_shard_download import delete_model
+        try:
+            from exo.download.new_shard_download import delete_model
+        except ImportError as e:
+            raise ApiError(501, f"This build cannot delete models ({e}).", "not_supported") from e
 
         if await delete_model(model_id, self.inference_engine_classname):
             return web.json_response({"status": "success", "message": f"Model {model_id} deleted successfully"})
@@ -426,10 +445,14 @@ class ChatGPTAPI:
         """Release `generation`; cancel the request on every node unless the node has finished it."""
         try:
             await generation.aclose()  # type: ignore[attr-defined]
-            if outcome is None or not outcome.node_done:
-                await self.node.cancel_request(request_id)
         except Exception:
-            logger.debug("Closing request %s failed", request_id, exc_info=True)
+            logger.debug("Closing the generation of %s failed", request_id, exc_info=True)
+        if outcome is not None and outcome.node_done:
+            return
+        try:
+            await self.node.cancel_request(request_id)
+        except Exception:
+            logger.debug("Cancelling request %s failed", request_id, exc_info=True)
 
     async def _generate_text(
         self,
@@ -449,11 +472,9 @@ class ChatGPTAPI:
         node_done = True
         while finish is None:
             try:
-                token = int(await asyncio.wait_for(generation.__anext__(), timeout_for_next()))
+                token = int(await _next_token(generation, timeout_for_next()))
             except StopAsyncIteration:
                 break
-            except asyncio.TimeoutError as e:
-                raise _Timeout from e
             if token in eos:
                 finish = "stop"
                 break
