@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -169,18 +168,11 @@ def main() -> None:
     if args.backend:
         _worker(args)
         return
-    from exo.testing.synth import write_model
+    from exo.testing.synth import cached_model
 
     bandwidth = _memory_bandwidth_gbs()
     for dtype in args.dtype:
-        model_dir = args.models / f"{PRESET}-{dtype}"
-        if not model_dir.exists():
-            # Written aside and renamed, so an interrupted run never leaves a half-written model.
-            partial = model_dir.with_name(model_dir.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            write_model(PRESET, partial, dtype=dtype, seed=0)
-            partial.rename(model_dir)
-        _report(dtype, model_dir, args, bandwidth)
+        _report(dtype, cached_model(PRESET, args.models, dtype), args, bandwidth)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,15 @@ pub enum Error {
     /// A request's KV cache was dropped to stay within the memory budget.
     #[error("cache evicted: {0}")]
     CacheEvicted(String),
+    /// A peer could not be reached, timed out, or answered with an error.
+    #[error("peer: {0}")]
+    Peer(String),
+    /// A request was cancelled, or failed on some node of the ring.
+    #[error("request failed: {0}")]
+    RequestFailed(String),
+    /// A Python object standing in for an engine, peer, discovery or server raised an error.
+    #[error("Python stand-in: {0}")]
+    StandIn(String),
     /// A failure inside the tensor library.
     #[error("tensor backend: {0}")]
     Backend(#[from] candle_core::Error),

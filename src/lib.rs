@@ -5,6 +5,8 @@
 
 pub mod engine;
 pub mod error;
+pub mod net;
+pub mod node;
 pub mod proto;
 pub mod shard;
 pub mod tensor;

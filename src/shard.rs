@@ -46,6 +46,16 @@ impl Shard {
             && self.start_layer.max(other.start_layer) <= self.end_layer.min(other.end_layer)
     }
 
+    /// exo classic's `to_dict()` form.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "model_id": self.model_id,
+            "start_layer": self.start_layer,
+            "end_layer": self.end_layer,
+            "n_layers": self.n_layers,
+        })
+    }
+
     /// Checks that the range is non-empty and lies inside the model.
     pub fn validate(&self) -> Result<()> {
         let in_range =

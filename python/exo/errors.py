@@ -33,6 +33,18 @@ class BackendError(ExoError, RuntimeError):
     """A failure inside the tensor library."""
 
 
+class PeerError(ExoError, ConnectionError):
+    """A peer could not be reached, timed out, or answered with an error."""
+
+
+class RequestFailedError(ExoError, RuntimeError):
+    """A request was cancelled, or failed on some node of the ring (e.g. a peer died)."""
+
+
+class StandInError(ExoError, RuntimeError):
+    """A Python object standing in for an engine, peer, discovery or server raised an error."""
+
+
 __all__ = [
     "BackendError",
     "CacheEvictedError",
@@ -42,4 +54,7 @@ __all__ = [
     "InvalidModelError",
     "InvalidShardError",
     "InvalidTensorError",
+    "PeerError",
+    "RequestFailedError",
+    "StandInError",
 ]

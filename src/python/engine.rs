@@ -54,7 +54,7 @@ impl<'py> IntoPyObject<'py> for TokenIds {
 
 /// An inference state handed to Python as classic's dict: arrays, lists of arrays, and the
 /// JSON values of everything else.
-struct StateDict(Option<InferenceState>);
+pub(super) struct StateDict(pub Option<InferenceState>);
 
 impl<'py> IntoPyObject<'py> for StateDict {
     type Target = PyAny;
@@ -82,7 +82,7 @@ impl<'py> IntoPyObject<'py> for StateDict {
 
 /// Reads classic's state dict: numpy arrays and lists of them become tensors, every other
 /// value must be JSON-serializable.
-fn state_from_py(state: Option<&Bound<'_, PyAny>>) -> PyResult<Option<InferenceState>> {
+pub(super) fn state_from_py(state: Option<&Bound<'_, PyAny>>) -> PyResult<Option<InferenceState>> {
     let Some(state) = state.filter(|s| !s.is_none()) else { return Ok(None) };
     let dict = state.cast::<PyDict>()?;
     let numpy = state.py().import("numpy")?;
@@ -111,7 +111,7 @@ fn state_from_py(state: Option<&Bound<'_, PyAny>>) -> PyResult<Option<InferenceS
 }
 
 /// Token ids from a numpy array or a sequence of ints.
-fn token_ids(tokens: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+pub(super) fn token_ids(tokens: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     let flat =
         tokens.py().import("numpy")?.call_method1("asarray", (tokens,))?.call_method1("reshape", (-1,))?;
     let ids: Vec<i64> = flat.call_method0("tolist")?.extract()?;
@@ -267,7 +267,7 @@ impl ModelLocator for PythonDownloader {
             let shard = PyShard { inner: shard.clone() };
             let coroutine =
                 downloader.bind(py).call_method1("ensure_shard", (shard, "CandleInferenceEngine"))?;
-            pyo3_async_runtimes::tokio::into_future(coroutine)
+            super::asyncio::await_python(coroutine)
         })
         .map_err(|e| Error::InvalidModel(format!("cannot start the download of {}: {e}", shard.model_id)))?;
         let path = download
@@ -313,6 +313,149 @@ impl PyCandleEngine {
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             Ok(engine.load_from(&shard.inner, &path).await?)
         })
+    }
+}
+
+/// An engine from Python: a native engine as is, any object with exo classic's
+/// `InferenceEngine` methods through an adapter.
+pub fn engine_from_py(object: &Bound<'_, PyAny>) -> PyResult<Arc<dyn Engine>> {
+    if let Ok(native) = object.cast::<PyEngine>() {
+        return Ok(native.get().inner.clone());
+    }
+    for method in ["encode", "decode", "sample", "infer_tensor", "ensure_shard"] {
+        if !object.hasattr(method)? {
+            return Err(
+                Error::InvalidArgument(format!("an inference engine needs a {method}() method")).into()
+            );
+        }
+    }
+    let name = object.get_type().name()?.to_string();
+    Ok(Arc::new(PythonEngine { object: object.clone().unbind(), name }))
+}
+
+/// A Python object with exo classic's `InferenceEngine` coroutines.
+struct PythonEngine {
+    object: Py<PyAny>,
+    name: String,
+}
+
+impl PythonEngine {
+    /// Reads a Python value returned by the stand-in.
+    fn read<T>(
+        &self,
+        method: &str,
+        value: Py<PyAny>,
+        read: impl FnOnce(&Bound<'_, PyAny>) -> PyResult<T>,
+    ) -> Result<T> {
+        Python::attach(|py| read(value.bind(py))).map_err(|e| {
+            Error::StandIn(format!("{method}() of {} returned something unusable: {e}", self.name))
+        })
+    }
+
+    /// Reads `(ndarray, state)` as `infer_tensor` and `infer_prompt` return it.
+    fn read_output(&self, method: &str, value: Py<PyAny>) -> Result<(WireTensor, Option<InferenceState>)> {
+        self.read(method, value, |v| {
+            let (output, state): (Bound<'_, PyAny>, Option<Bound<'_, PyAny>>) = v.extract()?;
+            Ok((wire_from_ndarray(&output)?, state_from_py(state.as_ref())?))
+        })
+    }
+
+    fn stand_in(&self, error: PyErr) -> Error {
+        Error::StandIn(format!("{}: {error}", self.name))
+    }
+}
+
+#[async_trait]
+impl Engine for PythonEngine {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn encode(&self, shard: &Shard, prompt: &str) -> Result<Vec<u32>> {
+        let args = (PyShard { inner: shard.clone() }, prompt.to_string());
+        let tokens = super::asyncio::call_coroutine(&self.object, "encode", args).await?;
+        self.read("encode", tokens, token_ids)
+    }
+
+    async fn decode(&self, shard: &Shard, tokens: &[u32]) -> Result<String> {
+        let args = Python::attach(|py| {
+            let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+            (PyShard { inner: shard.clone() }, PyArray1::from_vec(py, ids).into_any().unbind())
+        });
+        let text = super::asyncio::call_coroutine(&self.object, "decode", args).await?;
+        self.read("decode", text, |v| v.extract())
+    }
+
+    async fn sample(&self, logits: &WireTensor, params: SamplingParams) -> Result<Vec<u32>> {
+        let array = Python::attach(|py| ndarray_from_wire(py, logits.clone()).map(Bound::unbind))
+            .map_err(|e| self.stand_in(e))?;
+        let args = (array, params.temperature, params.top_p);
+        let token = super::asyncio::call_coroutine(&self.object, "sample", args).await?;
+        self.read("sample", token, token_ids)
+    }
+
+    async fn infer_tensor(
+        &self,
+        request_id: &str,
+        shard: &Shard,
+        input: WireTensor,
+        state: Option<InferenceState>,
+    ) -> Result<(WireTensor, Option<InferenceState>)> {
+        let args = Python::attach(|py| {
+            Ok::<_, PyErr>((
+                request_id.to_string(),
+                PyShard { inner: shard.clone() },
+                ndarray_from_wire(py, input)?.unbind(),
+                StateDict(state).into_pyobject(py)?.unbind(),
+            ))
+        })
+        .map_err(|e| self.stand_in(e))?;
+        let output = super::asyncio::call_coroutine(&self.object, "infer_tensor", args).await?;
+        self.read_output("infer_tensor", output)
+    }
+
+    async fn infer_prompt(
+        &self,
+        request_id: &str,
+        shard: &Shard,
+        prompt: &str,
+        state: Option<InferenceState>,
+    ) -> Result<(WireTensor, Option<InferenceState>)> {
+        let args = Python::attach(|py| {
+            Ok::<_, PyErr>((
+                request_id.to_string(),
+                PyShard { inner: shard.clone() },
+                prompt.to_string(),
+                StateDict(state).into_pyobject(py)?.unbind(),
+            ))
+        })
+        .map_err(|e| self.stand_in(e))?;
+        let output = super::asyncio::call_coroutine(&self.object, "infer_prompt", args).await?;
+        self.read_output("infer_prompt", output)
+    }
+
+    async fn ensure_shard(&self, shard: &Shard) -> Result<()> {
+        super::asyncio::call_coroutine(&self.object, "ensure_shard", (PyShard { inner: shard.clone() },))
+            .await?;
+        Ok(())
+    }
+
+    async fn finish_request(&self, request_id: &str) {
+        let has = Python::attach(|py| self.object.bind(py).hasattr("finish_request").unwrap_or(false));
+        if has {
+            let _ = super::asyncio::call_coroutine(&self.object, "finish_request", (request_id.to_string(),))
+                .await;
+        }
+    }
+
+    /// The `eos_token_id` of the engine's tokenizer, as classic's node reads it.
+    async fn eos_token_ids(&self, _shard: &Shard) -> Result<Vec<u32>> {
+        Python::attach(|py| {
+            let tokenizer = self.object.bind(py).getattr("tokenizer")?;
+            let eos: Option<u32> = tokenizer.getattr("eos_token_id")?.extract()?;
+            Ok::<_, PyErr>(eos.into_iter().collect())
+        })
+        .map_err(|e| Error::StandIn(format!("{} has no usable tokenizer.eos_token_id: {e}", self.name)))
     }
 }
 

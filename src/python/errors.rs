@@ -11,6 +11,9 @@ pyo3::import_exception!(exo.errors, InvalidModelError);
 pyo3::import_exception!(exo.errors, ContextOverflowError);
 pyo3::import_exception!(exo.errors, CacheEvictedError);
 pyo3::import_exception!(exo.errors, BackendError);
+pyo3::import_exception!(exo.errors, PeerError);
+pyo3::import_exception!(exo.errors, RequestFailedError);
+pyo3::import_exception!(exo.errors, StandInError);
 
 impl From<Error> for PyErr {
     fn from(error: Error) -> Self {
@@ -23,6 +26,9 @@ impl From<Error> for PyErr {
             Error::ContextOverflow(_) => ContextOverflowError::new_err(message),
             Error::CacheEvicted(_) => CacheEvictedError::new_err(message),
             Error::Backend(_) => BackendError::new_err(message),
+            Error::Peer(_) => PeerError::new_err(message),
+            Error::RequestFailed(_) => RequestFailedError::new_err(message),
+            Error::StandIn(_) => StandInError::new_err(message),
         }
     }
 }

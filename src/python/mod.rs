@@ -1,7 +1,10 @@
 //! The `exo._core` extension module: PyO3 wrappers around the core types.
 
+mod asyncio;
 mod engine;
 mod errors;
+mod net;
+mod node;
 mod shard;
 mod tensor;
 mod tokenizer;
@@ -18,5 +21,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     tensor::register(m)?;
     tokenizer::register(m)?;
     topology::register(m)?;
+    net::register(m)?;
+    node::register(m)?;
     Ok(())
 }

@@ -6,7 +6,7 @@ use pyo3::types::{PyDict, PySet};
 use super::shard::PyShard;
 use crate::topology::{
     chip_flops, detect_device_capabilities, map_partitions_to_shards, DeviceCapabilities, DeviceFlops,
-    Partition, PeerConnection, RingMemoryWeightedPartitioning, Topology,
+    Partition, PartitioningStrategy, PeerConnection, RingMemoryWeightedPartitioning, Topology,
 };
 
 /// Peak throughput in TFLOPS (`fp32`, `fp16`, `int8`).
@@ -54,7 +54,13 @@ impl PyDeviceFlops {
 }
 
 /// A node's device: model, chip, memory in MB and peak throughput.
-#[pyclass(name = "DeviceCapabilities", module = "exo.topology.device_capabilities", frozen, eq)]
+#[pyclass(
+    name = "DeviceCapabilities",
+    module = "exo.topology.device_capabilities",
+    frozen,
+    eq,
+    from_py_object
+)]
 #[derive(Clone, PartialEq)]
 pub struct PyDeviceCapabilities {
     pub inner: DeviceCapabilities,
@@ -157,7 +163,7 @@ impl PyPeerConnection {
 }
 
 /// The cluster graph: node capabilities and peer connections.
-#[pyclass(name = "Topology", module = "exo.topology.topology")]
+#[pyclass(name = "Topology", module = "exo.topology.topology", from_py_object)]
 #[derive(Clone, Default)]
 pub struct PyTopology {
     pub inner: Topology,
@@ -309,6 +315,46 @@ impl PyRingMemoryWeightedPartitioningStrategy {
             .into_iter()
             .map(|inner| PyPartition { inner })
             .collect()
+    }
+}
+
+/// A partitioning strategy from Python: the native one as is, any object with a
+/// `partition(topology)` method through an adapter.
+pub fn strategy_from_py(
+    object: Option<&Bound<'_, PyAny>>,
+) -> PyResult<std::sync::Arc<dyn PartitioningStrategy>> {
+    let Some(object) = object.filter(|o| !o.is_none()) else {
+        return Ok(std::sync::Arc::new(RingMemoryWeightedPartitioning));
+    };
+    if object.cast::<PyRingMemoryWeightedPartitioningStrategy>().is_ok() {
+        return Ok(std::sync::Arc::new(RingMemoryWeightedPartitioning));
+    }
+    if !object.hasattr("partition")? {
+        return Err(crate::error::Error::InvalidArgument(
+            "a partitioning strategy needs a partition() method".into(),
+        )
+        .into());
+    }
+    Ok(std::sync::Arc::new(PythonStrategy { object: object.clone().unbind() }))
+}
+
+/// A Python object with a `partition(topology)` method.
+struct PythonStrategy {
+    object: Py<PyAny>,
+}
+
+impl PartitioningStrategy for PythonStrategy {
+    /// The object's partitions; when it raises, the error is logged and no node gets layers.
+    fn partition(&self, topology: &Topology) -> Vec<Partition> {
+        let partitions = Python::attach(|py| {
+            let topology = PyTopology { inner: topology.clone() };
+            let partitions = self.object.bind(py).call_method1("partition", (topology,))?;
+            partitions.try_iter()?.map(|p| partition_from_py(&p?)).collect::<PyResult<Vec<_>>>()
+        });
+        partitions.unwrap_or_else(|e| {
+            log::error!("the Python partitioning strategy failed: {e}");
+            Vec::new()
+        })
     }
 }
 

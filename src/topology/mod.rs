@@ -9,4 +9,6 @@ pub mod partition;
 pub use chips::chip_flops;
 pub use device::{detect_device_capabilities, DeviceCapabilities, DeviceFlops};
 pub use graph::{PeerConnection, Topology};
-pub use partition::{map_partitions_to_shards, Partition, RingMemoryWeightedPartitioning};
+pub use partition::{
+    assign_layers, map_partitions_to_shards, Partition, PartitioningStrategy, RingMemoryWeightedPartitioning,
+};

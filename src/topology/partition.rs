@@ -14,16 +14,22 @@ pub struct Partition {
     pub end: f64,
 }
 
+/// Splits a model's layers among the nodes of a topology, as exo classic's `PartitioningStrategy`.
+pub trait PartitioningStrategy: Send + Sync {
+    /// Contiguous partitions covering [0, 1), in ring order.
+    fn partition(&self, topology: &Topology) -> Vec<Partition>;
+}
+
 /// exo classic's default strategy: nodes in a ring ordered by memory (largest first,
 /// ties by node id, descending), each taking a share proportional to its memory.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RingMemoryWeightedPartitioning;
 
-impl RingMemoryWeightedPartitioning {
+impl PartitioningStrategy for RingMemoryWeightedPartitioning {
     /// Partitions every node of `topology`; boundaries are rounded to 5 decimals as classic does.
     ///
     /// Where classic divides by zero (every node reports 0 MB), nodes get equal shares.
-    pub fn partition(&self, topology: &Topology) -> Vec<Partition> {
+    fn partition(&self, topology: &Topology) -> Vec<Partition> {
         let mut nodes: Vec<(&String, u64)> = topology.nodes.iter().map(|(id, c)| (id, c.memory)).collect();
         nodes.sort_by(|a, b| (b.1, b.0).cmp(&(a.1, a.0)));
         let total: u64 = nodes.iter().map(|n| n.1).sum();
@@ -51,16 +57,25 @@ fn round_like_python(x: f64, digits: usize) -> f64 {
 /// Turns partitions into layer ranges as exo classic does: `int(start * n)` to
 /// `int(end * n) - 1`, the last partition stretched to the final layer, empty ranges dropped.
 pub fn map_partitions_to_shards(partitions: &[Partition], num_layers: i32, model_id: &str) -> Vec<Shard> {
+    assign_layers(partitions, num_layers, model_id).into_iter().map(|(_, shard)| shard).collect()
+}
+
+/// The layer range of every partition that gets at least one layer, with the node holding it.
+pub fn assign_layers<'a>(
+    partitions: &'a [Partition],
+    num_layers: i32,
+    model_id: &str,
+) -> Vec<(&'a str, Shard)> {
     let layer_at = |fraction: f64| (fraction * f64::from(num_layers)) as i32;
-    let mut shards: Vec<Shard> = Vec::with_capacity(partitions.len());
+    let mut shards: Vec<(&str, Shard)> = Vec::with_capacity(partitions.len());
     for (i, partition) in partitions.iter().enumerate() {
         let start_layer = layer_at(partition.start);
         let end_layer = if i == partitions.len() - 1 { num_layers - 1 } else { layer_at(partition.end) - 1 };
         if start_layer <= end_layer {
-            shards.push(Shard::new(model_id, start_layer, end_layer, num_layers));
+            shards.push((&partition.node_id, Shard::new(model_id, start_layer, end_layer, num_layers)));
         }
     }
-    if let Some(last) = shards.last_mut() {
+    if let Some((_, last)) = shards.last_mut() {
         last.end_layer = last.end_layer.max(num_layers - 1);
     }
     shards

@@ -10,6 +10,7 @@ The same preset, dtype and seed always give the same bytes.
 
 import argparse
 import json
+import shutil
 import struct
 import zlib
 from collections.abc import Iterator
@@ -414,6 +415,18 @@ def write_model(preset: str, out_dir: str | Path, dtype: str = "f32", seed: int 
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     _write_weights(spec, out, dtype, seed, num_shards)
     return out
+
+
+def cached_model(preset: str, root: str | Path, dtype: str = "f32", seed: int = 0) -> Path:
+    """`root/PRESET-DTYPE`, written on first use; written aside and renamed, so an interrupted
+    run never leaves a half-written model behind."""
+    model_dir = Path(root) / f"{preset}-{dtype}"
+    if not model_dir.exists():
+        partial = model_dir.with_name(model_dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        write_model(preset, partial, dtype=dtype, seed=seed)
+        partial.rename(model_dir)
+    return model_dir
 
 
 def main() -> None:

@@ -1,0 +1,170 @@
+"""Cluster benchmark over loopback: rings of 1, 2 (and 3, with cores enough) nodes, each node
+a separate process pinned to its own core with `taskset` (standing in for separate machines),
+against one node pinned to one core, on the same synthetic model.
+
+    python bench/cluster.py [--preset llama-3.2-1b] [--dtype bf16] [--tokens 64] [--streams 4]
+
+Prints, for 1 stream and for `--streams` concurrent streams: tokens/s, the ratio to one node,
+the latency a hop adds (from the per-token time difference, spread over the ring's hops) and
+the bytes sent over loopback per token. The requests start from a driver node in this process
+that holds no layers (it reports 0 MB), as an API node would; it receives every token.
+"""
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def _loopback_tx_bytes() -> int:
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            return int(counters.split()[8])
+    return 0
+
+
+class FixedDiscovery:
+    """The ring's members, known up front."""
+
+    def __init__(self, peers: list) -> None:
+        self.peers = peers
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def discover_peers(self, wait_for_peers: int = 0) -> list:
+        return list(self.peers)
+
+
+def _peer_handles(ports: dict[str, int], exclude: str) -> list:
+    from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+    from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
+
+    return [
+        GRPCPeerHandle(name, f"127.0.0.1:{port}", "bench", UNKNOWN_DEVICE_CAPABILITIES)
+        for name, port in ports.items()
+        if name != exclude
+    ]
+
+
+async def _serve(name: str, ports: dict[str, int]) -> None:
+    """A worker node: serves until killed."""
+    from exo.inference.candle import CandleInferenceEngine
+    from exo.networking.grpc.grpc_server import GRPCServer
+    from exo.orchestration.node import Node
+
+    node = Node(name, None, CandleInferenceEngine(), FixedDiscovery(_peer_handles(ports, name)), None)
+    node.max_generate_tokens = 1_000_000
+    node.server = GRPCServer(node, "127.0.0.1", ports[name])
+    await node.start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+def _spawn(name: str, core: int, ports: dict[str, int]) -> subprocess.Popen:
+    peers = ",".join(f"{n}={p}" for n, p in ports.items())
+    command = ["taskset", "-c", str(core), sys.executable, __file__, "--worker", name, "--ports", peers]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    if process.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"worker {name} did not start")
+    return process
+
+
+async def _measure(model_dir: Path, nodes: int, tokens: int, streams: int) -> dict[str, float]:
+    from exo.helpers import find_available_port
+    from exo.inference.dummy_inference_engine import DummyInferenceEngine
+    from exo.inference.shard import Shard
+    from exo.networking.grpc.grpc_server import GRPCServer
+    from exo.orchestration.node import Node
+    from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+
+    names = [f"w{i}" for i in range(nodes)]
+    ports = {name: find_available_port("127.0.0.1") for name in [*names, "driver"]}
+    workers = [_spawn(name, core, ports) for core, name in enumerate(names)]
+    driver = Node("driver", None, DummyInferenceEngine(), FixedDiscovery(_peer_handles(ports, "driver")), None)
+    driver.device_capabilities = DeviceCapabilities("driver", "none", 0, DeviceFlops(0, 0, 0))
+    driver.max_generate_tokens = 1_000_000
+    driver.server = GRPCServer(driver, "127.0.0.1", ports["driver"])
+    try:
+        await driver.start()
+        layers = __import__("json").loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+        base = Shard(str(model_dir), 0, layers - 1, layers)
+        while len([p for p in driver.partitions() if p.end > p.start]) != nodes:
+            await asyncio.sleep(0.5)
+            await driver.update_peers()
+            await driver.collect_topology(set())
+        await asyncio.sleep(2.5)  # one refresh on every worker, so all agree on the ring
+
+        async def run(count: int) -> tuple[float, int]:
+            started, received = None, 0
+            async for _ in driver.generate(base, "Benchmark the ring of nodes.", max_tokens=count + 1):
+                received += 1
+                if started is None:
+                    started = time.perf_counter()  # decode time starts after the first token
+            return time.perf_counter() - (started or time.perf_counter()), received - 1
+
+        await run(4)
+        sent = _loopback_tx_bytes()
+        single_s, single_n = await run(tokens)
+        single_bytes = _loopback_tx_bytes() - sent
+        results = await asyncio.gather(*(run(tokens) for _ in range(streams)))
+        concurrent_s = max(s for s, _ in results)
+        concurrent_n = sum(n for _, n in results)
+        return {
+            "single_tps": single_n / single_s,
+            "bytes_per_token": single_bytes / max(single_n, 1),
+            "concurrent_tps": concurrent_n / concurrent_s,
+        }
+    finally:
+        await driver.stop()
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="llama-3.2-1b")
+    parser.add_argument("--dtype", default="bf16", choices=["f32", "bf16", "f16"])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "xotorch-bench-models")
+    parser.add_argument("--worker")
+    parser.add_argument("--ports")
+    args = parser.parse_args()
+    if args.worker:
+        ports = {k: int(v) for k, v in (item.split("=") for item in args.ports.split(","))}
+        asyncio.run(_serve(args.worker, ports))
+        return
+    from exo.testing.synth import cached_model
+
+    model_dir = cached_model(args.preset, args.models, args.dtype)
+    cores = len(os.sched_getaffinity(0))
+    sizes = [n for n in (1, 2, 3) if n <= cores]
+    rows = {n: asyncio.run(_measure(model_dir, n, args.tokens, args.streams)) for n in sizes}
+    one = rows[1]
+    print(f"{args.preset} {args.dtype}, {args.tokens} tokens per stream, one core per node ({cores} cores)")
+    print(f"nodes | 1 stream tok/s | ratio | hop ms | bytes/token | {args.streams} streams tok/s | ratio")
+    for n, row in rows.items():
+        # Per token, a ring of n > 1 nodes makes n hops; compute per token stays the same.
+        hop_ms = (1 / row["single_tps"] - 1 / one["single_tps"]) * 1000 / n if n > 1 else 0.0
+        print(
+            f"{n:5} | {row['single_tps']:14.2f} | {row['single_tps'] / one['single_tps']:5.2f} | {hop_ms:6.3f} |"
+            f" {row['bytes_per_token']:11.0f} | {row['concurrent_tps']:16.2f} |"
+            f" {row['concurrent_tps'] / one['concurrent_tps']:5.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

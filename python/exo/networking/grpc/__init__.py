@@ -1,0 +1,1 @@
+"""exo classic's gRPC transport: `GRPCServer` and `GRPCPeerHandle`."""

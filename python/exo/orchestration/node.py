@@ -1,0 +1,296 @@
+"""The cluster node (exo classic's `exo.orchestration.node`).
+
+`Node` keeps exo classic's constructor, attributes and callback systems; the ring, the peers,
+the topology and every request's token loop run in its Rust core (`NativeNode`). Python sees a
+request only when its tokens or statuses reach the listeners registered here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+import numpy as np
+
+from exo._core import NativeNode, TokenStream
+from exo.helpers import AsyncCallbackSystem
+from exo.inference.shard import Shard
+from exo.topology.device_capabilities import DeviceCapabilities
+from exo.topology.partitioning_strategy import Partition
+from exo.topology.topology import Topology
+
+logger = logging.getLogger(__name__)
+
+
+class Node:
+    """A cluster node with exo classic's API; start it with `await node.start()`."""
+
+    def __init__(
+        self,
+        _id: str,
+        server: Any,
+        inference_engine: Any,
+        discovery: Any,
+        shard_downloader: Any,
+        partitioning_strategy: Any = None,
+        max_generate_tokens: int = 1024,
+        default_sample_temperature: float = 0.0,
+        topology_viz: Any = None,
+    ) -> None:
+        self._core = NativeNode(
+            _id, inference_engine, discovery, partitioning_strategy, max_generate_tokens, default_sample_temperature
+        )
+        self.id = _id
+        self.inference_engine = inference_engine
+        self.discovery = discovery
+        self.shard_downloader = shard_downloader
+        self.partitioning_strategy = partitioning_strategy
+        self.topology_viz = topology_viz
+        self._server: Any = None
+        if server is not None:
+            self.server = server
+        self.node_download_progress: dict[str, Any] = {}
+        self.topology_inference_engines_pool: list[list[str]] = []
+        self._on_token: AsyncCallbackSystem[str, tuple[str, list[int], bool]] = AsyncCallbackSystem()
+        self._on_opaque_status: AsyncCallbackSystem[str, tuple[str, str]] = AsyncCallbackSystem()
+        self._on_request_failed: AsyncCallbackSystem[str, tuple[str, str]] = AsyncCallbackSystem()
+        self._on_opaque_status.register("node_status").on_next(self.on_node_status)
+        self._pump: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()
+
+    # --- what classic exposes as attributes ---
+
+    @property
+    def server(self) -> Any:
+        """The server started and stopped with the node (`GRPCServer` or a stand-in)."""
+        return self._server
+
+    @server.setter
+    def server(self, server: Any) -> None:
+        self._server = server
+        self._core.set_server(server)
+
+    @property
+    def max_generate_tokens(self) -> int:
+        return self._core.max_generate_tokens
+
+    @max_generate_tokens.setter
+    def max_generate_tokens(self, value: int) -> None:
+        self._core.max_generate_tokens = value
+
+    @property
+    def default_sample_temperature(self) -> float:
+        return self._core.default_sample_temperature
+
+    @default_sample_temperature.setter
+    def default_sample_temperature(self, value: float) -> None:
+        self._core.default_sample_temperature = value
+
+    @property
+    def device_capabilities(self) -> DeviceCapabilities:
+        return self._core.device_capabilities
+
+    @device_capabilities.setter
+    def device_capabilities(self, capabilities: DeviceCapabilities) -> None:
+        self._core.device_capabilities = capabilities
+
+    @property
+    def peers(self) -> list[Any]:
+        """The peers in use now."""
+        return self._core.peers
+
+    @property
+    def topology(self) -> Topology:
+        """A copy of the cluster topology as last collected."""
+        return self._core.topology
+
+    @property
+    def current_topology(self) -> Topology:
+        return self._core.topology
+
+    @property
+    def outstanding_requests(self) -> dict[str, str]:
+        """`{request_id: "processing" | "waiting"}` for the requests active on this node."""
+        return self._core.outstanding_requests
+
+    @property
+    def on_token(self) -> AsyncCallbackSystem[str, tuple[str, list[int], bool]]:
+        """Callbacks called with `(request_id, new_tokens, is_finished)`."""
+        return self._on_token
+
+    @property
+    def on_opaque_status(self) -> AsyncCallbackSystem[str, tuple[str, str]]:
+        """Callbacks called with `(request_id, status_json)`."""
+        return self._on_opaque_status
+
+    @property
+    def on_request_failed(self) -> AsyncCallbackSystem[str, tuple[str, str]]:
+        """Callbacks called with `(request_id, error)` when a request fails anywhere in the ring."""
+        return self._on_request_failed
+
+    # --- lifecycle ---
+
+    async def start(self, wait_for_peers: int = 0) -> None:
+        """Starts the server and discovery, waits for `wait_for_peers` peers, collects the topology."""
+        if self._pump is None:
+            self._pump = asyncio.create_task(self._deliver_events())
+        await self._core.start(wait_for_peers)
+
+    async def stop(self) -> None:
+        """Stops discovery and the server; running requests fail."""
+        await self._core.stop()
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
+
+    async def _deliver_events(self) -> None:
+        """Hands the core's events to the callback systems, on this event loop."""
+        while True:
+            for event in await self._core.next_events():
+                try:
+                    if event[0] == "token":
+                        _, request_id, tokens, is_finished = event
+                        self._on_token.trigger_all(request_id, tokens, is_finished)
+                    elif event[0] == "status":
+                        self._on_opaque_status.trigger_all(event[1], event[2])
+                    else:
+                        self._on_request_failed.trigger_all(event[1], event[2])
+                except Exception:
+                    logger.exception("a node listener failed on %s", event[0])
+
+    # --- requests ---
+
+    async def process_prompt(
+        self, base_shard: Shard, prompt: str, request_id: str | None = None, inference_state: dict | None = None
+    ) -> str:
+        """Starts a request; returns its id once this node's part of the first step is done."""
+        return await self._core.process_prompt(base_shard, prompt, request_id, inference_state)
+
+    async def process_tensor(
+        self,
+        base_shard: Shard,
+        tensor: np.ndarray,
+        request_id: str | None = None,
+        inference_state: dict | None = None,
+    ) -> None:
+        """Runs this node's shard on `tensor` for a running request."""
+        await self._core.process_tensor(base_shard, tensor, request_id, inference_state)
+
+    def generate(
+        self,
+        base_shard: Shard,
+        prompt: str,
+        request_id: str | None = None,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> TokenStream:
+        """Starts a request and returns the async iterator of its token ids.
+
+        The iterator ends when generation ends (EOS or the token limit), raises
+        `exo.errors.RequestFailedError` when the request fails anywhere in the ring, and
+        `await stream.aclose()` cancels the request on every node.
+        """
+        return self._core.generate(
+            base_shard,
+            prompt,
+            request_id,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+        )
+
+    async def cancel_request(self, request_id: str) -> None:
+        """Stops a request on every node and frees what they keep for it."""
+        await self._core.cancel_request(request_id)
+
+    # --- the ring ---
+
+    def get_partition_index(self, offset: int = 0) -> int:
+        return self._core.get_partition_index(offset)
+
+    def get_current_shard(self, base_shard: Shard, index: int | None = None) -> Shard:
+        return self._core.get_current_shard(base_shard, index)
+
+    def partitions(self) -> list[Partition]:
+        """The partitions of the current topology, in ring order."""
+        return self._core.partitions()
+
+    async def update_peers(self, wait_for_peers: int = 0) -> bool:
+        return await self._core.update_peers(wait_for_peers)
+
+    async def collect_topology(self, visited: set[str], max_depth: int = 4) -> Topology:
+        topology = await self._core.collect_topology(visited, max_depth)
+        self._update_viz()
+        return topology
+
+    async def broadcast_opaque_status(self, request_id: str, status: str) -> None:
+        await self._core.broadcast_opaque_status(request_id, status)
+
+    async def broadcast_result(self, request_id: str, result: list[int], is_finished: bool) -> None:
+        await self._core.broadcast_result(request_id, result, is_finished)
+
+    async def broadcast_supported_engines(self, supported_engines_names: list[str]) -> None:
+        status = {"type": "supported_inference_engines", "node_id": self.id, "engines": supported_engines_names}
+        await self.broadcast_opaque_status("", json.dumps(status))
+
+    def get_topology_inference_engines(self) -> list[list[str]]:
+        return self.topology_inference_engines_pool
+
+    # --- status handling, as classic ---
+
+    def on_node_status(self, request_id: str, opaque_status: str) -> None:
+        """Keeps engine pools and download progress from peers' statuses, and refreshes the TUI."""
+        try:
+            status = json.loads(opaque_status)
+        except ValueError:
+            logger.debug("ignoring a status that is not JSON: %r", opaque_status)
+            return
+        if not isinstance(status, dict):
+            return
+        kind = status.get("type")
+        if kind == "supported_inference_engines":
+            self.topology_inference_engines_pool.append(list(status.get("engines", [])))
+        elif kind == "download_progress":
+            self._record_download_progress(status)
+        self._update_viz()
+
+    def _record_download_progress(self, status: dict[str, Any]) -> None:
+        try:
+            from exo.download.download_progress import RepoProgressEvent
+        except ImportError:
+            self.node_download_progress[status.get("node_id", "")] = status.get("progress")
+            return
+        try:
+            self.node_download_progress[status.get("node_id", "")] = RepoProgressEvent.from_dict(status["progress"])
+        except (KeyError, TypeError, ValueError) as e:
+            logger.debug("ignoring malformed download progress: %s", e)
+
+    def _update_viz(self) -> None:
+        if self.topology_viz is None:
+            return
+        try:
+            self.topology_viz.update_visualization(
+                self.topology, self.partitions(), self.id, self.node_download_progress
+            )
+        except Exception:
+            logger.exception("updating the topology view failed")
+
+
+__all__ = ["Node", "TokenStream"]

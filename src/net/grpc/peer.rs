@@ -1,0 +1,198 @@
+//! `GrpcPeer`: one reused HTTP/2 connection to a peer's `NodeService`, a deadline on every call.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{state_to_proto, MAX_MESSAGE_BYTES};
+use crate::engine::InferenceState;
+use crate::error::{Error, Result};
+use crate::net::PeerHandle;
+use crate::proto;
+use crate::proto::node_service_client::NodeServiceClient;
+use crate::shard::Shard;
+use crate::tensor::WireTensor;
+use crate::topology::{DeviceCapabilities, Topology};
+
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a health check may take before the peer counts as down.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline of small calls: results, statuses, topology (classic waits 15 s for results).
+const SHORT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Deadline of prompt and tensor calls, which wait for the peer's layers to run.
+const COMPUTE_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// A peer reached over gRPC at `address` (`host:port`).
+pub struct GrpcPeer {
+    id: String,
+    address: String,
+    description: String,
+    capabilities: DeviceCapabilities,
+    client: Mutex<Option<NodeServiceClient<Channel>>>,
+}
+
+impl GrpcPeer {
+    /// A handle for peer `id` at `address`; nothing is opened until the first call.
+    pub fn new(id: String, address: String, description: String, capabilities: DeviceCapabilities) -> Self {
+        Self { id, address, description, capabilities, client: Mutex::new(None) }
+    }
+
+    fn endpoint(&self) -> Result<Endpoint> {
+        let uri = format!("http://{}", self.address);
+        Ok(Endpoint::from_shared(uri)
+            .map_err(|e| Error::Peer(format!("{}: invalid address {:?}: {e}", self.id, self.address)))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true))
+    }
+
+    /// The connected client, connecting first when there is none.
+    async fn client(&self) -> Result<NodeServiceClient<Channel>> {
+        if let Some(client) = self.client.lock().expect("client lock poisoned").clone() {
+            return Ok(client);
+        }
+        let channel = tokio::time::timeout(CONNECT_TIMEOUT, self.endpoint()?.connect())
+            .await
+            .map_err(|_| self.error("connect", "timed out"))?
+            .map_err(|e| self.error("connect", e))?;
+        let client = NodeServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .accept_compressed(CompressionEncoding::Gzip);
+        *self.client.lock().expect("client lock poisoned") = Some(client.clone());
+        Ok(client)
+    }
+
+    fn error(&self, call: &str, cause: impl std::fmt::Display) -> Error {
+        Error::Peer(format!("{call} to {}@{} failed: {cause}", self.id, self.address))
+    }
+
+    /// Runs one call with a deadline, naming the call and the peer in any error.
+    async fn call<T, F>(&self, name: &str, timeout: Duration, call: F) -> Result<T>
+    where
+        F: Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(timeout, call).await {
+            Err(_) => Err(self.error(name, format!("no answer within {timeout:?}"))),
+            Ok(Err(status)) => Err(self.error(name, format!("{} ({:?})", status.message(), status.code()))),
+            Ok(Ok(response)) => Ok(response.into_inner()),
+        }
+    }
+}
+
+#[async_trait]
+impl PeerHandle for GrpcPeer {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    fn addr(&self) -> String {
+        self.address.clone()
+    }
+
+    fn description(&self) -> String {
+        self.description.clone()
+    }
+
+    fn device_capabilities(&self) -> DeviceCapabilities {
+        self.capabilities.clone()
+    }
+
+    async fn connect(&self) -> Result<()> {
+        self.client().await.map(|_| ())
+    }
+
+    async fn is_connected(&self) -> bool {
+        self.client.lock().expect("client lock poisoned").is_some()
+    }
+
+    async fn disconnect(&self) -> Result<()> {
+        self.client.lock().expect("client lock poisoned").take();
+        Ok(())
+    }
+
+    async fn health_check(&self) -> bool {
+        let check = async {
+            let mut client = self.client().await?;
+            self.call("HealthCheck", HEALTH_TIMEOUT, client.health_check(proto::HealthCheckRequest {})).await
+        };
+        match tokio::time::timeout(HEALTH_TIMEOUT, check).await {
+            Ok(Ok(response)) => response.is_healthy,
+            _ => false,
+        }
+    }
+
+    async fn send_prompt(
+        &self,
+        shard: &Shard,
+        prompt: &str,
+        request_id: &str,
+        state: Option<InferenceState>,
+    ) -> Result<()> {
+        let request = proto::PromptRequest {
+            shard: Some(shard.clone().into()),
+            prompt: prompt.to_string(),
+            request_id: Some(request_id.to_string()),
+            inference_state: state.map(state_to_proto).transpose()?,
+        };
+        let mut client = self.client().await?;
+        self.call("SendPrompt", COMPUTE_TIMEOUT, client.send_prompt(request)).await.map(|_| ())
+    }
+
+    async fn send_tensor(
+        &self,
+        shard: &Shard,
+        tensor: WireTensor,
+        request_id: &str,
+        state: Option<InferenceState>,
+    ) -> Result<()> {
+        let request = proto::TensorRequest {
+            shard: Some(shard.clone().into()),
+            tensor: Some(tensor.into_proto()?),
+            request_id: Some(request_id.to_string()),
+            inference_state: state.map(state_to_proto).transpose()?,
+        };
+        let mut client = self.client().await?;
+        self.call("SendTensor", COMPUTE_TIMEOUT, client.send_tensor(request)).await.map(|_| ())
+    }
+
+    async fn send_result(&self, request_id: &str, tokens: &[u32], is_finished: bool) -> Result<()> {
+        let result = tokens
+            .iter()
+            .map(|&t| {
+                i32::try_from(t).map_err(|_| Error::InvalidArgument(format!("token id {t} exceeds int32")))
+            })
+            .collect::<Result<_>>()?;
+        let request = proto::SendResultRequest {
+            request_id: request_id.to_string(),
+            result,
+            tensor: None,
+            is_finished,
+        };
+        let mut client = self.client().await?;
+        self.call("SendResult", SHORT_TIMEOUT, client.send_result(request)).await.map(|_| ())
+    }
+
+    async fn send_opaque_status(&self, request_id: &str, status: &str) -> Result<()> {
+        let request =
+            proto::SendOpaqueStatusRequest { request_id: request_id.to_string(), status: status.to_string() };
+        let mut client = self.client().await?;
+        self.call("SendOpaqueStatus", SHORT_TIMEOUT, client.send_opaque_status(request)).await.map(|_| ())
+    }
+
+    async fn collect_topology(&self, visited: &BTreeSet<String>, max_depth: i32) -> Result<Topology> {
+        let request = proto::CollectTopologyRequest { visited: visited.iter().cloned().collect(), max_depth };
+        let mut client = self.client().await?;
+        self.call("CollectTopology", SHORT_TIMEOUT, client.collect_topology(request))
+            .await
+            .map(Topology::from)
+    }
+}

@@ -1,0 +1,236 @@
+//! `GrpcServer`: serves exo classic's `NodeService`, validating every message before the node
+//! sees it; a bad message fails its call with a status, never the server.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Mutex, Weak};
+
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::codec::CompressionEncoding;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+use super::{state_from_proto, MAX_MESSAGE_BYTES};
+use crate::error::{Error, Result};
+use crate::net::{RequestHandler, Server};
+use crate::proto;
+use crate::proto::node_service_server::{NodeService, NodeServiceServer};
+use crate::shard::Shard;
+use crate::tensor::WireTensor;
+
+/// A running server: where it listens, how to stop it.
+struct Running {
+    address: SocketAddr,
+    shutdown: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+/// Serves a node's `NodeService` on `host:port` (port 0 picks a free one).
+pub struct GrpcServer {
+    handler: Weak<dyn RequestHandler>,
+    host: String,
+    port: u16,
+    running: Mutex<Option<Running>>,
+}
+
+impl GrpcServer {
+    /// A server that hands calls to `handler`; it holds it weakly so a node can own its server.
+    pub fn new(handler: Weak<dyn RequestHandler>, host: impl Into<String>, port: u16) -> Self {
+        Self { handler, host: host.into(), port, running: Mutex::new(None) }
+    }
+
+    /// The host it was asked to listen on.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port it listens on once started (the requested one before).
+    pub fn port(&self) -> u16 {
+        self.running.lock().expect("server lock poisoned").as_ref().map_or(self.port, |r| r.address.port())
+    }
+
+    async fn bind(&self) -> Result<tokio::net::TcpListener> {
+        let target = format!("{}:{}", self.host, self.port);
+        let addresses = tokio::net::lookup_host(&target)
+            .await
+            .map_err(|e| Error::InvalidArgument(format!("cannot resolve server address {target}: {e}")))?;
+        let mut last_error = None;
+        for address in addresses {
+            match tokio::net::TcpListener::bind(address).await {
+                Ok(listener) => return Ok(listener),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(Error::InvalidArgument(match last_error {
+            Some(e) => format!("cannot listen on {target}: {e}"),
+            None => format!("{target} resolves to no address"),
+        }))
+    }
+}
+
+#[async_trait]
+impl Server for GrpcServer {
+    async fn start(&self) -> Result<()> {
+        if self.running.lock().expect("server lock poisoned").is_some() {
+            return Ok(());
+        }
+        let listener = self.bind().await?;
+        let address = listener.local_addr().map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let service = NodeServiceServer::new(Service { handler: self.handler.clone() })
+            .accept_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (shutdown, signal) = oneshot::channel::<()>();
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = signal.await;
+            });
+        let task = tokio::spawn(async move {
+            if let Err(e) = server.await {
+                log::error!("gRPC server stopped: {e}");
+            }
+        });
+        *self.running.lock().expect("server lock poisoned") = Some(Running { address, shutdown, task });
+        Ok(())
+    }
+
+    async fn stop(&self) -> Result<()> {
+        let running = self.running.lock().expect("server lock poisoned").take();
+        if let Some(running) = running {
+            let _ = running.shutdown.send(());
+            // In-flight calls get a moment to finish; the listener is closed at once.
+            if tokio::time::timeout(std::time::Duration::from_secs(2), running.task).await.is_err() {
+                log::warn!("gRPC server on {} did not stop within 2 s", running.address);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The tonic service: decodes and validates, then delegates to the handler.
+struct Service {
+    handler: Weak<dyn RequestHandler>,
+}
+
+impl Service {
+    fn handler(&self) -> std::result::Result<std::sync::Arc<dyn RequestHandler>, Status> {
+        self.handler.upgrade().ok_or_else(|| Status::unavailable("the node is shutting down"))
+    }
+}
+
+/// The status a core error answers with.
+fn status(error: Error) -> Status {
+    let message = error.to_string();
+    match error {
+        Error::InvalidTensor(_) | Error::InvalidShard(_) | Error::InvalidArgument(_) => {
+            Status::invalid_argument(message)
+        }
+        Error::InvalidModel(_) | Error::ContextOverflow(_) => Status::failed_precondition(message),
+        Error::CacheEvicted(_) | Error::RequestFailed(_) => Status::aborted(message),
+        Error::Peer(_) => Status::unavailable(message),
+        Error::Backend(_) | Error::StandIn(_) => Status::internal(message),
+    }
+}
+
+/// A shard from the wire: present and with a valid layer range.
+fn shard(message: Option<proto::Shard>) -> std::result::Result<Shard, Status> {
+    let shard: Shard = message.ok_or_else(|| Status::invalid_argument("the request has no shard"))?.into();
+    shard.validate().map_err(status)?;
+    Ok(shard)
+}
+
+fn state(
+    message: Option<proto::InferenceState>,
+) -> std::result::Result<Option<crate::engine::InferenceState>, Status> {
+    message.map(state_from_proto).transpose().map_err(status)
+}
+
+fn empty_tensor() -> proto::Tensor {
+    proto::Tensor { tensor_data: Vec::new(), shape: Vec::new(), dtype: String::new() }
+}
+
+#[async_trait]
+impl NodeService for Service {
+    async fn send_prompt(
+        &self,
+        request: Request<proto::PromptRequest>,
+    ) -> std::result::Result<Response<proto::Tensor>, Status> {
+        let message = request.into_inner();
+        let (shard, state) = (shard(message.shard)?, state(message.inference_state)?);
+        self.handler()?
+            .handle_prompt(shard, message.prompt, message.request_id, state)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(empty_tensor()))
+    }
+
+    async fn send_tensor(
+        &self,
+        request: Request<proto::TensorRequest>,
+    ) -> std::result::Result<Response<proto::Tensor>, Status> {
+        let message = request.into_inner();
+        let shard = shard(message.shard)?;
+        let tensor = message.tensor.ok_or_else(|| Status::invalid_argument("the request has no tensor"))?;
+        let tensor = WireTensor::from_proto(tensor).map_err(status)?;
+        let state = state(message.inference_state)?;
+        self.handler()?.handle_tensor(shard, tensor, message.request_id, state).await.map_err(status)?;
+        Ok(Response::new(empty_tensor()))
+    }
+
+    async fn send_example(
+        &self,
+        _request: Request<proto::ExampleRequest>,
+    ) -> std::result::Result<Response<proto::Loss>, Status> {
+        Err(Status::unimplemented("training and evaluation are not supported by xotorch-core nodes"))
+    }
+
+    async fn collect_topology(
+        &self,
+        request: Request<proto::CollectTopologyRequest>,
+    ) -> std::result::Result<Response<proto::Topology>, Status> {
+        let message = request.into_inner();
+        let visited: BTreeSet<String> = message.visited.into_iter().collect();
+        let topology =
+            self.handler()?.handle_collect_topology(visited, message.max_depth).await.map_err(status)?;
+        Ok(Response::new(proto::Topology::from(&topology)))
+    }
+
+    async fn send_result(
+        &self,
+        request: Request<proto::SendResultRequest>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let message = request.into_inner();
+        let tokens = message
+            .result
+            .iter()
+            .map(|&t| {
+                u32::try_from(t).map_err(|_| Status::invalid_argument(format!("negative token id {t}")))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        self.handler()?.handle_result(message.request_id, tokens, message.is_finished).await;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn send_opaque_status(
+        &self,
+        request: Request<proto::SendOpaqueStatusRequest>,
+    ) -> std::result::Result<Response<proto::Empty>, Status> {
+        let message = request.into_inner();
+        self.handler()?.handle_opaque_status(message.request_id, message.status).await;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn health_check(
+        &self,
+        _request: Request<proto::HealthCheckRequest>,
+    ) -> std::result::Result<Response<proto::HealthCheckResponse>, Status> {
+        let is_healthy = self.handler.upgrade().is_some();
+        Ok(Response::new(proto::HealthCheckResponse { is_healthy }))
+    }
+}

@@ -1,0 +1,111 @@
+//! Networking seams: how a node reaches its peers (`PeerHandle`), finds them (`Discovery`)
+//! and serves them (`Server`, handing calls to a `RequestHandler`). gRPC lives in `grpc`.
+
+pub mod grpc;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::engine::InferenceState;
+use crate::error::Result;
+use crate::shard::Shard;
+use crate::tensor::WireTensor;
+use crate::topology::{DeviceCapabilities, Topology};
+
+/// A connection to one peer, as exo classic's `PeerHandle`. Every call has a deadline.
+#[async_trait]
+pub trait PeerHandle: Send + Sync {
+    /// The peer's node id.
+    fn id(&self) -> String;
+    /// Where the peer listens (`host:port`).
+    fn addr(&self) -> String;
+    /// How the peer was found (an interface type, `MAN`, `tailscale`, ...).
+    fn description(&self) -> String;
+    /// The peer's device as it announced it.
+    fn device_capabilities(&self) -> DeviceCapabilities;
+
+    /// Opens (or reuses) the connection.
+    async fn connect(&self) -> Result<()>;
+    /// Whether a connection is open.
+    async fn is_connected(&self) -> bool;
+    /// Closes the connection; later calls reconnect.
+    async fn disconnect(&self) -> Result<()>;
+    /// Whether the peer answers its health check in time.
+    async fn health_check(&self) -> bool;
+
+    /// Hands a prompt to the peer's node (`process_prompt`).
+    async fn send_prompt(
+        &self,
+        shard: &Shard,
+        prompt: &str,
+        request_id: &str,
+        state: Option<InferenceState>,
+    ) -> Result<()>;
+    /// Hands a tensor (hidden states or a token) to the peer's node (`process_tensor`).
+    async fn send_tensor(
+        &self,
+        shard: &Shard,
+        tensor: WireTensor,
+        request_id: &str,
+        state: Option<InferenceState>,
+    ) -> Result<()>;
+    /// Delivers tokens of a request to the peer's token listeners.
+    async fn send_result(&self, request_id: &str, tokens: &[u32], is_finished: bool) -> Result<()>;
+    /// Delivers a JSON status string to the peer's status listeners.
+    async fn send_opaque_status(&self, request_id: &str, status: &str) -> Result<()>;
+    /// The peer's view of the cluster, walking peers not in `visited` up to `max_depth`.
+    async fn collect_topology(&self, visited: &BTreeSet<String>, max_depth: i32) -> Result<Topology>;
+}
+
+/// Makes a peer handle from what discovery learned: id, address, description, capabilities.
+pub type PeerFactory =
+    Arc<dyn Fn(String, String, String, DeviceCapabilities) -> Arc<dyn PeerHandle> + Send + Sync>;
+
+/// Finds peers, as exo classic's `Discovery`.
+#[async_trait]
+pub trait Discovery: Send + Sync {
+    /// Starts announcing and listening.
+    async fn start(&self) -> Result<()>;
+    /// Stops every background task.
+    async fn stop(&self) -> Result<()>;
+    /// The peers known now, after waiting until at least `wait_for_peers` are known.
+    async fn discover_peers(&self, wait_for_peers: usize) -> Result<Vec<Arc<dyn PeerHandle>>>;
+}
+
+/// What serves a node to its peers, as exo classic's `Server`.
+#[async_trait]
+pub trait Server: Send + Sync {
+    /// Starts listening.
+    async fn start(&self) -> Result<()>;
+    /// Stops listening; in-flight calls finish or fail.
+    async fn stop(&self) -> Result<()>;
+}
+
+/// What a server hands incoming calls to: the node, as its peers see it.
+#[async_trait]
+pub trait RequestHandler: Send + Sync {
+    /// A peer started a request here from a prompt; returns once the local layers ran.
+    async fn handle_prompt(
+        &self,
+        shard: Shard,
+        prompt: String,
+        request_id: Option<String>,
+        state: Option<InferenceState>,
+    ) -> Result<()>;
+    /// A peer continued a request here; returns once the local layers ran.
+    async fn handle_tensor(
+        &self,
+        shard: Shard,
+        tensor: WireTensor,
+        request_id: Option<String>,
+        state: Option<InferenceState>,
+    ) -> Result<()>;
+    /// Tokens of a request arrived.
+    async fn handle_result(&self, request_id: String, tokens: Vec<u32>, is_finished: bool);
+    /// A status message arrived.
+    async fn handle_opaque_status(&self, request_id: String, status: String);
+    /// This node's view of the cluster, walking peers not in `visited`.
+    async fn handle_collect_topology(&self, visited: BTreeSet<String>, max_depth: i32) -> Result<Topology>;
+}

@@ -1,0 +1,519 @@
+//! The node: holds its peers and the cluster topology, runs its shard of every request,
+//! forwards hidden states and tokens around the ring, and delivers tokens to listeners.
+//! Lifecycle and cluster membership live here; the request path lives in `ring`.
+
+mod outbox;
+mod request;
+mod ring;
+
+pub use request::{NodeEvent, RequestContext, StreamEvent, CONTEXT_KEY};
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::net::{Discovery, PeerHandle, Server};
+use crate::shard::Shard;
+use crate::topology::{assign_layers, DeviceCapabilities, Partition, PartitioningStrategy, Topology};
+use outbox::{Message, Outbox, PeerLookup};
+use request::Request;
+
+/// How often peers and the topology are refreshed (classic: 2 s).
+const TOPOLOGY_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the peers of running requests are health-checked.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long connecting to a new peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one peer's part of a topology walk may take (classic: 5 s).
+const COLLECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests idle this long are forgotten (their messages were lost).
+const IDLE_REQUEST: Duration = Duration::from_secs(600);
+
+/// Settings callers may change while the node runs.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeSettings {
+    /// Most tokens any request generates (classic's `max_generate_tokens`).
+    pub max_generate_tokens: usize,
+    /// Sampling temperature for requests that name none.
+    pub default_temperature: f32,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        Self { max_generate_tokens: 1024, default_temperature: 0.0 }
+    }
+}
+
+/// Options of one `generate` call; `None` falls back to the node's settings.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateOptions {
+    /// Most tokens to generate.
+    pub max_tokens: Option<usize>,
+    /// Sampling temperature.
+    pub temperature: Option<f32>,
+    /// Nucleus mass to keep.
+    pub top_p: Option<f32>,
+    /// Most likely tokens to keep.
+    pub top_k: Option<usize>,
+    /// Seed for reproducible sampling.
+    pub seed: Option<u64>,
+}
+
+/// A cluster node. Always held in an `Arc`; background tasks hold it weakly.
+pub struct Node {
+    id: String,
+    me: Weak<Node>,
+    engine: Arc<dyn Engine>,
+    discovery: Arc<dyn Discovery>,
+    strategy: Arc<dyn PartitioningStrategy>,
+    server: Mutex<Option<Arc<dyn Server>>>,
+    settings: RwLock<NodeSettings>,
+    capabilities: RwLock<DeviceCapabilities>,
+    /// Whether the capabilities were set by the caller, so start does not detect them.
+    capabilities_given: std::sync::atomic::AtomicBool,
+    peers: RwLock<Vec<Arc<dyn PeerHandle>>>,
+    /// Peers that stopped answering; kept out until a health check passes again.
+    suspects: Mutex<HashSet<String>>,
+    topology: RwLock<Topology>,
+    partitions: RwLock<Vec<Partition>>,
+    requests: Mutex<HashMap<String, Request>>,
+    /// Cancelled or failed requests, so late messages for them are dropped.
+    ended: Mutex<HashMap<String, Instant>>,
+    listeners: Mutex<Vec<mpsc::UnboundedSender<NodeEvent>>>,
+    outbox: Outbox,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl PeerLookup for Node {
+    fn peer(&self, id: &str) -> Option<Arc<dyn PeerHandle>> {
+        self.peers.read().expect("peers lock poisoned").iter().find(|p| p.id() == id).cloned()
+    }
+}
+
+impl Node {
+    /// A stopped node; `start` brings it up.
+    pub fn new(
+        id: impl Into<String>,
+        engine: Arc<dyn Engine>,
+        discovery: Arc<dyn Discovery>,
+        strategy: Arc<dyn PartitioningStrategy>,
+        settings: NodeSettings,
+    ) -> Arc<Self> {
+        let id = id.into();
+        let mut topology = Topology::new();
+        topology.update_node(id.clone(), DeviceCapabilities::unknown());
+        let partitions = strategy.partition(&topology);
+        Arc::new_cyclic(|me| Self {
+            id,
+            me: me.clone(),
+            engine,
+            discovery,
+            strategy,
+            server: Mutex::new(None),
+            settings: RwLock::new(settings),
+            capabilities: RwLock::new(DeviceCapabilities::unknown()),
+            capabilities_given: std::sync::atomic::AtomicBool::new(false),
+            peers: RwLock::new(Vec::new()),
+            suspects: Mutex::new(HashSet::new()),
+            topology: RwLock::new(topology),
+            partitions: RwLock::new(partitions),
+            requests: Mutex::new(HashMap::new()),
+            ended: Mutex::new(HashMap::new()),
+            listeners: Mutex::new(Vec::new()),
+            outbox: Outbox::new(),
+            tasks: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn arc(&self) -> Arc<Self> {
+        self.me.upgrade().expect("a node is only used through its Arc")
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The engine running this node's layers.
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
+    /// Sets the server started and stopped with the node.
+    pub fn set_server(&self, server: Arc<dyn Server>) {
+        *self.server.lock().expect("server lock poisoned") = Some(server);
+    }
+
+    /// The current settings.
+    pub fn settings(&self) -> NodeSettings {
+        *self.settings.read().expect("settings lock poisoned")
+    }
+
+    /// Replaces the settings; running requests pick them up on their next step.
+    pub fn set_settings(&self, settings: NodeSettings) {
+        *self.settings.write().expect("settings lock poisoned") = settings;
+    }
+
+    /// This node's device, as detected at start.
+    pub fn device_capabilities(&self) -> DeviceCapabilities {
+        self.capabilities.read().expect("capabilities lock poisoned").clone()
+    }
+
+    /// Sets this node's device instead of detecting it at start (e.g. memory 0 for a node
+    /// that should hold no layers).
+    pub fn set_device_capabilities(&self, capabilities: DeviceCapabilities) {
+        self.capabilities_given.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.apply_capabilities(capabilities);
+    }
+
+    fn apply_capabilities(&self, capabilities: DeviceCapabilities) {
+        *self.capabilities.write().expect("capabilities lock poisoned") = capabilities.clone();
+        let mut topology = self.topology();
+        topology.update_node(self.id.clone(), capabilities);
+        self.set_topology(topology);
+    }
+
+    /// The peers in use now.
+    pub fn peers(&self) -> Vec<Arc<dyn PeerHandle>> {
+        self.peers.read().expect("peers lock poisoned").clone()
+    }
+
+    /// The cluster as last collected.
+    pub fn topology(&self) -> Topology {
+        self.topology.read().expect("topology lock poisoned").clone()
+    }
+
+    fn set_topology(&self, topology: Topology) {
+        let partitions = self.strategy.partition(&topology);
+        *self.topology.write().expect("topology lock poisoned") = topology;
+        *self.partitions.write().expect("partitions lock poisoned") = partitions;
+    }
+
+    /// The partitions of the current topology, in ring order.
+    pub fn partitions(&self) -> Vec<Partition> {
+        self.partitions.read().expect("partitions lock poisoned").clone()
+    }
+
+    /// Request ids active here and where each stands (`processing` or `waiting`).
+    pub fn outstanding_requests(&self) -> Vec<(String, &'static str)> {
+        let requests = self.requests.lock().expect("requests lock poisoned");
+        requests.iter().map(|(id, r)| (id.clone(), r.phase.as_str())).collect()
+    }
+
+    /// A channel of everything this node tells its listeners, from now on.
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<NodeEvent> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        self.listeners.lock().expect("listeners lock poisoned").push(sender);
+        receiver
+    }
+
+    fn emit(&self, event: NodeEvent) {
+        self.listeners.lock().expect("listeners lock poisoned").retain(|l| l.send(event.clone()).is_ok());
+    }
+
+    /// Index of this node's partition, moved `offset` places round the ring.
+    pub fn get_partition_index(&self, offset: usize) -> Result<usize> {
+        let partitions = self.partitions();
+        let index = partitions
+            .iter()
+            .position(|p| p.node_id == self.id)
+            .ok_or_else(|| Error::InvalidArgument(format!("no partition holds node {}", self.id)))?;
+        Ok((index + offset) % partitions.len())
+    }
+
+    /// The shard of `base`'s model that partition `index` (this node's by default) holds.
+    pub fn get_current_shard(&self, base: &Shard, index: Option<usize>) -> Result<Shard> {
+        let index = match index {
+            Some(index) => index,
+            None => self.get_partition_index(0)?,
+        };
+        let partitions = self.partitions();
+        let shards = crate::topology::map_partitions_to_shards(&partitions, base.n_layers, &base.model_id);
+        shards.get(index).cloned().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "partition {index} holds no layers of {} ({} shards for {} layers)",
+                base.model_id,
+                shards.len(),
+                base.n_layers
+            ))
+        })
+    }
+
+    /// Every node holding layers of `base`'s model, with its shard, in ring order.
+    fn assignments(&self, base: &Shard) -> Vec<(String, Shard)> {
+        let partitions = self.partitions();
+        assign_layers(&partitions, base.n_layers, &base.model_id)
+            .into_iter()
+            .map(|(id, shard)| (id.to_string(), shard))
+            .collect()
+    }
+
+    /// Starts the server and discovery, finds peers, and starts the background refresh.
+    pub async fn start(&self, wait_for_peers: usize) -> Result<()> {
+        if !self.capabilities_given.load(std::sync::atomic::Ordering::SeqCst) {
+            let detected = tokio::task::spawn_blocking(crate::topology::detect_device_capabilities)
+                .await
+                .map_err(|e| Error::InvalidArgument(format!("device detection failed: {e}")))?;
+            self.apply_capabilities(detected);
+        }
+        let server = self.server.lock().expect("server lock poisoned").clone();
+        if let Some(server) = server {
+            server.start().await?;
+        }
+        self.discovery.start().await?;
+        self.update_peers(wait_for_peers).await?;
+        self.collect_topology(BTreeSet::new(), 4).await;
+        let (refresh, watch) = (self.me.clone(), self.me.clone());
+        let mut tasks = self.tasks.lock().expect("tasks lock poisoned");
+        tasks.push(tokio::spawn(refresh_periodically(refresh)));
+        tasks.push(tokio::spawn(watch_requests(watch)));
+        Ok(())
+    }
+
+    /// Stops the background tasks, discovery and the server; running requests fail.
+    pub async fn stop(&self) -> Result<()> {
+        for task in self.tasks.lock().expect("tasks lock poisoned").drain(..) {
+            task.abort();
+        }
+        let running: Vec<String> =
+            self.requests.lock().expect("requests lock poisoned").keys().cloned().collect();
+        for request_id in running {
+            self.end_request(&request_id, Some(format!("node {} stopped", self.id))).await;
+        }
+        self.outbox.close();
+        let discovery = self.discovery.stop().await;
+        let server = self.server.lock().expect("server lock poisoned").clone();
+        if let Some(server) = server {
+            server.stop().await?;
+        }
+        discovery
+    }
+
+    /// Takes the peers discovery knows now (waiting for `wait_for_peers`), connects new ones,
+    /// and keeps out peers that failed a health check until they pass one. True if they changed.
+    pub async fn update_peers(&self, wait_for_peers: usize) -> Result<bool> {
+        let discovered = self.discovery.discover_peers(wait_for_peers).await?;
+        let mut next = Vec::with_capacity(discovered.len());
+        for peer in discovered {
+            let suspect = self.suspects.lock().expect("suspects lock poisoned").contains(&peer.id());
+            if suspect {
+                if !peer.health_check().await {
+                    continue;
+                }
+                self.suspects.lock().expect("suspects lock poisoned").remove(&peer.id());
+            }
+            if !peer.is_connected().await {
+                let failure = match tokio::time::timeout(CONNECT_TIMEOUT, peer.connect()).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some(format!("connecting to {}@{} timed out", peer.id(), peer.addr())),
+                };
+                if let Some(failure) = failure {
+                    // Kept out (and re-checked on every refresh) until it answers.
+                    log::info!("{failure}");
+                    self.suspects.lock().expect("suspects lock poisoned").insert(peer.id());
+                    continue;
+                }
+            }
+            next.push(peer);
+        }
+        let key = |peers: &[Arc<dyn PeerHandle>]| -> BTreeSet<(String, String)> {
+            peers.iter().map(|p| (p.id(), p.addr())).collect()
+        };
+        let mut peers = self.peers.write().expect("peers lock poisoned");
+        let changed = key(&peers) != key(&next);
+        *peers = next;
+        Ok(changed)
+    }
+
+    /// Rebuilds the topology from this node, its peers and what they see, down to `max_depth`,
+    /// and makes it the node's topology.
+    pub async fn collect_topology(&self, visited: BTreeSet<String>, max_depth: i32) -> Topology {
+        let next = self.walk_topology(visited, max_depth).await;
+        self.set_topology(next.clone());
+        next
+    }
+
+    /// The cluster as seen from here: this node, its peers, and what the peers not in
+    /// `visited` see, down to `max_depth`. A peer whose handle does not know its device keeps
+    /// what the last walk learned about it.
+    pub async fn walk_topology(&self, mut visited: BTreeSet<String>, max_depth: i32) -> Topology {
+        let peers = self.peers();
+        let known = self.topology();
+        let mut next = Topology::new();
+        next.update_node(self.id.clone(), self.device_capabilities());
+        let before = visited.clone();
+        visited.insert(self.id.clone());
+        visited.extend(peers.iter().map(|p| p.id()));
+        for peer in &peers {
+            let mut capabilities = peer.device_capabilities();
+            if capabilities == DeviceCapabilities::unknown() {
+                if let Some(learned) = known.get_node(&peer.id()) {
+                    capabilities = learned.clone();
+                }
+            }
+            next.update_node(peer.id(), capabilities);
+            next.add_edge(&self.id, &peer.id(), Some(peer.description()));
+        }
+        let walks = peers.iter().filter(|p| max_depth > 0 && !before.contains(&p.id())).map(|peer| {
+            let visited = &visited;
+            async move {
+                let walk =
+                    tokio::time::timeout(COLLECT_TIMEOUT, peer.collect_topology(visited, max_depth - 1));
+                (peer.id(), walk.await)
+            }
+        });
+        for (peer_id, walk) in futures::future::join_all(walks).await {
+            match walk {
+                Ok(Ok(other)) => next.merge(&peer_id, &other),
+                Ok(Err(e)) => log::debug!("topology from {peer_id}: {e}"),
+                Err(_) => log::debug!("topology from {peer_id} timed out"),
+            }
+        }
+        next.active_node_id = known.active_node_id;
+        next
+    }
+
+    /// Takes a peer that stopped answering out of the ring until it answers again.
+    fn drop_peer(&self, peer_id: &str) {
+        self.suspects.lock().expect("suspects lock poisoned").insert(peer_id.to_string());
+        self.peers.write().expect("peers lock poisoned").retain(|p| p.id() != peer_id);
+        let mut topology = self.topology();
+        topology.nodes.shift_remove(peer_id);
+        topology.peer_graph.shift_remove(peer_id);
+        for connections in topology.peer_graph.values_mut() {
+            connections.retain(|c| c.to_id != peer_id);
+        }
+        self.set_topology(topology);
+        log::warn!("peer {peer_id} stopped answering; it leaves the ring until it answers again");
+    }
+
+    /// Sends a status to every peer and to this node's own listeners.
+    pub fn broadcast_opaque_status(&self, request_id: &str, status: &str) {
+        for peer in self.peers() {
+            let message = Message::Status { request_id: request_id.to_string(), status: status.to_string() };
+            self.outbox.send(&self.me, &peer.id(), message);
+        }
+        self.observe_status(request_id, status);
+    }
+
+    /// Sends tokens of a request to every peer.
+    pub fn broadcast_result(&self, request_id: &str, tokens: &[u32], is_finished: bool) {
+        for peer in self.peers() {
+            let message =
+                Message::Result { request_id: request_id.to_string(), tokens: tokens.to_vec(), is_finished };
+            self.outbox.send(&self.me, &peer.id(), message);
+        }
+    }
+
+    /// Applies what a status says to this node's state, then tells the listeners.
+    fn observe_status(&self, request_id: &str, status: &str) {
+        if let Ok(serde_json::Value::Object(message)) = serde_json::from_str::<serde_json::Value>(status) {
+            let field = |name: &str| message.get(name).and_then(|v| v.as_str()).unwrap_or_default();
+            if field("type") == "node_status" {
+                let mut topology = self.topology.write().expect("topology lock poisoned");
+                if field("status").starts_with("start_") {
+                    topology.active_node_id = Some(field("node_id").to_string());
+                } else if field("status").starts_with("end_")
+                    && topology.active_node_id.as_deref() == Some(field("node_id"))
+                {
+                    topology.active_node_id = None;
+                }
+            }
+        }
+        self.emit(NodeEvent::Status { request_id: request_id.to_string(), status: status.to_string() });
+    }
+
+    /// Health-checks the peers that running requests started here depend on; a peer that
+    /// fails leaves the ring and its requests fail at once.
+    async fn watch_running_requests(&self) {
+        let watched: BTreeSet<String> = {
+            let requests = self.requests.lock().expect("requests lock poisoned");
+            requests
+                .values()
+                .filter(|r| r.is_origin(&self.id))
+                .flat_map(|r| r.members.iter().cloned())
+                .filter(|id| *id != self.id)
+                .collect()
+        };
+        if watched.is_empty() {
+            return;
+        }
+        let checks = watched.into_iter().map(|id| async move {
+            let healthy = match self.peer(&id) {
+                Some(peer) => peer.health_check().await,
+                None => false,
+            };
+            (id, healthy)
+        });
+        for (peer_id, healthy) in futures::future::join_all(checks).await {
+            if !healthy {
+                self.peer_failed(&peer_id).await;
+            }
+        }
+    }
+
+    /// Drops a dead peer and fails every request started here that runs through it.
+    async fn peer_failed(&self, peer_id: &str) {
+        let address = self.peer(peer_id).map(|p| p.addr()).unwrap_or_default();
+        self.drop_peer(peer_id);
+        let affected: Vec<String> = {
+            let requests = self.requests.lock().expect("requests lock poisoned");
+            requests
+                .iter()
+                .filter(|(_, r)| r.members.iter().any(|m| m == peer_id))
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for request_id in affected {
+            let error = format!("peer {peer_id} ({address}) stopped answering during the request");
+            self.fail_request(&request_id, error).await;
+        }
+    }
+
+    /// Forgets requests whose messages were lost, and old records of ended ones.
+    async fn forget_idle_requests(&self) {
+        let idle: Vec<String> = {
+            let requests = self.requests.lock().expect("requests lock poisoned");
+            requests
+                .iter()
+                .filter(|(_, r)| r.last_active.elapsed() > IDLE_REQUEST)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for request_id in idle {
+            self.end_request(&request_id, Some("the request stalled and was dropped".into())).await;
+        }
+        self.ended.lock().expect("ended lock poisoned").retain(|_, at| at.elapsed() < IDLE_REQUEST);
+    }
+}
+
+/// Refreshes peers and the topology every `TOPOLOGY_INTERVAL` while the node lives.
+async fn refresh_periodically(node: Weak<Node>) {
+    loop {
+        tokio::time::sleep(TOPOLOGY_INTERVAL).await;
+        let Some(node) = node.upgrade() else { return };
+        if let Err(e) = node.update_peers(0).await {
+            log::warn!("updating peers failed: {e}");
+        }
+        node.collect_topology(BTreeSet::new(), 4).await;
+        node.forget_idle_requests().await;
+    }
+}
+
+/// Watches the peers of running requests every `WATCH_INTERVAL` while the node lives.
+async fn watch_requests(node: Weak<Node>) {
+    loop {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let Some(node) = node.upgrade() else { return };
+        node.watch_running_requests().await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,168 @@
+//! What a node keeps per request, what travels with it between nodes, and what it tells
+//! its listeners.
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::engine::{InferenceState, SamplingParams};
+
+/// Key of the request context in `inference_state.other_data_json`. Classic nodes pass
+/// unknown keys through untouched, so the context survives a ring with classic peers in it.
+pub const CONTEXT_KEY: &str = "xot_request";
+
+/// Per-request settings chosen by the node that started the request, carried to every node.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestContext {
+    /// Node whose listeners want the tokens.
+    pub origin: String,
+    /// Most tokens to generate (the node's own limit applies too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<usize>,
+    /// Sampling temperature; the sampling node's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Nucleus mass to keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// Most likely tokens to keep.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    /// Seed of the sampler; step `i` samples with `seed + i`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+impl RequestContext {
+    /// The context carried in `state`, if any (a malformed one counts as absent).
+    pub fn from_state(state: Option<&InferenceState>) -> Option<Self> {
+        let value = state?.other.get(CONTEXT_KEY)?;
+        serde_json::from_value(value.clone()).ok()
+    }
+
+    /// `state` with this context in it.
+    pub fn attach(&self, state: Option<InferenceState>) -> Option<InferenceState> {
+        let mut state = state.unwrap_or_default();
+        let value = serde_json::to_value(self).expect("a context always serializes");
+        state.other.insert(CONTEXT_KEY.to_string(), value);
+        Some(state)
+    }
+
+    /// Sampling parameters for generation step `step`, falling back to `default_temperature`.
+    pub fn sampling(&self, default_temperature: f32, step: usize) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(default_temperature),
+            top_p: self.top_p.unwrap_or(1.0),
+            top_k: self.top_k.unwrap_or(0),
+            seed: self.seed.map(|s| s.wrapping_add(step as u64)),
+        }
+    }
+}
+
+/// What the node tells its listeners (the Python callbacks, the TUI).
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeEvent {
+    /// New tokens of a request (usually one); `is_finished` on the last delivery.
+    Token { request_id: String, tokens: Vec<u32>, is_finished: bool },
+    /// A JSON status message, sent by this node or received from a peer.
+    Status { request_id: String, status: String },
+    /// A request failed or was cancelled somewhere in the ring.
+    Failed { request_id: String, error: String },
+}
+
+/// What a request's own stream receives on the node that started it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    /// The next generated token.
+    Token(u32),
+    /// Generation ended normally (EOS or the token limit).
+    Finished,
+    /// The request failed; the message says where and why.
+    Failed(String),
+}
+
+/// Where a request stands on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Running this node's layers.
+    Processing,
+    /// Waiting for another node.
+    Waiting,
+}
+
+impl Phase {
+    /// exo classic's word for it in `outstanding_requests`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Processing => "processing",
+            Phase::Waiting => "waiting",
+        }
+    }
+}
+
+/// A request as this node knows it.
+#[derive(Debug)]
+pub struct Request {
+    /// Settings from the origin; absent for requests started by classic nodes.
+    pub context: Option<RequestContext>,
+    /// Where it stands here.
+    pub phase: Phase,
+    /// Tokens sampled here (only the node with the last layer samples).
+    pub generated: Vec<u32>,
+    /// Tokens sampled here and not yet sent to bystanders (peers that only display them).
+    pub unsent: Vec<u32>,
+    /// When bystanders were last sent tokens.
+    pub last_flush: Instant,
+    /// When the request last made progress here.
+    pub last_active: Instant,
+    /// On the origin: the request's token stream, if someone listens to it.
+    pub stream: Option<mpsc::UnboundedSender<StreamEvent>>,
+    /// On the origin: the nodes of the ring when it started, watched for failures.
+    pub members: Vec<String>,
+}
+
+impl Request {
+    /// A request first seen here, with what its state says about it.
+    pub fn new(context: Option<RequestContext>) -> Self {
+        let now = Instant::now();
+        Self {
+            context,
+            phase: Phase::Processing,
+            generated: Vec::new(),
+            unsent: Vec::new(),
+            last_flush: now,
+            last_active: now,
+            stream: None,
+            members: Vec::new(),
+        }
+    }
+
+    /// Whether this node started the request.
+    pub fn is_origin(&self, node_id: &str) -> bool {
+        self.context.as_ref().is_some_and(|c| c.origin == node_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_round_trips_through_state_json() {
+        let context =
+            RequestContext { origin: "a".into(), max_tokens: Some(5), seed: Some(7), ..Default::default() };
+        let state = context.attach(None);
+        assert_eq!(RequestContext::from_state(state.as_ref()), Some(context.clone()));
+        let params = context.sampling(0.5, 3);
+        assert_eq!((params.temperature, params.top_p, params.top_k, params.seed), (0.5, 1.0, 0, Some(10)));
+    }
+
+    #[test]
+    fn malformed_context_counts_as_absent() {
+        let mut state = InferenceState::default();
+        state.other.insert(CONTEXT_KEY.into(), serde_json::json!({"origin": 3}));
+        assert_eq!(RequestContext::from_state(Some(&state)), None);
+        assert_eq!(RequestContext::from_state(None), None);
+    }
+}

@@ -1,0 +1,526 @@
+//! The request path: run this node's layers, sample on the last shard, forward hidden states
+//! or the new token to the node holding the next layer, and deliver tokens to the origin.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+
+use super::outbox::{Message, PeerLookup};
+use super::request::{Phase, Request, RequestContext, StreamEvent, CONTEXT_KEY};
+use super::{GenerateOptions, Node, NodeEvent};
+use crate::engine::InferenceState;
+use crate::error::{Error, Result};
+use crate::net::RequestHandler;
+use crate::shard::Shard;
+use crate::tensor::{DType, WireTensor};
+use crate::topology::Topology;
+
+/// How often bystanders (peers that only display a request) are sent its new tokens.
+const BYSTANDER_INTERVAL: Duration = Duration::from_millis(200);
+
+/// A fresh request id.
+fn new_request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The whole model of which `shard` is a part.
+fn whole_model(shard: &Shard) -> Shard {
+    Shard::new(shard.model_id.clone(), 0, shard.n_layers - 1, shard.n_layers)
+}
+
+/// A token as the `[1, 1]` int64 tensor the first shard takes.
+fn token_tensor(token: u32) -> WireTensor {
+    WireTensor::new(DType::I64, vec![1, 1], i64::from(token).to_le_bytes().to_vec())
+        .expect("8 bytes for one i64")
+}
+
+impl Node {
+    /// exo classic's `process_prompt`: starts `request_id` from `prompt` on the ring for
+    /// `base`'s model and returns once this node's part of the first step is done. Tokens reach
+    /// the listeners (`subscribe`); the request's settings come from `state` or the defaults.
+    pub async fn process_prompt(
+        &self,
+        base: &Shard,
+        prompt: &str,
+        request_id: Option<String>,
+        state: Option<InferenceState>,
+    ) -> Result<String> {
+        let request_id = request_id.unwrap_or_else(new_request_id);
+        let context = RequestContext::from_state(state.as_ref())
+            .unwrap_or_else(|| RequestContext { origin: self.id.clone(), ..Default::default() });
+        base.validate()?;
+        self.start_request(&request_id, base, context.clone(), None);
+        let outcome =
+            self.run_prompt(base, self.own_shard(base), prompt, &request_id, context.attach(state)).await;
+        if let Err(e) = &outcome {
+            self.fail_request(&request_id, e.to_string()).await;
+        }
+        outcome.map(|()| request_id)
+    }
+
+    /// Starts a request on the ring and returns its id and its token stream at once; the
+    /// stream ends with `Finished` or `Failed`. Must be called inside the tokio runtime.
+    pub fn generate(
+        &self,
+        base: &Shard,
+        prompt: &str,
+        request_id: Option<String>,
+        options: GenerateOptions,
+    ) -> Result<(String, mpsc::UnboundedReceiver<StreamEvent>)> {
+        base.validate()?;
+        let request_id = request_id.unwrap_or_else(new_request_id);
+        if self.requests.lock().expect("requests lock poisoned").contains_key(&request_id) {
+            return Err(Error::InvalidArgument(format!("request {request_id} is already running")));
+        }
+        let shard = self.own_shard(base);
+        let context = RequestContext {
+            origin: self.id.clone(),
+            max_tokens: options.max_tokens,
+            temperature: options.temperature,
+            top_p: options.top_p,
+            top_k: options.top_k,
+            seed: options.seed,
+        };
+        let (stream, receiver) = mpsc::unbounded_channel();
+        self.start_request(&request_id, base, context.clone(), Some(stream));
+        let (node, base, prompt, id) = (self.arc(), base.clone(), prompt.to_string(), request_id.clone());
+        tokio::spawn(async move {
+            if let Err(e) = node.run_prompt(&base, shard, &prompt, &id, context.attach(None)).await {
+                node.fail_request(&id, e.to_string()).await;
+            }
+        });
+        Ok((request_id, receiver))
+    }
+
+    /// exo classic's `process_tensor`: runs this node's shard of `base` on `tensor`.
+    pub async fn process_tensor(
+        &self,
+        base: &Shard,
+        tensor: WireTensor,
+        request_id: Option<String>,
+        state: Option<InferenceState>,
+    ) -> Result<()> {
+        let shard = self.get_current_shard(base, None)?;
+        let request_id = request_id.unwrap_or_else(new_request_id);
+        self.run_tensor(shard, tensor, &request_id, state).await
+    }
+
+    /// Stops a request on every node of the ring and frees what they keep for it.
+    pub async fn cancel_request(&self, request_id: &str) {
+        let status =
+            serde_json::json!({"type": "request_cancelled", "node_id": self.id, "request_id": request_id});
+        self.notify_peers(request_id, &status.to_string());
+        self.end_request(request_id, Some(format!("request {request_id} was cancelled"))).await;
+    }
+
+    /// The layers of `base`'s model this node holds, if any.
+    fn own_shard(&self, base: &Shard) -> Option<Shard> {
+        self.assignments(base).into_iter().find(|(id, _)| *id == self.id).map(|(_, shard)| shard)
+    }
+
+    /// Records a request started here: its settings, its stream and the nodes it runs on.
+    fn start_request(
+        &self,
+        request_id: &str,
+        base: &Shard,
+        context: RequestContext,
+        stream: Option<mpsc::UnboundedSender<StreamEvent>>,
+    ) {
+        let members = self.assignments(base).into_iter().map(|(id, _)| id).collect();
+        let mut request = Request::new(Some(context));
+        request.stream = stream;
+        request.members = members;
+        self.ended.lock().expect("ended lock poisoned").remove(request_id);
+        self.requests.lock().expect("requests lock poisoned").insert(request_id.to_string(), request);
+    }
+
+    /// Records a request arriving from a peer, keeping the context its state carries.
+    fn register(&self, request_id: &str, context: Option<RequestContext>) {
+        let mut requests = self.requests.lock().expect("requests lock poisoned");
+        let request = requests.entry(request_id.to_string()).or_insert_with(|| Request::new(None));
+        if request.context.is_none() {
+            request.context = context;
+        }
+        request.last_active = Instant::now();
+    }
+
+    fn set_phase(&self, request_id: &str, phase: Phase) {
+        if let Some(request) = self.requests.lock().expect("requests lock poisoned").get_mut(request_id) {
+            request.phase = phase;
+            request.last_active = Instant::now();
+        }
+    }
+
+    fn has_ended(&self, request_id: &str) -> bool {
+        self.ended.lock().expect("ended lock poisoned").contains_key(request_id)
+    }
+
+    /// Tells every peer and the local listeners about this node's work on a prompt.
+    fn broadcast_node_status(
+        &self,
+        status: &str,
+        base: &Shard,
+        shard: &Shard,
+        request_id: &str,
+        extra: serde_json::Value,
+    ) {
+        let mut message = serde_json::json!({
+            "type": "node_status",
+            "node_id": self.id,
+            "status": status,
+            "base_shard": base.to_json(),
+            "shard": shard.to_json(),
+            "request_id": request_id,
+        });
+        if let (Some(message), serde_json::Value::Object(extra)) = (message.as_object_mut(), extra) {
+            message.extend(extra);
+        }
+        self.broadcast_opaque_status(request_id, &message.to_string());
+    }
+
+    /// Runs the prompt here when this node holds the first layer, else hands it to the node
+    /// that does (`shard` is what this node holds, if anything).
+    async fn run_prompt(
+        &self,
+        base: &Shard,
+        shard: Option<Shard>,
+        prompt: &str,
+        request_id: &str,
+        state: Option<InferenceState>,
+    ) -> Result<()> {
+        let started = Instant::now();
+        let shown = shard.clone().unwrap_or_else(|| Shard::new(base.model_id.clone(), 0, -1, base.n_layers));
+        let prompt_json = serde_json::json!({"prompt": prompt});
+        self.broadcast_node_status("start_process_prompt", base, &shown, request_id, prompt_json);
+        let mut result_size = 0;
+        let outcome = if let Some(shard) = shard.filter(Shard::is_first_layer) {
+            self.set_phase(request_id, Phase::Processing);
+            match self.engine.infer_prompt(request_id, &shard, prompt, state.clone()).await {
+                Ok((output, returned)) => {
+                    result_size = output.shape().iter().product::<usize>();
+                    self.after_step(
+                        &shard,
+                        output,
+                        request_id,
+                        self.keep_context(request_id, returned.or(state)),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            self.set_phase(request_id, Phase::Waiting);
+            self.forward_prompt(base, prompt, request_id, state).await
+        };
+        let end = serde_json::json!({
+            "prompt": prompt,
+            "elapsed_time_ns": started.elapsed().as_nanos() as u64,
+            "result_size": result_size,
+        });
+        self.broadcast_node_status("end_process_prompt", base, &shown, request_id, end);
+        outcome
+    }
+
+    /// Hands a prompt to the node holding the first layer of `base`'s model.
+    async fn forward_prompt(
+        &self,
+        base: &Shard,
+        prompt: &str,
+        request_id: &str,
+        state: Option<InferenceState>,
+    ) -> Result<()> {
+        let (target, first) =
+            self.assignments(base).into_iter().next().ok_or_else(|| {
+                Error::InvalidArgument(format!("no node holds layers of {}", base.model_id))
+            })?;
+        let peer = self
+            .peer(&target)
+            .ok_or_else(|| Error::Peer(format!("peer {target} holding the first layer is not connected")))?;
+        peer.send_prompt(&first, prompt, request_id, state).await
+    }
+
+    /// Runs this node's layers on a tensor of a running request.
+    async fn run_tensor(
+        &self,
+        shard: Shard,
+        tensor: WireTensor,
+        request_id: &str,
+        state: Option<InferenceState>,
+    ) -> Result<()> {
+        if self.has_ended(request_id) {
+            self.engine.finish_request(request_id).await;
+            return Ok(());
+        }
+        self.register(request_id, RequestContext::from_state(state.as_ref()));
+        self.set_phase(request_id, Phase::Processing);
+        let (output, returned) = self.engine.infer_tensor(request_id, &shard, tensor, state.clone()).await?;
+        self.after_step(&shard, output, request_id, self.keep_context(request_id, returned.or(state))).await
+    }
+
+    /// `state` with the request's context in it, whatever the engine did with it.
+    fn keep_context(&self, request_id: &str, state: Option<InferenceState>) -> Option<InferenceState> {
+        if state.as_ref().is_some_and(|s| s.other.contains_key(CONTEXT_KEY)) {
+            return state;
+        }
+        let requests = self.requests.lock().expect("requests lock poisoned");
+        match requests.get(request_id).and_then(|r| r.context.as_ref()) {
+            Some(context) => context.attach(state),
+            None => state,
+        }
+    }
+
+    /// After this node's layers ran: on the last shard, sample and deliver the token; then
+    /// send what comes next to the node holding the next layer (without waiting for it).
+    async fn after_step(
+        &self,
+        shard: &Shard,
+        output: WireTensor,
+        request_id: &str,
+        state: Option<InferenceState>,
+    ) -> Result<()> {
+        let forward = if shard.is_last_layer() {
+            let Some((params, step, limit)) = self.sampling_plan(request_id) else { return Ok(()) };
+            let finished = if step >= limit {
+                None
+            } else {
+                let token = *self.engine.sample(&output, params).await?.first().ok_or_else(|| {
+                    Error::InvalidTensor(format!("sampling request {request_id} gave no token"))
+                })?;
+                let eos = self.engine.eos_token_ids(shard).await?;
+                let finished = eos.contains(&token) || step + 1 >= limit;
+                self.deliver_token(request_id, token, finished);
+                Some((token, finished))
+            };
+            match finished {
+                Some((token, false)) => token_tensor(token),
+                _ => {
+                    self.end_request(request_id, None).await;
+                    return Ok(());
+                }
+            }
+        } else {
+            output
+        };
+        self.set_phase(request_id, Phase::Waiting);
+        tokio::spawn(self.arc().forward_step(shard.clone(), forward, request_id.to_string(), state));
+        Ok(())
+    }
+
+    /// Sampling parameters, tokens generated so far and the token limit of a request.
+    fn sampling_plan(&self, request_id: &str) -> Option<(crate::engine::SamplingParams, usize, usize)> {
+        let settings = self.settings();
+        let requests = self.requests.lock().expect("requests lock poisoned");
+        let request = requests.get(request_id)?;
+        let context = request.context.clone().unwrap_or_default();
+        let step = request.generated.len();
+        let limit = context.max_tokens.unwrap_or(usize::MAX).min(settings.max_generate_tokens);
+        Some((context.sampling(settings.default_temperature, step), step, limit))
+    }
+
+    /// Sends `tensor` to the node holding the layer after `shard`'s last; a failure fails
+    /// the request everywhere.
+    fn forward_step(
+        self: std::sync::Arc<Self>,
+        shard: Shard,
+        tensor: WireTensor,
+        request_id: String,
+        state: Option<InferenceState>,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let next_layer = (shard.end_layer + 1) % shard.n_layers;
+            let target = self
+                .assignments(&shard)
+                .into_iter()
+                .find(|(_, s)| s.start_layer <= next_layer && next_layer <= s.end_layer);
+            let outcome = match target {
+                None => Err(Error::InvalidArgument(format!(
+                    "no node holds layer {next_layer} of {}",
+                    shard.model_id
+                ))),
+                Some((target, next)) if target == self.id => {
+                    self.run_tensor(next, tensor, &request_id, state).await
+                }
+                Some((target, next)) => match self.peer(&target) {
+                    None => {
+                        Err(Error::Peer(format!("peer {target} holding layer {next_layer} is not connected")))
+                    }
+                    Some(peer) => {
+                        let sent = peer.send_tensor(&next, tensor, &request_id, state).await;
+                        if matches!(sent, Err(Error::Peer(_))) && !peer.health_check().await {
+                            self.drop_peer(&target);
+                        }
+                        sent
+                    }
+                },
+            };
+            if let Err(e) = outcome {
+                self.fail_request(&request_id, e.to_string()).await;
+            }
+        })
+    }
+
+    /// Hands a token sampled here to the listeners: the origin at once, bystanders in
+    /// batches, every peer at once when the origin is unknown (a classic node started it).
+    fn deliver_token(&self, request_id: &str, token: u32, finished: bool) {
+        let (origin, stream, batch) = {
+            let mut requests = self.requests.lock().expect("requests lock poisoned");
+            let Some(request) = requests.get_mut(request_id) else { return };
+            request.generated.push(token);
+            request.unsent.push(token);
+            let flush = finished || request.last_flush.elapsed() >= BYSTANDER_INTERVAL;
+            let batch = flush.then(|| {
+                request.last_flush = Instant::now();
+                std::mem::take(&mut request.unsent)
+            });
+            (request.context.as_ref().map(|c| c.origin.clone()), request.stream.clone(), batch)
+        };
+        self.emit(NodeEvent::Token {
+            request_id: request_id.to_string(),
+            tokens: vec![token],
+            is_finished: finished,
+        });
+        if let Some(stream) = stream {
+            let _ = stream.send(StreamEvent::Token(token));
+            if finished {
+                let _ = stream.send(StreamEvent::Finished);
+            }
+        }
+        let Some(origin) = origin else {
+            self.broadcast_result(request_id, &[token], finished);
+            return;
+        };
+        let result = |tokens: Vec<u32>| Message::Result {
+            request_id: request_id.to_string(),
+            tokens,
+            is_finished: finished,
+        };
+        if origin != self.id {
+            self.outbox.send(&self.me, &origin, result(vec![token]));
+        }
+        if let Some(batch) = batch {
+            for peer in self.peers().into_iter().map(|p| p.id()).filter(|id| *id != origin) {
+                self.outbox.send(&self.me, &peer, result(batch.clone()));
+            }
+        }
+    }
+
+    /// Sends a status to every peer (not to the local listeners).
+    fn notify_peers(&self, request_id: &str, status: &str) {
+        for peer in self.peers() {
+            let message = Message::Status { request_id: request_id.to_string(), status: status.to_string() };
+            self.outbox.send(&self.me, &peer.id(), message);
+        }
+    }
+
+    /// Fails a request here and tells every peer, so the origin reports it and all free it.
+    pub(super) async fn fail_request(&self, request_id: &str, error: String) {
+        let known = self.requests.lock().expect("requests lock poisoned").contains_key(request_id);
+        if !known && self.has_ended(request_id) {
+            return;
+        }
+        let status = serde_json::json!({
+            "type": "request_failed",
+            "node_id": self.id,
+            "request_id": request_id,
+            "error": error,
+        });
+        self.notify_peers(request_id, &status.to_string());
+        self.end_request(request_id, Some(error)).await;
+    }
+
+    /// Forgets a request here and frees its cache; with an error, its stream and the
+    /// listeners learn why, and late messages for it are dropped.
+    pub(super) async fn end_request(&self, request_id: &str, error: Option<String>) {
+        let request = self.requests.lock().expect("requests lock poisoned").remove(request_id);
+        if let Some(error) = error {
+            self.ended.lock().expect("ended lock poisoned").insert(request_id.to_string(), Instant::now());
+            if let Some(stream) = request.as_ref().and_then(|r| r.stream.as_ref()) {
+                let _ = stream.send(StreamEvent::Failed(error.clone()));
+            }
+            if request.is_some() {
+                self.emit(NodeEvent::Failed { request_id: request_id.to_string(), error });
+            }
+        }
+        self.engine.finish_request(request_id).await;
+    }
+}
+
+#[async_trait]
+impl RequestHandler for Node {
+    async fn handle_prompt(
+        &self,
+        shard: Shard,
+        prompt: String,
+        request_id: Option<String>,
+        state: Option<InferenceState>,
+    ) -> Result<()> {
+        let request_id = request_id.unwrap_or_else(new_request_id);
+        self.register(&request_id, RequestContext::from_state(state.as_ref()));
+        let outcome = self.run_prompt(&whole_model(&shard), Some(shard), &prompt, &request_id, state).await;
+        if let Err(e) = &outcome {
+            self.end_request(&request_id, Some(e.to_string())).await;
+        }
+        outcome
+    }
+
+    async fn handle_tensor(
+        &self,
+        shard: Shard,
+        tensor: WireTensor,
+        request_id: Option<String>,
+        state: Option<InferenceState>,
+    ) -> Result<()> {
+        let request_id = request_id.unwrap_or_else(new_request_id);
+        let outcome = self.run_tensor(shard, tensor, &request_id, state).await;
+        if let Err(e) = &outcome {
+            self.end_request(&request_id, Some(e.to_string())).await;
+        }
+        outcome
+    }
+
+    async fn handle_result(&self, request_id: String, tokens: Vec<u32>, is_finished: bool) {
+        let stream = {
+            let mut requests = self.requests.lock().expect("requests lock poisoned");
+            requests.get_mut(&request_id).and_then(|r| {
+                r.last_active = Instant::now();
+                r.stream.clone()
+            })
+        };
+        if let Some(stream) = stream {
+            for &token in &tokens {
+                let _ = stream.send(StreamEvent::Token(token));
+            }
+            if is_finished {
+                let _ = stream.send(StreamEvent::Finished);
+            }
+        }
+        self.emit(NodeEvent::Token { request_id: request_id.clone(), tokens, is_finished });
+        if is_finished {
+            self.end_request(&request_id, None).await;
+        }
+    }
+
+    async fn handle_opaque_status(&self, request_id: String, status: String) {
+        let message: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+        let field = |name: &str| message.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        match field("type").as_str() {
+            "request_failed" => {
+                let error = format!("{} (on node {})", field("error"), field("node_id"));
+                self.end_request(&request_id, Some(error)).await;
+            }
+            "request_cancelled" => {
+                let error = format!("request {request_id} was cancelled by node {}", field("node_id"));
+                self.end_request(&request_id, Some(error)).await;
+            }
+            _ => {}
+        }
+        self.observe_status(&request_id, &status);
+    }
+
+    async fn handle_collect_topology(&self, visited: BTreeSet<String>, max_depth: i32) -> Result<Topology> {
+        Ok(self.walk_topology(visited, max_depth).await)
+    }
+}

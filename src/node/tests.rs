@@ -1,0 +1,252 @@
+//! Rings of real nodes talking gRPC over loopback in one process, with the dummy engine.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{GenerateOptions, Node, NodeSettings, StreamEvent};
+use crate::engine::dummy::DummyEngine;
+use crate::engine::{Engine, InferenceState, SamplingParams};
+use crate::error::Result;
+use crate::net::grpc::{GrpcPeer, GrpcServer};
+use crate::net::{Discovery, PeerHandle, RequestHandler, Server};
+use crate::shard::Shard;
+use crate::tensor::{DType, WireTensor};
+use crate::topology::RingMemoryWeightedPartitioning;
+
+/// The dummy engine's tokens for any prompt: 2..=10, then EOS (69).
+const DUMMY_TOKENS: [u32; 10] = [2, 3, 4, 5, 6, 7, 8, 9, 10, 69];
+
+/// Whatever peers the test puts in.
+#[derive(Default)]
+struct FixedPeers(Mutex<Vec<Arc<dyn PeerHandle>>>);
+
+#[async_trait]
+impl Discovery for FixedPeers {
+    async fn start(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn stop(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn discover_peers(&self, _wait_for_peers: usize) -> Result<Vec<Arc<dyn PeerHandle>>> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+}
+
+/// The dummy engine, slowed down so that a test can act in the middle of a request.
+struct SlowDummy {
+    inner: DummyEngine,
+    step: Duration,
+}
+
+#[async_trait]
+impl Engine for SlowDummy {
+    fn name(&self) -> &str {
+        "slow-dummy"
+    }
+    async fn encode(&self, shard: &Shard, prompt: &str) -> Result<Vec<u32>> {
+        self.inner.encode(shard, prompt).await
+    }
+    async fn decode(&self, shard: &Shard, tokens: &[u32]) -> Result<String> {
+        self.inner.decode(shard, tokens).await
+    }
+    async fn sample(&self, logits: &WireTensor, params: SamplingParams) -> Result<Vec<u32>> {
+        self.inner.sample(logits, params).await
+    }
+    async fn infer_tensor(
+        &self,
+        request_id: &str,
+        shard: &Shard,
+        input: WireTensor,
+        state: Option<InferenceState>,
+    ) -> Result<(WireTensor, Option<InferenceState>)> {
+        tokio::time::sleep(self.step).await;
+        self.inner.infer_tensor(request_id, shard, input, state).await
+    }
+    async fn ensure_shard(&self, shard: &Shard) -> Result<()> {
+        self.inner.ensure_shard(shard).await
+    }
+    async fn finish_request(&self, request_id: &str) {
+        self.inner.finish_request(request_id).await
+    }
+    async fn eos_token_ids(&self, shard: &Shard) -> Result<Vec<u32>> {
+        self.inner.eos_token_ids(shard).await
+    }
+}
+
+struct TestNode {
+    node: Arc<Node>,
+    server: Arc<GrpcServer>,
+    discovery: Arc<FixedPeers>,
+}
+
+/// Starts one node per id on loopback, each knowing every other one.
+async fn cluster(ids: &[&str], engine: impl Fn() -> Arc<dyn Engine>) -> Vec<TestNode> {
+    let mut nodes = Vec::new();
+    for id in ids {
+        let discovery = Arc::new(FixedPeers::default());
+        let node = Node::new(
+            *id,
+            engine(),
+            discovery.clone(),
+            Arc::new(RingMemoryWeightedPartitioning),
+            NodeSettings::default(),
+        );
+        let handler: Arc<dyn RequestHandler> = node.clone();
+        let server = Arc::new(GrpcServer::new(Arc::downgrade(&handler), "127.0.0.1", 0));
+        node.set_server(server.clone());
+        server.start().await.unwrap();
+        nodes.push(TestNode { node, server, discovery });
+    }
+    for test in &nodes {
+        let peers: Vec<Arc<dyn PeerHandle>> = nodes
+            .iter()
+            .filter(|other| other.node.id() != test.node.id())
+            .map(|other| {
+                let address = format!("127.0.0.1:{}", other.server.port());
+                let caps = crate::topology::detect_device_capabilities();
+                Arc::new(GrpcPeer::new(other.node.id().to_string(), address, "test".into(), caps))
+                    as Arc<dyn PeerHandle>
+            })
+            .collect();
+        *test.discovery.0.lock().unwrap() = peers;
+    }
+    for test in &nodes {
+        test.node.start(0).await.unwrap();
+    }
+    // Nodes started before their peers saw them without capabilities; look again.
+    for test in &nodes {
+        test.node.update_peers(0).await.unwrap();
+        test.node.collect_topology(BTreeSet::new(), 4).await;
+    }
+    nodes
+}
+
+/// Collects a stream until it ends; the error message if it failed.
+async fn drain(mut stream: tokio::sync::mpsc::UnboundedReceiver<StreamEvent>) -> (Vec<u32>, Option<String>) {
+    let mut tokens = Vec::new();
+    while let Some(event) = stream.recv().await {
+        match event {
+            StreamEvent::Token(t) => tokens.push(t),
+            StreamEvent::Finished => return (tokens, None),
+            StreamEvent::Failed(e) => return (tokens, Some(e)),
+        }
+    }
+    (tokens, Some("the stream closed without an end".into()))
+}
+
+fn dummy() -> Arc<dyn Engine> {
+    Arc::new(DummyEngine::default())
+}
+
+fn base() -> Shard {
+    Shard::new("dummy", 0, 7, 8)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rings_of_one_two_and_three_nodes_give_the_same_tokens() {
+    for ids in [&["a"][..], &["a", "b"], &["a", "b", "c"]] {
+        let nodes = cluster(ids, dummy).await;
+        assert_eq!(nodes[0].node.partitions().len(), ids.len());
+        // Start from every node in turn: the origin need not hold the first layer.
+        for (i, test) in nodes.iter().enumerate() {
+            let (_, stream) =
+                test.node.generate(&base(), "hi", Some(format!("r{i}")), GenerateOptions::default()).unwrap();
+            let (tokens, error) = tokio::time::timeout(Duration::from_secs(10), drain(stream)).await.unwrap();
+            assert_eq!((tokens, error), (DUMMY_TOKENS.to_vec(), None), "{ids:?} from {}", test.node.id());
+        }
+        for test in &nodes {
+            test.node.stop().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_tokens_and_concurrent_requests_stay_per_request() {
+    let nodes = cluster(&["a", "b"], dummy).await;
+    let options = |max| GenerateOptions { max_tokens: Some(max), ..Default::default() };
+    let streams: Vec<_> =
+        (0..6).map(|i| nodes[i % 2].node.generate(&base(), "hi", None, options(i + 1)).unwrap().1).collect();
+    for (i, stream) in streams.into_iter().enumerate() {
+        let (tokens, error) = tokio::time::timeout(Duration::from_secs(10), drain(stream)).await.unwrap();
+        assert_eq!((tokens, error), (DUMMY_TOKENS[..i + 1].to_vec(), None));
+    }
+    // Every node has forgotten every request.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for test in &nodes {
+        assert!(test.node.outstanding_requests().is_empty(), "{:?}", test.node.outstanding_requests());
+        test.node.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_dies_mid_request_fails_it_within_seconds_and_leaves_the_ring() {
+    let slow = || {
+        Arc::new(SlowDummy { inner: DummyEngine::default(), step: Duration::from_millis(300) })
+            as Arc<dyn Engine>
+    };
+    let nodes = cluster(&["a", "b"], slow).await;
+    let (_, stream) = nodes[0].node.generate(&base(), "hi", None, GenerateOptions::default()).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Node b goes away: its server closes and it stops answering.
+    nodes[1].node.stop().await.unwrap();
+    let started = std::time::Instant::now();
+    let (tokens, error) = tokio::time::timeout(Duration::from_secs(10), drain(stream)).await.unwrap();
+    assert!(error.is_some(), "the request should fail, got {tokens:?}");
+    assert!(tokens.len() < DUMMY_TOKENS.len());
+    assert!(started.elapsed() < Duration::from_secs(8), "failing took {:?}", started.elapsed());
+    // The next request runs on the new partition: node a alone.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(nodes[0].node.partitions().len(), 1);
+    let (_, stream) = nodes[0].node.generate(&base(), "hi", None, GenerateOptions::default()).unwrap();
+    let (tokens, error) = tokio::time::timeout(Duration::from_secs(10), drain(stream)).await.unwrap();
+    assert_eq!((tokens, error), (DUMMY_TOKENS.to_vec(), None));
+    nodes[0].node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_stops_the_request_on_every_node() {
+    let slow = || {
+        Arc::new(SlowDummy { inner: DummyEngine::default(), step: Duration::from_millis(100) })
+            as Arc<dyn Engine>
+    };
+    let nodes = cluster(&["a", "b"], slow).await;
+    let (id, mut stream) = nodes[0].node.generate(&base(), "hi", None, GenerateOptions::default()).unwrap();
+    assert_eq!(stream.recv().await, Some(StreamEvent::Token(2)));
+    nodes[0].node.cancel_request(&id).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for test in &nodes {
+        assert!(
+            test.node.outstanding_requests().is_empty(),
+            "{}: {:?}",
+            test.node.id(),
+            test.node.outstanding_requests()
+        );
+        test.node.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_calls_fail_alone_and_the_node_keeps_serving() {
+    let nodes = cluster(&["a"], dummy).await;
+    let address = format!("127.0.0.1:{}", nodes[0].server.port());
+    let peer =
+        GrpcPeer::new("a".into(), address, String::new(), crate::topology::DeviceCapabilities::unknown());
+    let bad_shard = Shard::new("dummy", 5, 2, 8);
+    let error = peer.send_prompt(&bad_shard, "x", "r1", None).await.unwrap_err().to_string();
+    assert!(error.contains("InvalidArgument") && error.contains("layers 5..=2"), "{error}");
+    let floats = WireTensor::new(DType::F16, vec![1], vec![0; 2]).unwrap();
+    let error =
+        peer.send_tensor(&Shard::new("dummy", 0, 7, 8), floats, "r2", None).await.unwrap_err().to_string();
+    assert!(error.contains("integer tokens"), "{error}");
+    let topology = peer.collect_topology(&BTreeSet::new(), 1).await.unwrap();
+    assert!(topology.nodes.contains_key("a"));
+    assert!(peer.health_check().await);
+    let (_, stream) = nodes[0].node.generate(&base(), "hi", None, GenerateOptions::default()).unwrap();
+    assert_eq!(drain(stream).await, (DUMMY_TOKENS.to_vec(), None));
+    nodes[0].node.stop().await.unwrap();
+    assert!(!peer.health_check().await);
+}

@@ -1,0 +1,449 @@
+//! Peer handles, discoveries and servers for Python: the native gRPC classes, and adapters
+//! that let a Python object with the same methods stand in for each.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use super::asyncio::call_coroutine;
+use super::engine::{state_from_py, StateDict};
+use super::node::PyNode;
+use super::shard::PyShard;
+use super::tensor::{ndarray_from_wire, wire_from_ndarray};
+use super::topology::{PyDeviceCapabilities, PyTopology};
+use crate::engine::InferenceState;
+use crate::error::{Error, Result};
+use crate::net::grpc::{GrpcPeer, GrpcServer};
+use crate::net::{Discovery, PeerHandle, Server};
+use crate::shard::Shard;
+use crate::tensor::WireTensor;
+use crate::topology::{DeviceCapabilities, Topology};
+
+/// A peer handle from Python: a native handle as is, any other object through an adapter.
+pub fn peer_from_py(object: &Bound<'_, PyAny>) -> PyResult<Arc<dyn PeerHandle>> {
+    if let Ok(native) = object.cast::<PyPeerHandle>() {
+        return Ok(native.get().inner.clone());
+    }
+    for method in ["id", "addr", "description", "device_capabilities", "health_check", "send_tensor"] {
+        if !object.hasattr(method)? {
+            return Err(Error::InvalidArgument(format!("a peer handle needs a {method}() method")).into());
+        }
+    }
+    Ok(Arc::new(PythonPeer { object: object.clone().unbind() }))
+}
+
+/// A Python object with exo classic's `PeerHandle` methods.
+struct PythonPeer {
+    object: Py<PyAny>,
+}
+
+impl PythonPeer {
+    fn text(&self, method: &str) -> String {
+        Python::attach(|py| self.object.bind(py).call_method0(method).and_then(|v| v.str()?.extract()))
+            .unwrap_or_default()
+    }
+}
+
+#[async_trait]
+impl PeerHandle for PythonPeer {
+    fn id(&self) -> String {
+        self.text("id")
+    }
+
+    fn addr(&self) -> String {
+        self.text("addr")
+    }
+
+    fn description(&self) -> String {
+        self.text("description")
+    }
+
+    fn device_capabilities(&self) -> DeviceCapabilities {
+        Python::attach(|py| {
+            let caps = self.object.bind(py).call_method0("device_capabilities")?;
+            Ok::<_, PyErr>(caps.extract::<PyDeviceCapabilities>()?.inner)
+        })
+        .unwrap_or_else(|_| DeviceCapabilities::unknown())
+    }
+
+    async fn connect(&self) -> Result<()> {
+        call_coroutine(&self.object, "connect", ()).await.map(|_| ())
+    }
+
+    async fn is_connected(&self) -> bool {
+        match call_coroutine(&self.object, "is_connected", ()).await {
+            Ok(value) => Python::attach(|py| value.bind(py).is_truthy().unwrap_or(false)),
+            Err(_) => false,
+        }
+    }
+
+    async fn disconnect(&self) -> Result<()> {
+        call_coroutine(&self.object, "disconnect", ()).await.map(|_| ())
+    }
+
+    async fn health_check(&self) -> bool {
+        match call_coroutine(&self.object, "health_check", ()).await {
+            Ok(value) => Python::attach(|py| value.bind(py).is_truthy().unwrap_or(false)),
+            Err(_) => false,
+        }
+    }
+
+    async fn send_prompt(
+        &self,
+        shard: &Shard,
+        prompt: &str,
+        request_id: &str,
+        state: Option<InferenceState>,
+    ) -> Result<()> {
+        let args = Python::attach(|py| {
+            Ok::<_, PyErr>((
+                PyShard { inner: shard.clone() },
+                prompt.to_string(),
+                request_id.to_string(),
+                StateDict(state).into_pyobject(py)?.unbind(),
+            ))
+        })
+        .map_err(|e| Error::StandIn(e.to_string()))?;
+        call_coroutine(&self.object, "send_prompt", args).await.map(|_| ())
+    }
+
+    async fn send_tensor(
+        &self,
+        shard: &Shard,
+        tensor: WireTensor,
+        request_id: &str,
+        state: Option<InferenceState>,
+    ) -> Result<()> {
+        let args = Python::attach(|py| {
+            Ok::<_, PyErr>((
+                PyShard { inner: shard.clone() },
+                ndarray_from_wire(py, tensor)?.unbind(),
+                request_id.to_string(),
+                StateDict(state).into_pyobject(py)?.unbind(),
+            ))
+        })
+        .map_err(|e| Error::StandIn(e.to_string()))?;
+        call_coroutine(&self.object, "send_tensor", args).await.map(|_| ())
+    }
+
+    async fn send_result(&self, request_id: &str, tokens: &[u32], is_finished: bool) -> Result<()> {
+        let args = (request_id.to_string(), tokens.to_vec(), is_finished);
+        call_coroutine(&self.object, "send_result", args).await.map(|_| ())
+    }
+
+    async fn send_opaque_status(&self, request_id: &str, status: &str) -> Result<()> {
+        let args = (request_id.to_string(), status.to_string());
+        call_coroutine(&self.object, "send_opaque_status", args).await.map(|_| ())
+    }
+
+    async fn collect_topology(&self, visited: &BTreeSet<String>, max_depth: i32) -> Result<Topology> {
+        let args = (visited.clone(), max_depth);
+        let topology = call_coroutine(&self.object, "collect_topology", args).await?;
+        Python::attach(|py| topology.bind(py).extract::<PyTopology>().map(|t| t.inner).map_err(PyErr::from))
+            .map_err(|e| Error::StandIn(format!("collect_topology(): {e}")))
+    }
+}
+
+/// A native peer handle (`exo.networking.peer_handle`); every call is awaitable.
+#[pyclass(name = "NativePeerHandle", module = "exo.networking.peer_handle", subclass, frozen)]
+pub struct PyPeerHandle {
+    pub inner: Arc<dyn PeerHandle>,
+}
+
+#[pymethods]
+impl PyPeerHandle {
+    /// The peer's node id.
+    fn id(&self) -> String {
+        self.inner.id()
+    }
+
+    /// Where the peer listens (`host:port`).
+    fn addr(&self) -> String {
+        self.inner.addr()
+    }
+
+    /// How the peer was found.
+    fn description(&self) -> String {
+        self.inner.description()
+    }
+
+    /// The peer's device.
+    fn device_capabilities(&self) -> PyDeviceCapabilities {
+        PyDeviceCapabilities { inner: self.inner.device_capabilities() }
+    }
+
+    fn connect<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let peer = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(peer.connect().await?) })
+    }
+
+    fn is_connected<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let peer = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(peer.is_connected().await) })
+    }
+
+    fn disconnect<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let peer = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(peer.disconnect().await?) })
+    }
+
+    fn health_check<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let peer = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(peer.health_check().await) })
+    }
+
+    #[pyo3(signature = (shard, prompt, request_id=None, inference_state=None))]
+    fn send_prompt<'py>(
+        &self,
+        py: Python<'py>,
+        shard: PyShard,
+        prompt: String,
+        request_id: Option<String>,
+        inference_state: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (peer, state) = (self.inner.clone(), state_from_py(inference_state)?);
+        let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(peer.send_prompt(&shard.inner, &prompt, &request_id, state).await?)
+        })
+    }
+
+    #[pyo3(signature = (shard, tensor, request_id=None, inference_state=None))]
+    fn send_tensor<'py>(
+        &self,
+        py: Python<'py>,
+        shard: PyShard,
+        tensor: &Bound<'py, PyAny>,
+        request_id: Option<String>,
+        inference_state: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (peer, tensor, state) =
+            (self.inner.clone(), wire_from_ndarray(tensor)?, state_from_py(inference_state)?);
+        let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(peer.send_tensor(&shard.inner, tensor, &request_id, state).await?)
+        })
+    }
+
+    /// Training examples are not supported; says so instead of sending.
+    #[pyo3(signature = (*_args, **_kwargs))]
+    fn send_example(
+        &self,
+        _args: &Bound<'_, pyo3::types::PyTuple>,
+        _kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
+    ) -> PyResult<()> {
+        Err(Error::InvalidArgument("training and evaluation are not supported by xotorch-core".into()).into())
+    }
+
+    fn send_result<'py>(
+        &self,
+        py: Python<'py>,
+        request_id: String,
+        result: Vec<u32>,
+        is_finished: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let peer = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(peer.send_result(&request_id, &result, is_finished).await?)
+        })
+    }
+
+    fn send_opaque_status<'py>(
+        &self,
+        py: Python<'py>,
+        request_id: String,
+        status: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let peer = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(peer.send_opaque_status(&request_id, &status).await?)
+        })
+    }
+
+    #[pyo3(signature = (visited, max_depth=4))]
+    fn collect_topology<'py>(
+        &self,
+        py: Python<'py>,
+        visited: BTreeSet<String>,
+        max_depth: i32,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let peer = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(PyTopology { inner: peer.collect_topology(&visited, max_depth).await? })
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("PeerHandle(id={:?}, addr={:?})", self.inner.id(), self.inner.addr())
+    }
+}
+
+/// exo classic's `GRPCPeerHandle(_id, address, desc, device_capabilities)`.
+#[pyclass(name = "GRPCPeerHandle", module = "exo.networking.grpc.grpc_peer_handle", extends = PyPeerHandle, frozen)]
+pub struct PyGrpcPeerHandle;
+
+#[pymethods]
+impl PyGrpcPeerHandle {
+    #[new]
+    fn new(
+        _id: String,
+        address: String,
+        desc: String,
+        device_capabilities: PyDeviceCapabilities,
+    ) -> PyClassInitializer<Self> {
+        let peer = GrpcPeer::new(_id, address, desc, device_capabilities.inner);
+        PyClassInitializer::from(PyPeerHandle { inner: Arc::new(peer) }).add_subclass(Self)
+    }
+}
+
+/// A native discovery (`exo.networking.discovery`); the UDP, manual and Tailscale
+/// discoveries derive from it.
+#[pyclass(name = "NativeDiscovery", module = "exo.networking.discovery", subclass, frozen)]
+pub struct PyDiscovery {
+    pub inner: Arc<dyn Discovery>,
+}
+
+#[pymethods]
+impl PyDiscovery {
+    fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let discovery = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(discovery.start().await?) })
+    }
+
+    fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let discovery = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(discovery.stop().await?) })
+    }
+
+    #[pyo3(signature = (wait_for_peers=0))]
+    fn discover_peers<'py>(&self, py: Python<'py>, wait_for_peers: usize) -> PyResult<Bound<'py, PyAny>> {
+        let discovery = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let peers = discovery.discover_peers(wait_for_peers).await?;
+            Ok(peers.into_iter().map(|inner| PyPeerHandle { inner }).collect::<Vec<_>>())
+        })
+    }
+}
+
+/// A discovery from Python: a native one as is, any other object through an adapter.
+pub fn discovery_from_py(object: &Bound<'_, PyAny>) -> PyResult<Arc<dyn Discovery>> {
+    if let Ok(native) = object.cast::<PyDiscovery>() {
+        return Ok(native.get().inner.clone());
+    }
+    for method in ["start", "stop", "discover_peers"] {
+        if !object.hasattr(method)? {
+            return Err(Error::InvalidArgument(format!("a discovery needs a {method}() method")).into());
+        }
+    }
+    Ok(Arc::new(PythonDiscovery { object: object.clone().unbind() }))
+}
+
+/// A Python object with exo classic's `Discovery` methods.
+struct PythonDiscovery {
+    object: Py<PyAny>,
+}
+
+#[async_trait]
+impl Discovery for PythonDiscovery {
+    async fn start(&self) -> Result<()> {
+        call_coroutine(&self.object, "start", ()).await.map(|_| ())
+    }
+
+    async fn stop(&self) -> Result<()> {
+        call_coroutine(&self.object, "stop", ()).await.map(|_| ())
+    }
+
+    async fn discover_peers(&self, wait_for_peers: usize) -> Result<Vec<Arc<dyn PeerHandle>>> {
+        let peers = call_coroutine(&self.object, "discover_peers", (wait_for_peers,)).await?;
+        Python::attach(|py| {
+            let peers = peers.bind(py);
+            let list = PyList::new(py, peers.try_iter()?.collect::<PyResult<Vec<_>>>()?)?;
+            list.iter().map(|p| peer_from_py(&p)).collect::<PyResult<Vec<_>>>()
+        })
+        .map_err(|e| Error::StandIn(format!("discover_peers(): {e}")))
+    }
+}
+
+/// exo classic's `GRPCServer(node, host, port)`: serves the node's `NodeService`.
+#[pyclass(name = "GRPCServer", module = "exo.networking.grpc.grpc_server", frozen)]
+pub struct PyGrpcServer {
+    pub inner: Arc<GrpcServer>,
+}
+
+#[pymethods]
+impl PyGrpcServer {
+    /// `node` is an `exo.orchestration.node.Node` (or its native core); port 0 picks a free one.
+    #[new]
+    fn new(node: &Bound<'_, PyAny>, host: String, port: u16) -> PyResult<Self> {
+        let core = match node.cast::<PyNode>() {
+            Ok(core) => core.clone(),
+            Err(_) => node.getattr("_core")?.cast_into::<PyNode>()?,
+        };
+        let node = core.get().inner.clone();
+        let handler: Arc<dyn crate::net::RequestHandler> = node;
+        Ok(Self { inner: Arc::new(GrpcServer::new(Arc::downgrade(&handler), host, port)) })
+    }
+
+    fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let server = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(server.start().await?) })
+    }
+
+    fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let server = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(server.stop().await?) })
+    }
+
+    /// The host it listens on.
+    #[getter]
+    fn host(&self) -> String {
+        self.inner.host().to_string()
+    }
+
+    /// The port it listens on (the chosen one once started with port 0).
+    #[getter]
+    fn port(&self) -> u16 {
+        self.inner.port()
+    }
+}
+
+/// A server from Python: a native gRPC server as is, any object with `start`/`stop` through
+/// an adapter.
+pub fn server_from_py(object: &Bound<'_, PyAny>) -> PyResult<Arc<dyn Server>> {
+    if let Ok(native) = object.cast::<PyGrpcServer>() {
+        return Ok(native.get().inner.clone());
+    }
+    for method in ["start", "stop"] {
+        if !object.hasattr(method)? {
+            return Err(Error::InvalidArgument(format!("a server needs a {method}() method")).into());
+        }
+    }
+    Ok(Arc::new(PythonServer { object: object.clone().unbind() }))
+}
+
+/// A Python object with `start` and `stop` coroutines.
+struct PythonServer {
+    object: Py<PyAny>,
+}
+
+#[async_trait]
+impl Server for PythonServer {
+    async fn start(&self) -> Result<()> {
+        call_coroutine(&self.object, "start", ()).await.map(|_| ())
+    }
+
+    async fn stop(&self) -> Result<()> {
+        call_coroutine(&self.object, "stop", ()).await.map(|_| ())
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyPeerHandle>()?;
+    m.add_class::<PyGrpcPeerHandle>()?;
+    m.add_class::<PyDiscovery>()?;
+    m.add_class::<PyGrpcServer>()?;
+    Ok(())
+}

@@ -1,0 +1,373 @@
+//! The node's native core for Python (`exo.orchestration.node.Node` wraps it) and the async
+//! iterator of a request's tokens.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use pyo3::exceptions::PyStopAsyncIteration;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::Mutex;
+
+use super::engine::{engine_from_py, state_from_py};
+use super::net::{discovery_from_py, server_from_py, PyPeerHandle};
+use super::shard::PyShard;
+use super::tensor::wire_from_ndarray;
+use super::topology::{strategy_from_py, PyDeviceCapabilities, PyPartition, PyTopology};
+use crate::error::Error;
+use crate::node::{GenerateOptions, Node, NodeEvent, NodeSettings, StreamEvent};
+
+/// Most events handed to Python in one `next_events` call.
+const EVENT_BATCH: usize = 256;
+
+/// The Rust node behind `exo.orchestration.node.Node`: ring, peers, topology, requests.
+#[pyclass(name = "NativeNode", module = "exo.orchestration.node", frozen)]
+pub struct PyNode {
+    pub inner: Arc<Node>,
+    events: Arc<Mutex<UnboundedReceiver<NodeEvent>>>,
+}
+
+#[pymethods]
+impl PyNode {
+    #[new]
+    #[pyo3(signature = (node_id, inference_engine, discovery, partitioning_strategy=None, max_generate_tokens=1024, default_sample_temperature=0.0))]
+    fn new(
+        node_id: String,
+        inference_engine: &Bound<'_, PyAny>,
+        discovery: &Bound<'_, PyAny>,
+        partitioning_strategy: Option<&Bound<'_, PyAny>>,
+        max_generate_tokens: usize,
+        default_sample_temperature: f32,
+    ) -> PyResult<Self> {
+        let settings = NodeSettings { max_generate_tokens, default_temperature: default_sample_temperature };
+        let node = Node::new(
+            node_id,
+            engine_from_py(inference_engine)?,
+            discovery_from_py(discovery)?,
+            strategy_from_py(partitioning_strategy)?,
+            settings,
+        );
+        let events = Arc::new(Mutex::new(node.subscribe()));
+        Ok(Self { inner: node, events })
+    }
+
+    /// This node's id.
+    #[getter]
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+
+    /// Sets the server started and stopped with the node (a `GRPCServer` or a stand-in).
+    fn set_server(&self, server: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.inner.set_server(server_from_py(server)?);
+        Ok(())
+    }
+
+    #[getter]
+    fn max_generate_tokens(&self) -> usize {
+        self.inner.settings().max_generate_tokens
+    }
+
+    #[setter]
+    fn set_max_generate_tokens(&self, value: usize) {
+        self.inner.set_settings(NodeSettings { max_generate_tokens: value, ..self.inner.settings() });
+    }
+
+    #[getter]
+    fn default_sample_temperature(&self) -> f32 {
+        self.inner.settings().default_temperature
+    }
+
+    #[setter]
+    fn set_default_sample_temperature(&self, value: f32) {
+        self.inner.set_settings(NodeSettings { default_temperature: value, ..self.inner.settings() });
+    }
+
+    /// This node's device (detected at start).
+    #[getter]
+    fn device_capabilities(&self) -> PyDeviceCapabilities {
+        PyDeviceCapabilities { inner: self.inner.device_capabilities() }
+    }
+
+    #[setter]
+    fn set_device_capabilities(&self, capabilities: PyDeviceCapabilities) {
+        self.inner.set_device_capabilities(capabilities.inner);
+    }
+
+    /// The peers in use now.
+    #[getter]
+    fn peers(&self) -> Vec<PyPeerHandle> {
+        self.inner.peers().into_iter().map(|inner| PyPeerHandle { inner }).collect()
+    }
+
+    /// A copy of the cluster topology.
+    #[getter]
+    fn topology(&self) -> PyTopology {
+        PyTopology { inner: self.inner.topology() }
+    }
+
+    /// The partitions of the current topology, in ring order.
+    fn partitions(&self) -> Vec<PyPartition> {
+        self.inner.partitions().into_iter().map(|inner| PyPartition { inner }).collect()
+    }
+
+    /// `{request_id: "processing" | "waiting"}` for the requests active here.
+    #[getter]
+    fn outstanding_requests<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        for (id, phase) in self.inner.outstanding_requests() {
+            dict.set_item(id, phase)?;
+        }
+        Ok(dict)
+    }
+
+    #[pyo3(signature = (wait_for_peers=0))]
+    fn start<'py>(&self, py: Python<'py>, wait_for_peers: usize) -> PyResult<Bound<'py, PyAny>> {
+        super::asyncio::remember_running_loop(py);
+        let node = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(node.start(wait_for_peers).await?) })
+    }
+
+    fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let node = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(node.stop().await?) })
+    }
+
+    /// Index of this node's partition moved `offset` places round the ring.
+    #[pyo3(signature = (offset=0))]
+    fn get_partition_index(&self, offset: usize) -> PyResult<usize> {
+        Ok(self.inner.get_partition_index(offset)?)
+    }
+
+    /// The shard of `base_shard`'s model that partition `index` (this node's by default) holds.
+    #[pyo3(signature = (base_shard, index=None))]
+    fn get_current_shard(&self, base_shard: PyShard, index: Option<usize>) -> PyResult<PyShard> {
+        Ok(PyShard { inner: self.inner.get_current_shard(&base_shard.inner, index)? })
+    }
+
+    /// Starts a request from a prompt; resolves to its id once this node's first step is done.
+    #[pyo3(signature = (base_shard, prompt, request_id=None, inference_state=None))]
+    fn process_prompt<'py>(
+        &self,
+        py: Python<'py>,
+        base_shard: PyShard,
+        prompt: String,
+        request_id: Option<String>,
+        inference_state: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (node, state) = (self.inner.clone(), state_from_py(inference_state)?);
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(node.process_prompt(&base_shard.inner, &prompt, request_id, state).await?)
+        })
+    }
+
+    /// Runs this node's shard of `base_shard` on `tensor` for a running request.
+    #[pyo3(signature = (base_shard, tensor, request_id=None, inference_state=None))]
+    fn process_tensor<'py>(
+        &self,
+        py: Python<'py>,
+        base_shard: PyShard,
+        tensor: &Bound<'py, PyAny>,
+        request_id: Option<String>,
+        inference_state: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (node, tensor, state) =
+            (self.inner.clone(), wire_from_ndarray(tensor)?, state_from_py(inference_state)?);
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(node.process_tensor(&base_shard.inner, tensor, request_id, state).await?)
+        })
+    }
+
+    /// Starts a request and returns the async iterator of its tokens at once.
+    #[pyo3(signature = (base_shard, prompt, request_id=None, *, max_tokens=None, temperature=None, top_p=None, top_k=None, seed=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        base_shard: PyShard,
+        prompt: String,
+        request_id: Option<String>,
+        max_tokens: Option<usize>,
+        temperature: Option<f32>,
+        top_p: Option<f32>,
+        top_k: Option<usize>,
+        seed: Option<u64>,
+    ) -> PyResult<PyTokenStream> {
+        super::asyncio::remember_running_loop(py);
+        let options = GenerateOptions { max_tokens, temperature, top_p, top_k, seed };
+        let _runtime = pyo3_async_runtimes::tokio::get_runtime().enter();
+        let (request_id, receiver) = self.inner.generate(&base_shard.inner, &prompt, request_id, options)?;
+        Ok(PyTokenStream {
+            request_id,
+            node: self.inner.clone(),
+            receiver: Arc::new(Mutex::new(receiver)),
+            ended: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Stops a request on every node of the ring.
+    fn cancel_request<'py>(&self, py: Python<'py>, request_id: String) -> PyResult<Bound<'py, PyAny>> {
+        let node = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            node.cancel_request(&request_id).await;
+            Ok(())
+        })
+    }
+
+    /// Refreshes the peers from discovery; resolves to whether they changed.
+    #[pyo3(signature = (wait_for_peers=0))]
+    fn update_peers<'py>(&self, py: Python<'py>, wait_for_peers: usize) -> PyResult<Bound<'py, PyAny>> {
+        let node = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(
+            py,
+            async move { Ok(node.update_peers(wait_for_peers).await?) },
+        )
+    }
+
+    /// Rebuilds the topology, walking peers not in `visited` down to `max_depth`.
+    #[pyo3(signature = (visited, max_depth=4))]
+    fn collect_topology<'py>(
+        &self,
+        py: Python<'py>,
+        visited: BTreeSet<String>,
+        max_depth: i32,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let node = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(PyTopology { inner: node.collect_topology(visited, max_depth).await })
+        })
+    }
+
+    /// Sends a JSON status to every peer and to this node's listeners.
+    fn broadcast_opaque_status<'py>(
+        &self,
+        py: Python<'py>,
+        request_id: String,
+        status: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.inner.broadcast_opaque_status(&request_id, &status);
+        pyo3_async_runtimes::tokio::future_into_py(py, async { Ok(()) })
+    }
+
+    /// Sends tokens of a request to every peer.
+    fn broadcast_result<'py>(
+        &self,
+        py: Python<'py>,
+        request_id: String,
+        result: Vec<u32>,
+        is_finished: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        self.inner.broadcast_result(&request_id, &result, is_finished);
+        pyo3_async_runtimes::tokio::future_into_py(py, async { Ok(()) })
+    }
+
+    /// Waits for the next events and resolves to all that are queued (at most 256):
+    /// `("token", request_id, tokens, is_finished)`, `("status", request_id, status)`,
+    /// `("failed", request_id, error)`.
+    fn next_events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let events = self.events.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let mut receiver = events.lock().await;
+            let mut batch = Vec::new();
+            if let Some(event) = receiver.recv().await {
+                batch.push(event);
+            }
+            while batch.len() < EVENT_BATCH {
+                match receiver.try_recv() {
+                    Ok(event) => batch.push(event),
+                    Err(_) => break,
+                }
+            }
+            Ok(Events(batch))
+        })
+    }
+}
+
+/// Node events handed to Python as tuples.
+struct Events(Vec<NodeEvent>);
+
+impl<'py> IntoPyObject<'py> for Events {
+    type Target = PyList;
+    type Output = Bound<'py, PyList>;
+    type Error = PyErr;
+
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Self::Output> {
+        let items = self
+            .0
+            .into_iter()
+            .map(|event| match event {
+                NodeEvent::Token { request_id, tokens, is_finished } => {
+                    ("token", request_id, tokens, is_finished).into_pyobject(py).map(Bound::into_any)
+                }
+                NodeEvent::Status { request_id, status } => {
+                    ("status", request_id, status).into_pyobject(py).map(Bound::into_any)
+                }
+                NodeEvent::Failed { request_id, error } => {
+                    ("failed", request_id, error).into_pyobject(py).map(Bound::into_any)
+                }
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, items)
+    }
+}
+
+/// The tokens of one request as they are generated: `async for token in stream`. It ends
+/// when generation ends and raises `RequestFailedError` when the request fails;
+/// `await stream.aclose()` cancels the request on every node.
+#[pyclass(name = "TokenStream", module = "exo.orchestration.node", frozen)]
+pub struct PyTokenStream {
+    request_id: String,
+    node: Arc<Node>,
+    receiver: Arc<Mutex<UnboundedReceiver<StreamEvent>>>,
+    ended: Arc<AtomicBool>,
+}
+
+#[pymethods]
+impl PyTokenStream {
+    /// The request's id.
+    #[getter]
+    fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    fn __aiter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let (receiver, ended) = (self.receiver.clone(), self.ended.clone());
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let event = receiver.lock().await.recv().await;
+            match event {
+                Some(StreamEvent::Token(token)) => Ok(token),
+                Some(StreamEvent::Failed(error)) => {
+                    ended.store(true, Ordering::SeqCst);
+                    Err(Error::RequestFailed(error).into())
+                }
+                Some(StreamEvent::Finished) | None => {
+                    ended.store(true, Ordering::SeqCst);
+                    Err(PyStopAsyncIteration::new_err(()))
+                }
+            }
+        })
+    }
+
+    /// Cancels the request on every node unless it already ended.
+    fn aclose<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let (node, id, ended) = (self.node.clone(), self.request_id.clone(), self.ended.clone());
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            if !ended.swap(true, Ordering::SeqCst) {
+                node.cancel_request(&id).await;
+            }
+            Ok(())
+        })
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyNode>()?;
+    m.add_class::<PyTokenStream>()?;
+    Ok(())
+}

@@ -1,0 +1,72 @@
+"""Helpers for tests that run real nodes over loopback gRPC in one process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from exo.helpers import find_available_port
+from exo.inference.shard import Shard
+from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+from exo.networking.grpc.grpc_server import GRPCServer
+from exo.orchestration.node import Node
+from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
+
+
+class FixedDiscovery:
+    """A Python stand-in for a discovery: returns whatever peers the test sets."""
+
+    def __init__(self) -> None:
+        self.peers: list[Any] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def discover_peers(self, wait_for_peers: int = 0) -> list[Any]:
+        return list(self.peers)
+
+
+def whole_model(model_dir: Path) -> Shard:
+    """The base shard of a local model directory: all its layers."""
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    return Shard(str(model_dir), 0, layers - 1, layers)
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(
+    ids: list[str], make_engine: Callable[[], Any], **node_options: Any
+) -> AsyncIterator[list[Node]]:
+    """Starts one node per id on 127.0.0.1, each knowing all the others; stops them after."""
+    nodes, discoveries, ports = [], [], []
+    for node_id in ids:
+        discovery = FixedDiscovery()
+        node = Node(node_id, None, make_engine(), discovery, None, **node_options)
+        port = find_available_port("127.0.0.1")
+        node.server = GRPCServer(node, "127.0.0.1", port)
+        nodes.append(node)
+        discoveries.append(discovery)
+        ports.append(port)
+    for node, discovery in zip(nodes, discoveries, strict=True):
+        discovery.peers = [
+            GRPCPeerHandle(other.id, f"127.0.0.1:{port}", "test", UNKNOWN_DEVICE_CAPABILITIES)
+            for other, port in zip(nodes, ports, strict=True)
+            if other is not node
+        ]
+    try:
+        for node in nodes:
+            await node.start()
+        # Nodes started before their peers saw them without capabilities; look again so
+        # that every node computes the same partition.
+        for node in nodes:
+            await node.update_peers()
+            await node.collect_topology(set())
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.stop()

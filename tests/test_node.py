@@ -1,0 +1,167 @@
+"""Real nodes over loopback gRPC in one process: the ring gives a single engine's greedy
+tokens, classic's callbacks see every token, and Python stand-ins drive a Rust node."""
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cluster import running_cluster, whole_model
+from exo.errors import RequestFailedError
+from exo.inference.candle import CandleInferenceEngine
+from exo.inference.dummy_inference_engine import DummyInferenceEngine
+from exo.inference.shard import Shard
+from exo.inference.tokenizers import resolve_tokenizer
+from exo.orchestration.node import Node
+from exo.testing.synth import write_model
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny-llama.json"
+DUMMY_TOKENS = [2, 3, 4, 5, 6, 7, 8, 9, 10, 69]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model("tiny-llama", tmp_path_factory.mktemp("tiny-llama"), dtype="f32", seed=0)
+
+
+async def _prompt(model: Path) -> str:
+    golden = json.loads(GOLDEN.read_text())
+    tokenizer = await resolve_tokenizer(str(model))
+    return tokenizer.apply_chat_template(golden["messages"], tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("ids", [["a"], ["a", "b"], ["a", "b", "c"]])
+async def test_cluster_gives_transformers_greedy_tokens(model: Path, ids: list[str]) -> None:
+    golden = json.loads(GOLDEN.read_text())
+    prompt = await _prompt(model)
+    assert (await CandleInferenceEngine().encode(whole_model(model), prompt)).tolist() == golden["prompt_ids"]
+    expected = golden["greedy_tokens"]
+    eos = (await resolve_tokenizer(str(model))).eos_token_ids
+    async with running_cluster(ids, CandleInferenceEngine) as nodes:
+        assert len(nodes[0].partitions()) == len(ids)
+        for node in nodes:  # every node can start a request, wherever the first layer is
+            stream = node.generate(whole_model(model), prompt, max_tokens=len(expected))
+            tokens = [token async for token in stream]
+            assert tokens == expected[: len(tokens)]
+            assert len(tokens) == len(expected) or tokens[-1] in eos
+
+
+async def test_classic_callbacks_and_process_prompt() -> None:
+    async with running_cluster(["a", "b"], DummyInferenceEngine) as (_, second):
+        seen: dict[str, list[int]] = {}
+        done = asyncio.Event()
+
+        def on_token(request_id: str, tokens: list[int], is_finished: bool) -> None:
+            seen.setdefault(request_id, []).extend(tokens)
+            if is_finished:
+                done.set()
+
+        second.on_token.register("test").on_next(on_token)
+        statuses: list[dict] = []
+        second.on_opaque_status.register("test").on_next(lambda _r, s: statuses.append(json.loads(s)))
+        request_id = await second.process_prompt(Shard("dummy", 0, 7, 8), "hello", request_id="req-1")
+        assert request_id == "req-1"
+        await asyncio.wait_for(done.wait(), 10)
+        assert seen["req-1"] == DUMMY_TOKENS
+        kinds = {(s["type"], s.get("status")) for s in statuses}
+        assert ("node_status", "start_process_prompt") in kinds
+        assert second.outstanding_requests == {}
+
+
+async def test_max_tokens_temperature_and_seed_are_per_request(model: Path) -> None:
+    prompt = await _prompt(model)
+    async with running_cluster(["a", "b"], CandleInferenceEngine) as (node, _):
+        short = [t async for t in node.generate(whole_model(model), prompt, max_tokens=3)]
+        assert len(short) == 3
+        base = whole_model(model)
+        first = [t async for t in node.generate(base, prompt, max_tokens=8, temperature=1.0, seed=7)]
+        again = [t async for t in node.generate(base, prompt, max_tokens=8, temperature=1.0, seed=7)]
+        greedy = [t async for t in node.generate(base, prompt, max_tokens=8)]
+        assert first == again and len(first) == 8
+        assert first != greedy
+
+
+async def test_aclose_cancels_the_request_everywhere() -> None:
+    async with running_cluster(["a", "b"], DummyInferenceEngine) as nodes:
+        stream = nodes[0].generate(Shard("dummy", 0, 7, 8), "hi")
+        assert await stream.__anext__() == 2
+        await stream.aclose()
+        await asyncio.sleep(0.5)
+        assert all(node.outstanding_requests == {} for node in nodes)
+
+
+class SlowPythonEngine:
+    """A Python stand-in engine: the dummy engine's semantics, slowed, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.tokenizer = type("T", (), {"eos_token_id": 69})()
+
+    async def encode(self, shard: Shard, prompt: str) -> np.ndarray:
+        return np.array([1])
+
+    async def decode(self, shard: Shard, tokens: np.ndarray) -> str:
+        return "x" * len(tokens)
+
+    async def sample(self, x: np.ndarray, temp: float = 0.0, top_p: float = 1.0) -> np.ndarray:
+        value = int(np.asarray(x).reshape(-1)[0])
+        return np.array([69 if value > 10 else value])
+
+    async def infer_prompt(self, request_id, shard, prompt, inference_state=None):
+        return await self.infer_tensor(request_id, shard, await self.encode(shard, prompt), inference_state)
+
+    async def infer_tensor(self, request_id, shard, input_data, inference_state=None):
+        self.calls += 1
+        await asyncio.sleep(0.2)
+        data = np.asarray(input_data).reshape(1, -1)
+        return (data + 1 if shard.is_last_layer() else data), inference_state
+
+    async def ensure_shard(self, shard: Shard) -> None:
+        return None
+
+
+async def test_python_engine_stand_in_and_a_dead_peer_fails_fast() -> None:
+    async with running_cluster(["a", "b"], SlowPythonEngine) as (origin, other):
+        tokens = [t async for t in origin.generate(Shard("dummy", 0, 7, 8), "hi")]
+        assert tokens == DUMMY_TOKENS
+        assert origin.inference_engine.calls > 0 and other.inference_engine.calls > 0
+        stream = origin.generate(Shard("dummy", 0, 7, 8), "hi")
+        assert await stream.__anext__() == 2
+        await other.stop()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(RequestFailedError):
+            async for _ in stream:
+                pass
+        assert loop.time() - started < 8
+        await asyncio.sleep(1.5)
+        assert len(origin.partitions()) == 1
+        assert [t async for t in origin.generate(Shard("dummy", 0, 7, 8), "hi")] == DUMMY_TOKENS
+
+
+async def test_a_classic_style_engine_error_fails_only_that_request() -> None:
+    async with running_cluster(["a"], DummyInferenceEngine) as (node,):
+        with pytest.raises(Exception, match=r"layers 3\.\.=9"):
+            node.generate(Shard("dummy", 3, 9, 8), "hi")
+        assert [t async for t in node.generate(Shard("dummy", 0, 7, 8), "hi")] == DUMMY_TOKENS
+
+
+def test_node_keeps_classic_constructor_and_attributes() -> None:
+    node = Node("n1", None, DummyInferenceEngine(), _NoPeers(), None, max_generate_tokens=5)
+    assert node.id == "n1" and node.max_generate_tokens == 5 and node.peers == []
+    assert node.get_partition_index() == 0
+    assert node.get_current_shard(Shard("m", 0, 9, 10)) == Shard("m", 0, 9, 10)
+    assert node.topology.to_json()["nodes"].keys() == {"n1"}
+
+
+class _NoPeers:
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def discover_peers(self, wait_for_peers: int = 0) -> list:
+        return []
