@@ -19,8 +19,6 @@ from exo.inference.shard import Shard
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.topology.topology import Topology
 
-RequestFailed = getattr(errors, "RequestFailedError", errors.ExoError)
-
 
 @dataclass
 class FakeFileProgress:
@@ -94,7 +92,7 @@ class FakeGeneration:
         if self.node.hang_after is not None and self._index >= self.node.hang_after:
             await asyncio.Event().wait()
         if self.node.fail_after is not None and self._index >= self.node.fail_after:
-            raise RequestFailed("peer fake-peer went away")
+            raise self.node.failure("peer fake-peer went away")
         await asyncio.sleep(self.node.delay)
         if self._index >= len(self._tokens):
             self.node.finished.append(self.request_id)
@@ -119,6 +117,7 @@ class FakeNode:
         self.delay = delay
         self.hang_after: int | None = None
         self.fail_after: int | None = None
+        self.failure: type[Exception] = errors.RequestFailedError
         self.fail_on_start: Exception | None = None
         self.max_generate_tokens = 1024
         self.shard_downloader = FakeShardDownloader()

@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from app_harness import REPLY, Served, reply_tokens, serve, wait_until
+from exo import errors
 from exo.inference.shard import Shard
 from exo.inference.tokenizers import Tokenizer
 from fake_node import FakeNode, FakeRepoProgress
@@ -206,8 +207,10 @@ async def test_timeout_mid_stream_sends_error_event(served: Served) -> None:
     assert served.node.calls[-1]["request_id"] in served.node.cancelled
 
 
-async def test_failure_in_the_cluster(served: Served) -> None:
+@pytest.mark.parametrize("failure", [errors.RequestFailedError, errors.PeerError])
+async def test_failure_in_the_cluster(served: Served, failure: type[Exception]) -> None:
     served.node.fail_after = 2
+    served.node.failure = failure
     status, reply = await served.post(
         "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}]})
     )

@@ -588,9 +588,11 @@ class ChatGPTAPI:
             await response.write(_sse(error.to_dict()))
             await response.write_eof()
             return response
-        except (ApiError, asyncio.CancelledError, ConnectionError):
+        except (ApiError, asyncio.CancelledError):
             raise
         except Exception as e:
+            if isinstance(e, ConnectionError) and not isinstance(e, errors.ExoError):
+                raise  # the client went away while we wrote to it (a PeerError is the cluster's, not the client's)
             logger.debug("Streamed chat completion %s failed", request_id, exc_info=True)
             error = _error_from_exception(e)
             if not response.prepared:
