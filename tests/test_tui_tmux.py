@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -81,18 +83,31 @@ def _wait_gone(tmux: str, name: str, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_exo_main_tui_and_ctrl_c(tmux_session, model_dir) -> None:
-    """`exo.main` with its topology TUI in a terminal (cluster layer stood in); Ctrl-C shuts it down."""
+def test_exo_main_tui_on_a_real_node_and_ctrl_c(tmux_session, model_dir) -> None:
+    """`exo.main` with its topology TUI on a real node in a terminal; a request shows; Ctrl-C shuts it down."""
     from exo.helpers import find_available_port
 
     tmux, name = tmux_session
-    script = Path(__file__).parent / "scripts" / "cli_with_fake_cluster.py"
+    script = Path(__file__).parent / "scripts" / "cli_with_fixed_peers.py"
     port = find_available_port("127.0.0.1")
-    command = f"EXO_ENGINE=candle {sys.executable} {script} --chatgpt-api-port {port} --default-model {model_dir}"
-    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "140", "-y", "50", command], check=True)
-    screen = wait_for_screen(tmux, name, "GPU rich")
-    assert "Exo Cluster" in screen, screen
-    assert f":{port}/v1/chat/completions" in screen, screen
+    command = (
+        f"EXO_ENGINE=candle {sys.executable} {script} --chatgpt-api-port {port} --default-model {model_dir} "
+        "--node-host 127.0.0.1"
+    )
+    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "140", "-y", "60", command], check=True)
+    screen = wait_for_screen(tmux, name, "Exo Cluster (1 node)")
+    assert "Exo Cluster (1 node)" in screen, screen
+    assert "GPU rich" in screen and f":{port}/v1/chat/completions" in screen, screen
+    assert "[0.00-1.00]" in screen, screen
+    body = json.dumps({"messages": [{"role": "user", "content": "Hello from tmux"}], "max_tokens": 8}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert json.loads(response.read())["usage"]["completion_tokens"] >= 1
+    screen = wait_for_screen(tmux, name, "Hello from tmux")
+    assert "Prompt and Output" in screen, screen
+    assert "[0.00-1.00] layers 0-" in screen, screen
     subprocess.run([tmux, "send-keys", "-t", name, "C-c"], check=True)
     _wait_gone(tmux, name, "exo.main did not exit on Ctrl-C")
 

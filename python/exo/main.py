@@ -40,6 +40,7 @@ UNSUPPORTED_COMMANDS = {
     "eval": "evaluation on a dataset ran on exo classic's MLX/tinygrad engines; this build has no evaluation",
 }
 PROGRESS_BROADCAST_INTERVAL_S = 0.2
+TOPOLOGY_VIEW_REFRESH_S = 1.0
 
 
 class CliError(Exception):
@@ -181,6 +182,7 @@ class App:
         self._throttle = ProgressBroadcastThrottle()
         self._outputs: dict[str, tuple[Any, str]] = {}
         self._preloading: set[Any] = set()
+        self._api_requests: set[str] = set()
         self._tasks: set[concurrent.futures.Future[Any]] = set()
 
     # ------------------------------------------------------------------ construction (classic's order)
@@ -323,6 +325,7 @@ class App:
         if self.topology_viz is None:
             return
         users = [m["content"] for m in chat.messages if m.get("role") == "user"]
+        self._api_requests.add(request_id)
         self.topology_viz.update_prompt(request_id, users[-1] if users else prompt)
         self._show_model(chat.model)
 
@@ -355,6 +358,7 @@ class App:
         if is_finished:
             output += text.finish()
             self._outputs.pop(request_id, None)
+            self._api_requests.discard(request_id)
             viz.update_prompt_output(request_id, output)
             viz.finish_request(request_id)
             return
@@ -365,8 +369,11 @@ class App:
         status = _status_of(status_json)
         if self.topology_viz is None or status is None:
             return
-        if status.get("type") == "node_status" and status.get("status") == "start_process_prompt":
-            self.topology_viz.update_prompt(request_id, status.get("prompt", ""))
+        if status.get("type") != "node_status" or status.get("status") != "start_process_prompt":
+            return
+        if request_id in self._api_requests:
+            return  # shown already, as the user wrote it rather than templated
+        self.topology_viz.update_prompt(request_id, status.get("prompt", ""))
 
     def _preload_shard(self, request_id: str, status_json: str) -> None:
         """When a prompt starts elsewhere, start fetching and loading this node's part of the model now."""
@@ -443,6 +450,8 @@ class App:
             if args.command == "run" or args.run_model:
                 return await self._until_stopped(self.run_model(args.model_name or args.run_model, args.prompt))
             await self.api.run(port=args.chatgpt_api_port)
+            if self.topology_viz is not None:
+                self._schedule(self._refresh_topology_view())
             if args.chat_tui:
                 from exo.viz.chat_tui import ChatTUI
 
@@ -452,6 +461,18 @@ class App:
             return 0
         finally:
             await self.shutdown()
+
+    async def _refresh_topology_view(self) -> None:
+        """Keeps the TUI's cluster view current between the node's own updates (which come with statuses)."""
+        while True:
+            try:
+                partitions = self.node.partitions() if hasattr(self.node, "partitions") else []
+                self.topology_viz.update_visualization(
+                    self.node.topology, partitions, self.node.id, self.node.node_download_progress
+                )
+            except Exception as e:
+                logger.debug("Refreshing the topology view failed: %s", e)
+            await asyncio.sleep(TOPOLOGY_VIEW_REFRESH_S)
 
     async def _until_stopped(self, work: Any) -> int:
         """Runs `work` until it finishes or a stop is requested (then 130, as after Ctrl-C)."""
@@ -468,14 +489,14 @@ class App:
 
     async def shutdown(self) -> None:
         print("\nShutting down...")
+        for future in list(self._tasks):
+            future.cancel()
         if self.topology_viz is not None:
             self.topology_viz.stop()
         if self.api is not None:
             await self.api.stop()
         if self.node is not None:
             await self.node.stop()
-        for future in list(self._tasks):
-            future.cancel()
         if self.args.wait_for_peers > 0:
             await asyncio.sleep(1.0)  # let peers see this node leave before the process ends
 
