@@ -80,3 +80,21 @@ async def test_seeded_sampling_through_the_api_is_reproducible(engine_served: Se
     first = await client.chat.completions.create(**kwargs)
     second = await client.chat.completions.create(**kwargs)
     assert first.choices[0].message.content == second.choices[0].message.content
+
+
+async def test_streamed_text_is_the_decoded_tokens_when_sampling(engine_served: Served) -> None:
+    """At temperature 1 the synthetic model emits arbitrary byte tokens: streaming must still give decode()."""
+    s = engine_served
+    model = s.api.default_model
+    kwargs = {"model": model, "messages": MESSAGES, "max_tokens": 40, "temperature": 1.0, "seed": 11}
+    async with s.client() as client:
+        whole = await client.chat.completions.create(**kwargs)
+        chunks = [c async for c in await client.chat.completions.create(**kwargs, stream=True)]
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    node = EngineNode(CandleInferenceEngine(), s.tokenizer)
+    prompt = s.tokenizer.apply_chat_template(MESSAGES)
+    shard = Shard(model, 0, 0, local_model_layers(model))
+    tokens = [t async for t in node.generate(shard, prompt, max_tokens=40, temperature=1.0, seed=11)]
+    expected = s.tokenizer.decode([t for t in tokens if t not in set(s.tokenizer.eos_token_ids)])
+    assert whole.choices[0].message.content == expected
+    assert streamed == expected
