@@ -30,6 +30,24 @@ pub enum Error {
     /// A Python object standing in for an engine, peer, discovery or server raised an error.
     #[error("Python stand-in: {0}")]
     StandIn(String),
+    /// A model repository or one of its files does not exist on the hub (HTTP 404).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The hub refused access (HTTP 401/403): a gated or private repository, or a bad token.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// The hub could not be reached (connection refused, DNS, timeouts).
+    #[error("connection failed: {0}")]
+    Connection(String),
+    /// A downloaded file does not have the size or hash the hub announced.
+    #[error("integrity check failed: {0}")]
+    Integrity(String),
+    /// Offline mode (`HF_HUB_OFFLINE=1`) and a needed file is in no local cache.
+    #[error("offline: {0}")]
+    Offline(String),
+    /// Any other download failure: an unexpected HTTP status or answer, a local file error.
+    #[error("download failed: {0}")]
+    Download(String),
     /// A failure inside the tensor library.
     #[error("tensor backend: {0}")]
     Backend(#[from] candle_core::Error),

@@ -3,8 +3,10 @@
 //! Everything outside `python` is plain Rust; `python` holds the only PyO3 code and builds
 //! the `exo._core` extension module.
 
+pub mod download;
 pub mod engine;
 pub mod error;
+pub mod models;
 pub mod net;
 pub mod node;
 pub mod proto;

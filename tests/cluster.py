@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -70,3 +71,26 @@ async def running_cluster(
     finally:
         for node in nodes:
             await node.stop()
+
+
+async def wait_for_ring(node: Node, count: int, timeout: float = 20.0) -> None:
+    """Waits until `node` and each of its peers see the same `count` nodes, all with their devices
+    known, so every node computes the same partition."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+
+    def complete(topology: Any) -> bool:
+        nodes = topology.all_nodes()
+        return len(nodes) == count and all(caps.memory > 0 for _, caps in nodes)
+
+    while True:
+        await node.update_peers()
+        await node.collect_topology(set())
+        views = [node.topology]
+        for peer in node.peers:
+            with contextlib.suppress(Exception):
+                views.append(await peer.collect_topology(set(), 0))
+        if len(views) == count and all(complete(view) for view in views):
+            return
+        assert loop.time() < deadline, f"the ring did not settle on {count} nodes: {[str(v) for v in views]}"
+        await asyncio.sleep(0.3)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import FixedDiscovery, whole_model
+from cluster import FixedDiscovery, wait_for_ring, whole_model
 from exo.errors import RequestFailedError
 from exo.helpers import find_available_port
 from exo.inference.candle import CandleInferenceEngine
@@ -38,15 +38,6 @@ def _spawn(node_id: str, port: int, peers: dict[str, int]) -> subprocess.Popen:
     return process
 
 
-async def _converged(node: Node, count: int, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while len(node.partitions()) != count or any(n.memory == 0 for _, n in node.topology.all_nodes()):
-        assert loop.time() < deadline, f"the ring did not reach {count} nodes: {node.partitions()}"
-        await asyncio.sleep(0.2)
-        await node.collect_topology(set())
-
-
 async def test_three_processes_then_one_killed_then_restarted(model: Path) -> None:
     ports = {name: find_available_port("127.0.0.1") for name in ("a", "b", "c")}
     processes = {
@@ -67,7 +58,7 @@ async def test_three_processes_then_one_killed_then_restarted(model: Path) -> No
             token = int((await alone.sample(logits))[0])
             single.append(token)
             logits, _ = await alone.infer_tensor("single", base, [[token]])
-        await _converged(node, 3)
+        await wait_for_ring(node, 3)
         assert [t async for t in node.generate(base, prompt, max_tokens=12)] == single
 
         stream = node.generate(base, prompt, max_tokens=100_000)
@@ -80,12 +71,12 @@ async def test_three_processes_then_one_killed_then_restarted(model: Path) -> No
             async for _ in stream:
                 pass
         assert loop.time() - killed_at < 8
-        await _converged(node, 2)
+        await wait_for_ring(node, 2)
         assert [t async for t in node.generate(base, prompt, max_tokens=12)] == single
 
         processes["b"].wait()
         processes["b"] = _spawn("b", ports["b"], {p: port for p, port in ports.items() if p != "b"})
-        await _converged(node, 3)
+        await wait_for_ring(node, 3)
         assert [t async for t in node.generate(base, prompt, max_tokens=12)] == single
     finally:
         await node.stop()

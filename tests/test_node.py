@@ -16,6 +16,8 @@ from exo.inference.shard import Shard
 from exo.inference.tokenizers import resolve_tokenizer
 from exo.orchestration.node import Node
 from exo.testing.synth import write_model
+from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.topology.topology import Topology
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny-llama.json"
 DUMMY_TOKENS = [2, 3, 4, 5, 6, 7, 8, 9, 10, 69]
@@ -157,6 +159,9 @@ def test_node_keeps_classic_constructor_and_attributes() -> None:
 
 
 class _NoPeers:
+    def __init__(self, peers: list | None = None) -> None:
+        self.peers = peers or []
+
     async def start(self) -> None:
         return None
 
@@ -164,4 +169,70 @@ class _NoPeers:
         return None
 
     async def discover_peers(self, wait_for_peers: int = 0) -> list:
-        return []
+        return self.peers
+
+
+class RecordingPeer:
+    """A Python stand-in for a peer handle that holds no layers (0 MB) and records what it gets."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[str, list[int], bool]] = []
+        self.statuses: list[str] = []
+
+    def id(self) -> str:
+        return "watcher"
+
+    def addr(self) -> str:
+        return "nowhere:0"
+
+    def description(self) -> str:
+        return "stand-in"
+
+    def device_capabilities(self) -> DeviceCapabilities:
+        return DeviceCapabilities("fake", "none", 0, DeviceFlops(0.0, 0.0, 0.0))
+
+    async def connect(self) -> None:
+        return None
+
+    async def is_connected(self) -> bool:
+        return True
+
+    async def disconnect(self) -> None:
+        return None
+
+    async def health_check(self) -> bool:
+        return True
+
+    async def send_prompt(self, shard, prompt, request_id=None, inference_state=None) -> None:
+        raise AssertionError("a peer without layers is never sent a prompt")
+
+    async def send_tensor(self, shard, tensor, request_id=None, inference_state=None) -> None:
+        raise AssertionError("a peer without layers is never sent a tensor")
+
+    async def send_result(self, request_id: str, result: list[int], is_finished: bool) -> None:
+        self.results.append((request_id, list(result), is_finished))
+
+    async def send_opaque_status(self, request_id: str, status: str) -> None:
+        self.statuses.append(status)
+
+    async def collect_topology(self, visited: set[str], max_depth: int) -> Topology:
+        topology = Topology()
+        topology.update_node("watcher", self.device_capabilities())
+        return topology
+
+
+async def test_python_peer_stand_in_sees_statuses_and_batched_tokens() -> None:
+    peer = RecordingPeer()
+    node = Node("a", None, DummyInferenceEngine(), _NoPeers([peer]), None)
+    await node.start()
+    try:
+        assert [p.node_id for p in node.partitions() if p.end > p.start] == ["a"]
+        tokens = [t async for t in node.generate(Shard("dummy", 0, 7, 8), "hi", request_id="r")]
+        assert tokens == DUMMY_TOKENS
+        await asyncio.sleep(0.3)
+        delivered = [t for request_id, batch, _ in peer.results if request_id == "r" for t in batch]
+        assert delivered == DUMMY_TOKENS and peer.results[-1][2] is True
+        assert len(peer.results) < len(DUMMY_TOKENS)  # bystanders get batches, not every token
+        assert any(json.loads(s).get("status") == "start_process_prompt" for s in peer.statuses)
+    finally:
+        await node.stop()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer as ReferenceTokenizer
 
-from exo.errors import ExoError, InvalidArgumentError, InvalidModelError
+from exo.errors import ExoError, InvalidArgumentError, InvalidModelError, OfflineError
 from exo.inference.candle import CandleInferenceEngine
 from exo.inference.shard import Shard
 from exo.inference.tokenizers import DummyTokenizer, IncrementalDetokenizer, Tokenizer, resolve_tokenizer
@@ -105,11 +105,17 @@ def test_missing_and_malformed_files_are_named(tmp_path: Path) -> None:
         Tokenizer.from_dir(model)
 
 
-async def test_dummy_and_unknown_models() -> None:
+async def test_dummy_and_unknown_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dummy = await resolve_tokenizer("dummy")
     assert isinstance(dummy, DummyTokenizer) and dummy.eos_token_id == 69
     assert dummy.apply_chat_template([]) == "dummy_tokenized_prompt" and dummy.decode([1, 2]) == "dummydummy"
-    with pytest.raises(InvalidModelError, match="no-such/model"):
+    with pytest.raises(InvalidModelError, match="no such model"):
+        await resolve_tokenizer("no such model")
+    # A repo id that is not downloaded is fetched from the hub; offline, that fails naming it.
+    monkeypatch.setenv("EXO_HOME", str(tmp_path / "exo"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError, match="no-such/model"):
         await resolve_tokenizer("no-such/model")
 
 

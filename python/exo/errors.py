@@ -45,16 +45,46 @@ class StandInError(ExoError, RuntimeError):
     """A Python object standing in for an engine, peer, discovery or server raised an error."""
 
 
+class DownloadError(ExoError, OSError):
+    """A model download failed: an unexpected answer from the hub or a local file error."""
+
+
+class ModelNotFoundError(DownloadError, FileNotFoundError):
+    """A model repository or one of its files does not exist on the hub (HTTP 404)."""
+
+
+class UnauthorizedError(DownloadError, PermissionError):
+    """The hub refused access (HTTP 401/403): a gated or private repository, or a bad token."""
+
+
+class HubConnectionError(DownloadError, ConnectionError):
+    """The hub could not be reached (connection refused, DNS, timeouts)."""
+
+
+class IntegrityError(DownloadError):
+    """A downloaded file does not have the size or hash the hub announced."""
+
+
+class OfflineError(DownloadError):
+    """Offline mode (`HF_HUB_OFFLINE=1`) and a needed file is in no local cache."""
+
+
 __all__ = [
     "BackendError",
     "CacheEvictedError",
     "ContextOverflowError",
+    "DownloadError",
     "ExoError",
+    "HubConnectionError",
+    "IntegrityError",
     "InvalidArgumentError",
     "InvalidModelError",
     "InvalidShardError",
     "InvalidTensorError",
+    "ModelNotFoundError",
+    "OfflineError",
     "PeerError",
     "RequestFailedError",
     "StandInError",
+    "UnauthorizedError",
 ]

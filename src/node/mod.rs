@@ -8,7 +8,7 @@ mod ring;
 
 pub use request::{NodeEvent, RequestContext, StreamEvent, CONTEXT_KEY};
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -77,14 +77,15 @@ pub struct Node {
     /// Whether the capabilities were set by the caller, so start does not detect them.
     capabilities_given: std::sync::atomic::AtomicBool,
     peers: RwLock<Vec<Arc<dyn PeerHandle>>>,
-    /// Peers that stopped answering; kept out until a health check passes again.
-    suspects: Mutex<HashSet<String>>,
     topology: RwLock<Topology>,
     partitions: RwLock<Vec<Partition>>,
     requests: Mutex<HashMap<String, Request>>,
     /// Cancelled or failed requests, so late messages for them are dropped.
     ended: Mutex<HashMap<String, Instant>>,
     listeners: Mutex<Vec<mpsc::UnboundedSender<NodeEvent>>>,
+    /// Steps run one at a time, first come first served: each uses every core, and requests
+    /// that do not share the engine move on to the next node in turn, so a pipeline fills.
+    compute: tokio::sync::Semaphore,
     outbox: Outbox,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -119,12 +120,12 @@ impl Node {
             capabilities: RwLock::new(DeviceCapabilities::unknown()),
             capabilities_given: std::sync::atomic::AtomicBool::new(false),
             peers: RwLock::new(Vec::new()),
-            suspects: Mutex::new(HashSet::new()),
             topology: RwLock::new(topology),
             partitions: RwLock::new(partitions),
             requests: Mutex::new(HashMap::new()),
             ended: Mutex::new(HashMap::new()),
             listeners: Mutex::new(Vec::new()),
+            compute: tokio::sync::Semaphore::new(1),
             outbox: Outbox::new(),
             tasks: Mutex::new(Vec::new()),
         })
@@ -294,34 +295,29 @@ impl Node {
         discovery
     }
 
-    /// Takes the peers discovery knows now (waiting for `wait_for_peers`), connects new ones,
-    /// and keeps out peers that failed a health check until they pass one. True if they changed.
+    /// Takes the peers discovery knows now (waiting for `wait_for_peers`) that answer a health
+    /// check, connecting new ones; a peer that does not answer stays out until it does. True if
+    /// the peers changed.
     pub async fn update_peers(&self, wait_for_peers: usize) -> Result<bool> {
         let discovered = self.discovery.discover_peers(wait_for_peers).await?;
-        let mut next = Vec::with_capacity(discovered.len());
-        for peer in discovered {
-            let suspect = self.suspects.lock().expect("suspects lock poisoned").contains(&peer.id());
-            if suspect {
-                if !peer.health_check().await {
-                    continue;
-                }
-                self.suspects.lock().expect("suspects lock poisoned").remove(&peer.id());
+        let checks = discovered.into_iter().map(|peer| async move {
+            if !peer.health_check().await {
+                log::debug!("peer {}@{} does not answer; left out for now", peer.id(), peer.addr());
+                return None;
             }
             if !peer.is_connected().await {
-                let failure = match tokio::time::timeout(CONNECT_TIMEOUT, peer.connect()).await {
-                    Ok(Ok(())) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
-                    Err(_) => Some(format!("connecting to {}@{} timed out", peer.id(), peer.addr())),
-                };
-                if let Some(failure) = failure {
-                    // Kept out (and re-checked on every refresh) until it answers.
-                    log::info!("{failure}");
-                    self.suspects.lock().expect("suspects lock poisoned").insert(peer.id());
-                    continue;
+                if let Err(e) =
+                    tokio::time::timeout(CONNECT_TIMEOUT, peer.connect()).await.unwrap_or_else(|_| {
+                        Err(Error::Peer(format!("connecting to {}@{} timed out", peer.id(), peer.addr())))
+                    })
+                {
+                    log::info!("{e}");
+                    return None;
                 }
             }
-            next.push(peer);
-        }
+            Some(peer)
+        });
+        let next: Vec<_> = futures::future::join_all(checks).await.into_iter().flatten().collect();
         let key = |peers: &[Arc<dyn PeerHandle>]| -> BTreeSet<(String, String)> {
             peers.iter().map(|p| (p.id(), p.addr())).collect()
         };
@@ -379,9 +375,9 @@ impl Node {
         next
     }
 
-    /// Takes a peer that stopped answering out of the ring until it answers again.
+    /// Takes a peer that stopped answering out of the ring; the next refresh lets it back
+    /// in if it answers again.
     fn drop_peer(&self, peer_id: &str) {
-        self.suspects.lock().expect("suspects lock poisoned").insert(peer_id.to_string());
         self.peers.write().expect("peers lock poisoned").retain(|p| p.id() != peer_id);
         let mut topology = self.topology();
         topology.nodes.shift_remove(peer_id);

@@ -198,7 +198,11 @@ impl Node {
         let mut result_size = 0;
         let outcome = if let Some(shard) = shard.filter(Shard::is_first_layer) {
             self.set_phase(request_id, Phase::Processing);
-            match self.engine.infer_prompt(request_id, &shard, prompt, state.clone()).await {
+            let step = {
+                let _turn = self.compute.acquire().await.expect("the compute queue is never closed");
+                self.engine.infer_prompt(request_id, &shard, prompt, state.clone()).await
+            };
+            match step {
                 Ok((output, returned)) => {
                     result_size = output.shape().iter().product::<usize>();
                     self.after_step(
@@ -256,7 +260,10 @@ impl Node {
         }
         self.register(request_id, RequestContext::from_state(state.as_ref()));
         self.set_phase(request_id, Phase::Processing);
-        let (output, returned) = self.engine.infer_tensor(request_id, &shard, tensor, state.clone()).await?;
+        let (output, returned) = {
+            let _turn = self.compute.acquire().await.expect("the compute queue is never closed");
+            self.engine.infer_tensor(request_id, &shard, tensor, state.clone()).await?
+        };
         self.after_step(&shard, output, request_id, self.keep_context(request_id, returned.or(state))).await
     }
 

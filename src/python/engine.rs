@@ -9,9 +9,11 @@ use numpy::PyArray1;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+use super::download::PyHfShardDownloader;
 use super::shard::PyShard;
 use super::tensor::{ndarray_from_wire, wire_from_ndarray};
 use super::tokenizer::PyTokenizer;
+use crate::download::DownloaderLocator;
 use crate::engine::candle::{CandleEngine, EngineOptions};
 use crate::engine::dummy::DummyEngine;
 use crate::engine::{Engine, InferenceState, LocalDirectories, ModelLocator, SamplingParams};
@@ -282,6 +284,8 @@ impl ModelLocator for PythonDownloader {
 }
 
 /// The candle engine (exo's `CandleInferenceEngine`); weights stay in their checkpoint dtype.
+/// With exo's `HfShardDownloader` it fetches shards in Rust; any other downloader object is
+/// called through its Python `ensure_shard`.
 #[pyclass(name = "CandleInferenceEngine", module = "exo.inference.candle", extends = PyEngine, frozen)]
 pub struct PyCandleEngine {
     engine: Arc<CandleEngine>,
@@ -292,13 +296,21 @@ impl PyCandleEngine {
     #[new]
     #[pyo3(signature = (shard_downloader=None, max_context=16_384, cache_budget_mb=2048))]
     fn new(
+        py: Python<'_>,
         shard_downloader: Option<Py<PyAny>>,
         max_context: usize,
         cache_budget_mb: usize,
     ) -> PyClassInitializer<Self> {
         let options = EngineOptions { max_context, cache_budget_bytes: cache_budget_mb << 20 };
-        let engine =
-            Arc::new(CandleEngine::new(Arc::new(PythonDownloader { downloader: shard_downloader }), options));
+        let native = shard_downloader.as_ref().and_then(|d| d.bind(py).cast::<PyHfShardDownloader>().ok());
+        let locator: Arc<dyn ModelLocator> = match native {
+            Some(native) => Arc::new(DownloaderLocator {
+                downloader: native.get().inner.clone(),
+                engine: crate::models::CANDLE.to_string(),
+            }),
+            None => Arc::new(PythonDownloader { downloader: shard_downloader }),
+        };
+        let engine = Arc::new(CandleEngine::new(locator, options));
         PyClassInitializer::from(PyEngine { inner: engine.clone() }).add_subclass(Self { engine })
     }
 

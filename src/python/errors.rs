@@ -14,6 +14,12 @@ pyo3::import_exception!(exo.errors, BackendError);
 pyo3::import_exception!(exo.errors, PeerError);
 pyo3::import_exception!(exo.errors, RequestFailedError);
 pyo3::import_exception!(exo.errors, StandInError);
+pyo3::import_exception!(exo.errors, DownloadError);
+pyo3::import_exception!(exo.errors, ModelNotFoundError);
+pyo3::import_exception!(exo.errors, UnauthorizedError);
+pyo3::import_exception!(exo.errors, HubConnectionError);
+pyo3::import_exception!(exo.errors, IntegrityError);
+pyo3::import_exception!(exo.errors, OfflineError);
 
 impl From<Error> for PyErr {
     fn from(error: Error) -> Self {
@@ -25,6 +31,12 @@ impl From<Error> for PyErr {
             Error::InvalidModel(_) => InvalidModelError::new_err(message),
             Error::ContextOverflow(_) => ContextOverflowError::new_err(message),
             Error::CacheEvicted(_) => CacheEvictedError::new_err(message),
+            Error::NotFound(_) => ModelNotFoundError::new_err(message),
+            Error::Unauthorized(_) => UnauthorizedError::new_err(message),
+            Error::Connection(_) => HubConnectionError::new_err(message),
+            Error::Integrity(_) => IntegrityError::new_err(message),
+            Error::Offline(_) => OfflineError::new_err(message),
+            Error::Download(_) => DownloadError::new_err(message),
             Error::Backend(_) => BackendError::new_err(message),
             Error::Peer(_) => PeerError::new_err(message),
             Error::RequestFailed(_) => RequestFailedError::new_err(message),

@@ -1,8 +1,10 @@
 //! The `exo._core` extension module: PyO3 wrappers around the core types.
 
 mod asyncio;
+mod download;
 mod engine;
 mod errors;
+mod models;
 mod net;
 mod node;
 mod shard;
@@ -18,6 +20,8 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     shard::register(m)?;
     engine::register(m)?;
+    download::register(m)?;
+    models::register(m)?;
     tensor::register(m)?;
     tokenizer::register(m)?;
     topology::register(m)?;

@@ -1,7 +1,10 @@
 """Tokenizers (exo classic's `exo.inference.tokenizers`), implemented in Rust.
 
 `resolve_tokenizer` loads a model's tokenizer, chat template and EOS ids from a local model
-directory, or from the downloads directory (`$EXO_HOME`, default `~/.cache/exo/downloads`).
+directory, or for a Hugging Face repo id (or a registry model id) from the downloads directory
+(`$EXO_HOME`, default `~/.cache/exo/downloads`), fetching the tokenizer and config files through
+the shard downloader when they are not there yet (the Hugging Face cache is reused, and
+`HF_HUB_OFFLINE=1` keeps it to local files).
 """
 
 import asyncio
@@ -12,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from exo._core import IncrementalDetokenizer, Tokenizer
-from exo.errors import InvalidModelError
+from exo._core import HfShardDownloader, IncrementalDetokenizer, Tokenizer
 
 
 class DummyTokenizer:
@@ -45,23 +47,21 @@ def downloads_dir() -> Path:
     return Path(os.environ.get("EXO_HOME", Path.home() / ".cache" / "exo" / "downloads"))
 
 
-def _model_dir(repo_id_or_path: str | PathLike[str]) -> Path:
+async def _model_dir(repo_id_or_path: str | PathLike[str]) -> Path:
     local = Path(repo_id_or_path)
     if (local / "tokenizer.json").is_file():
         return local
     downloaded = downloads_dir() / str(repo_id_or_path).replace("/", "--")
     if (downloaded / "tokenizer.json").is_file():
         return downloaded
-    raise InvalidModelError(
-        f"no tokenizer for {repo_id_or_path!s}: neither a local model directory nor downloaded to {downloaded}"
-    )
+    return await HfShardDownloader().ensure_metadata(str(repo_id_or_path))
 
 
 async def resolve_tokenizer(repo_id_or_path: str | PathLike[str]) -> Tokenizer | DummyTokenizer:
     """The tokenizer of a model (`"dummy"` gives `DummyTokenizer`)."""
     if str(repo_id_or_path) == "dummy":
         return DummyTokenizer()
-    model_dir = _model_dir(repo_id_or_path)
+    model_dir = await _model_dir(repo_id_or_path)
     return await asyncio.get_running_loop().run_in_executor(None, Tokenizer.from_dir, model_dir)
 
 

@@ -133,7 +133,10 @@ fn status(error: Error) -> Status {
         }
         Error::InvalidModel(_) | Error::ContextOverflow(_) => Status::failed_precondition(message),
         Error::CacheEvicted(_) | Error::RequestFailed(_) => Status::aborted(message),
-        Error::Peer(_) => Status::unavailable(message),
+        Error::Peer(_) | Error::Connection(_) => Status::unavailable(message),
+        Error::NotFound(_) => Status::not_found(message),
+        Error::Unauthorized(_) => Status::permission_denied(message),
+        Error::Integrity(_) | Error::Offline(_) | Error::Download(_) => Status::failed_precondition(message),
         Error::Backend(_) | Error::StandIn(_) => Status::internal(message),
     }
 }

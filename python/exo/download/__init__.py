@@ -1,0 +1,1 @@
+"""Model downloads: the shard downloader interface, progress events and the Hugging Face downloader."""

@@ -1,0 +1,104 @@
+//! The model registry as `exo.models` exposes it (classic's `model_cards` and helpers).
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::shard::PyShard;
+use crate::download::layout::{exo_home, hf_cache_snapshot, repo_dir_name};
+use crate::download::selection::{config_layers, CONFIG_FILE};
+use crate::download::REVISION;
+use crate::models::{self, MODEL_CARDS};
+use crate::shard::Shard;
+
+/// Classic's `model_cards`: `{model_id: {"layers": n, "repo": {engine_class: repo}}}`.
+#[pyfunction]
+fn model_cards(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let cards = PyDict::new(py);
+    for card in MODEL_CARDS {
+        let repos = PyDict::new(py);
+        for (engine, repo) in card.repos {
+            repos.set_item(engine, repo)?;
+        }
+        let entry = PyDict::new(py);
+        entry.set_item("layers", card.layers)?;
+        entry.set_item("repo", repos)?;
+        cards.set_item(card.id, entry)?;
+    }
+    Ok(cards)
+}
+
+/// Classic's `pretty_name`: `{model_id: display name}`.
+#[pyfunction]
+fn pretty_names(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let names = PyDict::new(py);
+    for card in MODEL_CARDS {
+        if let Some(name) = card.pretty_name {
+            names.set_item(card.id, name)?;
+        }
+    }
+    Ok(names)
+}
+
+/// The repository of `model_id` for an engine class, or None.
+#[pyfunction]
+fn get_repo(model_id: &str, inference_engine_classname: &str) -> Option<String> {
+    models::get_repo(model_id, inference_engine_classname)
+}
+
+/// The display name of a registry model, or None.
+#[pyfunction]
+fn get_pretty_name(model_id: &str) -> Option<&'static str> {
+    models::get_pretty_name(model_id)
+}
+
+/// Registry models that every list of engines (names or class names) can run.
+#[pyfunction]
+#[pyo3(signature = (supported_inference_engine_lists=None))]
+fn get_supported_models(supported_inference_engine_lists: Option<Vec<Vec<String>>>) -> Vec<&'static str> {
+    models::get_supported_models(&supported_inference_engine_lists.unwrap_or_default())
+}
+
+/// Layers of a model known without network: the registry's, or a `config.json` in a local
+/// directory, exo's downloads directory or the Hugging Face cache.
+fn known_layers(model_id: &str, engine: &str) -> Option<i32> {
+    let repo = models::get_repo(model_id, engine)?;
+    if let Some(card) = models::model_card(model_id) {
+        return Some(card.layers);
+    }
+    let candidates = [
+        Some(std::path::PathBuf::from(&repo)).filter(|_| models::is_local_model_dir(&repo)),
+        Some(exo_home().join(repo_dir_name(&repo))),
+        hf_cache_snapshot(&repo, REVISION),
+    ];
+    candidates.into_iter().flatten().find_map(|dir| {
+        let config = dir.join(CONFIG_FILE);
+        let value = serde_json::from_str(&std::fs::read_to_string(&config).ok()?).ok()?;
+        config_layers(&value, &config.display().to_string()).ok()
+    })
+}
+
+/// Classic's `build_base_shard`: `Shard(model_id, 0, 0, n_layers)`, or None when the model
+/// has no repository for the engine or its layer count is not known without network.
+#[pyfunction]
+fn build_base_shard(model_id: &str, inference_engine_classname: &str) -> Option<PyShard> {
+    let layers = known_layers(model_id, inference_engine_classname)?;
+    Some(PyShard { inner: Shard::new(model_id, 0, 0, layers) })
+}
+
+/// Classic's `build_full_shard`: every layer of the model, or None.
+#[pyfunction]
+fn build_full_shard(model_id: &str, inference_engine_classname: &str) -> Option<PyShard> {
+    let layers = known_layers(model_id, inference_engine_classname)?;
+    Some(PyShard { inner: Shard::new(model_id, 0, layers - 1, layers) })
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(model_cards, m)?)?;
+    m.add_function(wrap_pyfunction!(pretty_names, m)?)?;
+    m.add_function(wrap_pyfunction!(get_repo, m)?)?;
+    m.add_function(wrap_pyfunction!(get_pretty_name, m)?)?;
+    m.add_function(wrap_pyfunction!(get_supported_models, m)?)?;
+    m.add_function(wrap_pyfunction!(build_base_shard, m)?)?;
+    m.add_function(wrap_pyfunction!(build_full_shard, m)?)?;
+    Ok(())
+}

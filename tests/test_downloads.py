@@ -1,0 +1,384 @@
+"""Shard downloads against a local fake hub: only a shard's files, resume, integrity, errors,
+one download for concurrent callers, offline mode, the Hugging Face cache, seeding, progress."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exo.download.download_progress import RepoProgressEvent
+from exo.download.new_shard_download import (
+    HfShardDownloader,
+    delete_model,
+    ensure_exo_home,
+    new_shard_downloader,
+    seed_models,
+)
+from exo.download.shard_download import NoopShardDownloader, ShardDownloader
+from exo.errors import (
+    HubConnectionError,
+    IntegrityError,
+    InvalidModelError,
+    ModelNotFoundError,
+    OfflineError,
+    UnauthorizedError,
+)
+from exo.helpers import AsyncCallbackSystem
+from exo.inference.candle import CandleInferenceEngine
+from exo.inference.shard import Shard
+from exo.inference.tokenizers import resolve_tokenizer
+from exo.models import build_base_shard_async
+from exo.testing.synth import write_model
+from fake_hub import COMMIT, FakeHub, FakeHubServer
+
+TIED = "synth/tiny-llama"
+UNTIED = "synth/tiny-llama-untied"
+FILES = [f"model-{i:05d}-of-00004.safetensors" for i in range(1, 5)]
+METADATA = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("synth")
+    return {
+        TIED: write_model("tiny-llama", root / "tied", dtype="f32", num_shards=4),
+        UNTIED: write_model("tiny-llama-untied", root / "untied", dtype="f32", num_shards=4),
+    }
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private EXO_HOME and an empty Hugging Face cache; no token, online."""
+    monkeypatch.setenv("EXO_HOME", str(tmp_path / "exo"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "exo"
+
+
+@pytest.fixture
+def hub(models: dict[str, Path], env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    server = FakeHubServer()
+    with server as hub:
+        for repo, path in models.items():
+            hub.add_repo(repo, path)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield hub
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("repo", "start", "end", "expected"),
+    [
+        (TIED, 0, 0, {FILES[0]}),
+        (TIED, 1, 2, {FILES[1], FILES[2]}),
+        (TIED, 3, 3, {FILES[3], FILES[0]}),  # the tied head needs the embeddings from the first file
+        (UNTIED, 3, 3, {FILES[3]}),
+        (UNTIED, 0, 3, set(FILES)),
+    ],
+)
+async def test_a_shard_fetches_only_its_files(
+    hub: FakeHub, models: dict[str, Path], env: Path, repo: str, start: int, end: int, expected: set[str]
+) -> None:
+    path = await HfShardDownloader().ensure_shard(Shard(repo, start, end, 4), "CandleInferenceEngine")
+    assert path == env / repo.replace("/", "--")
+    assert hub.fetched_weights() == expected
+    assert {p.name for p in path.iterdir()} == METADATA | {"model.safetensors.index.json"} | expected
+    for name in expected:
+        assert _sha256(path / name) == _sha256(models[repo] / name)
+    assert not list(path.glob("*.partial"))
+
+
+async def test_an_interrupted_transfer_resumes_with_a_range_request(hub: FakeHub, models: dict[str, Path]) -> None:
+    hub.cut_once.add(FILES[1])
+    path = await HfShardDownloader().ensure_shard(Shard(TIED, 1, 1, 4), "candle")
+    gets = hub.file_gets(FILES[1])
+    assert len(gets) == 2 and gets[0].range is None
+    size = (models[TIED] / FILES[1]).stat().st_size
+    assert gets[1].range == f"bytes={size // 2}-"
+    assert _sha256(path / FILES[1]) == _sha256(models[TIED] / FILES[1])
+
+
+async def test_a_partial_file_left_by_an_earlier_run_is_resumed(
+    hub: FakeHub, models: dict[str, Path], env: Path
+) -> None:
+    target = env / "synth--tiny-llama"
+    target.mkdir(parents=True)
+    data = (models[TIED] / FILES[2]).read_bytes()
+    (target / f"{FILES[2]}.partial").write_bytes(data[:1000])
+    await HfShardDownloader().ensure_shard(Shard(TIED, 2, 2, 4), "candle")
+    assert [g.range for g in hub.file_gets(FILES[2])] == ["bytes=1000-"]
+    assert (target / FILES[2]).read_bytes() == data
+
+
+async def test_a_corrupted_download_is_detected_and_not_kept(hub: FakeHub, env: Path) -> None:
+    hub.corrupt.add(FILES[0])
+    with pytest.raises(IntegrityError, match=f"{FILES[0]}.*SHA-256"):
+        await HfShardDownloader().ensure_shard(Shard(TIED, 0, 0, 4), "candle")
+    target = env / "synth--tiny-llama"
+    assert not (target / FILES[0]).exists() and not (target / f"{FILES[0]}.partial").exists()
+    hub.corrupt.clear()
+    await HfShardDownloader().ensure_shard(Shard(TIED, 0, 0, 4), "candle")
+    assert (target / FILES[0]).exists()
+
+
+async def test_a_bare_listing_takes_sizes_and_hashes_from_head(hub: FakeHub, models: dict[str, Path]) -> None:
+    hub.bare_listing = True
+    path = await HfShardDownloader().ensure_shard(Shard(UNTIED, 0, 0, 4), "candle")
+    heads = {r.path.rsplit("/", 1)[-1] for r in hub.requests if r.method == "HEAD"}
+    assert {FILES[0], "config.json", "tokenizer.json"} <= heads
+    assert _sha256(path / FILES[0]) == _sha256(models[UNTIED] / FILES[0])
+    # The hashes from HEAD are checked too.
+    hub.corrupt.add(FILES[1])
+    with pytest.raises(IntegrityError, match=FILES[1]):
+        await HfShardDownloader().ensure_shard(Shard(UNTIED, 1, 1, 4), "candle")
+
+
+async def test_missing_repositories_and_files_give_not_found(hub: FakeHub) -> None:
+    with pytest.raises(ModelNotFoundError, match="synth/nope"):
+        await HfShardDownloader().ensure_shard(Shard("synth/nope", 0, 0, 1), "candle")
+    hub.missing_files.add(FILES[0])
+    with pytest.raises(ModelNotFoundError, match=FILES[0]):
+        await HfShardDownloader().ensure_shard(Shard(TIED, 0, 0, 4), "candle")
+    with pytest.raises(InvalidModelError, match="no-such-model"):
+        await HfShardDownloader().ensure_shard(Shard("no-such-model", 0, 0, 1), "candle")
+
+
+async def test_a_gated_repository_needs_the_token(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub.token = "secret-token"
+    with pytest.raises(UnauthorizedError, match="HF_TOKEN"):
+        await HfShardDownloader().ensure_shard(Shard(TIED, 0, 0, 4), "candle")
+    monkeypatch.setenv("HF_TOKEN", "wrong")
+    with pytest.raises(UnauthorizedError, match="no access"):
+        await HfShardDownloader().ensure_shard(Shard(TIED, 0, 0, 4), "candle")
+    monkeypatch.setenv("HF_TOKEN", "secret-token")
+    await HfShardDownloader().ensure_shard(Shard(TIED, 0, 0, 4), "candle")
+    resolves = [r for r in hub.requests if "/resolve/" in r.path]
+    assert resolves and all(r.authorization == "Bearer secret-token" for r in resolves[-3:])
+
+
+async def test_an_unreachable_hub_is_a_connection_error(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    with pytest.raises(HubConnectionError, match=f"cannot reach {endpoint}"):
+        await HfShardDownloader().ensure_shard(Shard(TIED, 0, 0, 4), "candle")
+
+
+async def test_concurrent_calls_for_one_shard_download_once(hub: FakeHub) -> None:
+    downloader = HfShardDownloader(max_parallel_downloads=2)
+    shard = Shard(TIED, 0, 3, 4)
+    paths = await asyncio.gather(*(downloader.ensure_shard(shard, "candle") for _ in range(5)))
+    assert len(set(paths)) == 1
+    for name in FILES:
+        assert len(hub.file_gets(name)) == 1, name
+    listings = [r for r in hub.requests if r.path.startswith("/api/models/")]
+    assert len(listings) == 1
+    # Another downloader on the same node finds everything in place.
+    hub.clear_log()
+    await HfShardDownloader().ensure_shard(shard, "candle")
+    assert hub.requests == []
+
+
+async def test_offline_mode_uses_local_files_and_names_what_is_missing(
+    hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError, match=r"config\.json of synth/tiny-llama"):
+        await HfShardDownloader().ensure_shard(Shard(TIED, 0, 0, 4), "candle")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    await HfShardDownloader().ensure_shard(Shard(TIED, 0, 0, 4), "candle")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.clear_log()
+    path = await HfShardDownloader().ensure_shard(Shard(TIED, 0, 0, 4), "candle")
+    assert (path / FILES[0]).exists()
+    with pytest.raises(OfflineError, match=FILES[1]):
+        await HfShardDownloader().ensure_shard(Shard(TIED, 1, 1, 4), "candle")
+    assert hub.requests == []
+
+
+def _fill_hf_cache(cache: Path, repo: str, model: Path) -> Path:
+    """Lays `model` out as huggingface_hub does: blobs named by hash, snapshot symlinks, refs/main."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / COMMIT
+    (root / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(COMMIT)
+    for file in model.iterdir():
+        blob = root / "blobs" / _sha256(file)
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(blob)
+    return snapshot
+
+
+async def test_files_in_the_hugging_face_cache_are_reused(
+    hub: FakeHub, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fill_hf_cache(tmp_path / "hf-cache", TIED, models[TIED])
+    path = await HfShardDownloader().ensure_shard(Shard(TIED, 1, 2, 4), "candle")
+    assert hub.requests == []
+    assert (path / FILES[1]).read_bytes() == (models[TIED] / FILES[1]).read_bytes()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    await HfShardDownloader().ensure_shard(Shard(TIED, 3, 3, 4), "candle")
+    assert hub.requests == []
+
+
+async def test_a_partial_hugging_face_cache_fills_the_rest_from_the_hub(
+    hub: FakeHub, models: dict[str, Path], tmp_path: Path
+) -> None:
+    snapshot = _fill_hf_cache(tmp_path / "hf-cache", TIED, models[TIED])
+    (snapshot / FILES[2]).unlink()
+    await HfShardDownloader().ensure_shard(Shard(TIED, 0, 3, 4), "candle")
+    assert hub.fetched_weights() == {FILES[2]}
+
+
+async def test_seeded_models_are_used_without_network(
+    models: dict[str, Path], env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    seed = tmp_path / "seed"
+    shutil.copytree(models[UNTIED], seed / "synth--tiny-llama-untied")
+    _fill_hf_cache(seed, TIED, models[TIED])
+    assert await seed_models(seed) == ["synth--tiny-llama", "synth--tiny-llama-untied"]
+    for repo in (TIED, UNTIED):
+        path = await HfShardDownloader().ensure_shard(Shard(repo, 0, 3, 4), "candle")
+        assert path == env / repo.replace("/", "--") and (path / FILES[3]).exists()
+
+
+async def test_progress_reaches_on_progress_on_the_event_loop(hub: FakeHub) -> None:
+    downloader = new_shard_downloader()
+    events: list[tuple[Shard, RepoProgressEvent]] = []
+    loop = asyncio.get_running_loop()
+
+    def record(shard: Shard, event: RepoProgressEvent) -> None:
+        assert asyncio.get_running_loop() is loop
+        events.append((shard, event))
+
+    downloader.on_progress.register("test").on_next(record)
+    shard = Shard(TIED, 0, 3, 4)
+    await downloader.ensure_shard(shard, "candle")
+    await asyncio.sleep(0)
+    assert events and all(s == shard for s, _ in events)
+    final = events[-1][1]
+    assert isinstance(final, RepoProgressEvent) and final.status == "complete"
+    assert final.repo_id == TIED and final.repo_revision == COMMIT
+    assert final.downloaded_bytes == final.total_bytes == final.downloaded_bytes_this_session > 0
+    assert final.completed_files == final.total_files == len(METADATA) + 1 + len(FILES)
+    assert set(final.file_progress) == METADATA | {"model.safetensors.index.json", *FILES}
+    assert RepoProgressEvent.from_dict(final.to_dict()) == final
+    assert events[0][1].status in ("not_started", "in_progress")
+
+
+async def test_download_status_lists_registry_models(hub: FakeHub, models: dict[str, Path]) -> None:
+    hub.add_repo("unsloth/Llama-3.2-1B-Instruct", models[TIED])
+    downloader = HfShardDownloader()
+    await downloader.ensure_shard(Shard("llama-3.2-1b", 0, 0, 16), "CandleInferenceEngine")
+    statuses = {
+        event.shard.model_id: (path, event)
+        async for path, event in downloader.get_shard_download_status("CandleInferenceEngine")
+    }
+    # Both registry ids backed by this repository; every other repository is unknown to the fake hub.
+    assert set(statuses) == {"llama-3.2-1b", "llama-3.2-1b-8bit"}
+    path, event = statuses["llama-3.2-1b"]
+    assert path.name == "unsloth--Llama-3.2-1B-Instruct"
+    assert event.status == "in_progress" and 0 < event.downloaded_bytes < event.total_bytes
+    assert event.file_progress[FILES[0]].status == "complete"
+    assert event.file_progress[FILES[1]].status == "not_started"
+
+
+async def test_delete_model_removes_the_download(hub: FakeHub, env: Path, models: dict[str, Path]) -> None:
+    hub.add_repo("Qwen/Qwen3-0.6B", models[UNTIED])
+    downloader = HfShardDownloader()
+    await downloader.ensure_shard(Shard("qwen-3-0.6b", 0, 27, 28), "CandleInferenceEngine")
+    assert (env / "Qwen--Qwen3-0.6B" / FILES[0]).exists()
+    assert await delete_model("qwen-3-0.6b", "CandleInferenceEngine")
+    assert not (env / "Qwen--Qwen3-0.6B").exists()
+    assert not await delete_model("qwen-3-0.6b", "CandleInferenceEngine")
+    # The downloader fetches it again rather than trusting what it remembered.
+    hub.clear_log()
+    await downloader.ensure_shard(Shard("qwen-3-0.6b", 0, 27, 28), "CandleInferenceEngine")
+    assert hub.fetched_weights() == set(FILES)
+
+
+async def test_a_local_directory_is_used_in_place(models: dict[str, Path], env: Path) -> None:
+    path = await HfShardDownloader().ensure_shard(Shard(str(models[TIED]), 0, 1, 4), "candle")
+    assert path == models[TIED] and not await asyncio.to_thread(env.exists)
+
+
+async def test_helpers_and_interfaces(env: Path) -> None:
+    assert await ensure_exo_home() == env and await asyncio.to_thread(env.is_dir)
+    assert isinstance(new_shard_downloader(3), ShardDownloader)
+    noop = NoopShardDownloader()
+    assert await noop.ensure_shard(Shard("m", 0, 0, 1), "candle") == Path("/tmp/noop_shard")
+    assert [x async for x in noop.get_shard_download_status("candle")] == []
+
+
+async def test_repo_ids_work_without_a_registry_entry(hub: FakeHub) -> None:
+    shard = await build_base_shard_async(UNTIED, "CandleInferenceEngine")
+    assert shard == Shard(UNTIED, 0, 0, 4)
+    assert hub.fetched_weights() == set()
+    tokenizer = await resolve_tokenizer(TIED)
+    assert tokenizer.decode(tokenizer.encode("hello world", add_special_tokens=False)) == "hello world"
+    with pytest.raises(ModelNotFoundError):
+        await build_base_shard_async("synth/absent", "CandleInferenceEngine")
+
+
+async def test_the_candle_engine_runs_shards_it_downloaded(hub: FakeHub, models: dict[str, Path]) -> None:
+    prompt = np.array([[1, 2, 3, 4]])
+    local = CandleInferenceEngine()
+    expected, _ = await local.infer_tensor("r", Shard(str(models[TIED]), 0, 3, 4), prompt)
+    first = CandleInferenceEngine(HfShardDownloader())
+    hidden, _ = await first.infer_tensor("r", Shard(TIED, 0, 1, 4), prompt)
+    assert hub.fetched_weights() == {FILES[0], FILES[1]}
+    last = CandleInferenceEngine(new_shard_downloader())
+    logits, _ = await last.infer_tensor("r", Shard(TIED, 2, 3, 4), hidden)
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+class _PythonDownloader(ShardDownloader):
+    """A downloader written in Python: the engine awaits its `ensure_shard`."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.calls: list[tuple[Shard, str]] = []
+        self._on_progress = NoopShardDownloader().on_progress
+
+    async def ensure_shard(self, shard: Shard, inference_engine_name: str) -> Path:
+        self.calls.append((shard, inference_engine_name))
+        return self.model_dir
+
+    @property
+    def on_progress(self) -> AsyncCallbackSystem[str, tuple[Shard, RepoProgressEvent]]:
+        return self._on_progress
+
+    async def get_shard_download_status(
+        self, inference_engine_name: str
+    ) -> AsyncIterator[tuple[Path, RepoProgressEvent]]:
+        for item in ():
+            yield item
+
+
+async def test_the_candle_engine_still_takes_python_downloaders(models: dict[str, Path]) -> None:
+    downloader = _PythonDownloader(models[UNTIED])
+    engine = CandleInferenceEngine(downloader)
+    shard = Shard("some/model", 0, 3, 4)
+    logits, _ = await engine.infer_tensor("r", shard, np.array([[1, 2]]))
+    assert logits.shape == (1, 1, 512)
+    assert downloader.calls == [(shard, "CandleInferenceEngine")]
