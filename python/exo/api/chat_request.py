@@ -1,0 +1,219 @@
+"""Parsing and validation of OpenAI-style chat completion requests.
+
+Every problem becomes an `ApiError` whose message names the offending field, so a malformed request fails with a
+400 that says what was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("system", "user", "assistant", "developer")
+MAX_STOP_SEQUENCES = 16
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's `{"error": {"message", "type", "code"}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, code: str, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.error_type = error_type or _default_type(status)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "code": self.code, "param": None}}
+
+
+def _default_type(status: int) -> str:
+    if status == 404:
+        return "not_found_error"
+    if status in (408, 504):
+        return "timeout_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def bad_request(message: str, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, message, code)
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat completion request."""
+
+    model: str | None
+    messages: list[dict[str, str]]
+    stream: bool = False
+    include_usage: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; `ApiError` 400 when it is not one."""
+    if not body.strip():
+        raise bad_request("The request body is empty; expected a JSON object.", "invalid_json")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad_request(f"The request body is not valid JSON: {e}", "invalid_json") from e
+    if not isinstance(data, dict):
+        raise bad_request(f"The request body must be a JSON object, got {type(data).__name__}.", "invalid_json")
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float))) and not isinstance(value, bool)
+
+
+def _optional_number(data: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not _is_number(value):
+        raise bad_request(f"'{name}' must be a number, got {json.dumps(value)}.", "invalid_type")
+    if not low <= value <= high:
+        raise bad_request(f"'{name}' must be between {low} and {high}, got {value}.", "invalid_value")
+    return float(value)
+
+
+def _optional_int(data: dict[str, Any], name: str, low: int) -> int | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise bad_request(f"'{name}' must be an integer, got {json.dumps(value)}.", "invalid_type")
+    if value < low:
+        raise bad_request(f"'{name}' must be at least {low}, got {value}.", "invalid_value")
+    return value
+
+
+def _optional_bool(data: dict[str, Any], name: str) -> bool:
+    value = data.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request(f"'{name}' must be a boolean, got {json.dumps(value)}.", "invalid_type")
+    return value
+
+
+def _content_text(content: Any, where: str) -> str:
+    """The text of a message's content: a string, or a list of `{"type": "text", "text": ...}` parts."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if not isinstance(content, list):
+        raise bad_request(f"{where}.content must be a string or a list of parts.", "invalid_type")
+    texts = []
+    for i, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, dict):
+            raise bad_request(f"{where}.content[{i}] must be an object.", "invalid_type")
+        kind = part.get("type")
+        if kind != "text":
+            raise bad_request(
+                f"{where}.content[{i}] has type {json.dumps(kind)}; only text parts are supported.",
+                "unsupported_content",
+            )
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise bad_request(f"{where}.content[{i}].text must be a string.", "invalid_type")
+        texts.append(text)
+    return "".join(texts)
+
+
+def parse_messages(value: Any) -> list[dict[str, str]]:
+    """The `messages` list as `{"role", "content"}` dicts with text content."""
+    if value is None:
+        raise bad_request("'messages' is required.", "missing_field")
+    if not isinstance(value, list):
+        raise bad_request("'messages' must be a list of messages.", "invalid_type")
+    if not value:
+        raise bad_request("'messages' must contain at least one message.", "empty_messages")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{where} must be an object with 'role' and 'content'.", "invalid_type")
+        role = message.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            allowed = ", ".join(ROLES)
+            raise bad_request(f"{where}.role is {json.dumps(role)}; expected one of {allowed}.", "invalid_role")
+        if "content" not in message:
+            raise bad_request(f"{where}.content is required.", "missing_field")
+        text = _content_text(message["content"], where)
+        messages.append({"role": "system" if role == "developer" else role, "content": text})
+    return messages
+
+
+def _parse_stop(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise bad_request("'stop' must be a string or a list of strings.", "invalid_type")
+    if len(value) > MAX_STOP_SEQUENCES:
+        raise bad_request(f"'stop' may hold at most {MAX_STOP_SEQUENCES} sequences.", "invalid_value")
+    if any(not s for s in value):
+        raise bad_request("'stop' sequences must not be empty.", "invalid_value")
+    return list(value)
+
+
+def _parse_seed(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or not 0 <= value < 2**64:
+        raise bad_request(f"'seed' must be an integer from 0 to 2**64-1, got {json.dumps(value)}.", "invalid_value")
+    return value
+
+
+def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
+    """A validated `ChatRequest` from a decoded JSON body; `ApiError` 400 names the first bad field."""
+    model = data.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise bad_request("'model' must be a non-empty string.", "invalid_type")
+    messages = parse_messages(data.get("messages"))
+    n = data.get("n")
+    if n is not None and n != 1:
+        raise bad_request("Only 'n' = 1 is supported.", "invalid_value")
+    options = data.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("'stream_options' must be an object.", "invalid_type")
+    include_usage = _optional_bool(options or {}, "include_usage")
+    max_tokens = _optional_int(data, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _optional_int(data, "max_tokens", 1)
+    tools = data.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise bad_request("'tools' must be a list.", "invalid_type")
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        stream=_optional_bool(data, "stream"),
+        include_usage=include_usage,
+        temperature=_optional_number(data, "temperature", 0.0, 2.0),
+        top_p=_optional_number(data, "top_p", 0.0, 1.0),
+        top_k=_optional_int(data, "top_k", 0),
+        max_tokens=max_tokens,
+        seed=_parse_seed(data.get("seed")),
+        stop=_parse_stop(data.get("stop")),
+        tools=tools,
+    )

@@ -1,0 +1,90 @@
+"""Which model a request names: a registry id, or a local Hugging Face model directory.
+
+The registry (`exo.models`) is optional at import time; without it only local directories (and `dummy` on the
+dummy engine) resolve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from exo.api.chat_request import ApiError
+from exo.inference.shard import Shard
+
+logger = logging.getLogger(__name__)
+
+DUMMY_ENGINE = "DummyInferenceEngine"
+DUMMY_MODEL_LAYERS = 8
+
+
+def registry() -> ModuleType | None:
+    """`exo.models`, or None while it is not part of the package."""
+    try:
+        from exo import models
+    except ImportError:
+        return None
+    return models
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model a request can run: its id, the base shard the node partitions, and where its tokenizer lives."""
+
+    model_id: str
+    base_shard: Shard
+    tokenizer_source: str
+    n_layers: int
+
+
+def local_model_layers(path: str) -> int | None:
+    """The layer count of a local model directory (`config.json`'s `num_hidden_layers`), or None if not one."""
+    config_path = Path(path).expanduser() / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        logger.debug("Unreadable model config %s: %s", config_path, e)
+        return None
+    layers = config.get("num_hidden_layers") if isinstance(config, dict) else None
+    return layers if isinstance(layers, int) and layers > 0 else None
+
+
+def supported_model_ids(engine_classname: str) -> list[str]:
+    """Registry models that `engine_classname` can run."""
+    models = registry()
+    if models is None:
+        return ["dummy"] if engine_classname == DUMMY_ENGINE else []
+    return list(models.get_supported_models([[engine_classname]]))
+
+
+def pretty_name(model_id: str) -> str:
+    models = registry()
+    name = models.get_pretty_name(model_id) if models is not None else None
+    return name or model_id
+
+
+def resolve_model(model_id: str, engine_classname: str) -> ResolvedModel:
+    """The model `model_id` on engine `engine_classname`; `ApiError` 404 when neither registry nor disk has it."""
+    models = registry()
+    if models is not None:
+        shard = models.build_base_shard(model_id, engine_classname)
+        if shard is not None:
+            repo = models.get_repo(model_id, engine_classname) or model_id
+            return ResolvedModel(model_id, shard, repo, shard.n_layers)
+    elif model_id == "dummy" and engine_classname == DUMMY_ENGINE:
+        return ResolvedModel(model_id, Shard(model_id, 0, 0, DUMMY_MODEL_LAYERS), "dummy", DUMMY_MODEL_LAYERS)
+    layers = local_model_layers(model_id)
+    if layers is not None:
+        return ResolvedModel(model_id, Shard(model_id, 0, 0, layers), model_id, layers)
+    supported = ", ".join(supported_model_ids(engine_classname)) or "none"
+    raise ApiError(
+        404,
+        f"The model '{model_id}' does not exist for {engine_classname} (neither a registry id nor a local model "
+        f"directory). Supported models: {supported}.",
+        "model_not_found",
+    )

@@ -1,0 +1,1 @@
+"""Terminal views: the Rich topology TUI and the chat TUI."""

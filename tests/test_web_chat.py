@@ -1,0 +1,108 @@
+"""The web chat page in headless Chromium (the OS's package, driven by Playwright): send, stream, persist."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from playwright.async_api import async_playwright
+
+from app_harness import REPLY, Served
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+async def test_send_a_message_and_see_it_stream(served: Served, tmp_path: Path) -> None:
+    served.node.delay = 0.03
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 800})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            await page.goto(served.url + "/")
+            await page.wait_for_function("document.querySelectorAll('#model-select option').length > 0")
+            assert await page.input_value("#model-select") == served.api.default_model
+            await page.wait_for_selector("text=Fake Device")
+            # Record every length the answer goes through, to see it grow token by token.
+            await page.evaluate(
+                """() => {
+                  window.seenLengths = [];
+                  new MutationObserver(() => {
+                    const body = document.querySelector('.message.assistant .body');
+                    if (body) window.seenLengths.push(body.textContent.length);
+                  }).observe(document.getElementById('messages'),
+                             {subtree: true, childList: true, characterData: true});
+                }"""
+            )
+            await page.fill("#prompt", "Hello cluster")
+            await page.keyboard.press("Enter")
+            await page.wait_for_selector(".message.user >> text=Hello cluster")
+            await page.wait_for_selector(".message.assistant.streaming")
+            await page.wait_for_selector(".message.assistant:not(.streaming)")
+            answer = await page.text_content(".message.assistant .body")
+            assert answer == REPLY
+            lengths = sorted(set(await page.evaluate("window.seenLengths")))
+            assert len(lengths) > 5 and lengths[-1] == len(REPLY.encode("utf-16-le")) // 2  # JS counts UTF-16 units
+            assert "tokens/s" in (await page.text_content(".message.assistant .meta"))
+            await page.screenshot(path=str(tmp_path / "web-chat.png"), full_page=True)
+            assert (tmp_path / "web-chat.png").stat().st_size > 10_000
+
+            await page.reload()
+            await page.wait_for_selector(".message.assistant")
+            assert await page.text_content(".message.assistant .body") == REPLY
+            await page.click("#new-chat")
+            assert await page.locator(".message").count() == 0
+            assert errors == []
+        finally:
+            await browser.close()
+    assert served.node.calls[0]["prompt"].count("Hello cluster") == 1
+
+
+async def test_server_errors_are_shown(served: Served) -> None:
+    served.node.fail_after = 0
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page()
+            await page.goto(served.url + "/")
+            await page.wait_for_function("document.querySelectorAll('#model-select option').length > 0")
+            await page.fill("#prompt", "Hi")
+            await page.keyboard.press("Enter")
+            await page.wait_for_selector("#error:not([hidden])")
+            assert "went away" in await page.text_content("#error")
+        finally:
+            await browser.close()
+
+
+async def test_web_chat_on_a_real_two_node_ring(model_dir: Path, tmp_path: Path) -> None:
+    """The page over real nodes (candle, gRPC over loopback), sampling at temperature 1 for varied text."""
+    from cluster import running_cluster
+    from exo.api import ChatGPTAPI
+    from exo.helpers import find_available_port
+    from exo.inference.candle import CandleInferenceEngine
+
+    async with running_cluster(["a", "b"], CandleInferenceEngine, default_sample_temperature=1.0) as nodes:
+        api = ChatGPTAPI(nodes[0], "CandleInferenceEngine", default_model=str(model_dir))
+        port = find_available_port("127.0.0.1")
+        await api.run(host="127.0.0.1", port=port)
+        try:
+            async with async_playwright() as p:
+                browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+                try:
+                    page = await browser.new_page(viewport={"width": 1280, "height": 800})
+                    await page.goto(f"http://127.0.0.1:{port}/")
+                    await page.wait_for_function("document.getElementById('node-count').textContent === '2'")
+                    await page.fill("#prompt", "Hello ring")
+                    await page.keyboard.press("Enter")
+                    await page.wait_for_selector(".message.assistant .meta:not(:empty)", timeout=120_000)
+                    answer = await page.text_content(".message.assistant .body")
+                    meta = await page.text_content(".message.assistant .meta")
+                    await page.screenshot(path=str(tmp_path / "web-chat-ring.png"), full_page=True)
+                finally:
+                    await browser.close()
+        finally:
+            await api.stop()
+        assert answer and answer.strip()
+        assert "tokens/s" in meta
+        assert all(not n.outstanding_requests for n in nodes)
