@@ -503,14 +503,14 @@ class App:
     async def run_model(self, model_name: str | None, prompt: str) -> int:
         """`run MODEL --prompt TEXT`: stream the answer to stdout."""
         from exo.api.chat_request import ApiError
-        from exo.api.model_choice import resolve_model
+        from exo.api.model_choice import resolve_model_async
         from exo.api.text_stream import TokenText
 
         if not model_name:
             print("Error: a model name is required with 'run' or --run-model", file=sys.stderr)
             return 2
         try:
-            model = resolve_model(model_name, self.engine_classname)
+            model = await resolve_model_async(model_name, self.engine_classname, self.shard_downloader)
         except ApiError as e:
             print(f"Error: {e.message}", file=sys.stderr)
             return 2

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from exo import errors
 from exo.api.chat_request import ApiError, ChatRequest, bad_request, parse_chat_request, parse_json_object
-from exo.api.model_choice import ResolvedModel, pretty_name, resolve_model, supported_model_ids
+from exo.api.model_choice import ResolvedModel, pretty_name, resolve_model, resolve_model_async, supported_model_ids
 from exo.api.text_stream import StopScanner, TokenText, count_tokens, eos_token_ids
 from exo.helpers import VERSION
 from exo.inference.shard import Shard
@@ -361,11 +361,12 @@ class ChatGPTAPI:
             self._tokenizers[source] = tokenizer
             return tokenizer
 
-    def _model_for(self, chat: ChatRequest) -> ResolvedModel:
+    async def _model_for(self, chat: ChatRequest) -> ResolvedModel:
         name = chat.model or self.default_model
         if name.startswith("gpt-"):
             name = self.default_model
-        return resolve_model(name, self.inference_engine_classname)
+        downloader = getattr(self.node, "shard_downloader", None)
+        return await resolve_model_async(name, self.inference_engine_classname, downloader)
 
     def _messages(self, chat: ChatRequest) -> list[dict[str, str]]:
         if self.system_prompt and not any(m["role"] == "system" for m in chat.messages):
@@ -384,7 +385,7 @@ class ChatGPTAPI:
 
     async def _prepare(self, request: web.Request) -> tuple[ChatRequest, ResolvedModel, Any, str]:
         chat = parse_chat_request(await self._json_body(request))
-        model = self._model_for(chat)
+        model = await asyncio.wait_for(self._model_for(chat), self.response_timeout)
         chat.model = model.model_id
         tokenizer = await asyncio.wait_for(self.tokenizer_for(model), self.response_timeout)
         prompt = self._render_prompt(tokenizer, self._messages(chat), chat.tools)
@@ -394,7 +395,7 @@ class ChatGPTAPI:
         try:
             _chat, _model, tokenizer, prompt = await self._prepare(request)
         except asyncio.TimeoutError as e:
-            raise ApiError(408, "Loading the model's tokenizer timed out.", "timeout") from e
+            raise ApiError(408, "Loading the model timed out.", "timeout") from e
         tokens = [int(t) for t in tokenizer.encode(prompt)]
         return web.json_response(
             {"length": len(prompt), "num_tokens": len(tokens), "encoded_tokens": tokens, "encoded_prompt": prompt}
@@ -404,7 +405,7 @@ class ChatGPTAPI:
         try:
             chat, model, tokenizer, prompt = await self._prepare(request)
         except asyncio.TimeoutError as e:
-            raise ApiError(408, "Loading the model's tokenizer timed out.", "timeout") from e
+            raise ApiError(408, "Loading the model timed out.", "timeout") from e
         request_id = str(uuid.uuid4())
         self._notify_listener(request_id, chat, prompt)
         logger.debug("Chat completion %s on %s: %r", request_id, model.model_id, prompt)

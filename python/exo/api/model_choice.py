@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from exo.api.chat_request import ApiError
 from exo.inference.shard import Shard
@@ -88,3 +89,23 @@ def resolve_model(model_id: str, engine_classname: str) -> ResolvedModel:
         f"directory). Supported models: {supported}.",
         "model_not_found",
     )
+
+
+async def resolve_model_async(model_id: str, engine_classname: str, shard_downloader: Any = None) -> ResolvedModel:
+    """As `resolve_model`, also fetching the `config.json` of a Hugging Face repo id (`org/name`) not on disk."""
+    try:
+        return resolve_model(model_id, engine_classname)
+    except ApiError as not_found:
+        models = registry()
+        fetch = getattr(models, "build_base_shard_async", None)
+        if fetch is None or "/" not in model_id or models.get_repo(model_id, engine_classname) is None:
+            raise
+        downloader = shard_downloader if hasattr(shard_downloader, "model_layers") else None
+        try:
+            shard = await fetch(model_id, engine_classname, downloader)
+        except Exception as e:
+            raise ApiError(404, f"The model '{model_id}' could not be found: {e}", "model_not_found") from not_found
+        if shard is None:
+            raise
+        repo = models.get_repo(model_id, engine_classname) or model_id
+        return ResolvedModel(model_id, shard, repo, shard.n_layers)
