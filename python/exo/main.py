@@ -574,5 +574,15 @@ def run(argv: Sequence[str] | None = None) -> int:
         loop.close()
 
 
+def main() -> None:
+    """Runs the CLI and exits the process without Python's finalization: the core's runtime
+    threads may still be completing awaitables, and finalizing under them can crash at exit.
+    Everything (node, API, discovery) is stopped by then."""
+    code = run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(run())
+    main()

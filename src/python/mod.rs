@@ -19,6 +19,8 @@ use pyo3::prelude::*;
 #[pymodule(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The core's `log` records go to Python's `logging` (logger names follow the Rust modules).
+    let _ = pyo3_log::try_init();
     shard::register(m)?;
     engine::register(m)?;
     download::register(m)?;
