@@ -1,12 +1,21 @@
 """The candle engine from Python: concurrent requests stay isolated, limits fail clearly."""
 
 import asyncio
+import json
+import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from exo.errors import CacheEvictedError, ContextOverflowError, InvalidModelError, InvalidShardError
+from exo.errors import (
+    CacheEvictedError,
+    ContextOverflowError,
+    InvalidArgumentError,
+    InvalidModelError,
+    InvalidShardError,
+)
 from exo.inference.candle import CandleInferenceEngine
 from exo.inference.shard import Shard
 from exo.testing.synth import write_model
@@ -86,3 +95,58 @@ async def test_a_shard_needs_only_its_own_weight_files(tmp_path: Path) -> None:
     np.testing.assert_allclose(logits, expected, atol=1e-5)
     with pytest.raises(InvalidModelError, match="model-00001-of-00004"):
         await CandleInferenceEngine().ensure_shard(Shard(str(model), 0, 1, 4))
+
+
+def _safetensors_header(path: Path) -> dict[str, dict[str, object]]:
+    """The tensor entries of a safetensors file's JSON header (name -> dtype, shape, offsets)."""
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+async def test_save_checkpoint_writes_the_shard_as_stored_and_loads_back(model: Path, tmp_path: Path) -> None:
+    engine, shard = CandleInferenceEngine(), Shard(str(model), 2, 3, 4)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (model / name).exists():
+            shutil.copy(model / name, saved / name)
+    await engine.save_checkpoint(shard, str(saved / "model.safetensors"))
+
+    original = _safetensors_header(model / "model.safetensors")
+    written = _safetensors_header(saved / "model.safetensors")
+    wanted = {
+        name
+        for name in original
+        if name.startswith(("model.layers.2.", "model.layers.3.")) or name in ("model.norm.weight", "lm_head.weight")
+    }
+    if "lm_head.weight" not in original:  # a tied head is the embedding
+        wanted.add("model.embed_tokens.weight")
+    assert set(written) == wanted
+    for name in wanted:
+        assert (written[name]["dtype"], written[name]["shape"]) == (original[name]["dtype"], original[name]["shape"])
+        assert written[name]["dtype"] == "BF16"
+
+    hidden = np.random.default_rng(3).standard_normal((1, 4, 64)).astype(np.float32)
+    expected, _ = await engine.infer_tensor("r", shard, hidden)
+    reloaded = CandleInferenceEngine()
+    saved_shard = Shard(str(saved), 2, 3, 4)
+    await reloaded.load_checkpoint(saved_shard, str(saved))
+    logits, _ = await reloaded.infer_tensor("r", saved_shard, hidden)
+    np.testing.assert_array_equal(logits, expected)
+
+
+def test_the_device_is_chosen_at_run_time_and_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EXO_DEVICE", raising=False)
+    assert CandleInferenceEngine().device == "cpu"
+    monkeypatch.setenv("EXO_DEVICE", "cpu")
+    assert CandleInferenceEngine().device == "cpu"
+    monkeypatch.setenv("EXO_DEVICE", "cuda")
+    with pytest.raises(InvalidArgumentError, match="EXO_DEVICE=cuda: this build of exo has no CUDA backend"):
+        CandleInferenceEngine()
+    # An explicit device overrides the environment.
+    assert CandleInferenceEngine(device="cpu").device == "cpu"
+    with pytest.raises(InvalidArgumentError, match="EXO_DEVICE=gpu9 is not a device"):
+        CandleInferenceEngine(device="gpu9")

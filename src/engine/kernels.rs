@@ -203,6 +203,11 @@ pub fn linear_with(
     if !isa.available() {
         return Err(Error::InvalidArgument(format!("this CPU cannot run {isa:?} kernels")));
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        linear_avx2(x, w, bias, out);
+        return Ok(());
+    }
     let m = x.len() / k;
     let data = w.data();
     let row_bytes = k * w.dtype.size();
@@ -235,6 +240,161 @@ pub fn linear_with(
         }
     });
     Ok(())
+}
+
+/// Inputs consumed per step of the AVX2 tile kernels (two 8-lane vectors).
+const AVX2_STEP: usize = 16;
+/// Weight rows per AVX2 tile when decoding one row: each input vector load feeds four rows.
+const AVX2_DECODE_WEIGHT_ROWS: usize = 4;
+/// Weight rows × input rows per AVX2 tile for several input rows (12 accumulators in registers).
+const AVX2_TILE: (usize, usize) = (3, 4);
+/// Columns per pass over the inputs when several rows are computed, so that the inputs' slice
+/// (`rows × AVX2_CHUNK` f32) stays in L2 while every weight row of a task meets it.
+const AVX2_CHUNK: usize = 512;
+
+/// The AVX2 path: tiles of weight rows × input rows held in registers, columns in chunks that
+/// keep the inputs cache-resident; for bf16 the inputs are first laid out to match how the
+/// kernel widens weights (see [`bf16_pair_layout`]).
+#[cfg(target_arch = "x86_64")]
+fn linear_avx2(x: &[f32], w: &WeightMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    let m = x.len() / k;
+    if m >= PANEL_INPUT_ROWS {
+        return matmul_avx2_packed(x, w, bias, out);
+    }
+    let steps = k - k % AVX2_STEP;
+    let prepared;
+    let inputs = if w.dtype == WeightDType::BF16 {
+        prepared = bf16_pair_layout(x, k);
+        &prepared[..]
+    } else {
+        x
+    };
+    let (weight_rows, input_rows) = if m == 1 { (AVX2_DECODE_WEIGHT_ROWS, 1) } else { AVX2_TILE };
+    let chunk = if m == 1 { steps.max(AVX2_STEP) } else { AVX2_CHUNK };
+    let (data, row_bytes, dtype) = (w.data(), k * w.dtype.size(), w.dtype);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+        let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n);
+        let at = |i: usize, row: usize| {
+            // SAFETY: (i, row) is inside `out`; only this task writes the rows of `rows`.
+            unsafe { &mut *out_ptr.get().add(i * n + row) }
+        };
+        for row in rows.clone() {
+            for i in 0..m {
+                *at(i, row) = bias.map_or(0.0, |b| b[row]);
+            }
+        }
+        for start in (0..steps).step_by(chunk) {
+            let len = chunk.min(steps - start);
+            for first in rows.clone().step_by(weight_rows) {
+                let count_w = weight_rows.min(rows.end - first);
+                for block in (0..m).step_by(input_rows) {
+                    let count = input_rows.min(m - block);
+                    // SAFETY: AVX2/FMA/F16C availability was checked by `linear_with`; the
+                    // pointers address `count_w` weight rows and `count` input rows holding
+                    // columns `start..start + len` (len a multiple of AVX2_STEP, within k).
+                    let tile = unsafe {
+                        x86::tile_avx2(
+                            dtype,
+                            data.as_ptr().add(first * row_bytes + start * dtype.size()),
+                            row_bytes,
+                            inputs.as_ptr().add(block * k + start),
+                            k,
+                            len,
+                            (count_w, count),
+                        )
+                    };
+                    for (j, dots) in tile.iter().enumerate().take(count_w) {
+                        for (i, dot) in dots.iter().enumerate().take(count) {
+                            *at(block + i, first + j) += dot;
+                        }
+                    }
+                }
+            }
+        }
+        for row in rows.clone().filter(|_| steps < k) {
+            let weights = &data[row * row_bytes..(row + 1) * row_bytes];
+            for i in 0..m {
+                let tail: f32 = (steps..k).map(|e| element(weights, e, dtype) * inputs[i * k + e]).sum();
+                *at(i, row) += tail;
+            }
+        }
+    });
+}
+
+/// Weight rows per packed panel of the AVX2 matrix product (two 8-lane vectors).
+const PANEL_WIDTH: usize = 16;
+/// Input rows per register block of the AVX2 matrix product (12 accumulators); also the
+/// fewest input rows for which packing the weights pays off.
+const PANEL_INPUT_ROWS: usize = 6;
+/// Columns per packed panel: 16 × 256 f32 (16 KiB) stay in L1 while every input block meets
+/// them, and the inputs' 256-column slice stays in L2.
+const PANEL_DEPTH: usize = 256;
+
+/// The AVX2 product for many input rows (prefill): panels of 16 weight rows × 256 columns are
+/// widened to f32 and transposed once, then every block of 6 input rows is multiplied with
+/// the panel by broadcasting one input at a time against 16 weights (outer products).
+#[cfg(target_arch = "x86_64")]
+fn matmul_avx2_packed(x: &[f32], w: &WeightMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    let m = x.len() / k;
+    let (data, row_bytes, dtype) = (w.data(), k * w.dtype.size(), w.dtype);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+        let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n);
+        let at = |i: usize, row: usize| {
+            // SAFETY: (i, row) is inside `out`; only this task writes the rows of `rows`.
+            unsafe { &mut *out_ptr.get().add(i * n + row) }
+        };
+        for row in rows.clone() {
+            for i in 0..m {
+                *at(i, row) = bias.map_or(0.0, |b| b[row]);
+            }
+        }
+        let mut panel = vec![0.0f32; PANEL_DEPTH * PANEL_WIDTH];
+        for start in (0..k).step_by(PANEL_DEPTH) {
+            let depth = PANEL_DEPTH.min(k - start);
+            for first in rows.clone().step_by(PANEL_WIDTH) {
+                let width = PANEL_WIDTH.min(rows.end - first);
+                let weights = &data[first * row_bytes..(first + width) * row_bytes];
+                // SAFETY: AVX2/FMA/F16C availability was checked by `linear_with`; `weights`
+                // holds `width` rows of k and `start + depth <= k`; `panel` holds depth × 16.
+                unsafe {
+                    x86::pack_panel(dtype, weights, row_bytes, width, start..start + depth, &mut panel)
+                };
+                for block in (0..m).step_by(PANEL_INPUT_ROWS) {
+                    let count = PANEL_INPUT_ROWS.min(m - block);
+                    // SAFETY: as above; the input pointer addresses `count` rows of k from
+                    // column `start`, of which `depth` columns are read.
+                    let product = unsafe {
+                        x86::panel_product(&panel, x.as_ptr().add(block * k + start), k, depth, count)
+                    };
+                    for (i, sums) in product.iter().enumerate().take(count) {
+                        for (j, sum) in sums.iter().enumerate().take(width) {
+                            *at(block + i, first + j) += sum;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Rows of `k` inputs with each whole 16-column block reordered as its 8 even columns, then
+/// its 8 odd ones: the AVX2 kernel widens 16 bf16 weights into exactly those two vectors with
+/// one shift and one mask (no shuffles). Leftover columns keep their places.
+fn bf16_pair_layout(x: &[f32], k: usize) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for (row_out, row) in out.chunks_exact_mut(k).zip(x.chunks_exact(k)) {
+        for (block_out, block) in row_out.chunks_exact_mut(AVX2_STEP).zip(row.chunks_exact(AVX2_STEP)) {
+            for i in 0..AVX2_STEP / 2 {
+                block_out[i] = block[2 * i];
+                block_out[AVX2_STEP / 2 + i] = block[2 * i + 1];
+            }
+        }
+    }
+    out
 }
 
 /// `tile[j][i]` = dot of weight row `j` (of `weight_rows`) with input row `i` (of `rows`);
@@ -280,8 +440,7 @@ fn dot_rows(isa: Isa, dtype: WeightDType, weights: &[u8], inputs: &[f32], k: usi
             Isa::Avx512 | Isa::Avx512Bf16 => {
                 return unsafe { x86::dot_rows_avx512(dtype, weights, inputs, k, dots) }
             }
-            Isa::Avx2 => return unsafe { x86::dot_rows_avx2(dtype, weights, inputs, k, dots) },
-            Isa::Portable => {}
+            Isa::Avx2 | Isa::Portable => {}
         }
     }
     let _ = isa;
@@ -302,7 +461,7 @@ fn dot_rows_portable(dtype: WeightDType, weights: &[u8], inputs: &[f32], k: usiz
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{element, WeightDType, ROW_BLOCK, WEIGHT_BLOCK};
+    use super::{element, WeightDType, PANEL_INPUT_ROWS, PANEL_WIDTH, ROW_BLOCK, WEIGHT_BLOCK};
 
     /// Loads 16 weights from `weights` at element `i` as f32.
     #[target_feature(enable = "avx512f")]
@@ -466,6 +625,96 @@ mod x86 {
         }
     }
 
+    /// The 16 weights at element `i` as two f32 vectors (for bf16: even then odd columns,
+    /// matching [`super::bf16_pair_layout`]; otherwise columns `i..i + 8` and `i + 8..i + 16`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load16_pair(dtype: WeightDType, weights: *const u8, i: usize) -> (__m256, __m256) {
+        match dtype {
+            WeightDType::F32 => {
+                let p = weights.add(4 * i) as *const f32;
+                (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+            }
+            WeightDType::BF16 => {
+                let raw = _mm256_loadu_si256(weights.add(2 * i) as *const __m256i);
+                let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+                (
+                    _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)),
+                    _mm256_castsi256_ps(_mm256_and_si256(raw, high)),
+                )
+            }
+            WeightDType::F16 => {
+                let p = weights.add(2 * i) as *const __m128i;
+                (_mm256_cvtph_ps(_mm_loadu_si128(p)), _mm256_cvtph_ps(_mm_loadu_si128(p.add(1))))
+            }
+        }
+    }
+
+    /// Dot products of `shape.0` (≤ 4) weight rows with `shape.1` (≤ 4) input rows over `len`
+    /// columns (a multiple of 16); `tile[j][i]` pairs weight row `j` with input row `i`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn tile_avx2(
+        dtype: WeightDType,
+        weights: *const u8,
+        row_bytes: usize,
+        inputs: *const f32,
+        input_stride: usize,
+        len: usize,
+        shape: (usize, usize),
+    ) -> [[f32; ROW_BLOCK]; WEIGHT_BLOCK] {
+        let args = (dtype, weights, row_bytes, inputs, input_stride, len);
+        // Fixed tile sizes let the accumulators live in registers.
+        match shape.0 {
+            1 => tile_rows_avx2::<1>(args, shape.1),
+            2 => tile_rows_avx2::<2>(args, shape.1),
+            3 => tile_rows_avx2::<3>(args, shape.1),
+            _ => tile_rows_avx2::<4>(args, shape.1),
+        }
+    }
+
+    type TileArgs = (WeightDType, *const u8, usize, *const f32, usize, usize);
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_rows_avx2<const WR: usize>(
+        args: TileArgs,
+        input_rows: usize,
+    ) -> [[f32; ROW_BLOCK]; WEIGHT_BLOCK] {
+        match input_rows {
+            1 => tile_fixed_avx2::<WR, 1>(args),
+            2 => tile_fixed_avx2::<WR, 2>(args),
+            3 => tile_fixed_avx2::<WR, 3>(args),
+            _ => tile_fixed_avx2::<WR, 4>(args),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_fixed_avx2<const WR: usize, const XR: usize>(
+        (dtype, w, row_bytes, x, stride, len): TileArgs,
+    ) -> [[f32; ROW_BLOCK]; WEIGHT_BLOCK] {
+        let mut acc = [[_mm256_setzero_ps(); XR]; WR];
+        let mut i = 0;
+        while i < len {
+            for (j, lanes) in acc.iter_mut().enumerate() {
+                let (low, high) = load16_pair(dtype, w.add(j * row_bytes), i);
+                for (r, lane) in lanes.iter_mut().enumerate() {
+                    let xr = x.add(r * stride + i);
+                    *lane = _mm256_fmadd_ps(low, _mm256_loadu_ps(xr), *lane);
+                    *lane = _mm256_fmadd_ps(high, _mm256_loadu_ps(xr.add(8)), *lane);
+                }
+            }
+            i += 16;
+        }
+        let mut tile = [[0.0; ROW_BLOCK]; WEIGHT_BLOCK];
+        for (lanes, dots) in acc.iter().zip(tile.iter_mut()) {
+            for (lane, dot) in lanes.iter().zip(dots.iter_mut()) {
+                *dot = sum8(*lane);
+            }
+        }
+        tile
+    }
+
     /// Loads 8 weights at element `i` as f32.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -480,44 +729,95 @@ mod x86 {
         }
     }
 
+    /// Widens columns `columns` of `width` (≤ 16) weight rows into `panel` as
+    /// `panel[c * 16 + r]`; rows past `width` are zero.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn pack_panel(
+        dtype: WeightDType,
+        weights: &[u8],
+        row_bytes: usize,
+        width: usize,
+        columns: std::ops::Range<usize>,
+        panel: &mut [f32],
+    ) {
+        let depth = columns.len();
+        for r in 0..PANEL_WIDTH {
+            if r >= width {
+                for c in 0..depth {
+                    panel[c * PANEL_WIDTH + r] = 0.0;
+                }
+                continue;
+            }
+            let row = &weights[r * row_bytes..(r + 1) * row_bytes];
+            let mut c = 0;
+            while c + 8 <= depth {
+                let mut eight = [0.0f32; 8];
+                _mm256_storeu_ps(eight.as_mut_ptr(), load8(dtype, row.as_ptr(), columns.start + c));
+                for (t, value) in eight.into_iter().enumerate() {
+                    *panel.get_unchecked_mut((c + t) * PANEL_WIDTH + r) = value;
+                }
+                c += 8;
+            }
+            for c in c..depth {
+                panel[c * PANEL_WIDTH + r] = element(row, columns.start + c, dtype);
+            }
+        }
+    }
+
+    /// `rows` (≤ 6) input rows (stride `stride`) times a packed panel over `depth` columns:
+    /// `result[i][j]` = input row `i` · panel row `j`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn panel_product(
+        panel: &[f32],
+        inputs: *const f32,
+        stride: usize,
+        depth: usize,
+        rows: usize,
+    ) -> [[f32; PANEL_WIDTH]; PANEL_INPUT_ROWS] {
+        // A fixed row count lets the accumulators live in registers.
+        match rows {
+            1 => panel_rows::<1>(panel, inputs, stride, depth),
+            2 => panel_rows::<2>(panel, inputs, stride, depth),
+            3 => panel_rows::<3>(panel, inputs, stride, depth),
+            4 => panel_rows::<4>(panel, inputs, stride, depth),
+            5 => panel_rows::<5>(panel, inputs, stride, depth),
+            _ => panel_rows::<PANEL_INPUT_ROWS>(panel, inputs, stride, depth),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn panel_rows<const R: usize>(
+        panel: &[f32],
+        inputs: *const f32,
+        stride: usize,
+        depth: usize,
+    ) -> [[f32; PANEL_WIDTH]; PANEL_INPUT_ROWS] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let p = panel.as_ptr();
+        for c in 0..depth {
+            let w0 = _mm256_loadu_ps(p.add(c * PANEL_WIDTH));
+            let w1 = _mm256_loadu_ps(p.add(c * PANEL_WIDTH + 8));
+            for (r, pair) in acc.iter_mut().enumerate() {
+                let xv = _mm256_broadcast_ss(&*inputs.add(r * stride + c));
+                pair[0] = _mm256_fmadd_ps(w0, xv, pair[0]);
+                pair[1] = _mm256_fmadd_ps(w1, xv, pair[1]);
+            }
+        }
+        let mut result = [[0.0; PANEL_WIDTH]; PANEL_INPUT_ROWS];
+        for (pair, sums) in acc.iter().zip(result.iter_mut()) {
+            _mm256_storeu_ps(sums.as_mut_ptr(), pair[0]);
+            _mm256_storeu_ps(sums.as_mut_ptr().add(8), pair[1]);
+        }
+        result
+    }
+
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn sum8(v: __m256) -> f32 {
         let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let quad = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
         _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)))
-    }
-
-    /// AVX2 + FMA dot products: 16 elements per step, two accumulators per input row.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_rows_avx2(
-        dtype: WeightDType,
-        weights: &[u8],
-        inputs: &[f32],
-        k: usize,
-        dots: &mut [f32],
-    ) {
-        let rows = dots.len();
-        let (w, x) = (weights.as_ptr(), inputs.as_ptr());
-        let mut acc = [[_mm256_setzero_ps(); 2]; ROW_BLOCK];
-        let mut i = 0;
-        while i + 16 <= k {
-            let w0 = load8(dtype, w, i);
-            let w1 = load8(dtype, w, i + 8);
-            for (r, pair) in acc.iter_mut().enumerate().take(rows) {
-                let xr = x.add(r * k + i);
-                pair[0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), pair[0]);
-                pair[1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr.add(8)), pair[1]);
-            }
-            i += 16;
-        }
-        for (r, (pair, out)) in acc.iter().zip(dots.iter_mut()).enumerate() {
-            let mut dot = sum8(_mm256_add_ps(pair[0], pair[1]));
-            for j in i..k {
-                dot += element(weights, j, dtype) * inputs[r * k + j];
-            }
-            *out = dot;
-        }
     }
 }
 
@@ -555,7 +855,16 @@ mod tests {
             [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable].into_iter().filter(|i| i.available())
         {
             for dtype in [WeightDType::F32, WeightDType::BF16, WeightDType::F16] {
-                for (m, n, k) in [(1, 7, 37), (3, 70, 64), (17, 65, 100), (130, 9, 48), (1, 130, 2048)] {
+                for (m, n, k) in [
+                    (1, 7, 37),
+                    (3, 70, 64),
+                    (17, 65, 100),
+                    (130, 9, 48),
+                    (1, 130, 2048),
+                    (5, 11, 1100),
+                    (7, 70, 300),
+                    (13, 33, 600),
+                ] {
                     let values = pseudo_random(n * k, (m * n * k) as u32);
                     let bytes = encode(&values, dtype);
                     // The reference uses the stored (rounded) weights.

@@ -52,6 +52,11 @@ pub trait Engine: Send + Sync {
     /// Name the engine is selected by (`"candle"`, `"dummy"`, ...).
     fn name(&self) -> &str;
 
+    /// Name of the device the engine computes on (`cpu`, `cuda:0`, ...).
+    fn device(&self) -> &str {
+        "cpu"
+    }
+
     /// The shard last loaded by `ensure_shard`, if any.
     fn current_shard(&self) -> Option<Shard> {
         None

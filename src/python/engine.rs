@@ -14,7 +14,7 @@ use super::shard::PyShard;
 use super::tensor::{ndarray_from_wire, wire_from_ndarray};
 use super::tokenizer::PyTokenizer;
 use crate::download::DownloaderLocator;
-use crate::engine::candle::{CandleEngine, EngineOptions};
+use crate::engine::candle::{CandleEngine, ComputeDevice, EngineOptions};
 use crate::engine::dummy::DummyEngine;
 use crate::engine::{Engine, InferenceState, LocalDirectories, ModelLocator, SamplingParams};
 use crate::error::{Error, Result};
@@ -127,6 +127,12 @@ pub(super) fn token_ids(tokens: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
 
 #[pymethods]
 impl PyEngine {
+    /// Name of the device the engine computes on (`cpu`, `cuda:0`, ...).
+    #[getter]
+    fn device(&self) -> String {
+        self.inner.device().to_string()
+    }
+
     /// The shard last loaded, or None.
     #[getter]
     fn shard(&self) -> Option<PyShard> {
@@ -293,14 +299,21 @@ pub struct PyCandleEngine {
 
 #[pymethods]
 impl PyCandleEngine {
+    /// `device` (`cpu`, `cuda`, `cuda:N`, `metal`) overrides `EXO_DEVICE`; without either the
+    /// best device this build supports is used.
     #[new]
-    #[pyo3(signature = (shard_downloader=None, max_context=16_384, cache_budget_mb=2048))]
+    #[pyo3(signature = (shard_downloader=None, max_context=16_384, cache_budget_mb=2048, device=None))]
     fn new(
         py: Python<'_>,
         shard_downloader: Option<Py<PyAny>>,
         max_context: usize,
         cache_budget_mb: usize,
-    ) -> PyClassInitializer<Self> {
+        device: Option<String>,
+    ) -> PyResult<PyClassInitializer<Self>> {
+        let device = match device {
+            Some(name) => ComputeDevice::named(&name)?,
+            None => ComputeDevice::from_env()?,
+        };
         let options = EngineOptions { max_context, cache_budget_bytes: cache_budget_mb << 20 };
         let native = shard_downloader.as_ref().and_then(|d| d.bind(py).cast::<PyHfShardDownloader>().ok());
         let locator: Arc<dyn ModelLocator> = match native {
@@ -310,8 +323,22 @@ impl PyCandleEngine {
             }),
             None => Arc::new(PythonDownloader { downloader: shard_downloader }),
         };
-        let engine = Arc::new(CandleEngine::new(locator, options));
-        PyClassInitializer::from(PyEngine { inner: engine.clone() }).add_subclass(Self { engine })
+        let engine = Arc::new(CandleEngine::new(locator, options, device));
+        Ok(PyClassInitializer::from(PyEngine { inner: engine.clone() }).add_subclass(Self { engine }))
+    }
+
+    /// Writes `shard`'s tensors (loaded first if need be) to the safetensors file `path`, with
+    /// their checkpoint names and dtypes; there is no training, so this saves what is loaded.
+    fn save_checkpoint<'py>(
+        &self,
+        py: Python<'py>,
+        shard: PyShard,
+        path: PathBuf,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let engine = self.engine.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(engine.save_checkpoint(&shard.inner, &path).await?)
+        })
     }
 
     /// Loads `shard` from the model directory `path`.

@@ -3,6 +3,7 @@
 
 mod cache;
 mod config;
+mod device;
 mod linear;
 mod model;
 mod rope;
@@ -11,6 +12,7 @@ mod tests;
 mod weights;
 
 pub use config::ModelConfig;
+pub use device::{ComputeDevice, DEVICE_ENV};
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -49,8 +51,8 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn load(dir: &Path, shard: &Shard, options: EngineOptions) -> Result<Self> {
-        let model = ShardModel::load(dir, shard, options.max_context, &Device::Cpu)?;
+    fn load(dir: &Path, shard: &Shard, options: EngineOptions, device: &Device) -> Result<Self> {
+        let model = ShardModel::load(dir, shard, options.max_context, device)?;
         Ok(Self { model, tokenizer: Arc::new(Tokenizer::from_dir(dir)?) })
     }
 }
@@ -59,17 +61,19 @@ impl Loaded {
 pub struct CandleEngine {
     locator: Arc<dyn ModelLocator>,
     options: EngineOptions,
+    device: ComputeDevice,
     loaded: tokio::sync::Mutex<Option<Arc<Loaded>>>,
     current: Mutex<Option<Shard>>,
     caches: Arc<Mutex<CacheStore>>,
 }
 
 impl CandleEngine {
-    /// An engine that finds model files through `locator`.
-    pub fn new(locator: Arc<dyn ModelLocator>, options: EngineOptions) -> Self {
+    /// An engine that finds model files through `locator` and computes on `device`.
+    pub fn new(locator: Arc<dyn ModelLocator>, options: EngineOptions, device: ComputeDevice) -> Self {
         Self {
             locator,
             options,
+            device,
             loaded: tokio::sync::Mutex::new(None),
             current: Mutex::new(None),
             caches: Arc::new(Mutex::new(CacheStore::new(options.cache_budget_bytes))),
@@ -80,13 +84,24 @@ impl CandleEngine {
     pub async fn load_from(&self, shard: &Shard, dir: &Path) -> Result<()> {
         let mut loaded = self.loaded.lock().await;
         let (dir, shard_owned, options) = (dir.to_path_buf(), shard.clone(), self.options);
-        let fresh = tokio::task::spawn_blocking(move || Loaded::load(&dir, &shard_owned, options))
+        let device = self.device.device().clone();
+        let fresh = tokio::task::spawn_blocking(move || Loaded::load(&dir, &shard_owned, options, &device))
             .await
             .map_err(|e| Error::InvalidModel(format!("loading {} stopped: {e}", shard.model_id)))??;
         *loaded = Some(Arc::new(fresh));
         *self.current.lock().expect("shard lock poisoned") = Some(shard.clone());
         *self.caches.lock().expect("cache lock poisoned") = CacheStore::new(self.options.cache_budget_bytes);
         Ok(())
+    }
+
+    /// Writes the tensors of `shard` (loaded first if need be) to the safetensors file `path`,
+    /// under their checkpoint names and in their checkpoint dtypes.
+    pub async fn save_checkpoint(&self, shard: &Shard, path: &Path) -> Result<()> {
+        let loaded = self.model_for(shard).await?;
+        let path = path.to_path_buf();
+        tokio::task::spawn_blocking(move || loaded.model.save(&path))
+            .await
+            .map_err(|e| Error::InvalidModel(format!("saving {} stopped: {e}", shard.model_id)))?
     }
 
     /// The loaded model for `shard`, loading it first if another (or none) is loaded.
@@ -155,6 +170,10 @@ fn last_logits(logits: &WireTensor) -> Result<Vec<f32>> {
 impl Engine for CandleEngine {
     fn name(&self) -> &str {
         "candle"
+    }
+
+    fn device(&self) -> &str {
+        self.device.name()
     }
 
     fn current_shard(&self) -> Option<Shard> {

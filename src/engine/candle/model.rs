@@ -341,6 +341,9 @@ pub struct ShardModel {
     lm_head: Option<Linear>,
     rope: Rope,
     max_context: usize,
+    /// The mapped checkpoint and the names of the shard's tensors in it (for saving).
+    weights: ShardWeights,
+    tensor_names: Vec<String>,
 }
 
 impl ShardModel {
@@ -359,7 +362,8 @@ impl ShardModel {
         let variant = config.variant().map_err(Error::InvalidModel)?;
         let index = WeightIndex::from_dir(dir)?;
         let plan = TensorPlan::new(&config, shard, variant, &index);
-        let weights = index.open(&plan.names())?;
+        let tensor_names = plan.names();
+        let weights = index.open(&tensor_names)?;
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
         let embedding = || weights.matrix("model.embed_tokens.weight", vocab, hidden);
         let embed_tokens = if shard.is_first_layer() { Some(embedding()?) } else { None };
@@ -382,7 +386,23 @@ impl ShardModel {
         };
         let max_context = max_context.min(config.max_position_embeddings);
         let rope = Rope::new(&config, max_context, device)?;
-        Ok(Self { shard: shard.clone(), config, embed_tokens, blocks, norm, lm_head, rope, max_context })
+        Ok(Self {
+            shard: shard.clone(),
+            config,
+            embed_tokens,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            max_context,
+            weights,
+            tensor_names,
+        })
+    }
+
+    /// Writes the shard's tensors, as stored in the checkpoint, to the safetensors file `path`.
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        self.weights.save(&self.tensor_names, path)
     }
 
     /// The shard this model holds.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use super::{reference_logits, CandleEngine, EngineOptions};
+use super::{reference_logits, CandleEngine, ComputeDevice, EngineOptions};
 use crate::engine::{Engine, LocalDirectories, SamplingParams};
 use crate::error::Error;
 use crate::shard::Shard;
@@ -91,7 +91,7 @@ const TOKENIZER: &str = r#"{"version": "1.0", "truncation": null, "padding": nul
   "vocab": {"<unk>": 0, "hello": 1, "</s>": 2, "world": 3, "tiny": 4, "model": 5}}}"#;
 
 fn engine() -> CandleEngine {
-    CandleEngine::new(Arc::new(LocalDirectories), EngineOptions::default())
+    CandleEngine::new(Arc::new(LocalDirectories), EngineOptions::default(), ComputeDevice::best())
 }
 
 fn tokens(ids: &[i64]) -> WireTensor {
@@ -201,5 +201,54 @@ async fn bad_inputs_fail_the_request_only() {
     assert!(engine.infer_tensor("ok", &whole, tokens(&[1, 2]), None).await.is_ok());
     assert_eq!(engine.encode(&whole, "hello tiny world").await.unwrap(), [1, 4, 3]);
     assert_eq!(engine.eos_token_ids(&whole).await.unwrap(), [2]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_saved_shard_holds_its_checkpoint_tensors_and_loads_back() {
+    let dir = write_tiny_model("qwen2");
+    let saved_dir = dir.join("saved");
+    std::fs::create_dir_all(&saved_dir).unwrap();
+    for file in ["config.json", "tokenizer.json"] {
+        std::fs::copy(dir.join(file), saved_dir.join(file)).unwrap();
+    }
+    // The last two layers of a model whose head is tied to the embedding.
+    let shard = Shard::new(dir.display().to_string(), 1, 2, 3);
+    let engine = engine();
+    engine.save_checkpoint(&shard, &saved_dir.join("model.safetensors")).await.unwrap();
+
+    let original = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let saved = candle_core::safetensors::load(saved_dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut expected: Vec<&String> = original
+        .keys()
+        .filter(|name| {
+            name.starts_with("model.layers.1.")
+                || name.starts_with("model.layers.2.")
+                || ["model.norm.weight", "model.embed_tokens.weight"].contains(&name.as_str())
+        })
+        .collect();
+    expected.sort();
+    let mut names: Vec<&String> = saved.keys().collect();
+    names.sort();
+    assert_eq!(names, expected);
+    for name in names {
+        let (a, b) = (&original[name], &saved[name]);
+        assert_eq!((a.dtype(), a.dims()), (b.dtype(), b.dims()), "{name}");
+        let difference = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(difference, 0.0, "{name}");
+    }
+
+    let hidden: Vec<f32> = values(3 * HIDDEN, 5, 1.0);
+    let input =
+        WireTensor::new(DType::F32, vec![1, 3, HIDDEN], bytemuck::cast_slice(&hidden).to_vec()).unwrap();
+    let before = engine.infer_tensor("r", &shard, input.clone(), None).await.unwrap().0;
+    let reloaded = self::engine();
+    let saved_shard = Shard::new(saved_dir.display().to_string(), 1, 2, 3);
+    reloaded.load_from(&saved_shard, &saved_dir).await.unwrap();
+    let after = reloaded.infer_tensor("r", &saved_shard, input, None).await.unwrap().0;
+    assert_eq!(floats(&before), floats(&after));
+
+    let err = engine.save_checkpoint(&shard, &dir.join("missing").join("x.safetensors")).await.unwrap_err();
+    assert!(err.to_string().contains("cannot write the checkpoint"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }

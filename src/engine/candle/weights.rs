@@ -133,6 +133,42 @@ impl ShardWeights {
         Ok(stored)
     }
 
+    /// Writes the tensors `names` as they are stored (names, dtypes, shapes, bytes) to the
+    /// safetensors file `path`, through a temporary file renamed into place.
+    pub fn save(&self, names: &[String], path: &Path) -> Result<()> {
+        let views = names
+            .iter()
+            .map(|name| {
+                let stored = self
+                    .tensors
+                    .get(name)
+                    .ok_or_else(|| Error::InvalidModel(format!("tensor {name} is missing")))?;
+                let view = safetensors::tensor::TensorView::new(
+                    stored.dtype,
+                    stored.shape.clone(),
+                    &stored.map[stored.range.clone()],
+                )
+                .map_err(|e| Error::InvalidModel(format!("tensor {name} cannot be saved: {e}")))?;
+                Ok((name.clone(), view))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let file_name = path.file_name().ok_or_else(|| {
+            Error::InvalidArgument(format!("{} does not name a file to save to", path.display()))
+        })?;
+        let partial = path.with_file_name(format!(".{}.partial", file_name.to_string_lossy()));
+        let failed = |e: &dyn std::fmt::Display| {
+            Error::InvalidArgument(format!("cannot write the checkpoint {}: {e}", path.display()))
+        };
+        safetensors::serialize_to_file(views, None, &partial).map_err(|e| {
+            let _ = std::fs::remove_file(&partial);
+            failed(&e)
+        })?;
+        std::fs::rename(&partial, path).map_err(|e| {
+            let _ = std::fs::remove_file(&partial);
+            failed(&e)
+        })
+    }
+
     /// A 2-D weight used in place from the map, in its stored dtype.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
         let stored = self.stored(name, &[rows, cols])?;
