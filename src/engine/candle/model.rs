@@ -419,6 +419,12 @@ impl ShardModel {
     /// states `[batch, seq, hidden]`, or on the last shard the logits of the last position
     /// `[batch, 1, vocab]`.
     pub fn forward(&self, input: ShardInput, cache: &mut RequestCache) -> Result<Tensor> {
+        // On a thread of the kernels' pool, each matrix product starts at once and only one
+        // more thread needs waking, instead of handing it over to sleeping threads and back.
+        rayon::scope(|_| self.forward_in_pool(input, cache))
+    }
+
+    fn forward_in_pool(&self, input: ShardInput, cache: &mut RequestCache) -> Result<Tensor> {
         let mut x = self.embed(input)?;
         let (_, seq, _) = x.dims3()?;
         let offset = cache.position;
