@@ -5,7 +5,7 @@ against one node pinned to one core, on the same synthetic model.
     python bench/cluster.py [--preset llama-3.2-1b] [--dtype bf16] [--tokens 64] [--streams 4]
 
 Prints, for 1 stream and for `--streams` concurrent streams: tokens/s, the ratio to one node,
-the round trip of one hop's message (a SendTensor of `[1, 1, hidden]` f32 from Python),
+the round trip of one hop's message (a SendTensor of `[1, 1, hidden]` f32, timed in Rust and from Python),
 the latency a hop adds (from the per-token time difference, spread over the ring's hops) and
 the bytes sent over loopback per token (less the background rate of health checks and
 topology refreshes, measured while idle; other loopback traffic on the machine counts too).
@@ -89,13 +89,15 @@ def config_hidden(model_dir: Path) -> int:
     return json.loads((model_dir / "config.json").read_text())["hidden_size"]
 
 
-async def _transport_round_trip_ms(peer: object, hidden: int, calls: int = 200) -> float:
-    """Median time of a SendTensor carrying `[1, 1, hidden]` f32 hidden states that the peer
-    decodes and rejects (its shard is invalid): the transport cost of a hop, from Python."""
+async def _transport_round_trip_ms(peer: object, hidden: int, calls: int = 200) -> tuple[float, float]:
+    """Median round trip of a SendTensor carrying `[1, 1, hidden]` f32 hidden states that the
+    peer decodes and rejects (its shard is invalid): the transport cost of a hop, timed in Rust
+    (as one node's core sends to the next) and from Python (await on the peer handle)."""
     import numpy as np
 
     from exo.inference.shard import Shard
 
+    rust_ms = await peer.measure_round_trip(hidden, calls) * 1000
     hidden_states = np.zeros((1, 1, hidden), dtype=np.float32)
     invalid = Shard("hop-probe", 1, 0, 2)
     times = []
@@ -105,16 +107,17 @@ async def _transport_round_trip_ms(peer: object, hidden: int, calls: int = 200) 
             await peer.send_tensor(invalid, hidden_states, request_id=f"probe-{i}")
         except Exception:
             times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2] * 1000
+    return rust_ms, sorted(times)[len(times) // 2] * 1000
 
 
 async def _measure(model_dir: Path, nodes: int, tokens: int, streams: int) -> dict[str, float]:
     from exo.helpers import find_available_port
     from exo.inference.dummy_inference_engine import DummyInferenceEngine
     from exo.inference.shard import Shard
+    from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
     from exo.networking.grpc.grpc_server import GRPCServer
     from exo.orchestration.node import Node
-    from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+    from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, DeviceFlops
 
     names = [f"w{i}" for i in range(nodes)]
     ports = {name: find_available_port("127.0.0.1") for name in [*names, "driver"]}
@@ -149,7 +152,8 @@ async def _measure(model_dir: Path, nodes: int, tokens: int, streams: int) -> di
         sent, started = _loopback_tx_bytes(), time.perf_counter()
         single_s, single_n = await run(tokens)
         single_bytes = _loopback_tx_bytes() - sent - idle_rate * (time.perf_counter() - started)
-        hop_rtt_ms = await _transport_round_trip_ms(driver.peers[0], config_hidden(model_dir))
+        probe = GRPCPeerHandle("w0", f"127.0.0.1:{ports['w0']}", "probe", UNKNOWN_DEVICE_CAPABILITIES)
+        rust_rtt_ms, python_rtt_ms = await _transport_round_trip_ms(probe, config_hidden(model_dir))
         results = await asyncio.gather(*(run(tokens) for _ in range(streams)))
         concurrent_s = max(s for s, _ in results)
         concurrent_n = sum(n for _, n in results)
@@ -157,7 +161,8 @@ async def _measure(model_dir: Path, nodes: int, tokens: int, streams: int) -> di
             "single_tps": single_n / single_s,
             "bytes_per_token": single_bytes / max(single_n, 1),
             "concurrent_tps": concurrent_n / concurrent_s,
-            "hop_rtt_ms": hop_rtt_ms,
+            "rust_rtt_ms": rust_rtt_ms,
+            "python_rtt_ms": python_rtt_ms,
         }
     finally:
         await driver.stop()
@@ -188,13 +193,16 @@ def main() -> None:
     rows = {n: asyncio.run(_measure(model_dir, n, args.tokens, args.streams)) for n in sizes}
     one = rows[1]
     print(f"{args.preset} {args.dtype}, {args.tokens} tokens per stream, one core per node ({cores} cores)")
-    print(f"nodes | 1 stream tok/s | ratio | hop ms | RPC ms | bytes/token | {args.streams} streams tok/s | ratio")
+    print(
+        f"nodes | 1 stream tok/s | ratio | hop ms | RPC ms Rust / Python | bytes/token"
+        f" | {args.streams} streams tok/s | ratio"
+    )
     for n, row in rows.items():
         # Per token, a ring of n > 1 nodes makes n hops; compute per token stays the same.
         hop_ms = (1 / row["single_tps"] - 1 / one["single_tps"]) * 1000 / n if n > 1 else 0.0
         print(
             f"{n:5} | {row['single_tps']:14.2f} | {row['single_tps'] / one['single_tps']:5.2f} | {hop_ms:6.3f} |"
-            f" {row['hop_rtt_ms']:6.3f} |"
+            f" {row['rust_rtt_ms']:8.3f} / {row['python_rtt_ms']:6.3f} |"
             f" {row['bytes_per_token']:11.0f} | {row['concurrent_tps']:16.2f} |"
             f" {row['concurrent_tps'] / one['concurrent_tps']:5.2f}"
         )

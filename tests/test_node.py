@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 
 from cluster import running_cluster, whole_model
-from exo.errors import RequestFailedError
+from exo.errors import InvalidArgumentError, PeerError, RequestFailedError
 from exo.inference.candle import CandleInferenceEngine
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.shard import Shard
 from exo.inference.tokenizers import resolve_tokenizer
+from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.orchestration.node import Node
 from exo.testing.synth import write_model
-from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, DeviceFlops
 from exo.topology.topology import Topology
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny-llama.json"
@@ -141,6 +142,20 @@ async def test_python_engine_stand_in_and_a_dead_peer_fails_fast() -> None:
         await asyncio.sleep(1.5)
         assert len(origin.partitions()) == 1
         assert [t async for t in origin.generate(Shard("dummy", 0, 7, 8), "hi")] == DUMMY_TOKENS
+
+
+async def test_hop_round_trip_is_timed_and_a_dead_peer_is_an_error() -> None:
+    async with running_cluster(["a", "b"], DummyInferenceEngine) as (origin, other):
+        peer = GRPCPeerHandle("b", f"127.0.0.1:{other.server.port}", "probe", UNKNOWN_DEVICE_CAPABILITIES)
+        seconds = await peer.measure_round_trip(2048, calls=20)
+        assert 0 < seconds < 1
+        with pytest.raises(InvalidArgumentError, match="positive"):
+            peer.measure_round_trip(2048, calls=0)
+        # The node keeps serving after the probe's rejected messages.
+        assert [t async for t in origin.generate(Shard("dummy", 0, 7, 8), "hi")] == DUMMY_TOKENS
+        await other.stop()
+        with pytest.raises(PeerError, match="SendTensor"):
+            await peer.measure_round_trip(2048, calls=5)
 
 
 async def test_a_classic_style_engine_error_fails_only_that_request() -> None:

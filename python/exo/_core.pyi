@@ -236,6 +236,7 @@ class GRPCPeerHandle(NativePeerHandle):
     """exo classic's gRPC peer: one reused connection to `address` (`host:port`)."""
 
     def __init__(self, _id: str, address: str, desc: str, device_capabilities: DeviceCapabilities) -> None: ...
+    def measure_round_trip(self, hidden_size: int, calls: int = 200) -> Awaitable[float]: ...
 
 class NativeDiscovery:
     """A native discovery; the UDP, manual and Tailscale discoveries derive from it."""

@@ -283,7 +283,9 @@ impl PyPeerHandle {
 
 /// exo classic's `GRPCPeerHandle(_id, address, desc, device_capabilities)`.
 #[pyclass(name = "GRPCPeerHandle", module = "exo.networking.grpc.grpc_peer_handle", extends = PyPeerHandle, frozen)]
-pub struct PyGrpcPeerHandle;
+pub struct PyGrpcPeerHandle {
+    peer: Arc<GrpcPeer>,
+}
 
 #[pymethods]
 impl PyGrpcPeerHandle {
@@ -294,8 +296,28 @@ impl PyGrpcPeerHandle {
         desc: String,
         device_capabilities: PyDeviceCapabilities,
     ) -> PyClassInitializer<Self> {
-        let peer = GrpcPeer::new(_id, address, desc, device_capabilities.inner);
-        PyClassInitializer::from(PyPeerHandle { inner: Arc::new(peer) }).add_subclass(Self)
+        let peer = Arc::new(GrpcPeer::new(_id, address, desc, device_capabilities.inner));
+        PyClassInitializer::from(PyPeerHandle { inner: peer.clone() }).add_subclass(Self { peer })
+    }
+
+    /// Median seconds of `calls` SendTensor round trips carrying `[1, 1, hidden_size]` f32
+    /// hidden states that the peer rejects unread: one hop's transport cost, timed in Rust.
+    #[pyo3(signature = (hidden_size, calls=200))]
+    fn measure_round_trip<'py>(
+        &self,
+        py: Python<'py>,
+        hidden_size: usize,
+        calls: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        if calls == 0 || hidden_size == 0 {
+            return Err(Error::InvalidArgument("hidden_size and calls must be positive".into()).into());
+        }
+        let peer = self.peer.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let mut times = peer.tensor_round_trips(hidden_size, calls).await?;
+            times.sort();
+            Ok(times[times.len() / 2].as_secs_f64())
+        })
     }
 }
 

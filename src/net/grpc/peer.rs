@@ -71,6 +71,39 @@ impl GrpcPeer {
         Ok(client)
     }
 
+    /// Times `calls` SendTensor round trips, each carrying `[1, 1, hidden]` f32 hidden states
+    /// for a shard the peer rejects (its first layer after its last): what one hop's message
+    /// costs on the wire, without the receiver's layers. Fails if the peer cannot be reached.
+    pub async fn tensor_round_trips(&self, hidden: usize, calls: usize) -> Result<Vec<Duration>> {
+        let tensor = WireTensor::new(crate::tensor::DType::F32, vec![1, 1, hidden], vec![0; hidden * 4])?;
+        let request = proto::TensorRequest {
+            shard: Some(proto::Shard {
+                model_id: "hop-probe".into(),
+                start_layer: 1,
+                end_layer: 0,
+                n_layers: 2,
+            }),
+            tensor: Some(tensor.into_proto()?),
+            request_id: Some("hop-probe".into()),
+            inference_state: None,
+        };
+        let mut client = self.client().await?;
+        let mut times = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let started = std::time::Instant::now();
+            match tokio::time::timeout(SHORT_TIMEOUT, client.send_tensor(request.clone())).await {
+                Err(_) => return Err(self.error("SendTensor", format!("no answer within {SHORT_TIMEOUT:?}"))),
+                Ok(Err(status)) if status.code() != tonic::Code::InvalidArgument => {
+                    return Err(
+                        self.error("SendTensor", format!("{} ({:?})", status.message(), status.code()))
+                    )
+                }
+                Ok(_) => times.push(started.elapsed()),
+            }
+        }
+        Ok(times)
+    }
+
     fn error(&self, call: &str, cause: impl std::fmt::Display) -> Error {
         Error::Peer(format!("{call} to {}@{} failed: {cause}", self.id, self.address))
     }
