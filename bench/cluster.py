@@ -4,7 +4,8 @@ against one node pinned to one core, on the same synthetic model.
 
     python bench/cluster.py [--preset llama-3.2-1b] [--dtype bf16] [--tokens 64] [--streams 4]
 
-Prints, for 1 stream and for `--streams` concurrent streams: tokens/s, the ratio to one node,
+Prints, for 1 stream and for `--streams` concurrent streams: decode tokens/s (for concurrent
+streams, the aggregate while all of them decode), the ratio to one node,
 the round trip of one hop's message (a SendTensor of `[1, 1, hidden]` f32, timed in Rust and from Python),
 the latency a hop adds (from the per-token time difference, spread over the ring's hops) and
 the bytes sent over loopback per token (less the background rate of health checks and
@@ -136,13 +137,22 @@ async def _measure(model_dir: Path, nodes: int, tokens: int, streams: int) -> di
             await driver.collect_topology(set())
         await asyncio.sleep(2.5)  # one refresh on every worker, so all agree on the ring
 
-        async def run(count: int) -> tuple[float, int]:
-            started, received = None, 0
+        async def run(count: int) -> list[float]:
+            """The arrival time of each token of one stream."""
+            arrivals = []
             async for _ in driver.generate(base, "Benchmark the ring of nodes.", max_tokens=count + 1):
-                received += 1
-                if started is None:
-                    started = time.perf_counter()  # decode time starts after the first token
-            return time.perf_counter() - (started or time.perf_counter()), received - 1
+                arrivals.append(time.perf_counter())
+            return arrivals
+
+        def decode_rate(arrivals: list[float]) -> float:
+            # Decode time starts at the first token (the prompt is done by then).
+            return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
+
+        def steady_rate(streams: list[list[float]]) -> float:
+            """Aggregate tokens/s while every stream is decoding: from the last stream's first
+            token to the first stream's last, so no stream's prompt or tail is counted."""
+            start, end = max(s[0] for s in streams), min(s[-1] for s in streams)
+            return sum(start < t <= end for s in streams for t in s) / (end - start)
 
         await run(4)
         # Peers exchange health checks and topology in the background; subtract that rate.
@@ -150,17 +160,15 @@ async def _measure(model_dir: Path, nodes: int, tokens: int, streams: int) -> di
         await asyncio.sleep(4)
         idle_rate = (_loopback_tx_bytes() - idle_bytes) / (time.perf_counter() - idle_started)
         sent, started = _loopback_tx_bytes(), time.perf_counter()
-        single_s, single_n = await run(tokens)
+        single = await run(tokens)
         single_bytes = _loopback_tx_bytes() - sent - idle_rate * (time.perf_counter() - started)
         probe = GRPCPeerHandle("w0", f"127.0.0.1:{ports['w0']}", "probe", UNKNOWN_DEVICE_CAPABILITIES)
         rust_rtt_ms, python_rtt_ms = await _transport_round_trip_ms(probe, config_hidden(model_dir))
-        results = await asyncio.gather(*(run(tokens) for _ in range(streams)))
-        concurrent_s = max(s for s, _ in results)
-        concurrent_n = sum(n for _, n in results)
+        concurrent = await asyncio.gather(*(run(tokens) for _ in range(streams)))
         return {
-            "single_tps": single_n / single_s,
-            "bytes_per_token": single_bytes / max(single_n, 1),
-            "concurrent_tps": concurrent_n / concurrent_s,
+            "single_tps": decode_rate(single),
+            "bytes_per_token": single_bytes / max(len(single) - 1, 1),
+            "concurrent_tps": steady_rate(concurrent),
             "rust_rtt_ms": rust_rtt_ms,
             "python_rtt_ms": python_rtt_ms,
         }

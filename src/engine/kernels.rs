@@ -662,37 +662,55 @@ mod x86 {
         len: usize,
         shape: (usize, usize),
     ) -> [[f32; ROW_BLOCK]; WEIGHT_BLOCK] {
-        let args = (dtype, weights, row_bytes, inputs, input_stride, len);
-        // Fixed tile sizes let the accumulators live in registers.
-        match shape.0 {
-            1 => tile_rows_avx2::<1>(args, shape.1),
-            2 => tile_rows_avx2::<2>(args, shape.1),
-            3 => tile_rows_avx2::<3>(args, shape.1),
-            _ => tile_rows_avx2::<4>(args, shape.1),
+        let args = (weights, row_bytes, inputs, input_stride, len);
+        // A loop per dtype keeps the dtype's branch out of the loop.
+        match dtype {
+            WeightDType::F32 => tile_dtype_avx2::<0>(args, shape),
+            WeightDType::BF16 => tile_dtype_avx2::<1>(args, shape),
+            WeightDType::F16 => tile_dtype_avx2::<2>(args, shape),
         }
     }
 
-    type TileArgs = (WeightDType, *const u8, usize, *const f32, usize, usize);
+    /// The weight dtypes by the code the tile kernels are specialised on.
+    const TILE_DTYPES: [WeightDType; 3] = [WeightDType::F32, WeightDType::BF16, WeightDType::F16];
+
+    type TileArgs = (*const u8, usize, *const f32, usize, usize);
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn tile_rows_avx2<const WR: usize>(
+    unsafe fn tile_dtype_avx2<const D: usize>(
+        args: TileArgs,
+        shape: (usize, usize),
+    ) -> [[f32; ROW_BLOCK]; WEIGHT_BLOCK] {
+        // Fixed tile sizes let the accumulators live in registers.
+        match shape.0 {
+            1 => tile_rows_avx2::<1, D>(args, shape.1),
+            2 => tile_rows_avx2::<2, D>(args, shape.1),
+            3 => tile_rows_avx2::<3, D>(args, shape.1),
+            _ => tile_rows_avx2::<4, D>(args, shape.1),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile_rows_avx2<const WR: usize, const D: usize>(
         args: TileArgs,
         input_rows: usize,
     ) -> [[f32; ROW_BLOCK]; WEIGHT_BLOCK] {
         match input_rows {
-            1 => tile_fixed_avx2::<WR, 1>(args),
-            2 => tile_fixed_avx2::<WR, 2>(args),
-            3 => tile_fixed_avx2::<WR, 3>(args),
-            _ => tile_fixed_avx2::<WR, 4>(args),
+            1 => tile_fixed_avx2::<WR, 1, D>(args),
+            2 => tile_fixed_avx2::<WR, 2, D>(args),
+            3 => tile_fixed_avx2::<WR, 3, D>(args),
+            _ => tile_fixed_avx2::<WR, 4, D>(args),
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn tile_fixed_avx2<const WR: usize, const XR: usize>(
-        (dtype, w, row_bytes, x, stride, len): TileArgs,
+    unsafe fn tile_fixed_avx2<const WR: usize, const XR: usize, const D: usize>(
+        (w, row_bytes, x, stride, len): TileArgs,
     ) -> [[f32; ROW_BLOCK]; WEIGHT_BLOCK] {
+        let dtype = TILE_DTYPES[D];
         let mut acc = [[_mm256_setzero_ps(); XR]; WR];
         let mut i = 0;
         while i < len {
