@@ -152,6 +152,8 @@ async def _measure(model_dir: Path, nodes: int, tokens: int, streams: int) -> di
             """Aggregate tokens/s while every stream is decoding: from the last stream's first
             token to the first stream's last, so no stream's prompt or tail is counted."""
             start, end = max(s[0] for s in streams), min(s[-1] for s in streams)
+            if end <= start:
+                raise RuntimeError("the concurrent streams never decoded at the same time")
             return sum(start < t <= end for s in streams for t in s) / (end - start)
 
         await run(4)

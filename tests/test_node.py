@@ -151,6 +151,8 @@ async def test_hop_round_trip_is_timed_and_a_dead_peer_is_an_error() -> None:
         assert 0 < seconds < 1
         with pytest.raises(InvalidArgumentError, match="positive"):
             peer.measure_round_trip(2048, calls=0)
+        with pytest.raises(InvalidArgumentError, match="hidden size"):
+            await peer.measure_round_trip(1 << 40, calls=1)
         # The node keeps serving after the probe's rejected messages.
         assert [t async for t in origin.generate(Shard("dummy", 0, 7, 8), "hi")] == DUMMY_TOKENS
         await other.stop()

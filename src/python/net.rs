@@ -312,6 +312,7 @@ impl PyGrpcPeerHandle {
         if calls == 0 || hidden_size == 0 {
             return Err(Error::InvalidArgument("hidden_size and calls must be positive".into()).into());
         }
+        // The core also bounds hidden_size by the message limit; that error comes on await.
         let peer = self.peer.clone();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             let mut times = peer.tensor_round_trips(hidden_size, calls).await?;

@@ -75,6 +75,12 @@ impl GrpcPeer {
     /// for a shard the peer rejects (its first layer after its last): what one hop's message
     /// costs on the wire, without the receiver's layers. Fails if the peer cannot be reached.
     pub async fn tensor_round_trips(&self, hidden: usize, calls: usize) -> Result<Vec<Duration>> {
+        if hidden == 0 || calls == 0 || hidden > MAX_MESSAGE_BYTES / 8 {
+            return Err(Error::InvalidArgument(format!(
+                "a round-trip probe needs calls > 0 and 0 < hidden size <= {} (got {calls} calls of {hidden})",
+                MAX_MESSAGE_BYTES / 8
+            )));
+        }
         let tensor = WireTensor::new(crate::tensor::DType::F32, vec![1, 1, hidden], vec![0; hidden * 4])?;
         let request = proto::TensorRequest {
             shard: Some(proto::Shard {
