@@ -759,27 +759,58 @@ mod x86 {
         panel: &mut [f32],
     ) {
         let depth = columns.len();
-        for r in 0..PANEL_WIDTH {
-            if r >= width {
-                for c in 0..depth {
-                    panel[c * PANEL_WIDTH + r] = 0.0;
+        let whole = depth - depth % 8;
+        // Blocks of 8 rows × 8 columns are transposed in registers and stored a column at a time.
+        for group in (0..PANEL_WIDTH).step_by(8) {
+            for c in (0..whole).step_by(8) {
+                let mut block = [_mm256_setzero_ps(); 8];
+                for (r, lane) in block.iter_mut().enumerate().filter(|(r, _)| group + r < width) {
+                    *lane = load8(dtype, weights.as_ptr().add((group + r) * row_bytes), columns.start + c);
                 }
-                continue;
-            }
-            let row = &weights[r * row_bytes..(r + 1) * row_bytes];
-            let mut c = 0;
-            while c + 8 <= depth {
-                let mut eight = [0.0f32; 8];
-                _mm256_storeu_ps(eight.as_mut_ptr(), load8(dtype, row.as_ptr(), columns.start + c));
-                for (t, value) in eight.into_iter().enumerate() {
-                    *panel.get_unchecked_mut((c + t) * PANEL_WIDTH + r) = value;
+                for (t, column) in transpose8(block).into_iter().enumerate() {
+                    _mm256_storeu_ps(panel.as_mut_ptr().add((c + t) * PANEL_WIDTH + group), column);
                 }
-                c += 8;
-            }
-            for c in c..depth {
-                panel[c * PANEL_WIDTH + r] = element(row, columns.start + c, dtype);
             }
         }
+        for r in 0..PANEL_WIDTH {
+            for c in whole..depth {
+                panel[c * PANEL_WIDTH + r] = if r < width {
+                    element(&weights[r * row_bytes..(r + 1) * row_bytes], columns.start + c, dtype)
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+
+    /// The 8×8 transpose of `rows`: element `j` of result `i` is element `i` of row `j`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn transpose8(rows: [__m256; 8]) -> [__m256; 8] {
+        let [a, b, c, d, e, f, g, h] = rows;
+        let (ab_lo, ab_hi) = (_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+        let (cd_lo, cd_hi) = (_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+        let (ef_lo, ef_hi) = (_mm256_unpacklo_ps(e, f), _mm256_unpackhi_ps(e, f));
+        let (gh_lo, gh_hi) = (_mm256_unpacklo_ps(g, h), _mm256_unpackhi_ps(g, h));
+        // Per 128-bit lane, columns 0|4, 1|5, 2|6, 3|7 of rows a-d, then of rows e-h.
+        let first = [
+            _mm256_shuffle_ps::<0x44>(ab_lo, cd_lo),
+            _mm256_shuffle_ps::<0xEE>(ab_lo, cd_lo),
+            _mm256_shuffle_ps::<0x44>(ab_hi, cd_hi),
+            _mm256_shuffle_ps::<0xEE>(ab_hi, cd_hi),
+        ];
+        let second = [
+            _mm256_shuffle_ps::<0x44>(ef_lo, gh_lo),
+            _mm256_shuffle_ps::<0xEE>(ef_lo, gh_lo),
+            _mm256_shuffle_ps::<0x44>(ef_hi, gh_hi),
+            _mm256_shuffle_ps::<0xEE>(ef_hi, gh_hi),
+        ];
+        let mut columns = [_mm256_setzero_ps(); 8];
+        for i in 0..4 {
+            columns[i] = _mm256_permute2f128_ps::<0x20>(first[i], second[i]);
+            columns[i + 4] = _mm256_permute2f128_ps::<0x31>(first[i], second[i]);
+        }
+        columns
     }
 
     /// `rows` (≤ 6) input rows (stride `stride`) times a packed panel over `depth` columns:
