@@ -252,6 +252,51 @@ const AVX2_TILE: (usize, usize) = (3, 4);
 /// (`rows × AVX2_CHUNK` f32) stays in L2 while every weight row of a task meets it.
 const AVX2_CHUNK: usize = 512;
 
+/// One parallel task's part of a linear layer's output: `rows` of the `n` output rows (columns
+/// of `out`, which holds `m` input rows of `n`).
+#[cfg(target_arch = "x86_64")]
+struct TaskOutput {
+    out: OutPtr,
+    n: usize,
+    m: usize,
+    rows: std::ops::Range<usize>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TaskOutput {
+    /// Adds `value` to output `(input_row, output_row)`, which must be one of this task's.
+    #[inline]
+    fn add(&self, input_row: usize, output_row: usize, value: f32) {
+        assert!(input_row < self.m && self.rows.contains(&output_row), "a task writes only its own rows");
+        // SAFETY: the element is inside `out` (checked above) and only this task writes `rows`.
+        unsafe { *self.out.get().add(input_row * self.n + output_row) += value };
+    }
+}
+
+/// Runs `body` in parallel on tasks of `ROWS_PER_TASK` output rows, each task's part of `out`
+/// (`m` rows of `n`) first set to the bias; `body` adds its dot products to it.
+#[cfg(target_arch = "x86_64")]
+fn for_each_row_task(
+    n: usize,
+    m: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    body: impl Fn(&TaskOutput) + Sync,
+) {
+    assert_eq!(out.len(), m * n, "the output holds m rows of n");
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+        let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n);
+        for row in rows.clone() {
+            for i in 0..m {
+                // SAFETY: (i, row) is inside `out` and only this task writes `rows`.
+                unsafe { *out_ptr.get().add(i * n + row) = bias.map_or(0.0, |b| b[row]) };
+            }
+        }
+        body(&TaskOutput { out: out_ptr, n, m, rows });
+    });
+}
+
 /// The AVX2 path: tiles of weight rows × input rows held in registers, columns in chunks that
 /// keep the inputs cache-resident; for bf16 the inputs are first laid out to match how the
 /// kernel widens weights (see [`bf16_pair_layout`]).
@@ -273,18 +318,8 @@ fn linear_avx2(x: &[f32], w: &WeightMatrix, bias: Option<&[f32]>, out: &mut [f32
     let (weight_rows, input_rows) = if m == 1 { (AVX2_DECODE_WEIGHT_ROWS, 1) } else { AVX2_TILE };
     let chunk = if m == 1 { steps.max(AVX2_STEP) } else { AVX2_CHUNK };
     let (data, row_bytes, dtype) = (w.data(), k * w.dtype.size(), w.dtype);
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
-        let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n);
-        let at = |i: usize, row: usize| {
-            // SAFETY: (i, row) is inside `out`; only this task writes the rows of `rows`.
-            unsafe { &mut *out_ptr.get().add(i * n + row) }
-        };
-        for row in rows.clone() {
-            for i in 0..m {
-                *at(i, row) = bias.map_or(0.0, |b| b[row]);
-            }
-        }
+    for_each_row_task(n, m, bias, out, |task| {
+        let rows = task.rows.clone();
         for start in (0..steps).step_by(chunk) {
             let len = chunk.min(steps - start);
             for first in rows.clone().step_by(weight_rows) {
@@ -307,7 +342,7 @@ fn linear_avx2(x: &[f32], w: &WeightMatrix, bias: Option<&[f32]>, out: &mut [f32
                     };
                     for (j, dots) in tile.iter().enumerate().take(count_w) {
                         for (i, dot) in dots.iter().enumerate().take(count) {
-                            *at(block + i, first + j) += dot;
+                            task.add(block + i, first + j, *dot);
                         }
                     }
                 }
@@ -317,7 +352,7 @@ fn linear_avx2(x: &[f32], w: &WeightMatrix, bias: Option<&[f32]>, out: &mut [f32
             let weights = &data[row * row_bytes..(row + 1) * row_bytes];
             for i in 0..m {
                 let tail: f32 = (steps..k).map(|e| element(weights, e, dtype) * inputs[i * k + e]).sum();
-                *at(i, row) += tail;
+                task.add(i, row, tail);
             }
         }
     });
@@ -340,18 +375,8 @@ fn matmul_avx2_packed(x: &[f32], w: &WeightMatrix, bias: Option<&[f32]>, out: &m
     let (n, k) = (w.rows, w.cols);
     let m = x.len() / k;
     let (data, row_bytes, dtype) = (w.data(), k * w.dtype.size(), w.dtype);
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
-        let rows = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n);
-        let at = |i: usize, row: usize| {
-            // SAFETY: (i, row) is inside `out`; only this task writes the rows of `rows`.
-            unsafe { &mut *out_ptr.get().add(i * n + row) }
-        };
-        for row in rows.clone() {
-            for i in 0..m {
-                *at(i, row) = bias.map_or(0.0, |b| b[row]);
-            }
-        }
+    for_each_row_task(n, m, bias, out, |task| {
+        let rows = task.rows.clone();
         let mut panel = vec![0.0f32; PANEL_DEPTH * PANEL_WIDTH];
         for start in (0..k).step_by(PANEL_DEPTH) {
             let depth = PANEL_DEPTH.min(k - start);
@@ -372,7 +397,7 @@ fn matmul_avx2_packed(x: &[f32], w: &WeightMatrix, bias: Option<&[f32]>, out: &m
                     };
                     for (i, sums) in product.iter().enumerate().take(count) {
                         for (j, sum) in sums.iter().enumerate().take(width) {
-                            *at(block + i, first + j) += sum;
+                            task.add(block + i, first + j, *sum);
                         }
                     }
                 }

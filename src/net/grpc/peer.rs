@@ -100,9 +100,7 @@ impl GrpcPeer {
             match tokio::time::timeout(SHORT_TIMEOUT, client.send_tensor(request.clone())).await {
                 Err(_) => return Err(self.error("SendTensor", format!("no answer within {SHORT_TIMEOUT:?}"))),
                 Ok(Err(status)) if status.code() != tonic::Code::InvalidArgument => {
-                    return Err(
-                        self.error("SendTensor", format!("{} ({:?})", status.message(), status.code()))
-                    )
+                    return Err(self.status_error("SendTensor", &status))
                 }
                 Ok(_) => times.push(started.elapsed()),
             }
@@ -114,6 +112,11 @@ impl GrpcPeer {
         Error::Peer(format!("{call} to {}@{} failed: {cause}", self.id, self.address))
     }
 
+    /// The error for a call the peer answered with `status`.
+    fn status_error(&self, call: &str, status: &tonic::Status) -> Error {
+        self.error(call, format!("{} ({:?})", status.message(), status.code()))
+    }
+
     /// Runs one call with a deadline, naming the call and the peer in any error.
     async fn call<T, F>(&self, name: &str, timeout: Duration, call: F) -> Result<T>
     where
@@ -121,7 +124,7 @@ impl GrpcPeer {
     {
         match tokio::time::timeout(timeout, call).await {
             Err(_) => Err(self.error(name, format!("no answer within {timeout:?}"))),
-            Ok(Err(status)) => Err(self.error(name, format!("{} ({:?})", status.message(), status.code()))),
+            Ok(Err(status)) => Err(self.status_error(name, &status)),
             Ok(Ok(response)) => Ok(response.into_inner()),
         }
     }
