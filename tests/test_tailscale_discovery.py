@@ -155,17 +155,21 @@ async def test_finds_active_exo_devices_and_publishes_its_own_attributes(fake_ap
         caps = peers[0].device_capabilities()
         assert (caps.model, caps.chip, caps.memory, caps.flops.fp16) == ("Peer Box", "Peer Chip", 8192, 2.0)
 
-        async def published() -> bool:
-            with api.lock:
-                return api.attributes["dev-self"].get("custom:exo_device_capability_memory") == "4096"
+        expected = {
+            "custom:exo_node_id": "node_1",
+            "custom:exo_node_port": "50051",
+            "custom:exo_device_capability_model": "Linux_Box__Test_",
+            "custom:exo_device_capability_memory": "4096",
+            "custom:exo_device_capability_flops_fp32": "1.5",
+        }
 
-        await eventually(published, "own posture attributes written")
-        with api.lock:
-            own = dict(api.attributes["dev-self"])
-        assert own["custom:exo_node_id"] == "node_1"
-        assert own["custom:exo_node_port"] == "50051"
-        assert own["custom:exo_device_capability_model"] == "Linux_Box__Test_"
-        assert own["custom:exo_device_capability_flops_fp32"] == "1.5"
+        async def published() -> bool:
+            # Attributes are written one request at a time: wait for every one of them.
+            with api.lock:
+                own = api.attributes["dev-self"]
+                return all(own.get(name) == value for name, value in expected.items())
+
+        await eventually(published, f"own posture attributes written: {expected}")
         await asyncio.sleep(0.5)
         assert peer_ids(await discovery.discover_peers()) == ["node-2"]
         assert api.unauthorized == 0

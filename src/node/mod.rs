@@ -296,8 +296,8 @@ impl Node {
     }
 
     /// Takes the peers discovery knows now (waiting for `wait_for_peers`) that answer a health
-    /// check, connecting new ones; a peer that does not answer stays out until it does. True if
-    /// the peers changed.
+    /// check, connecting new ones; a peer that does not answer stays out until it does, and one
+    /// that left is taken out of the topology at once. True if the peers changed.
     pub async fn update_peers(&self, wait_for_peers: usize) -> Result<bool> {
         let discovered = self.discovery.discover_peers(wait_for_peers).await?;
         let checks = discovered.into_iter().map(|peer| async move {
@@ -321,10 +321,22 @@ impl Node {
         let key = |peers: &[Arc<dyn PeerHandle>]| -> BTreeSet<(String, String)> {
             peers.iter().map(|p| (p.id(), p.addr())).collect()
         };
-        let mut peers = self.peers.write().expect("peers lock poisoned");
-        let changed = key(&peers) != key(&next);
-        *peers = next;
-        Ok(changed)
+        let departed: Vec<String> = {
+            let mut peers = self.peers.write().expect("peers lock poisoned");
+            let changed = key(&peers) != key(&next);
+            let staying: BTreeSet<String> = next.iter().map(|p| p.id()).collect();
+            let departed = peers.iter().map(|p| p.id()).filter(|id| !staying.contains(id)).collect();
+            *peers = next;
+            if !changed {
+                return Ok(false);
+            }
+            departed
+        };
+        // A departed peer leaves the partitions now, not at the next walk.
+        for peer_id in departed {
+            self.forget_node(&peer_id);
+        }
+        Ok(true)
     }
 
     /// Rebuilds the topology from this node, its peers and what they see, down to `max_depth`,
@@ -379,6 +391,12 @@ impl Node {
     /// in if it answers again.
     fn drop_peer(&self, peer_id: &str) {
         self.peers.write().expect("peers lock poisoned").retain(|p| p.id() != peer_id);
+        self.forget_node(peer_id);
+        log::warn!("peer {peer_id} stopped answering; it leaves the ring until it answers again");
+    }
+
+    /// Takes a node out of the topology (and the partitions) until a walk finds it again.
+    fn forget_node(&self, peer_id: &str) {
         let mut topology = self.topology();
         topology.nodes.shift_remove(peer_id);
         topology.peer_graph.shift_remove(peer_id);
@@ -386,7 +404,6 @@ impl Node {
             connections.retain(|c| c.to_id != peer_id);
         }
         self.set_topology(topology);
-        log::warn!("peer {peer_id} stopped answering; it leaves the ring until it answers again");
     }
 
     /// Sends a status to every peer and to this node's own listeners.

@@ -250,3 +250,21 @@ async fn malformed_calls_fail_alone_and_the_node_keeps_serving() {
     nodes[0].node.stop().await.unwrap();
     assert!(!peer.health_check().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_discovery_no_longer_lists_leaves_the_partitions_at_once() {
+    let nodes = cluster(&["a", "b", "c"], dummy).await;
+    assert_eq!(nodes[0].node.partitions().len(), 3);
+    nodes[0].discovery.0.lock().unwrap().retain(|peer| peer.id() != "c");
+    assert!(nodes[0].node.update_peers(0).await.unwrap());
+    // No topology walk in between: update_peers itself took c out.
+    let ids: Vec<String> = nodes[0].node.partitions().into_iter().map(|p| p.node_id).collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(!ids.contains(&"c".to_string()), "{ids:?}");
+    assert!(!nodes[0].node.topology().nodes.contains_key("c"));
+    // Unchanged peers are not a change.
+    assert!(!nodes[0].node.update_peers(0).await.unwrap());
+    for test in &nodes {
+        test.node.stop().await.unwrap();
+    }
+}
