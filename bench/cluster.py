@@ -11,7 +11,8 @@ the latency a hop adds (from the per-token time difference, spread over the ring
 the bytes sent over loopback per token (less the background rate of health checks and
 topology refreshes, measured while idle; other loopback traffic on the machine counts too).
 The requests start from a driver node in this process that holds no layers (it reports 0 MB),
-as an API node would; it receives every token.
+as an API node would; it receives every token. Its candle engine reads only the model's
+`config.json`, to balance the ring's layers against the LM head (all nodes run xotorch-core).
 """
 
 import argparse
@@ -113,7 +114,7 @@ async def _transport_round_trip_ms(peer: object, hidden: int, calls: int = 200) 
 
 async def _measure(model_dir: Path, nodes: int, tokens: int, streams: int) -> dict[str, float]:
     from exo.helpers import find_available_port
-    from exo.inference.dummy_inference_engine import DummyInferenceEngine
+    from exo.inference.candle import CandleInferenceEngine
     from exo.inference.shard import Shard
     from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
     from exo.networking.grpc.grpc_server import GRPCServer
@@ -123,7 +124,7 @@ async def _measure(model_dir: Path, nodes: int, tokens: int, streams: int) -> di
     names = [f"w{i}" for i in range(nodes)]
     ports = {name: find_available_port("127.0.0.1") for name in [*names, "driver"]}
     workers = [_spawn(name, core, ports) for core, name in enumerate(names)]
-    driver = Node("driver", None, DummyInferenceEngine(), FixedDiscovery(_peer_handles(ports, "driver")), None)
+    driver = Node("driver", None, CandleInferenceEngine(), FixedDiscovery(_peer_handles(ports, "driver")), None)
     driver.device_capabilities = DeviceCapabilities("driver", "none", 0, DeviceFlops(0, 0, 0))
     driver.max_generate_tokens = 1_000_000
     driver.server = GRPCServer(driver, "127.0.0.1", ports["driver"])

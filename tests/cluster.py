@@ -33,6 +33,27 @@ class FixedDiscovery:
         return list(self.peers)
 
 
+class OpaquePeer:
+    """A Python stand-in forwarding every call to a real peer handle: the node holding it cannot
+    tell that the peer runs xotorch-core, as with a classic peer."""
+
+    PLAIN = frozenset({"id", "addr", "description", "device_capabilities"})
+
+    def __init__(self, peer: Any) -> None:
+        self._peer = peer
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._peer, name)
+        if name in self.PLAIN or not callable(attribute):
+            return attribute
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            # Called on the event loop, where the real handle's coroutines must start.
+            return await attribute(*args, **kwargs)
+
+        return call
+
+
 def whole_model(model_dir: Path) -> Shard:
     """The base shard of a local model directory: all its layers."""
     layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
@@ -41,9 +62,10 @@ def whole_model(model_dir: Path) -> Shard:
 
 @contextlib.asynccontextmanager
 async def running_cluster(
-    ids: list[str], make_engine: Callable[[], Any], **node_options: Any
+    ids: list[str], make_engine: Callable[[], Any], opaque_peers_of: tuple[str, ...] = (), **node_options: Any
 ) -> AsyncIterator[list[Node]]:
-    """Starts one node per id on 127.0.0.1, each knowing all the others; stops them after."""
+    """Starts one node per id on 127.0.0.1, each knowing all the others; stops them after.
+    Nodes named in `opaque_peers_of` reach their peers through `OpaquePeer` stand-ins."""
     nodes, discoveries, ports = [], [], []
     for node_id in ids:
         discovery = FixedDiscovery()
@@ -59,6 +81,8 @@ async def running_cluster(
             for other, port in zip(nodes, ports, strict=True)
             if other is not node
         ]
+        if node.id in opaque_peers_of:
+            discovery.peers = [OpaquePeer(peer) for peer in discovery.peers]
     try:
         for node in nodes:
             await node.start()

@@ -51,6 +51,36 @@ async def test_cluster_gives_transformers_greedy_tokens(model: Path, ids: list[s
             assert len(tokens) == len(expected) or tokens[-1] in eos
 
 
+def _layers(node: Node) -> tuple[int, int]:
+    shard = node.inference_engine.shard
+    return shard.start_layer, shard.end_layer
+
+
+async def test_a_ring_of_xotorch_nodes_balances_layers_against_the_lm_head(model: Path) -> None:
+    golden = json.loads(GOLDEN.read_text())
+    prompt, expected = await _prompt(model), golden["greedy_tokens"][:8]
+    base = whole_model(model)
+    # tiny-llama: 4 layers; its LM head reads 0.89 of a layer's weights per token.
+    async with running_cluster(["a", "b", "c"], CandleInferenceEngine) as nodes:
+        # Classic's partition of three equal nodes (ring c, b, a): 0..=0, 1..=1, 2..=3 and the head.
+        classic = [nodes[0].get_current_shard(base, i) for i in range(3)]
+        assert [(s.start_layer, s.end_layer) for s in classic] == [(0, 0), (1, 1), (2, 3)]
+        for node in nodes:
+            assert [t async for t in node.generate(base, prompt, max_tokens=len(expected))] == expected
+        # Balanced: no node reads more than two layers' worth per token (classic's last: 2.89).
+        assert {n.id: _layers(n) for n in nodes} == {"c": (0, 0), "b": (1, 2), "a": (3, 3)}
+
+
+async def test_a_peer_not_known_to_run_xotorch_keeps_classic_layers(model: Path) -> None:
+    golden = json.loads(GOLDEN.read_text())
+    prompt, expected = await _prompt(model), golden["greedy_tokens"][:8]
+    async with running_cluster(["a", "b", "c"], CandleInferenceEngine, opaque_peers_of=("a",)) as nodes:
+        stream = nodes[0].generate(whole_model(model), prompt, max_tokens=len(expected))
+        assert [t async for t in stream] == expected
+        # Node a cannot tell its peers follow layer plans, so every node runs classic's layers.
+        assert {n.id: _layers(n) for n in nodes} == {"c": (0, 0), "b": (1, 1), "a": (2, 3)}
+
+
 async def test_classic_callbacks_and_process_prompt() -> None:
     async with running_cluster(["a", "b"], DummyInferenceEngine) as (_, second):
         seen: dict[str, list[int]] = {}

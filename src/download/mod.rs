@@ -572,6 +572,16 @@ impl ModelLocator for DownloaderLocator {
     async fn locate(&self, shard: &Shard) -> Result<PathBuf> {
         self.downloader.ensure_shard(shard, &self.engine).await
     }
+
+    async fn locate_config(&self, model_id: &str) -> Option<PathBuf> {
+        match self.downloader.ensure_metadata(model_id).await {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                log::debug!("no config for {model_id} without its weights: {e}");
+                None
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -95,6 +95,12 @@ pub trait Engine: Send + Sync {
     /// Token ids that end generation for the model of `shard`.
     async fn eos_token_ids(&self, shard: &Shard) -> Result<Vec<u32>>;
 
+    /// What a layer and the LM head of `base`'s model cost per token, if the engine can tell
+    /// without loading weights; the node balances layers across the ring with it.
+    async fn model_costs(&self, _base: &Shard) -> Option<crate::topology::ModelCosts> {
+        None
+    }
+
     /// Starts `request_id` afresh from `prompt`: encodes it and runs the first shard on it.
     async fn infer_prompt(
         &self,
@@ -116,6 +122,10 @@ pub trait Engine: Send + Sync {
 pub trait ModelLocator: Send + Sync {
     /// Directory with `config.json`, the tokenizer files and the shard's safetensors.
     async fn locate(&self, shard: &Shard) -> Result<PathBuf>;
+
+    /// Directory with the model's `config.json`, fetching no weights; `None` when this
+    /// locator cannot get it without fetching the weights too.
+    async fn locate_config(&self, model_id: &str) -> Option<PathBuf>;
 }
 
 /// Resolves a model id that is itself a local model directory; nothing is downloaded.
@@ -133,5 +143,10 @@ impl ModelLocator for LocalDirectories {
             "{} is not a local model directory (no config.json) and no downloader is configured",
             shard.model_id
         )))
+    }
+
+    async fn locate_config(&self, model_id: &str) -> Option<PathBuf> {
+        let dir = PathBuf::from(model_id);
+        dir.join("config.json").is_file().then_some(dir)
     }
 }

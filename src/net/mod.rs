@@ -16,6 +16,10 @@ use crate::shard::Shard;
 use crate::tensor::WireTensor;
 use crate::topology::{DeviceCapabilities, Topology};
 
+/// Response header of a xotorch-core node's health check, holding its version; classic nodes
+/// send none. Peers that send it follow the layer plan a request carries.
+pub const XOTORCH_CORE_HEADER: &str = "x-xotorch-core";
+
 /// A connection to one peer, as exo classic's `PeerHandle`. Every call has a deadline.
 #[async_trait]
 pub trait PeerHandle: Send + Sync {
@@ -36,6 +40,10 @@ pub trait PeerHandle: Send + Sync {
     async fn disconnect(&self) -> Result<()>;
     /// Whether the peer answers its health check in time.
     async fn health_check(&self) -> bool;
+    /// Whether the peer's last health check came from a xotorch-core node.
+    fn runs_xotorch_core(&self) -> bool {
+        false
+    }
 
     /// Hands a prompt to the peer's node (`process_prompt`).
     async fn send_prompt(

@@ -6,7 +6,7 @@ mod outbox;
 mod request;
 mod ring;
 
-pub use request::{NodeEvent, RequestContext, StreamEvent, CONTEXT_KEY};
+pub use request::{LayerRange, NodeEvent, RequestContext, StreamEvent, CONTEXT_KEY};
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -19,9 +19,11 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::net::{Discovery, PeerHandle, Server};
 use crate::shard::Shard;
-use crate::topology::{assign_layers, DeviceCapabilities, Partition, PartitioningStrategy, Topology};
+use crate::topology::{
+    assign_layers, balance_layers, DeviceCapabilities, Partition, PartitioningStrategy, Topology,
+};
 use outbox::{Message, Outbox, PeerLookup};
-use request::Request;
+use request::{planned_shards, Request};
 
 /// How often peers and the topology are refreshed (classic: 2 s).
 const TOPOLOGY_INTERVAL: Duration = Duration::from_secs(2);
@@ -252,6 +254,44 @@ impl Node {
             .into_iter()
             .map(|(id, shard)| (id.to_string(), shard))
             .collect()
+    }
+
+    /// The layers of a request started here, balanced by what `base`'s layers and LM head
+    /// cost per token, when the strategy allows it, the engine knows the costs, and every
+    /// other node of the ring is a xotorch-core peer (they follow the plan the request
+    /// carries). `None` leaves the request to classic's partition, which classic nodes derive
+    /// for themselves.
+    async fn balanced_plan(&self, base: &Shard) -> Option<Vec<LayerRange>> {
+        let partitions = self.partitions();
+        if !self.strategy.allows_balancing() || partitions.len() < 2 {
+            return None;
+        }
+        let peers = self.peers();
+        let follows_plans = |id: &str| peers.iter().any(|peer| peer.id() == id && peer.runs_xotorch_core());
+        if !partitions.iter().all(|p| p.node_id == self.id || follows_plans(&p.node_id)) {
+            return None;
+        }
+        let costs = self.engine.model_costs(base).await?;
+        let balanced = balance_layers(&partitions, base.n_layers, &base.model_id, costs);
+        let plan = balanced.into_iter().map(|(node_id, shard)| LayerRange {
+            node_id: node_id.to_string(),
+            start_layer: shard.start_layer,
+            end_layer: shard.end_layer,
+        });
+        Some(plan.collect())
+    }
+
+    /// The layers each node runs for `request_id`: the plan its context carries, else this
+    /// node's partition of `base`'s model.
+    fn layers_for(&self, request_id: &str, base: &Shard) -> Result<Vec<(String, Shard)>> {
+        let plan = {
+            let requests = self.requests.lock().expect("requests lock poisoned");
+            requests.get(request_id).and_then(|r| r.context.as_ref()).and_then(|c| c.layers.clone())
+        };
+        match plan {
+            Some(plan) => planned_shards(&plan, base),
+            None => Ok(self.assignments(base)),
+        }
     }
 
     /// Starts the server and discovery, finds peers, and starts the background refresh.

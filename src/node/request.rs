@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::engine::{InferenceState, SamplingParams};
+use crate::error::{Error, Result};
+use crate::shard::Shard;
 
 /// Key of the request context in `inference_state.other_data_json`. Classic nodes pass
 /// unknown keys through untouched, so the context survives a ring with classic peers in it.
@@ -32,6 +34,47 @@ pub struct RequestContext {
     /// Seed of the sampler; step `i` samples with `seed + i`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// The layers each node runs, in ring order, when the origin balanced them; when absent
+    /// every node derives them from its own partitions, as classic nodes do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<LayerRange>>,
+}
+
+/// The layers one node runs in a request's plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerRange {
+    /// The node.
+    pub node_id: String,
+    /// Its first layer.
+    pub start_layer: i32,
+    /// Its last layer.
+    pub end_layer: i32,
+}
+
+/// The shards of `base`'s model that a plan gives its nodes, in ring order; an error unless the
+/// plan holds every layer exactly once, in order, on distinct named nodes.
+pub fn planned_shards(plan: &[LayerRange], base: &Shard) -> Result<Vec<(String, Shard)>> {
+    let invalid = |why: String| Error::InvalidArgument(format!("the request's layer plan {why}"));
+    let mut next = 0;
+    let mut shards: Vec<(String, Shard)> = Vec::with_capacity(plan.len());
+    for range in plan {
+        if range.node_id.is_empty() || shards.iter().any(|(id, _)| *id == range.node_id) {
+            return Err(invalid(format!("names node {:?} twice or not at all", range.node_id)));
+        }
+        if range.start_layer != next || range.end_layer < range.start_layer {
+            return Err(invalid(format!(
+                "gives {} layers {}..={} where layer {next} comes next",
+                range.node_id, range.start_layer, range.end_layer
+            )));
+        }
+        next = range.end_layer + 1;
+        let shard = Shard::new(base.model_id.clone(), range.start_layer, range.end_layer, base.n_layers);
+        shards.push((range.node_id.clone(), shard));
+    }
+    if next != base.n_layers {
+        return Err(invalid(format!("ends at layer {next}, not at {} of {}", base.n_layers, base.model_id)));
+    }
+    Ok(shards)
 }
 
 impl RequestContext {
@@ -156,6 +199,31 @@ mod tests {
         assert_eq!(RequestContext::from_state(state.as_ref()), Some(context.clone()));
         let params = context.sampling(0.5, 3);
         assert_eq!((params.temperature, params.top_p, params.top_k, params.seed), (0.5, 1.0, 0, Some(10)));
+    }
+
+    fn range(node_id: &str, start_layer: i32, end_layer: i32) -> LayerRange {
+        LayerRange { node_id: node_id.into(), start_layer, end_layer }
+    }
+
+    #[test]
+    fn a_plan_travels_with_the_context_and_must_hold_every_layer_once() {
+        let plan = vec![range("a", 0, 5), range("b", 6, 7)];
+        let context = RequestContext { origin: "a".into(), layers: Some(plan.clone()), ..Default::default() };
+        assert_eq!(RequestContext::from_state(context.attach(None).as_ref()), Some(context));
+        let base = Shard::new("m", 0, 7, 8);
+        let shards = planned_shards(&plan, &base).unwrap();
+        assert_eq!(shards, [("a".into(), Shard::new("m", 0, 5, 8)), ("b".into(), Shard::new("m", 6, 7, 8))]);
+        let bad = [
+            (vec![range("a", 0, 5)], "ends at layer 6, not at 8"),
+            (vec![range("a", 0, 5), range("b", 5, 7)], "layers 5..=7 where layer 6 comes next"),
+            (vec![range("a", 0, 3), range("a", 4, 7)], "names node \"a\" twice"),
+            (vec![range("a", 0, 3), range("b", 4, 2)], "layers 4..=2"),
+            (vec![range("", 0, 7)], "not at all"),
+        ];
+        for (plan, why) in bad {
+            let error = planned_shards(&plan, &base).unwrap_err().to_string();
+            assert!(error.contains("layer plan") && error.contains(why), "{error}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use super::outbox::{Message, PeerLookup};
-use super::request::{Phase, Request, RequestContext, StreamEvent, CONTEXT_KEY};
+use super::request::{planned_shards, Phase, Request, RequestContext, StreamEvent, CONTEXT_KEY};
 use super::{GenerateOptions, Node, NodeEvent};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
@@ -53,8 +53,12 @@ impl Node {
             .unwrap_or_else(|| RequestContext { origin: self.id.clone(), ..Default::default() });
         base.validate()?;
         self.start_request(&request_id, base, context.clone(), None);
-        let outcome =
-            self.run_prompt(base, self.own_shard(base), prompt, &request_id, context.attach(state)).await;
+        let outcome = match self.settle_layers(&request_id, base, context).await {
+            Ok((shard, context)) => {
+                self.run_prompt(base, shard, prompt, &request_id, context.attach(state)).await
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = &outcome {
             self.fail_request(&request_id, e.to_string()).await;
         }
@@ -75,7 +79,6 @@ impl Node {
         if self.requests.lock().expect("requests lock poisoned").contains_key(&request_id) {
             return Err(Error::InvalidArgument(format!("request {request_id} is already running")));
         }
-        let shard = self.own_shard(base);
         let context = RequestContext {
             origin: self.id.clone(),
             max_tokens: options.max_tokens,
@@ -83,12 +86,19 @@ impl Node {
             top_p: options.top_p,
             top_k: options.top_k,
             seed: options.seed,
+            layers: None,
         };
         let (stream, receiver) = mpsc::unbounded_channel();
         self.start_request(&request_id, base, context.clone(), Some(stream));
         let (node, base, prompt, id) = (self.arc(), base.clone(), prompt.to_string(), request_id.clone());
         tokio::spawn(async move {
-            if let Err(e) = node.run_prompt(&base, shard, &prompt, &id, context.attach(None)).await {
+            let outcome = match node.settle_layers(&id, &base, context).await {
+                Ok((shard, context)) => {
+                    node.run_prompt(&base, shard, &prompt, &id, context.attach(None)).await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = outcome {
                 node.fail_request(&id, e.to_string()).await;
             }
         });
@@ -116,9 +126,28 @@ impl Node {
         self.end_request(request_id, Some(format!("request {request_id} was cancelled"))).await;
     }
 
-    /// The layers of `base`'s model this node holds, if any.
-    fn own_shard(&self, base: &Shard) -> Option<Shard> {
-        self.assignments(base).into_iter().find(|(id, _)| *id == self.id).map(|(_, shard)| shard)
+    /// Plans the layers of a request started here (unless its context carries a plan already),
+    /// records the plan and the nodes it runs on with the request, and returns the shard this
+    /// node runs, if any, with the context to send along.
+    async fn settle_layers(
+        &self,
+        request_id: &str,
+        base: &Shard,
+        mut context: RequestContext,
+    ) -> Result<(Option<Shard>, RequestContext)> {
+        if context.layers.is_none() && context.origin == self.id {
+            context.layers = self.balanced_plan(base).await;
+        }
+        let layers = match &context.layers {
+            Some(plan) => planned_shards(plan, base)?,
+            None => self.assignments(base),
+        };
+        if let Some(request) = self.requests.lock().expect("requests lock poisoned").get_mut(request_id) {
+            request.context = Some(context.clone());
+            request.members = layers.iter().map(|(id, _)| id.clone()).collect();
+        }
+        let shard = layers.into_iter().find(|(id, _)| *id == self.id).map(|(_, shard)| shard);
+        Ok((shard, context))
     }
 
     /// Records a request started here: its settings, its stream and the nodes it runs on.
@@ -242,7 +271,7 @@ impl Node {
         state: Option<InferenceState>,
     ) -> Result<()> {
         let (target, first) =
-            self.assignments(base).into_iter().next().ok_or_else(|| {
+            self.layers_for(request_id, base)?.into_iter().next().ok_or_else(|| {
                 Error::InvalidArgument(format!("no node holds layers of {}", base.model_id))
             })?;
         let peer = self
@@ -347,19 +376,19 @@ impl Node {
     ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let next_layer = (shard.end_layer + 1) % shard.n_layers;
-            let target = self
-                .assignments(&shard)
-                .into_iter()
-                .find(|(_, s)| s.start_layer <= next_layer && next_layer <= s.end_layer);
+            let target = self.layers_for(&request_id, &shard).map(|layers| {
+                layers.into_iter().find(|(_, s)| s.start_layer <= next_layer && next_layer <= s.end_layer)
+            });
             let outcome = match target {
-                None => Err(Error::InvalidArgument(format!(
+                Err(e) => Err(e),
+                Ok(None) => Err(Error::InvalidArgument(format!(
                     "no node holds layer {next_layer} of {}",
                     shard.model_id
                 ))),
-                Some((target, next)) if target == self.id => {
+                Ok(Some((target, next))) if target == self.id => {
                     self.run_tensor(next, tensor, &request_id, state).await
                 }
-                Some((target, next)) => match self.peer(&target) {
+                Ok(Some((target, next))) => match self.peer(&target) {
                     None => {
                         Err(Error::Peer(format!("peer {target} holding layer {next_layer} is not connected")))
                     }

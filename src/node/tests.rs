@@ -14,7 +14,7 @@ use crate::net::grpc::{GrpcPeer, GrpcServer};
 use crate::net::{Discovery, PeerHandle, RequestHandler, Server};
 use crate::shard::Shard;
 use crate::tensor::{DType, WireTensor};
-use crate::topology::RingMemoryWeightedPartitioning;
+use crate::topology::{ModelCosts, RingMemoryWeightedPartitioning};
 
 /// The dummy engine's tokens for any prompt: 2..=10, then EOS (69).
 const DUMMY_TOKENS: [u32; 10] = [2, 3, 4, 5, 6, 7, 8, 9, 10, 69];
@@ -74,6 +74,52 @@ impl Engine for SlowDummy {
     }
     async fn eos_token_ids(&self, shard: &Shard) -> Result<Vec<u32>> {
         self.inner.eos_token_ids(shard).await
+    }
+}
+
+/// The dummy engine with a model whose LM head costs as much as seven layers; records the
+/// shards it runs.
+#[derive(Default)]
+struct HeavyHeadDummy {
+    inner: DummyEngine,
+    ran: Mutex<BTreeSet<(i32, i32)>>,
+}
+
+#[async_trait]
+impl Engine for HeavyHeadDummy {
+    fn name(&self) -> &str {
+        "heavy-head-dummy"
+    }
+    async fn encode(&self, shard: &Shard, prompt: &str) -> Result<Vec<u32>> {
+        self.inner.encode(shard, prompt).await
+    }
+    async fn decode(&self, shard: &Shard, tokens: &[u32]) -> Result<String> {
+        self.inner.decode(shard, tokens).await
+    }
+    async fn sample(&self, logits: &WireTensor, params: SamplingParams) -> Result<Vec<u32>> {
+        self.inner.sample(logits, params).await
+    }
+    async fn infer_tensor(
+        &self,
+        request_id: &str,
+        shard: &Shard,
+        input: WireTensor,
+        state: Option<InferenceState>,
+    ) -> Result<(WireTensor, Option<InferenceState>)> {
+        self.ran.lock().unwrap().insert((shard.start_layer, shard.end_layer));
+        self.inner.infer_tensor(request_id, shard, input, state).await
+    }
+    async fn ensure_shard(&self, shard: &Shard) -> Result<()> {
+        self.inner.ensure_shard(shard).await
+    }
+    async fn finish_request(&self, request_id: &str) {
+        self.inner.finish_request(request_id).await
+    }
+    async fn eos_token_ids(&self, shard: &Shard) -> Result<Vec<u32>> {
+        self.inner.eos_token_ids(shard).await
+    }
+    async fn model_costs(&self, _base: &Shard) -> Option<ModelCosts> {
+        Some(ModelCosts { layer: 1.0, head: 7.0 })
     }
 }
 
@@ -264,6 +310,35 @@ async fn a_peer_discovery_no_longer_lists_leaves_the_partitions_at_once() {
     assert!(!nodes[0].node.topology().nodes.contains_key("c"));
     // Unchanged peers are not a change.
     assert!(!nodes[0].node.update_peers(0).await.unwrap());
+    for test in &nodes {
+        test.node.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_of_xotorch_nodes_moves_layers_off_the_node_with_the_head() {
+    let engines: Arc<Mutex<Vec<Arc<HeavyHeadDummy>>>> = Arc::default();
+    let made = engines.clone();
+    let nodes = cluster(&["a", "b"], move || {
+        let engine = Arc::new(HeavyHeadDummy::default());
+        made.lock().unwrap().push(engine.clone());
+        engine as Arc<dyn Engine>
+    })
+    .await;
+    assert!(nodes[0].node.peers().iter().all(|p| p.runs_xotorch_core()));
+    // Classic's partition of equal nodes: b (ids descending) 0..=3, a 4..=7 plus the head.
+    let classic: Vec<_> =
+        nodes[0].node.assignments(&base()).into_iter().map(|(id, s)| (id, s.end_layer)).collect();
+    assert_eq!(classic, [("b".to_string(), 3), ("a".to_string(), 7)]);
+    for (i, test) in nodes.iter().enumerate() {
+        let (_, stream) =
+            test.node.generate(&base(), "hi", Some(format!("r{i}")), GenerateOptions::default()).unwrap();
+        let (tokens, error) = tokio::time::timeout(Duration::from_secs(10), drain(stream)).await.unwrap();
+        assert_eq!((tokens, error), (DUMMY_TOKENS.to_vec(), None), "from {}", test.node.id());
+    }
+    // A head worth 7 layers: b runs 7 layers, a the last one and the head (8 against 8).
+    let ran: Vec<_> = engines.lock().unwrap().iter().map(|e| e.ran.lock().unwrap().clone()).collect();
+    assert_eq!(ran, [BTreeSet::from([(7, 7)]), BTreeSet::from([(0, 6)])]);
     for test in &nodes {
         test.node.stop().await.unwrap();
     }

@@ -287,6 +287,11 @@ impl ModelLocator for PythonDownloader {
                 Error::InvalidModel(format!("the downloader returned no path for {}: {e}", shard.model_id))
             })
     }
+
+    /// Only a local model directory: a Python downloader fetches whole shards, not configs.
+    async fn locate_config(&self, model_id: &str) -> Option<PathBuf> {
+        LocalDirectories.locate_config(model_id).await
+    }
 }
 
 /// The candle engine (exo's `CandleInferenceEngine`); weights stay in their checkpoint dtype.

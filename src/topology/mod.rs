@@ -1,11 +1,13 @@
 //! The cluster as the partitioner sees it: device capabilities, the peer graph,
 //! and how a model's layers are split across nodes.
 
+pub mod balance;
 pub mod chips;
 pub mod device;
 pub mod graph;
 pub mod partition;
 
+pub use balance::{balance_layers, ModelCosts};
 pub use chips::chip_flops;
 pub use device::{detect_device_capabilities, DeviceCapabilities, DeviceFlops};
 pub use graph::{PeerConnection, Topology};

@@ -18,6 +18,12 @@ pub struct Partition {
 pub trait PartitioningStrategy: Send + Sync {
     /// Contiguous partitions covering [0, 1), in ring order.
     fn partition(&self, topology: &Topology) -> Vec<Partition>;
+
+    /// Whether a node may move the layer boundaries of these shares to even out the model's
+    /// per-token costs (`balance_layers`); a strategy whose exact layer ranges matter says no.
+    fn allows_balancing(&self) -> bool {
+        false
+    }
 }
 
 /// exo classic's default strategy: nodes in a ring ordered by memory (largest first,
@@ -45,6 +51,11 @@ impl PartitioningStrategy for RingMemoryWeightedPartitioning {
                 partition
             })
             .collect()
+    }
+
+    /// Shares by memory are a capacity estimate, not exact layer ranges.
+    fn allows_balancing(&self) -> bool {
+        true
     }
 }
 

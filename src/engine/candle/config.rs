@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::topology::ModelCosts;
 
 /// RoPE frequency scaling as `config.json`'s `rope_scaling` gives it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -170,6 +171,17 @@ impl ModelConfig {
     /// Per-head width.
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Weights read per token by one decoder layer (its projections) and by the LM head;
+    /// norms and biases are too small to count.
+    pub fn costs(&self) -> ModelCosts {
+        let (hidden, head_dim) = (self.hidden_size as f64, self.head_dim() as f64);
+        let queries = self.num_attention_heads as f64 * head_dim;
+        let keys_values = 2.0 * self.num_key_value_heads() as f64 * head_dim;
+        let attention = hidden * (2.0 * queries + keys_values);
+        let mlp = 3.0 * hidden * self.intermediate_size as f64;
+        ModelCosts { layer: attention + mlp, head: self.vocab_size as f64 * hidden }
     }
 }
 

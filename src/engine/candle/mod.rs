@@ -234,6 +234,18 @@ impl Engine for CandleEngine {
     async fn eos_token_ids(&self, shard: &Shard) -> Result<Vec<u32>> {
         Ok(self.tokenizer_for(shard).await?.tokenizer.eos_token_ids().to_vec())
     }
+
+    /// From the model's `config.json` (the only file fetched for it, if need be).
+    async fn model_costs(&self, base: &Shard) -> Option<crate::topology::ModelCosts> {
+        let dir = self.locator.locate_config(&base.model_id).await?;
+        match ModelConfig::from_dir(&dir) {
+            Ok(config) => Some(config.costs()),
+            Err(e) => {
+                log::debug!("no layer costs for {}: {e}", base.model_id);
+                None
+            }
+        }
+    }
 }
 
 /// Logits `[vocab]` for every position of `tokens`, running all of `dir`'s layers in one

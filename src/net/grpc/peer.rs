@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -35,12 +36,21 @@ pub struct GrpcPeer {
     description: String,
     capabilities: DeviceCapabilities,
     client: Mutex<Option<NodeServiceClient<Channel>>>,
+    /// Whether the last health check's answer carried `XOTORCH_CORE_HEADER`.
+    xotorch_core: AtomicBool,
 }
 
 impl GrpcPeer {
     /// A handle for peer `id` at `address`; nothing is opened until the first call.
     pub fn new(id: String, address: String, description: String, capabilities: DeviceCapabilities) -> Self {
-        Self { id, address, description, capabilities, client: Mutex::new(None) }
+        Self {
+            id,
+            address,
+            description,
+            capabilities,
+            client: Mutex::new(None),
+            xotorch_core: AtomicBool::new(false),
+        }
     }
 
     fn endpoint(&self) -> Result<Endpoint> {
@@ -164,12 +174,19 @@ impl PeerHandle for GrpcPeer {
     async fn health_check(&self) -> bool {
         let check = async {
             let mut client = self.client().await?;
-            self.call("HealthCheck", HEALTH_TIMEOUT, client.health_check(proto::HealthCheckRequest {})).await
+            client
+                .health_check(proto::HealthCheckRequest {})
+                .await
+                .map_err(|s| self.status_error("HealthCheck", &s))
         };
-        match tokio::time::timeout(HEALTH_TIMEOUT, check).await {
-            Ok(Ok(response)) => response.is_healthy,
-            _ => false,
-        }
+        let Ok(Ok(response)) = tokio::time::timeout(HEALTH_TIMEOUT, check).await else { return false };
+        let core = response.metadata().contains_key(crate::net::XOTORCH_CORE_HEADER);
+        self.xotorch_core.store(core, Ordering::Relaxed);
+        response.into_inner().is_healthy
+    }
+
+    fn runs_xotorch_core(&self) -> bool {
+        self.xotorch_core.load(Ordering::Relaxed)
     }
 
     async fn send_prompt(

@@ -237,6 +237,9 @@ impl NodeService for Service {
         _request: Request<proto::HealthCheckRequest>,
     ) -> std::result::Result<Response<proto::HealthCheckResponse>, Status> {
         let is_healthy = self.handler.upgrade().is_some();
-        Ok(Response::new(proto::HealthCheckResponse { is_healthy }))
+        let mut response = Response::new(proto::HealthCheckResponse { is_healthy });
+        let version = tonic::metadata::MetadataValue::from_static(env!("CARGO_PKG_VERSION"));
+        response.metadata_mut().insert(crate::net::XOTORCH_CORE_HEADER, version);
+        Ok(response)
     }
 }
