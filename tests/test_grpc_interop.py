@@ -124,6 +124,17 @@ async def test_malformed_messages_get_an_error_status_and_the_node_keeps_serving
         assert [t async for t in node.generate(node.get_current_shard(_dummy()), "hi")][-1] == 69
 
 
+async def test_health_checks_say_the_node_runs_xotorch_core(stubs) -> None:
+    pb, pb_grpc = stubs
+    async with running_cluster(["a"], DummyInferenceEngine) as (node,):
+        async with _channel(node) as channel:
+            call = pb_grpc.NodeServiceStub(channel).HealthCheck(pb.HealthCheckRequest())
+            assert (await call).is_healthy
+            # Classic clients ignore the header; xotorch-core peers follow layer plans when it is there.
+            version = dict(await call.initial_metadata()).get("x-xotorch-core", "")
+            assert version.count(".") == 2, version
+
+
 def _dummy():
     from exo.inference.shard import Shard
 

@@ -343,3 +343,29 @@ async fn a_ring_of_xotorch_nodes_moves_layers_off_the_node_with_the_head() {
         test.node.stop().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_layer_plan_fails_its_request_alone() {
+    let nodes = cluster(&["a"], dummy).await;
+    let node = &nodes[0].node;
+    let mut events = node.subscribe();
+    let short = super::LayerRange { node_id: "a".into(), start_layer: 0, end_layer: 3 };
+    let context =
+        super::RequestContext { origin: "a".into(), layers: Some(vec![short]), ..Default::default() };
+    let token = WireTensor::new(DType::I64, vec![1, 1], 5i64.to_le_bytes().to_vec()).unwrap();
+    node.handle_tensor(base(), token, Some("bad".into()), context.attach(None)).await.unwrap();
+    let failure = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(super::NodeEvent::Failed { request_id, error }) = events.recv().await {
+                return (request_id, error);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(failure.0, "bad");
+    assert!(failure.1.contains("layer plan ends at layer 4, not at 8"), "{}", failure.1);
+    let (_, stream) = node.generate(&base(), "hi", None, GenerateOptions::default()).unwrap();
+    assert_eq!(drain(stream).await, (DUMMY_TOKENS.to_vec(), None));
+    node.stop().await.unwrap();
+}
