@@ -216,6 +216,14 @@ mod tests {
     }
 
     #[test]
+    fn costs_count_the_projections_and_the_head() {
+        let c = parse(LLAMA).unwrap();
+        // q and o 64x64, k and v 32x64 (2 heads of 16), MLP 3 x 64x128; head 100x64.
+        let costs = c.costs();
+        assert_eq!((costs.layer, costs.head), (4096.0 * 2.0 + 2048.0 * 2.0 + 3.0 * 8192.0, 6400.0));
+    }
+
+    #[test]
     fn family_variants() {
         let qwen2 = parse(&LLAMA.replace("\"llama\"", "\"qwen2\"")).unwrap();
         assert!(qwen2.variant().unwrap().qkv_bias);
