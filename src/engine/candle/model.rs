@@ -115,7 +115,7 @@ fn load_linear(
     bias: bool,
     device: &Device,
 ) -> Result<Linear> {
-    let weight = weights.matrix(&format!("{prefix}.weight"), out, input)?;
+    let weight = weights.streamed_matrix(&format!("{prefix}.weight"), out, input)?;
     let bias = if bias { Some(weights.vector_f32(&format!("{prefix}.bias"), out, device)?) } else { None };
     Linear::new(weight, bias)
 }
@@ -365,19 +365,29 @@ impl ShardModel {
         let tensor_names = plan.names();
         let weights = index.open(&tensor_names)?;
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
-        let embedding = || weights.matrix("model.embed_tokens.weight", vocab, hidden);
-        let embed_tokens = if shard.is_first_layer() { Some(embedding()?) } else { None };
+        let tied = head_is_tied(&config, &index);
+        // Looking tokens up reads a row each; as the LM head the embedding streams whole.
+        let embedding = |streamed: bool| {
+            let name = "model.embed_tokens.weight";
+            if streamed {
+                weights.streamed_matrix(name, vocab, hidden)
+            } else {
+                weights.matrix(name, vocab, hidden)
+            }
+        };
+        let embed_tokens =
+            if shard.is_first_layer() { Some(embedding(tied && shard.is_last_layer())?) } else { None };
         let blocks = (shard.start_layer..=shard.end_layer)
             .map(|layer| Block::load(&weights, layer, &config, variant, device))
             .collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if shard.is_last_layer() {
-            let head_weight = if head_is_tied(&config, &index) {
+            let head_weight = if tied {
                 match &embed_tokens {
                     Some(e) => e.clone(),
-                    None => embedding()?,
+                    None => embedding(true)?,
                 }
             } else {
-                weights.matrix("lm_head.weight", vocab, hidden)?
+                weights.streamed_matrix("lm_head.weight", vocab, hidden)?
             };
             let norm = RmsNorm::load(&weights, "model.norm.weight", hidden, config.rms_norm_eps, device)?;
             (Some(norm), Some(Linear::new(head_weight, None)?))

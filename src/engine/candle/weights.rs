@@ -1,8 +1,10 @@
 //! Reading a shard's tensors from a Hugging Face safetensors checkpoint (one file or an
 //! indexed set), memory-mapped, opening only the files that hold the requested tensors.
-//! Large matrices are used in place from the map; small tensors are copied out.
+//! Matrices every token streams through are copied onto huge pages; a matrix read a row at a
+//! time (an embedding) is used in place from the map; small tensors are copied out.
 
 use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -73,6 +75,7 @@ impl WeightIndex {
 /// A tensor's place inside a mapped file.
 struct StoredTensor {
     map: Arc<Mmap>,
+    file: Arc<File>,
     dtype: safetensors::Dtype,
     shape: Vec<usize>,
     range: Range<usize>,
@@ -83,11 +86,11 @@ fn map_file(path: &Path, tensors: &mut HashMap<String, StoredTensor>) -> Result<
     let file = std::fs::File::open(path)
         .map_err(|e| Error::InvalidModel(format!("weight file {} cannot be opened: {e}", path.display())))?;
     // SAFETY: mapped read-only; like every mmap reader we rely on the file not being truncated
-    // while mapped (the downloader only replaces files by atomic rename). Pages are populated
-    // up front so that loading, not the first request, pays for faulting them in.
-    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+    // while mapped (the downloader only replaces files by atomic rename). Only the pages read
+    // through the map (headers, small tensors, embedding rows) become resident.
+    let map = unsafe { memmap2::MmapOptions::new().map(&file) }
         .map_err(|e| Error::InvalidModel(format!("cannot map {}: {e}", path.display())))?;
-    let map = Arc::new(map);
+    let (map, file) = (Arc::new(map), Arc::new(file));
     let parsed = SafeTensors::deserialize(&map).map_err(|e| {
         Error::InvalidModel(format!("{} is not a valid safetensors file: {e}", path.display()))
     })?;
@@ -96,6 +99,7 @@ fn map_file(path: &Path, tensors: &mut HashMap<String, StoredTensor>) -> Result<
         let start = view.data().as_ptr() as usize - base;
         let stored = StoredTensor {
             map: map.clone(),
+            file: file.clone(),
             dtype: view.dtype(),
             shape: view.shape().to_vec(),
             range: start..start + view.data().len(),
@@ -103,6 +107,34 @@ fn map_file(path: &Path, tensors: &mut HashMap<String, StoredTensor>) -> Result<
         tensors.insert(name, stored);
     }
     Ok(())
+}
+
+/// Bytes `range` of `file` in anonymous memory advised onto transparent huge pages (Linux;
+/// elsewhere, or without THP, ordinary pages). A matrix-vector product streams its weights
+/// once per token; on 4 KiB file pages each page costs a TLB miss and restarts the
+/// prefetchers, and the copy measured 13% faster bf16 decoding than the file map. The bytes
+/// are read with positioned reads, so the file's pages are never mapped here as well.
+fn copy_to_huge_pages(file: &File, range: Range<usize>) -> std::io::Result<Mmap> {
+    let mut copy = memmap2::MmapOptions::new().len(range.len()).map_anon()?;
+    #[cfg(target_os = "linux")]
+    if let Err(e) = copy.advise(memmap2::Advice::HugePage) {
+        log::debug!("no huge pages for a weight copy: {e}");
+    }
+    read_exact_at(file, &mut copy, range.start as u64)?;
+    copy.make_read_only()
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &File, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buffer, offset)
+}
+
+#[cfg(not(unix))]
+fn read_exact_at(file: &File, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut handle = file.try_clone()?;
+    handle.seek(SeekFrom::Start(offset))?;
+    handle.read_exact(buffer)
 }
 
 /// The weight dtype of a stored tensor; other dtypes (integers, fp8, ...) are errors.
@@ -169,11 +201,26 @@ impl ShardWeights {
         })
     }
 
-    /// A 2-D weight used in place from the map, in its stored dtype.
+    /// A 2-D weight used in place from the map, in its stored dtype: for a matrix read a few
+    /// rows at a time, whose other pages then never become resident.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
         let stored = self.stored(name, &[rows, cols])?;
         let dtype = weight_dtype(name, stored.dtype)?;
         WeightMatrix::new(stored.map.clone(), stored.range.clone(), rows, cols, dtype)
+    }
+
+    /// A 2-D weight that every token reads whole, copied in its stored dtype into memory of
+    /// its own on 2 MiB pages where the system allows (see [`copy_to_huge_pages`]).
+    pub fn streamed_matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
+        let stored = self.stored(name, &[rows, cols])?;
+        let dtype = weight_dtype(name, stored.dtype)?;
+        if stored.range.is_empty() {
+            return WeightMatrix::new(stored.map.clone(), stored.range.clone(), rows, cols, dtype);
+        }
+        let copy = copy_to_huge_pages(&stored.file, stored.range.clone())
+            .map_err(|e| Error::InvalidModel(format!("cannot read tensor {name}: {e}")))?;
+        let len = copy.len();
+        WeightMatrix::new(Arc::new(copy), 0..len, rows, cols, dtype)
     }
 
     /// A small tensor copied out of the map and widened to f32.
