@@ -2,6 +2,7 @@
 //! shard: embeddings only on the first shard, final norm and LM head only on the last.
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use super::cache::RequestCache;
 use super::config::{ModelConfig, Variant};
@@ -377,7 +378,9 @@ impl ShardModel {
         };
         let embed_tokens =
             if shard.is_first_layer() { Some(embedding(tied && shard.is_last_layer())?) } else { None };
+        // Layers load in parallel: each copies its matrices out of the checkpoint.
         let blocks = (shard.start_layer..=shard.end_layer)
+            .into_par_iter()
             .map(|layer| Block::load(&weights, layer, &config, variant, device))
             .collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if shard.is_last_layer() {
