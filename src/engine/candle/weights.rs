@@ -112,7 +112,7 @@ fn map_file(path: &Path, tensors: &mut HashMap<String, StoredTensor>) -> Result<
 /// Bytes `range` of `file` in anonymous memory advised onto transparent huge pages (Linux;
 /// elsewhere, or without THP, ordinary pages). A matrix-vector product streams its weights
 /// once per token; on 4 KiB file pages each page costs a TLB miss and restarts the
-/// prefetchers, and the copy measured 13% faster bf16 decoding than the file map. The bytes
+/// prefetchers; the copy measured 13-23% faster bf16 decoding than the file map. The bytes
 /// are read with positioned reads, so the file's pages are never mapped here as well.
 fn copy_to_huge_pages(file: &File, range: Range<usize>) -> std::io::Result<Mmap> {
     let mut copy = memmap2::MmapOptions::new().len(range.len()).map_anon()?;
