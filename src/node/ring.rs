@@ -53,12 +53,7 @@ impl Node {
             .unwrap_or_else(|| RequestContext { origin: self.id.clone(), ..Default::default() });
         base.validate()?;
         self.start_request(&request_id, base, context.clone(), None);
-        let outcome = match self.settle_layers(&request_id, base, context).await {
-            Ok((shard, context)) => {
-                self.run_prompt(base, shard, prompt, &request_id, context.attach(state)).await
-            }
-            Err(e) => Err(e),
-        };
+        let outcome = self.plan_and_run_prompt(base, prompt, &request_id, context, state).await;
         if let Err(e) = &outcome {
             self.fail_request(&request_id, e.to_string()).await;
         }
@@ -92,13 +87,7 @@ impl Node {
         self.start_request(&request_id, base, context.clone(), Some(stream));
         let (node, base, prompt, id) = (self.arc(), base.clone(), prompt.to_string(), request_id.clone());
         tokio::spawn(async move {
-            let outcome = match node.settle_layers(&id, &base, context).await {
-                Ok((shard, context)) => {
-                    node.run_prompt(&base, shard, &prompt, &id, context.attach(None)).await
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = outcome {
+            if let Err(e) = node.plan_and_run_prompt(&base, &prompt, &id, context, None).await {
                 node.fail_request(&id, e.to_string()).await;
             }
         });
@@ -124,6 +113,20 @@ impl Node {
             serde_json::json!({"type": "request_cancelled", "node_id": self.id, "request_id": request_id});
         self.notify_peers(request_id, &status.to_string());
         self.end_request(request_id, Some(format!("request {request_id} was cancelled"))).await;
+    }
+
+    /// Settles the layers of a request recorded here, then runs (or hands off) its prompt with
+    /// the context, plan included, in `state`.
+    async fn plan_and_run_prompt(
+        &self,
+        base: &Shard,
+        prompt: &str,
+        request_id: &str,
+        context: RequestContext,
+        state: Option<InferenceState>,
+    ) -> Result<()> {
+        let (shard, context) = self.settle_layers(request_id, base, context).await?;
+        self.run_prompt(base, shard, prompt, request_id, context.attach(state)).await
     }
 
     /// Plans the layers of a request started here (unless its context carries a plan already),

@@ -36,59 +36,32 @@ impl Discovery for FixedPeers {
     }
 }
 
-/// The dummy engine, slowed down so that a test can act in the middle of a request.
-struct SlowDummy {
+/// The dummy engine with test knobs: a delay per step (so a test can act in the middle of a
+/// request) and the per-token costs it reports; it records the layer ranges it runs.
+#[derive(Default)]
+struct TestDummy {
     inner: DummyEngine,
     step: Duration,
-}
-
-#[async_trait]
-impl Engine for SlowDummy {
-    fn name(&self) -> &str {
-        "slow-dummy"
-    }
-    async fn encode(&self, shard: &Shard, prompt: &str) -> Result<Vec<u32>> {
-        self.inner.encode(shard, prompt).await
-    }
-    async fn decode(&self, shard: &Shard, tokens: &[u32]) -> Result<String> {
-        self.inner.decode(shard, tokens).await
-    }
-    async fn sample(&self, logits: &WireTensor, params: SamplingParams) -> Result<Vec<u32>> {
-        self.inner.sample(logits, params).await
-    }
-    async fn infer_tensor(
-        &self,
-        request_id: &str,
-        shard: &Shard,
-        input: WireTensor,
-        state: Option<InferenceState>,
-    ) -> Result<(WireTensor, Option<InferenceState>)> {
-        tokio::time::sleep(self.step).await;
-        self.inner.infer_tensor(request_id, shard, input, state).await
-    }
-    async fn ensure_shard(&self, shard: &Shard) -> Result<()> {
-        self.inner.ensure_shard(shard).await
-    }
-    async fn finish_request(&self, request_id: &str) {
-        self.inner.finish_request(request_id).await
-    }
-    async fn eos_token_ids(&self, shard: &Shard) -> Result<Vec<u32>> {
-        self.inner.eos_token_ids(shard).await
-    }
-}
-
-/// The dummy engine with a model whose LM head costs as much as seven layers; records the
-/// shards it runs.
-#[derive(Default)]
-struct HeavyHeadDummy {
-    inner: DummyEngine,
+    costs: Option<ModelCosts>,
     ran: Mutex<BTreeSet<(i32, i32)>>,
 }
 
+impl TestDummy {
+    /// Each step takes at least `step`.
+    fn slow(step: Duration) -> Arc<dyn Engine> {
+        Arc::new(Self { step, ..Default::default() })
+    }
+
+    /// A model whose LM head costs as much as seven layers.
+    fn heavy_head() -> Self {
+        Self { costs: Some(ModelCosts { layer: 1.0, head: 7.0 }), ..Default::default() }
+    }
+}
+
 #[async_trait]
-impl Engine for HeavyHeadDummy {
+impl Engine for TestDummy {
     fn name(&self) -> &str {
-        "heavy-head-dummy"
+        "test-dummy"
     }
     async fn encode(&self, shard: &Shard, prompt: &str) -> Result<Vec<u32>> {
         self.inner.encode(shard, prompt).await
@@ -107,6 +80,7 @@ impl Engine for HeavyHeadDummy {
         state: Option<InferenceState>,
     ) -> Result<(WireTensor, Option<InferenceState>)> {
         self.ran.lock().unwrap().insert((shard.start_layer, shard.end_layer));
+        tokio::time::sleep(self.step).await;
         self.inner.infer_tensor(request_id, shard, input, state).await
     }
     async fn ensure_shard(&self, shard: &Shard) -> Result<()> {
@@ -119,7 +93,7 @@ impl Engine for HeavyHeadDummy {
         self.inner.eos_token_ids(shard).await
     }
     async fn model_costs(&self, _base: &Shard) -> Option<ModelCosts> {
-        Some(ModelCosts { layer: 1.0, head: 7.0 })
+        self.costs
     }
 }
 
@@ -230,11 +204,7 @@ async fn max_tokens_and_concurrent_requests_stay_per_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_dies_mid_request_fails_it_within_seconds_and_leaves_the_ring() {
-    let slow = || {
-        Arc::new(SlowDummy { inner: DummyEngine::default(), step: Duration::from_millis(300) })
-            as Arc<dyn Engine>
-    };
-    let nodes = cluster(&["a", "b"], slow).await;
+    let nodes = cluster(&["a", "b"], || TestDummy::slow(Duration::from_millis(300))).await;
     let (_, stream) = nodes[0].node.generate(&base(), "hi", None, GenerateOptions::default()).unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     // Node b goes away: its server closes and it stops answering.
@@ -255,11 +225,7 @@ async fn a_peer_that_dies_mid_request_fails_it_within_seconds_and_leaves_the_rin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_stops_the_request_on_every_node() {
-    let slow = || {
-        Arc::new(SlowDummy { inner: DummyEngine::default(), step: Duration::from_millis(100) })
-            as Arc<dyn Engine>
-    };
-    let nodes = cluster(&["a", "b"], slow).await;
+    let nodes = cluster(&["a", "b"], || TestDummy::slow(Duration::from_millis(100))).await;
     let (id, mut stream) = nodes[0].node.generate(&base(), "hi", None, GenerateOptions::default()).unwrap();
     assert_eq!(stream.recv().await, Some(StreamEvent::Token(2)));
     nodes[0].node.cancel_request(&id).await;
@@ -317,10 +283,10 @@ async fn a_peer_discovery_no_longer_lists_leaves_the_partitions_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ring_of_xotorch_nodes_moves_layers_off_the_node_with_the_head() {
-    let engines: Arc<Mutex<Vec<Arc<HeavyHeadDummy>>>> = Arc::default();
+    let engines: Arc<Mutex<Vec<Arc<TestDummy>>>> = Arc::default();
     let made = engines.clone();
     let nodes = cluster(&["a", "b"], move || {
-        let engine = Arc::new(HeavyHeadDummy::default());
+        let engine = Arc::new(TestDummy::heavy_head());
         made.lock().unwrap().push(engine.clone());
         engine as Arc<dyn Engine>
     })
