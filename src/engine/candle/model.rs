@@ -93,12 +93,11 @@ fn head_is_tied(config: &ModelConfig, index: &WeightIndex) -> bool {
     config.tie_word_embeddings || !index.contains("lm_head.weight")
 }
 
-/// Self-attention with grouped-query heads, optional biases and q/k norms.
+/// Self-attention with grouped-query heads, optional biases and q/k norms; q, k and v are
+/// one stacked product.
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv_proj: Linear,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -107,17 +106,29 @@ struct Attention {
     head_dim: usize,
 }
 
-/// Loads `{prefix}.weight` and, when `bias`, `{prefix}.bias`.
-fn load_linear(
+/// Loads the layers `{prefix}.{name}` of `parts` (name and output features of each, all
+/// taking `input` features) as one stacked layer, with their biases when `bias`.
+fn load_stacked(
     weights: &ShardWeights,
     prefix: &str,
-    out: usize,
+    parts: &[(&str, usize)],
     input: usize,
     bias: bool,
     device: &Device,
 ) -> Result<Linear> {
-    let weight = weights.streamed_matrix(&format!("{prefix}.weight"), out, input)?;
-    let bias = if bias { Some(weights.vector_f32(&format!("{prefix}.bias"), out, device)?) } else { None };
+    let weight_names: Vec<(String, usize)> =
+        parts.iter().map(|&(name, out)| (format!("{prefix}.{name}.weight"), out)).collect();
+    let weight = weights.stacked_matrix(&weight_names, input)?;
+    let bias = if bias {
+        let mut values = Vec::with_capacity(weight.rows());
+        for &(name, out) in parts {
+            values
+                .extend(weights.vector_f32(&format!("{prefix}.{name}.bias"), out, device)?.to_vec1::<f32>()?);
+        }
+        Some(values)
+    } else {
+        None
+    };
     Linear::new(weight, bias)
 }
 
@@ -134,39 +145,11 @@ impl Attention {
         let norm = |name: &str| {
             RmsNorm::load(weights, &format!("{prefix}.{name}.weight"), head_dim, config.rms_norm_eps, device)
         };
+        let (q_out, kv_out) = (heads * head_dim, kv_heads * head_dim);
+        let qkv = [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)];
         Ok(Self {
-            q_proj: load_linear(
-                weights,
-                &format!("{prefix}.q_proj"),
-                heads * head_dim,
-                hidden,
-                variant.qkv_bias,
-                device,
-            )?,
-            k_proj: load_linear(
-                weights,
-                &format!("{prefix}.k_proj"),
-                kv_heads * head_dim,
-                hidden,
-                variant.qkv_bias,
-                device,
-            )?,
-            v_proj: load_linear(
-                weights,
-                &format!("{prefix}.v_proj"),
-                kv_heads * head_dim,
-                hidden,
-                variant.qkv_bias,
-                device,
-            )?,
-            o_proj: load_linear(
-                weights,
-                &format!("{prefix}.o_proj"),
-                hidden,
-                heads * head_dim,
-                variant.o_bias,
-                device,
-            )?,
+            qkv_proj: load_stacked(weights, prefix, &qkv, hidden, variant.qkv_bias, device)?,
+            o_proj: load_stacked(weights, prefix, &[("o_proj", hidden)], q_out, variant.o_bias, device)?,
             q_norm: if variant.qk_norm { Some(norm("q_norm")?) } else { None },
             k_norm: if variant.qk_norm { Some(norm("k_norm")?) } else { None },
             heads,
@@ -194,9 +177,15 @@ impl Attention {
             };
             Ok(t.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope.apply(&split(self.q_proj.forward(x)?, self.heads, &self.q_norm)?, offset)?;
-        let k = rope.apply(&split(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?, offset)?;
-        let v = split(self.v_proj.forward(x)?, self.kv_heads, &None)?;
+        let (q_out, kv_out) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv_proj
+            .forward_parts(x, &[q_out, kv_out, kv_out])?
+            .try_into()
+            .expect("three parts were asked for");
+        let q = rope.apply(&split(q, self.heads, &self.q_norm)?, offset)?;
+        let k = rope.apply(&split(k, self.kv_heads, &self.k_norm)?, offset)?;
+        let v = split(v, self.kv_heads, &None)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         let total = k.dim(2)?;
 
@@ -239,12 +228,12 @@ fn causal_mask(
     Ok(Some(mask.repeat((group, 1))?))
 }
 
-/// The gated SiLU MLP.
+/// The gated SiLU MLP; gate and up are one stacked product.
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up_proj: Linear,
     down_proj: Linear,
+    intermediate: usize,
 }
 
 impl Mlp {
@@ -256,16 +245,21 @@ impl Mlp {
         device: &Device,
     ) -> Result<Self> {
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
+        let gate_up = [("gate_proj", inter), ("up_proj", inter)];
         Ok(Self {
-            gate_proj: load_linear(weights, &format!("{prefix}.gate_proj"), inter, hidden, bias, device)?,
-            up_proj: load_linear(weights, &format!("{prefix}.up_proj"), inter, hidden, bias, device)?,
-            down_proj: load_linear(weights, &format!("{prefix}.down_proj"), hidden, inter, bias, device)?,
+            gate_up_proj: load_stacked(weights, prefix, &gate_up, hidden, bias, device)?,
+            down_proj: load_stacked(weights, prefix, &[("down_proj", hidden)], inter, bias, device)?,
+            intermediate: inter,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = (candle_nn::ops::silu(&self.gate_proj.forward(x)?)? * self.up_proj.forward(x)?)?;
-        self.down_proj.forward(&gated)
+        let [gate, up]: [Tensor; 2] = self
+            .gate_up_proj
+            .forward_parts(x, &[self.intermediate, self.intermediate])?
+            .try_into()
+            .expect("two parts were asked for");
+        self.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 
