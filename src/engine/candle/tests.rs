@@ -252,3 +252,19 @@ async fn a_saved_shard_holds_its_checkpoint_tensors_and_loads_back() {
     assert!(err.to_string().contains("cannot write the checkpoint"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn projections_of_different_dtypes_are_a_clear_error() {
+    let dir = write_tiny_model("llama");
+    let file = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let name = "model.layers.1.self_attn.k_proj.weight";
+    let narrowed = tensors[name].to_dtype(candle_core::DType::BF16).unwrap();
+    tensors.insert(name.into(), narrowed);
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let shard = Shard::new(dir.display().to_string(), 0, 2, 3);
+    let err = engine().infer_tensor("r", &shard, tokens(&[1]), None).await.unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("model.layers.1.self_attn.q_proj.weight") && message.contains(name), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
