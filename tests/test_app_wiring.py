@@ -72,6 +72,32 @@ async def test_prompt_from_another_node_preloads_this_nodes_shard(tokenizer: Tok
     assert len(node.shard_downloader.ensured) == 1
 
 
+async def test_a_layer_plan_in_the_prompt_status_preloads_the_planned_shard(tokenizer: Tokenizer) -> None:
+    node = FakeNode(reply_tokens(tokenizer))
+    wired_app(node, tokenizer)
+    base = Shard("llama-3.2-1b", 0, 0, 16)
+    plan = [
+        {"node_id": "other", "start_layer": 0, "end_layer": 9},
+        {"node_id": node.id, "start_layer": 10, "end_layer": 15},
+    ]
+    status = {
+        "type": "node_status",
+        "node_id": "other",
+        "status": "start_process_prompt",
+        "base_shard": base.to_dict(),
+        "shard": Shard("llama-3.2-1b", 0, 9, 16).to_dict(),
+        "prompt": "p",
+        "layers": plan,
+    }
+    node.on_opaque_status.trigger_all("req-6", json.dumps(status))
+    await wait_until(lambda: node.shard_downloader.ensured)
+    assert node.shard_downloader.ensured[0][0] == Shard("llama-3.2-1b", 10, 15, 16)
+    # A plan without this node preloads nothing.
+    node.on_opaque_status.trigger_all("req-7", json.dumps({**status, "layers": plan[:1]}))
+    await asyncio.sleep(0.05)
+    assert len(node.shard_downloader.ensured) == 1
+
+
 async def test_download_progress_is_broadcast_throttled(tokenizer: Tokenizer) -> None:
     node = FakeNode(reply_tokens(tokenizer))
     wired_app(node, tokenizer)

@@ -158,6 +158,17 @@ class ProgressBroadcastThrottle:
             return True
 
 
+def _planned_shard(layers: Any, base: Any, node_id: str) -> Any:
+    """This node's shard of `base`'s model in a request's layer plan (a list of `node_id`,
+    `start_layer`, `end_layer` entries, as xotorch-core nodes announce it), or None."""
+    from exo.inference.shard import Shard
+
+    for entry in layers or []:
+        if entry.get("node_id") == node_id:
+            return Shard(base.model_id, int(entry["start_layer"]), int(entry["end_layer"]), base.n_layers)
+    return None
+
+
 def _status_of(status_json: str) -> dict[str, Any] | None:
     try:
         status = json.loads(status_json)
@@ -385,12 +396,14 @@ class App:
         if status.get("node_id") == self.node.id or self.shard_downloader is None:
             return
         try:
-            shard_dict = status.get("base_shard") or status.get("shard")
-            current = self.node.get_current_shard(Shard.from_dict(shard_dict))
+            base = Shard.from_dict(status.get("base_shard") or status.get("shard"))
+            current = _planned_shard(status.get("layers"), base, self.node.id)
+            if current is None and status.get("layers") is None:
+                current = self.node.get_current_shard(base)
         except Exception as e:
             logger.debug("Cannot preload a shard for status %s: %s", status_json, e)
             return
-        if current in self._preloading:
+        if current is None or current in self._preloading:
             return
         self._preloading.add(current)
         self._schedule(self._ensure_shard(current))

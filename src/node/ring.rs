@@ -230,8 +230,13 @@ impl Node {
     ) -> Result<()> {
         let started = Instant::now();
         let shown = shard.clone().unwrap_or_else(|| Shard::new(base.model_id.clone(), 0, -1, base.n_layers));
-        let prompt_json = serde_json::json!({"prompt": prompt});
-        self.broadcast_node_status("start_process_prompt", base, &shown, request_id, prompt_json);
+        // The request's layer plan, if it has one, lets every node fetch its own part now
+        // (classic nodes ignore the extra key).
+        let mut start = serde_json::json!({"prompt": prompt});
+        if let Some(layers) = RequestContext::from_state(state.as_ref()).and_then(|c| c.layers) {
+            start["layers"] = serde_json::json!(layers);
+        }
+        self.broadcast_node_status("start_process_prompt", base, &shown, request_id, start);
         let mut result_size = 0;
         let outcome = if let Some(shard) = shard.filter(Shard::is_first_layer) {
             self.set_phase(request_id, Phase::Processing);

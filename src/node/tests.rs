@@ -296,6 +296,7 @@ async fn a_ring_of_xotorch_nodes_moves_layers_off_the_node_with_the_head() {
     let classic: Vec<_> =
         nodes[0].node.assignments(&base()).into_iter().map(|(id, s)| (id, s.end_layer)).collect();
     assert_eq!(classic, [("b".to_string(), 3), ("a".to_string(), 7)]);
+    let mut statuses_at_b = nodes[1].node.subscribe();
     for (i, test) in nodes.iter().enumerate() {
         let (_, stream) =
             test.node.generate(&base(), "hi", Some(format!("r{i}")), GenerateOptions::default()).unwrap();
@@ -305,6 +306,24 @@ async fn a_ring_of_xotorch_nodes_moves_layers_off_the_node_with_the_head() {
     // A head worth 7 layers: b runs 7 layers, a the last one and the head (8 against 8).
     let ran: Vec<_> = engines.lock().unwrap().iter().map(|e| e.ran.lock().unwrap().clone()).collect();
     assert_eq!(ran, [BTreeSet::from([(7, 7)]), BTreeSet::from([(0, 6)])]);
+    // a's prompt status tells every node the plan, so each can fetch its part at once.
+    let announced = loop {
+        let event = tokio::time::timeout(Duration::from_secs(5), statuses_at_b.recv()).await;
+        match event.expect("a's start status reaches b").unwrap() {
+            super::NodeEvent::Status { request_id, status } if request_id == "r0" => {
+                let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+                if status["status"] == "start_process_prompt" && status["node_id"] == "a" {
+                    break status["layers"].clone();
+                }
+            }
+            _ => {}
+        }
+    };
+    let plan = serde_json::json!([
+        {"node_id": "b", "start_layer": 0, "end_layer": 6},
+        {"node_id": "a", "start_layer": 7, "end_layer": 7},
+    ]);
+    assert_eq!(announced, plan);
     for test in &nodes {
         test.node.stop().await.unwrap();
     }
