@@ -1,19 +1,115 @@
-//! Awaiting Python coroutines from Rust: a Python stand-in's coroutine runs on the asyncio
-//! loop of the caller when there is one, else on the loop the node was started from.
+//! Rust futures as Python awaitables and back: a Python stand-in's coroutine runs on the
+//! asyncio loop of the caller when there is one, else on the loop the node was started from.
+//!
+//! Every awaitable the core returns hands its result to Python on a thread of tokio's
+//! blocking pool. That thread can lose the GIL in the middle of the hand-off (setting the
+//! result wakes the loop), and if the script ends meanwhile, taking the GIL back after
+//! Python began finalizing kills the thread ("Fatal Python error: PyGILState_Release").
+//! So hand-offs are counted, and an `atexit` hook waits for them before Python finalizes.
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+use pyo3::IntoPyObject;
+use pyo3_async_runtimes::generic::{ContextExt, Runtime};
 use pyo3_async_runtimes::TaskLocals;
+
+/// Hand-offs of results to Python spawned and not finished yet.
+static HANDOFFS: AtomicUsize = AtomicUsize::new(0);
+/// The longest the exit hook waits for hand-offs.
+const EXIT_WAIT: Duration = Duration::from_secs(2);
+
+/// pyo3-async-runtimes' tokio runtime, with its blocking hand-offs counted.
+struct CountedTokio;
+
+tokio::task_local! {
+    static TASK_LOCALS: OnceLock<TaskLocals>;
+}
+
+/// Marks one hand-off finished when dropped (also when it panics).
+struct HandoffDone;
+
+impl Drop for HandoffDone {
+    fn drop(&mut self) {
+        HANDOFFS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Runtime for CountedTokio {
+    type JoinError = tokio::task::JoinError;
+    type JoinHandle = tokio::task::JoinHandle<()>;
+
+    fn spawn<F>(fut: F) -> Self::JoinHandle
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        pyo3_async_runtimes::tokio::get_runtime().spawn(fut)
+    }
+
+    fn spawn_blocking<F>(f: F) -> Self::JoinHandle
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        HANDOFFS.fetch_add(1, Ordering::SeqCst);
+        pyo3_async_runtimes::tokio::get_runtime().spawn_blocking(move || {
+            let _done = HandoffDone;
+            f()
+        })
+    }
+}
+
+impl ContextExt for CountedTokio {
+    fn scope<F, R>(locals: TaskLocals, fut: F) -> Pin<Box<dyn Future<Output = R> + Send>>
+    where
+        F: Future<Output = R> + Send + 'static,
+    {
+        Box::pin(TASK_LOCALS.scope(OnceLock::from(locals), fut))
+    }
+
+    fn get_task_locals() -> Option<TaskLocals> {
+        TASK_LOCALS.try_with(|cell| cell.get().cloned()).ok().flatten()
+    }
+}
+
+/// The asyncio loop (and context) of the awaitable being run, else the running loop.
+pub fn current_locals(py: Python<'_>) -> PyResult<TaskLocals> {
+    pyo3_async_runtimes::generic::get_current_locals::<CountedTokio>(py)
+}
+
+/// `fut` as a Python awaitable on the running asyncio loop (as
+/// `pyo3_async_runtimes::tokio::future_into_py`, with the hand-off counted).
+pub fn future_into_py<F, T>(py: Python<'_>, fut: F) -> PyResult<Bound<'_, PyAny>>
+where
+    F: Future<Output = PyResult<T>> + Send + 'static,
+    T: for<'py> IntoPyObject<'py> + Send + 'static,
+{
+    let locals = current_locals(py)?;
+    pyo3_async_runtimes::generic::future_into_py_with_locals::<CountedTokio, F, T>(py, locals, fut)
+}
+
+/// Registered with `atexit`: waits, without the GIL, until the results being handed to
+/// Python are handed (at most [`EXIT_WAIT`]).
+#[pyfunction]
+pub fn wait_for_result_handoffs(py: Python<'_>) {
+    py.detach(|| {
+        let deadline = Instant::now() + EXIT_WAIT;
+        while HANDOFFS.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+}
 
 /// The loop a node was last started from, for coroutines awaited by background tasks.
 static NODE_LOOP: Mutex<Option<TaskLocals>> = Mutex::new(None);
 
 /// Remembers the running asyncio loop (call from Python code that runs inside one).
 pub fn remember_running_loop(py: Python<'_>) {
-    if let Ok(locals) = pyo3_async_runtimes::tokio::get_current_locals(py) {
+    if let Ok(locals) = current_locals(py) {
         *NODE_LOOP.lock().expect("loop lock poisoned") = Some(locals);
     }
 }
@@ -23,7 +119,7 @@ pub fn await_python(
     awaitable: Bound<'_, PyAny>,
 ) -> PyResult<impl Future<Output = PyResult<Py<PyAny>>> + Send + use<>> {
     let py = awaitable.py();
-    let locals = match pyo3_async_runtimes::tokio::get_current_locals(py) {
+    let locals = match current_locals(py) {
         Ok(locals) => locals,
         Err(_) => NODE_LOOP
             .lock()

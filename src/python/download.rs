@@ -56,7 +56,7 @@ fn deliver(
     let shard = PyShard { inner: progress.shard.clone() }.into_pyobject(py)?;
     let trigger = on_progress.bind(py).getattr("trigger_all")?;
     let remembered = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|l| l.clone_ref(py));
-    let event_loop = pyo3_async_runtimes::tokio::get_current_locals(py)
+    let event_loop = super::asyncio::current_locals(py)
         .map(|locals| locals.event_loop(py).unbind())
         .ok()
         .or(remembered)
@@ -122,7 +122,7 @@ impl PyHfShardDownloader {
     ) -> PyResult<Bound<'py, PyAny>> {
         remember_loop(py, &self.event_loop);
         let downloader = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             Ok(downloader.ensure_shard(&shard.inner, &inference_engine_name).await?)
         })
     }
@@ -130,9 +130,7 @@ impl PyHfShardDownloader {
     /// Fetches a model's config and tokenizer files only; resolves to their directory.
     fn ensure_metadata<'py>(&self, py: Python<'py>, model_id: String) -> PyResult<Bound<'py, PyAny>> {
         let downloader = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            Ok(downloader.ensure_metadata(&model_id).await?)
-        })
+        super::asyncio::future_into_py(py, async move { Ok(downloader.ensure_metadata(&model_id).await?) })
     }
 
     /// The number of layers of a registry model, Hugging Face repo or local directory.
@@ -143,7 +141,7 @@ impl PyHfShardDownloader {
         inference_engine_name: String,
     ) -> PyResult<Bound<'py, PyAny>> {
         let downloader = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             Ok(downloader.model_layers(&model_id, &inference_engine_name).await?)
         })
     }
@@ -186,7 +184,7 @@ impl DownloadStatusIterator {
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let stream = self.stream.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             match stream.lock().await.next().await {
                 Some((path, progress)) => Ok((path, ProgressEvent(progress))),
                 None => Err(PyStopAsyncIteration::new_err(())),

@@ -153,7 +153,7 @@ impl PyEngine {
 
     fn encode<'py>(&self, py: Python<'py>, shard: PyShard, prompt: String) -> PyResult<Bound<'py, PyAny>> {
         let engine = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             Ok(TokenIds(engine.encode(&shard.inner, &prompt).await?))
         })
     }
@@ -165,9 +165,7 @@ impl PyEngine {
         tokens: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (engine, tokens) = (self.inner.clone(), token_ids(tokens)?);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            Ok(engine.decode(&shard.inner, &tokens).await?)
-        })
+        super::asyncio::future_into_py(py, async move { Ok(engine.decode(&shard.inner, &tokens).await?) })
     }
 
     #[pyo3(signature = (x, temp=0.0, top_p=1.0, top_k=0, seed=None))]
@@ -182,9 +180,7 @@ impl PyEngine {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (engine, logits) = (self.inner.clone(), wire_from_ndarray(x)?);
         let params = SamplingParams { temperature: temp, top_p, top_k, seed };
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            Ok(TokenIds(engine.sample(&logits, params).await?))
-        })
+        super::asyncio::future_into_py(py, async move { Ok(TokenIds(engine.sample(&logits, params).await?)) })
     }
 
     #[pyo3(signature = (request_id, shard, input_data, inference_state=None))]
@@ -198,7 +194,7 @@ impl PyEngine {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (engine, input, state) =
             (self.inner.clone(), wire_from_ndarray(input_data)?, state_from_py(inference_state)?);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             let (output, state) = engine.infer_tensor(&request_id, &shard.inner, input, state).await?;
             Ok((Array(output), StateDict(state)))
         })
@@ -214,7 +210,7 @@ impl PyEngine {
         inference_state: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (engine, state) = (self.inner.clone(), state_from_py(inference_state)?);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             let (output, state) = engine.infer_prompt(&request_id, &shard.inner, &prompt, state).await?;
             Ok((Array(output), StateDict(state)))
         })
@@ -222,16 +218,13 @@ impl PyEngine {
 
     fn ensure_shard<'py>(&self, py: Python<'py>, shard: PyShard) -> PyResult<Bound<'py, PyAny>> {
         let engine = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(
-            py,
-            async move { Ok(engine.ensure_shard(&shard.inner).await?) },
-        )
+        super::asyncio::future_into_py(py, async move { Ok(engine.ensure_shard(&shard.inner).await?) })
     }
 
     /// Frees what the engine keeps for `request_id` (its KV cache).
     fn finish_request<'py>(&self, py: Python<'py>, request_id: String) -> PyResult<Bound<'py, PyAny>> {
         let engine = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             engine.finish_request(&request_id).await;
             Ok(())
         })
@@ -240,9 +233,7 @@ impl PyEngine {
     /// Token ids that end generation for the model of `shard`.
     fn eos_token_ids<'py>(&self, py: Python<'py>, shard: PyShard) -> PyResult<Bound<'py, PyAny>> {
         let engine = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            Ok(engine.eos_token_ids(&shard.inner).await?)
-        })
+        super::asyncio::future_into_py(py, async move { Ok(engine.eos_token_ids(&shard.inner).await?) })
     }
 }
 
@@ -341,9 +332,10 @@ impl PyCandleEngine {
         path: PathBuf,
     ) -> PyResult<Bound<'py, PyAny>> {
         let engine = self.engine.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            Ok(engine.save_checkpoint(&shard.inner, &path).await?)
-        })
+        super::asyncio::future_into_py(
+            py,
+            async move { Ok(engine.save_checkpoint(&shard.inner, &path).await?) },
+        )
     }
 
     /// Loads `shard` from the model directory `path`.
@@ -354,9 +346,7 @@ impl PyCandleEngine {
         path: PathBuf,
     ) -> PyResult<Bound<'py, PyAny>> {
         let engine = self.engine.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            Ok(engine.load_from(&shard.inner, &path).await?)
-        })
+        super::asyncio::future_into_py(py, async move { Ok(engine.load_from(&shard.inner, &path).await?) })
     }
 }
 

@@ -177,22 +177,22 @@ impl PyPeerHandle {
 
     fn connect<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let peer = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(peer.connect().await?) })
+        super::asyncio::future_into_py(py, async move { Ok(peer.connect().await?) })
     }
 
     fn is_connected<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let peer = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(peer.is_connected().await) })
+        super::asyncio::future_into_py(py, async move { Ok(peer.is_connected().await) })
     }
 
     fn disconnect<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let peer = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(peer.disconnect().await?) })
+        super::asyncio::future_into_py(py, async move { Ok(peer.disconnect().await?) })
     }
 
     fn health_check<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let peer = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(peer.health_check().await) })
+        super::asyncio::future_into_py(py, async move { Ok(peer.health_check().await) })
     }
 
     #[pyo3(signature = (shard, prompt, request_id=None, inference_state=None))]
@@ -206,7 +206,7 @@ impl PyPeerHandle {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (peer, state) = (self.inner.clone(), state_from_py(inference_state)?);
         let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             Ok(peer.send_prompt(&shard.inner, &prompt, &request_id, state).await?)
         })
     }
@@ -223,7 +223,7 @@ impl PyPeerHandle {
         let (peer, tensor, state) =
             (self.inner.clone(), wire_from_ndarray(tensor)?, state_from_py(inference_state)?);
         let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             Ok(peer.send_tensor(&shard.inner, tensor, &request_id, state).await?)
         })
     }
@@ -246,7 +246,7 @@ impl PyPeerHandle {
         is_finished: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let peer = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             Ok(peer.send_result(&request_id, &result, is_finished).await?)
         })
     }
@@ -258,9 +258,10 @@ impl PyPeerHandle {
         status: String,
     ) -> PyResult<Bound<'py, PyAny>> {
         let peer = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            Ok(peer.send_opaque_status(&request_id, &status).await?)
-        })
+        super::asyncio::future_into_py(
+            py,
+            async move { Ok(peer.send_opaque_status(&request_id, &status).await?) },
+        )
     }
 
     #[pyo3(signature = (visited, max_depth=4))]
@@ -271,7 +272,7 @@ impl PyPeerHandle {
         max_depth: i32,
     ) -> PyResult<Bound<'py, PyAny>> {
         let peer = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             Ok(PyTopology { inner: peer.collect_topology(&visited, max_depth).await? })
         })
     }
@@ -314,7 +315,7 @@ impl PyGrpcPeerHandle {
         }
         // The core also bounds hidden_size by the message limit; that error comes on await.
         let peer = self.peer.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             let mut times = peer.tensor_round_trips(hidden_size, calls).await?;
             times.sort();
             Ok(times[times.len() / 2].as_secs_f64())
@@ -336,18 +337,18 @@ impl PyDiscovery {
     fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         super::asyncio::remember_running_loop(py);
         let discovery = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(discovery.start().await?) })
+        super::asyncio::future_into_py(py, async move { Ok(discovery.start().await?) })
     }
 
     fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let discovery = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(discovery.stop().await?) })
+        super::asyncio::future_into_py(py, async move { Ok(discovery.stop().await?) })
     }
 
     #[pyo3(signature = (wait_for_peers=0))]
     fn discover_peers<'py>(&self, py: Python<'py>, wait_for_peers: usize) -> PyResult<Bound<'py, PyAny>> {
         let discovery = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             let peers = discovery.discover_peers(wait_for_peers).await?;
             Ok(peers.into_iter().map(|inner| PyPeerHandle { inner }).collect::<Vec<_>>())
         })
@@ -415,12 +416,12 @@ impl PyGrpcServer {
 
     fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let server = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(server.start().await?) })
+        super::asyncio::future_into_py(py, async move { Ok(server.start().await?) })
     }
 
     fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let server = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(server.stop().await?) })
+        super::asyncio::future_into_py(py, async move { Ok(server.stop().await?) })
     }
 
     /// The host it listens on.

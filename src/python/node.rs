@@ -127,12 +127,12 @@ impl PyNode {
     fn start<'py>(&self, py: Python<'py>, wait_for_peers: usize) -> PyResult<Bound<'py, PyAny>> {
         super::asyncio::remember_running_loop(py);
         let node = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(node.start(wait_for_peers).await?) })
+        super::asyncio::future_into_py(py, async move { Ok(node.start(wait_for_peers).await?) })
     }
 
     fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let node = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move { Ok(node.stop().await?) })
+        super::asyncio::future_into_py(py, async move { Ok(node.stop().await?) })
     }
 
     /// Index of this node's partition moved `offset` places round the ring.
@@ -158,7 +158,7 @@ impl PyNode {
         inference_state: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (node, state) = (self.inner.clone(), state_from_py(inference_state)?);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             Ok(node.process_prompt(&base_shard.inner, &prompt, request_id, state).await?)
         })
     }
@@ -175,7 +175,7 @@ impl PyNode {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (node, tensor, state) =
             (self.inner.clone(), wire_from_ndarray(tensor)?, state_from_py(inference_state)?);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             Ok(node.process_tensor(&base_shard.inner, tensor, request_id, state).await?)
         })
     }
@@ -210,7 +210,7 @@ impl PyNode {
     /// Stops a request on every node of the ring.
     fn cancel_request<'py>(&self, py: Python<'py>, request_id: String) -> PyResult<Bound<'py, PyAny>> {
         let node = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             node.cancel_request(&request_id).await;
             Ok(())
         })
@@ -220,10 +220,7 @@ impl PyNode {
     #[pyo3(signature = (wait_for_peers=0))]
     fn update_peers<'py>(&self, py: Python<'py>, wait_for_peers: usize) -> PyResult<Bound<'py, PyAny>> {
         let node = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(
-            py,
-            async move { Ok(node.update_peers(wait_for_peers).await?) },
-        )
+        super::asyncio::future_into_py(py, async move { Ok(node.update_peers(wait_for_peers).await?) })
     }
 
     /// Rebuilds the topology, walking peers not in `visited` down to `max_depth`.
@@ -235,7 +232,7 @@ impl PyNode {
         max_depth: i32,
     ) -> PyResult<Bound<'py, PyAny>> {
         let node = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             Ok(PyTopology { inner: node.collect_topology(visited, max_depth).await })
         })
     }
@@ -248,7 +245,7 @@ impl PyNode {
         status: String,
     ) -> PyResult<Bound<'py, PyAny>> {
         self.inner.broadcast_opaque_status(&request_id, &status);
-        pyo3_async_runtimes::tokio::future_into_py(py, async { Ok(()) })
+        super::asyncio::future_into_py(py, async { Ok(()) })
     }
 
     /// Sends tokens of a request to every peer.
@@ -260,7 +257,7 @@ impl PyNode {
         is_finished: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         self.inner.broadcast_result(&request_id, &result, is_finished);
-        pyo3_async_runtimes::tokio::future_into_py(py, async { Ok(()) })
+        super::asyncio::future_into_py(py, async { Ok(()) })
     }
 
     /// Waits for the next events and resolves to all that are queued (at most 256):
@@ -268,7 +265,7 @@ impl PyNode {
     /// `("failed", request_id, error)`.
     fn next_events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let events = self.events.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             let mut receiver = events.lock().await;
             let mut batch = Vec::new();
             if let Some(event) = receiver.recv().await {
@@ -338,7 +335,7 @@ impl PyTokenStream {
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let (receiver, ended) = (self.receiver.clone(), self.ended.clone());
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             let event = receiver.lock().await.recv().await;
             match event {
                 Some(StreamEvent::Token(token)) => Ok(token),
@@ -357,7 +354,7 @@ impl PyTokenStream {
     /// Cancels the request on every node unless it already ended.
     fn aclose<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let (node, id, ended) = (self.node.clone(), self.request_id.clone(), self.ended.clone());
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        super::asyncio::future_into_py(py, async move {
             if !ended.swap(true, Ordering::SeqCst) {
                 node.cancel_request(&id).await;
             }

@@ -384,7 +384,7 @@ fn py_map_partitions_to_shards(
 /// Detects this machine's capabilities off the event loop; returns an awaitable.
 #[pyfunction]
 fn device_capabilities(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
-    pyo3_async_runtimes::tokio::future_into_py(py, async {
+    super::asyncio::future_into_py(py, async {
         let caps = tokio::task::spawn_blocking(detect_device_capabilities).await.map_err(|e| {
             pyo3::exceptions::PyRuntimeError::new_err(format!("device detection failed: {e}"))
         })?;
