@@ -5,11 +5,13 @@
 //! blocking pool. That thread can lose the GIL in the middle of the hand-off (setting the
 //! result wakes the loop), and if the script ends meanwhile, taking the GIL back after
 //! Python began finalizing kills the thread ("Fatal Python error: PyGILState_Release").
-//! So hand-offs are counted, and an `atexit` hook waits for them before Python finalizes.
+//! So hand-offs, and other calls into Python from the core's threads, are counted; an
+//! `atexit` hook marks Python as exiting (later ones are skipped) and waits for those in
+//! flight before Python finalizes.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -19,9 +21,11 @@ use pyo3::IntoPyObject;
 use pyo3_async_runtimes::generic::{ContextExt, Runtime};
 use pyo3_async_runtimes::TaskLocals;
 
-/// Hand-offs of results to Python spawned and not finished yet.
-static HANDOFFS: AtomicUsize = AtomicUsize::new(0);
-/// The longest the exit hook waits for hand-offs.
+/// Calls into Python from the core's threads (result hand-offs included) not finished yet.
+static IN_PYTHON: AtomicUsize = AtomicUsize::new(0);
+/// Set by the exit hook: from then on the core's threads leave Python alone.
+static EXITING: AtomicBool = AtomicBool::new(false);
+/// The longest the exit hook waits for calls in flight.
 const EXIT_WAIT: Duration = Duration::from_secs(2);
 
 /// pyo3-async-runtimes' tokio runtime, with its blocking hand-offs counted.
@@ -31,13 +35,24 @@ tokio::task_local! {
     static TASK_LOCALS: OnceLock<TaskLocals>;
 }
 
-/// Marks one hand-off finished when dropped (also when it panics).
-struct HandoffDone;
+/// Marks one call into Python finished when dropped (also when it panics).
+struct CallDone;
 
-impl Drop for HandoffDone {
+impl Drop for CallDone {
     fn drop(&mut self) {
-        HANDOFFS.fetch_sub(1, Ordering::SeqCst);
+        IN_PYTHON.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Runs `f` with the GIL from one of the core's own threads, or returns `None` once Python is
+/// exiting (its exit hook has run).
+pub fn attach_unless_exiting<R>(f: impl FnOnce(Python<'_>) -> R) -> Option<R> {
+    IN_PYTHON.fetch_add(1, Ordering::SeqCst);
+    let _done = CallDone;
+    if EXITING.load(Ordering::SeqCst) {
+        return None;
+    }
+    Some(Python::attach(f))
 }
 
 impl Runtime for CountedTokio {
@@ -55,10 +70,13 @@ impl Runtime for CountedTokio {
     where
         F: FnOnce() + Send + 'static,
     {
-        HANDOFFS.fetch_add(1, Ordering::SeqCst);
+        // Counted from now, so the exit hook also waits for hand-offs not started yet.
+        IN_PYTHON.fetch_add(1, Ordering::SeqCst);
         pyo3_async_runtimes::tokio::get_runtime().spawn_blocking(move || {
-            let _done = HandoffDone;
-            f()
+            let _done = CallDone;
+            if !EXITING.load(Ordering::SeqCst) {
+                f()
+            }
         })
     }
 }
@@ -92,13 +110,14 @@ where
     pyo3_async_runtimes::generic::future_into_py_with_locals::<CountedTokio, F, T>(py, locals, fut)
 }
 
-/// Registered with `atexit`: waits, without the GIL, until the results being handed to
-/// Python are handed (at most [`EXIT_WAIT`]).
+/// Registered with `atexit`: marks Python as exiting and waits, without the GIL, until the
+/// core's threads are out of Python (at most [`EXIT_WAIT`]).
 #[pyfunction]
-pub fn wait_for_result_handoffs(py: Python<'_>) {
+pub fn leave_python_before_exit(py: Python<'_>) {
+    EXITING.store(true, Ordering::SeqCst);
     py.detach(|| {
         let deadline = Instant::now() + EXIT_WAIT;
-        while HANDOFFS.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        while IN_PYTHON.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
     });

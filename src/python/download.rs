@@ -90,11 +90,12 @@ impl PyHfShardDownloader {
         remember_loop(py, &event_loop);
         let (callbacks, slot) = (on_progress.clone_ref(py), event_loop.clone());
         let listener: ProgressListener = Arc::new(move |progress: RepoProgress| {
-            Python::attach(|py| {
+            // Downloads go on in the background; once Python exits, progress goes nowhere.
+            super::asyncio::attach_unless_exiting(|py| {
                 if let Err(error) = deliver(py, &callbacks, &slot, &progress) {
                     error.write_unraisable(py, None);
                 }
-            })
+            });
         });
         let options = DownloaderOptions { max_parallel_downloads, home: exo_home };
         let inner = Arc::new(HfDownloader::new(options, Some(listener))?);

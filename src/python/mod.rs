@@ -21,7 +21,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // The core's `log` records go to Python's `logging` (logger names follow the Rust modules).
     let _ = pyo3_log::try_init();
-    let wait = wrap_pyfunction!(asyncio::wait_for_result_handoffs, m)?;
+    let wait = wrap_pyfunction!(asyncio::leave_python_before_exit, m)?;
     m.py().import("atexit")?.call_method1("register", (wait,))?;
     shard::register(m)?;
     engine::register(m)?;
