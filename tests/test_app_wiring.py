@@ -47,18 +47,24 @@ async def test_tokens_reach_the_tui(tokenizer: Tokenizer) -> None:
     assert "req-1" not in app._outputs
 
 
-async def test_prompt_from_another_node_preloads_this_nodes_shard(tokenizer: Tokenizer) -> None:
-    node = FakeNode(reply_tokens(tokenizer))
-    wired_app(node, tokenizer)
-    base = Shard("llama-3.2-1b", 0, 0, 16)
-    status = {
+def prompt_start_status(base: Shard, shard: Shard, **extra: object) -> dict[str, object]:
+    """The status node `other` broadcasts when a prompt starts there."""
+    return {
         "type": "node_status",
         "node_id": "other",
         "status": "start_process_prompt",
         "base_shard": base.to_dict(),
-        "shard": Shard("llama-3.2-1b", 0, 7, 16).to_dict(),
+        "shard": shard.to_dict(),
         "prompt": "p",
+        **extra,
     }
+
+
+async def test_prompt_from_another_node_preloads_this_nodes_shard(tokenizer: Tokenizer) -> None:
+    node = FakeNode(reply_tokens(tokenizer))
+    wired_app(node, tokenizer)
+    base = Shard("llama-3.2-1b", 0, 0, 16)
+    status = prompt_start_status(base, Shard("llama-3.2-1b", 0, 7, 16))
     node.on_opaque_status.trigger_all("req-2", json.dumps(status))
     await wait_until(lambda: node.shard_downloader.ensured)
     shard, engine = node.shard_downloader.ensured[0]
@@ -80,15 +86,7 @@ async def test_a_layer_plan_in_the_prompt_status_preloads_the_planned_shard(toke
         {"node_id": "other", "start_layer": 0, "end_layer": 9},
         {"node_id": node.id, "start_layer": 10, "end_layer": 15},
     ]
-    status = {
-        "type": "node_status",
-        "node_id": "other",
-        "status": "start_process_prompt",
-        "base_shard": base.to_dict(),
-        "shard": Shard("llama-3.2-1b", 0, 9, 16).to_dict(),
-        "prompt": "p",
-        "layers": plan,
-    }
+    status = prompt_start_status(base, Shard("llama-3.2-1b", 0, 9, 16), layers=plan)
     node.on_opaque_status.trigger_all("req-6", json.dumps(status))
     await wait_until(lambda: node.shard_downloader.ensured)
     assert node.shard_downloader.ensured[0][0] == Shard("llama-3.2-1b", 10, 15, 16)
