@@ -3,6 +3,7 @@
 
 mod cache;
 mod config;
+mod decode_attention;
 mod device;
 mod linear;
 mod model;

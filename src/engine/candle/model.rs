@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::cache::RequestCache;
 use super::config::{ModelConfig, Variant};
+use super::decode_attention;
 use super::linear::Linear;
 use super::rope::Rope;
 use super::weights::{ShardWeights, WeightIndex};
@@ -188,11 +189,14 @@ impl Attention {
         let v = split(v, self.kv_heads, &None)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         let total = k.dim(2)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if let Some(out) = decode_attention::attend_one_position(&q, &k, &v, scale as f32)? {
+            return self.o_proj.forward(&out);
+        }
 
         // Group the query heads that share a key/value head: (b, kv_heads, group * seq, head_dim).
         let group = self.heads / self.kv_heads;
         let q = q.reshape((b, self.kv_heads, group * seq, self.head_dim))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = match causal_mask(seq, offset, total, group, x.device())? {
             Some(mask) => scores.broadcast_add(&mask)?,
