@@ -55,6 +55,12 @@ pub fn attach_unless_exiting<R>(f: impl FnOnce(Python<'_>) -> R) -> Option<R> {
     Some(Python::attach(f))
 }
 
+/// Runs `f` with the GIL from one of the core's threads (a call into a Python stand-in), or
+/// fails once Python is exiting.
+pub fn with_python<R>(f: impl FnOnce(Python<'_>) -> PyResult<R>) -> PyResult<R> {
+    attach_unless_exiting(f).unwrap_or_else(|| Err(PyRuntimeError::new_err("Python is exiting")))
+}
+
 impl Runtime for CountedTokio {
     type JoinError = tokio::task::JoinError;
     type JoinHandle = tokio::task::JoinHandle<()>;
@@ -157,6 +163,6 @@ where
 {
     let failed = |e: PyErr| crate::error::Error::StandIn(format!("{method}() raised {e}"));
     let future =
-        Python::attach(|py| await_python(object.bind(py).call_method1(method, args)?)).map_err(failed)?;
+        with_python(|py| await_python(object.bind(py).call_method1(method, args)?)).map_err(failed)?;
     future.await.map_err(failed)
 }

@@ -28,15 +28,15 @@ use crate::topology::{DeviceCapabilities, Topology};
 /// is logged and yields a peer that never passes its health check, so it is never added.
 fn factory_from_py(create_peer_handle: Py<PyAny>) -> PeerFactory {
     Arc::new(move |id: String, addr: String, description: String, caps: DeviceCapabilities| {
-        Python::attach(|py| {
+        let made = super::asyncio::with_python(|py| {
             let args =
                 (id.clone(), addr.clone(), description.clone(), PyDeviceCapabilities { inner: caps.clone() });
-            let made = create_peer_handle.bind(py).call1(args).and_then(|peer| peer_from_py(&peer));
-            made.unwrap_or_else(|error| {
-                log::warn!("create_peer_handle failed for peer {id} at {addr}: {error}");
-                let reason = format!("create_peer_handle failed for peer {id} at {addr}: {error}");
-                Arc::new(UnmadePeer { id, addr, description, caps, reason }) as Arc<dyn PeerHandle>
-            })
+            create_peer_handle.bind(py).call1(args).and_then(|peer| peer_from_py(&peer))
+        });
+        made.unwrap_or_else(|error| {
+            log::warn!("create_peer_handle failed for peer {id} at {addr}: {error}");
+            let reason = format!("create_peer_handle failed for peer {id} at {addr}: {error}");
+            Arc::new(UnmadePeer { id, addr, description, caps, reason }) as Arc<dyn PeerHandle>
         })
     })
 }

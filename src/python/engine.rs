@@ -262,7 +262,7 @@ impl ModelLocator for PythonDownloader {
             return Ok(dir);
         }
         let Some(downloader) = &self.downloader else { return LocalDirectories.locate(shard).await };
-        let download = Python::attach(|py| {
+        let download = super::asyncio::with_python(|py| {
             let shard = PyShard { inner: shard.clone() };
             let coroutine =
                 downloader.bind(py).call_method1("ensure_shard", (shard, "CandleInferenceEngine"))?;
@@ -272,7 +272,7 @@ impl ModelLocator for PythonDownloader {
         let path = download
             .await
             .map_err(|e| Error::InvalidModel(format!("download of {} failed: {e}", shard.model_id)))?;
-        Python::attach(|py| path.bind(py).str().and_then(|s| s.extract::<String>()))
+        super::asyncio::with_python(|py| path.bind(py).str().and_then(|s| s.extract::<String>()))
             .map(PathBuf::from)
             .map_err(|e| {
                 Error::InvalidModel(format!("the downloader returned no path for {}: {e}", shard.model_id))
@@ -381,7 +381,7 @@ impl PythonEngine {
         value: Py<PyAny>,
         read: impl FnOnce(&Bound<'_, PyAny>) -> PyResult<T>,
     ) -> Result<T> {
-        Python::attach(|py| read(value.bind(py))).map_err(|e| {
+        super::asyncio::with_python(|py| read(value.bind(py))).map_err(|e| {
             Error::StandIn(format!("{method}() of {} returned something unusable: {e}", self.name))
         })
     }
@@ -412,17 +412,19 @@ impl Engine for PythonEngine {
     }
 
     async fn decode(&self, shard: &Shard, tokens: &[u32]) -> Result<String> {
-        let args = Python::attach(|py| {
+        let args = super::asyncio::with_python(|py| {
             let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-            (PyShard { inner: shard.clone() }, PyArray1::from_vec(py, ids).into_any().unbind())
-        });
+            Ok((PyShard { inner: shard.clone() }, PyArray1::from_vec(py, ids).into_any().unbind()))
+        })
+        .map_err(|e| self.stand_in(e))?;
         let text = super::asyncio::call_coroutine(&self.object, "decode", args).await?;
         self.read("decode", text, |v| v.extract())
     }
 
     async fn sample(&self, logits: &WireTensor, params: SamplingParams) -> Result<Vec<u32>> {
-        let array = Python::attach(|py| ndarray_from_wire(py, logits.clone()).map(Bound::unbind))
-            .map_err(|e| self.stand_in(e))?;
+        let array =
+            super::asyncio::with_python(|py| ndarray_from_wire(py, logits.clone()).map(Bound::unbind))
+                .map_err(|e| self.stand_in(e))?;
         let args = (array, params.temperature, params.top_p);
         let token = super::asyncio::call_coroutine(&self.object, "sample", args).await?;
         self.read("sample", token, token_ids)
@@ -435,8 +437,8 @@ impl Engine for PythonEngine {
         input: WireTensor,
         state: Option<InferenceState>,
     ) -> Result<(WireTensor, Option<InferenceState>)> {
-        let args = Python::attach(|py| {
-            Ok::<_, PyErr>((
+        let args = super::asyncio::with_python(|py| {
+            Ok((
                 request_id.to_string(),
                 PyShard { inner: shard.clone() },
                 ndarray_from_wire(py, input)?.unbind(),
@@ -455,8 +457,8 @@ impl Engine for PythonEngine {
         prompt: &str,
         state: Option<InferenceState>,
     ) -> Result<(WireTensor, Option<InferenceState>)> {
-        let args = Python::attach(|py| {
-            Ok::<_, PyErr>((
+        let args = super::asyncio::with_python(|py| {
+            Ok((
                 request_id.to_string(),
                 PyShard { inner: shard.clone() },
                 prompt.to_string(),
@@ -475,7 +477,8 @@ impl Engine for PythonEngine {
     }
 
     async fn finish_request(&self, request_id: &str) {
-        let has = Python::attach(|py| self.object.bind(py).hasattr("finish_request").unwrap_or(false));
+        let has =
+            super::asyncio::with_python(|py| self.object.bind(py).hasattr("finish_request")).unwrap_or(false);
         if has {
             let _ = super::asyncio::call_coroutine(&self.object, "finish_request", (request_id.to_string(),))
                 .await;
@@ -484,10 +487,10 @@ impl Engine for PythonEngine {
 
     /// The `eos_token_id` of the engine's tokenizer, as classic's node reads it.
     async fn eos_token_ids(&self, _shard: &Shard) -> Result<Vec<u32>> {
-        Python::attach(|py| {
+        super::asyncio::with_python(|py| {
             let tokenizer = self.object.bind(py).getattr("tokenizer")?;
             let eos: Option<u32> = tokenizer.getattr("eos_token_id")?.extract()?;
-            Ok::<_, PyErr>(eos.into_iter().collect())
+            Ok(eos.into_iter().collect())
         })
         .map_err(|e| Error::StandIn(format!("{} has no usable tokenizer.eos_token_id: {e}", self.name)))
     }

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-use super::asyncio::call_coroutine;
+use super::asyncio::{call_coroutine, with_python};
 use super::engine::{state_from_py, StateDict};
 use super::node::PyNode;
 use super::shard::PyShard;
@@ -42,7 +42,7 @@ struct PythonPeer {
 
 impl PythonPeer {
     fn text(&self, method: &str) -> String {
-        Python::attach(|py| self.object.bind(py).call_method0(method).and_then(|v| v.str()?.extract()))
+        with_python(|py| self.object.bind(py).call_method0(method).and_then(|v| v.str()?.extract()))
             .unwrap_or_default()
     }
 }
@@ -62,9 +62,9 @@ impl PeerHandle for PythonPeer {
     }
 
     fn device_capabilities(&self) -> DeviceCapabilities {
-        Python::attach(|py| {
+        with_python(|py| {
             let caps = self.object.bind(py).call_method0("device_capabilities")?;
-            Ok::<_, PyErr>(caps.extract::<PyDeviceCapabilities>()?.inner)
+            Ok(caps.extract::<PyDeviceCapabilities>()?.inner)
         })
         .unwrap_or_else(|_| DeviceCapabilities::unknown())
     }
@@ -75,7 +75,7 @@ impl PeerHandle for PythonPeer {
 
     async fn is_connected(&self) -> bool {
         match call_coroutine(&self.object, "is_connected", ()).await {
-            Ok(value) => Python::attach(|py| value.bind(py).is_truthy().unwrap_or(false)),
+            Ok(value) => with_python(|py| value.bind(py).is_truthy()).unwrap_or(false),
             Err(_) => false,
         }
     }
@@ -86,7 +86,7 @@ impl PeerHandle for PythonPeer {
 
     async fn health_check(&self) -> bool {
         match call_coroutine(&self.object, "health_check", ()).await {
-            Ok(value) => Python::attach(|py| value.bind(py).is_truthy().unwrap_or(false)),
+            Ok(value) => with_python(|py| value.bind(py).is_truthy()).unwrap_or(false),
             Err(_) => false,
         }
     }
@@ -98,8 +98,8 @@ impl PeerHandle for PythonPeer {
         request_id: &str,
         state: Option<InferenceState>,
     ) -> Result<()> {
-        let args = Python::attach(|py| {
-            Ok::<_, PyErr>((
+        let args = with_python(|py| {
+            Ok((
                 PyShard { inner: shard.clone() },
                 prompt.to_string(),
                 request_id.to_string(),
@@ -117,8 +117,8 @@ impl PeerHandle for PythonPeer {
         request_id: &str,
         state: Option<InferenceState>,
     ) -> Result<()> {
-        let args = Python::attach(|py| {
-            Ok::<_, PyErr>((
+        let args = with_python(|py| {
+            Ok((
                 PyShard { inner: shard.clone() },
                 ndarray_from_wire(py, tensor)?.unbind(),
                 request_id.to_string(),
@@ -142,7 +142,7 @@ impl PeerHandle for PythonPeer {
     async fn collect_topology(&self, visited: &BTreeSet<String>, max_depth: i32) -> Result<Topology> {
         let args = (visited.clone(), max_depth);
         let topology = call_coroutine(&self.object, "collect_topology", args).await?;
-        Python::attach(|py| topology.bind(py).extract::<PyTopology>().map(|t| t.inner).map_err(PyErr::from))
+        with_python(|py| topology.bind(py).extract::<PyTopology>().map(|t| t.inner).map_err(PyErr::from))
             .map_err(|e| Error::StandIn(format!("collect_topology(): {e}")))
     }
 }
@@ -385,7 +385,7 @@ impl Discovery for PythonDiscovery {
 
     async fn discover_peers(&self, wait_for_peers: usize) -> Result<Vec<Arc<dyn PeerHandle>>> {
         let peers = call_coroutine(&self.object, "discover_peers", (wait_for_peers,)).await?;
-        Python::attach(|py| {
+        with_python(|py| {
             let peers = peers.bind(py);
             let list = PyList::new(py, peers.try_iter()?.collect::<PyResult<Vec<_>>>()?)?;
             list.iter().map(|p| peer_from_py(&p)).collect::<PyResult<Vec<_>>>()

@@ -346,7 +346,7 @@ struct PythonStrategy {
 impl PartitioningStrategy for PythonStrategy {
     /// The object's partitions; when it raises, the error is logged and no node gets layers.
     fn partition(&self, topology: &Topology) -> Vec<Partition> {
-        let partitions = Python::attach(|py| {
+        let partitions = super::asyncio::with_python(|py| {
             let topology = PyTopology { inner: topology.clone() };
             let partitions = self.object.bind(py).call_method1("partition", (topology,))?;
             partitions.try_iter()?.map(|p| partition_from_py(&p?)).collect::<PyResult<Vec<_>>>()
