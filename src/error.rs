@@ -31,10 +31,10 @@ pub enum Error {
     #[error("Python stand-in: {0}")]
     StandIn(String),
     /// A config file (e.g. manual discovery's network config) that does not exist.
-    #[error("config file not found at {0}")]
+    #[error("Config file not found at {0}")]
     ConfigNotFound(String),
     /// A config file that cannot be read or does not validate; the message names the file.
-    #[error("invalid config: {0}")]
+    #[error("{0}")]
     InvalidConfig(String),
     /// Discovery could not start or reach what it needs (a port, an API).
     #[error("discovery: {0}")]

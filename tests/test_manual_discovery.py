@@ -32,27 +32,32 @@ def test_from_path_reads_a_valid_config(config_path: Path) -> None:
 
 
 def test_from_path_missing_file_is_file_not_found() -> None:
-    with pytest.raises(FileNotFoundError, match="not found at invalid_path") as raised:
+    with pytest.raises(FileNotFoundError) as raised:
         NetworkTopology.from_path("invalid_path")
     assert isinstance(raised.value, ConfigNotFoundError)
+    assert str(raised.value) == "Config file not found at invalid_path"  # classic's words
 
 
 def test_from_path_invalid_json_names_the_file(config_path: Path) -> None:
     config_path.write_text("")
-    with pytest.raises(ValueError, match=r"(?i)error validating network topology config from") as raised:
+    with pytest.raises(ValueError) as raised:
         NetworkTopology.from_path(config_path)
     assert isinstance(raised.value, InvalidConfigError)
-    assert str(config_path) in str(raised.value)
-    assert "EOF" in str(raised.value)
+    # Classic's message around pydantic's report, which its own tests look for.
+    assert str(raised.value) == (
+        f"Error validating network topology config from {config_path}: 1 validation error for NetworkTopology\n"
+        "  Invalid JSON: EOF while parsing a value at line 1 column 0"
+    )
 
 
 def test_from_path_invalid_config_names_the_missing_field(config_path: Path) -> None:
     entry = node_config(1)
     del entry["port"]
     write_config(config_path, {"node1": entry})
-    with pytest.raises(InvalidConfigError, match="port") as raised:
+    with pytest.raises(InvalidConfigError) as raised:
         NetworkTopology.from_path(config_path)
-    assert str(config_path) in str(raised.value)
+    assert f"Error validating network topology config from {config_path}" in str(raised.value)
+    assert "\npeers.node1.port\n  Field required" in str(raised.value)
 
 
 def test_peer_config_and_topology_can_be_built_in_python() -> None:

@@ -34,7 +34,7 @@ pub trait PeerHandle: Send + Sync {
 
     /// Opens (or reuses) the connection.
     async fn connect(&self) -> Result<()>;
-    /// Whether a connection is open.
+    /// Whether a connection is open (for gRPC: opened, and the peer answers on it).
     async fn is_connected(&self) -> bool;
     /// Closes the connection; later calls reconnect.
     async fn disconnect(&self) -> Result<()>;

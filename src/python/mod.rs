@@ -8,6 +8,7 @@ mod errors;
 mod models;
 mod net;
 mod node;
+mod node_stand_in;
 mod shard;
 mod tensor;
 mod tokenizer;

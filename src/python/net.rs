@@ -11,13 +11,14 @@ use pyo3::types::PyList;
 use super::asyncio::{call_coroutine, with_python};
 use super::engine::{state_from_py, StateDict};
 use super::node::PyNode;
+use super::node_stand_in::PythonNode;
 use super::shard::PyShard;
 use super::tensor::{ndarray_from_wire, wire_from_ndarray};
 use super::topology::{PyDeviceCapabilities, PyTopology};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
 use crate::net::grpc::{GrpcPeer, GrpcServer};
-use crate::net::{Discovery, PeerHandle, Server};
+use crate::net::{Discovery, PeerHandle, RequestHandler, Server};
 use crate::shard::Shard;
 use crate::tensor::WireTensor;
 use crate::topology::{DeviceCapabilities, Topology};
@@ -398,23 +399,35 @@ impl Discovery for PythonDiscovery {
 #[pyclass(name = "GRPCServer", module = "exo.networking.grpc.grpc_server", frozen)]
 pub struct PyGrpcServer {
     pub inner: Arc<GrpcServer>,
+    /// A Python stand-in node, kept alive here (the server holds its node weakly).
+    _stand_in: Option<Arc<dyn RequestHandler>>,
 }
 
 #[pymethods]
 impl PyGrpcServer {
-    /// `node` is an `exo.orchestration.node.Node` (or its native core); port 0 picks a free one.
+    /// `node` is an `exo.orchestration.node.Node` (or its native core), or any object with
+    /// classic's node methods (a test's mock node); port 0 picks a free one.
     #[new]
     fn new(node: &Bound<'_, PyAny>, host: String, port: u16) -> PyResult<Self> {
-        let core = match node.cast::<PyNode>() {
-            Ok(core) => core.clone(),
-            Err(_) => node.getattr("_core")?.cast_into::<PyNode>()?,
+        let native = node
+            .cast::<PyNode>()
+            .ok()
+            .cloned()
+            .or_else(|| node.getattr("_core").ok()?.cast_into::<PyNode>().ok());
+        let (handler, stand_in): (Arc<dyn RequestHandler>, _) = match native {
+            Some(core) => (core.get().inner.clone(), None),
+            None => {
+                let stand_in: Arc<dyn RequestHandler> = Arc::new(PythonNode::new(node)?);
+                (stand_in.clone(), Some(stand_in))
+            }
         };
-        let node = core.get().inner.clone();
-        let handler: Arc<dyn crate::net::RequestHandler> = node;
-        Ok(Self { inner: Arc::new(GrpcServer::new(Arc::downgrade(&handler), host, port)) })
+        let inner = Arc::new(GrpcServer::new(Arc::downgrade(&handler), host, port));
+        Ok(Self { inner, _stand_in: stand_in })
     }
 
     fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        // A stand-in node's coroutines run on the loop the server was started from.
+        super::asyncio::remember_running_loop(py);
         let server = self.inner.clone();
         super::asyncio::future_into_py(py, async move { Ok(server.start().await?) })
     }

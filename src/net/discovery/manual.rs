@@ -69,16 +69,42 @@ impl NetworkTopology {
         Self::from_json(&text, &path.display().to_string())
     }
 
-    /// Validates config text; `origin` names where it came from in errors.
+    /// Validates config text; `origin` names where it came from in errors, which read as
+    /// classic's (pydantic's) do: `Error validating network topology config from {origin}: 1
+    /// validation error for NetworkTopology`, then the field's path and the problem.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
-        let json: TopologyJson = serde_json::from_str(text).map_err(|error| {
-            Error::InvalidConfig(format!("error validating network topology config from {origin}: {error}"))
+        let json: TopologyJson = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(
+            text,
+        ))
+        .map_err(|error| {
+            Error::InvalidConfig(format!(
+                "Error validating network topology config from {origin}: 1 validation error for \
+                     NetworkTopology\n{}",
+                validation_detail(&error)
+            ))
         })?;
         let peers = json.peers.into_iter().map(|(id, peer)| {
             let device_capabilities = peer.device_capabilities.into();
             (id, PeerConfig { address: peer.address, port: peer.port, device_capabilities })
         });
         Ok(Self { peers: peers.collect() })
+    }
+}
+
+/// The failing field's dotted path and the problem, in pydantic's layout: `peers.n.port` then
+/// `  Field required` for a missing field, `  Invalid JSON: ...` alone for a syntax error.
+fn validation_detail(error: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    let inner = error.inner();
+    if inner.is_syntax() || inner.is_eof() {
+        return format!("  Invalid JSON: {inner}");
+    }
+    let path = error.path().to_string();
+    let message = inner.to_string();
+    let missing = message.strip_prefix("missing field `").and_then(|rest| rest.split_once('`'));
+    match missing {
+        Some((field, _)) if path == "." => format!("{field}\n  Field required ({message})"),
+        Some((field, _)) => format!("{path}.{field}\n  Field required ({message})"),
+        None => format!("{path}\n  {message}"),
     }
 }
 
@@ -304,11 +330,25 @@ mod tests {
     #[test]
     fn invalid_configs_name_the_file_and_the_problem() {
         let empty = NetworkTopology::from_json("", "empty.json").unwrap_err().to_string();
-        assert!(empty.contains("empty.json") && empty.contains("EOF"), "{empty}");
+        assert_eq!(
+            empty,
+            "Error validating network topology config from empty.json: 1 validation error for \
+             NetworkTopology\n  Invalid JSON: EOF while parsing a value at line 1 column 0"
+        );
         let no_port = r#"{"peers": {"n": {"address": "h", "device_capabilities": {"model": "m", "chip": "c", "memory": 0, "flops": {"fp32": 0, "fp16": 0, "int8": 0}}}}}"#;
         let error = NetworkTopology::from_json(no_port, "cfg.json").unwrap_err();
         assert!(matches!(error, Error::InvalidConfig(_)));
-        assert!(error.to_string().contains("cfg.json") && error.to_string().contains("`port`"), "{error}");
+        assert!(error.to_string().contains("cfg.json"), "{error}");
+        assert!(
+            error.to_string().contains("\npeers.n.port\n  Field required (missing field `port`"),
+            "{error}"
+        );
+        let wrong_type = r#"{"peers": {"n": {"address": 7}}}"#;
+        let error = NetworkTopology::from_json(wrong_type, "x").unwrap_err().to_string();
+        assert!(
+            error.contains("\npeers.n.address\n  invalid type: integer `7`, expected a string"),
+            "{error}"
+        );
         let bad_port = r#"{"peers": {"n": {"address": "h", "port": 70000}}}"#;
         assert!(NetworkTopology::from_json(bad_port, "x").unwrap_err().to_string().contains("70000"));
         assert!(NetworkTopology::from_json(r#"{"nodes": {}}"#, "x")
@@ -321,7 +361,7 @@ mod tests {
     fn a_missing_file_is_config_not_found() {
         let error = NetworkTopology::from_path("/nonexistent/topology.json").unwrap_err();
         assert!(matches!(error, Error::ConfigNotFound(_)));
-        assert_eq!(error.to_string(), "config file not found at /nonexistent/topology.json");
+        assert_eq!(error.to_string(), "Config file not found at /nonexistent/topology.json");
     }
 
     struct TempConfig(PathBuf);

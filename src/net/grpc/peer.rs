@@ -162,8 +162,15 @@ impl PeerHandle for GrpcPeer {
         self.client().await.map(|_| ())
     }
 
+    /// True when a connection was opened and the peer answers on it (a health check): classic
+    /// asks gRPC whether the channel is READY, a state tonic does not expose. So a peer whose
+    /// server stopped reads as not connected, as it does in classic.
     async fn is_connected(&self) -> bool {
-        self.client.lock().expect("client lock poisoned").is_some()
+        let Some(mut client) = self.client.lock().expect("client lock poisoned").clone() else {
+            return false;
+        };
+        let probe = client.health_check(proto::HealthCheckRequest {});
+        matches!(tokio::time::timeout(HEALTH_TIMEOUT, probe).await, Ok(Ok(_)))
     }
 
     async fn disconnect(&self) -> Result<()> {
