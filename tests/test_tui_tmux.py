@@ -18,21 +18,24 @@ SCRIPT = Path(__file__).parent / "scripts" / "live_topology_viz.py"
 
 @pytest.fixture
 def tmux_session():
-    tmux = shutil.which("tmux")
-    assert tmux, "tmux is required (scripts/check installs it)"
+    """A tmux command on a server of this test's own (`-L`), and a session name: a shared server
+    exits with its last session, and a test starting one meanwhile fails to reach it."""
+    path = shutil.which("tmux")
+    assert path, "tmux is required (scripts/check installs it)"
     name = f"exo-tui-{uuid.uuid4().hex[:8]}"
+    tmux = [path, "-L", name]
     yield tmux, name
-    subprocess.run([tmux, "kill-session", "-t", name], capture_output=True, check=False)
+    subprocess.run([*tmux, "kill-server"], capture_output=True, check=False)
 
 
-def capture(tmux: str, name: str) -> str:
-    return subprocess.run([tmux, "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
+def capture(tmux: list[str], name: str) -> str:
+    return subprocess.run([*tmux, "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
 
 
 def test_live_tui_draws_in_a_terminal(tmux_session) -> None:
     tmux, name = tmux_session
     command = f"{sys.executable} {SCRIPT}"
-    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "130", "-y", "60", command], check=True)
+    subprocess.run([*tmux, "new-session", "-d", "-s", name, "-x", "130", "-y", "60", command], check=True)
     screen = ""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -51,20 +54,20 @@ def test_chat_tui_in_a_terminal(tmux_session, model_dir) -> None:
     tmux, name = tmux_session
     script = Path(__file__).parent / "scripts" / "chat_tui_fake.py"
     command = f"{sys.executable} {script} {model_dir}"
-    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "160", "-y", "40", command], check=True)
+    subprocess.run([*tmux, "new-session", "-d", "-s", name, "-x", "160", "-y", "40", command], check=True)
     wait_for_screen(tmux, name, "you>")
-    subprocess.run([tmux, "send-keys", "-t", name, "Hello there", "Enter"], check=True)
+    subprocess.run([*tmux, "send-keys", "-t", name, "Hello there", "Enter"], check=True)
     screen = wait_for_screen(tmux, name, "tokens/s")
     assert "exo> Hello there, cluster!" in screen, screen
     assert "tokens/s" in screen
-    subprocess.run([tmux, "send-keys", "-t", name, "/exit", "Enter"], check=True)
+    subprocess.run([*tmux, "send-keys", "-t", name, "/exit", "Enter"], check=True)
     deadline = time.monotonic() + 30
-    while subprocess.run([tmux, "has-session", "-t", name], capture_output=True, check=False).returncode == 0:
+    while subprocess.run([*tmux, "has-session", "-t", name], capture_output=True, check=False).returncode == 0:
         assert time.monotonic() < deadline, "the chat did not exit on /exit"
         time.sleep(0.1)
 
 
-def wait_for_screen(tmux: str, name: str, text: str, limit: float = 30) -> str:
+def wait_for_screen(tmux: list[str], name: str, text: str, limit: float = 30) -> str:
     """The pane's contents once `text` shows (or when `limit` seconds have passed)."""
     screen = ""
     deadline = time.monotonic() + limit
@@ -76,9 +79,9 @@ def wait_for_screen(tmux: str, name: str, text: str, limit: float = 30) -> str:
     return screen
 
 
-def _wait_gone(tmux: str, name: str, what: str) -> None:
+def _wait_gone(tmux: list[str], name: str, what: str) -> None:
     deadline = time.monotonic() + 30
-    while subprocess.run([tmux, "has-session", "-t", name], capture_output=True, check=False).returncode == 0:
+    while subprocess.run([*tmux, "has-session", "-t", name], capture_output=True, check=False).returncode == 0:
         assert time.monotonic() < deadline, what
         time.sleep(0.1)
 
@@ -94,7 +97,7 @@ def test_exo_main_tui_on_a_real_node_and_ctrl_c(tmux_session, model_dir) -> None
         f"EXO_ENGINE=candle {sys.executable} {script} --chatgpt-api-port {port} --default-model {model_dir} "
         "--node-host 127.0.0.1"
     )
-    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "140", "-y", "60", command], check=True)
+    subprocess.run([*tmux, "new-session", "-d", "-s", name, "-x", "140", "-y", "60", command], check=True)
     screen = wait_for_screen(tmux, name, "Exo Cluster (1 node)")
     assert "Exo Cluster (1 node)" in screen, screen
     assert "GPU rich" in screen and f":{port}/v1/chat/completions" in screen, screen
@@ -108,7 +111,7 @@ def test_exo_main_tui_on_a_real_node_and_ctrl_c(tmux_session, model_dir) -> None
     screen = wait_for_screen(tmux, name, "Hello from tmux")
     assert "Prompt and Output" in screen, screen
     assert "[0.00-1.00] layers 0-" in screen, screen
-    subprocess.run([tmux, "send-keys", "-t", name, "C-c"], check=True)
+    subprocess.run([*tmux, "send-keys", "-t", name, "C-c"], check=True)
     _wait_gone(tmux, name, "exo.main did not exit on Ctrl-C")
 
 
@@ -123,10 +126,10 @@ def test_exo_main_chat_tui(tmux_session, model_dir) -> None:
         f"EXO_ENGINE=candle {sys.executable} {script} --chat-tui --chatgpt-api-port {port} "
         f"--default-model {model_dir} --max-generate-tokens 8"
     )
-    subprocess.run([tmux, "new-session", "-d", "-s", name, "-x", "160", "-y", "50", command], check=True)
+    subprocess.run([*tmux, "new-session", "-d", "-s", name, "-x", "160", "-y", "50", command], check=True)
     wait_for_screen(tmux, name, "you>")
-    subprocess.run([tmux, "send-keys", "-t", name, "Hello there", "Enter"], check=True)
+    subprocess.run([*tmux, "send-keys", "-t", name, "Hello there", "Enter"], check=True)
     screen = wait_for_screen(tmux, name, "tokens/s")
     assert "8 tokens" in screen and "(token limit)" in screen, screen
-    subprocess.run([tmux, "send-keys", "-t", name, "/exit", "Enter"], check=True)
+    subprocess.run([*tmux, "send-keys", "-t", name, "/exit", "Enter"], check=True)
     _wait_gone(tmux, name, "the chat did not exit on /exit")
