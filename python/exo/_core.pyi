@@ -246,7 +246,8 @@ class NativeDiscovery:
     def discover_peers(self, wait_for_peers: int = 0) -> Awaitable[list[NativePeerHandle]]: ...
 
 class GRPCServer:
-    """Serves a node's `NodeService` on `host:port` (port 0 picks a free one)."""
+    """Serves a node's `NodeService` on `host:port` (port 0 picks a free one); `node` is a `Node`
+    or any object with classic's node methods (`process_prompt`, `process_tensor`, ...)."""
 
     def __init__(self, node: Any, host: str, port: int) -> None: ...
     def start(self) -> Awaitable[None]: ...
