@@ -244,8 +244,9 @@ pub fn linear_with(
 
 /// Inputs consumed per step of the AVX2 tile kernels (two 8-lane vectors).
 const AVX2_STEP: usize = 16;
-/// Weight rows per AVX2 tile when decoding one row: each input vector load feeds four rows.
-const AVX2_DECODE_WEIGHT_ROWS: usize = 4;
+/// Weight rows per AVX2 pass when decoding one row: each input vector load feeds eight rows
+/// (eight accumulators), and the sums go straight to the output.
+const AVX2_DECODE_WEIGHT_ROWS: usize = 8;
 /// Weight rows × input rows per AVX2 tile for several input rows (12 accumulators in registers).
 const AVX2_TILE: (usize, usize) = (3, 4);
 /// Columns per pass over the inputs when several rows are computed, so that the inputs' slice
@@ -264,6 +265,14 @@ struct TaskOutput {
 
 #[cfg(target_arch = "x86_64")]
 impl TaskOutput {
+    /// This task's outputs for a single input row (`m == 1`), in row order.
+    fn single_input_outputs(&mut self) -> &mut [f32] {
+        assert_eq!(self.m, 1, "only one input row has its outputs side by side");
+        // SAFETY: with one input row, output `row` is element `row`; `rows` lies inside `out`
+        // and only this task writes it; `&mut self` keeps the slice unique within the task.
+        unsafe { std::slice::from_raw_parts_mut(self.out.get().add(self.rows.start), self.rows.len()) }
+    }
+
     /// Adds `value` to output `(input_row, output_row)`, which must be one of this task's.
     #[inline]
     fn add(&self, input_row: usize, output_row: usize, value: f32) {
@@ -281,7 +290,7 @@ fn for_each_row_task(
     m: usize,
     bias: Option<&[f32]>,
     out: &mut [f32],
-    body: impl Fn(&TaskOutput) + Sync,
+    body: impl Fn(&mut TaskOutput) + Sync,
 ) {
     assert_eq!(out.len(), m * n, "the output holds m rows of n");
     let out_ptr = OutPtr(out.as_mut_ptr());
@@ -293,7 +302,7 @@ fn for_each_row_task(
                 unsafe { *out_ptr.get().add(i * n + row) = bias.map_or(0.0, |b| b[row]) };
             }
         }
-        body(&TaskOutput { out: out_ptr, n, m, rows });
+        body(&mut TaskOutput { out: out_ptr, n, m, rows });
     });
 }
 
@@ -315,13 +324,26 @@ fn linear_avx2(x: &[f32], w: &WeightMatrix, bias: Option<&[f32]>, out: &mut [f32
     } else {
         x
     };
-    let (weight_rows, input_rows) = if m == 1 { (AVX2_DECODE_WEIGHT_ROWS, 1) } else { AVX2_TILE };
-    let chunk = if m == 1 { steps.max(AVX2_STEP) } else { AVX2_CHUNK };
+    let (weight_rows, input_rows) = AVX2_TILE;
     let (data, row_bytes, dtype) = (w.data(), k * w.dtype.size(), w.dtype);
     for_each_row_task(n, m, bias, out, |task| {
         let rows = task.rows.clone();
-        for start in (0..steps).step_by(chunk) {
-            let len = chunk.min(steps - start);
+        if m == 1 && steps > 0 {
+            // SAFETY: AVX2/FMA/F16C availability was checked by `linear_with`; the weights
+            // hold the task's rows of `row_bytes` each, the input `steps <= k` columns.
+            unsafe {
+                x86::rows_avx2(
+                    dtype,
+                    data.as_ptr().add(rows.start * row_bytes),
+                    row_bytes,
+                    inputs.as_ptr(),
+                    steps,
+                    task.single_input_outputs(),
+                )
+            };
+        }
+        for start in (0..steps).step_by(AVX2_CHUNK).filter(|_| m > 1) {
+            let len = AVX2_CHUNK.min(steps - start);
             for first in rows.clone().step_by(weight_rows) {
                 let count_w = weight_rows.min(rows.end - first);
                 for block in (0..m).step_by(input_rows) {
@@ -756,6 +778,72 @@ mod x86 {
             }
         }
         tile
+    }
+
+    /// Dot products of `out.len()` consecutive weight rows with one input row over `len`
+    /// columns (a multiple of 16), added to `out`: [`super::AVX2_DECODE_WEIGHT_ROWS`] rows per
+    /// pass over the input, each input vector load feeding all of them.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows_avx2(
+        dtype: WeightDType,
+        weights: *const u8,
+        row_bytes: usize,
+        input: *const f32,
+        len: usize,
+        out: &mut [f32],
+    ) {
+        match dtype {
+            WeightDType::F32 => rows_dtype_avx2::<0>(weights, row_bytes, input, len, out),
+            WeightDType::BF16 => rows_dtype_avx2::<1>(weights, row_bytes, input, len, out),
+            WeightDType::F16 => rows_dtype_avx2::<2>(weights, row_bytes, input, len, out),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn rows_dtype_avx2<const D: usize>(
+        weights: *const u8,
+        row_bytes: usize,
+        input: *const f32,
+        len: usize,
+        out: &mut [f32],
+    ) {
+        const ROWS: usize = super::AVX2_DECODE_WEIGHT_ROWS;
+        let mut blocks = out.chunks_exact_mut(ROWS);
+        for (b, block) in blocks.by_ref().enumerate() {
+            rows_fixed_avx2::<ROWS, D>(weights.add(b * ROWS * row_bytes), row_bytes, input, len, block);
+        }
+        let done = out.len() / ROWS * ROWS;
+        for (j, value) in out[done..].iter_mut().enumerate() {
+            let row = weights.add((done + j) * row_bytes);
+            rows_fixed_avx2::<1, D>(row, row_bytes, input, len, std::slice::from_mut(value));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn rows_fixed_avx2<const WR: usize, const D: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        x: *const f32,
+        len: usize,
+        out: &mut [f32],
+    ) {
+        let dtype = TILE_DTYPES[D];
+        let mut acc = [_mm256_setzero_ps(); WR];
+        let mut i = 0;
+        while i < len {
+            let (x_low, x_high) = (_mm256_loadu_ps(x.add(i)), _mm256_loadu_ps(x.add(i + 8)));
+            for (j, lane) in acc.iter_mut().enumerate() {
+                let (low, high) = load16_pair(dtype, w.add(j * row_bytes), i);
+                *lane = _mm256_fmadd_ps(low, x_low, *lane);
+                *lane = _mm256_fmadd_ps(high, x_high, *lane);
+            }
+            i += 16;
+        }
+        for (lane, value) in acc.iter().zip(out.iter_mut()) {
+            *value += sum8(*lane);
+        }
     }
 
     /// Loads 8 weights at element `i` as f32.
