@@ -809,12 +809,12 @@ mod x86 {
         out: &mut [f32],
     ) {
         const ROWS: usize = super::AVX2_DECODE_WEIGHT_ROWS;
+        let done = out.len() / ROWS * ROWS;
         let mut blocks = out.chunks_exact_mut(ROWS);
         for (b, block) in blocks.by_ref().enumerate() {
             rows_fixed_avx2::<ROWS, D>(weights.add(b * ROWS * row_bytes), row_bytes, input, len, block);
         }
-        let done = out.len() / ROWS * ROWS;
-        for (j, value) in out[done..].iter_mut().enumerate() {
+        for (j, value) in blocks.into_remainder().iter_mut().enumerate() {
             let row = weights.add((done + j) * row_bytes);
             rows_fixed_avx2::<1, D>(row, row_bytes, input, len, std::slice::from_mut(value));
         }
