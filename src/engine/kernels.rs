@@ -324,11 +324,10 @@ fn linear_avx2(x: &[f32], w: &WeightMatrix, bias: Option<&[f32]>, out: &mut [f32
     } else {
         x
     };
-    let (weight_rows, input_rows) = AVX2_TILE;
     let (data, row_bytes, dtype) = (w.data(), k * w.dtype.size(), w.dtype);
     for_each_row_task(n, m, bias, out, |task| {
         let rows = task.rows.clone();
-        if m == 1 && steps > 0 {
+        if m == 1 {
             // SAFETY: AVX2/FMA/F16C availability was checked by `linear_with`; the weights
             // hold the task's rows of `row_bytes` each, the input `steps <= k` columns.
             unsafe {
@@ -341,36 +340,10 @@ fn linear_avx2(x: &[f32], w: &WeightMatrix, bias: Option<&[f32]>, out: &mut [f32
                     task.single_input_outputs(),
                 )
             };
+        } else {
+            add_tiles_avx2(task, w, inputs, m, steps);
         }
-        for start in (0..steps).step_by(AVX2_CHUNK).filter(|_| m > 1) {
-            let len = AVX2_CHUNK.min(steps - start);
-            for first in rows.clone().step_by(weight_rows) {
-                let count_w = weight_rows.min(rows.end - first);
-                for block in (0..m).step_by(input_rows) {
-                    let count = input_rows.min(m - block);
-                    // SAFETY: AVX2/FMA/F16C availability was checked by `linear_with`; the
-                    // pointers address `count_w` weight rows and `count` input rows holding
-                    // columns `start..start + len` (len a multiple of AVX2_STEP, within k).
-                    let tile = unsafe {
-                        x86::tile_avx2(
-                            dtype,
-                            data.as_ptr().add(first * row_bytes + start * dtype.size()),
-                            row_bytes,
-                            inputs.as_ptr().add(block * k + start),
-                            k,
-                            len,
-                            (count_w, count),
-                        )
-                    };
-                    for (j, dots) in tile.iter().enumerate().take(count_w) {
-                        for (i, dot) in dots.iter().enumerate().take(count) {
-                            task.add(block + i, first + j, *dot);
-                        }
-                    }
-                }
-            }
-        }
-        for row in rows.clone().filter(|_| steps < k) {
+        for row in rows.filter(|_| steps < k) {
             let weights = &data[row * row_bytes..(row + 1) * row_bytes];
             for i in 0..m {
                 let tail: f32 = (steps..k).map(|e| element(weights, e, dtype) * inputs[i * k + e]).sum();
@@ -378,6 +351,45 @@ fn linear_avx2(x: &[f32], w: &WeightMatrix, bias: Option<&[f32]>, out: &mut [f32
             }
         }
     });
+}
+
+/// Adds to `task`'s outputs the dot products of its weight rows with the `m` input rows over
+/// the first `steps` columns: tiles of weight rows × input rows in registers, the columns in
+/// chunks that keep the inputs cache-resident.
+#[cfg(target_arch = "x86_64")]
+fn add_tiles_avx2(task: &TaskOutput, w: &WeightMatrix, inputs: &[f32], m: usize, steps: usize) {
+    let (data, k, dtype) = (w.data(), w.cols, w.dtype);
+    let row_bytes = k * dtype.size();
+    let (weight_rows, input_rows) = AVX2_TILE;
+    let rows = task.rows.clone();
+    for start in (0..steps).step_by(AVX2_CHUNK) {
+        let len = AVX2_CHUNK.min(steps - start);
+        for first in rows.clone().step_by(weight_rows) {
+            let count_w = weight_rows.min(rows.end - first);
+            for block in (0..m).step_by(input_rows) {
+                let count = input_rows.min(m - block);
+                // SAFETY: AVX2/FMA/F16C availability was checked by `linear_with`; the
+                // pointers address `count_w` weight rows and `count` input rows holding
+                // columns `start..start + len` (len a multiple of AVX2_STEP, within k).
+                let tile = unsafe {
+                    x86::tile_avx2(
+                        dtype,
+                        data.as_ptr().add(first * row_bytes + start * dtype.size()),
+                        row_bytes,
+                        inputs.as_ptr().add(block * k + start),
+                        k,
+                        len,
+                        (count_w, count),
+                    )
+                };
+                for (j, dots) in tile.iter().enumerate().take(count_w) {
+                    for (i, dot) in dots.iter().enumerate().take(count) {
+                        task.add(block + i, first + j, *dot);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Weight rows per packed panel of the AVX2 matrix product (two 8-lane vectors).
