@@ -99,15 +99,7 @@ impl PeerHandle for PythonPeer {
         request_id: &str,
         state: Option<InferenceState>,
     ) -> Result<()> {
-        let args = with_python(|py| {
-            Ok((
-                PyShard { inner: shard.clone() },
-                prompt.to_string(),
-                request_id.to_string(),
-                StateDict(state).into_pyobject(py)?.unbind(),
-            ))
-        })
-        .map_err(|e| Error::StandIn(e.to_string()))?;
+        let args = prompt_args(shard.clone(), prompt.to_string(), Some(request_id.to_string()), state)?;
         call_coroutine(&self.object, "send_prompt", args).await.map(|_| ())
     }
 
@@ -118,15 +110,7 @@ impl PeerHandle for PythonPeer {
         request_id: &str,
         state: Option<InferenceState>,
     ) -> Result<()> {
-        let args = with_python(|py| {
-            Ok((
-                PyShard { inner: shard.clone() },
-                ndarray_from_wire(py, tensor)?.unbind(),
-                request_id.to_string(),
-                StateDict(state).into_pyobject(py)?.unbind(),
-            ))
-        })
-        .map_err(|e| Error::StandIn(e.to_string()))?;
+        let args = tensor_args(shard.clone(), tensor, Some(request_id.to_string()), state)?;
         call_coroutine(&self.object, "send_tensor", args).await.map(|_| ())
     }
 
@@ -146,6 +130,38 @@ impl PeerHandle for PythonPeer {
         with_python(|py| topology.bind(py).extract::<PyTopology>().map(|t| t.inner).map_err(PyErr::from))
             .map_err(|e| Error::StandIn(format!("collect_topology(): {e}")))
     }
+}
+
+/// A forward call's Python arguments: shard, prompt or tensor, request id, inference state.
+pub type ForwardArgs<T> = (PyShard, T, Option<String>, Py<PyAny>);
+
+/// Python arguments `(shard, prompt, request_id, inference_state)`, in the order classic's
+/// `send_prompt` and `process_prompt` take them.
+pub fn prompt_args(
+    shard: Shard,
+    prompt: String,
+    request_id: Option<String>,
+    state: Option<InferenceState>,
+) -> Result<ForwardArgs<String>> {
+    with_python(|py| {
+        Ok((PyShard { inner: shard }, prompt, request_id, StateDict(state).into_pyobject(py)?.unbind()))
+    })
+    .map_err(|e| Error::StandIn(e.to_string()))
+}
+
+/// Python arguments `(shard, tensor, request_id, inference_state)`, the tensor as an ndarray,
+/// in the order classic's `send_tensor` and `process_tensor` take them.
+pub fn tensor_args(
+    shard: Shard,
+    tensor: WireTensor,
+    request_id: Option<String>,
+    state: Option<InferenceState>,
+) -> Result<ForwardArgs<Py<PyAny>>> {
+    with_python(|py| {
+        let tensor = ndarray_from_wire(py, tensor)?.unbind();
+        Ok((PyShard { inner: shard }, tensor, request_id, StateDict(state).into_pyobject(py)?.unbind()))
+    })
+    .map_err(|e| Error::StandIn(e.to_string()))
 }
 
 /// A native peer handle (`exo.networking.peer_handle`); every call is awaitable.

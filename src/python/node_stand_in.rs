@@ -7,9 +7,7 @@ use async_trait::async_trait;
 use pyo3::prelude::*;
 
 use super::asyncio::{call_coroutine, with_python};
-use super::engine::StateDict;
-use super::shard::PyShard;
-use super::tensor::ndarray_from_wire;
+use super::net::{prompt_args, tensor_args};
 use super::topology::PyTopology;
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
@@ -62,10 +60,7 @@ impl RequestHandler for PythonNode {
         request_id: Option<String>,
         state: Option<InferenceState>,
     ) -> Result<()> {
-        let args = with_python(|py| {
-            Ok((PyShard { inner: shard }, prompt, request_id, StateDict(state).into_pyobject(py)?.unbind()))
-        })
-        .map_err(|e| Error::StandIn(e.to_string()))?;
+        let args = prompt_args(shard, prompt, request_id, state)?;
         call_coroutine(&self.object, "process_prompt", args).await.map(|_| ())
     }
 
@@ -76,11 +71,7 @@ impl RequestHandler for PythonNode {
         request_id: Option<String>,
         state: Option<InferenceState>,
     ) -> Result<()> {
-        let args = with_python(|py| {
-            let tensor = ndarray_from_wire(py, tensor)?.unbind();
-            Ok((PyShard { inner: shard }, tensor, request_id, StateDict(state).into_pyobject(py)?.unbind()))
-        })
-        .map_err(|e| Error::StandIn(e.to_string()))?;
+        let args = tensor_args(shard, tensor, request_id, state)?;
         call_coroutine(&self.object, "process_tensor", args).await.map(|_| ())
     }
 
