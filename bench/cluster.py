@@ -2,7 +2,13 @@
 a separate process pinned to its own core with `taskset` (standing in for separate machines),
 against one node pinned to one core, on the same synthetic model.
 
-    python bench/cluster.py [--preset llama-3.2-1b] [--dtype bf16] [--tokens 64] [--streams 4] [--rounds 1]
+    python bench/cluster.py [--preset llama-3.2-1b] [--dtype bf16] [--tokens 64] [--streams 4] [--rounds 3]
+
+Every ring stays loaded for the whole run (one one-node ring per core, which together are the
+side by side setup, and one ring of each larger size: with 2 cores, three copies of the model
+in memory), and each round runs every setup back to back, so a ratio compares runs seconds
+apart: this machine's speed drifts with its neighbours' load by more than the differences
+measured. Ratios and the added hop latency are medians of each round's own figures.
 
 Prints, for 1 stream and for `--streams` concurrent streams: decode tokens/s (for concurrent
 streams, the aggregate while all of them decode), the ratio to one node, the ratio to as many
@@ -181,42 +187,79 @@ def _steady_rate(streams: list[list[float]]) -> float:
     return sum(start < t <= end for s in streams for t in s) / (end - start)
 
 
-async def _measure(model_dir: Path, nodes: int, tokens: int, streams: int) -> dict[str, float]:
+async def _transport(driver: Any, ports: dict, first_worker: str, hidden: int) -> tuple[float, float]:
+    """The hop round trip to `first_worker`, timed in Rust and from Python."""
     from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
     from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
 
-    base = _base(model_dir)
-    async with _ring([f"w{i}" for i in range(nodes)]) as (driver, ports):
-        await _stream(driver, base, 4)
-        # Peers exchange health checks and topology in the background; subtract that rate.
-        idle_started, idle_bytes = time.perf_counter(), _loopback_tx_bytes()
-        await asyncio.sleep(4)
-        idle_rate = (_loopback_tx_bytes() - idle_bytes) / (time.perf_counter() - idle_started)
-        sent, started = _loopback_tx_bytes(), time.perf_counter()
-        single = await _stream(driver, base, tokens)
-        single_bytes = _loopback_tx_bytes() - sent - idle_rate * (time.perf_counter() - started)
-        probe = GRPCPeerHandle("w0", f"127.0.0.1:{ports['w0']}", "probe", UNKNOWN_DEVICE_CAPABILITIES)
-        rust_rtt_ms, python_rtt_ms = await _transport_round_trip_ms(probe, config_hidden(model_dir))
-        concurrent = await asyncio.gather(*(_stream(driver, base, tokens) for _ in range(streams)))
-        return {
-            "single_tps": _decode_rate(single),
-            "bytes_per_token": single_bytes / max(len(single) - 1, 1),
-            "concurrent_tps": _steady_rate(concurrent),
-            "rust_rtt_ms": rust_rtt_ms,
-            "python_rtt_ms": python_rtt_ms,
-        }
+    probe = GRPCPeerHandle(first_worker, f"127.0.0.1:{ports[first_worker]}", "probe", UNKNOWN_DEVICE_CAPABILITIES)
+    return await _transport_round_trip_ms(probe, hidden)
 
 
-async def _side_by_side(model_dir: Path, rings: int, tokens: int, streams: int) -> float:
-    """Aggregate tokens/s of `rings` independent one-node rings decoding at once, each node on
-    its own core, `streams` streams in all: what this machine's cores give together when they
-    share nothing but its memory bus, the most a pipeline across them can reach here."""
+async def _bytes_per_token(driver: Any, base: Any, tokens: int) -> float:
+    """Loopback bytes sent per token of one stream, less the idle background rate."""
+    idle_started, idle_bytes = time.perf_counter(), _loopback_tx_bytes()
+    await asyncio.sleep(4)
+    idle_rate = (_loopback_tx_bytes() - idle_bytes) / (time.perf_counter() - idle_started)
+    sent, started = _loopback_tx_bytes(), time.perf_counter()
+    arrivals = await _stream(driver, base, tokens)
+    return (_loopback_tx_bytes() - sent - idle_rate * (time.perf_counter() - started)) / max(len(arrivals) - 1, 1)
+
+
+async def _concurrent(drivers: list[Any], base: Any, tokens: int, streams: int) -> float:
+    """Aggregate tokens/s of `streams` streams spread over `drivers`' rings, all at once."""
+    runs = [_stream(drivers[i % len(drivers)], base, tokens) for i in range(streams)]
+    return _steady_rate(await asyncio.gather(*runs))
+
+
+async def _bench(model_dir: Path, sizes: list[int], args: argparse.Namespace) -> dict[str, dict[int, list[float]]]:
+    """Every ring loaded at once — one-node rings on each core (together they are the side by
+    side setup) and a ring of each size — then rounds that run every setup back to back, so
+    each round's ratios compare runs seconds apart on the same machine state."""
     base = _base(model_dir)
+    hidden = config_hidden(model_dir)
+    results: dict[str, dict[int, list[float]]] = {
+        key: {n: [] for n in sizes} for key in ("single", "concurrent", "side", "rust_rtt", "python_rtt", "bytes")
+    }
     async with contextlib.AsyncExitStack() as stack:
-        drivers = [(await stack.enter_async_context(_ring([f"s{i}"], f"d{i}", i)))[0] for i in range(rings)]
-        await asyncio.gather(*(_stream(d, base, 4) for d in drivers))
-        runs = [_stream(drivers[i % rings], base, tokens) for i in range(streams)]
-        return _steady_rate(await asyncio.gather(*runs))
+        ones = [await stack.enter_async_context(_ring([f"s{i}"], f"d{i}", i)) for i in range(max(sizes))]
+        rings = {1: ones[0]}
+        for n in sizes[1:]:
+            rings[n] = await stack.enter_async_context(_ring([f"r{n}w{i}" for i in range(n)], f"r{n}d"))
+        await asyncio.gather(*(_stream(driver, base, 4) for driver, _ in [*ones, *rings.values()]))
+        for n, (driver, ports) in rings.items():
+            first_worker = "s0" if n == 1 else f"r{n}w0"
+            rust_rtt, python_rtt = await _transport(driver, ports, first_worker, hidden)
+            results["rust_rtt"][n].append(rust_rtt)
+            results["python_rtt"][n].append(python_rtt)
+            results["bytes"][n].append(await _bytes_per_token(driver, base, args.tokens))
+        for round_number in range(1, args.rounds + 1):
+            # Alternate the order too, so neither end of a round favours one setup.
+            order = sizes if round_number % 2 else sizes[::-1]
+            for n in order:
+                results["single"][n].append(_decode_rate(await _stream(rings[n][0], base, args.tokens)))
+            for n in order:
+                results["concurrent"][n].append(await _concurrent([rings[n][0]], base, args.tokens, args.streams))
+                if n > 1:
+                    drivers = [driver for driver, _ in ones[:n]]
+                    results["side"][n].append(await _concurrent(drivers, base, args.tokens, args.streams))
+            rates = ", ".join(
+                f"{n} node(s) {results['single'][n][-1]:.2f} / {results['concurrent'][n][-1]:.2f}"
+                + (f" (side by side {results['side'][n][-1]:.2f})" if n > 1 else "")
+                for n in sizes
+            )
+            print(f"round {round_number}, tok/s for 1 / {args.streams} streams: {rates}", flush=True)
+    return results
+
+
+def _ratio(values: list[float], reference: list[float]) -> float:
+    """The median over rounds of each round's `value / reference`."""
+    return statistics.median(v / r for v, r in zip(values, reference, strict=True))
+
+
+def _hop_ms(ring: list[float], one: list[float], hops: int) -> float:
+    """The median over rounds of the time a ring adds per token, spread over its hops."""
+    return statistics.median((1 / v - 1 / r) * 1000 / hops for v, r in zip(ring, one, strict=True))
 
 
 def main() -> None:
@@ -225,7 +268,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["f32", "bf16", "f16"])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of every setup; medians shown")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every setup back to back; medians shown")
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "xotorch-bench-models")
     parser.add_argument("--worker")
     parser.add_argument("--ports")
@@ -239,45 +282,31 @@ def main() -> None:
     model_dir = cached_model(args.preset, args.models, args.dtype)
     cores = len(os.sched_getaffinity(0))
     sizes = [n for n in (1, 2, 3) if n <= cores]
-    # Rounds alternate the setups, so a slow spell of the machine does not land on one of them.
-    measured: dict[int, list[dict[str, float]]] = {n: [] for n in sizes}
-    side_runs: dict[int, list[float]] = {n: [] for n in sizes if n > 1}
-    for round_number in range(1, args.rounds + 1):
-        for n in sizes:
-            measured[n].append(asyncio.run(_measure(model_dir, n, args.tokens, args.streams)))
-            if n > 1:
-                side_runs[n].append(asyncio.run(_side_by_side(model_dir, n, args.tokens, args.streams)))
-        rates = ", ".join(
-            f"{n} node(s) {measured[n][-1]['single_tps']:.2f} / {measured[n][-1]['concurrent_tps']:.2f}"
-            + (f" (side by side {side_runs[n][-1]:.2f})" if n > 1 else "")
-            for n in sizes
-        )
-        print(f"round {round_number}, tok/s for 1 / {args.streams} streams: {rates}", flush=True)
-    rows = {n: {key: statistics.median(run[key] for run in runs) for key in runs[0]} for n, runs in measured.items()}
-    side = {n: statistics.median(runs) for n, runs in side_runs.items()}
-    one = rows[1]
+    results = asyncio.run(_bench(model_dir, sizes, args))
+    single, concurrent, side = results["single"], results["concurrent"], results["side"]
     print(
         f"{args.preset} {args.dtype}, {args.tokens} tokens per stream, one core per node ({cores} cores),"
-        f" median of {args.rounds} round(s)"
+        f" medians of {args.rounds} round(s); ratios are the median of each round's ratio"
     )
-    for n, rate in side.items():
+    for n in sizes[1:]:
         print(
-            f"{n} one-node rings side by side, {args.streams} streams in all: {rate:.2f} tok/s,"
-            f" {rate / one['concurrent_tps']:.2f}x one node (what {n} cores sharing this memory bus give)"
+            f"{n} one-node rings side by side, {args.streams} streams in all: {statistics.median(side[n]):.2f} tok/s,"
+            f" {_ratio(side[n], concurrent[1]):.2f}x one node"
+            f" (what {n} cores sharing this memory bus give)"
         )
     print(
         f"nodes | 1 stream tok/s | ratio | hop ms | RPC ms Rust / Python | bytes/token"
         f" | {args.streams} streams tok/s | ratio | of side by side"
     )
-    for n, row in rows.items():
+    for n in sizes:
         # Per token, a ring of n > 1 nodes makes n hops; compute per token stays the same.
-        hop_ms = (1 / row["single_tps"] - 1 / one["single_tps"]) * 1000 / n if n > 1 else 0.0
+        hop_ms = _hop_ms(single[n], single[1], n) if n > 1 else 0.0
+        of_side = _ratio(concurrent[n], side[n]) if n > 1 else 1.0
         print(
-            f"{n:5} | {row['single_tps']:14.2f} | {row['single_tps'] / one['single_tps']:5.2f} | {hop_ms:6.3f} |"
-            f" {row['rust_rtt_ms']:8.3f} / {row['python_rtt_ms']:6.3f} |"
-            f" {row['bytes_per_token']:11.0f} | {row['concurrent_tps']:16.2f} |"
-            f" {row['concurrent_tps'] / one['concurrent_tps']:5.2f} |"
-            f" {row['concurrent_tps'] / side[n] if n in side else 1.0:15.2f}"
+            f"{n:5} | {statistics.median(single[n]):14.2f} | {_ratio(single[n], single[1]):5.2f} |"
+            f" {hop_ms:6.3f} | {results['rust_rtt'][n][0]:8.3f} / {results['python_rtt'][n][0]:6.3f} |"
+            f" {results['bytes'][n][0]:11.0f} | {statistics.median(concurrent[n]):16.2f} |"
+            f" {_ratio(concurrent[n], concurrent[1]):5.2f} | {of_side:15.2f}"
         )
 
 
