@@ -1,6 +1,9 @@
 """A GRPCServer serves any object with classic's node methods, as classic's discovery tests
-pass it a mock `Node`; a peer handle to a stopped server reads as not connected."""
+pass it a mock `Node`; a peer handle to a stopped server reads as not connected; a Python node
+that holds its own server is garbage collected."""
 
+import gc
+import weakref
 from unittest import mock
 
 import numpy as np
@@ -87,3 +90,15 @@ async def test_a_mock_node_serves_health_checks_and_a_stopped_server_is_not_conn
 def test_an_object_without_node_methods_is_a_clear_error() -> None:
     with pytest.raises(InvalidArgumentError, match=r"a node needs a process_prompt\(\) method"):
         GRPCServer(object(), "127.0.0.1", 0)
+
+
+async def test_a_python_node_holding_its_server_is_collected() -> None:
+    node, port = RecordingNode(), find_available_port("127.0.0.1")
+    node.server = GRPCServer(node, "127.0.0.1", port)
+    await node.server.start()
+    assert await _peer(port).health_check()
+    await node.server.stop()
+    collected = weakref.ref(node)
+    del node
+    gc.collect()
+    assert collected() is None

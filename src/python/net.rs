@@ -2,11 +2,13 @@
 //! that let a Python object with the same methods stand in for each.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
+use pyo3::PyTraverseError;
 
 use super::asyncio::{call_coroutine, with_python};
 use super::engine::{state_from_py, StateDict};
@@ -415,8 +417,9 @@ impl Discovery for PythonDiscovery {
 #[pyclass(name = "GRPCServer", module = "exo.networking.grpc.grpc_server", frozen)]
 pub struct PyGrpcServer {
     pub inner: Arc<GrpcServer>,
-    /// A Python stand-in node, kept alive here (the server holds its node weakly).
-    _stand_in: Option<Arc<dyn RequestHandler>>,
+    /// A Python stand-in node, kept alive here (the server holds its node weakly) and shown
+    /// to the garbage collector, so a node that holds its own server is still collected.
+    stand_in: Mutex<Option<Arc<PythonNode>>>,
 }
 
 #[pymethods]
@@ -433,12 +436,25 @@ impl PyGrpcServer {
         let (handler, stand_in): (Arc<dyn RequestHandler>, _) = match native {
             Some(core) => (core.get().inner.clone(), None),
             None => {
-                let stand_in: Arc<dyn RequestHandler> = Arc::new(PythonNode::new(node)?);
+                let stand_in = Arc::new(PythonNode::new(node)?);
                 (stand_in.clone(), Some(stand_in))
             }
         };
         let inner = Arc::new(GrpcServer::new(Arc::downgrade(&handler), host, port));
-        Ok(Self { inner, _stand_in: stand_in })
+        Ok(Self { inner, stand_in: Mutex::new(stand_in) })
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> std::result::Result<(), PyTraverseError> {
+        if let Ok(stand_in) = self.stand_in.lock() {
+            visit.call(stand_in.as_ref().map(|node| node.object()))?;
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        if let Ok(mut stand_in) = self.stand_in.lock() {
+            stand_in.take();
+        }
     }
 
     fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {

@@ -36,6 +36,11 @@ impl PythonNode {
         Ok(Self { object: object.clone().unbind() })
     }
 
+    /// The Python object (for the garbage collector's traversal).
+    pub fn object(&self) -> &Py<PyAny> {
+        &self.object
+    }
+
     /// Calls `callbacks.trigger_all(*args)` for the callback system attribute `callbacks`.
     fn trigger_all<A>(&self, callbacks: &str, args: A)
     where
