@@ -187,7 +187,7 @@ def _steady_rate(streams: list[list[float]]) -> float:
     return sum(start < t <= end for s in streams for t in s) / (end - start)
 
 
-async def _transport(driver: Any, ports: dict, first_worker: str, hidden: int) -> tuple[float, float]:
+async def _transport(ports: dict, first_worker: str, hidden: int) -> tuple[float, float]:
     """The hop round trip to `first_worker`, timed in Rust and from Python."""
     from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
     from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
@@ -229,7 +229,7 @@ async def _bench(model_dir: Path, sizes: list[int], args: argparse.Namespace) ->
         await asyncio.gather(*(_stream(driver, base, 4) for driver, _ in [*ones, *rings.values()]))
         for n, (driver, ports) in rings.items():
             first_worker = "s0" if n == 1 else f"r{n}w0"
-            rust_rtt, python_rtt = await _transport(driver, ports, first_worker, hidden)
+            rust_rtt, python_rtt = await _transport(ports, first_worker, hidden)
             results["rust_rtt"][n].append(rust_rtt)
             results["python_rtt"][n].append(python_rtt)
             results["bytes"][n].append(await _bytes_per_token(driver, base, args.tokens))
