@@ -2,7 +2,9 @@
 tokens, classic's callbacks see every token, and Python stand-ins drive a Rust node."""
 
 import asyncio
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +285,34 @@ async def test_python_peer_stand_in_sees_statuses_and_batched_tokens() -> None:
         assert any(json.loads(s).get("status") == "start_process_prompt" for s in peer.statuses)
     finally:
         await node.stop()
+
+
+class _NodeServer:
+    """A stand-in server that refers back to its node, as a test's fake might."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+async def test_a_node_whose_stand_ins_refer_back_to_it_is_collected() -> None:
+    discovery = _NoPeers()
+    node = Node("a", None, DummyInferenceEngine(), discovery, None)
+    node.server = _NodeServer(node)
+    discovery.node = node
+    await node.start()
+    assert [t async for t in node.generate(Shard("dummy", 0, 7, 8), "hi")] == DUMMY_TOKENS
+    await node.stop()
+    collected = weakref.ref(node)
+    del node, discovery
+    for _ in range(40):  # the core lets go of a stopped node's event pump a moment later
+        gc.collect()
+        if collected() is None:
+            break
+        await asyncio.sleep(0.05)
+    assert collected() is None

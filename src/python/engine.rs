@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use super::download::PyHfShardDownloader;
+use super::gc::{FromPy, HoldsPython};
 use super::shard::PyShard;
 use super::tensor::{ndarray_from_wire, wire_from_ndarray};
 use super::tokenizer::PyTokenizer;
@@ -352,9 +353,9 @@ impl PyCandleEngine {
 
 /// An engine from Python: a native engine as is, any object with exo classic's
 /// `InferenceEngine` methods through an adapter.
-pub fn engine_from_py(object: &Bound<'_, PyAny>) -> PyResult<Arc<dyn Engine>> {
+pub fn engine_from_py(object: &Bound<'_, PyAny>) -> PyResult<FromPy<dyn Engine>> {
     if let Ok(native) = object.cast::<PyEngine>() {
-        return Ok(native.get().inner.clone());
+        return Ok(FromPy::native(native.get().inner.clone()));
     }
     for method in ["encode", "decode", "sample", "infer_tensor", "ensure_shard"] {
         if !object.hasattr(method)? {
@@ -364,13 +365,20 @@ pub fn engine_from_py(object: &Bound<'_, PyAny>) -> PyResult<Arc<dyn Engine>> {
         }
     }
     let name = object.get_type().name()?.to_string();
-    Ok(Arc::new(PythonEngine { object: object.clone().unbind(), name }))
+    let stand_in = Arc::new(PythonEngine { object: object.clone().unbind(), name });
+    Ok(FromPy { core: stand_in.clone(), stand_in: Some(stand_in) })
 }
 
 /// A Python object with exo classic's `InferenceEngine` coroutines.
 struct PythonEngine {
     object: Py<PyAny>,
     name: String,
+}
+
+impl HoldsPython for PythonEngine {
+    fn python_object(&self) -> &Py<PyAny> {
+        &self.object
+    }
 }
 
 impl PythonEngine {

@@ -5,6 +5,7 @@ mod discovery;
 mod download;
 mod engine;
 mod errors;
+mod gc;
 mod models;
 mod net;
 mod node;

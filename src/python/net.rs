@@ -2,7 +2,7 @@
 //! that let a Python object with the same methods stand in for each.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use pyo3::gc::PyVisit;
@@ -12,6 +12,7 @@ use pyo3::PyTraverseError;
 
 use super::asyncio::{call_coroutine, with_python};
 use super::engine::{state_from_py, StateDict};
+use super::gc::{FromPy, HoldsPython, StandIns};
 use super::node::PyNode;
 use super::node_stand_in::PythonNode;
 use super::shard::PyShard;
@@ -375,21 +376,28 @@ impl PyDiscovery {
 }
 
 /// A discovery from Python: a native one as is, any other object through an adapter.
-pub fn discovery_from_py(object: &Bound<'_, PyAny>) -> PyResult<Arc<dyn Discovery>> {
+pub fn discovery_from_py(object: &Bound<'_, PyAny>) -> PyResult<FromPy<dyn Discovery>> {
     if let Ok(native) = object.cast::<PyDiscovery>() {
-        return Ok(native.get().inner.clone());
+        return Ok(FromPy::native(native.get().inner.clone()));
     }
     for method in ["start", "stop", "discover_peers"] {
         if !object.hasattr(method)? {
             return Err(Error::InvalidArgument(format!("a discovery needs a {method}() method")).into());
         }
     }
-    Ok(Arc::new(PythonDiscovery { object: object.clone().unbind() }))
+    let stand_in = Arc::new(PythonDiscovery { object: object.clone().unbind() });
+    Ok(FromPy { core: stand_in.clone(), stand_in: Some(stand_in) })
 }
 
 /// A Python object with exo classic's `Discovery` methods.
 struct PythonDiscovery {
     object: Py<PyAny>,
+}
+
+impl HoldsPython for PythonDiscovery {
+    fn python_object(&self) -> &Py<PyAny> {
+        &self.object
+    }
 }
 
 #[async_trait]
@@ -419,7 +427,7 @@ pub struct PyGrpcServer {
     pub inner: Arc<GrpcServer>,
     /// A Python stand-in node, kept alive here (the server holds its node weakly) and shown
     /// to the garbage collector, so a node that holds its own server is still collected.
-    stand_in: Mutex<Option<Arc<PythonNode>>>,
+    stand_ins: StandIns,
 }
 
 #[pymethods]
@@ -441,20 +449,17 @@ impl PyGrpcServer {
             }
         };
         let inner = Arc::new(GrpcServer::new(Arc::downgrade(&handler), host, port));
-        Ok(Self { inner, stand_in: Mutex::new(stand_in) })
+        let stand_ins = StandIns::default();
+        stand_ins.set("node", stand_in.map(|node| node as Arc<dyn HoldsPython>));
+        Ok(Self { inner, stand_ins })
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> std::result::Result<(), PyTraverseError> {
-        if let Ok(stand_in) = self.stand_in.lock() {
-            visit.call(stand_in.as_ref().map(|node| node.object()))?;
-        }
-        Ok(())
+        self.stand_ins.visit(&visit)
     }
 
     fn __clear__(&self) {
-        if let Ok(mut stand_in) = self.stand_in.lock() {
-            stand_in.take();
-        }
+        self.stand_ins.clear();
     }
 
     fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
@@ -484,21 +489,28 @@ impl PyGrpcServer {
 
 /// A server from Python: a native gRPC server as is, any object with `start`/`stop` through
 /// an adapter.
-pub fn server_from_py(object: &Bound<'_, PyAny>) -> PyResult<Arc<dyn Server>> {
+pub fn server_from_py(object: &Bound<'_, PyAny>) -> PyResult<FromPy<dyn Server>> {
     if let Ok(native) = object.cast::<PyGrpcServer>() {
-        return Ok(native.get().inner.clone());
+        return Ok(FromPy::native(native.get().inner.clone()));
     }
     for method in ["start", "stop"] {
         if !object.hasattr(method)? {
             return Err(Error::InvalidArgument(format!("a server needs a {method}() method")).into());
         }
     }
-    Ok(Arc::new(PythonServer { object: object.clone().unbind() }))
+    let stand_in = Arc::new(PythonServer { object: object.clone().unbind() });
+    Ok(FromPy { core: stand_in.clone(), stand_in: Some(stand_in) })
 }
 
 /// A Python object with `start` and `stop` coroutines.
 struct PythonServer {
     object: Py<PyAny>,
+}
+
+impl HoldsPython for PythonServer {
+    fn python_object(&self) -> &Py<PyAny> {
+        &self.object
+    }
 }
 
 #[async_trait]

@@ -6,12 +6,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use pyo3::exceptions::PyStopAsyncIteration;
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
+use pyo3::PyTraverseError;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::Mutex;
 
 use super::engine::{engine_from_py, state_from_py};
+use super::gc::StandIns;
 use super::net::{discovery_from_py, server_from_py, PyPeerHandle};
 use super::shard::PyShard;
 use super::tensor::wire_from_ndarray;
@@ -27,6 +30,9 @@ const EVENT_BATCH: usize = 256;
 pub struct PyNode {
     pub inner: Arc<Node>,
     events: Arc<Mutex<UnboundedReceiver<NodeEvent>>>,
+    /// The Python stand-ins among the node's engine, discovery, strategy and server, shown to
+    /// the garbage collector: one that refers back to its node still lets both be collected.
+    stand_ins: StandIns,
 }
 
 #[pymethods]
@@ -42,15 +48,23 @@ impl PyNode {
         default_sample_temperature: f32,
     ) -> PyResult<Self> {
         let settings = NodeSettings { max_generate_tokens, default_temperature: default_sample_temperature };
-        let node = Node::new(
-            node_id,
-            engine_from_py(inference_engine)?,
-            discovery_from_py(discovery)?,
-            strategy_from_py(partitioning_strategy)?,
-            settings,
-        );
+        let (engine, discovery) = (engine_from_py(inference_engine)?, discovery_from_py(discovery)?);
+        let strategy = strategy_from_py(partitioning_strategy)?;
+        let stand_ins = StandIns::default();
+        stand_ins.set("engine", engine.stand_in);
+        stand_ins.set("discovery", discovery.stand_in);
+        stand_ins.set("strategy", strategy.stand_in);
+        let node = Node::new(node_id, engine.core, discovery.core, strategy.core, settings);
         let events = Arc::new(Mutex::new(node.subscribe()));
-        Ok(Self { inner: node, events })
+        Ok(Self { inner: node, events, stand_ins })
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> std::result::Result<(), PyTraverseError> {
+        self.stand_ins.visit(&visit)
+    }
+
+    fn __clear__(&self) {
+        self.stand_ins.clear();
     }
 
     /// This node's id.
@@ -61,7 +75,9 @@ impl PyNode {
 
     /// Sets the server started and stopped with the node (a `GRPCServer` or a stand-in).
     fn set_server(&self, server: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.inner.set_server(server_from_py(server)?);
+        let server = server_from_py(server)?;
+        self.stand_ins.set("server", server.stand_in);
+        self.inner.set_server(server.core);
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use pyo3::prelude::*;
 
 use super::asyncio::{call_coroutine, with_python};
+use super::gc::HoldsPython;
 use super::net::{prompt_args, tensor_args};
 use super::topology::PyTopology;
 use crate::engine::InferenceState;
@@ -36,11 +37,6 @@ impl PythonNode {
         Ok(Self { object: object.clone().unbind() })
     }
 
-    /// The Python object (for the garbage collector's traversal).
-    pub fn object(&self) -> &Py<PyAny> {
-        &self.object
-    }
-
     /// Calls `callbacks.trigger_all(*args)` for the callback system attribute `callbacks`.
     fn trigger_all<A>(&self, callbacks: &str, args: A)
     where
@@ -53,6 +49,12 @@ impl PythonNode {
         if let Err(error) = triggered {
             log::warn!("{callbacks}.trigger_all() of the Python node failed: {error}");
         }
+    }
+}
+
+impl HoldsPython for PythonNode {
+    fn python_object(&self) -> &Py<PyAny> {
+        &self.object
     }
 }
 

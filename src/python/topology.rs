@@ -3,6 +3,7 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PySet};
 
+use super::gc::{FromPy, HoldsPython};
 use super::shard::PyShard;
 use crate::topology::{
     chip_flops, detect_device_capabilities, map_partitions_to_shards, DeviceCapabilities, DeviceFlops,
@@ -320,14 +321,12 @@ impl PyRingMemoryWeightedPartitioningStrategy {
 
 /// A partitioning strategy from Python: the native one as is, any object with a
 /// `partition(topology)` method through an adapter.
-pub fn strategy_from_py(
-    object: Option<&Bound<'_, PyAny>>,
-) -> PyResult<std::sync::Arc<dyn PartitioningStrategy>> {
+pub fn strategy_from_py(object: Option<&Bound<'_, PyAny>>) -> PyResult<FromPy<dyn PartitioningStrategy>> {
     let Some(object) = object.filter(|o| !o.is_none()) else {
-        return Ok(std::sync::Arc::new(RingMemoryWeightedPartitioning));
+        return Ok(FromPy::native(std::sync::Arc::new(RingMemoryWeightedPartitioning)));
     };
     if object.cast::<PyRingMemoryWeightedPartitioningStrategy>().is_ok() {
-        return Ok(std::sync::Arc::new(RingMemoryWeightedPartitioning));
+        return Ok(FromPy::native(std::sync::Arc::new(RingMemoryWeightedPartitioning)));
     }
     if !object.hasattr("partition")? {
         return Err(crate::error::Error::InvalidArgument(
@@ -335,12 +334,19 @@ pub fn strategy_from_py(
         )
         .into());
     }
-    Ok(std::sync::Arc::new(PythonStrategy { object: object.clone().unbind() }))
+    let stand_in = std::sync::Arc::new(PythonStrategy { object: object.clone().unbind() });
+    Ok(FromPy { core: stand_in.clone(), stand_in: Some(stand_in) })
 }
 
 /// A Python object with a `partition(topology)` method.
 struct PythonStrategy {
     object: Py<PyAny>,
+}
+
+impl HoldsPython for PythonStrategy {
+    fn python_object(&self) -> &Py<PyAny> {
+        &self.object
+    }
 }
 
 impl PartitioningStrategy for PythonStrategy {
