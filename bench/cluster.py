@@ -104,14 +104,18 @@ def config_hidden(model_dir: Path) -> int:
     return json.loads((model_dir / "config.json").read_text())["hidden_size"]
 
 
-async def _transport_round_trip_ms(peer: object, hidden: int, calls: int = 200) -> tuple[float, float]:
+async def _transport_round_trip_ms(name: str, port: int, hidden: int, calls: int = 200) -> tuple[float, float]:
     """Median round trip of a SendTensor carrying `[1, 1, hidden]` f32 hidden states that the
-    peer decodes and rejects (its shard is invalid): the transport cost of a hop, timed in Rust
-    (as one node's core sends to the next) and from Python (await on the peer handle)."""
+    worker `name` on `port` decodes and rejects (its shard is invalid): the transport cost of a
+    hop, timed in Rust (as one node's core sends to the next) and from Python (await on the
+    peer handle)."""
     import numpy as np
 
     from exo.inference.shard import Shard
+    from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
+    from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
 
+    peer = GRPCPeerHandle(name, f"127.0.0.1:{port}", "probe", UNKNOWN_DEVICE_CAPABILITIES)
     rust_ms = await peer.measure_round_trip(hidden, calls) * 1000
     hidden_states = np.zeros((1, 1, hidden), dtype=np.float32)
     invalid = Shard("hop-probe", 1, 0, 2)
@@ -187,15 +191,6 @@ def _steady_rate(streams: list[list[float]]) -> float:
     return sum(start < t <= end for s in streams for t in s) / (end - start)
 
 
-async def _transport(ports: dict, first_worker: str, hidden: int) -> tuple[float, float]:
-    """The hop round trip to `first_worker`, timed in Rust and from Python."""
-    from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
-    from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
-
-    probe = GRPCPeerHandle(first_worker, f"127.0.0.1:{ports[first_worker]}", "probe", UNKNOWN_DEVICE_CAPABILITIES)
-    return await _transport_round_trip_ms(probe, hidden)
-
-
 async def _bytes_per_token(driver: Any, base: Any, tokens: int) -> float:
     """Loopback bytes sent per token of one stream, less the idle background rate."""
     idle_started, idle_bytes = time.perf_counter(), _loopback_tx_bytes()
@@ -212,15 +207,19 @@ async def _concurrent(drivers: list[Any], base: Any, tokens: int, streams: int) 
     return _steady_rate(await asyncio.gather(*runs))
 
 
-async def _bench(model_dir: Path, sizes: list[int], args: argparse.Namespace) -> dict[str, dict[int, list[float]]]:
+async def _bench(
+    model_dir: Path, sizes: list[int], args: argparse.Namespace
+) -> tuple[dict[str, dict[int, list[float]]], dict[int, dict[str, float]]]:
     """Every ring loaded at once — one-node rings on each core (together they are the side by
     side setup) and a ring of each size — then rounds that run every setup back to back, so
-    each round's ratios compare runs seconds apart on the same machine state."""
+    each round's ratios compare runs seconds apart on the same machine state. Returns each
+    round's rates by setup and ring size, and the transport figures measured once per ring."""
     base = _base(model_dir)
     hidden = config_hidden(model_dir)
     results: dict[str, dict[int, list[float]]] = {
-        key: {n: [] for n in sizes} for key in ("single", "concurrent", "side", "rust_rtt", "python_rtt", "bytes")
+        key: {n: [] for n in sizes} for key in ("single", "concurrent", "side")
     }
+    transport: dict[int, dict[str, float]] = {}
     async with contextlib.AsyncExitStack() as stack:
         ones = [await stack.enter_async_context(_ring([f"s{i}"], f"d{i}", i)) for i in range(max(sizes))]
         rings = {1: ones[0]}
@@ -229,10 +228,9 @@ async def _bench(model_dir: Path, sizes: list[int], args: argparse.Namespace) ->
         await asyncio.gather(*(_stream(driver, base, 4) for driver, _ in [*ones, *rings.values()]))
         for n, (driver, ports) in rings.items():
             first_worker = "s0" if n == 1 else f"r{n}w0"
-            rust_rtt, python_rtt = await _transport(ports, first_worker, hidden)
-            results["rust_rtt"][n].append(rust_rtt)
-            results["python_rtt"][n].append(python_rtt)
-            results["bytes"][n].append(await _bytes_per_token(driver, base, args.tokens))
+            rust_rtt, python_rtt = await _transport_round_trip_ms(first_worker, ports[first_worker], hidden)
+            bytes_per_token = await _bytes_per_token(driver, base, args.tokens)
+            transport[n] = {"rust_rtt": rust_rtt, "python_rtt": python_rtt, "bytes": bytes_per_token}
         for round_number in range(1, args.rounds + 1):
             # Alternate the order too, so neither end of a round favours one setup.
             order = sizes if round_number % 2 else sizes[::-1]
@@ -249,7 +247,7 @@ async def _bench(model_dir: Path, sizes: list[int], args: argparse.Namespace) ->
                 for n in sizes
             )
             print(f"round {round_number}, tok/s for 1 / {args.streams} streams: {rates}", flush=True)
-    return results
+    return results, transport
 
 
 def _ratio(values: list[float], reference: list[float]) -> float:
@@ -282,7 +280,7 @@ def main() -> None:
     model_dir = cached_model(args.preset, args.models, args.dtype)
     cores = len(os.sched_getaffinity(0))
     sizes = [n for n in (1, 2, 3) if n <= cores]
-    results = asyncio.run(_bench(model_dir, sizes, args))
+    results, transport = asyncio.run(_bench(model_dir, sizes, args))
     single, concurrent, side = results["single"], results["concurrent"], results["side"]
     print(
         f"{args.preset} {args.dtype}, {args.tokens} tokens per stream, one core per node ({cores} cores),"
@@ -304,8 +302,8 @@ def main() -> None:
         of_side = _ratio(concurrent[n], side[n]) if n > 1 else 1.0
         print(
             f"{n:5} | {statistics.median(single[n]):14.2f} | {_ratio(single[n], single[1]):5.2f} |"
-            f" {hop_ms:6.3f} | {results['rust_rtt'][n][0]:8.3f} / {results['python_rtt'][n][0]:6.3f} |"
-            f" {results['bytes'][n][0]:11.0f} | {statistics.median(concurrent[n]):16.2f} |"
+            f" {hop_ms:6.3f} | {transport[n]['rust_rtt']:8.3f} / {transport[n]['python_rtt']:6.3f} |"
+            f" {transport[n]['bytes']:11.0f} | {statistics.median(concurrent[n]):16.2f} |"
             f" {_ratio(concurrent[n], concurrent[1]):5.2f} | {of_side:15.2f}"
         )
 
