@@ -2,12 +2,7 @@
 RPC of the Rust server (gzip-compressed, as classic sends), and malformed messages fail alone."""
 
 import asyncio
-import importlib
 import json
-import subprocess
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import grpc
 import numpy as np
@@ -15,30 +10,6 @@ import pytest
 
 from cluster import running_cluster
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
-
-PROTO = Path(__file__).parent.parent / "proto" / "node_service.proto"
-
-
-@pytest.fixture(scope="module")
-def stubs(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleType]:
-    out = tmp_path_factory.mktemp("stubs")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{PROTO.parent}",
-            f"--python_out={out}",
-            f"--grpc_python_out={out}",
-            str(PROTO),
-        ],
-        check=True,
-    )
-    sys.path.insert(0, str(out))
-    try:
-        return importlib.import_module("node_service_pb2"), importlib.import_module("node_service_pb2_grpc")
-    finally:
-        sys.path.remove(str(out))
 
 
 def _channel(node) -> grpc.aio.Channel:
