@@ -35,7 +35,7 @@ CLASSIC_SERVER_OPTIONS = [
 
 
 @dataclass
-class Served:
+class ClassicServer:
     """A classic-style server on loopback and the requests it received, by RPC name."""
 
     server: grpc.aio.Server
@@ -47,12 +47,12 @@ def _tensor_array(pb_tensor: Any) -> np.ndarray:
     return np.frombuffer(pb_tensor.tensor_data, dtype=np.dtype(pb_tensor.dtype)).reshape(list(pb_tensor.shape))
 
 
-def _servicer(pb: ModuleType, pb_grpc: ModuleType, served: Served) -> Any:
+def _servicer(pb: ModuleType, pb_grpc: ModuleType, classic: ClassicServer) -> Any:
     class ClassicStyleServicer(pb_grpc.NodeServiceServicer):
         """Records each request and answers as classic's server does."""
 
         def _record(self, name: str, request: Any) -> None:
-            served.received.setdefault(name, []).append(request)
+            classic.received.setdefault(name, []).append(request)
 
         async def SendPrompt(self, request, context):
             self._record("SendPrompt", request)
@@ -62,7 +62,7 @@ def _servicer(pb: ModuleType, pb_grpc: ModuleType, served: Served) -> Any:
             self._record("SendTensor", request)
             if request.request_id == "fail":
                 raise RuntimeError("the classic node's engine raised")
-            return pb.Tensor(tensor_data=request.tensor.tensor_data, shape=request.tensor.shape, dtype="float32")
+            return request.tensor
 
         async def CollectTopology(self, request, context):
             self._record("CollectTopology", request)
@@ -87,15 +87,15 @@ def _servicer(pb: ModuleType, pb_grpc: ModuleType, served: Served) -> Any:
 
 
 @pytest.fixture
-async def classic_server(stubs: tuple[ModuleType, ModuleType]) -> AsyncIterator[Served]:
+async def classic_server(stubs: tuple[ModuleType, ModuleType]) -> AsyncIterator[ClassicServer]:
     pb, pb_grpc = stubs
     server = grpc.aio.server(options=CLASSIC_SERVER_OPTIONS)
     port = server.add_insecure_port("127.0.0.1:0")
-    served = Served(server, port)
-    pb_grpc.add_NodeServiceServicer_to_server(_servicer(pb, pb_grpc, served), server)
+    classic = ClassicServer(server, port)
+    pb_grpc.add_NodeServiceServicer_to_server(_servicer(pb, pb_grpc, classic), server)
     await server.start()
     try:
-        yield served
+        yield classic
     finally:
         await server.stop(grace=None)
 
@@ -104,7 +104,7 @@ def _handle(port: int) -> GRPCPeerHandle:
     return GRPCPeerHandle("classic", f"127.0.0.1:{port}", "MAN", UNKNOWN_DEVICE_CAPABILITIES)
 
 
-async def test_every_call_reaches_a_classic_server_intact(classic_server: Served) -> None:
+async def test_every_call_reaches_a_classic_server_intact(classic_server: ClassicServer) -> None:
     peer = _handle(classic_server.port)
     assert await peer.health_check()
     assert await peer.is_connected()
@@ -155,7 +155,7 @@ async def test_every_call_reaches_a_classic_server_intact(classic_server: Served
 
 
 async def test_a_failing_or_vanished_classic_server_fails_the_call_alone(
-    classic_server: Served,
+    classic_server: ClassicServer,
 ) -> None:
     peer = _handle(classic_server.port)
     shard = Shard("dummy", 0, 7, 8)
