@@ -44,6 +44,8 @@ class ClassicServer:
 
 
 def _tensor_array(pb_tensor: Any) -> np.ndarray:
+    """A wire tensor read with numpy, as classic's server reads it (not with the core's codec, which
+    would check the Rust side against itself)."""
     return np.frombuffer(pb_tensor.tensor_data, dtype=np.dtype(pb_tensor.dtype)).reshape(list(pb_tensor.shape))
 
 
