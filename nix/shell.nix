@@ -23,6 +23,7 @@ let
     ps.pip
     ps.pytest
     ps.pytest-asyncio
+    ps.pytest-timeout
     ps.numpy
     ps.psutil
   ]);

@@ -12,10 +12,10 @@ from types import ModuleType
 
 import pytest
 
-from app_harness import Served, reply_tokens, serve
 from exo.inference.tokenizers import Tokenizer, resolve_tokenizer
 from exo.testing.synth import write_model
-from fake_node import FakeNode
+from support.app_harness import Served, reply_tokens, serve
+from support.fake_node import FakeNode
 
 
 @pytest.fixture(scope="session")

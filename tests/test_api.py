@@ -13,11 +13,11 @@ import aiohttp
 import openai
 import pytest
 
-from app_harness import REPLY, Served, reply_tokens, serve, wait_until
 from exo import errors
 from exo.inference.shard import Shard
 from exo.inference.tokenizers import Tokenizer
-from fake_node import FakeNode, FakeRepoProgress
+from support.app_harness import REPLY, Served, reply_tokens, serve, wait_until
+from support.fake_node import FakeNode, FakeRepoProgress
 
 
 async def test_openai_client_non_streaming(served: Served) -> None:

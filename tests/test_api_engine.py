@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from app_harness import Served, serve
 from exo.api.model_choice import local_model_layers
 from exo.inference.candle import CandleInferenceEngine
 from exo.inference.shard import Shard
 from exo.inference.tokenizers import Tokenizer
-from fake_node import EngineNode
+from support.app_harness import Served, serve
+from support.fake_node import EngineNode
 
 MESSAGES = [{"role": "user", "content": "Tell me about the ring of nodes."}]
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import aiohttp
 import openai
 
-from app_harness import wait_until
-from cluster import running_cluster
 from exo.api import ChatGPTAPI
 from exo.helpers import find_available_port
 from exo.inference.candle import CandleInferenceEngine
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
+from support.app_harness import wait_until
+from support.cluster import running_cluster
 
 MESSAGES = [{"role": "user", "content": "Tell me about rings of nodes."}]
 

@@ -10,12 +10,12 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from app_harness import REPLY, reply_tokens, wait_until
 from exo import main as cli
 from exo.inference.shard import Shard
 from exo.inference.tokenizers import Tokenizer
 from exo.viz.topology_viz import TopologyViz
-from fake_node import FakeNode, FakeRepoProgress
+from support.app_harness import REPLY, reply_tokens, wait_until
+from support.fake_node import FakeNode, FakeRepoProgress
 
 
 def wired_app(node: FakeNode, tokenizer: Tokenizer) -> cli.App:

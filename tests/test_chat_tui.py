@@ -6,8 +6,8 @@ import io
 
 from rich.console import Console
 
-from app_harness import REPLY, Served
 from exo.viz.chat_tui import ChatTUI
+from support.app_harness import REPLY, Served
 
 
 def scripted(lines: list[str | None]):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from cluster import FixedDiscovery, wait_for_ring, whole_model
 from exo.errors import RequestFailedError
 from exo.helpers import find_available_port
 from exo.inference.candle import CandleInferenceEngine
@@ -19,6 +18,7 @@ from exo.networking.grpc.grpc_server import GRPCServer
 from exo.orchestration.node import Node
 from exo.testing.synth import write_model
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
+from support.cluster import FixedDiscovery, wait_for_ring, whole_model
 
 HERE = Path(__file__).parent
 
@@ -29,7 +29,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _spawn(node_id: str, port: int, peers: dict[str, int]) -> subprocess.Popen:
-    args = [sys.executable, str(HERE / "node_process.py"), node_id, str(port), "candle"]
+    args = [sys.executable, str(HERE / "support" / "node_process.py"), node_id, str(port), "candle"]
     args += [f"{peer}={peer_port}" for peer, peer_port in peers.items()]
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     process = subprocess.Popen(args, stdout=subprocess.PIPE, env=env, text=True)

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from discovery_fakes import WAIT, eventually, free_udp_port, node_config, peer_ids, write_config
 from exo.helpers import find_available_port
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.shard import Shard
@@ -16,6 +15,7 @@ from exo.networking.manual.manual_discovery import ManualDiscovery
 from exo.networking.udp.udp_discovery import UDPDiscovery
 from exo.orchestration.node import Node
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from support.discovery_fakes import WAIT, eventually, free_udp_port, node_config, peer_ids, write_config
 
 DUMMY_TOKENS = [2, 3, 4, 5, 6, 7, 8, 9, 10, 69]
 BASE = Shard("dummy", 0, 7, 8)

@@ -36,7 +36,7 @@ from exo.inference.shard import Shard
 from exo.inference.tokenizers import resolve_tokenizer
 from exo.models import build_base_shard_async
 from exo.testing.synth import write_model
-from fake_hub import COMMIT, FakeHub, FakeHubServer
+from support.fake_hub import COMMIT, FakeHub, FakeHubServer
 
 TIED = "synth/tiny-llama"
 UNTIED = "synth/tiny-llama-untied"

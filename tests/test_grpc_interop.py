@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 import pytest
 
-from cluster import running_cluster
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
+from support.cluster import running_cluster
 
 
 def _channel(node) -> grpc.aio.Channel:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from exo.errors import InvalidArgumentError
-from exo.helpers import find_available_port
 from exo.inference.shard import Shard
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
@@ -51,10 +50,10 @@ def _peer(port: int) -> GRPCPeerHandle:
 
 
 async def test_every_call_reaches_a_python_node() -> None:
-    node, port = RecordingNode(), find_available_port("127.0.0.1")
-    server = GRPCServer(node, "127.0.0.1", port)
+    node = RecordingNode()
+    server = GRPCServer(node, "127.0.0.1", 0)
     await server.start()
-    peer = _peer(port)
+    peer = _peer(server.port)
     try:
         assert await peer.health_check()
         shard = Shard("m", 0, 1, 2)
@@ -75,10 +74,9 @@ async def test_every_call_reaches_a_python_node() -> None:
 
 
 async def test_a_mock_node_serves_health_checks_and_a_stopped_server_is_not_connected() -> None:
-    port = find_available_port("127.0.0.1")
-    server = GRPCServer(mock.AsyncMock(spec=Node), "localhost", port)
+    server = GRPCServer(mock.AsyncMock(spec=Node), "localhost", 0)
     await server.start()
-    peer = _peer(port)
+    peer = _peer(server.port)
     assert not await peer.is_connected()
     await peer.connect()
     assert await peer.is_connected() and await peer.health_check()
@@ -93,10 +91,10 @@ def test_an_object_without_node_methods_is_a_clear_error() -> None:
 
 
 async def test_a_python_node_holding_its_server_is_collected() -> None:
-    node, port = RecordingNode(), find_available_port("127.0.0.1")
-    node.server = GRPCServer(node, "127.0.0.1", port)
+    node = RecordingNode()
+    node.server = GRPCServer(node, "127.0.0.1", 0)
     await node.server.start()
-    assert await _peer(port).health_check()
+    assert await _peer(node.server.port).health_check()
     await node.server.stop()
     collected = weakref.ref(node)
     del node

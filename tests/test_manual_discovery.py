@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from discovery_fakes import WAIT, FakePeerFactory, eventually, node_config, peer_ids, write_config
 from exo.errors import ConfigNotFoundError, InvalidConfigError
 from exo.networking.manual.manual_discovery import ManualDiscovery
 from exo.networking.manual.network_topology_config import NetworkTopology, PeerConfig
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
+from support.discovery_fakes import WAIT, FakePeerFactory, eventually, node_config, peer_ids, write_config
 
 CLASSIC_CONFIG = {"node1": node_config(50051, "localhost"), "node2": node_config(50052, "localhost")}
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster import running_cluster, whole_model
 from exo.errors import InvalidArgumentError, PeerError, RequestFailedError
 from exo.inference.candle import CandleInferenceEngine
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
@@ -21,6 +20,7 @@ from exo.orchestration.node import Node
 from exo.testing.synth import write_model
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES, DeviceCapabilities, DeviceFlops
 from exo.topology.topology import Topology
+from support.cluster import running_cluster, whole_model
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny-llama.json"
 DUMMY_TOKENS = [2, 3, 4, 5, 6, 7, 8, 9, 10, 69]

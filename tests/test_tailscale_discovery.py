@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from discovery_fakes import WAIT, FakePeerFactory, eventually, peer_ids
 from exo.errors import DiscoveryError
 from exo.networking.tailscale.tailscale_discovery import TailscaleDiscovery
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from support.discovery_fakes import WAIT, FakePeerFactory, eventually, peer_ids
 
 API_KEY = "tskey-test"
 CAPS = DeviceCapabilities("Linux Box (Test)", "Test Chip", 4096, DeviceFlops(1.5, 3.0, 6.0))

@@ -11,7 +11,7 @@ from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 from exo.topology.partitioning_strategy import Partition
 from exo.topology.topology import Topology
 from exo.viz.topology_viz import TopologyViz, compute_bar_position
-from fake_node import FakeFileProgress, FakeRepoProgress
+from support.fake_node import FakeFileProgress, FakeRepoProgress
 
 
 def render(viz: TopologyViz) -> str:

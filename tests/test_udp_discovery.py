@@ -6,10 +6,10 @@ import socket
 
 import pytest
 
-from discovery_fakes import WAIT, FakePeerFactory, eventually, free_udp_port, peer_ids
 from exo.errors import DiscoveryError
 from exo.networking.udp.udp_discovery import UDPDiscovery
 from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
+from support.discovery_fakes import WAIT, FakePeerFactory, eventually, free_udp_port, peer_ids
 
 CAPS = DeviceCapabilities("Test Box", "Test Chip", 2048, DeviceFlops(1.0, 2.0, 4.0))
 

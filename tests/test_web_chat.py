@@ -7,7 +7,7 @@ from pathlib import Path
 
 from playwright.async_api import async_playwright
 
-from app_harness import REPLY, Served
+from support.app_harness import REPLY, Served
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -77,10 +77,10 @@ async def test_server_errors_are_shown(served: Served) -> None:
 
 async def test_web_chat_on_a_real_two_node_ring(model_dir: Path, tmp_path: Path) -> None:
     """The page over real nodes (candle, gRPC over loopback), sampling at temperature 1 for varied text."""
-    from cluster import running_cluster
     from exo.api import ChatGPTAPI
     from exo.helpers import find_available_port
     from exo.inference.candle import CandleInferenceEngine
+    from support.cluster import running_cluster
 
     async with running_cluster(["a", "b"], CandleInferenceEngine, default_sample_temperature=1.0) as nodes:
         api = ChatGPTAPI(nodes[0], "CandleInferenceEngine", default_model=str(model_dir))

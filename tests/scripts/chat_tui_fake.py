@@ -6,10 +6,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app_harness import reply_tokens, serve
 from exo.inference.tokenizers import resolve_tokenizer
 from exo.viz.chat_tui import ChatTUI
-from fake_node import FakeNode
+from support.app_harness import reply_tokens, serve
+from support.fake_node import FakeNode
 
 
 async def main(model_dir: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exo.inference.tokenizers import resolve_tokenizer
-from fake_node import EngineNode
+from support.fake_node import EngineNode
 
 
 def say(message: str) -> None:

@@ -12,7 +12,7 @@ import openai
 from exo.api import ChatGPTAPI
 from exo.helpers import find_available_port
 from exo.inference.tokenizers import Tokenizer
-from fake_node import FakeNode
+from support.fake_node import FakeNode
 
 REPLY = "Hello there, cluster! Größe 日本語 🙂 and more words to stream."
 

@@ -1,16 +1,16 @@
-"""Runs one node in its own process for fault tests: `python node_process.py ID PORT
+"""Runs one node in its own process for fault tests: `python tests/support/node_process.py ID PORT
 ENGINE [PEER_ID=PORT ...]`. Prints `ready` once serving and runs until killed."""
 
 import asyncio
 import sys
 
-from cluster import FixedDiscovery
 from exo.inference.candle import CandleInferenceEngine
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.orchestration.node import Node
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
+from support.cluster import FixedDiscovery
 
 
 async def main(node_id: str, port: int, engine_name: str, peers: list[str]) -> None:

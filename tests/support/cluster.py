@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from exo.helpers import find_available_port
 from exo.inference.shard import Shard
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
@@ -66,24 +65,25 @@ async def running_cluster(
 ) -> AsyncIterator[list[Node]]:
     """Starts one node per id on 127.0.0.1, each knowing all the others; stops them after.
     Nodes named in `opaque_peers_of` reach their peers through `OpaquePeer` stand-ins."""
-    nodes, discoveries, ports = [], [], []
+    nodes, discoveries = [], []
     for node_id in ids:
         discovery = FixedDiscovery()
         node = Node(node_id, None, make_engine(), discovery, None, **node_options)
-        port = find_available_port("127.0.0.1")
-        node.server = GRPCServer(node, "127.0.0.1", port)
+        node.server = GRPCServer(node, "127.0.0.1", 0)
         nodes.append(node)
         discoveries.append(discovery)
-        ports.append(port)
-    for node, discovery in zip(nodes, discoveries, strict=True):
-        discovery.peers = [
-            GRPCPeerHandle(other.id, f"127.0.0.1:{port}", "test", UNKNOWN_DEVICE_CAPABILITIES)
-            for other, port in zip(nodes, ports, strict=True)
-            if other is not node
-        ]
-        if node.id in opaque_peers_of:
-            discovery.peers = [OpaquePeer(peer) for peer in discovery.peers]
     try:
+        # Servers bind first, so every node's peers can be given the ports the system chose.
+        for node in nodes:
+            await node.server.start()
+        for node, discovery in zip(nodes, discoveries, strict=True):
+            discovery.peers = [
+                GRPCPeerHandle(other.id, f"127.0.0.1:{other.server.port}", "test", UNKNOWN_DEVICE_CAPABILITIES)
+                for other in nodes
+                if other is not node
+            ]
+            if node.id in opaque_peers_of:
+                discovery.peers = [OpaquePeer(peer) for peer in discovery.peers]
         for node in nodes:
             await node.start()
         # Nodes started before their peers saw them without capabilities; look again so
