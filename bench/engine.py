@@ -3,7 +3,12 @@ the candle engine on the synthetic llama-3.2-1b, against Hugging Face transforme
 checkpoint in the same run when torch and transformers are installed (`pip install .[bench]`).
 
     python bench/engine.py [--dtype f32 bf16] [--threads 2] [--prompt-tokens 128] [--decode-tokens 128]
-                           [--reference-python PATH]
+                           [--reference-python PATH] [--device cpu|cuda] [--preset llama-3.2-1b ...]
+
+With `--device cuda` both run on the GPU (a CUDA wheel from `scripts/build-cuda`; transformers
+with eager attention), and the table adds the GPU memory each backend held at the end of its
+run beyond what was in use before it started (NVML, CUDA context included); no CPU bandwidth
+ceiling is printed then.
 
 `--reference-python` names an interpreter that has torch and transformers, when they are not
 installed beside exo (the reference worker needs only them and numpy).
@@ -44,6 +49,16 @@ def _prompt(prompt_tokens: int) -> list[int]:
     return rng.integers(1000, 100_000, size=prompt_tokens).tolist()
 
 
+def _gpu_used_mb() -> float | None:
+    """Memory in use on GPU 0, by NVML (nvidia-ml-py), or None without it."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    pynvml.nvmlInit()
+    return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / 2**20
+
+
 async def _run_candle(model_dir: str, prompt: list[int], decode_tokens: int) -> dict[str, float]:
     from exo.inference.candle import CandleInferenceEngine
     from exo.inference.shard import Shard
@@ -72,48 +87,62 @@ async def _run_candle(model_dir: str, prompt: list[int], decode_tokens: int) -> 
     return {"load_s": load_s, "warm_up_s": warm_up_s, "prefill_s": prefill_s, "decode_s": decode_s}
 
 
-def _run_transformers(model_dir: str, prompt: list[int], decode_tokens: int, dtype: str) -> dict[str, float]:
+def _run_transformers(
+    model_dir: str, prompt: list[int], decode_tokens: int, dtype: str, device: str
+) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[dtype]
-    started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch_dtype)
-    model.eval()
-    load_s = time.perf_counter() - started
+
+    def now() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    started = now()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch_dtype, attn_implementation="eager")
+    model.to(device).eval()
+    load_s = now() - started
     with torch.inference_mode():
-        started = time.perf_counter()
-        model(torch.tensor([prompt[:WARM_UP_TOKENS]]), use_cache=True)
-        warm_up_s = time.perf_counter() - started
-        ids = torch.tensor([prompt])
-        started = time.perf_counter()
+        started = now()
+        model(torch.tensor([prompt[:WARM_UP_TOKENS]], device=device), use_cache=True)
+        warm_up_s = now() - started
+        ids = torch.tensor([prompt], device=device)
+        started = now()
         out = model(ids, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-        prefill_s = time.perf_counter() - started
+        prefill_s = now() - started
         cache = out.past_key_values
-        started = time.perf_counter()
+        started = now()
         for _ in range(decode_tokens):
             out = model(token, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             token = out.logits[:, -1:].argmax(-1)
-        decode_s = time.perf_counter() - started
+        decode_s = now() - started
     return {"load_s": load_s, "warm_up_s": warm_up_s, "prefill_s": prefill_s, "decode_s": decode_s}
 
 
 def _worker(args: argparse.Namespace) -> None:
     prompt = _prompt(args.prompt_tokens)
+    gpu_before = _gpu_used_mb() if args.device == "cuda" else None
     if args.backend == "candle":
         result = asyncio.run(_run_candle(args.model_dir, prompt, args.decode_tokens))
     else:
-        result = _run_transformers(args.model_dir, prompt, args.decode_tokens, args.dtype[0])
+        result = _run_transformers(args.model_dir, prompt, args.decode_tokens, args.dtype[0], args.device)
     result["peak_rss_mb"] = _peak_rss_mb()
+    gpu_after = _gpu_used_mb() if gpu_before is not None else None
+    if gpu_before is not None and gpu_after is not None:
+        result["gpu_mb"] = gpu_after - gpu_before
     sys.stdout.write(json.dumps(result) + "\n")
 
 
 def _measure(backend: str, model_dir: Path, dtype: str, args: argparse.Namespace) -> dict[str, float] | None:
     env = {**os.environ, "RAYON_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+    env["EXO_DEVICE"] = args.device
     python = args.reference_python if backend == "transformers" and args.reference_python else sys.executable
     command = [python, __file__, "--worker", backend, "--model-dir", str(model_dir), "--dtype", dtype]
+    command += ["--device", args.device]
     command += ["--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -144,22 +173,26 @@ def _weight_bytes_per_token(model_dir: Path) -> int:
     return total if config.get("tie_word_embeddings") else total - embedding
 
 
-def _report(dtype: str, model_dir: Path, args: argparse.Namespace) -> None:
+def _report(preset: str, dtype: str, model_dir: Path, args: argparse.Namespace) -> None:
+    on_gpu = args.device == "cuda"
     # This machine's bandwidth drifts with its neighbours' load, so it is measured right before
     # and right after the engine's run, and the higher of the two sets the ceiling.
-    before = _memory_bandwidth_gbs()
+    before = 0.0 if on_gpu else _memory_bandwidth_gbs()
     rows = {"candle": _measure("candle", model_dir, dtype, args)}
-    after = _memory_bandwidth_gbs()
+    after = 0.0 if on_gpu else _memory_bandwidth_gbs()
     rows["transformers"] = _measure("transformers", model_dir, dtype, args)
     bandwidth = max(before, after)
     ceiling = bandwidth * 1e9 / _weight_bytes_per_token(model_dir)
-    print(
-        f"\n{PRESET} {dtype}  ({args.threads} threads; decode ceiling {ceiling:.2f} tok/s at {bandwidth:.1f} GB/s,"
-        f" the higher of {before:.1f} and {after:.1f} GB/s just before and after the engine's run)"
-    )
+    if on_gpu:
+        print(f"\n{preset} {dtype}  (cuda; transformers with eager attention)")
+    else:
+        print(
+            f"\n{preset} {dtype}  ({args.threads} threads; decode ceiling {ceiling:.2f} tok/s at {bandwidth:.1f}"
+            f" GB/s, the higher of {before:.1f} and {after:.1f} GB/s just before and after the engine's run)"
+        )
     print(
         f"{'backend':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'TTFT ms':>10}{'peak RSS MB':>13}"
-        f"{'load s':>8}{'first pass s':>14}"
+        f"{'load s':>8}{'first pass s':>14}" + (f"{'GPU MB':>9}" if on_gpu else "")
     )
     speeds = {}
     for backend, r in rows.items():
@@ -169,11 +202,12 @@ def _report(dtype: str, model_dir: Path, args: argparse.Namespace) -> None:
         prefill = args.prompt_tokens / r["prefill_s"]
         decode = args.decode_tokens / r["decode_s"]
         speeds[backend] = (prefill, decode)
+        gpu = f"{r['gpu_mb']:>9.0f}" if "gpu_mb" in r else f"{'-':>9}"
         print(
             f"{backend:<14}{prefill:>15.1f}{decode:>14.2f}{r['prefill_s'] * 1000:>10.0f}"
-            f"{r['peak_rss_mb']:>13.0f}{r['load_s']:>8.1f}{r['warm_up_s']:>14.2f}"
+            f"{r['peak_rss_mb']:>13.0f}{r['load_s']:>8.1f}{r['warm_up_s']:>14.2f}" + (gpu if on_gpu else "")
         )
-    if "candle" in speeds:
+    if "candle" in speeds and not on_gpu:
         print(f"candle decode / ceiling: {speeds['candle'][1] / ceiling:.2f}")
     if len(speeds) == 2:
         (cp, cd), (tp, td) = speeds["candle"], speeds["transformers"]
@@ -188,6 +222,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "xotorch-bench-models")
     parser.add_argument("--reference-python", help="interpreter with torch and transformers for the reference")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--preset", nargs="+", default=[PRESET], help="synthetic presets to run (exo.testing.synth)")
     parser.add_argument("--worker", choices=["candle", "transformers"], dest="backend")
     parser.add_argument("--model-dir")
     args = parser.parse_args()
@@ -196,8 +232,9 @@ def main() -> None:
         return
     from exo.testing.synth import cached_model
 
-    for dtype in args.dtype:
-        _report(dtype, cached_model(PRESET, args.models, dtype), args)
+    for preset in args.preset:
+        for dtype in args.dtype:
+            _report(preset, dtype, cached_model(preset, args.models, dtype), args)
 
 
 if __name__ == "__main__":

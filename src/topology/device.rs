@@ -76,9 +76,13 @@ impl std::fmt::Display for DeviceCapabilities {
     }
 }
 
-/// Detects this machine's CPU and memory. The chip table is consulted first; otherwise
+/// Detects the device this node computes on: the GPU a CUDA build uses (see [`super::gpu`]),
+/// else this machine's CPU and memory. The chip table is consulted first; otherwise a CPU's
 /// throughput is estimated from cores × clock × the widest SIMD FMA the CPU has.
 pub fn detect_device_capabilities() -> DeviceCapabilities {
+    if let Some(gpu) = super::gpu::detect() {
+        return gpu;
+    }
     let mut system = sysinfo::System::new();
     system.refresh_memory();
     system.refresh_cpu_all();

@@ -4,6 +4,7 @@
 pub mod balance;
 pub mod chips;
 pub mod device;
+pub mod gpu;
 pub mod graph;
 pub mod partition;
 

@@ -10,10 +10,12 @@ The same preset, dtype and seed always give the same bytes.
 
 import argparse
 import json
+import os
 import shutil
 import struct
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +149,23 @@ PRESETS: dict[str, Preset] = {
             rope_theta=500000.0,
             rope_scaling=LLAMA3_ROPE,
             tie_word_embeddings=True,
+            max_position_embeddings=131072,
+        ),
+    ),
+    # Llama-3.1-8B's shapes: 16 GB in bf16, the size where a GPU is worth its memory.
+    "llama-3.1-8b": Preset(
+        LLAMA3,
+        _llama_config(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=128256,
+            rope_theta=500000.0,
+            rope_scaling=LLAMA3_ROPE,
+            tie_word_embeddings=False,
             max_position_embeddings=131072,
         ),
     ),
@@ -298,11 +317,16 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], d
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as out:
+    # Tensors are drawn on every core, a few at a time (numpy's generators release the GIL),
+    # and written in order; each tensor's values depend only on (seed, name).
+    workers = os.cpu_count() or 1
+    with open(path, "wb") as out, ThreadPoolExecutor(workers) as pool:
         out.write(struct.pack("<Q", len(encoded)))
         out.write(encoded)
-        for name, shape in tensors:
-            out.write(_encode(_random_tensor(name, shape, seed), dtype))
+        for start in range(0, len(tensors), workers):
+            batch = tensors[start : start + workers]
+            for data in pool.map(lambda t: _encode(_random_tensor(t[0], t[1], seed), dtype), batch):
+                out.write(data)
 
 
 def _layer_of(name: str) -> int | None:

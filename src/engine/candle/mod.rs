@@ -1,5 +1,5 @@
-//! The candle engine: runs a shard of a Hugging Face decoder model on the CPU (or another
-//! candle device), one request step at a time, each request with its own KV cache.
+//! The candle engine: runs a shard of a Hugging Face decoder model on the CPU or a CUDA GPU,
+//! one request step at a time, each request with its own KV cache.
 
 mod cache;
 mod config;
@@ -71,6 +71,7 @@ pub struct CandleEngine {
 impl CandleEngine {
     /// An engine that finds model files through `locator` and computes on `device`.
     pub fn new(locator: Arc<dyn ModelLocator>, options: EngineOptions, device: ComputeDevice) -> Self {
+        log::info!("the candle engine computes on {}", device.name());
         Self {
             locator,
             options,

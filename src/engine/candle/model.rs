@@ -119,6 +119,18 @@ fn load_stacked(
 ) -> Result<Linear> {
     let weight_names: Vec<(String, usize)> =
         parts.iter().map(|&(name, out)| (format!("{prefix}.{name}.weight"), out)).collect();
+    if !device.is_cpu() {
+        let bias = if bias {
+            let parts = parts
+                .iter()
+                .map(|&(name, out)| weights.vector_f32(&format!("{prefix}.{name}.bias"), out, device))
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&parts, 0)?)
+        } else {
+            None
+        };
+        return Linear::on_device(weights.device_matrix(&weight_names, input, device)?, bias);
+    }
     let weight = weights.stacked_matrix(&weight_names, input)?;
     let bias = if bias {
         let mut values = Vec::with_capacity(weight.rows());
@@ -334,12 +346,15 @@ pub enum ShardInput {
 pub struct ShardModel {
     shard: Shard,
     config: ModelConfig,
+    /// Rows looked up on the host; the hidden states then move to `device`.
     embed_tokens: Option<WeightMatrix>,
     blocks: Vec<Block>,
     norm: Option<RmsNorm>,
     lm_head: Option<Linear>,
     rope: Rope,
     max_context: usize,
+    /// Where the layers compute.
+    device: Device,
     /// The mapped checkpoint and the names of the shard's tensors in it (for saving).
     weights: ShardWeights,
     tensor_names: Vec<String>,
@@ -365,33 +380,34 @@ impl ShardModel {
         let weights = index.open(&tensor_names)?;
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
         let tied = head_is_tied(&config, &index);
-        // Looking tokens up reads a row each; as the LM head the embedding streams whole.
-        let embedding = |streamed: bool| {
+        // Looking tokens up reads a row each; as the LM head on the host the embedding streams
+        // whole, on an accelerator the head is a device tensor of its own.
+        let embed_tokens = if shard.is_first_layer() {
             let name = "model.embed_tokens.weight";
-            if streamed {
-                weights.streamed_matrix(name, vocab, hidden)
+            Some(if tied && shard.is_last_layer() && device.is_cpu() {
+                weights.streamed_matrix(name, vocab, hidden)?
             } else {
-                weights.matrix(name, vocab, hidden)
-            }
+                weights.matrix(name, vocab, hidden)?
+            })
+        } else {
+            None
         };
-        let embed_tokens =
-            if shard.is_first_layer() { Some(embedding(tied && shard.is_last_layer())?) } else { None };
         // Layers load in parallel: each copies its matrices out of the checkpoint.
         let blocks = (shard.start_layer..=shard.end_layer)
             .into_par_iter()
             .map(|layer| Block::load(&weights, layer, &config, variant, device))
             .collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if shard.is_last_layer() {
-            let head_weight = if tied {
-                match &embed_tokens {
-                    Some(e) => e.clone(),
-                    None => embedding(true)?,
-                }
+            let head_name = if tied { "model.embed_tokens.weight" } else { "lm_head.weight" };
+            let head = if !device.is_cpu() {
+                Linear::on_device(weights.device_matrix(&[(head_name, vocab)], hidden, device)?, None)?
+            } else if let (true, Some(table)) = (tied, &embed_tokens) {
+                Linear::new(table.clone(), None)?
             } else {
-                weights.streamed_matrix("lm_head.weight", vocab, hidden)?
+                Linear::new(weights.streamed_matrix(head_name, vocab, hidden)?, None)?
             };
             let norm = RmsNorm::load(&weights, "model.norm.weight", hidden, config.rms_norm_eps, device)?;
-            (Some(norm), Some(Linear::new(head_weight, None)?))
+            (Some(norm), Some(head))
         } else {
             (None, None)
         };
@@ -406,6 +422,7 @@ impl ShardModel {
             lm_head,
             rope,
             max_context,
+            device: device.clone(),
             weights,
             tensor_names,
         })
@@ -475,7 +492,7 @@ impl ShardModel {
                     }
                     table.row_f32(id as usize, row);
                 }
-                Ok(Tensor::from_vec(rows, (b, seq, hidden), &Device::Cpu)?)
+                Ok(Tensor::from_vec(rows, (b, seq, hidden), &Device::Cpu)?.to_device(&self.device)?)
             }
             (ShardInput::Hidden(h), None) => {
                 let (_, seq, width) = h.dims3().map_err(|_| {
@@ -491,7 +508,7 @@ impl ShardModel {
                         self.config.hidden_size
                     )));
                 }
-                Ok(h.to_dtype(DType::F32)?)
+                Ok(h.to_dtype(DType::F32)?.to_device(&self.device)?)
             }
             (ShardInput::Tokens(_), None) => Err(Error::InvalidArgument(format!(
                 "shard {}..={} starts mid-model and takes hidden states, not token ids",

@@ -153,6 +153,15 @@ fn weight_dtype(name: &str, dtype: safetensors::Dtype) -> Result<WeightDType> {
     }
 }
 
+/// The candle dtype of a stored weight; other dtypes are errors as in [`weight_dtype`].
+fn candle_dtype(name: &str, dtype: safetensors::Dtype) -> Result<DType> {
+    Ok(match weight_dtype(name, dtype)? {
+        WeightDType::F32 => DType::F32,
+        WeightDType::BF16 => DType::BF16,
+        WeightDType::F16 => DType::F16,
+    })
+}
+
 /// The tensors of the mapped files, by name.
 pub struct ShardWeights {
     tensors: HashMap<String, StoredTensor>,
@@ -255,14 +264,39 @@ impl ShardWeights {
         WeightMatrix::new(Arc::new(copy), 0..len, rows, cols, dtype)
     }
 
+    /// Weights that share their input (`parts`: name and rows of each, all `cols` wide and of
+    /// one dtype) as one `[rows, cols]` tensor on `device`, in their stored dtype: what an
+    /// accelerator multiplies, as [`Self::stacked_matrix`] is for the host kernels.
+    pub fn device_matrix(
+        &self,
+        parts: &[(impl AsRef<str>, usize)],
+        cols: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let mut bytes = Vec::new();
+        let mut dtype = None;
+        for (name, rows) in parts {
+            let name = name.as_ref();
+            let stored = self.stored(name, &[*rows, cols])?;
+            let part_dtype = candle_dtype(name, stored.dtype)?;
+            if dtype.is_some_and(|d| d != part_dtype) {
+                return Err(Error::InvalidModel(format!(
+                    "tensor {name} ({part_dtype:?}) differs in dtype from the tensors stacked with it"
+                )));
+            }
+            dtype = Some(part_dtype);
+            bytes.extend_from_slice(&stored.map[stored.range.clone()]);
+        }
+        let dtype = dtype
+            .ok_or_else(|| Error::InvalidArgument("a stacked matrix needs at least one tensor".into()))?;
+        let rows = parts.iter().map(|(_, rows)| rows).sum::<usize>();
+        Ok(Tensor::from_raw_buffer(&bytes, dtype, &[rows, cols], device)?)
+    }
+
     /// A small tensor copied out of the map and widened to f32.
     pub fn vector_f32(&self, name: &str, len: usize, device: &Device) -> Result<Tensor> {
         let stored = self.stored(name, &[len])?;
-        let dtype = match weight_dtype(name, stored.dtype)? {
-            WeightDType::F32 => DType::F32,
-            WeightDType::BF16 => DType::BF16,
-            WeightDType::F16 => DType::F16,
-        };
+        let dtype = candle_dtype(name, stored.dtype)?;
         let bytes = &stored.map[stored.range.clone()];
         Ok(Tensor::from_raw_buffer(bytes, dtype, &[len], device)?.to_dtype(DType::F32)?)
     }
