@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from exo._core import HfShardDownloader
+from exo.callbacks import AsyncCallbackSystem
 from exo.download.download_progress import RepoProgressEvent
-from exo.helpers import AsyncCallbackSystem
 from exo.inference.shard import Shard
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from exo._core import NativeNode, TokenStream
-from exo.helpers import AsyncCallbackSystem
+from exo.callbacks import AsyncCallbackSystem
 from exo.inference.shard import Shard
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.partitioning_strategy import Partition
