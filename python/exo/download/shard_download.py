@@ -45,7 +45,8 @@ class NoopShardDownloader(ShardDownloader):
     async def get_shard_download_status(
         self, inference_engine_name: str
     ) -> AsyncIterator[tuple[Path, RepoProgressEvent]]:
-        for item in ():
+        nothing: tuple[tuple[Path, RepoProgressEvent], ...] = ()
+        for item in nothing:
             yield item
 
 
