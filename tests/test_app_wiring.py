@@ -44,7 +44,7 @@ async def test_tokens_reach_the_tui(tokenizer: Tokenizer) -> None:
     assert request.output == REPLY
     node.on_token.trigger_all("req-1", [tokens[-1]], True)
     assert request.finished_at is not None
-    assert "req-1" not in app._outputs
+    assert "req-1" not in app.tui_feed.outputs
 
 
 def prompt_start_status(base: Shard, shard: Shard, **extra: object) -> dict[str, object]:

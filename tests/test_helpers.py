@@ -1,4 +1,4 @@
-"""exo.helpers keeps exo classic's helper behaviour."""
+"""exo.helpers keeps exo classic's helper behaviour (the names it re-exports, tested at their classic path)."""
 
 import asyncio
 import os
@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from exo import helpers
+from exo import helpers, settings
 from exo.helpers import (
     AsyncCallback,
     AsyncCallbackSystem,
@@ -29,6 +30,7 @@ from exo.helpers import (
     shutdown,
     terminal_link,
 )
+from exo.networking import interfaces
 
 # ---------------------------------------------------------------------------
 # Environment parsing
@@ -44,7 +46,7 @@ def test_env_int(monkeypatch: pytest.MonkeyPatch, value: str | None, expected: i
         monkeypatch.delenv("EXO_TEST_LEVEL", raising=False)
     else:
         monkeypatch.setenv("EXO_TEST_LEVEL", value)
-    assert helpers._env_int("EXO_TEST_LEVEL") == expected
+    assert settings._env_int("EXO_TEST_LEVEL") == expected
 
 
 def _import_levels(env_overrides: dict[str, str]) -> list[str]:
@@ -229,7 +231,7 @@ def test_observer_exception_still_wakes_waiters() -> None:
 
 @pytest.fixture
 def tmp_tempdir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    monkeypatch.setattr(helpers.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     return tmp_path
 
 
@@ -263,7 +265,7 @@ def test_invalid_node_id_file_is_regenerated(tmp_tempdir: Path, content: bytes) 
 
 def test_node_id_falls_back_on_io_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # A tempdir that does not exist: the id file cannot be written.
-    monkeypatch.setattr(helpers.tempfile, "gettempdir", lambda: str(tmp_path / "missing"))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "missing"))
     first = get_or_create_node_id()
     second = get_or_create_node_id()
     assert is_valid_uuid(first) and is_valid_uuid(second)
@@ -367,7 +369,7 @@ def test_macos_lookup_takes_precedence_and_falls_back(monkeypatch: pytest.Monkey
     async def fake_lookup(ifname: str) -> tuple[int, str] | None:
         return answers[ifname]
 
-    monkeypatch.setattr(helpers, "get_macos_interface_type", fake_lookup)
+    monkeypatch.setattr(interfaces, "get_macos_interface_type", fake_lookup)
     assert asyncio.run(get_interface_priority_and_type("bridge0")) == (5, "Thunderbolt")
     assert asyncio.run(get_interface_priority_and_type("en5")) == (4, "Ethernet")
 
@@ -383,7 +385,7 @@ def test_macos_system_profiler_classification() -> None:
             {"interface": "en9", "_name": "Mystery", "hardware": "x", "type": "y"},
         ]
     }
-    classify = helpers._classify_macos_interface
+    classify = interfaces._classify_macos_interface
     assert classify(data, "bridge0") == (5, "Thunderbolt")
     assert classify(data, "en0") == (3, "WiFi")
     assert classify(data, "en5") == (4, "Ethernet [USB]")

@@ -1,5 +1,5 @@
 """exo on a Rust core: a peer-to-peer LLM inference cluster (xotorch-core)."""
 
-from exo.helpers import DEBUG as DEBUG
-from exo.helpers import DEBUG_DISCOVERY as DEBUG_DISCOVERY
-from exo.helpers import VERSION as VERSION
+from exo.settings import DEBUG as DEBUG
+from exo.settings import DEBUG_DISCOVERY as DEBUG_DISCOVERY
+from exo.settings import VERSION as VERSION

@@ -1,19 +1,72 @@
-"""Type stubs for `exo._core`, the compiled Rust core of exo (xotorch-core)."""
+"""Type stubs for `exo._core`, the compiled Rust core of exo (xotorch-core).
+
+As the extension's classes are built: by `__new__`; `@final` where Python cannot subclass them, `@disjoint_base`
+where it can. `python -m mypy.stubtest exo._core` (in scripts/check) holds this file to the built extension.
+"""
 
 import os
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, final
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import disjoint_base
+
+__all__ = [
+    "CHIP_FLOPS",
+    "TFLOPS",
+    "UNKNOWN_DEVICE_CAPABILITIES",
+    "CandleInferenceEngine",
+    "DeviceCapabilities",
+    "DeviceFlops",
+    "DownloadStatusIterator",
+    "DummyInferenceEngine",
+    "GRPCPeerHandle",
+    "GRPCServer",
+    "HfShardDownloader",
+    "IncrementalDetokenizer",
+    "ManualDiscovery",
+    "NativeDiscovery",
+    "NativeInferenceEngine",
+    "NativeNode",
+    "NativePeerHandle",
+    "NetworkTopology",
+    "Partition",
+    "PeerConfig",
+    "PeerConnection",
+    "RingMemoryWeightedPartitioningStrategy",
+    "Shard",
+    "TailscaleDiscovery",
+    "TokenStream",
+    "Tokenizer",
+    "Topology",
+    "UDPDiscovery",
+    "__version__",
+    "build_base_shard",
+    "build_full_shard",
+    "delete_model",
+    "device_capabilities",
+    "exo_home",
+    "get_pretty_name",
+    "get_repo",
+    "get_supported_models",
+    "map_partitions_to_shards",
+    "model_cards",
+    "ndarray_from_wire",
+    "ndarray_to_wire",
+    "pretty_names",
+    "seed_models",
+    "shards_overlap",
+]
 
 __version__: str
 
+@final
 class Shard:
     """Layers `start_layer..=end_layer` of a model with `n_layers` layers (frozen, hashable)."""
 
-    def __init__(self, model_id: str, start_layer: int, end_layer: int, n_layers: int) -> None: ...
+    def __new__(cls, model_id: str, start_layer: int, end_layer: int, n_layers: int) -> Shard: ...
     @property
     def model_id(self) -> str: ...
     @property
@@ -29,7 +82,7 @@ class Shard:
     def to_dict(self) -> dict[str, Any]: ...
     @staticmethod
     def from_dict(data: dict[str, Any]) -> Shard: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
 def shards_overlap(shard1: Shard, shard2: Shard) -> bool: ...
@@ -39,10 +92,11 @@ def ndarray_to_wire(array: npt.ArrayLike) -> tuple[bytes, list[int], str]:
 def ndarray_from_wire(tensor_data: bytes, shape: Sequence[int], dtype: str) -> np.ndarray:
     """The array a wire tensor encodes; raises `InvalidTensorError` when the parts disagree."""
 
+@final
 class DeviceFlops:
     """Peak throughput in TFLOPS."""
 
-    def __init__(self, fp32: float, fp16: float, int8: float) -> None: ...
+    def __new__(cls, fp32: float, fp16: float, int8: float) -> DeviceFlops: ...
     @property
     def fp32(self) -> float: ...
     @property
@@ -50,15 +104,16 @@ class DeviceFlops:
     @property
     def int8(self) -> float: ...
     def to_dict(self) -> dict[str, float]: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
 class _FlopsMapping(Protocol):
     def __getitem__(self, key: str, /) -> float: ...
 
+@final
 class DeviceCapabilities:
     """A node's device: model, chip, memory (MB) and peak throughput."""
 
-    def __init__(self, model: str, chip: str, memory: int, flops: DeviceFlops | _FlopsMapping) -> None: ...
+    def __new__(cls, model: str, chip: str, memory: int, flops: DeviceFlops | _FlopsMapping) -> DeviceCapabilities: ...
     @property
     def model(self) -> str: ...
     @property
@@ -68,7 +123,7 @@ class DeviceCapabilities:
     @property
     def flops(self) -> DeviceFlops: ...
     def to_dict(self) -> dict[str, Any]: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
 TFLOPS: float
 UNKNOWN_DEVICE_CAPABILITIES: DeviceCapabilities
@@ -77,23 +132,25 @@ CHIP_FLOPS: dict[str, DeviceFlops]
 def device_capabilities() -> Awaitable[DeviceCapabilities]:
     """Detects this machine's CPU, memory and FLOPS estimate off the event loop."""
 
+@final
 class PeerConnection:
     """A directed connection between nodes; equal when both ends are equal."""
 
-    def __init__(self, from_id: str, to_id: str, description: str | None = None) -> None: ...
+    def __new__(cls, from_id: str, to_id: str, description: str | None = None) -> PeerConnection: ...
     @property
     def from_id(self) -> str: ...
     @property
     def to_id(self) -> str: ...
     @property
     def description(self) -> str | None: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
+@final
 class Topology:
     """The cluster graph: node capabilities and peer connections."""
 
-    def __init__(self) -> None: ...
+    def __new__(cls) -> Topology: ...
     def update_node(self, node_id: str, device_capabilities: DeviceCapabilities) -> None: ...
     def get_node(self, node_id: str) -> DeviceCapabilities | None: ...
     def all_nodes(self) -> list[tuple[str, DeviceCapabilities]]: ...
@@ -109,27 +166,30 @@ class Topology:
     def active_node_id(self, node_id: str | None) -> None: ...
     def to_json(self) -> dict[str, Any]: ...
 
+@final
 class Partition:
     """A node's share `[start, end)` of a model's layers, as fractions of 1."""
 
-    def __init__(self, node_id: str, start: float, end: float) -> None: ...
+    def __new__(cls, node_id: str, start: float, end: float) -> Partition: ...
     @property
     def node_id(self) -> str: ...
     @property
     def start(self) -> float: ...
     @property
     def end(self) -> float: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
+@final
 class RingMemoryWeightedPartitioningStrategy:
     """exo classic's default strategy: memory-weighted shares around a ring."""
 
-    def __init__(self) -> None: ...
+    def __new__(cls) -> RingMemoryWeightedPartitioningStrategy: ...
     def partition(self, topology: Topology) -> list[Partition]: ...
 
 def map_partitions_to_shards(partitions: Sequence[Partition], num_layers: int, model_id: str) -> list[Shard]:
     """Layer ranges for partitions: every layer in exactly one shard, in partition order."""
 
+@disjoint_base
 class NativeInferenceEngine:
     """A Rust engine behind exo classic's `InferenceEngine` methods; every method is awaitable."""
 
@@ -156,24 +216,27 @@ class NativeInferenceEngine:
     def finish_request(self, request_id: str) -> Awaitable[None]: ...
     def eos_token_ids(self, shard: Shard) -> Awaitable[list[int]]: ...
 
+@final
 class DummyInferenceEngine(NativeInferenceEngine):
     """exo classic's deterministic test engine."""
 
-    def __init__(self) -> None: ...
+    def __new__(cls) -> DummyInferenceEngine: ...
 
+@final
 class CandleInferenceEngine(NativeInferenceEngine):
     """Hugging Face decoder models on candle; weights stay in their checkpoint dtype."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         shard_downloader: Any = None,
         max_context: int = 16384,
         cache_budget_mb: int = 2048,
         device: str | None = None,
-    ) -> None: ...
+    ) -> CandleInferenceEngine: ...
     def load_checkpoint(self, shard: Shard, path: str | os.PathLike[str]) -> Awaitable[None]: ...
     def save_checkpoint(self, shard: Shard, path: str | os.PathLike[str]) -> Awaitable[None]: ...
 
+@final
 class Tokenizer:
     """A Hugging Face tokenizer with its chat template, special tokens and EOS ids."""
 
@@ -198,13 +261,15 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int: ...
 
+@final
 class IncrementalDetokenizer:
     """Streams text from token ids without ever emitting a broken UTF-8 character."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None: ...
+    def __new__(cls, tokenizer: Tokenizer) -> IncrementalDetokenizer: ...
     def push(self, token: int) -> str: ...
     def finish(self) -> str: ...
 
+@disjoint_base
 class NativePeerHandle:
     """A native peer handle; every network method is awaitable and has a deadline."""
 
@@ -232,12 +297,14 @@ class NativePeerHandle:
     def send_opaque_status(self, request_id: str, status: str) -> Awaitable[None]: ...
     def collect_topology(self, visited: set[str], max_depth: int = 4) -> Awaitable[Topology]: ...
 
+@final
 class GRPCPeerHandle(NativePeerHandle):
     """exo classic's gRPC peer: one reused connection to `address` (`host:port`)."""
 
-    def __init__(self, _id: str, address: str, desc: str, device_capabilities: DeviceCapabilities) -> None: ...
+    def __new__(cls, _id: str, address: str, desc: str, device_capabilities: DeviceCapabilities) -> GRPCPeerHandle: ...
     def measure_round_trip(self, hidden_size: int, calls: int = 200) -> Awaitable[float]: ...
 
+@disjoint_base
 class NativeDiscovery:
     """A native discovery; the UDP, manual and Tailscale discoveries derive from it."""
 
@@ -245,11 +312,12 @@ class NativeDiscovery:
     def stop(self) -> Awaitable[None]: ...
     def discover_peers(self, wait_for_peers: int = 0) -> Awaitable[list[NativePeerHandle]]: ...
 
+@final
 class GRPCServer:
     """Serves a node's `NodeService` on `host:port` (port 0 picks a free one); `node` is a `Node`
     or any object with classic's node methods (`process_prompt`, `process_tensor`, ...)."""
 
-    def __init__(self, node: Any, host: str, port: int) -> None: ...
+    def __new__(cls, node: Any, host: str, port: int) -> GRPCServer: ...
     def start(self) -> Awaitable[None]: ...
     def stop(self) -> Awaitable[None]: ...
     @property
@@ -257,6 +325,7 @@ class GRPCServer:
     @property
     def port(self) -> int: ...
 
+@final
 class TokenStream:
     """A request's token ids as they are generated; `aclose()` cancels the request everywhere."""
 
@@ -266,18 +335,19 @@ class TokenStream:
     def __anext__(self) -> Awaitable[int]: ...
     def aclose(self) -> Awaitable[None]: ...
 
+@final
 class NativeNode:
     """The Rust node behind `exo.orchestration.node.Node`: ring, peers, topology, requests."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         node_id: str,
         inference_engine: Any,
         discovery: Any,
         partitioning_strategy: Any = None,
         max_generate_tokens: int = 1024,
         default_sample_temperature: float = 0.0,
-    ) -> None: ...
+    ) -> NativeNode: ...
     @property
     def id(self) -> str: ...
     def set_server(self, server: Any) -> None: ...
@@ -343,11 +413,12 @@ class _CreatePeerHandle(Protocol):
         self, peer_id: str, address: str, description: str, device_capabilities: DeviceCapabilities, /
     ) -> Any: ...
 
+@final
 class UDPDiscovery(NativeDiscovery):
     """UDP broadcast discovery with exo classic's messages; `allowed_interface_types` also limits where it announces."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         node_id: str,
         node_port: int,
         listen_port: int,
@@ -358,7 +429,7 @@ class UDPDiscovery(NativeDiscovery):
         device_capabilities: DeviceCapabilities | None = None,
         allowed_node_ids: list[str] | None = None,
         allowed_interface_types: list[str] | None = None,
-    ) -> None: ...
+    ) -> UDPDiscovery: ...
     @property
     def node_id(self) -> str: ...
     @property
@@ -378,22 +449,24 @@ class UDPDiscovery(NativeDiscovery):
     @property
     def device_capabilities(self) -> DeviceCapabilities: ...
 
+@final
 class ManualDiscovery(NativeDiscovery):
     """Peers from a JSON network config, re-read when it changes; `start` raises for a missing or invalid file."""
 
-    def __init__(
-        self, network_config_path: str | os.PathLike[str], node_id: str, create_peer_handle: _CreatePeerHandle
-    ) -> None: ...
+    def __new__(
+        cls, network_config_path: str | os.PathLike[str], node_id: str, create_peer_handle: _CreatePeerHandle
+    ) -> ManualDiscovery: ...
     @property
     def network_config_path(self) -> str: ...
     @property
     def node_id(self) -> str: ...
 
+@final
 class TailscaleDiscovery(NativeDiscovery):
     """Peers from Tailscale's devices API and `custom:exo_*` posture attributes."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         node_id: str,
         node_port: int,
         create_peer_handle: _CreatePeerHandle,
@@ -407,7 +480,7 @@ class TailscaleDiscovery(NativeDiscovery):
         *,
         api_base: str | None = None,
         device_id: str | None = None,
-    ) -> None: ...
+    ) -> TailscaleDiscovery: ...
     @property
     def node_id(self) -> str: ...
     @property
@@ -423,27 +496,29 @@ class TailscaleDiscovery(NativeDiscovery):
     @property
     def allowed_node_ids(self) -> list[str] | None: ...
 
+@final
 class PeerConfig:
     """One node of a manual network config."""
 
-    def __init__(self, address: str, port: int, device_capabilities: DeviceCapabilities) -> None: ...
+    def __new__(cls, address: str, port: int, device_capabilities: DeviceCapabilities) -> PeerConfig: ...
     @property
     def address(self) -> str: ...
     @property
     def port(self) -> int: ...
     @property
     def device_capabilities(self) -> DeviceCapabilities: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
+@final
 class NetworkTopology:
     """Every node of a manual network config, this node included."""
 
-    def __init__(self, peers: dict[str, PeerConfig]) -> None: ...
+    def __new__(cls, peers: dict[str, PeerConfig]) -> NetworkTopology: ...
     @staticmethod
     def from_path(path: str | os.PathLike[str]) -> NetworkTopology: ...
     @property
     def peers(self) -> dict[str, PeerConfig]: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
 
 # The model registry (exo.models).
 def model_cards() -> dict[str, dict[str, Any]]:
@@ -459,10 +534,13 @@ def build_base_shard(model_id: str, inference_engine_classname: str) -> Shard | 
 def build_full_shard(model_id: str, inference_engine_classname: str) -> Shard | None: ...
 
 # Shard downloads (exo.download).
+@disjoint_base
 class HfShardDownloader:
     """Fetches the files of a shard from the Hugging Face hub into EXO_HOME."""
 
-    def __init__(self, max_parallel_downloads: int = 8, exo_home: str | os.PathLike[str] | None = None) -> None: ...
+    def __new__(
+        cls, max_parallel_downloads: int = 8, exo_home: str | os.PathLike[str] | None = None
+    ) -> HfShardDownloader: ...
     @property
     def on_progress(self) -> Any:
         """An `exo.helpers.AsyncCallbackSystem[str, tuple[Shard, RepoProgressEvent]]`."""
@@ -474,6 +552,7 @@ class HfShardDownloader:
     def get_shard_download_status(self, inference_engine_name: str) -> DownloadStatusIterator: ...
     def delete_model(self, model_id: str, inference_engine_name: str) -> bool: ...
 
+@final
 class DownloadStatusIterator:
     """Async iterator of `(path, RepoProgressEvent)`."""
 

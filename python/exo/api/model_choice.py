@@ -1,8 +1,4 @@
-"""Which model a request names: a registry id, or a local Hugging Face model directory.
-
-The registry (`exo.models`) is optional at import time; without it only local directories (and `dummy` on the
-dummy engine) resolve.
-"""
+"""Which model a request names: a registry id (`exo.models`), or a local Hugging Face model directory."""
 
 from __future__ import annotations
 
@@ -10,25 +6,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+from exo import models
 from exo.api.chat_request import ApiError
 from exo.inference.shard import Shard
 
 logger = logging.getLogger(__name__)
-
-DUMMY_ENGINE = "DummyInferenceEngine"
-DUMMY_MODEL_LAYERS = 8
-
-
-def registry() -> ModuleType | None:
-    """`exo.models`, or None while it is not part of the package."""
-    try:
-        from exo import models
-    except ImportError:
-        return None
-    return models
 
 
 @dataclass(frozen=True)
@@ -57,28 +41,20 @@ def local_model_layers(path: str) -> int | None:
 
 def supported_model_ids(engine_classname: str) -> list[str]:
     """Registry models that `engine_classname` can run."""
-    models = registry()
-    if models is None:
-        return ["dummy"] if engine_classname == DUMMY_ENGINE else []
     return list(models.get_supported_models([[engine_classname]]))
 
 
 def pretty_name(model_id: str) -> str:
-    models = registry()
-    name = models.get_pretty_name(model_id) if models is not None else None
-    return name or model_id
+    """The registry's display name of `model_id`, else the id itself."""
+    return models.get_pretty_name(model_id) or model_id
 
 
 def resolve_model(model_id: str, engine_classname: str) -> ResolvedModel:
     """The model `model_id` on engine `engine_classname`; `ApiError` 404 when neither registry nor disk has it."""
-    models = registry()
-    if models is not None:
-        shard = models.build_base_shard(model_id, engine_classname)
-        if shard is not None:
-            repo = models.get_repo(model_id, engine_classname) or model_id
-            return ResolvedModel(model_id, shard, repo, shard.n_layers)
-    elif model_id == "dummy" and engine_classname == DUMMY_ENGINE:
-        return ResolvedModel(model_id, Shard(model_id, 0, 0, DUMMY_MODEL_LAYERS), "dummy", DUMMY_MODEL_LAYERS)
+    shard = models.build_base_shard(model_id, engine_classname)
+    if shard is not None:
+        repo = models.get_repo(model_id, engine_classname) or model_id
+        return ResolvedModel(model_id, shard, repo, shard.n_layers)
     layers = local_model_layers(model_id)
     if layers is not None:
         return ResolvedModel(model_id, Shard(model_id, 0, 0, layers), model_id, layers)
@@ -96,13 +72,11 @@ async def resolve_model_async(model_id: str, engine_classname: str, shard_downlo
     try:
         return resolve_model(model_id, engine_classname)
     except ApiError as not_found:
-        models = registry()
-        fetch = getattr(models, "build_base_shard_async", None)
-        if fetch is None or "/" not in model_id or models.get_repo(model_id, engine_classname) is None:
+        if "/" not in model_id or models.get_repo(model_id, engine_classname) is None:
             raise
         downloader = shard_downloader if hasattr(shard_downloader, "model_layers") else None
         try:
-            shard = await fetch(model_id, engine_classname, downloader)
+            shard = await models.build_base_shard_async(model_id, engine_classname, downloader)
         except Exception as e:
             raise ApiError(404, f"The model '{model_id}' could not be found: {e}", "model_not_found") from not_found
         if shard is None:

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from exo._core import HfShardDownloader
+from exo.callbacks import AsyncCallbackSystem
 from exo.download.download_progress import RepoProgressEvent
-from exo.helpers import AsyncCallbackSystem
 from exo.inference.shard import Shard
 
 
@@ -45,7 +45,8 @@ class NoopShardDownloader(ShardDownloader):
     async def get_shard_download_status(
         self, inference_engine_name: str
     ) -> AsyncIterator[tuple[Path, RepoProgressEvent]]:
-        for item in ():
+        nothing: tuple[tuple[Path, RepoProgressEvent], ...] = ()
+        for item in nothing:
             yield item
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from exo._core import NativeNode, TokenStream
-from exo.helpers import AsyncCallbackSystem
+from exo.callbacks import AsyncCallbackSystem
+from exo.download.download_progress import RepoProgressEvent
 from exo.inference.shard import Shard
 from exo.topology.device_capabilities import DeviceCapabilities
 from exo.topology.partitioning_strategy import Partition
@@ -272,11 +273,6 @@ class Node:
         self._update_viz()
 
     def _record_download_progress(self, status: dict[str, Any]) -> None:
-        try:
-            from exo.download.download_progress import RepoProgressEvent
-        except ImportError:
-            self.node_download_progress[status.get("node_id", "")] = status.get("progress")
-            return
         try:
             self.node_download_progress[status.get("node_id", "")] = RepoProgressEvent.from_dict(status["progress"])
         except (KeyError, TypeError, ValueError) as e:

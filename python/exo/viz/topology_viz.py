@@ -21,7 +21,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from exo.helpers import exo_text, pretty_print_bytes, pretty_print_bytes_per_second
+from exo.terminal import exo_text, pretty_print_bytes, pretty_print_bytes_per_second
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
 from exo.topology.partitioning_strategy import Partition, map_partitions_to_shards
 from exo.topology.topology import Topology

@@ -1,0 +1,87 @@
+"""The aiohttp server under the API: CORS, errors answered as JSON, request handlers cancelled on stop, and
+background tasks (downloads, quitting) that outlive the request which started them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from exo.api.chat_request import ApiError
+from exo.api.responses import error_response
+
+logger = logging.getLogger(__name__)
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": "*",
+    "Access-Control-Expose-Headers": "*",
+}
+
+
+class ApiServer:
+    """An aiohttp application (`self.app`) with CORS and JSON errors. `await run(host, port)` starts serving;
+    `await stop()` cancels running requests and ends it. Subclasses add the routes."""
+
+    def __init__(self) -> None:
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._runner: web.AppRunner | None = None
+        self.app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[self._cors_middleware])
+        self.app.on_response_prepare.append(self._add_cors_headers)
+
+    @web.middleware
+    async def _cors_middleware(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+        if request.method == "OPTIONS":
+            return web.Response(status=204)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            code = "not_found" if e.status == 404 else "http_error"
+            message = f"{request.method} {request.path}: {e.reason}"
+            return error_response(ApiError(e.status, message, code))
+        except ApiError as e:
+            return error_response(e)
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+
+    @staticmethod
+    async def _add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(CORS_HEADERS)
+
+    async def run(self, host: str = "0.0.0.0", port: int = 52415) -> None:
+        """Start serving on `host:port`; returns once the socket listens."""
+        runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=5.0, access_log=None)
+        await runner.setup()
+        self._runner = runner
+        await web.TCPSite(runner, host, port).start()
+        logger.info("ChatGPT API listening on http://%s:%d", host, port)
+
+    async def stop(self) -> None:
+        """Cancel running requests (on every node), close connections and stop listening."""
+        handlers = [t for t in self._handlers if t is not asyncio.current_task()]
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        """Run `coroutine` in the background until it ends or the server stops."""
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
