@@ -6,9 +6,9 @@ checkpoint in the same run when torch and transformers are installed (`pip insta
                            [--reference-python PATH] [--device cpu|cuda] [--preset llama-3.2-1b ...]
 
 With `--device cuda` both run on the GPU (a CUDA wheel from `scripts/build-cuda`; transformers
-with eager attention), and the table adds the GPU memory each backend held at the end of its
-run beyond what was in use before it started (NVML, CUDA context included); no CPU bandwidth
-ceiling is printed then.
+with eager attention), and the table adds the GPU memory each backend held after its last
+decoded token beyond what was in use before it started (NVML, CUDA context included); no CPU
+bandwidth ceiling is printed then.
 
 `--reference-python` names an interpreter that has torch and transformers, when they are not
 installed beside exo (the reference worker needs only them and numpy).
@@ -59,7 +59,7 @@ def _gpu_used_mb() -> float | None:
     return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / 2**20
 
 
-async def _run_candle(model_dir: str, prompt: list[int], decode_tokens: int) -> dict[str, float]:
+async def _run_candle(model_dir: str, prompt: list[int], decode_tokens: int, device: str) -> dict[str, float | None]:
     from exo.inference.candle import CandleInferenceEngine
     from exo.inference.shard import Shard
 
@@ -84,12 +84,13 @@ async def _run_candle(model_dir: str, prompt: list[int], decode_tokens: int) -> 
         logits, _ = await engine.infer_tensor("bench", shard, token.reshape(1, 1))
         token = await engine.sample(logits)
     decode_s = time.perf_counter() - started
-    return {"load_s": load_s, "warm_up_s": warm_up_s, "prefill_s": prefill_s, "decode_s": decode_s}
+    timings = {"load_s": load_s, "warm_up_s": warm_up_s, "prefill_s": prefill_s, "decode_s": decode_s}
+    return timings | {"gpu_used_mb": _gpu_used_mb() if device == "cuda" else None}
 
 
 def _run_transformers(
     model_dir: str, prompt: list[int], decode_tokens: int, dtype: str, device: str
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -120,18 +121,19 @@ def _run_transformers(
             cache = out.past_key_values
             token = out.logits[:, -1:].argmax(-1)
         decode_s = now() - started
-    return {"load_s": load_s, "warm_up_s": warm_up_s, "prefill_s": prefill_s, "decode_s": decode_s}
+    timings = {"load_s": load_s, "warm_up_s": warm_up_s, "prefill_s": prefill_s, "decode_s": decode_s}
+    return timings | {"gpu_used_mb": _gpu_used_mb() if device == "cuda" else None}
 
 
 def _worker(args: argparse.Namespace) -> None:
     prompt = _prompt(args.prompt_tokens)
     gpu_before = _gpu_used_mb() if args.device == "cuda" else None
     if args.backend == "candle":
-        result = asyncio.run(_run_candle(args.model_dir, prompt, args.decode_tokens))
+        result = asyncio.run(_run_candle(args.model_dir, prompt, args.decode_tokens, args.device))
     else:
         result = _run_transformers(args.model_dir, prompt, args.decode_tokens, args.dtype[0], args.device)
     result["peak_rss_mb"] = _peak_rss_mb()
-    gpu_after = _gpu_used_mb() if gpu_before is not None else None
+    gpu_after = result.pop("gpu_used_mb")
     if gpu_before is not None and gpu_after is not None:
         result["gpu_mb"] = gpu_after - gpu_before
     sys.stdout.write(json.dumps(result) + "\n")

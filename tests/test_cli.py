@@ -72,10 +72,28 @@ def test_mlx_off_mac_is_a_clear_error() -> None:
     assert "mlx engine needs a macOS build" in done.stderr
 
 
+def test_an_unknown_device_is_a_clear_error() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "exo.main", "--device", "tpu", "--disable-tui"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "EXO_DEVICE=tpu is not a device" in done.stderr
+
+
 def test_help_lists_the_flags() -> None:
     done = subprocess.run([sys.executable, "-m", "exo.main", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
-    for flag in ("--chatgpt-api-port", "--discovery-module", "--run-model", "--chat-tui", "--system-prompt"):
+    for flag in (
+        "--chatgpt-api-port",
+        "--discovery-module",
+        "--run-model",
+        "--chat-tui",
+        "--system-prompt",
+        "--device",
+    ):
         assert flag in done.stdout
 
 

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interface-type-filter", type=str, default=None, help="comma-separated allowed interface types")
     p.add_argument("--system-prompt", type=str, default=None, help="system prompt for the API")
     p.add_argument("--chat-tui", action="store_true", help="chat in the terminal instead of the topology TUI")
+    p.add_argument(
+        "--device", type=str, default=None, help="where candle computes: auto, cpu, cuda or cuda:N (sets EXO_DEVICE)"
+    )
     return p
 
 
@@ -110,6 +113,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"exo: '{args.command}' is not supported: {UNSUPPORTED_COMMANDS[args.command]}.", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    if args.device is not None:
+        # The engine and the node's device report both read it.
+        os.environ["EXO_DEVICE"] = args.device
     raise_open_files_limit()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)

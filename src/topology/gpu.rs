@@ -2,7 +2,7 @@
 //! throughput read from the CUDA driver, in the form exo classic reports a GPU (chip and model
 //! from the device name, memory in MB of VRAM). Builds without the `cuda` feature see no GPU.
 
-use super::device::{DeviceCapabilities, DeviceFlops};
+use super::device::DeviceCapabilities;
 
 /// The GPU the engine will compute on, unless `EXO_DEVICE` names the CPU or no GPU answers.
 #[cfg(feature = "cuda")]
@@ -61,7 +61,7 @@ pub fn detect() -> Option<DeviceCapabilities> {
 /// (GHz) and compute capability: fp32 from the FP32 lanes per multiprocessor, fp16 from the
 /// tensor cores' dense FP16 rate with f32 accumulation, int8 twice that.
 #[cfg(any(feature = "cuda", test))]
-fn estimate_gpu_flops(sms: f64, ghz: f64, capability: (i32, i32)) -> DeviceFlops {
+fn estimate_gpu_flops(sms: f64, ghz: f64, capability: (i32, i32)) -> super::device::DeviceFlops {
     // (FP32 lanes, dense FP16 tensor FLOPs per clock) per multiprocessor.
     let (lanes, tensor) = match capability {
         (9, _) | (10, _) | (12, _) => (128.0, 4096.0),
@@ -72,7 +72,7 @@ fn estimate_gpu_flops(sms: f64, ghz: f64, capability: (i32, i32)) -> DeviceFlops
     };
     let fp32 = sms * ghz * lanes * 2.0 / 1000.0;
     let fp16 = sms * ghz * tensor / 1000.0;
-    DeviceFlops::new(fp32, fp16, 2.0 * fp16)
+    super::device::DeviceFlops::new(fp32, fp16, 2.0 * fp16)
 }
 
 #[cfg(test)]

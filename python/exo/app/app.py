@@ -25,6 +25,7 @@ from exo.app.progress import ProgressBroadcaster
 from exo.app.tui_feed import TuiFeed
 from exo.download.new_shard_download import ensure_exo_home, new_shard_downloader, seed_models
 from exo.download.shard_download import NoopShardDownloader
+from exo.errors import InvalidArgumentError
 from exo.inference.inference_engine import get_inference_engine
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
@@ -105,9 +106,13 @@ class App:
         args = self.args
         print(f"Detected system: {get_system_info()}")
         self.shard_downloader = self._shard_downloader()
-        engine = get_inference_engine(self.engine_name, self.shard_downloader)
+        try:
+            engine = get_inference_engine(self.engine_name, self.shard_downloader)
+        except InvalidArgumentError as e:  # a device this build or machine does not have
+            raise CliError(str(e)) from e
         self.engine_classname = type(engine).__name__
-        print(f"Using inference engine: {self.engine_classname} ({self.engine_name})")
+        device = getattr(engine, "device", "cpu")
+        print(f"Using inference engine: {self.engine_classname} ({self.engine_name}) on {device}")
         if args.node_port is None:
             args.node_port = find_available_port(args.node_host)
         node_id = args.node_id or get_or_create_node_id()
