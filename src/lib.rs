@@ -3,6 +3,7 @@
 //! Everything outside `python` is plain Rust; `python` holds the only PyO3 code and builds
 //! the `exo._core` extension module.
 
+pub mod accelerator;
 pub mod download;
 pub mod engine;
 pub mod error;

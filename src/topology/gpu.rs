@@ -10,15 +10,14 @@ pub fn detect() -> Option<DeviceCapabilities> {
     use cudarc::driver::result;
     use cudarc::driver::sys::CUdevice_attribute as Attribute;
 
-    let wanted =
-        std::env::var(crate::engine::candle::DEVICE_ENV).unwrap_or_default().trim().to_ascii_lowercase();
-    let ordinal = match wanted.as_str() {
-        "" | "auto" | "cuda" => 0,
-        other => other.strip_prefix("cuda:")?.parse().ok()?,
-    };
+    let ordinal = crate::accelerator::wanted_cuda_ordinal()?;
+    if let Err(e) = crate::accelerator::load_cuda_driver() {
+        log::info!("{e}; reporting the CPU");
+        return None;
+    }
     let probe = || -> Result<DeviceCapabilities, result::DriverError> {
         result::init()?;
-        let device = result::device::get(ordinal)?;
+        let device = result::device::get(ordinal as i32)?;
         let name = result::device::get_name(device)?.to_uppercase();
         // SAFETY: `device` is a handle the driver just returned; the attributes are plain reads.
         let (memory, sms, khz, major, minor) = unsafe {

@@ -3,10 +3,8 @@
 
 use candle_core::Device;
 
+pub use crate::accelerator::DEVICE_ENV;
 use crate::error::{Error, Result};
-
-/// Environment variable that overrides the automatic choice.
-pub const DEVICE_ENV: &str = "EXO_DEVICE";
 
 /// Device families this build can compute on, best first: CUDA with the `cuda` cargo feature,
 /// always the CPU. Metal is not built on any platform yet.
@@ -32,7 +30,7 @@ impl ComputeDevice {
     /// answers, else the CPU (saying why in the log when a CUDA build falls back).
     pub fn best() -> Self {
         if BUILT.contains(&"cuda") {
-            match Device::new_cuda(0) {
+            match cuda(0) {
                 Ok(device) => return Self { device, name: "cuda:0".into() },
                 Err(e) => log::warn!("no CUDA GPU answered ({e}); computing on the CPU"),
             }
@@ -64,7 +62,7 @@ impl ComputeDevice {
             "cpu" if ordinal.is_none() => Ok(Self::cpu()),
             "cuda" if BUILT.contains(&"cuda") => {
                 let n = ordinal.unwrap_or(0);
-                let device = Device::new_cuda(n).map_err(|e| {
+                let device = cuda(n).map_err(|e| {
                     Error::InvalidArgument(format!("{DEVICE_ENV}={name}: CUDA GPU {n} does not answer: {e}"))
                 })?;
                 Ok(Self { device, name: format!("cuda:{n}") })
@@ -87,6 +85,13 @@ impl ComputeDevice {
     pub fn name(&self) -> &str {
         &self.name
     }
+}
+
+/// CUDA GPU `ordinal`, once the driver is loaded.
+fn cuda(ordinal: usize) -> std::result::Result<Device, String> {
+    #[cfg(feature = "cuda")]
+    crate::accelerator::load_cuda_driver()?;
+    Device::new_cuda(ordinal).map_err(|e| e.to_string())
 }
 
 fn not_a_device(name: &str) -> Error {
