@@ -324,7 +324,8 @@ impl Node {
         let running: Vec<String> =
             self.requests.lock().expect("requests lock poisoned").keys().cloned().collect();
         for request_id in running {
-            self.end_request(&request_id, Some(format!("node {} stopped", self.id))).await;
+            let error = Error::RequestFailed(format!("node {} stopped", self.id));
+            self.end_request(&request_id, Some(error)).await;
         }
         self.outbox.close();
         let discovery = self.discovery.stop().await;
@@ -524,7 +525,7 @@ impl Node {
                 .collect()
         };
         for request_id in affected {
-            let error = format!("peer {peer_id} ({address}) stopped answering during the request");
+            let error = Error::Peer(format!("{peer_id} ({address}) stopped answering during the request"));
             self.fail_request(&request_id, error).await;
         }
     }
@@ -540,7 +541,8 @@ impl Node {
                 .collect()
         };
         for request_id in idle {
-            self.end_request(&request_id, Some("the request stalled and was dropped".into())).await;
+            let error = Error::RequestFailed("the request stalled and was dropped".into());
+            self.end_request(&request_id, Some(error)).await;
         }
         self.ended.lock().expect("ended lock poisoned").retain(|_, at| at.elapsed() < IDLE_REQUEST);
     }

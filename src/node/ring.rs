@@ -2,6 +2,7 @@
 //! or the new token to the node holding the next layer, and deliver tokens to the origin.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -9,7 +10,10 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use super::outbox::{Message, PeerLookup};
-use super::request::{planned_shards, Phase, Request, RequestContext, StreamEvent, CONTEXT_KEY};
+use super::request::{
+    failed_status, failure_from_status, planned_shards, Phase, Request, RequestContext, StreamEvent,
+    CONTEXT_KEY,
+};
 use super::{GenerateOptions, Node, NodeEvent};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
@@ -54,10 +58,15 @@ impl Node {
         base.validate()?;
         self.start_request(&request_id, base, context.clone(), None);
         let outcome = self.plan_and_run_prompt(base, prompt, &request_id, context, state).await;
-        if let Err(e) = &outcome {
-            self.fail_request(&request_id, e.to_string()).await;
+        match outcome {
+            Ok(()) => Ok(request_id),
+            Err(e) => {
+                // The caller gets an error of the same kind; the ring gets the error itself.
+                let returned = e.duplicate();
+                self.fail_request(&request_id, e).await;
+                Err(returned)
+            }
         }
-        outcome.map(|()| request_id)
     }
 
     /// Starts a request on the ring and returns its id and its token stream at once; the
@@ -88,7 +97,7 @@ impl Node {
         let (node, base, prompt, id) = (self.arc(), base.clone(), prompt.to_string(), request_id.clone());
         tokio::spawn(async move {
             if let Err(e) = node.plan_and_run_prompt(&base, &prompt, &id, context, None).await {
-                node.fail_request(&id, e.to_string()).await;
+                node.fail_request(&id, e).await;
             }
         });
         Ok((request_id, receiver))
@@ -112,7 +121,8 @@ impl Node {
         let status =
             serde_json::json!({"type": "request_cancelled", "node_id": self.id, "request_id": request_id});
         self.notify_peers(request_id, &status.to_string());
-        self.end_request(request_id, Some(format!("request {request_id} was cancelled"))).await;
+        let error = Error::RequestFailed(format!("request {request_id} was cancelled"));
+        self.end_request(request_id, Some(error)).await;
     }
 
     /// Settles the layers of a request recorded here, then runs (or hands off) its prompt with
@@ -376,7 +386,7 @@ impl Node {
     /// Sends `tensor` to the node holding the layer after `shard`'s last; a failure fails
     /// the request everywhere.
     fn forward_step(
-        self: std::sync::Arc<Self>,
+        self: Arc<Self>,
         shard: Shard,
         tensor: WireTensor,
         request_id: String,
@@ -410,7 +420,7 @@ impl Node {
                 },
             };
             if let Err(e) = outcome {
-                self.fail_request(&request_id, e.to_string()).await;
+                self.fail_request(&request_id, e).await;
             }
         })
     }
@@ -468,25 +478,20 @@ impl Node {
         }
     }
 
-    /// Fails a request here and tells every peer, so the origin reports it and all free it.
-    pub(super) async fn fail_request(&self, request_id: &str, error: String) {
+    /// Fails a request here and tells every peer, so the origin reports it and all free it;
+    /// the status names the error's kind, so the origin rebuilds an error of that kind.
+    pub(super) async fn fail_request(&self, request_id: &str, error: Error) {
         let known = self.requests.lock().expect("requests lock poisoned").contains_key(request_id);
         if !known && self.has_ended(request_id) {
             return;
         }
-        let status = serde_json::json!({
-            "type": "request_failed",
-            "node_id": self.id,
-            "request_id": request_id,
-            "error": error,
-        });
-        self.notify_peers(request_id, &status.to_string());
+        self.notify_peers(request_id, &failed_status(&self.id, request_id, &error).to_string());
         self.end_request(request_id, Some(error)).await;
     }
 
     /// Forgets a request here and frees its cache; with an error, its stream and the
     /// listeners learn why, and late messages for it are dropped.
-    pub(super) async fn end_request(&self, request_id: &str, error: Option<String>) {
+    pub(super) async fn end_request(&self, request_id: &str, error: Option<Error>) {
         let request = {
             // The ended mark is set under the requests lock, so `register` sees it or the record.
             let mut requests = self.requests.lock().expect("requests lock poisoned");
@@ -498,7 +503,7 @@ impl Node {
             }
             requests.remove(request_id)
         };
-        if let Some(error) = error {
+        if let Some(error) = error.map(Arc::new) {
             if let Some(stream) = request.as_ref().and_then(|r| r.stream.as_ref()) {
                 let _ = stream.send(StreamEvent::Failed(error.clone()));
             }
@@ -507,6 +512,15 @@ impl Node {
             }
         }
         self.engine.finish_request(request_id).await;
+    }
+
+    /// Ends a request a peer handed over when running it failed here, and returns the outcome
+    /// to the peer with an error of the same kind.
+    async fn end_failed(&self, request_id: &str, outcome: Result<()>) -> Result<()> {
+        let Err(error) = outcome else { return Ok(()) };
+        let returned = error.duplicate();
+        self.end_request(request_id, Some(error)).await;
+        Err(returned)
     }
 }
 
@@ -524,10 +538,7 @@ impl RequestHandler for Node {
             return Err(Error::RequestFailed(format!("request {request_id} has ended")));
         }
         let outcome = self.run_prompt(&whole_model(&shard), Some(shard), &prompt, &request_id, state).await;
-        if let Err(e) = &outcome {
-            self.end_request(&request_id, Some(e.to_string())).await;
-        }
-        outcome
+        self.end_failed(&request_id, outcome).await
     }
 
     async fn handle_tensor(
@@ -539,10 +550,7 @@ impl RequestHandler for Node {
     ) -> Result<()> {
         let request_id = request_id.unwrap_or_else(new_request_id);
         let outcome = self.run_tensor(shard, tensor, &request_id, state).await;
-        if let Err(e) = &outcome {
-            self.end_request(&request_id, Some(e.to_string())).await;
-        }
-        outcome
+        self.end_failed(&request_id, outcome).await
     }
 
     async fn handle_result(&self, request_id: String, tokens: Vec<u32>, is_finished: bool) {
@@ -572,12 +580,11 @@ impl RequestHandler for Node {
         let field = |name: &str| message.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_string();
         match field("type").as_str() {
             "request_failed" => {
-                let error = format!("{} (on node {})", field("error"), field("node_id"));
-                self.end_request(&request_id, Some(error)).await;
+                self.end_request(&request_id, Some(failure_from_status(&message))).await;
             }
             "request_cancelled" => {
                 let error = format!("request {request_id} was cancelled by node {}", field("node_id"));
-                self.end_request(&request_id, Some(error)).await;
+                self.end_request(&request_id, Some(Error::RequestFailed(error))).await;
             }
             _ => {}
         }
