@@ -80,7 +80,7 @@ impl Node {
     ) -> Result<(String, mpsc::UnboundedReceiver<StreamEvent>)> {
         base.validate()?;
         let request_id = request_id.unwrap_or_else(new_request_id);
-        if self.requests.lock().expect("requests lock poisoned").contains_key(&request_id) {
+        if self.requests.contains(&request_id) {
             return Err(Error::InvalidArgument(format!("request {request_id} is already running")));
         }
         let context = RequestContext {
@@ -155,10 +155,10 @@ impl Node {
             Some(plan) => planned_shards(plan, base)?,
             None => self.assignments(base),
         };
-        if let Some(request) = self.requests.lock().expect("requests lock poisoned").get_mut(request_id) {
+        self.requests.with(request_id, |request| {
             request.context = Some(context.clone());
             request.members = layers.iter().map(|(id, _)| id.clone()).collect();
-        }
+        });
         let shard = layers.into_iter().find(|(id, _)| *id == self.id).map(|(_, shard)| shard);
         Ok((shard, context))
     }
@@ -175,34 +175,7 @@ impl Node {
         let mut request = Request::new(Some(context));
         request.stream = stream;
         request.members = members;
-        self.ended.lock().expect("ended lock poisoned").remove(request_id);
-        self.requests.lock().expect("requests lock poisoned").insert(request_id.to_string(), request);
-    }
-
-    /// Records a request arriving from a peer, keeping the context its state carries; false
-    /// when the request already ended here (cancelled or failed).
-    fn register(&self, request_id: &str, context: Option<RequestContext>) -> bool {
-        let mut requests = self.requests.lock().expect("requests lock poisoned");
-        if self.has_ended(request_id) {
-            return false;
-        }
-        let request = requests.entry(request_id.to_string()).or_insert_with(|| Request::new(None));
-        if request.context.is_none() {
-            request.context = context;
-        }
-        request.last_active = Instant::now();
-        true
-    }
-
-    fn set_phase(&self, request_id: &str, phase: Phase) {
-        if let Some(request) = self.requests.lock().expect("requests lock poisoned").get_mut(request_id) {
-            request.phase = phase;
-            request.last_active = Instant::now();
-        }
-    }
-
-    fn has_ended(&self, request_id: &str) -> bool {
-        self.ended.lock().expect("ended lock poisoned").contains_key(request_id)
+        self.requests.start(request_id, request);
     }
 
     /// Tells every peer and the local listeners about this node's work on a prompt.
@@ -249,7 +222,7 @@ impl Node {
         self.broadcast_node_status("start_process_prompt", base, &shown, request_id, start);
         let mut result_size = 0;
         let outcome = if let Some(shard) = shard.filter(Shard::is_first_layer) {
-            self.set_phase(request_id, Phase::Processing);
+            self.requests.set_phase(request_id, Phase::Processing);
             let step = {
                 let _turn = self.compute.acquire().await.expect("the compute queue is never closed");
                 self.engine.infer_prompt(request_id, &shard, prompt, state.clone()).await
@@ -268,7 +241,7 @@ impl Node {
                 Err(e) => Err(e),
             }
         } else {
-            self.set_phase(request_id, Phase::Waiting);
+            self.requests.set_phase(request_id, Phase::Waiting);
             self.forward_prompt(base, prompt, request_id, state).await
         };
         let end = serde_json::json!({
@@ -306,16 +279,16 @@ impl Node {
         request_id: &str,
         state: Option<InferenceState>,
     ) -> Result<()> {
-        if !self.register(request_id, RequestContext::from_state(state.as_ref())) {
+        if !self.requests.register(request_id, RequestContext::from_state(state.as_ref())) {
             self.engine.finish_request(request_id).await;
             return Ok(());
         }
-        self.set_phase(request_id, Phase::Processing);
+        self.requests.set_phase(request_id, Phase::Processing);
         let (output, returned) = {
             let _turn = self.compute.acquire().await.expect("the compute queue is never closed");
             self.engine.infer_tensor(request_id, &shard, tensor, state.clone()).await?
         };
-        if self.has_ended(request_id) {
+        if self.requests.has_ended(request_id) {
             // Ended while this step ran: the step's cache goes too.
             self.engine.finish_request(request_id).await;
             return Ok(());
@@ -328,8 +301,7 @@ impl Node {
         if state.as_ref().is_some_and(|s| s.other.contains_key(CONTEXT_KEY)) {
             return state;
         }
-        let requests = self.requests.lock().expect("requests lock poisoned");
-        match requests.get(request_id).and_then(|r| r.context.as_ref()) {
+        match self.requests.with(request_id, |r| r.context.clone()).flatten() {
             Some(context) => context.attach(state),
             None => state,
         }
@@ -367,7 +339,7 @@ impl Node {
         } else {
             output
         };
-        self.set_phase(request_id, Phase::Waiting);
+        self.requests.set_phase(request_id, Phase::Waiting);
         tokio::spawn(self.arc().forward_step(shard.clone(), forward, request_id.to_string(), state));
         Ok(())
     }
@@ -375,10 +347,8 @@ impl Node {
     /// Sampling parameters, tokens generated so far and the token limit of a request.
     fn sampling_plan(&self, request_id: &str) -> Option<(crate::engine::SamplingParams, usize, usize)> {
         let settings = self.settings();
-        let requests = self.requests.lock().expect("requests lock poisoned");
-        let request = requests.get(request_id)?;
-        let context = request.context.clone().unwrap_or_default();
-        let step = request.generated.len();
+        let (context, step) =
+            self.requests.with(request_id, |r| (r.context.clone().unwrap_or_default(), r.generated.len()))?;
         let limit = context.max_tokens.unwrap_or(usize::MAX).min(settings.max_generate_tokens);
         Some((context.sampling(settings.default_temperature, step), step, limit))
     }
@@ -428,9 +398,7 @@ impl Node {
     /// Hands a token sampled here to the listeners: the origin at once, bystanders in
     /// batches, every peer at once when the origin is unknown (a classic node started it).
     fn deliver_token(&self, request_id: &str, token: u32, finished: bool) {
-        let (origin, stream, batch) = {
-            let mut requests = self.requests.lock().expect("requests lock poisoned");
-            let Some(request) = requests.get_mut(request_id) else { return };
+        let delivery = self.requests.with(request_id, |request| {
             request.generated.push(token);
             request.unsent.push(token);
             let flush = finished || request.last_flush.elapsed() >= BYSTANDER_INTERVAL;
@@ -439,7 +407,8 @@ impl Node {
                 std::mem::take(&mut request.unsent)
             });
             (request.context.as_ref().map(|c| c.origin.clone()), request.stream.clone(), batch)
-        };
+        });
+        let Some((origin, stream, batch)) = delivery else { return };
         self.emit(NodeEvent::Token {
             request_id: request_id.to_string(),
             tokens: vec![token],
@@ -481,8 +450,7 @@ impl Node {
     /// Fails a request here and tells every peer, so the origin reports it and all free it;
     /// the status names the error's kind, so the origin rebuilds an error of that kind.
     pub(super) async fn fail_request(&self, request_id: &str, error: Error) {
-        let known = self.requests.lock().expect("requests lock poisoned").contains_key(request_id);
-        if !known && self.has_ended(request_id) {
+        if !self.requests.contains(request_id) && self.requests.has_ended(request_id) {
             return;
         }
         self.notify_peers(request_id, &failed_status(&self.id, request_id, &error).to_string());
@@ -492,17 +460,7 @@ impl Node {
     /// Forgets a request here and frees its cache; with an error, its stream and the
     /// listeners learn why, and late messages for it are dropped.
     pub(super) async fn end_request(&self, request_id: &str, error: Option<Error>) {
-        let request = {
-            // The ended mark is set under the requests lock, so `register` sees it or the record.
-            let mut requests = self.requests.lock().expect("requests lock poisoned");
-            if error.is_some() {
-                self.ended
-                    .lock()
-                    .expect("ended lock poisoned")
-                    .insert(request_id.to_string(), Instant::now());
-            }
-            requests.remove(request_id)
-        };
+        let request = self.requests.end(request_id, error.is_some());
         if let Some(error) = error.map(Arc::new) {
             if let Some(stream) = request.as_ref().and_then(|r| r.stream.as_ref()) {
                 let _ = stream.send(StreamEvent::Failed(error.clone()));
@@ -534,7 +492,7 @@ impl RequestHandler for Node {
         state: Option<InferenceState>,
     ) -> Result<()> {
         let request_id = request_id.unwrap_or_else(new_request_id);
-        if !self.register(&request_id, RequestContext::from_state(state.as_ref())) {
+        if !self.requests.register(&request_id, RequestContext::from_state(state.as_ref())) {
             return Err(Error::RequestFailed(format!("request {request_id} has ended")));
         }
         let outcome = self.run_prompt(&whole_model(&shard), Some(shard), &prompt, &request_id, state).await;
@@ -554,13 +512,13 @@ impl RequestHandler for Node {
     }
 
     async fn handle_result(&self, request_id: String, tokens: Vec<u32>, is_finished: bool) {
-        let stream = {
-            let mut requests = self.requests.lock().expect("requests lock poisoned");
-            requests.get_mut(&request_id).and_then(|r| {
+        let stream = self
+            .requests
+            .with(&request_id, |r| {
                 r.last_active = Instant::now();
                 r.stream.clone()
             })
-        };
+            .flatten();
         if let Some(stream) = stream {
             for &token in &tokens {
                 let _ = stream.send(StreamEvent::Token(token));
