@@ -62,5 +62,121 @@ pub enum Error {
     Backend(#[from] candle_core::Error),
 }
 
+impl Error {
+    /// The stable name of this error's kind; it travels with a failure across the ring (the
+    /// `kind` of a `request_failed` status, a gRPC error's `xot-error-kind` metadata), and
+    /// [`Error::from_kind`] rebuilds an error of the same kind from it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidTensor(_) => "invalid_tensor",
+            Error::InvalidShard(_) => "invalid_shard",
+            Error::InvalidArgument(_) => "invalid_argument",
+            Error::InvalidModel(_) => "invalid_model",
+            Error::ContextOverflow(_) => "context_length_exceeded",
+            Error::CacheEvicted(_) => "cache_evicted",
+            Error::Peer(_) => "peer_unavailable",
+            Error::RequestFailed(_) => "request_failed",
+            Error::StandIn(_) => "stand_in",
+            Error::ConfigNotFound(_) => "config_not_found",
+            Error::InvalidConfig(_) => "invalid_config",
+            Error::Discovery(_) => "discovery",
+            Error::NotFound(_) => "not_found",
+            Error::Unauthorized(_) => "unauthorized",
+            Error::Connection(_) => "hub_unreachable",
+            Error::Integrity(_) => "integrity",
+            Error::Offline(_) => "offline",
+            Error::Download(_) => "download",
+            Error::Backend(_) => "backend",
+        }
+    }
+
+    /// An error of the same kind and text (the tensor library's errors cannot be cloned, so a
+    /// backend error's copy keeps its text only).
+    pub fn duplicate(&self) -> Error {
+        Error::from_kind(self.kind(), &self.to_string())
+    }
+
+    /// An error of the kind `kind` names (as [`Error::kind`] gives it) that reads `message`,
+    /// which may start with the kind's own prefix (an error's text as another node wrote it);
+    /// a kind this build does not know (a newer peer's) becomes `RequestFailed`.
+    pub fn from_kind(kind: &str, message: &str) -> Error {
+        let build: fn(String) -> Error = match kind {
+            "invalid_tensor" => Error::InvalidTensor,
+            "invalid_shard" => Error::InvalidShard,
+            "invalid_argument" => Error::InvalidArgument,
+            "invalid_model" => Error::InvalidModel,
+            "context_length_exceeded" => Error::ContextOverflow,
+            "cache_evicted" => Error::CacheEvicted,
+            "peer_unavailable" => Error::Peer,
+            "stand_in" => Error::StandIn,
+            "config_not_found" => Error::ConfigNotFound,
+            "invalid_config" => Error::InvalidConfig,
+            "discovery" => Error::Discovery,
+            "not_found" => Error::NotFound,
+            "unauthorized" => Error::Unauthorized,
+            "hub_unreachable" => Error::Connection,
+            "integrity" => Error::Integrity,
+            "offline" => Error::Offline,
+            "download" => Error::Download,
+            "backend" => |message| Error::Backend(candle_core::Error::Msg(message)),
+            _ => Error::RequestFailed,
+        };
+        // The kind's own text with an empty message is its prefix, so it is written once.
+        let prefix = build(String::new()).to_string();
+        build(message.strip_prefix(prefix.as_str()).unwrap_or(message).to_string())
+    }
+}
+
 /// Shorthand for results carrying [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One error of every kind.
+    fn every_kind() -> Vec<Error> {
+        let m = || "m".to_string();
+        vec![
+            Error::InvalidTensor(m()),
+            Error::InvalidShard(m()),
+            Error::InvalidArgument(m()),
+            Error::InvalidModel(m()),
+            Error::ContextOverflow(m()),
+            Error::CacheEvicted(m()),
+            Error::Peer(m()),
+            Error::RequestFailed(m()),
+            Error::StandIn(m()),
+            Error::ConfigNotFound(m()),
+            Error::InvalidConfig(m()),
+            Error::Discovery(m()),
+            Error::NotFound(m()),
+            Error::Unauthorized(m()),
+            Error::Connection(m()),
+            Error::Integrity(m()),
+            Error::Offline(m()),
+            Error::Download(m()),
+            Error::Backend(candle_core::Error::Msg(m())),
+        ]
+    }
+
+    #[test]
+    fn every_kind_is_rebuilt_from_its_name_and_text() {
+        let errors = every_kind();
+        let names: std::collections::BTreeSet<_> = errors.iter().map(Error::kind).collect();
+        assert_eq!(names.len(), errors.len(), "kind names are distinct");
+        for error in errors {
+            let rebuilt = Error::from_kind(error.kind(), &error.to_string());
+            assert_eq!((rebuilt.kind(), rebuilt.to_string()), (error.kind(), error.to_string()));
+            let bare = Error::from_kind(error.kind(), "m");
+            assert_eq!(bare.to_string(), error.to_string(), "a message without the prefix gets it");
+        }
+    }
+
+    #[test]
+    fn an_unknown_kind_is_a_failed_request() {
+        let error = Error::from_kind("from_a_newer_peer", "it broke");
+        assert!(matches!(error, Error::RequestFailed(_)));
+        assert_eq!(error.to_string(), "request failed: it broke");
+    }
+}

@@ -206,15 +206,22 @@ async def test_timeout_mid_stream_sends_error_event(served: Served) -> None:
     assert served.node.calls[-1]["request_id"] in served.node.cancelled
 
 
-@pytest.mark.parametrize("failure", [errors.RequestFailedError, errors.PeerError])
-async def test_failure_in_the_cluster(served: Served, failure: type[Exception]) -> None:
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [
+        (errors.RequestFailedError, 500, "request_failed"),
+        (errors.PeerError, 503, "peer_unavailable"),
+        (errors.CacheEvictedError, 503, "cache_evicted"),
+    ],
+)
+async def test_failure_in_the_cluster(served: Served, failure: type[Exception], status: int, code: str) -> None:
     served.node.fail_after = 2
     served.node.failure = failure
-    status, reply = await served.post(
+    answered, reply = await served.post(
         "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}]})
     )
-    assert status == 500
-    assert reply["error"]["code"] == "request_failed"
+    assert answered == status
+    assert reply["error"]["code"] == code
     assert "went away" in reply["error"]["message"]
     stream = await served.client().chat.completions.create(
         model=served.api.default_model, messages=[{"role": "user", "content": "x"}], stream=True

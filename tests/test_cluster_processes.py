@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from exo.errors import RequestFailedError
+from exo.errors import PeerError
 from exo.helpers import find_available_port
 from exo.inference.candle import CandleInferenceEngine
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
@@ -67,7 +67,7 @@ async def test_three_processes_then_one_killed_then_restarted(model: Path) -> No
         processes["b"].send_signal(signal.SIGKILL)
         loop = asyncio.get_running_loop()
         killed_at = loop.time()
-        with pytest.raises(RequestFailedError):
+        with pytest.raises(PeerError):
             async for _ in stream:
                 pass
         assert loop.time() - killed_at < 8

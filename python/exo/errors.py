@@ -1,4 +1,6 @@
-"""Exceptions raised by exo's Rust core; every one derives from `ExoError`."""
+"""Exceptions raised by exo's Rust core; every one derives from `ExoError`.
+
+A request that fails on another node of the ring raises the class of the error raised there."""
 
 
 class ExoError(Exception):

@@ -1,16 +1,19 @@
 //! The node: holds its peers and the cluster topology, runs its shard of every request,
 //! forwards hidden states and tokens around the ring, and delivers tokens to listeners.
-//! Lifecycle and cluster membership live here; the request path lives in `ring`.
+//! Lifecycle and cluster membership live here; the request path lives in `ring`, the node's
+//! state in owned parts: `membership` (peers, topology, partitions) and `table` (requests).
 
+mod membership;
 mod outbox;
 mod request;
 mod ring;
+mod table;
 
 pub use request::{LayerRange, NodeEvent, RequestContext, StreamEvent, CONTEXT_KEY};
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -22,8 +25,10 @@ use crate::shard::Shard;
 use crate::topology::{
     assign_layers, balance_layers, DeviceCapabilities, Partition, PartitioningStrategy, Topology,
 };
+use membership::Membership;
 use outbox::{Message, Outbox, PeerLookup};
-use request::{planned_shards, Request};
+use request::planned_shards;
+use table::RequestTable;
 
 /// How often peers and the topology are refreshed (classic: 2 s).
 const TOPOLOGY_INTERVAL: Duration = Duration::from_secs(2);
@@ -72,18 +77,15 @@ pub struct Node {
     me: Weak<Node>,
     engine: Arc<dyn Engine>,
     discovery: Arc<dyn Discovery>,
-    strategy: Arc<dyn PartitioningStrategy>,
     server: Mutex<Option<Arc<dyn Server>>>,
     settings: RwLock<NodeSettings>,
     capabilities: RwLock<DeviceCapabilities>,
     /// Whether the capabilities were set by the caller, so start does not detect them.
     capabilities_given: std::sync::atomic::AtomicBool,
-    peers: RwLock<Vec<Arc<dyn PeerHandle>>>,
-    topology: RwLock<Topology>,
-    partitions: RwLock<Vec<Partition>>,
-    requests: Mutex<HashMap<String, Request>>,
-    /// Cancelled or failed requests, so late messages for them are dropped.
-    ended: Mutex<HashMap<String, Instant>>,
+    /// Peers, topology and partitions.
+    membership: Membership,
+    /// Running requests and the ones that ended badly.
+    requests: RequestTable,
     listeners: Mutex<Vec<mpsc::UnboundedSender<NodeEvent>>>,
     /// Steps run one at a time, first come first served: each uses every core, and requests
     /// that do not share the engine move on to the next node in turn, so a pipeline fills.
@@ -94,7 +96,7 @@ pub struct Node {
 
 impl PeerLookup for Node {
     fn peer(&self, id: &str) -> Option<Arc<dyn PeerHandle>> {
-        self.peers.read().expect("peers lock poisoned").iter().find(|p| p.id() == id).cloned()
+        self.membership.peer(id)
     }
 }
 
@@ -108,24 +110,17 @@ impl Node {
         settings: NodeSettings,
     ) -> Arc<Self> {
         let id = id.into();
-        let mut topology = Topology::new();
-        topology.update_node(id.clone(), DeviceCapabilities::unknown());
-        let partitions = strategy.partition(&topology);
         Arc::new_cyclic(|me| Self {
+            membership: Membership::new(&id, strategy),
             id,
             me: me.clone(),
             engine,
             discovery,
-            strategy,
             server: Mutex::new(None),
             settings: RwLock::new(settings),
             capabilities: RwLock::new(DeviceCapabilities::unknown()),
             capabilities_given: std::sync::atomic::AtomicBool::new(false),
-            peers: RwLock::new(Vec::new()),
-            topology: RwLock::new(topology),
-            partitions: RwLock::new(partitions),
-            requests: Mutex::new(HashMap::new()),
-            ended: Mutex::new(HashMap::new()),
+            requests: RequestTable::default(),
             listeners: Mutex::new(Vec::new()),
             compute: tokio::sync::Semaphore::new(1),
             outbox: Outbox::new(),
@@ -176,36 +171,27 @@ impl Node {
 
     fn apply_capabilities(&self, capabilities: DeviceCapabilities) {
         *self.capabilities.write().expect("capabilities lock poisoned") = capabilities.clone();
-        let mut topology = self.topology();
-        topology.update_node(self.id.clone(), capabilities);
-        self.set_topology(topology);
+        self.membership.update_node(&self.id, capabilities);
     }
 
     /// The peers in use now.
     pub fn peers(&self) -> Vec<Arc<dyn PeerHandle>> {
-        self.peers.read().expect("peers lock poisoned").clone()
+        self.membership.peers()
     }
 
     /// The cluster as last collected.
     pub fn topology(&self) -> Topology {
-        self.topology.read().expect("topology lock poisoned").clone()
-    }
-
-    fn set_topology(&self, topology: Topology) {
-        let partitions = self.strategy.partition(&topology);
-        *self.topology.write().expect("topology lock poisoned") = topology;
-        *self.partitions.write().expect("partitions lock poisoned") = partitions;
+        self.membership.topology()
     }
 
     /// The partitions of the current topology, in ring order.
     pub fn partitions(&self) -> Vec<Partition> {
-        self.partitions.read().expect("partitions lock poisoned").clone()
+        self.membership.partitions()
     }
 
     /// Request ids active here and where each stands (`processing` or `waiting`).
     pub fn outstanding_requests(&self) -> Vec<(String, &'static str)> {
-        let requests = self.requests.lock().expect("requests lock poisoned");
-        requests.iter().map(|(id, r)| (id.clone(), r.phase.as_str())).collect()
+        self.requests.outstanding()
     }
 
     /// A channel of everything this node tells its listeners, from now on.
@@ -263,7 +249,7 @@ impl Node {
     /// for themselves.
     async fn balanced_plan(&self, base: &Shard) -> Option<Vec<LayerRange>> {
         let partitions = self.partitions();
-        if !self.strategy.allows_balancing() || partitions.len() < 2 {
+        if !self.membership.strategy().allows_balancing() || partitions.len() < 2 {
             return None;
         }
         let peers = self.peers();
@@ -284,10 +270,8 @@ impl Node {
     /// The layers each node runs for `request_id`: the plan its context carries, else this
     /// node's partition of `base`'s model.
     fn layers_for(&self, request_id: &str, base: &Shard) -> Result<Vec<(String, Shard)>> {
-        let plan = {
-            let requests = self.requests.lock().expect("requests lock poisoned");
-            requests.get(request_id).and_then(|r| r.context.as_ref()).and_then(|c| c.layers.clone())
-        };
+        let plan =
+            self.requests.with(request_id, |r| r.context.as_ref().and_then(|c| c.layers.clone())).flatten();
         match plan {
             Some(plan) => planned_shards(&plan, base),
             None => Ok(self.assignments(base)),
@@ -321,10 +305,9 @@ impl Node {
         for task in self.tasks.lock().expect("tasks lock poisoned").drain(..) {
             task.abort();
         }
-        let running: Vec<String> =
-            self.requests.lock().expect("requests lock poisoned").keys().cloned().collect();
-        for request_id in running {
-            self.end_request(&request_id, Some(format!("node {} stopped", self.id))).await;
+        for request_id in self.requests.ids() {
+            let error = Error::RequestFailed(format!("node {} stopped", self.id));
+            self.end_request(&request_id, Some(error)).await;
         }
         self.outbox.close();
         let discovery = self.discovery.stop().await;
@@ -358,23 +341,10 @@ impl Node {
             Some(peer)
         });
         let next: Vec<_> = futures::future::join_all(checks).await.into_iter().flatten().collect();
-        let key = |peers: &[Arc<dyn PeerHandle>]| -> BTreeSet<(String, String)> {
-            peers.iter().map(|p| (p.id(), p.addr())).collect()
-        };
-        let departed: Vec<String> = {
-            let mut peers = self.peers.write().expect("peers lock poisoned");
-            let changed = key(&peers) != key(&next);
-            let staying: BTreeSet<String> = next.iter().map(|p| p.id()).collect();
-            let departed = peers.iter().map(|p| p.id()).filter(|id| !staying.contains(id)).collect();
-            *peers = next;
-            if !changed {
-                return Ok(false);
-            }
-            departed
-        };
+        let Some(departed) = self.membership.replace_peers(next) else { return Ok(false) };
         // A departed peer leaves the partitions now, not at the next walk.
         for peer_id in departed {
-            self.forget_node(&peer_id);
+            self.membership.forget_node(&peer_id);
         }
         Ok(true)
     }
@@ -383,7 +353,7 @@ impl Node {
     /// and makes it the node's topology.
     pub async fn collect_topology(&self, visited: BTreeSet<String>, max_depth: i32) -> Topology {
         let next = self.walk_topology(visited, max_depth).await;
-        self.set_topology(next.clone());
+        self.membership.set_topology(next.clone());
         next
     }
 
@@ -430,20 +400,9 @@ impl Node {
     /// Takes a peer that stopped answering out of the ring; the next refresh lets it back
     /// in if it answers again.
     fn drop_peer(&self, peer_id: &str) {
-        self.peers.write().expect("peers lock poisoned").retain(|p| p.id() != peer_id);
-        self.forget_node(peer_id);
+        self.membership.remove_peer(peer_id);
+        self.membership.forget_node(peer_id);
         log::warn!("peer {peer_id} stopped answering; it leaves the ring until it answers again");
-    }
-
-    /// Takes a node out of the topology (and the partitions) until a walk finds it again.
-    fn forget_node(&self, peer_id: &str) {
-        let mut topology = self.topology();
-        topology.nodes.shift_remove(peer_id);
-        topology.peer_graph.shift_remove(peer_id);
-        for connections in topology.peer_graph.values_mut() {
-            connections.retain(|c| c.to_id != peer_id);
-        }
-        self.set_topology(topology);
     }
 
     /// Sends a status to every peer and to this node's own listeners.
@@ -469,13 +428,10 @@ impl Node {
         if let Ok(serde_json::Value::Object(message)) = serde_json::from_str::<serde_json::Value>(status) {
             let field = |name: &str| message.get(name).and_then(|v| v.as_str()).unwrap_or_default();
             if field("type") == "node_status" {
-                let mut topology = self.topology.write().expect("topology lock poisoned");
                 if field("status").starts_with("start_") {
-                    topology.active_node_id = Some(field("node_id").to_string());
-                } else if field("status").starts_with("end_")
-                    && topology.active_node_id.as_deref() == Some(field("node_id"))
-                {
-                    topology.active_node_id = None;
+                    self.membership.mark_active(field("node_id"), true);
+                } else if field("status").starts_with("end_") {
+                    self.membership.mark_active(field("node_id"), false);
                 }
             }
         }
@@ -485,15 +441,7 @@ impl Node {
     /// Health-checks the peers that running requests started here depend on; a peer that
     /// fails leaves the ring and its requests fail at once.
     async fn watch_running_requests(&self) {
-        let watched: BTreeSet<String> = {
-            let requests = self.requests.lock().expect("requests lock poisoned");
-            requests
-                .values()
-                .filter(|r| r.is_origin(&self.id))
-                .flat_map(|r| r.members.iter().cloned())
-                .filter(|id| *id != self.id)
-                .collect()
-        };
+        let watched = self.requests.members_of_started(&self.id);
         if watched.is_empty() {
             return;
         }
@@ -515,34 +463,19 @@ impl Node {
     async fn peer_failed(&self, peer_id: &str) {
         let address = self.peer(peer_id).map(|p| p.addr()).unwrap_or_default();
         self.drop_peer(peer_id);
-        let affected: Vec<String> = {
-            let requests = self.requests.lock().expect("requests lock poisoned");
-            requests
-                .iter()
-                .filter(|(_, r)| r.members.iter().any(|m| m == peer_id))
-                .map(|(id, _)| id.clone())
-                .collect()
-        };
-        for request_id in affected {
-            let error = format!("peer {peer_id} ({address}) stopped answering during the request");
+        for request_id in self.requests.running_on(peer_id) {
+            let error = Error::Peer(format!("{peer_id} ({address}) stopped answering during the request"));
             self.fail_request(&request_id, error).await;
         }
     }
 
     /// Forgets requests whose messages were lost, and old records of ended ones.
     async fn forget_idle_requests(&self) {
-        let idle: Vec<String> = {
-            let requests = self.requests.lock().expect("requests lock poisoned");
-            requests
-                .iter()
-                .filter(|(_, r)| r.last_active.elapsed() > IDLE_REQUEST)
-                .map(|(id, _)| id.clone())
-                .collect()
-        };
-        for request_id in idle {
-            self.end_request(&request_id, Some("the request stalled and was dropped".into())).await;
+        for request_id in self.requests.idle_for(IDLE_REQUEST) {
+            let error = Error::RequestFailed("the request stalled and was dropped".into());
+            self.end_request(&request_id, Some(error)).await;
         }
-        self.ended.lock().expect("ended lock poisoned").retain(|_, at| at.elapsed() < IDLE_REQUEST);
+        self.requests.forget_ended(IDLE_REQUEST);
     }
 }
 

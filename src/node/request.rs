@@ -1,6 +1,7 @@
 //! What a node keeps per request, what travels with it between nodes, and what it tells
 //! its listeners.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -103,26 +104,47 @@ impl RequestContext {
     }
 }
 
+/// The `request_failed` status a node sends every peer when a request fails there: the
+/// error's text and its kind, so the origin fails the request with an error of that kind.
+pub fn failed_status(node_id: &str, request_id: &str, error: &Error) -> serde_json::Value {
+    serde_json::json!({
+        "type": "request_failed",
+        "node_id": node_id,
+        "request_id": request_id,
+        "error": error.to_string(),
+        "kind": error.kind(),
+    })
+}
+
+/// The error a `request_failed` status reports, naming the node it failed on; a status without
+/// a kind (from a node that predates kinds) reports a failed request.
+pub fn failure_from_status(status: &serde_json::Value) -> Error {
+    let field = |name: &str| status.get(name).and_then(|v| v.as_str()).unwrap_or_default();
+    let kind = Some(field("kind")).filter(|k| !k.is_empty()).unwrap_or("request_failed");
+    Error::from_kind(kind, &format!("{} (on node {})", field("error"), field("node_id")))
+}
+
 /// What the node tells its listeners (the Python callbacks, the TUI).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum NodeEvent {
     /// New tokens of a request (usually one); `is_finished` on the last delivery.
     Token { request_id: String, tokens: Vec<u32>, is_finished: bool },
     /// A JSON status message, sent by this node or received from a peer.
     Status { request_id: String, status: String },
-    /// A request failed or was cancelled somewhere in the ring.
-    Failed { request_id: String, error: String },
+    /// A request failed or was cancelled somewhere in the ring; the error keeps the kind it
+    /// had where it was raised.
+    Failed { request_id: String, error: Arc<Error> },
 }
 
 /// What a request's own stream receives on the node that started it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum StreamEvent {
     /// The next generated token.
     Token(u32),
     /// Generation ended normally (EOS or the token limit).
     Finished,
-    /// The request failed; the message says where and why.
-    Failed(String),
+    /// The request failed; the error says where and why, with the kind it was raised with.
+    Failed(Arc<Error>),
 }
 
 /// Where a request stands on this node.
@@ -224,6 +246,33 @@ mod tests {
             let error = planned_shards(&plan, &base).unwrap_err().to_string();
             assert!(error.contains("layer plan") && error.contains(why), "{error}");
         }
+    }
+
+    #[test]
+    fn a_failure_keeps_its_kind_through_the_status_json() {
+        let error = Error::ContextOverflow("40 tokens exceed the context of 8 tokens".into());
+        let wire = failed_status("b", "r", &error).to_string();
+        let status: serde_json::Value = serde_json::from_str(&wire).unwrap();
+        assert_eq!(status["type"], "request_failed");
+        assert_eq!(status["request_id"], "r");
+        assert_eq!(status["kind"], "context_length_exceeded");
+        assert_eq!(status["error"], "context overflow: 40 tokens exceed the context of 8 tokens");
+        let rebuilt = failure_from_status(&status);
+        assert!(matches!(rebuilt, Error::ContextOverflow(_)), "{rebuilt:?}");
+        assert_eq!(
+            rebuilt.to_string(),
+            "context overflow: 40 tokens exceed the context of 8 tokens (on node b)"
+        );
+        let evicted = failure_from_status(&failed_status("c", "r", &Error::CacheEvicted("r".into())));
+        assert!(matches!(evicted, Error::CacheEvicted(_)), "{evicted:?}");
+    }
+
+    #[test]
+    fn a_failure_without_a_kind_is_a_failed_request() {
+        let status = serde_json::json!({"type": "request_failed", "node_id": "b", "error": "boom"});
+        let error = failure_from_status(&status);
+        assert!(matches!(error, Error::RequestFailed(_)), "{error:?}");
+        assert_eq!(error.to_string(), "request failed: boom (on node b)");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! or the new token to the node holding the next layer, and deliver tokens to the origin.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -9,7 +10,10 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use super::outbox::{Message, PeerLookup};
-use super::request::{planned_shards, Phase, Request, RequestContext, StreamEvent, CONTEXT_KEY};
+use super::request::{
+    failed_status, failure_from_status, planned_shards, Phase, Request, RequestContext, StreamEvent,
+    CONTEXT_KEY,
+};
 use super::{GenerateOptions, Node, NodeEvent};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
@@ -54,10 +58,15 @@ impl Node {
         base.validate()?;
         self.start_request(&request_id, base, context.clone(), None);
         let outcome = self.plan_and_run_prompt(base, prompt, &request_id, context, state).await;
-        if let Err(e) = &outcome {
-            self.fail_request(&request_id, e.to_string()).await;
+        match outcome {
+            Ok(()) => Ok(request_id),
+            Err(e) => {
+                // The caller gets an error of the same kind; the ring gets the error itself.
+                let returned = e.duplicate();
+                self.fail_request(&request_id, e).await;
+                Err(returned)
+            }
         }
-        outcome.map(|()| request_id)
     }
 
     /// Starts a request on the ring and returns its id and its token stream at once; the
@@ -71,7 +80,7 @@ impl Node {
     ) -> Result<(String, mpsc::UnboundedReceiver<StreamEvent>)> {
         base.validate()?;
         let request_id = request_id.unwrap_or_else(new_request_id);
-        if self.requests.lock().expect("requests lock poisoned").contains_key(&request_id) {
+        if self.requests.contains(&request_id) {
             return Err(Error::InvalidArgument(format!("request {request_id} is already running")));
         }
         let context = RequestContext {
@@ -88,7 +97,7 @@ impl Node {
         let (node, base, prompt, id) = (self.arc(), base.clone(), prompt.to_string(), request_id.clone());
         tokio::spawn(async move {
             if let Err(e) = node.plan_and_run_prompt(&base, &prompt, &id, context, None).await {
-                node.fail_request(&id, e.to_string()).await;
+                node.fail_request(&id, e).await;
             }
         });
         Ok((request_id, receiver))
@@ -112,7 +121,8 @@ impl Node {
         let status =
             serde_json::json!({"type": "request_cancelled", "node_id": self.id, "request_id": request_id});
         self.notify_peers(request_id, &status.to_string());
-        self.end_request(request_id, Some(format!("request {request_id} was cancelled"))).await;
+        let error = Error::RequestFailed(format!("request {request_id} was cancelled"));
+        self.end_request(request_id, Some(error)).await;
     }
 
     /// Settles the layers of a request recorded here, then runs (or hands off) its prompt with
@@ -145,10 +155,10 @@ impl Node {
             Some(plan) => planned_shards(plan, base)?,
             None => self.assignments(base),
         };
-        if let Some(request) = self.requests.lock().expect("requests lock poisoned").get_mut(request_id) {
+        self.requests.with(request_id, |request| {
             request.context = Some(context.clone());
             request.members = layers.iter().map(|(id, _)| id.clone()).collect();
-        }
+        });
         let shard = layers.into_iter().find(|(id, _)| *id == self.id).map(|(_, shard)| shard);
         Ok((shard, context))
     }
@@ -165,34 +175,7 @@ impl Node {
         let mut request = Request::new(Some(context));
         request.stream = stream;
         request.members = members;
-        self.ended.lock().expect("ended lock poisoned").remove(request_id);
-        self.requests.lock().expect("requests lock poisoned").insert(request_id.to_string(), request);
-    }
-
-    /// Records a request arriving from a peer, keeping the context its state carries; false
-    /// when the request already ended here (cancelled or failed).
-    fn register(&self, request_id: &str, context: Option<RequestContext>) -> bool {
-        let mut requests = self.requests.lock().expect("requests lock poisoned");
-        if self.has_ended(request_id) {
-            return false;
-        }
-        let request = requests.entry(request_id.to_string()).or_insert_with(|| Request::new(None));
-        if request.context.is_none() {
-            request.context = context;
-        }
-        request.last_active = Instant::now();
-        true
-    }
-
-    fn set_phase(&self, request_id: &str, phase: Phase) {
-        if let Some(request) = self.requests.lock().expect("requests lock poisoned").get_mut(request_id) {
-            request.phase = phase;
-            request.last_active = Instant::now();
-        }
-    }
-
-    fn has_ended(&self, request_id: &str) -> bool {
-        self.ended.lock().expect("ended lock poisoned").contains_key(request_id)
+        self.requests.start(request_id, request);
     }
 
     /// Tells every peer and the local listeners about this node's work on a prompt.
@@ -239,7 +222,7 @@ impl Node {
         self.broadcast_node_status("start_process_prompt", base, &shown, request_id, start);
         let mut result_size = 0;
         let outcome = if let Some(shard) = shard.filter(Shard::is_first_layer) {
-            self.set_phase(request_id, Phase::Processing);
+            self.requests.set_phase(request_id, Phase::Processing);
             let step = {
                 let _turn = self.compute.acquire().await.expect("the compute queue is never closed");
                 self.engine.infer_prompt(request_id, &shard, prompt, state.clone()).await
@@ -258,7 +241,7 @@ impl Node {
                 Err(e) => Err(e),
             }
         } else {
-            self.set_phase(request_id, Phase::Waiting);
+            self.requests.set_phase(request_id, Phase::Waiting);
             self.forward_prompt(base, prompt, request_id, state).await
         };
         let end = serde_json::json!({
@@ -296,16 +279,16 @@ impl Node {
         request_id: &str,
         state: Option<InferenceState>,
     ) -> Result<()> {
-        if !self.register(request_id, RequestContext::from_state(state.as_ref())) {
+        if !self.requests.register(request_id, RequestContext::from_state(state.as_ref())) {
             self.engine.finish_request(request_id).await;
             return Ok(());
         }
-        self.set_phase(request_id, Phase::Processing);
+        self.requests.set_phase(request_id, Phase::Processing);
         let (output, returned) = {
             let _turn = self.compute.acquire().await.expect("the compute queue is never closed");
             self.engine.infer_tensor(request_id, &shard, tensor, state.clone()).await?
         };
-        if self.has_ended(request_id) {
+        if self.requests.has_ended(request_id) {
             // Ended while this step ran: the step's cache goes too.
             self.engine.finish_request(request_id).await;
             return Ok(());
@@ -318,8 +301,7 @@ impl Node {
         if state.as_ref().is_some_and(|s| s.other.contains_key(CONTEXT_KEY)) {
             return state;
         }
-        let requests = self.requests.lock().expect("requests lock poisoned");
-        match requests.get(request_id).and_then(|r| r.context.as_ref()) {
+        match self.requests.with(request_id, |r| r.context.clone()).flatten() {
             Some(context) => context.attach(state),
             None => state,
         }
@@ -357,7 +339,7 @@ impl Node {
         } else {
             output
         };
-        self.set_phase(request_id, Phase::Waiting);
+        self.requests.set_phase(request_id, Phase::Waiting);
         tokio::spawn(self.arc().forward_step(shard.clone(), forward, request_id.to_string(), state));
         Ok(())
     }
@@ -365,10 +347,8 @@ impl Node {
     /// Sampling parameters, tokens generated so far and the token limit of a request.
     fn sampling_plan(&self, request_id: &str) -> Option<(crate::engine::SamplingParams, usize, usize)> {
         let settings = self.settings();
-        let requests = self.requests.lock().expect("requests lock poisoned");
-        let request = requests.get(request_id)?;
-        let context = request.context.clone().unwrap_or_default();
-        let step = request.generated.len();
+        let (context, step) =
+            self.requests.with(request_id, |r| (r.context.clone().unwrap_or_default(), r.generated.len()))?;
         let limit = context.max_tokens.unwrap_or(usize::MAX).min(settings.max_generate_tokens);
         Some((context.sampling(settings.default_temperature, step), step, limit))
     }
@@ -376,7 +356,7 @@ impl Node {
     /// Sends `tensor` to the node holding the layer after `shard`'s last; a failure fails
     /// the request everywhere.
     fn forward_step(
-        self: std::sync::Arc<Self>,
+        self: Arc<Self>,
         shard: Shard,
         tensor: WireTensor,
         request_id: String,
@@ -410,7 +390,7 @@ impl Node {
                 },
             };
             if let Err(e) = outcome {
-                self.fail_request(&request_id, e.to_string()).await;
+                self.fail_request(&request_id, e).await;
             }
         })
     }
@@ -418,9 +398,7 @@ impl Node {
     /// Hands a token sampled here to the listeners: the origin at once, bystanders in
     /// batches, every peer at once when the origin is unknown (a classic node started it).
     fn deliver_token(&self, request_id: &str, token: u32, finished: bool) {
-        let (origin, stream, batch) = {
-            let mut requests = self.requests.lock().expect("requests lock poisoned");
-            let Some(request) = requests.get_mut(request_id) else { return };
+        let delivery = self.requests.with(request_id, |request| {
             request.generated.push(token);
             request.unsent.push(token);
             let flush = finished || request.last_flush.elapsed() >= BYSTANDER_INTERVAL;
@@ -429,7 +407,8 @@ impl Node {
                 std::mem::take(&mut request.unsent)
             });
             (request.context.as_ref().map(|c| c.origin.clone()), request.stream.clone(), batch)
-        };
+        });
+        let Some((origin, stream, batch)) = delivery else { return };
         self.emit(NodeEvent::Token {
             request_id: request_id.to_string(),
             tokens: vec![token],
@@ -468,37 +447,21 @@ impl Node {
         }
     }
 
-    /// Fails a request here and tells every peer, so the origin reports it and all free it.
-    pub(super) async fn fail_request(&self, request_id: &str, error: String) {
-        let known = self.requests.lock().expect("requests lock poisoned").contains_key(request_id);
-        if !known && self.has_ended(request_id) {
+    /// Fails a request here and tells every peer, so the origin reports it and all free it;
+    /// the status names the error's kind, so the origin rebuilds an error of that kind.
+    pub(super) async fn fail_request(&self, request_id: &str, error: Error) {
+        if !self.requests.contains(request_id) && self.requests.has_ended(request_id) {
             return;
         }
-        let status = serde_json::json!({
-            "type": "request_failed",
-            "node_id": self.id,
-            "request_id": request_id,
-            "error": error,
-        });
-        self.notify_peers(request_id, &status.to_string());
+        self.notify_peers(request_id, &failed_status(&self.id, request_id, &error).to_string());
         self.end_request(request_id, Some(error)).await;
     }
 
     /// Forgets a request here and frees its cache; with an error, its stream and the
     /// listeners learn why, and late messages for it are dropped.
-    pub(super) async fn end_request(&self, request_id: &str, error: Option<String>) {
-        let request = {
-            // The ended mark is set under the requests lock, so `register` sees it or the record.
-            let mut requests = self.requests.lock().expect("requests lock poisoned");
-            if error.is_some() {
-                self.ended
-                    .lock()
-                    .expect("ended lock poisoned")
-                    .insert(request_id.to_string(), Instant::now());
-            }
-            requests.remove(request_id)
-        };
-        if let Some(error) = error {
+    pub(super) async fn end_request(&self, request_id: &str, error: Option<Error>) {
+        let request = self.requests.end(request_id, error.is_some());
+        if let Some(error) = error.map(Arc::new) {
             if let Some(stream) = request.as_ref().and_then(|r| r.stream.as_ref()) {
                 let _ = stream.send(StreamEvent::Failed(error.clone()));
             }
@@ -507,6 +470,15 @@ impl Node {
             }
         }
         self.engine.finish_request(request_id).await;
+    }
+
+    /// Ends a request a peer handed over when running it failed here, and returns the outcome
+    /// to the peer with an error of the same kind.
+    async fn end_failed(&self, request_id: &str, outcome: Result<()>) -> Result<()> {
+        let Err(error) = outcome else { return Ok(()) };
+        let returned = error.duplicate();
+        self.end_request(request_id, Some(error)).await;
+        Err(returned)
     }
 }
 
@@ -520,14 +492,11 @@ impl RequestHandler for Node {
         state: Option<InferenceState>,
     ) -> Result<()> {
         let request_id = request_id.unwrap_or_else(new_request_id);
-        if !self.register(&request_id, RequestContext::from_state(state.as_ref())) {
+        if !self.requests.register(&request_id, RequestContext::from_state(state.as_ref())) {
             return Err(Error::RequestFailed(format!("request {request_id} has ended")));
         }
         let outcome = self.run_prompt(&whole_model(&shard), Some(shard), &prompt, &request_id, state).await;
-        if let Err(e) = &outcome {
-            self.end_request(&request_id, Some(e.to_string())).await;
-        }
-        outcome
+        self.end_failed(&request_id, outcome).await
     }
 
     async fn handle_tensor(
@@ -539,20 +508,17 @@ impl RequestHandler for Node {
     ) -> Result<()> {
         let request_id = request_id.unwrap_or_else(new_request_id);
         let outcome = self.run_tensor(shard, tensor, &request_id, state).await;
-        if let Err(e) = &outcome {
-            self.end_request(&request_id, Some(e.to_string())).await;
-        }
-        outcome
+        self.end_failed(&request_id, outcome).await
     }
 
     async fn handle_result(&self, request_id: String, tokens: Vec<u32>, is_finished: bool) {
-        let stream = {
-            let mut requests = self.requests.lock().expect("requests lock poisoned");
-            requests.get_mut(&request_id).and_then(|r| {
+        let stream = self
+            .requests
+            .with(&request_id, |r| {
                 r.last_active = Instant::now();
                 r.stream.clone()
             })
-        };
+            .flatten();
         if let Some(stream) = stream {
             for &token in &tokens {
                 let _ = stream.send(StreamEvent::Token(token));
@@ -572,12 +538,11 @@ impl RequestHandler for Node {
         let field = |name: &str| message.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_string();
         match field("type").as_str() {
             "request_failed" => {
-                let error = format!("{} (on node {})", field("error"), field("node_id"));
-                self.end_request(&request_id, Some(error)).await;
+                self.end_request(&request_id, Some(failure_from_status(&message))).await;
             }
             "request_cancelled" => {
                 let error = format!("request {request_id} was cancelled by node {}", field("node_id"));
-                self.end_request(&request_id, Some(error)).await;
+                self.end_request(&request_id, Some(Error::RequestFailed(error))).await;
             }
             _ => {}
         }

@@ -26,6 +26,12 @@ pyo3::import_exception!(exo.errors, OfflineError);
 
 impl From<Error> for PyErr {
     fn from(error: Error) -> Self {
+        PyErr::from(&error)
+    }
+}
+
+impl From<&Error> for PyErr {
+    fn from(error: &Error) -> Self {
         let message = error.to_string();
         match error {
             Error::InvalidTensor(_) => InvalidTensorError::new_err(message),

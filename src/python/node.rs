@@ -19,7 +19,6 @@ use super::net::{discovery_from_py, server_from_py, PyPeerHandle};
 use super::shard::PyShard;
 use super::tensor::wire_from_ndarray;
 use super::topology::{strategy_from_py, PyDeviceCapabilities, PyPartition, PyTopology};
-use crate::error::Error;
 use crate::node::{GenerateOptions, Node, NodeEvent, NodeSettings, StreamEvent};
 
 /// Most events handed to Python in one `next_events` call.
@@ -318,7 +317,7 @@ impl<'py> IntoPyObject<'py> for Events {
                     ("status", request_id, status).into_pyobject(py).map(Bound::into_any)
                 }
                 NodeEvent::Failed { request_id, error } => {
-                    ("failed", request_id, error).into_pyobject(py).map(Bound::into_any)
+                    ("failed", request_id, error.to_string()).into_pyobject(py).map(Bound::into_any)
                 }
             })
             .collect::<PyResult<Vec<_>>>()?;
@@ -327,7 +326,8 @@ impl<'py> IntoPyObject<'py> for Events {
 }
 
 /// The tokens of one request as they are generated: `async for token in stream`. It ends
-/// when generation ends and raises `RequestFailedError` when the request fails;
+/// when generation ends and, when the request fails, raises the exception of the error's kind
+/// where it was raised (e.g. `ContextOverflowError` from another node's engine);
 /// `await stream.aclose()` cancels the request on every node.
 #[pyclass(name = "TokenStream", module = "exo.orchestration.node", frozen)]
 pub struct PyTokenStream {
@@ -357,7 +357,7 @@ impl PyTokenStream {
                 Some(StreamEvent::Token(token)) => Ok(token),
                 Some(StreamEvent::Failed(error)) => {
                     ended.store(true, Ordering::SeqCst);
-                    Err(Error::RequestFailed(error).into())
+                    Err(PyErr::from(&*error))
                 }
                 Some(StreamEvent::Finished) | None => {
                     ended.store(true, Ordering::SeqCst);

@@ -35,6 +35,10 @@ def error_from_exception(e: BaseException) -> ApiError:
         return ApiError(400, str(e), "invalid_model")
     if isinstance(e, (errors.InvalidArgumentError, errors.InvalidShardError)):
         return ApiError(400, str(e), "invalid_request")
+    if isinstance(e, errors.CacheEvictedError):
+        return ApiError(503, f"The cluster dropped the request's cache; try again: {e}", "cache_evicted")
+    if isinstance(e, errors.PeerError):
+        return ApiError(503, f"A node of the cluster is unavailable; try again: {e}", "peer_unavailable")
     if isinstance(e, errors.ExoError):
         return ApiError(500, f"The request failed in the cluster: {e}", "request_failed")
     return ApiError(500, f"Internal error: {type(e).__name__}: {e}", "internal_error")

@@ -202,8 +202,9 @@ class Node:
     ) -> TokenStream:
         """Starts a request and returns the async iterator of its token ids.
 
-        The iterator ends when generation ends (EOS or the token limit), raises
-        `exo.errors.RequestFailedError` when the request fails anywhere in the ring, and
+        The iterator ends when generation ends (EOS or the token limit), raises the
+        `exo.errors` exception of the failure's kind when the request fails anywhere in the ring
+        (`ContextOverflowError` from any node's engine, `PeerError` for a lost peer, ...), and
         `await stream.aclose()` cancels the request on every node.
         """
         return self._core.generate(

@@ -16,6 +16,10 @@ use crate::topology::{DeviceCapabilities, DeviceFlops, Topology};
 /// The largest message either side accepts (exo classic's limit).
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
+/// Metadata key of an error status that names the error's kind ([`Error::kind`]); classic
+/// peers ignore it, xotorch-core peers rebuild an error of that kind.
+const ERROR_KIND_KEY: &str = "xot-error-kind";
+
 impl From<&DeviceCapabilities> for proto::DeviceCapabilities {
     fn from(caps: &DeviceCapabilities) -> Self {
         Self {

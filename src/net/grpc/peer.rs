@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{state_to_proto, MAX_MESSAGE_BYTES};
+use super::{state_to_proto, ERROR_KIND_KEY, MAX_MESSAGE_BYTES};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
 use crate::net::PeerHandle;
@@ -122,9 +122,13 @@ impl GrpcPeer {
         Error::Peer(format!("{call} to {}@{} failed: {cause}", self.id, self.address))
     }
 
-    /// The error for a call the peer answered with `status`.
+    /// The error for a call the peer answered with `status`: of the kind the status names when
+    /// a xotorch-core peer sent it, else a peer error.
     fn status_error(&self, call: &str, status: &tonic::Status) -> Error {
-        self.error(call, format!("{} ({:?})", status.message(), status.code()))
+        match status.metadata().get(ERROR_KIND_KEY).and_then(|kind| kind.to_str().ok()) {
+            Some(kind) => Error::from_kind(kind, &format!("{} (on node {})", status.message(), self.id)),
+            None => self.error(call, format!("{} ({:?})", status.message(), status.code())),
+        }
     }
 
     /// Runs one call with a deadline, naming the call and the peer in any error.

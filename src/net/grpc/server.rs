@@ -12,7 +12,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
-use super::{state_from_proto, MAX_MESSAGE_BYTES};
+use super::{state_from_proto, ERROR_KIND_KEY, MAX_MESSAGE_BYTES};
 use crate::error::{Error, Result};
 use crate::net::{RequestHandler, Server};
 use crate::proto;
@@ -124,8 +124,16 @@ impl Service {
     }
 }
 
-/// The status a core error answers with.
+/// The status a core error answers with; its metadata names the error's kind.
 fn status(error: Error) -> Status {
+    let kind = tonic::metadata::MetadataValue::from_static(error.kind());
+    let mut status = status_code(error);
+    status.metadata_mut().insert(ERROR_KIND_KEY, kind);
+    status
+}
+
+/// The status whose code matches a core error's kind.
+fn status_code(error: Error) -> Status {
     let message = error.to_string();
     match error {
         Error::InvalidTensor(_) | Error::InvalidShard(_) | Error::InvalidArgument(_) => {

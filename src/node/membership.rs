@@ -1,0 +1,111 @@
+//! Membership: the peers a node uses, the cluster topology as last collected, and the
+//! partitions the node's strategy derives from it.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+
+use crate::net::PeerHandle;
+use crate::topology::{DeviceCapabilities, Partition, PartitioningStrategy, Topology};
+
+/// A node's view of the cluster; the partitions always follow the topology.
+pub struct Membership {
+    strategy: Arc<dyn PartitioningStrategy>,
+    peers: RwLock<Vec<Arc<dyn PeerHandle>>>,
+    topology: RwLock<Topology>,
+    partitions: RwLock<Vec<Partition>>,
+}
+
+impl Membership {
+    /// A cluster of the node `node_id` alone, its device not yet known.
+    pub fn new(node_id: &str, strategy: Arc<dyn PartitioningStrategy>) -> Self {
+        let mut topology = Topology::new();
+        topology.update_node(node_id.to_string(), DeviceCapabilities::unknown());
+        let partitions = strategy.partition(&topology);
+        Self {
+            strategy,
+            peers: RwLock::new(Vec::new()),
+            topology: RwLock::new(topology),
+            partitions: RwLock::new(partitions),
+        }
+    }
+
+    /// The strategy that partitions the ring.
+    pub fn strategy(&self) -> &Arc<dyn PartitioningStrategy> {
+        &self.strategy
+    }
+
+    /// The peers in use now.
+    pub fn peers(&self) -> Vec<Arc<dyn PeerHandle>> {
+        self.peers.read().expect("peers lock poisoned").clone()
+    }
+
+    /// The peer in use with id `id`.
+    pub fn peer(&self, id: &str) -> Option<Arc<dyn PeerHandle>> {
+        self.peers.read().expect("peers lock poisoned").iter().find(|p| p.id() == id).cloned()
+    }
+
+    /// Makes `next` the peers in use; the ids of the peers that left when the set of peers
+    /// (ids and addresses) changed, else `None`.
+    pub fn replace_peers(&self, next: Vec<Arc<dyn PeerHandle>>) -> Option<Vec<String>> {
+        let key = |peers: &[Arc<dyn PeerHandle>]| -> BTreeSet<(String, String)> {
+            peers.iter().map(|p| (p.id(), p.addr())).collect()
+        };
+        let mut peers = self.peers.write().expect("peers lock poisoned");
+        let changed = key(&peers) != key(&next);
+        let staying: BTreeSet<String> = next.iter().map(|p| p.id()).collect();
+        let departed = peers.iter().map(|p| p.id()).filter(|id| !staying.contains(id)).collect();
+        *peers = next;
+        changed.then_some(departed)
+    }
+
+    /// Stops using the peer `peer_id`.
+    pub fn remove_peer(&self, peer_id: &str) {
+        self.peers.write().expect("peers lock poisoned").retain(|p| p.id() != peer_id);
+    }
+
+    /// The cluster as last collected.
+    pub fn topology(&self) -> Topology {
+        self.topology.read().expect("topology lock poisoned").clone()
+    }
+
+    /// Makes `topology` the cluster and partitions it.
+    pub fn set_topology(&self, topology: Topology) {
+        let partitions = self.strategy.partition(&topology);
+        *self.topology.write().expect("topology lock poisoned") = topology;
+        *self.partitions.write().expect("partitions lock poisoned") = partitions;
+    }
+
+    /// The partitions of the current topology, in ring order.
+    pub fn partitions(&self) -> Vec<Partition> {
+        self.partitions.read().expect("partitions lock poisoned").clone()
+    }
+
+    /// Sets a node's device in the topology.
+    pub fn update_node(&self, node_id: &str, capabilities: DeviceCapabilities) {
+        let mut topology = self.topology();
+        topology.update_node(node_id.to_string(), capabilities);
+        self.set_topology(topology);
+    }
+
+    /// Takes a node out of the topology (and the partitions) until a walk finds it again.
+    pub fn forget_node(&self, node_id: &str) {
+        let mut topology = self.topology();
+        topology.nodes.shift_remove(node_id);
+        topology.peer_graph.shift_remove(node_id);
+        for connections in topology.peer_graph.values_mut() {
+            connections.retain(|c| c.to_id != node_id);
+        }
+        self.set_topology(topology);
+    }
+
+    /// Records that `node_id` started (`true`) or ended (`false`) work on a prompt; the
+    /// topology's active node is the one working now.
+    pub fn mark_active(&self, node_id: &str, started: bool) {
+        let mut topology = self.topology.write().expect("topology lock poisoned");
+        if started {
+            topology.active_node_id = Some(node_id.to_string());
+        } else if topology.active_node_id.as_deref() == Some(node_id) {
+            topology.active_node_id = None;
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The request table: the requests a node is running and the ones that ended badly, under one
+//! lock, so a late message for an ended request never brings it back.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::request::{Phase, Request, RequestContext};
+
+/// The requests known here, by id.
+#[derive(Default)]
+pub struct RequestTable {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    running: HashMap<String, Request>,
+    /// Cancelled or failed requests and when they ended, so late messages for them are dropped.
+    ended: HashMap<String, Instant>,
+}
+
+impl RequestTable {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("request table lock poisoned")
+    }
+
+    /// Whether `request_id` is running here.
+    pub fn contains(&self, request_id: &str) -> bool {
+        self.state().running.contains_key(request_id)
+    }
+
+    /// Whether `request_id` was cancelled or failed here.
+    pub fn has_ended(&self, request_id: &str) -> bool {
+        self.state().ended.contains_key(request_id)
+    }
+
+    /// Records a request started here, replacing any earlier record under its id.
+    pub fn start(&self, request_id: &str, request: Request) {
+        let mut state = self.state();
+        state.ended.remove(request_id);
+        state.running.insert(request_id.to_string(), request);
+    }
+
+    /// Records a request arriving from a peer, keeping `context` unless it has one already;
+    /// false when the request already ended here.
+    pub fn register(&self, request_id: &str, context: Option<RequestContext>) -> bool {
+        let mut state = self.state();
+        if state.ended.contains_key(request_id) {
+            return false;
+        }
+        let request = state.running.entry(request_id.to_string()).or_insert_with(|| Request::new(None));
+        if request.context.is_none() {
+            request.context = context;
+        }
+        request.last_active = Instant::now();
+        true
+    }
+
+    /// Runs `change` on a running request; `None` when it is not running here.
+    pub fn with<R>(&self, request_id: &str, change: impl FnOnce(&mut Request) -> R) -> Option<R> {
+        self.state().running.get_mut(request_id).map(change)
+    }
+
+    /// Marks where a request stands here, as of now.
+    pub fn set_phase(&self, request_id: &str, phase: Phase) {
+        self.with(request_id, |request| {
+            request.phase = phase;
+            request.last_active = Instant::now();
+        });
+    }
+
+    /// Takes a request out of the table; a `failed` one is remembered as ended.
+    pub fn end(&self, request_id: &str, failed: bool) -> Option<Request> {
+        let mut state = self.state();
+        if failed {
+            state.ended.insert(request_id.to_string(), Instant::now());
+        }
+        state.running.remove(request_id)
+    }
+
+    /// The ids of the running requests.
+    pub fn ids(&self) -> Vec<String> {
+        self.state().running.keys().cloned().collect()
+    }
+
+    /// The running requests' ids and where each stands.
+    pub fn outstanding(&self) -> Vec<(String, &'static str)> {
+        self.state().running.iter().map(|(id, r)| (id.clone(), r.phase.as_str())).collect()
+    }
+
+    /// The other nodes that requests started by `node_id` run on.
+    pub fn members_of_started(&self, node_id: &str) -> BTreeSet<String> {
+        let state = self.state();
+        let started = state.running.values().filter(|r| r.is_origin(node_id));
+        started.flat_map(|r| r.members.iter().cloned()).filter(|id| id != node_id).collect()
+    }
+
+    /// The requests that run on `node_id`.
+    pub fn running_on(&self, node_id: &str) -> Vec<String> {
+        let state = self.state();
+        let on = state.running.iter().filter(|(_, r)| r.members.iter().any(|m| m == node_id));
+        on.map(|(id, _)| id.clone()).collect()
+    }
+
+    /// The requests that made no progress for `idle`.
+    pub fn idle_for(&self, idle: Duration) -> Vec<String> {
+        let state = self.state();
+        let stalled = state.running.iter().filter(|(_, r)| r.last_active.elapsed() > idle);
+        stalled.map(|(id, _)| id.clone()).collect()
+    }
+
+    /// Forgets the ended requests older than `age`.
+    pub fn forget_ended(&self, age: Duration) {
+        self.state().ended.retain(|_, at| at.elapsed() < age);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ended_request_is_not_registered_again_until_restarted() {
+        let table = RequestTable::default();
+        assert!(table.register("r", None));
+        assert_eq!(table.outstanding(), [("r".to_string(), "processing")]);
+        assert!(table.end("r", true).is_some());
+        assert!(table.has_ended("r") && !table.contains("r"));
+        assert!(!table.register("r", None));
+        table.start("r", Request::new(None));
+        assert!(!table.has_ended("r") && table.contains("r"));
+        table.forget_ended(Duration::ZERO);
+        assert!(table.end("r", false).is_some() && !table.has_ended("r"));
+    }
+
+    #[test]
+    fn members_and_idle_requests_are_found() {
+        let table = RequestTable::default();
+        let context = RequestContext { origin: "a".into(), ..Default::default() };
+        let mut started = Request::new(Some(context));
+        started.members = vec!["a".into(), "b".into()];
+        table.start("mine", started);
+        assert!(table.register("theirs", None));
+        assert_eq!(table.members_of_started("a"), BTreeSet::from(["b".to_string()]));
+        assert_eq!(table.running_on("b"), ["mine"]);
+        table.set_phase("theirs", Phase::Waiting);
+        assert_eq!(table.with("theirs", |r| r.phase), Some(Phase::Waiting));
+        assert!(table.idle_for(Duration::from_secs(60)).is_empty());
+        let mut idle = table.idle_for(Duration::ZERO);
+        idle.sort();
+        assert_eq!(idle, ["mine", "theirs"]);
+    }
+}
