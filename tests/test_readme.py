@@ -108,8 +108,12 @@ def test_every_command_names_real_things(command: list[str]) -> None:
             assert re.search(rf"{re.escape(flag)}(?![\w-])", usage), f"{flag} is not a flag of {command[:3]}"
         if target[-1] == "exo.main" and "--help" not in arguments:
             build_parser().parse_args(arguments)
-    elif command[0] == "pip":
+    elif command[0] == "pip" and command[2] == ".":
         assert command == ["pip", "install", "."] and (ROOT / "pyproject.toml").is_file()
+    elif command[0] == "pip":
+        # The CUDA wheel that scripts/build-cuda writes, with the CUDA libraries it links.
+        assert command[:3] == ["pip", "install", "dist-cuda/*.whl"], command
+        assert "dist-cuda" in (ROOT / "scripts" / "build-cuda").read_text()
     elif command[0] == "curl":
         assert any(word.startswith("localhost:52415/") for word in command), command
     else:
