@@ -245,6 +245,9 @@ class NativeDiscovery:
     def stop(self) -> Awaitable[None]: ...
     def discover_peers(self, wait_for_peers: int = 0) -> Awaitable[list[NativePeerHandle]]: ...
 
+class NativeRequestHandler:
+    """A native request handler (the base of `NativeNode`): a `GRPCServer` serves it directly."""
+
 class GRPCServer:
     """Serves a node's `NodeService` on `host:port` (port 0 picks a free one); `node` is a `Node`
     or any object with classic's node methods (`process_prompt`, `process_tensor`, ...)."""
@@ -266,7 +269,7 @@ class TokenStream:
     def __anext__(self) -> Awaitable[int]: ...
     def aclose(self) -> Awaitable[None]: ...
 
-class NativeNode:
+class NativeNode(NativeRequestHandler):
     """The Rust node behind `exo.orchestration.node.Node`: ring, peers, topology, requests."""
 
     def __init__(
