@@ -21,7 +21,7 @@ use crate::net::discovery::{
     ManualDiscovery, NetworkTopology, PeerConfig, TailscaleConfig, TailscaleDiscovery, UdpConfig,
     UdpDiscovery,
 };
-use crate::net::{Discovery, PeerFactory, PeerHandle};
+use crate::net::{Discovery, PeerFactory, PeerHandle, PeerIdentity};
 use crate::shard::Shard;
 use crate::tensor::WireTensor;
 use crate::topology::{DeviceCapabilities, Topology};
@@ -117,16 +117,15 @@ fn factory_from_py(create_peer_handle: Py<PyAny>) -> PeerFactory {
         made.unwrap_or_else(|error| {
             log::warn!("create_peer_handle failed for peer {id} at {addr}: {error}");
             let reason = format!("create_peer_handle failed for peer {id} at {addr}: {error}");
-            Arc::new(UnmadePeer { id, addr, description, caps, reason }) as Arc<dyn PeerHandle>
+            let identity = PeerIdentity::new(id, addr, description);
+            Arc::new(UnmadePeer { identity, caps, reason }) as Arc<dyn PeerHandle>
         })
     })
 }
 
 /// Stands in for a peer whose handle could not be made: unhealthy, every call fails.
 struct UnmadePeer {
-    id: String,
-    addr: String,
-    description: String,
+    identity: PeerIdentity,
     caps: DeviceCapabilities,
     reason: String,
 }
@@ -139,14 +138,8 @@ impl UnmadePeer {
 
 #[async_trait]
 impl PeerHandle for UnmadePeer {
-    fn id(&self) -> String {
-        self.id.clone()
-    }
-    fn addr(&self) -> String {
-        self.addr.clone()
-    }
-    fn description(&self) -> String {
-        self.description.clone()
+    fn identity(&self) -> &PeerIdentity {
+        &self.identity
     }
     fn device_capabilities(&self) -> DeviceCapabilities {
         self.caps.clone()

@@ -15,7 +15,7 @@ use super::topology::{PyDeviceCapabilities, PyTopology};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
 use crate::net::grpc::GrpcPeer;
-use crate::net::PeerHandle;
+use crate::net::{PeerHandle, PeerIdentity};
 use crate::shard::Shard;
 use crate::tensor::WireTensor;
 use crate::topology::{DeviceCapabilities, Topology};
@@ -30,33 +30,24 @@ pub fn peer_from_py(object: &Bound<'_, PyAny>) -> PyResult<Arc<dyn PeerHandle>> 
             return Err(Error::InvalidArgument(format!("a peer handle needs a {method}() method")).into());
         }
     }
-    Ok(Arc::new(PythonPeer { object: object.clone().unbind() }))
+    let text = |method: &str| -> String {
+        object.call_method0(method).and_then(|v| v.str()?.extract()).unwrap_or_default()
+    };
+    let identity = PeerIdentity::new(text("id"), text("addr"), text("description"));
+    Ok(Arc::new(PythonPeer { object: object.clone().unbind(), identity }))
 }
 
-/// A Python object with exo classic's `PeerHandle` methods.
+/// A Python object with exo classic's `PeerHandle` methods; its `id()`, `addr()` and
+/// `description()` are read once, when it is adapted (a method that raises reads as "").
 struct PythonPeer {
     object: Py<PyAny>,
-}
-
-impl PythonPeer {
-    fn text(&self, method: &str) -> String {
-        with_python(|py| self.object.bind(py).call_method0(method).and_then(|v| v.str()?.extract()))
-            .unwrap_or_default()
-    }
+    identity: PeerIdentity,
 }
 
 #[async_trait]
 impl PeerHandle for PythonPeer {
-    fn id(&self) -> String {
-        self.text("id")
-    }
-
-    fn addr(&self) -> String {
-        self.text("addr")
-    }
-
-    fn description(&self) -> String {
-        self.text("description")
+    fn identity(&self) -> &PeerIdentity {
+        &self.identity
     }
 
     fn device_capabilities(&self) -> DeviceCapabilities {
