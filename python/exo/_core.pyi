@@ -31,6 +31,7 @@ __all__ = [
     "NativeInferenceEngine",
     "NativeNode",
     "NativePeerHandle",
+    "NativeRequestHandler",
     "NetworkTopology",
     "Partition",
     "PeerConfig",
@@ -312,6 +313,10 @@ class NativeDiscovery:
     def stop(self) -> Awaitable[None]: ...
     def discover_peers(self, wait_for_peers: int = 0) -> Awaitable[list[NativePeerHandle]]: ...
 
+@disjoint_base
+class NativeRequestHandler:
+    """A native request handler (the base of `NativeNode`): a `GRPCServer` serves it directly."""
+
 @final
 class GRPCServer:
     """Serves a node's `NodeService` on `host:port` (port 0 picks a free one); `node` is a `Node`
@@ -336,7 +341,7 @@ class TokenStream:
     def aclose(self) -> Awaitable[None]: ...
 
 @final
-class NativeNode:
+class NativeNode(NativeRequestHandler):
     """The Rust node behind `exo.orchestration.node.Node`: ring, peers, topology, requests."""
 
     def __new__(

@@ -20,15 +20,42 @@ use crate::topology::{DeviceCapabilities, Topology};
 /// send none. Peers that send it follow the layer plan a request carries.
 pub const XOTORCH_CORE_HEADER: &str = "x-xotorch-core";
 
+/// Who a peer is: what exo classic's peer handles take in their constructor and hand back
+/// from `id()`, `addr()` and `description()`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerIdentity {
+    /// The peer's node id.
+    pub id: String,
+    /// Where the peer listens (`host:port`).
+    pub addr: String,
+    /// How the peer was found (an interface type, `MAN`, `tailscale`, ...).
+    pub description: String,
+}
+
+impl PeerIdentity {
+    /// An identity from its three parts.
+    pub fn new(id: impl Into<String>, addr: impl Into<String>, description: impl Into<String>) -> Self {
+        Self { id: id.into(), addr: addr.into(), description: description.into() }
+    }
+}
+
 /// A connection to one peer, as exo classic's `PeerHandle`. Every call has a deadline.
 #[async_trait]
 pub trait PeerHandle: Send + Sync {
+    /// Who the peer is (fixed when the handle is made).
+    fn identity(&self) -> &PeerIdentity;
     /// The peer's node id.
-    fn id(&self) -> String;
+    fn id(&self) -> String {
+        self.identity().id.clone()
+    }
     /// Where the peer listens (`host:port`).
-    fn addr(&self) -> String;
+    fn addr(&self) -> String {
+        self.identity().addr.clone()
+    }
     /// How the peer was found (an interface type, `MAN`, `tailscale`, ...).
-    fn description(&self) -> String;
+    fn description(&self) -> String {
+        self.identity().description.clone()
+    }
     /// The peer's device as it announced it.
     fn device_capabilities(&self) -> DeviceCapabilities;
 

@@ -109,26 +109,22 @@ mod tests {
     use super::*;
     use crate::engine::InferenceState;
     use crate::error::Result;
+    use crate::net::PeerIdentity;
     use crate::shard::Shard;
     use crate::tensor::WireTensor;
     use crate::topology::{DeviceCapabilities, Topology};
 
     /// Records what it is sent; the first call waits until released so later ones queue up.
     struct Recorder {
+        identity: PeerIdentity,
         calls: Mutex<Vec<(String, Vec<u32>, bool)>>,
         gate: tokio::sync::Semaphore,
     }
 
     #[async_trait]
     impl PeerHandle for Recorder {
-        fn id(&self) -> String {
-            "p".into()
-        }
-        fn addr(&self) -> String {
-            "p:1".into()
-        }
-        fn description(&self) -> String {
-            String::new()
+        fn identity(&self) -> &PeerIdentity {
+            &self.identity
         }
         fn device_capabilities(&self) -> DeviceCapabilities {
             DeviceCapabilities::unknown()
@@ -185,7 +181,11 @@ mod tests {
 
     #[tokio::test]
     async fn results_arrive_in_order_and_queued_ones_merge() {
-        let recorder = Arc::new(Recorder { calls: Mutex::new(vec![]), gate: tokio::sync::Semaphore::new(0) });
+        let recorder = Arc::new(Recorder {
+            identity: PeerIdentity::new("p", "p:1", ""),
+            calls: Mutex::new(vec![]),
+            gate: tokio::sync::Semaphore::new(0),
+        });
         let lookup = Arc::new(One(recorder.clone()));
         let weak = Arc::downgrade(&lookup);
         let outbox = Outbox::new();

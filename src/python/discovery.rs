@@ -1,6 +1,7 @@
-//! exo classic's discovery classes (`UDPDiscovery`, `ManualDiscovery`, `TailscaleDiscovery`)
-//! and the manual config types, over the Rust discoveries. `start`, `stop` and
-//! `discover_peers` come from the `NativeDiscovery` base class.
+//! Discoveries for Python: the native `NativeDiscovery` base class, an adapter that lets a
+//! Python object with classic's `Discovery` methods stand in, and exo classic's discovery
+//! classes (`UDPDiscovery`, `ManualDiscovery`, `TailscaleDiscovery`) with the manual config
+//! types over the Rust discoveries.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -8,9 +9,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 
-use super::net::{peer_from_py, PyDiscovery};
+use super::asyncio::{call_coroutine, with_python};
+use super::gc::{FromPy, HoldsPython};
+use super::peer::{peer_from_py, PyPeerHandle};
 use super::topology::PyDeviceCapabilities;
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
@@ -18,17 +21,95 @@ use crate::net::discovery::{
     ManualDiscovery, NetworkTopology, PeerConfig, TailscaleConfig, TailscaleDiscovery, UdpConfig,
     UdpDiscovery,
 };
-use crate::net::{PeerFactory, PeerHandle};
+use crate::net::{Discovery, PeerFactory, PeerHandle, PeerIdentity};
 use crate::shard::Shard;
 use crate::tensor::WireTensor;
 use crate::topology::{DeviceCapabilities, Topology};
+
+/// A native discovery (`exo.networking.discovery`); the UDP, manual and Tailscale
+/// discoveries derive from it.
+#[pyclass(name = "NativeDiscovery", module = "exo.networking.discovery", subclass, frozen)]
+pub struct PyDiscovery {
+    pub inner: Arc<dyn Discovery>,
+}
+
+#[pymethods]
+impl PyDiscovery {
+    /// Also remembers the running loop: discovery health-checks Python peers from background
+    /// tasks, before any node has started.
+    fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        super::asyncio::remember_running_loop(py);
+        let discovery = self.inner.clone();
+        super::asyncio::future_into_py(py, async move { Ok(discovery.start().await?) })
+    }
+
+    fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let discovery = self.inner.clone();
+        super::asyncio::future_into_py(py, async move { Ok(discovery.stop().await?) })
+    }
+
+    #[pyo3(signature = (wait_for_peers=0))]
+    fn discover_peers<'py>(&self, py: Python<'py>, wait_for_peers: usize) -> PyResult<Bound<'py, PyAny>> {
+        let discovery = self.inner.clone();
+        super::asyncio::future_into_py(py, async move {
+            let peers = discovery.discover_peers(wait_for_peers).await?;
+            Ok(peers.into_iter().map(|inner| PyPeerHandle { inner }).collect::<Vec<_>>())
+        })
+    }
+}
+
+/// A discovery from Python: a native one as is, any other object through an adapter.
+pub fn discovery_from_py(object: &Bound<'_, PyAny>) -> PyResult<FromPy<dyn Discovery>> {
+    if let Ok(native) = object.cast::<PyDiscovery>() {
+        return Ok(FromPy::native(native.get().inner.clone()));
+    }
+    for method in ["start", "stop", "discover_peers"] {
+        if !object.hasattr(method)? {
+            return Err(Error::InvalidArgument(format!("a discovery needs a {method}() method")).into());
+        }
+    }
+    let stand_in = Arc::new(PythonDiscovery { object: object.clone().unbind() });
+    Ok(FromPy { core: stand_in.clone(), stand_in: Some(stand_in) })
+}
+
+/// A Python object with exo classic's `Discovery` methods.
+struct PythonDiscovery {
+    object: Py<PyAny>,
+}
+
+impl HoldsPython for PythonDiscovery {
+    fn python_object(&self) -> &Py<PyAny> {
+        &self.object
+    }
+}
+
+#[async_trait]
+impl Discovery for PythonDiscovery {
+    async fn start(&self) -> Result<()> {
+        call_coroutine(&self.object, "start", ()).await.map(|_| ())
+    }
+
+    async fn stop(&self) -> Result<()> {
+        call_coroutine(&self.object, "stop", ()).await.map(|_| ())
+    }
+
+    async fn discover_peers(&self, wait_for_peers: usize) -> Result<Vec<Arc<dyn PeerHandle>>> {
+        let peers = call_coroutine(&self.object, "discover_peers", (wait_for_peers,)).await?;
+        with_python(|py| {
+            let peers = peers.bind(py);
+            let list = PyList::new(py, peers.try_iter()?.collect::<PyResult<Vec<_>>>()?)?;
+            list.iter().map(|p| peer_from_py(&p)).collect::<PyResult<Vec<_>>>()
+        })
+        .map_err(|e| Error::StandIn(format!("discover_peers(): {e}")))
+    }
+}
 
 /// Turns classic's `create_peer_handle(peer_id, address, description, device_capabilities)`
 /// callable into a peer factory. A call that raises, or returns something that is not a peer,
 /// is logged and yields a peer that never passes its health check, so it is never added.
 fn factory_from_py(create_peer_handle: Py<PyAny>) -> PeerFactory {
     Arc::new(move |id: String, addr: String, description: String, caps: DeviceCapabilities| {
-        let made = super::asyncio::with_python(|py| {
+        let made = with_python(|py| {
             let args =
                 (id.clone(), addr.clone(), description.clone(), PyDeviceCapabilities { inner: caps.clone() });
             create_peer_handle.bind(py).call1(args).and_then(|peer| peer_from_py(&peer))
@@ -36,16 +117,15 @@ fn factory_from_py(create_peer_handle: Py<PyAny>) -> PeerFactory {
         made.unwrap_or_else(|error| {
             log::warn!("create_peer_handle failed for peer {id} at {addr}: {error}");
             let reason = format!("create_peer_handle failed for peer {id} at {addr}: {error}");
-            Arc::new(UnmadePeer { id, addr, description, caps, reason }) as Arc<dyn PeerHandle>
+            let identity = PeerIdentity::new(id, addr, description);
+            Arc::new(UnmadePeer { identity, caps, reason }) as Arc<dyn PeerHandle>
         })
     })
 }
 
 /// Stands in for a peer whose handle could not be made: unhealthy, every call fails.
 struct UnmadePeer {
-    id: String,
-    addr: String,
-    description: String,
+    identity: PeerIdentity,
     caps: DeviceCapabilities,
     reason: String,
 }
@@ -58,14 +138,8 @@ impl UnmadePeer {
 
 #[async_trait]
 impl PeerHandle for UnmadePeer {
-    fn id(&self) -> String {
-        self.id.clone()
-    }
-    fn addr(&self) -> String {
-        self.addr.clone()
-    }
-    fn description(&self) -> String {
-        self.description.clone()
+    fn identity(&self) -> &PeerIdentity {
+        &self.identity
     }
     fn device_capabilities(&self) -> DeviceCapabilities {
         self.caps.clone()
@@ -410,6 +484,7 @@ impl PyNetworkTopology {
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyDiscovery>()?;
     m.add_class::<PyUdpDiscovery>()?;
     m.add_class::<PyManualDiscovery>()?;
     m.add_class::<PyTailscaleDiscovery>()?;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use numpy::PyArray1;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
 
+use super::convert::{state_from_py, StateDict};
 use super::download::PyHfShardDownloader;
 use super::gc::{FromPy, HoldsPython};
 use super::shard::PyShard;
@@ -53,64 +53,6 @@ impl<'py> IntoPyObject<'py> for TokenIds {
         let ids: Vec<i64> = self.0.into_iter().map(i64::from).collect();
         Ok(PyArray1::from_vec(py, ids).into_any())
     }
-}
-
-/// An inference state handed to Python as classic's dict: arrays, lists of arrays, and the
-/// JSON values of everything else.
-pub(super) struct StateDict(pub Option<InferenceState>);
-
-impl<'py> IntoPyObject<'py> for StateDict {
-    type Target = PyAny;
-    type Output = Bound<'py, PyAny>;
-    type Error = PyErr;
-
-    fn into_pyobject(self, py: Python<'py>) -> PyResult<Self::Output> {
-        let Some(state) = self.0 else { return Ok(py.None().into_bound(py)) };
-        let dict = PyDict::new(py);
-        for (key, tensor) in state.tensors {
-            dict.set_item(key, ndarray_from_wire(py, tensor)?)?;
-        }
-        for (key, tensors) in state.tensor_lists {
-            let arrays =
-                tensors.into_iter().map(|t| ndarray_from_wire(py, t)).collect::<PyResult<Vec<_>>>()?;
-            dict.set_item(key, PyList::new(py, arrays)?)?;
-        }
-        let json = py.import("json")?;
-        for (key, value) in state.other {
-            dict.set_item(key, json.call_method1("loads", (value.to_string(),))?)?;
-        }
-        Ok(dict.into_any())
-    }
-}
-
-/// Reads classic's state dict: numpy arrays and lists of them become tensors, every other
-/// value must be JSON-serializable.
-pub(super) fn state_from_py(state: Option<&Bound<'_, PyAny>>) -> PyResult<Option<InferenceState>> {
-    let Some(state) = state.filter(|s| !s.is_none()) else { return Ok(None) };
-    let dict = state.cast::<PyDict>()?;
-    let numpy = state.py().import("numpy")?;
-    let ndarray = numpy.getattr("ndarray")?;
-    let json = state.py().import("json")?;
-    let mut out = InferenceState::default();
-    for (key, value) in dict.iter() {
-        let key: String = key.extract()?;
-        if value.is_instance(&ndarray)? {
-            out.tensors.insert(key, wire_from_ndarray(&value)?);
-            continue;
-        }
-        if let Ok(list) = value.cast::<PyList>() {
-            if !list.is_empty() && list.iter().all(|v| v.is_instance(&ndarray).unwrap_or(false)) {
-                let tensors = list.iter().map(|v| wire_from_ndarray(&v)).collect::<PyResult<Vec<_>>>()?;
-                out.tensor_lists.insert(key, tensors);
-                continue;
-            }
-        }
-        let text: String = json.call_method1("dumps", (&value,))?.extract()?;
-        let parsed = serde_json::from_str(&text)
-            .map_err(|e| Error::InvalidArgument(format!("inference_state[{key:?}]: {e}")))?;
-        out.other.insert(key, parsed);
-    }
-    Ok(Some(out))
 }
 
 /// Token ids from a numpy array or a sequence of ints.

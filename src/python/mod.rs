@@ -1,15 +1,17 @@
 //! The `exo._core` extension module: PyO3 wrappers around the core types.
 
 mod asyncio;
+mod convert;
 mod discovery;
 mod download;
 mod engine;
 mod errors;
 mod gc;
 mod models;
-mod net;
 mod node;
 mod node_stand_in;
+mod peer;
+mod server;
 mod shard;
 mod tensor;
 mod tokenizer;
@@ -32,7 +34,8 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     tensor::register(m)?;
     tokenizer::register(m)?;
     topology::register(m)?;
-    net::register(m)?;
+    peer::register(m)?;
+    server::register(m)?;
     node::register(m)?;
     discovery::register(m)?;
     Ok(())

@@ -13,9 +13,12 @@ use pyo3::PyTraverseError;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::Mutex;
 
-use super::engine::{engine_from_py, state_from_py};
+use super::convert::state_from_py;
+use super::discovery::discovery_from_py;
+use super::engine::engine_from_py;
 use super::gc::StandIns;
-use super::net::{discovery_from_py, server_from_py, PyPeerHandle};
+use super::peer::PyPeerHandle;
+use super::server::{server_from_py, PyRequestHandler};
 use super::shard::PyShard;
 use super::tensor::wire_from_ndarray;
 use super::topology::{strategy_from_py, PyDeviceCapabilities, PyPartition, PyTopology};
@@ -24,8 +27,9 @@ use crate::node::{GenerateOptions, Node, NodeEvent, NodeSettings, StreamEvent};
 /// Most events handed to Python in one `next_events` call.
 const EVENT_BATCH: usize = 256;
 
-/// The Rust node behind `exo.orchestration.node.Node`: ring, peers, topology, requests.
-#[pyclass(name = "NativeNode", module = "exo.orchestration.node", frozen)]
+/// The Rust node behind `exo.orchestration.node.Node`: ring, peers, topology, requests. As a
+/// native request handler, a `GRPCServer` serves it directly.
+#[pyclass(name = "NativeNode", module = "exo.orchestration.node", extends = PyRequestHandler, frozen)]
 pub struct PyNode {
     pub inner: Arc<Node>,
     events: Arc<Mutex<UnboundedReceiver<NodeEvent>>>,
@@ -45,7 +49,7 @@ impl PyNode {
         partitioning_strategy: Option<&Bound<'_, PyAny>>,
         max_generate_tokens: usize,
         default_sample_temperature: f32,
-    ) -> PyResult<Self> {
+    ) -> PyResult<PyClassInitializer<Self>> {
         let settings = NodeSettings { max_generate_tokens, default_temperature: default_sample_temperature };
         let (engine, discovery) = (engine_from_py(inference_engine)?, discovery_from_py(discovery)?);
         let strategy = strategy_from_py(partitioning_strategy)?;
@@ -55,7 +59,11 @@ impl PyNode {
         stand_ins.set("strategy", strategy.stand_in);
         let node = Node::new(node_id, engine.core, discovery.core, strategy.core, settings);
         let events = Arc::new(Mutex::new(node.subscribe()));
-        Ok(Self { inner: node, events, stand_ins })
+        Ok(PyClassInitializer::from(PyRequestHandler { inner: node.clone() }).add_subclass(Self {
+            inner: node,
+            events,
+            stand_ins,
+        }))
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> std::result::Result<(), PyTraverseError> {

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use pyo3::prelude::*;
 
 use super::asyncio::{call_coroutine, with_python};
+use super::convert::{prompt_args, tensor_args};
 use super::gc::HoldsPython;
-use super::net::{prompt_args, tensor_args};
 use super::topology::PyTopology;
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};

@@ -121,7 +121,7 @@ pub(crate) mod fake {
 
     use crate::engine::InferenceState;
     use crate::error::{Error, Result};
-    use crate::net::{PeerFactory, PeerHandle};
+    use crate::net::{PeerFactory, PeerHandle, PeerIdentity};
     use crate::shard::Shard;
     use crate::tensor::WireTensor;
     use crate::topology::{DeviceCapabilities, Topology};
@@ -129,9 +129,7 @@ pub(crate) mod fake {
     /// A peer that only answers health checks, healthy unless told otherwise; while `hang`
     /// is set its health check never answers.
     pub struct FakePeer {
-        pub id: String,
-        pub addr: String,
-        pub description: String,
+        pub identity: PeerIdentity,
         pub caps: DeviceCapabilities,
         pub healthy: Arc<AtomicBool>,
         pub hang: Arc<AtomicBool>,
@@ -140,14 +138,8 @@ pub(crate) mod fake {
 
     #[async_trait]
     impl PeerHandle for FakePeer {
-        fn id(&self) -> String {
-            self.id.clone()
-        }
-        fn addr(&self) -> String {
-            self.addr.clone()
-        }
-        fn description(&self) -> String {
-            self.description.clone()
+        fn identity(&self) -> &PeerIdentity {
+            &self.identity
         }
         fn device_capabilities(&self) -> DeviceCapabilities {
             self.caps.clone()
@@ -209,7 +201,8 @@ pub(crate) mod fake {
             Arc::new(move |id, addr, description, caps| {
                 made.lock().unwrap().push((id.clone(), addr.clone(), description.clone()));
                 let (healthy, hang) = (healthy.clone(), hang.clone());
-                Arc::new(FakePeer { id, addr, description, caps, healthy, hang, checks: 0.into() })
+                let identity = PeerIdentity::new(id, addr, description);
+                Arc::new(FakePeer { identity, caps, healthy, hang, checks: 0.into() })
             })
         }
 

@@ -13,7 +13,7 @@ use tonic::transport::{Channel, Endpoint};
 use super::{state_to_proto, ERROR_KIND_KEY, MAX_MESSAGE_BYTES};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
-use crate::net::PeerHandle;
+use crate::net::{PeerHandle, PeerIdentity};
 use crate::proto;
 use crate::proto::node_service_client::NodeServiceClient;
 use crate::shard::Shard;
@@ -31,9 +31,7 @@ const COMPUTE_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// A peer reached over gRPC at `address` (`host:port`).
 pub struct GrpcPeer {
-    id: String,
-    address: String,
-    description: String,
+    identity: PeerIdentity,
     capabilities: DeviceCapabilities,
     client: Mutex<Option<NodeServiceClient<Channel>>>,
     /// Whether the last health check's answer carried `XOTORCH_CORE_HEADER`.
@@ -44,9 +42,7 @@ impl GrpcPeer {
     /// A handle for peer `id` at `address`; nothing is opened until the first call.
     pub fn new(id: String, address: String, description: String, capabilities: DeviceCapabilities) -> Self {
         Self {
-            id,
-            address,
-            description,
+            identity: PeerIdentity::new(id, address, description),
             capabilities,
             client: Mutex::new(None),
             xotorch_core: AtomicBool::new(false),
@@ -54,9 +50,11 @@ impl GrpcPeer {
     }
 
     fn endpoint(&self) -> Result<Endpoint> {
-        let uri = format!("http://{}", self.address);
+        let uri = format!("http://{}", self.identity.addr);
         Ok(Endpoint::from_shared(uri)
-            .map_err(|e| Error::Peer(format!("{}: invalid address {:?}: {e}", self.id, self.address)))?
+            .map_err(|e| {
+                Error::Peer(format!("{}: invalid address {:?}: {e}", self.identity.id, self.identity.addr))
+            })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -119,14 +117,14 @@ impl GrpcPeer {
     }
 
     fn error(&self, call: &str, cause: impl std::fmt::Display) -> Error {
-        Error::Peer(format!("{call} to {}@{} failed: {cause}", self.id, self.address))
+        Error::Peer(format!("{call} to {}@{} failed: {cause}", self.identity.id, self.identity.addr))
     }
 
     /// The error for a call the peer answered with `status`: of the kind the status names when
     /// a xotorch-core peer sent it, else a peer error.
     fn status_error(&self, call: &str, status: &tonic::Status) -> Error {
         match status.metadata().get(ERROR_KIND_KEY).and_then(|kind| kind.to_str().ok()) {
-            Some(kind) => Error::from_kind(kind, &format!("{} (on node {})", status.message(), self.id)),
+            Some(kind) => Error::from_kind(kind, &format!("{} (on node {})", status.message(), self.id())),
             None => self.error(call, format!("{} ({:?})", status.message(), status.code())),
         }
     }
@@ -146,16 +144,8 @@ impl GrpcPeer {
 
 #[async_trait]
 impl PeerHandle for GrpcPeer {
-    fn id(&self) -> String {
-        self.id.clone()
-    }
-
-    fn addr(&self) -> String {
-        self.address.clone()
-    }
-
-    fn description(&self) -> String {
-        self.description.clone()
+    fn identity(&self) -> &PeerIdentity {
+        &self.identity
     }
 
     fn device_capabilities(&self) -> DeviceCapabilities {

@@ -1,27 +1,21 @@
-//! Peer handles, discoveries and servers for Python: the native gRPC classes, and adapters
-//! that let a Python object with the same methods stand in for each.
+//! Peer handles for Python: the native `NativePeerHandle` and classic's `GRPCPeerHandle`,
+//! and an adapter that lets a Python object with classic's `PeerHandle` methods stand in.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
-use pyo3::types::PyList;
-use pyo3::PyTraverseError;
 
 use super::asyncio::{call_coroutine, with_python};
-use super::engine::{state_from_py, StateDict};
-use super::gc::{FromPy, HoldsPython, StandIns};
-use super::node::PyNode;
-use super::node_stand_in::PythonNode;
+use super::convert::{prompt_args, state_from_py, tensor_args};
 use super::shard::PyShard;
-use super::tensor::{ndarray_from_wire, wire_from_ndarray};
+use super::tensor::wire_from_ndarray;
 use super::topology::{PyDeviceCapabilities, PyTopology};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
-use crate::net::grpc::{GrpcPeer, GrpcServer};
-use crate::net::{Discovery, PeerHandle, RequestHandler, Server};
+use crate::net::grpc::GrpcPeer;
+use crate::net::{PeerHandle, PeerIdentity};
 use crate::shard::Shard;
 use crate::tensor::WireTensor;
 use crate::topology::{DeviceCapabilities, Topology};
@@ -36,33 +30,24 @@ pub fn peer_from_py(object: &Bound<'_, PyAny>) -> PyResult<Arc<dyn PeerHandle>> 
             return Err(Error::InvalidArgument(format!("a peer handle needs a {method}() method")).into());
         }
     }
-    Ok(Arc::new(PythonPeer { object: object.clone().unbind() }))
+    let text = |method: &str| -> String {
+        object.call_method0(method).and_then(|v| v.str()?.extract()).unwrap_or_default()
+    };
+    let identity = PeerIdentity::new(text("id"), text("addr"), text("description"));
+    Ok(Arc::new(PythonPeer { object: object.clone().unbind(), identity }))
 }
 
-/// A Python object with exo classic's `PeerHandle` methods.
+/// A Python object with exo classic's `PeerHandle` methods; its `id()`, `addr()` and
+/// `description()` are read once, when it is adapted (a method that raises reads as "").
 struct PythonPeer {
     object: Py<PyAny>,
-}
-
-impl PythonPeer {
-    fn text(&self, method: &str) -> String {
-        with_python(|py| self.object.bind(py).call_method0(method).and_then(|v| v.str()?.extract()))
-            .unwrap_or_default()
-    }
+    identity: PeerIdentity,
 }
 
 #[async_trait]
 impl PeerHandle for PythonPeer {
-    fn id(&self) -> String {
-        self.text("id")
-    }
-
-    fn addr(&self) -> String {
-        self.text("addr")
-    }
-
-    fn description(&self) -> String {
-        self.text("description")
+    fn identity(&self) -> &PeerIdentity {
+        &self.identity
     }
 
     fn device_capabilities(&self) -> DeviceCapabilities {
@@ -133,38 +118,6 @@ impl PeerHandle for PythonPeer {
         with_python(|py| topology.bind(py).extract::<PyTopology>().map(|t| t.inner).map_err(PyErr::from))
             .map_err(|e| Error::StandIn(format!("collect_topology(): {e}")))
     }
-}
-
-/// A forward call's Python arguments: shard, prompt or tensor, request id, inference state.
-pub type ForwardArgs<T> = (PyShard, T, Option<String>, Py<PyAny>);
-
-/// Python arguments `(shard, prompt, request_id, inference_state)`, in the order classic's
-/// `send_prompt` and `process_prompt` take them.
-pub fn prompt_args(
-    shard: Shard,
-    prompt: String,
-    request_id: Option<String>,
-    state: Option<InferenceState>,
-) -> Result<ForwardArgs<String>> {
-    with_python(|py| {
-        Ok((PyShard { inner: shard }, prompt, request_id, StateDict(state).into_pyobject(py)?.unbind()))
-    })
-    .map_err(|e| Error::StandIn(e.to_string()))
-}
-
-/// Python arguments `(shard, tensor, request_id, inference_state)`, the tensor as an ndarray,
-/// in the order classic's `send_tensor` and `process_tensor` take them.
-pub fn tensor_args(
-    shard: Shard,
-    tensor: WireTensor,
-    request_id: Option<String>,
-    state: Option<InferenceState>,
-) -> Result<ForwardArgs<Py<PyAny>>> {
-    with_python(|py| {
-        let tensor = ndarray_from_wire(py, tensor)?.unbind();
-        Ok((PyShard { inner: shard }, tensor, request_id, StateDict(state).into_pyobject(py)?.unbind()))
-    })
-    .map_err(|e| Error::StandIn(e.to_string()))
 }
 
 /// A native peer handle (`exo.networking.peer_handle`); every call is awaitable.
@@ -343,191 +296,8 @@ impl PyGrpcPeerHandle {
     }
 }
 
-/// A native discovery (`exo.networking.discovery`); the UDP, manual and Tailscale
-/// discoveries derive from it.
-#[pyclass(name = "NativeDiscovery", module = "exo.networking.discovery", subclass, frozen)]
-pub struct PyDiscovery {
-    pub inner: Arc<dyn Discovery>,
-}
-
-#[pymethods]
-impl PyDiscovery {
-    /// Also remembers the running loop: discovery health-checks Python peers from background
-    /// tasks, before any node has started.
-    fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        super::asyncio::remember_running_loop(py);
-        let discovery = self.inner.clone();
-        super::asyncio::future_into_py(py, async move { Ok(discovery.start().await?) })
-    }
-
-    fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let discovery = self.inner.clone();
-        super::asyncio::future_into_py(py, async move { Ok(discovery.stop().await?) })
-    }
-
-    #[pyo3(signature = (wait_for_peers=0))]
-    fn discover_peers<'py>(&self, py: Python<'py>, wait_for_peers: usize) -> PyResult<Bound<'py, PyAny>> {
-        let discovery = self.inner.clone();
-        super::asyncio::future_into_py(py, async move {
-            let peers = discovery.discover_peers(wait_for_peers).await?;
-            Ok(peers.into_iter().map(|inner| PyPeerHandle { inner }).collect::<Vec<_>>())
-        })
-    }
-}
-
-/// A discovery from Python: a native one as is, any other object through an adapter.
-pub fn discovery_from_py(object: &Bound<'_, PyAny>) -> PyResult<FromPy<dyn Discovery>> {
-    if let Ok(native) = object.cast::<PyDiscovery>() {
-        return Ok(FromPy::native(native.get().inner.clone()));
-    }
-    for method in ["start", "stop", "discover_peers"] {
-        if !object.hasattr(method)? {
-            return Err(Error::InvalidArgument(format!("a discovery needs a {method}() method")).into());
-        }
-    }
-    let stand_in = Arc::new(PythonDiscovery { object: object.clone().unbind() });
-    Ok(FromPy { core: stand_in.clone(), stand_in: Some(stand_in) })
-}
-
-/// A Python object with exo classic's `Discovery` methods.
-struct PythonDiscovery {
-    object: Py<PyAny>,
-}
-
-impl HoldsPython for PythonDiscovery {
-    fn python_object(&self) -> &Py<PyAny> {
-        &self.object
-    }
-}
-
-#[async_trait]
-impl Discovery for PythonDiscovery {
-    async fn start(&self) -> Result<()> {
-        call_coroutine(&self.object, "start", ()).await.map(|_| ())
-    }
-
-    async fn stop(&self) -> Result<()> {
-        call_coroutine(&self.object, "stop", ()).await.map(|_| ())
-    }
-
-    async fn discover_peers(&self, wait_for_peers: usize) -> Result<Vec<Arc<dyn PeerHandle>>> {
-        let peers = call_coroutine(&self.object, "discover_peers", (wait_for_peers,)).await?;
-        with_python(|py| {
-            let peers = peers.bind(py);
-            let list = PyList::new(py, peers.try_iter()?.collect::<PyResult<Vec<_>>>()?)?;
-            list.iter().map(|p| peer_from_py(&p)).collect::<PyResult<Vec<_>>>()
-        })
-        .map_err(|e| Error::StandIn(format!("discover_peers(): {e}")))
-    }
-}
-
-/// exo classic's `GRPCServer(node, host, port)`: serves the node's `NodeService`.
-#[pyclass(name = "GRPCServer", module = "exo.networking.grpc.grpc_server", frozen)]
-pub struct PyGrpcServer {
-    pub inner: Arc<GrpcServer>,
-    /// A Python stand-in node, kept alive here (the server holds its node weakly) and shown
-    /// to the garbage collector, so a node that holds its own server is still collected.
-    stand_ins: StandIns,
-}
-
-#[pymethods]
-impl PyGrpcServer {
-    /// `node` is an `exo.orchestration.node.Node` (or its native core), or any object with
-    /// classic's node methods (a test's mock node); port 0 picks a free one.
-    #[new]
-    fn new(node: &Bound<'_, PyAny>, host: String, port: u16) -> PyResult<Self> {
-        let native = node
-            .cast::<PyNode>()
-            .ok()
-            .cloned()
-            .or_else(|| node.getattr("_core").ok()?.cast_into::<PyNode>().ok());
-        let (handler, stand_in): (Arc<dyn RequestHandler>, _) = match native {
-            Some(core) => (core.get().inner.clone(), None),
-            None => {
-                let stand_in = Arc::new(PythonNode::new(node)?);
-                (stand_in.clone(), Some(stand_in))
-            }
-        };
-        let inner = Arc::new(GrpcServer::new(Arc::downgrade(&handler), host, port));
-        let stand_ins = StandIns::default();
-        stand_ins.set("node", stand_in.map(|node| node as Arc<dyn HoldsPython>));
-        Ok(Self { inner, stand_ins })
-    }
-
-    fn __traverse__(&self, visit: PyVisit<'_>) -> std::result::Result<(), PyTraverseError> {
-        self.stand_ins.visit(&visit)
-    }
-
-    fn __clear__(&self) {
-        self.stand_ins.clear();
-    }
-
-    fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        // A stand-in node's coroutines run on the loop the server was started from.
-        super::asyncio::remember_running_loop(py);
-        let server = self.inner.clone();
-        super::asyncio::future_into_py(py, async move { Ok(server.start().await?) })
-    }
-
-    fn stop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let server = self.inner.clone();
-        super::asyncio::future_into_py(py, async move { Ok(server.stop().await?) })
-    }
-
-    /// The host it listens on.
-    #[getter]
-    fn host(&self) -> String {
-        self.inner.host().to_string()
-    }
-
-    /// The port it listens on (the chosen one once started with port 0).
-    #[getter]
-    fn port(&self) -> u16 {
-        self.inner.port()
-    }
-}
-
-/// A server from Python: a native gRPC server as is, any object with `start`/`stop` through
-/// an adapter.
-pub fn server_from_py(object: &Bound<'_, PyAny>) -> PyResult<FromPy<dyn Server>> {
-    if let Ok(native) = object.cast::<PyGrpcServer>() {
-        return Ok(FromPy::native(native.get().inner.clone()));
-    }
-    for method in ["start", "stop"] {
-        if !object.hasattr(method)? {
-            return Err(Error::InvalidArgument(format!("a server needs a {method}() method")).into());
-        }
-    }
-    let stand_in = Arc::new(PythonServer { object: object.clone().unbind() });
-    Ok(FromPy { core: stand_in.clone(), stand_in: Some(stand_in) })
-}
-
-/// A Python object with `start` and `stop` coroutines.
-struct PythonServer {
-    object: Py<PyAny>,
-}
-
-impl HoldsPython for PythonServer {
-    fn python_object(&self) -> &Py<PyAny> {
-        &self.object
-    }
-}
-
-#[async_trait]
-impl Server for PythonServer {
-    async fn start(&self) -> Result<()> {
-        call_coroutine(&self.object, "start", ()).await.map(|_| ())
-    }
-
-    async fn stop(&self) -> Result<()> {
-        call_coroutine(&self.object, "stop", ()).await.map(|_| ())
-    }
-}
-
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPeerHandle>()?;
     m.add_class::<PyGrpcPeerHandle>()?;
-    m.add_class::<PyDiscovery>()?;
-    m.add_class::<PyGrpcServer>()?;
     Ok(())
 }

@@ -1,0 +1,76 @@
+//! The matrix-vector kernels at Llama-3.2-1B's shapes (8192x2048 for the MLP, 2048x2048 for
+//! attention), f32 and bf16 weights, one input row as in decoding: criterion reports the weight
+//! bytes read per second. "memory" cycles through copies of the matrix totalling
+//! `KERNEL_BENCH_MIB` MiB (default 512) so every read comes from RAM; "cache" reads one
+//! matrix over and over. Each runs on one thread and on rayon's default pool.
+//!
+//! `cargo bench --bench kernels` (add `-- --quick` for a short run).
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use xotorch_core::engine::kernels::{linear, WeightDType, WeightMatrix};
+
+/// Llama-3.2-1B's MLP (up/gate) and attention (q/o) weights, `[rows, cols]`.
+const SHAPES: [(usize, usize); 2] = [(8192, 2048), (2048, 2048)];
+
+/// MiB of matrices the "memory" case cycles through, from `KERNEL_BENCH_MIB`.
+fn memory_mib() -> usize {
+    std::env::var("KERNEL_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+}
+
+/// `count` distinct `[rows, cols]` matrices of `dtype` with small pseudo-random values.
+fn matrices(rows: usize, cols: usize, dtype: WeightDType, count: usize) -> Vec<WeightMatrix> {
+    let len = rows * cols * dtype.size();
+    (0..count)
+        .map(|copy| {
+            let mut state = 0x9e37_79b9_u32 ^ copy as u32;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 17;
+                    state ^= state << 5;
+                    // Small magnitudes in every dtype: the top byte of each element stays low.
+                    (state >> 24) as u8 & 0x3b
+                })
+                .collect();
+            WeightMatrix::new(Arc::new(bytes), 0..len, rows, cols, dtype).expect("sizes agree")
+        })
+        .collect()
+}
+
+fn matrix_vector(c: &mut Criterion) {
+    let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a thread pool");
+    let all_threads = rayon::ThreadPoolBuilder::new().build().expect("a thread pool");
+    for dtype in [WeightDType::F32, WeightDType::BF16] {
+        let mut group = c.benchmark_group(format!("matvec_{dtype:?}").to_lowercase());
+        for (rows, cols) in SHAPES {
+            let bytes = rows * cols * dtype.size();
+            let copies = (memory_mib() << 20).div_ceil(bytes).max(1);
+            let x: Vec<f32> = (0..cols).map(|i| (i % 7) as f32 * 0.125 - 0.375).collect();
+            let mut out = vec![0.0f32; rows];
+            group.throughput(Throughput::Bytes(bytes as u64));
+            for (place, set) in
+                [("memory", matrices(rows, cols, dtype, copies)), ("cache", matrices(rows, cols, dtype, 1))]
+            {
+                for (threads, pool) in [("1", &one_thread), ("all", &all_threads)] {
+                    let id = BenchmarkId::new(format!("{place}/threads_{threads}"), format!("{rows}x{cols}"));
+                    let mut next = 0;
+                    group.bench_function(id, |b| {
+                        b.iter(|| {
+                            let w = &set[next % set.len()];
+                            next += 1;
+                            pool.install(|| linear(black_box(&x), w, None, &mut out)).expect("shapes agree");
+                            black_box(&out);
+                        })
+                    });
+                }
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, matrix_vector);
+criterion_main!(benches);
