@@ -9,7 +9,7 @@ import sys as _sys
 _flags = _sys.getdlopenflags()
 _sys.setdlopenflags((_flags & ~_os.RTLD_NOW) | _os.RTLD_LAZY)
 try:
-    import exo._core
+    import exo._core  # noqa: F401  (loaded for its side effect: the lazily bound core)
 finally:
     _sys.setdlopenflags(_flags)
 
