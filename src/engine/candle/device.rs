@@ -87,11 +87,12 @@ impl ComputeDevice {
     }
 }
 
-/// CUDA GPU `ordinal`, once the driver is loaded.
+/// CUDA GPU `ordinal`, once the driver is loaded; an error is its first line (candle appends
+/// a backtrace where `RUST_BACKTRACE` is set).
 fn cuda(ordinal: usize) -> std::result::Result<Device, String> {
     #[cfg(feature = "cuda")]
     crate::accelerator::load_cuda_driver()?;
-    Device::new_cuda(ordinal).map_err(|e| e.to_string())
+    Device::new_cuda(ordinal).map_err(|e| e.to_string().lines().next().unwrap_or_default().to_string())
 }
 
 fn not_a_device(name: &str) -> Error {
