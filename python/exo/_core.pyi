@@ -225,7 +225,8 @@ class DummyInferenceEngine(NativeInferenceEngine):
 
 @final
 class CandleInferenceEngine(NativeInferenceEngine):
-    """Hugging Face decoder models on candle; weights stay in their checkpoint dtype."""
+    """Hugging Face decoder models on candle; weights stay in their checkpoint dtype. `device`
+    (`auto`, `cpu`, `cuda`, `cuda:N`) overrides `EXO_DEVICE`."""
 
     def __new__(
         cls,

@@ -238,8 +238,8 @@ pub struct PyCandleEngine {
 
 #[pymethods]
 impl PyCandleEngine {
-    /// `device` (`cpu`, `cuda`, `cuda:N`, `metal`) overrides `EXO_DEVICE`; without either the
-    /// best device this build supports is used.
+    /// `device` (`auto`, `cpu`, `cuda`, `cuda:N`) overrides `EXO_DEVICE`; without either the
+    /// first GPU is used when this build has CUDA and a driver answers, else the CPU.
     #[new]
     #[pyo3(signature = (shard_downloader=None, max_context=16_384, cache_budget_mb=2048, device=None))]
     fn new(
