@@ -592,9 +592,13 @@ pub fn is_hub_repo_id(id: &str) -> bool {
     part_ok(org) && part_ok(name)
 }
 
-/// Whether `id` names a local model directory (one with a `config.json`).
-pub fn is_local_model_dir(id: &str) -> bool {
-    !id.is_empty() && Path::new(id).join("config.json").is_file()
+/// Whether `id` names a local model: a directory with a `config.json`, or a GGUF file (a
+/// `.gguf` path, or a directory holding one).
+pub fn is_local_model(id: &str) -> bool {
+    let path = Path::new(id);
+    !id.is_empty()
+        && (path.join("config.json").is_file()
+            || !matches!(crate::engine::candle::gguf_files(path), Ok(None)))
 }
 
 /// Whether an engine class loads weights from model repositories (so takes any repo id).
@@ -609,7 +613,7 @@ pub fn get_repo(model_id: &str, engine_class: &str) -> Option<String> {
     if let Some(card) = model_card(model_id) {
         return card.repos.iter().find(|(e, _)| *e == engine_class).map(|(_, r)| r.to_string());
     }
-    let takes_id = is_local_model_dir(model_id) || is_hub_repo_id(model_id);
+    let takes_id = is_local_model(model_id) || is_hub_repo_id(model_id);
     (takes_id && engine_takes_repos(engine_class)).then(|| model_id.to_string())
 }
 

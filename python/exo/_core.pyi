@@ -225,8 +225,10 @@ class DummyInferenceEngine(NativeInferenceEngine):
 
 @final
 class CandleInferenceEngine(NativeInferenceEngine):
-    """Hugging Face decoder models on candle; weights stay in their checkpoint dtype. `device`
-    (`auto`, `cpu`, `cuda`, `cuda:N`) overrides `EXO_DEVICE`."""
+    """Decoder models on candle, from Hugging Face safetensors directories or GGUF files;
+    weights stay in their stored dtype or blocks. `device` (`auto`, `cpu`, `cuda`, `cuda:N`)
+    overrides `EXO_DEVICE`; `quantize` (`q8_0`, `q4_0`, `q4_k`, ... or `none`) overrides
+    `EXO_QUANTIZE`, the block type safetensors weights are quantized to as they load."""
 
     def __new__(
         cls,
@@ -234,6 +236,7 @@ class CandleInferenceEngine(NativeInferenceEngine):
         max_context: int = 16384,
         cache_budget_mb: int = 2048,
         device: str | None = None,
+        quantize: str | None = None,
     ) -> CandleInferenceEngine: ...
     def load_checkpoint(self, shard: Shard, path: str | os.PathLike[str]) -> Awaitable[None]: ...
     def save_checkpoint(self, shard: Shard, path: str | os.PathLike[str]) -> Awaitable[None]: ...

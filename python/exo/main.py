@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", type=str, default=None, help="where candle computes: auto, cpu, cuda or cuda:N (sets EXO_DEVICE)"
     )
+    p.add_argument(
+        "--quantize",
+        type=str,
+        default=None,
+        help="quantize safetensors weights as they load: q8_0, q4_0, q4_k, ... or none (sets EXO_QUANTIZE)",
+    )
     return p
 
 
@@ -116,6 +122,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.device is not None:
         # The engine and the node's device report both read it.
         os.environ["EXO_DEVICE"] = args.device
+    if args.quantize is not None:
+        os.environ["EXO_QUANTIZE"] = args.quantize
     raise_open_files_limit()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)

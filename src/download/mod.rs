@@ -28,7 +28,8 @@ use self::selection::{
 };
 use crate::engine::ModelLocator;
 use crate::error::{Error, Result};
-use crate::models::{self, engine_class, get_repo, is_hub_repo_id, is_local_model_dir, model_card};
+use crate::engine::candle::gguf_files;
+use crate::models::{self, engine_class, get_repo, is_hub_repo_id, is_local_model, model_card};
 use crate::shard::Shard;
 
 /// The revision every repository is fetched at.
@@ -77,6 +78,12 @@ type Missing = String;
 /// or the first needed file it lacks.
 fn local_shard_files(dir: &Path, shard: &Shard) -> std::result::Result<Vec<String>, Missing> {
     let present = |name: &str| dir.join(name).is_file();
+    if !present(CONFIG_FILE) {
+        if let Ok(Some(parts)) = gguf_files(dir) {
+            // A GGUF file, or a directory holding one: its parts, by their full paths.
+            return Ok(parts.iter().map(|p| p.display().to_string()).collect());
+        }
+    }
     if !present(CONFIG_FILE) {
         return Err(CONFIG_FILE.into());
     }
@@ -193,7 +200,7 @@ impl HfDownloader {
                 shard.model_id
             ))
         })?;
-        if is_local_model_dir(&repo) {
+        if is_local_model(&repo) {
             return Ok(PathBuf::from(repo));
         }
         let key = (engine.to_string(), shard.clone());
@@ -436,7 +443,7 @@ impl HfDownloader {
                      directory"
                 ))
             })?;
-        if is_local_model_dir(&repo) {
+        if is_local_model(&repo) {
             return Ok(PathBuf::from(repo));
         }
         let target = self.repo_dir(&repo);
@@ -488,7 +495,7 @@ impl HfDownloader {
         if engine == models::DUMMY {
             return Err(Error::InvalidModel("the dummy model has no files".into()));
         }
-        let local = is_local_model_dir(&repo);
+        let local = is_local_model(&repo);
         let target = if local { PathBuf::from(&repo) } else { self.repo_dir(&repo) };
         let settings = HubSettings::from_env();
         let listing = if local { None } else { self.listing(&settings, &repo).await? };
@@ -552,7 +559,7 @@ pub fn delete_model(home: &Path, model_id: &str, engine: &str) -> Result<bool> {
     let engine = engine_class(engine);
     let repo = get_repo(model_id, engine)
         .ok_or_else(|| Error::InvalidModel(format!("no {engine} repository for model {model_id:?}")))?;
-    if is_local_model_dir(&repo) {
+    if is_local_model(&repo) {
         return Err(Error::InvalidArgument(format!("{repo} is a local model directory, not a download")));
     }
     let _ = std::fs::remove_file(listing_path(home, &repo));

@@ -128,25 +128,23 @@ pub trait ModelLocator: Send + Sync {
     async fn locate_config(&self, model_id: &str) -> Option<PathBuf>;
 }
 
-/// Resolves a model id that is itself a local model directory; nothing is downloaded.
+/// Resolves a model id that is itself a local model (directory or GGUF); nothing is downloaded.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LocalDirectories;
 
 #[async_trait]
 impl ModelLocator for LocalDirectories {
     async fn locate(&self, shard: &Shard) -> Result<PathBuf> {
-        let dir = PathBuf::from(&shard.model_id);
-        if dir.join("config.json").is_file() {
-            return Ok(dir);
+        if crate::models::is_local_model(&shard.model_id) {
+            return Ok(PathBuf::from(&shard.model_id));
         }
         Err(crate::error::Error::InvalidModel(format!(
-            "{} is not a local model directory (no config.json) and no downloader is configured",
+            "{} is not a local model (a directory with config.json, or a GGUF file) and no downloader is configured",
             shard.model_id
         )))
     }
 
     async fn locate_config(&self, model_id: &str) -> Option<PathBuf> {
-        let dir = PathBuf::from(model_id);
-        dir.join("config.json").is_file().then_some(dir)
+        crate::models::is_local_model(model_id).then(|| PathBuf::from(model_id))
     }
 }

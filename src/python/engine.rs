@@ -15,7 +15,7 @@ use super::shard::PyShard;
 use super::tensor::{ndarray_from_wire, wire_from_ndarray};
 use super::tokenizer::PyTokenizer;
 use crate::download::DownloaderLocator;
-use crate::engine::candle::{CandleEngine, ComputeDevice, EngineOptions};
+use crate::engine::candle::{block_type, block_type_from_env, CandleEngine, ComputeDevice, EngineOptions};
 use crate::engine::dummy::DummyEngine;
 use crate::engine::{Engine, InferenceState, LocalDirectories, ModelLocator, SamplingParams};
 use crate::error::{Error, Result};
@@ -240,20 +240,27 @@ pub struct PyCandleEngine {
 impl PyCandleEngine {
     /// `device` (`auto`, `cpu`, `cuda`, `cuda:N`) overrides `EXO_DEVICE`; without either the
     /// first GPU is used when this build has CUDA and a driver answers, else the CPU.
+    /// `quantize` (`q8_0`, `q4_0`, `q4_k`, ... or `none`) overrides `EXO_QUANTIZE`: the block
+    /// type safetensors weights are quantized to as they load.
     #[new]
-    #[pyo3(signature = (shard_downloader=None, max_context=16_384, cache_budget_mb=2048, device=None))]
+    #[pyo3(signature = (shard_downloader=None, max_context=16_384, cache_budget_mb=2048, device=None, quantize=None))]
     fn new(
         py: Python<'_>,
         shard_downloader: Option<Py<PyAny>>,
         max_context: usize,
         cache_budget_mb: usize,
         device: Option<String>,
+        quantize: Option<String>,
     ) -> PyResult<PyClassInitializer<Self>> {
         let device = match device {
             Some(name) => ComputeDevice::named(&name)?,
             None => ComputeDevice::from_env()?,
         };
-        let options = EngineOptions { max_context, cache_budget_bytes: cache_budget_mb << 20 };
+        let quantize = match quantize {
+            Some(name) => block_type(&name)?,
+            None => block_type_from_env()?,
+        };
+        let options = EngineOptions { max_context, cache_budget_bytes: cache_budget_mb << 20, quantize };
         let native = shard_downloader.as_ref().and_then(|d| d.bind(py).cast::<PyHfShardDownloader>().ok());
         let locator: Arc<dyn ModelLocator> = match native {
             Some(native) => Arc::new(DownloaderLocator {

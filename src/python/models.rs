@@ -6,6 +6,7 @@ use pyo3::types::PyDict;
 use super::shard::PyShard;
 use crate::download::layout::{exo_home, hf_cache_snapshot, repo_dir_name};
 use crate::download::selection::{config_layers, CONFIG_FILE};
+use crate::engine::candle::model_config;
 use crate::download::REVISION;
 use crate::models::{self, MODEL_CARDS};
 use crate::shard::Shard;
@@ -58,15 +59,19 @@ fn get_supported_models(supported_inference_engine_lists: Option<Vec<Vec<String>
     models::get_supported_models(&supported_inference_engine_lists.unwrap_or_default())
 }
 
-/// Layers of a model known without network: the registry's, or a `config.json` in a local
-/// directory, exo's downloads directory or the Hugging Face cache.
+/// Layers of a model known without network: the registry's, a local GGUF's header, or a
+/// `config.json` in a local directory, exo's downloads directory or the Hugging Face cache.
 fn known_layers(model_id: &str, engine: &str) -> Option<i32> {
     let repo = models::get_repo(model_id, engine)?;
     if let Some(card) = models::model_card(model_id) {
         return Some(card.layers);
     }
+    let path = std::path::Path::new(&repo);
+    if !path.join(CONFIG_FILE).is_file() && models::is_local_model(&repo) {
+        return model_config(path).ok().map(|c| c.num_hidden_layers as i32);
+    }
     let candidates = [
-        Some(std::path::PathBuf::from(&repo)).filter(|_| models::is_local_model_dir(&repo)),
+        Some(std::path::PathBuf::from(&repo)).filter(|_| models::is_local_model(&repo)),
         Some(exo_home().join(repo_dir_name(&repo))),
         hf_cache_snapshot(&repo, REVISION),
     ];

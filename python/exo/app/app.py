@@ -108,7 +108,7 @@ class App:
         self.shard_downloader = self._shard_downloader()
         try:
             engine = get_inference_engine(self.engine_name, self.shard_downloader)
-        except InvalidArgumentError as e:  # a device this build or machine does not have
+        except InvalidArgumentError as e:  # a device this build or machine lacks, an unknown block type
             raise CliError(str(e)) from e
         self.engine_classname = type(engine).__name__
         device = getattr(engine, "device", "cpu")

@@ -87,6 +87,10 @@ pub struct ModelConfig {
     /// Activation of the gated MLP; only `silu` is supported.
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// Per-frequency divisors of the RoPE frequencies, as a GGUF's `rope_freqs.weight` gives
+    /// Llama 3's scaling (`config.json` gives it as `rope_scaling` instead).
+    #[serde(skip)]
+    pub rope_freq_factors: Option<Vec<f32>>,
 }
 
 /// Which projections carry biases and whether queries/keys are normalized per head.
@@ -111,8 +115,13 @@ impl ModelConfig {
         let config: Self = serde_json::from_str(&text).map_err(|e| {
             Error::InvalidModel(format!("{} is not a valid model config: {e}", path.display()))
         })?;
-        config.validate().map_err(|e| Error::InvalidModel(format!("{}: {e}", path.display())))?;
-        Ok(config)
+        config.checked().map_err(|e| Error::InvalidModel(format!("{}: {e}", path.display())))
+    }
+
+    /// The config if the engine can run it, else what is wrong with it.
+    pub fn checked(self) -> std::result::Result<Self, String> {
+        self.validate()?;
+        Ok(self)
     }
 
     fn validate(&self) -> std::result::Result<(), String> {

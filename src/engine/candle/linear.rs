@@ -1,26 +1,62 @@
 //! A linear layer `y = x Wᵀ + b` whose weight stays in its checkpoint dtype: on the host it is
 //! read by the SIMD kernels straight from memory, on an accelerator it is a device tensor
 //! multiplied by candle (cuBLAS on CUDA). Several layers that share an input (q/k/v, gate/up)
-//! can be one stacked layer whose output is split into their parts.
+//! can be one stacked layer whose output is split into their parts. Quantized weights (GGUF
+//! blocks) are multiplied by candle's quantized kernels on either device.
 
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Tensor};
 
-use crate::engine::kernels::{self, WeightMatrix};
+use crate::engine::kernels::{self, BlockMatrix, WeightMatrix};
 use crate::error::{Error, Result};
+
+/// A weight in host memory that the SIMD kernels multiply.
+#[derive(Debug, Clone)]
+pub enum HostMatrix {
+    /// f32, bf16 or f16 elements.
+    Dense(WeightMatrix),
+    /// GGUF blocks (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K).
+    Blocks(BlockMatrix),
+}
+
+impl HostMatrix {
+    fn rows(&self) -> usize {
+        match self {
+            Self::Dense(w) => w.rows(),
+            Self::Blocks(w) => w.rows(),
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            Self::Dense(w) => w.cols(),
+            Self::Blocks(w) => w.cols(),
+        }
+    }
+}
 
 /// Weight `[out_features, in_features]` in the checkpoint's dtype; bias in f32.
 #[derive(Debug, Clone)]
 pub enum Linear {
     /// In host memory, multiplied by the SIMD kernels.
-    Host { weight: WeightMatrix, bias: Option<Vec<f32>> },
+    Host { weight: HostMatrix, bias: Option<Vec<f32>> },
     /// On an accelerator, multiplied by candle; activations are cast to the weight's dtype
     /// for the product (accumulated in f32 by cuBLAS) and back to f32 after it.
     Device { weight: Tensor, bias: Option<Tensor> },
+    /// Quantized blocks `[out, in]` on the compute device, multiplied by candle's quantized
+    /// matrix product (activations are quantized per block as llama.cpp does).
+    Quantized { weight: Arc<QTensor>, bias: Option<Tensor> },
+    /// Stacked layers whose weights could not be one matrix (their stored types differ),
+    /// applied one after another; outputs follow in order.
+    Split(Vec<Linear>),
 }
 
 impl Linear {
     /// A host layer over `weight` (`[out, in]`) and an optional bias of `out` values.
-    pub fn new(weight: WeightMatrix, bias: Option<Vec<f32>>) -> Result<Self> {
+    pub fn new(weight: impl Into<HostMatrix>, bias: Option<Vec<f32>>) -> Result<Self> {
+        let weight = weight.into();
         check_bias(bias.as_ref().map(Vec::len), weight.rows())?;
         Ok(Self::Host { weight, bias })
     }
@@ -33,11 +69,21 @@ impl Linear {
         Ok(Self::Device { weight, bias })
     }
 
+    /// A quantized layer over `weight` (`[out, in]`) and an optional f32 bias `[out]`, both
+    /// on the same device.
+    pub fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
+        let (out, _) = weight.shape().dims2()?;
+        check_bias(bias.as_ref().map(Tensor::elem_count), out)?;
+        Ok(Self::Quantized { weight, bias })
+    }
+
     /// Output features.
     fn rows(&self) -> usize {
         match self {
             Self::Host { weight, .. } => weight.rows(),
             Self::Device { weight, .. } => weight.dim(0).expect("a device weight is 2-D"),
+            Self::Quantized { weight, .. } => weight.shape().dims()[0],
+            Self::Split(parts) => parts.iter().map(Linear::rows).sum(),
         }
     }
 
@@ -59,6 +105,17 @@ impl Linear {
                 }
                 *dims.last_mut().expect("activations have a feature axis") = weight.dim(0)?;
                 Ok(output.reshape(dims)?)
+            }
+            Self::Quantized { weight, bias } => {
+                let output = x.contiguous()?.apply_op1_no_bwd(weight.as_ref())?;
+                Ok(match bias {
+                    Some(bias) => output.broadcast_add(bias)?,
+                    None => output,
+                })
+            }
+            Self::Split(parts) => {
+                let outputs = parts.iter().map(|part| part.forward(x)).collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&outputs, x.rank() - 1)?)
             }
         }
     }
@@ -88,7 +145,10 @@ impl Linear {
                     })
                     .collect()
             }
-            Self::Device { .. } => {
+            Self::Split(parts) if parts.iter().map(Linear::rows).eq(widths.iter().copied()) => {
+                parts.iter().map(|part| part.forward(x)).collect()
+            }
+            Self::Device { .. } | Self::Quantized { .. } | Self::Split(_) => {
                 let output = self.forward(x)?;
                 let axis = output.rank() - 1;
                 widths
@@ -104,12 +164,27 @@ impl Linear {
     }
 }
 
+impl From<WeightMatrix> for HostMatrix {
+    fn from(weight: WeightMatrix) -> Self {
+        Self::Dense(weight)
+    }
+}
+
+impl From<BlockMatrix> for HostMatrix {
+    fn from(weight: BlockMatrix) -> Self {
+        Self::Blocks(weight)
+    }
+}
+
 /// `x Wᵀ + b` by the host kernels: the output values and their dims.
-fn host_product(weight: &WeightMatrix, bias: Option<&[f32]>, x: &Tensor) -> Result<(Vec<usize>, Vec<f32>)> {
+fn host_product(weight: &HostMatrix, bias: Option<&[f32]>, x: &Tensor) -> Result<(Vec<usize>, Vec<f32>)> {
     let mut dims = x.dims().to_vec();
     let input: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let mut output = vec![0.0; input.len() / weight.cols() * weight.rows()];
-    kernels::linear(&input, weight, bias, &mut output)?;
+    match weight {
+        HostMatrix::Dense(weight) => kernels::linear(&input, weight, bias, &mut output)?,
+        HostMatrix::Blocks(weight) => kernels::linear_blocks(&input, weight, bias, &mut output)?,
+    }
     *dims.last_mut().expect("activations have a feature axis") = weight.rows();
     Ok((dims, output))
 }

@@ -5,24 +5,32 @@ mod cache;
 mod config;
 mod decode_attention;
 mod device;
+mod embedding;
+mod gguf;
 mod linear;
 mod model;
+mod quantize;
 mod rope;
+mod tensors;
 #[cfg(test)]
 mod tests;
 mod weights;
 
 pub use config::ModelConfig;
 pub use device::{ComputeDevice, DEVICE_ENV};
+pub use gguf::gguf_files;
+pub use quantize::{block_type, block_type_from_env, QUANTIZE_ENV};
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType as CandleDType, Device, Tensor};
 
 use self::cache::CacheStore;
 use self::model::{ShardInput, ShardModel};
+use self::tensors::Checkpoint;
 use super::sampling::sample_token;
 use super::{Engine, InferenceState, ModelLocator, SamplingParams};
 use crate::error::{Error, Result};
@@ -37,11 +45,13 @@ pub struct EngineOptions {
     pub max_context: usize,
     /// Bytes all requests' KV caches may hold together.
     pub cache_budget_bytes: usize,
+    /// Block type safetensors weights are quantized to as they load (GGUF weights stay as stored).
+    pub quantize: Option<GgmlDType>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { max_context: 16_384, cache_budget_bytes: 2 << 30 }
+        Self { max_context: 16_384, cache_budget_bytes: 2 << 30, quantize: None }
     }
 }
 
@@ -52,9 +62,10 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn load(dir: &Path, shard: &Shard, options: EngineOptions, device: &Device) -> Result<Self> {
-        let model = ShardModel::load(dir, shard, options.max_context, device)?;
-        Ok(Self { model, tokenizer: Arc::new(Tokenizer::from_dir(dir)?) })
+    fn load(path: &Path, shard: &Shard, options: EngineOptions, device: &Device) -> Result<Self> {
+        let checkpoint = Checkpoint::open(path)?;
+        let model = ShardModel::load(&checkpoint, shard, options.max_context, device, options.quantize)?;
+        Ok(Self { model, tokenizer: Arc::new(checkpoint.tokenizer()?) })
     }
 }
 
@@ -237,10 +248,10 @@ impl Engine for CandleEngine {
         Ok(self.tokenizer_for(shard).await?.tokenizer.eos_token_ids().to_vec())
     }
 
-    /// From the model's `config.json` (the only file fetched for it, if need be).
+    /// From the model's `config.json` (the only file fetched for it, if need be) or GGUF header.
     async fn model_costs(&self, base: &Shard) -> Option<crate::topology::ModelCosts> {
         let dir = self.locator.locate_config(&base.model_id).await?;
-        match ModelConfig::from_dir(&dir) {
+        match model_config(&dir) {
             Ok(config) => Some(config.costs()),
             Err(e) => {
                 log::debug!("no layer costs for {}: {e}", base.model_id);
@@ -250,16 +261,22 @@ impl Engine for CandleEngine {
     }
 }
 
+/// The config of the model at `path`: a model directory's `config.json`, or a GGUF's metadata.
+pub fn model_config(path: &Path) -> Result<ModelConfig> {
+    Checkpoint::open(path)?.config()
+}
+
 /// Logits `[vocab]` for every position of `tokens`, running all of `dir`'s layers in one
 /// shard; used by tests that compare with reference logits.
 pub fn reference_logits(dir: &Path, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-    let config = ModelConfig::from_dir(dir)?;
+    let config = model_config(dir)?;
     let n = config.num_hidden_layers as i32;
     let model = ShardModel::load(
-        dir,
+        &Checkpoint::open(dir)?,
         &Shard::new(dir.display().to_string(), 0, n - 1, n),
         tokens.len() + 1,
         &Device::Cpu,
+        None,
     )?;
     let mut cache = cache::RequestCache::new(model.layer_count());
     tokens

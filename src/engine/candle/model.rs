@@ -4,13 +4,15 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use candle_core::quantized::GgmlDType;
+
 use super::cache::RequestCache;
 use super::config::{ModelConfig, Variant};
 use super::decode_attention;
+use super::embedding::Embedding;
 use super::linear::Linear;
 use super::rope::Rope;
-use super::weights::{ShardWeights, WeightIndex};
-use crate::engine::kernels::WeightMatrix;
+use super::tensors::{Checkpoint, ShardTensors};
 use crate::error::{Error, Result};
 use crate::shard::Shard;
 
@@ -22,7 +24,7 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn load(weights: &ShardWeights, name: &str, size: usize, eps: f64, device: &Device) -> Result<Self> {
+    fn load(weights: &ShardTensors, name: &str, size: usize, eps: f64, device: &Device) -> Result<Self> {
         Ok(Self { weight: weights.vector_f32(name, size, device)?, eps: eps as f32 })
     }
 
@@ -37,7 +39,7 @@ struct TensorPlan {
 }
 
 impl TensorPlan {
-    fn new(config: &ModelConfig, shard: &Shard, variant: Variant, index: &WeightIndex) -> Self {
+    fn new(config: &ModelConfig, shard: &Shard, variant: Variant, tied: bool) -> Self {
         let (hidden, inter, vocab) = (config.hidden_size, config.intermediate_size, config.vocab_size);
         let (q_out, kv_out) = (
             config.num_attention_heads * config.head_dim(),
@@ -45,7 +47,7 @@ impl TensorPlan {
         );
         let mut entries = Vec::new();
         let mut add = |name: String, shape: Vec<usize>| entries.push((name, shape));
-        if shard.is_first_layer() || (shard.is_last_layer() && head_is_tied(config, index)) {
+        if shard.is_first_layer() || (shard.is_last_layer() && tied) {
             add("model.embed_tokens.weight".into(), vec![vocab, hidden]);
         }
         for layer in shard.start_layer..=shard.end_layer {
@@ -77,7 +79,7 @@ impl TensorPlan {
         }
         if shard.is_last_layer() {
             add("model.norm.weight".into(), vec![hidden]);
-            if !head_is_tied(config, index) {
+            if !tied {
                 add("lm_head.weight".into(), vec![vocab, hidden]);
             }
         }
@@ -90,8 +92,8 @@ impl TensorPlan {
 }
 
 /// The LM head reuses the embedding when the config says so or the checkpoint has no head.
-fn head_is_tied(config: &ModelConfig, index: &WeightIndex) -> bool {
-    config.tie_word_embeddings || !index.contains("lm_head.weight")
+fn head_is_tied(config: &ModelConfig, checkpoint: &Checkpoint) -> bool {
+    config.tie_word_embeddings || !checkpoint.has_head()
 }
 
 /// Self-attention with grouped-query heads, optional biases and q/k norms; q, k and v are
@@ -107,47 +109,9 @@ struct Attention {
     head_dim: usize,
 }
 
-/// Loads the layers `{prefix}.{name}` of `parts` (name and output features of each, all
-/// taking `input` features) as one stacked layer, with their biases when `bias`.
-fn load_stacked(
-    weights: &ShardWeights,
-    prefix: &str,
-    parts: &[(&str, usize)],
-    input: usize,
-    bias: bool,
-    device: &Device,
-) -> Result<Linear> {
-    let weight_names: Vec<(String, usize)> =
-        parts.iter().map(|&(name, out)| (format!("{prefix}.{name}.weight"), out)).collect();
-    if !device.is_cpu() {
-        let bias = if bias {
-            let parts = parts
-                .iter()
-                .map(|&(name, out)| weights.vector_f32(&format!("{prefix}.{name}.bias"), out, device))
-                .collect::<Result<Vec<_>>>()?;
-            Some(Tensor::cat(&parts, 0)?)
-        } else {
-            None
-        };
-        return Linear::on_device(weights.device_matrix(&weight_names, input, device)?, bias);
-    }
-    let weight = weights.stacked_matrix(&weight_names, input)?;
-    let bias = if bias {
-        let mut values = Vec::with_capacity(weight.rows());
-        for &(name, out) in parts {
-            values
-                .extend(weights.vector_f32(&format!("{prefix}.{name}.bias"), out, device)?.to_vec1::<f32>()?);
-        }
-        Some(values)
-    } else {
-        None
-    };
-    Linear::new(weight, bias)
-}
-
 impl Attention {
     fn load(
-        weights: &ShardWeights,
+        weights: &ShardTensors,
         prefix: &str,
         config: &ModelConfig,
         variant: Variant,
@@ -161,8 +125,8 @@ impl Attention {
         let (q_out, kv_out) = (heads * head_dim, kv_heads * head_dim);
         let qkv = [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)];
         Ok(Self {
-            qkv_proj: load_stacked(weights, prefix, &qkv, hidden, variant.qkv_bias, device)?,
-            o_proj: load_stacked(weights, prefix, &[("o_proj", hidden)], q_out, variant.o_bias, device)?,
+            qkv_proj: weights.linear(prefix, &qkv, hidden, variant.qkv_bias, device)?,
+            o_proj: weights.linear(prefix, &[("o_proj", hidden)], q_out, variant.o_bias, device)?,
             q_norm: if variant.qk_norm { Some(norm("q_norm")?) } else { None },
             k_norm: if variant.qk_norm { Some(norm("k_norm")?) } else { None },
             heads,
@@ -254,7 +218,7 @@ struct Mlp {
 
 impl Mlp {
     fn load(
-        weights: &ShardWeights,
+        weights: &ShardTensors,
         prefix: &str,
         config: &ModelConfig,
         bias: bool,
@@ -263,8 +227,8 @@ impl Mlp {
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
         let gate_up = [("gate_proj", inter), ("up_proj", inter)];
         Ok(Self {
-            gate_up_proj: load_stacked(weights, prefix, &gate_up, hidden, bias, device)?,
-            down_proj: load_stacked(weights, prefix, &[("down_proj", hidden)], inter, bias, device)?,
+            gate_up_proj: weights.linear(prefix, &gate_up, hidden, bias, device)?,
+            down_proj: weights.linear(prefix, &[("down_proj", hidden)], inter, bias, device)?,
             intermediate: inter,
         })
     }
@@ -290,7 +254,7 @@ struct Block {
 
 impl Block {
     fn load(
-        weights: &ShardWeights,
+        weights: &ShardTensors,
         layer: i32,
         config: &ModelConfig,
         variant: Variant,
@@ -346,8 +310,8 @@ pub enum ShardInput {
 pub struct ShardModel {
     shard: Shard,
     config: ModelConfig,
-    /// Rows looked up on the host; the hidden states then move to `device`.
-    embed_tokens: Option<WeightMatrix>,
+    /// Rows looked up by token id; the hidden states then move to `device`.
+    embed_tokens: Option<Embedding>,
     blocks: Vec<Block>,
     norm: Option<RmsNorm>,
     lm_head: Option<Linear>,
@@ -355,40 +319,40 @@ pub struct ShardModel {
     max_context: usize,
     /// Where the layers compute.
     device: Device,
-    /// The mapped checkpoint and the names of the shard's tensors in it (for saving).
-    weights: ShardWeights,
+    /// The opened checkpoint and the names of the shard's tensors in it (for saving).
+    weights: ShardTensors,
     tensor_names: Vec<String>,
 }
 
 impl ShardModel {
-    /// Loads `shard`'s layers from the model directory `dir`, with room for `max_context` positions.
-    pub fn load(dir: &std::path::Path, shard: &Shard, max_context: usize, device: &Device) -> Result<Self> {
+    /// Loads `shard`'s layers from `checkpoint`, with room for `max_context` positions;
+    /// safetensors weights are quantized to `quantize` as they load, if given.
+    pub fn load(
+        checkpoint: &Checkpoint,
+        shard: &Shard,
+        max_context: usize,
+        device: &Device,
+        quantize: Option<GgmlDType>,
+    ) -> Result<Self> {
         shard.validate()?;
-        let config = ModelConfig::from_dir(dir)?;
+        let config = checkpoint.config()?;
         if shard.n_layers as usize != config.num_hidden_layers {
             return Err(Error::InvalidShard(format!(
-                "shard says {} layers but {} has {}",
-                shard.n_layers,
-                dir.join("config.json").display(),
-                config.num_hidden_layers
+                "shard says {} layers but the model has {}",
+                shard.n_layers, config.num_hidden_layers
             )));
         }
         let variant = config.variant().map_err(Error::InvalidModel)?;
-        let index = WeightIndex::from_dir(dir)?;
-        let plan = TensorPlan::new(&config, shard, variant, &index);
+        let tied = head_is_tied(&config, checkpoint);
+        let plan = TensorPlan::new(&config, shard, variant, tied);
         let tensor_names = plan.names();
-        let weights = index.open(&tensor_names)?;
+        let weights = checkpoint.open_shard(&tensor_names, &config, quantize)?;
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
-        let tied = head_is_tied(&config, &index);
         // Looking tokens up reads a row each; as the LM head on the host the embedding streams
         // whole, on an accelerator the head is a device tensor of its own.
         let embed_tokens = if shard.is_first_layer() {
-            let name = "model.embed_tokens.weight";
-            Some(if tied && shard.is_last_layer() && device.is_cpu() {
-                weights.streamed_matrix(name, vocab, hidden)?
-            } else {
-                weights.matrix(name, vocab, hidden)?
-            })
+            let streamed = tied && shard.is_last_layer() && device.is_cpu() && quantize.is_none();
+            Some(weights.embedding(vocab, hidden, streamed, device)?)
         } else {
             None
         };
@@ -398,14 +362,7 @@ impl ShardModel {
             .map(|layer| Block::load(&weights, layer, &config, variant, device))
             .collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if shard.is_last_layer() {
-            let head_name = if tied { "model.embed_tokens.weight" } else { "lm_head.weight" };
-            let head = if !device.is_cpu() {
-                Linear::on_device(weights.device_matrix(&[(head_name, vocab)], hidden, device)?, None)?
-            } else if let (true, Some(table)) = (tied, &embed_tokens) {
-                Linear::new(table.clone(), None)?
-            } else {
-                Linear::new(weights.streamed_matrix(head_name, vocab, hidden)?, None)?
-            };
+            let head = weights.head(vocab, hidden, tied, embed_tokens.as_ref(), device)?;
             let norm = RmsNorm::load(&weights, "model.norm.weight", hidden, config.rms_norm_eps, device)?;
             (Some(norm), Some(head))
         } else {
@@ -428,9 +385,15 @@ impl ShardModel {
         })
     }
 
-    /// Writes the shard's tensors, as stored in the checkpoint, to the safetensors file `path`.
+    /// Writes the shard's tensors, as stored in the checkpoint, to the safetensors file `path`
+    /// (for safetensors checkpoints).
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
-        self.weights.save(&self.tensor_names, path)
+        match &self.weights {
+            ShardTensors::Safetensors { weights, .. } => weights.save(&self.tensor_names, path),
+            ShardTensors::Gguf(_) => Err(Error::InvalidArgument(
+                "a shard loaded from a GGUF file cannot be saved as safetensors".into(),
+            )),
+        }
     }
 
     /// The shard this model holds.
@@ -482,17 +445,13 @@ impl ShardModel {
                 }
                 let hidden = self.config.hidden_size;
                 let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
-                let mut rows = vec![0.0f32; ids.len() * hidden];
-                for (&id, row) in ids.iter().zip(rows.chunks_exact_mut(hidden)) {
-                    if id as usize >= self.config.vocab_size {
-                        return Err(Error::InvalidArgument(format!(
-                            "token id {id} is outside the vocabulary of {}",
-                            self.config.vocab_size
-                        )));
-                    }
-                    table.row_f32(id as usize, row);
+                if let Some(id) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+                    return Err(Error::InvalidArgument(format!(
+                        "token id {id} is outside the vocabulary of {}",
+                        self.config.vocab_size
+                    )));
                 }
-                Ok(Tensor::from_vec(rows, (b, seq, hidden), &Device::Cpu)?.to_device(&self.device)?)
+                Ok(table.lookup(&ids)?.reshape((b, seq, hidden))?.to_device(&self.device)?)
             }
             (ShardInput::Hidden(h), None) => {
                 let (_, seq, width) = h.dims3().map_err(|_| {

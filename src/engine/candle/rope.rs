@@ -34,11 +34,15 @@ impl Rope {
     }
 }
 
-/// `1 / theta^(2i / d)` in f32 as transformers computes it, then Llama 3 scaling if configured.
+/// `1 / theta^(2i / d)` in f32 as transformers computes it, then Llama 3 scaling if configured
+/// (as `rope_scaling`, or as GGUF's per-frequency divisors).
 fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
     let dim = config.head_dim();
     let base = config.rope_theta as f32;
     let plain = (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32));
+    if let Some(factors) = &config.rope_freq_factors {
+        return plain.zip(factors).map(|(f, factor)| f / factor).collect();
+    }
     match &config.rope_scaling {
         Some(scaling) if scaling.rope_type == "llama3" => plain.map(|f| llama3_scaled(f, scaling)).collect(),
         _ => plain.collect(),

@@ -6,23 +6,31 @@
 //! it sits in L1, dotted with every input row.
 //!
 //! `mod.rs` chooses the path; [`avx2`] cuts work for AVX2, [`x86`] holds the x86-64 SIMD
-//! kernels and [`portable`] the plain-Rust fallback. [`linear`], [`Isa`] and the matrix types
+//! kernels and [`portable`] the plain-Rust fallback. Block-quantized (GGUF) weights have
+//! their own: [`blocks`] decodes the formats, [`quantized`] runs the products and
+//! [`x86_blocks`] holds their AVX-512 VNNI kernels. [`linear`], [`Isa`] and the matrix types
 //! are public for `benches/kernels.rs`.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod blocks;
 mod matrix;
 mod portable;
+mod quantized;
 #[cfg(test)]
 mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_blocks;
 
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+pub use blocks::{dequantize_row, BlockMatrix, BlockType};
 pub use matrix::{WeightDType, WeightMatrix};
+pub use quantized::{linear_blocks, linear_blocks_with};
 
 use crate::error::{Error, Result};
 

@@ -85,3 +85,111 @@ fn mismatched_sizes_are_errors() {
     assert!(WeightMatrix::new(Arc::new(vec![0u8; 24]), 0..24, 2, 4, WeightDType::F32).is_err());
     assert!(WeightMatrix::new(Arc::new(vec![0u8; 24]), 8..32, 2, 3, WeightDType::F32).is_err());
 }
+
+/// Random blocks of `block_type` for a `[rows, cols]` matrix, with small finite f16 scales.
+fn random_blocks(block_type: BlockType, rows: usize, cols: usize, seed: u32) -> Vec<u8> {
+    let len = rows * block_type.row_bytes(cols);
+    let noise = pseudo_random(len, seed);
+    let mut bytes: Vec<u8> = noise.iter().map(|v| ((v + 0.5) * 255.0) as u8).collect();
+    let scale_offsets: &[usize] = match block_type {
+        BlockType::Q8_0 | BlockType::Q4_0 => &[0],
+        BlockType::Q4K | BlockType::Q5K => &[0, 2],
+        BlockType::Q6K => &[208],
+    };
+    for (b, block) in bytes.chunks_exact_mut(block_type.block_bytes()).enumerate() {
+        for (i, &at) in scale_offsets.iter().enumerate() {
+            let scale = half::f16::from_f32(0.002 + 0.001 * ((b * 7 + i * 3) % 11) as f32);
+            block[at..at + 2].copy_from_slice(&scale.to_bits().to_le_bytes());
+        }
+    }
+    bytes
+}
+
+const BLOCK_TYPES: [(BlockType, candle_core::quantized::GgmlDType); 5] = [
+    (BlockType::Q8_0, candle_core::quantized::GgmlDType::Q8_0),
+    (BlockType::Q4_0, candle_core::quantized::GgmlDType::Q4_0),
+    (BlockType::Q4K, candle_core::quantized::GgmlDType::Q4K),
+    (BlockType::Q5K, candle_core::quantized::GgmlDType::Q5K),
+    (BlockType::Q6K, candle_core::quantized::GgmlDType::Q6K),
+];
+
+/// Our decoding of every block format equals candle's dequantization of the same bytes.
+#[test]
+fn block_decoding_matches_candle() {
+    use candle_core::{quantized::ggml_file::qtensor_from_ggml, Device};
+    for (block_type, ggml) in BLOCK_TYPES {
+        let (rows, cols) = (3, 512);
+        let bytes = random_blocks(block_type, rows, cols, 5);
+        let reference = qtensor_from_ggml(ggml, &bytes, vec![rows, cols], &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let len = bytes.len();
+        let matrix = BlockMatrix::new(Arc::new(bytes), 0..len, rows, cols, block_type).unwrap();
+        let mut ours = vec![0f32; rows * cols];
+        for (r, row) in ours.chunks_exact_mut(cols).enumerate() {
+            dequantize_row(&matrix, r, row);
+        }
+        for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{block_type:?} weight {i}: {a} vs {b}");
+        }
+    }
+}
+
+/// Every instruction set's block product is within the activation rounding's bound of the
+/// f32 product with the decoded weights, and the paths agree with each other.
+#[test]
+fn block_products_match_the_decoded_weights() {
+    for (block_type, _) in BLOCK_TYPES {
+        let shapes: &[(usize, usize, usize)] = match block_type {
+            BlockType::Q8_0 | BlockType::Q4_0 => &[(1, 5, 96), (3, 17, 256), (6, 9, 2048), (1, 70, 64)],
+            _ => &[(1, 5, 256), (3, 17, 512), (6, 9, 2048), (1, 70, 256)],
+        };
+        for &(m, n, k) in shapes {
+            let bytes = random_blocks(block_type, n, k, (m * n + k) as u32);
+            let len = bytes.len();
+            let matrix = BlockMatrix::new(Arc::new(bytes), 0..len, n, k, block_type).unwrap();
+            let mut weights = vec![0f32; n * k];
+            for (r, row) in weights.chunks_exact_mut(k).enumerate() {
+                dequantize_row(&matrix, r, row);
+            }
+            let x: Vec<f32> = pseudo_random(m * k, 9).iter().map(|v| v * 4.0).collect();
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 / 8.0).collect();
+            let mut outputs = Vec::new();
+            for isa in [Isa::Avx512, Isa::Portable].into_iter().filter(|i| i.available()) {
+                let mut out = vec![0f32; m * n];
+                linear_blocks_with(isa, &x, &matrix, Some(&bias), &mut out).unwrap();
+                for i in 0..m {
+                    for j in 0..n {
+                        let (xs, ws) = (&x[i * k..(i + 1) * k], &weights[j * k..(j + 1) * k]);
+                        let exact: f32 = xs.iter().zip(ws).map(|(a, b)| a * b).sum::<f32>() + bias[j];
+                        let bound: f32 = xs
+                            .chunks(32)
+                            .zip(ws.chunks(32))
+                            .map(|(xb, wb)| {
+                                let max = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                                max / 254.0 * wb.iter().map(|w| w.abs()).sum::<f32>()
+                            })
+                            .sum::<f32>()
+                            + 1e-4 * (1.0 + exact.abs());
+                        let got = out[i * n + j];
+                        assert!(
+                            (got - exact).abs() <= bound,
+                            "{block_type:?} {isa:?} ({m},{n},{k}) [{i},{j}]: {got} vs {exact} (bound {bound})"
+                        );
+                    }
+                }
+                outputs.push(out);
+            }
+            for pair in outputs.windows(2) {
+                for (a, b) in pair[0].iter().zip(&pair[1]) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "paths differ: {a} vs {b}");
+                }
+            }
+        }
+    }
+}

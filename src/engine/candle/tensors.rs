@@ -1,0 +1,407 @@
+//! A shard's tensors from either kind of checkpoint, asked for by their Hugging Face names:
+//! a safetensors model directory (names as stored) or a GGUF file (names translated, llama's
+//! interleaved q/k rows put back in Hugging Face's order, quantized blocks kept as stored).
+//! Each weight becomes the layer that multiplies it best on the compute device; safetensors
+//! weights may be quantized as they load.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+
+use super::config::ModelConfig;
+use super::embedding::Embedding;
+use super::gguf::{find_gguf, gguf_name, GgufFile, StoredTensor};
+use super::linear::Linear;
+use super::weights::{read_exact_at, read_to_huge_pages, ShardWeights, WeightIndex};
+use crate::engine::kernels::{BlockMatrix, BlockType, WeightDType, WeightMatrix};
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// A model's checkpoint, before any shard of it is read.
+pub enum Checkpoint {
+    /// A Hugging Face model directory: `config.json`, safetensors, tokenizer files.
+    Safetensors { dir: PathBuf, index: WeightIndex },
+    /// A GGUF file (or split set) with its config and tokenizer in its metadata.
+    Gguf(Arc<GgufFile>),
+}
+
+impl Checkpoint {
+    /// The checkpoint at `path`: a model directory with `config.json`, or a `.gguf` file (or
+    /// a directory holding one).
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() && path.join("config.json").is_file() {
+            return Ok(Self::Safetensors { dir: path.to_path_buf(), index: WeightIndex::from_dir(path)? });
+        }
+        match find_gguf(path)? {
+            Some(file) => Ok(Self::Gguf(Arc::new(GgufFile::open(&file)?))),
+            None => Err(Error::InvalidModel(format!(
+                "{} is neither a model directory (with config.json) nor a GGUF file",
+                path.display()
+            ))),
+        }
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> Result<ModelConfig> {
+        match self {
+            Self::Safetensors { dir, .. } => ModelConfig::from_dir(dir),
+            Self::Gguf(file) => file.config(),
+        }
+    }
+
+    /// Whether the checkpoint has an LM head of its own (else the head reuses the embedding).
+    pub fn has_head(&self) -> bool {
+        match self {
+            Self::Safetensors { index, .. } => index.contains("lm_head.weight"),
+            Self::Gguf(file) => file.tensor("output.weight").is_some(),
+        }
+    }
+
+    /// The tensors `names` of one shard; safetensors weights are quantized to `quantize`
+    /// as they load, if given (GGUF weights stay as stored).
+    pub fn open_shard(
+        &self,
+        names: &[String],
+        config: &ModelConfig,
+        quantize: Option<GgmlDType>,
+    ) -> Result<ShardTensors> {
+        match self {
+            Self::Safetensors { index, .. } => {
+                Ok(ShardTensors::Safetensors { weights: index.open(names)?, quantize })
+            }
+            Self::Gguf(file) => {
+                let heads = (config.num_attention_heads, config.num_key_value_heads());
+                let interleaved = file.interleaves_query_key_rows()?.then_some(heads);
+                let shard = GgufShard { file: file.clone(), interleaved };
+                for name in names {
+                    shard.tensor(name)?;
+                }
+                Ok(ShardTensors::Gguf(shard))
+            }
+        }
+    }
+
+    /// The tokenizer: Hugging Face's files beside the weights, else the GGUF's own vocabulary.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match self {
+            Self::Safetensors { dir, .. } => Tokenizer::from_dir(dir),
+            Self::Gguf(file) => match file.path().parent().filter(|d| d.join("tokenizer.json").is_file()) {
+                Some(dir) => Tokenizer::from_dir(dir),
+                None => Err(Error::InvalidModel(format!("no tokenizer.json beside {}", file.path().display()))),
+            },
+        }
+    }
+}
+
+/// The opened tensors of one shard.
+pub enum ShardTensors {
+    /// Mapped safetensors files, and the block type to quantize weights to, if any.
+    Safetensors { weights: ShardWeights, quantize: Option<GgmlDType> },
+    /// A GGUF file.
+    Gguf(GgufShard),
+}
+
+/// A GGUF file read by Hugging Face tensor names.
+pub struct GgufShard {
+    file: Arc<GgufFile>,
+    /// Query and key heads, when their rows are stored in llama.cpp's interleaved order.
+    interleaved: Option<(usize, usize)>,
+}
+
+impl GgufShard {
+    /// The stored tensor for the Hugging Face name `name`.
+    fn tensor(&self, name: &str) -> Result<&StoredTensor> {
+        let gguf = gguf_name(name)
+            .ok_or_else(|| Error::InvalidModel(format!("tensor {name} has no GGUF counterpart")))?;
+        self.file.tensor(&gguf).ok_or_else(|| {
+            Error::InvalidModel(format!("{}: tensor {gguf} is missing", self.file.path().display()))
+        })
+    }
+
+    /// The tensor `name` of `shape`, as the file pieces to read, rows in Hugging Face's order.
+    fn pieces(&self, name: &str, shape: &[usize]) -> Result<(&StoredTensor, Vec<(&File, Range<u64>)>)> {
+        let stored = self.tensor(name)?;
+        if stored.shape != shape {
+            return Err(Error::InvalidModel(format!(
+                "tensor {name} has shape {:?} in the GGUF, the config implies {shape:?}",
+                stored.shape
+            )));
+        }
+        let whole = vec![(&*stored.file, stored.range.clone())];
+        let Some((heads, kv_heads)) = self.interleaved else { return Ok((stored, whole)) };
+        let heads = if name.contains(".q_proj.") {
+            heads
+        } else if name.contains(".k_proj.") {
+            kv_heads
+        } else {
+            return Ok((stored, whole));
+        };
+        // Row `h*d + 2i + j` of the file is row `h*d + j*d/2 + i` of the Hugging Face weight.
+        let rows = shape[0];
+        let row_bytes = (stored.range.end - stored.range.start) / rows as u64;
+        let (head_dim, start) = (rows / heads, stored.range.start);
+        let half = head_dim / 2;
+        let pieces = (0..rows)
+            .map(|row| {
+                let (head, within) = (row / head_dim, row % head_dim);
+                let source = (head * head_dim + 2 * (within % half) + within / half) as u64;
+                (&*stored.file, start + source * row_bytes..start + (source + 1) * row_bytes)
+            })
+            .collect();
+        Ok((stored, pieces))
+    }
+}
+
+impl ShardTensors {
+    /// A small tensor widened to f32.
+    pub fn vector_f32(&self, name: &str, len: usize, device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Safetensors { weights, .. } => weights.vector_f32(name, len, device),
+            Self::Gguf(shard) => {
+                let (stored, pieces) = shard.pieces(name, &[len])?;
+                let dtype = float_dtype(name, stored.dtype)?;
+                let bytes = read_pieces(name, &pieces)?;
+                Ok(Tensor::from_raw_buffer(&bytes, dtype, &[len], device)?.to_dtype(DType::F32)?)
+            }
+        }
+    }
+
+    /// The layers `{prefix}.{name}` of `parts` (name and output features of each, all taking
+    /// `input` features) as one stacked layer, with their biases when `bias`.
+    pub fn linear(
+        &self,
+        prefix: &str,
+        parts: &[(&str, usize)],
+        input: usize,
+        bias: bool,
+        device: &Device,
+    ) -> Result<Linear> {
+        let names: Vec<(String, usize)> =
+            parts.iter().map(|&(name, out)| (format!("{prefix}.{name}.weight"), out)).collect();
+        let biases = if bias {
+            let parts = parts
+                .iter()
+                .map(|&(name, out)| self.vector_f32(&format!("{prefix}.{name}.bias"), out, device))
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&parts, 0)?)
+        } else {
+            None
+        };
+        self.matrix_layer(&names, input, biases, device)
+    }
+
+    /// One layer over the stacked weights `names` (name and rows of each, all `cols` wide).
+    fn matrix_layer(
+        &self,
+        names: &[(String, usize)],
+        cols: usize,
+        bias: Option<Tensor>,
+        device: &Device,
+    ) -> Result<Linear> {
+        match self {
+            Self::Safetensors { weights, quantize } => {
+                if let Some(block_type) = quantize.filter(|t| cols.is_multiple_of(t.block_size())) {
+                    let dense = weights.device_matrix(names, cols, &Device::Cpu)?.to_dtype(DType::F32)?;
+                    let weight = QTensor::quantize_onto(&dense, block_type, device)?;
+                    if let (true, Some(host_type)) = (device.is_cpu(), host_blocks(block_type)) {
+                        let bytes = weight.data()?.into_owned();
+                        let (rows, len) = (dense.dim(0)?, bytes.len());
+                        let matrix = BlockMatrix::new(Arc::new(bytes), 0..len, rows, cols, host_type)?;
+                        return Linear::new(matrix, host_bias(bias)?);
+                    }
+                    return Linear::quantized(Arc::new(weight), bias);
+                }
+                if !device.is_cpu() {
+                    return Linear::on_device(weights.device_matrix(names, cols, device)?, bias);
+                }
+                Linear::new(weights.stacked_matrix(names, cols)?, host_bias(bias)?)
+            }
+            Self::Gguf(shard) => {
+                let mut stored = Vec::with_capacity(names.len());
+                for (name, rows) in names {
+                    stored.push(shard.pieces(name, &[*rows, cols])?);
+                }
+                let dtype = stored[0].0.dtype;
+                if stored.iter().any(|(s, _)| s.dtype != dtype) {
+                    // Mixed block types (a Q4_K_M file's q/k/v): one layer per weight.
+                    let mut at = 0;
+                    let layers = names
+                        .iter()
+                        .map(|(name, rows)| {
+                            let part_bias = bias.as_ref().map(|b| b.narrow(0, at, *rows)).transpose()?;
+                            at += rows;
+                            self.matrix_layer(&[(name.clone(), *rows)], cols, part_bias, device)
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    return Ok(Linear::Split(layers));
+                }
+                let pieces: Vec<(&File, Range<u64>)> = stored.into_iter().flat_map(|(_, p)| p).collect();
+                let rows = names.iter().map(|(_, rows)| rows).sum::<usize>();
+                let label = names.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
+                gguf_layer(&label, dtype, &pieces, (rows, cols), bias, device)
+            }
+        }
+    }
+
+    /// The embedding table `[vocab, hidden]`; `streamed` when the host LM head also reads it
+    /// whole (then copied onto huge pages rather than read in place).
+    pub fn embedding(&self, vocab: usize, hidden: usize, streamed: bool, device: &Device) -> Result<Embedding> {
+        let name = "model.embed_tokens.weight";
+        match self {
+            Self::Safetensors { weights, .. } => Ok(Embedding::Dense(if streamed {
+                weights.streamed_matrix(name, vocab, hidden)?
+            } else {
+                weights.matrix(name, vocab, hidden)?
+            })),
+            Self::Gguf(shard) => {
+                let (stored, pieces) = shard.pieces(name, &[vocab, hidden])?;
+                if let Some(dtype) = host_dtype(stored.dtype) {
+                    if !streamed {
+                        let start = stored.range.start as usize..stored.range.end as usize;
+                        return Ok(Embedding::Dense(WeightMatrix::new(
+                            stored.map.clone(),
+                            start,
+                            vocab,
+                            hidden,
+                            dtype,
+                        )?));
+                    }
+                    let copy = read_to_huge_pages(&pieces)
+                        .map_err(|e| Error::InvalidModel(format!("cannot read tensor {name}: {e}")))?;
+                    let len = copy.len();
+                    return Ok(Embedding::Dense(WeightMatrix::new(Arc::new(copy), 0..len, vocab, hidden, dtype)?));
+                }
+                if let (true, Some(block_type)) = (device.is_cpu(), host_blocks(stored.dtype)) {
+                    let (bytes, range): (Arc<dyn AsRef<[u8]> + Send + Sync>, _) = if streamed {
+                        let copy = read_to_huge_pages(&pieces)
+                            .map_err(|e| Error::InvalidModel(format!("cannot read tensor {name}: {e}")))?;
+                        let len = copy.len();
+                        (Arc::new(copy), 0..len)
+                    } else {
+                        (stored.map.clone(), stored.range.start as usize..stored.range.end as usize)
+                    };
+                    return Ok(Embedding::Blocks(BlockMatrix::new(bytes, range, vocab, hidden, block_type)?));
+                }
+                let bytes = read_pieces(name, &pieces)?;
+                Ok(Embedding::Quantized(Arc::new(quantized_tensor(&bytes, stored.dtype, (vocab, hidden), device)?)))
+            }
+        }
+    }
+
+    /// The LM head `[vocab, hidden]`: its own weight, or the embedding `table` when `tied`.
+    pub fn head(
+        &self,
+        vocab: usize,
+        hidden: usize,
+        tied: bool,
+        table: Option<&Embedding>,
+        device: &Device,
+    ) -> Result<Linear> {
+        let name = if tied { "model.embed_tokens.weight" } else { "lm_head.weight" };
+        let quantizing = matches!(self, Self::Safetensors { quantize: Some(_), .. });
+        match table.filter(|_| tied) {
+            Some(Embedding::Quantized(table)) => Linear::quantized(table.clone(), None),
+            Some(Embedding::Blocks(table)) => Linear::new(table.clone(), None),
+            Some(Embedding::Dense(table)) if device.is_cpu() && !quantizing => Linear::new(table.clone(), None),
+            _ => self.matrix_layer(&[(name.to_string(), vocab)], hidden, None, device),
+        }
+    }
+}
+
+/// A GGUF weight of `dtype` read from `pieces` as a `[rows, cols]` layer on `device`.
+fn gguf_layer(
+    name: &str,
+    dtype: GgmlDType,
+    pieces: &[(&File, Range<u64>)],
+    (rows, cols): (usize, usize),
+    bias: Option<Tensor>,
+    device: &Device,
+) -> Result<Linear> {
+    match host_dtype(dtype) {
+        Some(weight_dtype) if device.is_cpu() => {
+            let copy = read_to_huge_pages(pieces)
+                .map_err(|e| Error::InvalidModel(format!("cannot read tensors {name}: {e}")))?;
+            let len = copy.len();
+            Linear::new(WeightMatrix::new(Arc::new(copy), 0..len, rows, cols, weight_dtype)?, host_bias(bias)?)
+        }
+        Some(_) => {
+            let bytes = read_pieces(name, pieces)?;
+            let weight = Tensor::from_raw_buffer(&bytes, float_dtype(name, dtype)?, &[rows, cols], device)?;
+            Linear::on_device(weight, bias)
+        }
+        None if device.is_cpu() && host_blocks(dtype).is_some() => {
+            let copy = read_to_huge_pages(pieces)
+                .map_err(|e| Error::InvalidModel(format!("cannot read tensors {name}: {e}")))?;
+            let len = copy.len();
+            let block_type = host_blocks(dtype).expect("checked above");
+            Linear::new(BlockMatrix::new(Arc::new(copy), 0..len, rows, cols, block_type)?, host_bias(bias)?)
+        }
+        None => {
+            let bytes = read_pieces(name, pieces)?;
+            Linear::quantized(Arc::new(quantized_tensor(&bytes, dtype, (rows, cols), device)?), bias)
+        }
+    }
+}
+
+/// Quantized blocks `bytes` of `dtype` as a `[rows, cols]` tensor on `device`.
+fn quantized_tensor(bytes: &[u8], dtype: GgmlDType, shape: (usize, usize), device: &Device) -> Result<QTensor> {
+    let storage = QStorage::from_data(Cow::Borrowed(bytes), device, dtype)?;
+    Ok(QTensor::new(storage, shape)?)
+}
+
+/// The bytes of `pieces`, one after another.
+fn read_pieces(name: &str, pieces: &[(&File, Range<u64>)]) -> Result<Vec<u8>> {
+    let len = pieces.iter().map(|(_, r)| (r.end - r.start) as usize).sum();
+    let mut bytes = vec![0u8; len];
+    let mut at = 0;
+    for (file, range) in pieces {
+        let size = (range.end - range.start) as usize;
+        read_exact_at(file, &mut bytes[at..at + size], range.start)
+            .map_err(|e| Error::InvalidModel(format!("cannot read tensor {name}: {e}")))?;
+        at += size;
+    }
+    Ok(bytes)
+}
+
+/// The host kernels' dtype for a GGUF float type; `None` for block types.
+fn host_dtype(dtype: GgmlDType) -> Option<WeightDType> {
+    match dtype {
+        GgmlDType::F32 => Some(WeightDType::F32),
+        GgmlDType::F16 => Some(WeightDType::F16),
+        GgmlDType::BF16 => Some(WeightDType::BF16),
+        _ => None,
+    }
+}
+
+/// The host kernels' block format for a GGUF block type they multiply; `None` for the
+/// others (multiplied by candle).
+fn host_blocks(dtype: GgmlDType) -> Option<BlockType> {
+    match dtype {
+        GgmlDType::Q8_0 => Some(BlockType::Q8_0),
+        GgmlDType::Q4_0 => Some(BlockType::Q4_0),
+        GgmlDType::Q4K => Some(BlockType::Q4K),
+        GgmlDType::Q5K => Some(BlockType::Q5K),
+        GgmlDType::Q6K => Some(BlockType::Q6K),
+        _ => None,
+    }
+}
+
+/// The candle dtype of a GGUF float tensor (norms, biases); block types are errors.
+fn float_dtype(name: &str, dtype: GgmlDType) -> Result<DType> {
+    match dtype {
+        GgmlDType::F32 => Ok(DType::F32),
+        GgmlDType::F16 => Ok(DType::F16),
+        GgmlDType::BF16 => Ok(DType::BF16),
+        other => Err(Error::InvalidModel(format!("tensor {name} is stored as {other:?}; it must be F32, F16 or BF16"))),
+    }
+}
+
+/// A bias tensor as the host kernels take it.
+fn host_bias(bias: Option<Tensor>) -> Result<Option<Vec<f32>>> {
+    Ok(bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?)
+}

@@ -1,0 +1,158 @@
+"""GGUF models on the candle engine, against the same weights in f32.
+
+The synthetic generator writes each preset both as a safetensors directory and as GGUF files
+(as llama.cpp's converter and quantizer would). An f32 GGUF must give the safetensors logits;
+a quantized GGUF must give the logits of its own dequantized weights (run in f32) up to the
+rounding of the activations to 8 bits, and the same greedy tokens; any split of its layers
+across shards, or of its tensors across files, must give the same tokens as one shard.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGUFReader
+from safetensors.numpy import load_file, save_file
+
+from exo.errors import InvalidArgumentError, InvalidModelError
+from exo.inference.candle import CandleInferenceEngine
+from exo.inference.shard import Shard
+from exo.testing.synth import cached_model
+from exo.testing.synth_gguf import cached_gguf, gguf_name, permute_rotary
+
+PROMPT = [3, 17, 42, 8, 99, 5, 61, 23]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gguf")
+
+
+def _layers(path: Path) -> int:
+    reader = GGUFReader(path)
+    architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    return int(reader.fields[f"{architecture}.block_count"].parts[-1][0])
+
+
+async def _prompt_logits(model: str, layers: int, **options: str) -> np.ndarray:
+    engine = CandleInferenceEngine(**options)
+    logits, _ = await engine.infer_tensor("r", Shard(model, 0, layers - 1, layers), np.array([PROMPT]))
+    return np.asarray(logits, dtype=np.float32).reshape(-1)
+
+
+async def _greedy(model: str, layers: int, steps: int, cuts: tuple[int, ...] = ()) -> list[int]:
+    """Greedy tokens after PROMPT, the layers run as shards ending at each of `cuts` (and the last)."""
+    bounds = [-1, *cuts, layers - 1]
+    shards = [Shard(model, bounds[i] + 1, bounds[i + 1], layers) for i in range(len(bounds) - 1)]
+    engines = [CandleInferenceEngine() for _ in shards]
+    tokens: list[int] = []
+    x = np.array([PROMPT])
+    for _ in range(steps):
+        for engine, shard in zip(engines, shards):
+            x, _ = await engine.infer_tensor("r", shard, x)
+        token = int(np.asarray(x).reshape(-1).argmax())
+        tokens.append(token)
+        x = np.array([[token]])
+    return tokens
+
+
+def _dequantized_checkpoint(gguf_file: Path, preset_dir: Path, out: Path) -> Path:
+    """A safetensors copy of `preset_dir` whose weights are `gguf_file`'s, dequantized to f32
+    (q/k rows of the llama architecture put back in Hugging Face's order)."""
+    reader = GGUFReader(gguf_file)
+    stored = {t.name: t for t in reader.tensors}
+    config = json.loads((preset_dir / "config.json").read_text())
+    tensors = {}
+    for name, original in load_file(preset_dir / "model.safetensors").items():
+        tensor = stored[gguf_name(name)]
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(original.shape)
+        if config["model_type"] in ("llama", "mistral") and ".q_proj." in name:
+            values = _unpermute(values, config["num_attention_heads"])
+        if config["model_type"] in ("llama", "mistral") and ".k_proj." in name:
+            values = _unpermute(values, config["num_key_value_heads"])
+        tensors[name] = values
+    shutil.copytree(preset_dir, out)
+    save_file(tensors, out / "model.safetensors")
+    return out
+
+
+def _unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
+    restored = weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2)
+    restored = restored.reshape(weight.shape)
+    assert np.array_equal(permute_rotary(restored, heads), weight)
+    return restored
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama-k", "tiny-qwen2", "tiny-qwen3"])
+async def test_an_f32_gguf_gives_the_safetensors_logits(root: Path, preset: str) -> None:
+    (file,) = cached_gguf(preset, root, "f32")
+    directory = cached_model(preset, root, "f32")
+    layers = _layers(file)
+    ours, reference = await _prompt_logits(str(file), layers), await _prompt_logits(str(directory), layers)
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("ggml_type", ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_0", "q3_k"])
+async def test_a_quantized_gguf_gives_its_dequantized_weights_logits(
+    root: Path, tmp_path: Path, ggml_type: str
+) -> None:
+    (file,) = cached_gguf("tiny-llama-k", root, ggml_type)
+    reference_dir = _dequantized_checkpoint(file, cached_model("tiny-llama-k", root, "f32"), tmp_path / "f32")
+    layers = _layers(file)
+    ours = await _prompt_logits(str(file), layers)
+    reference = await _prompt_logits(str(reference_dir), layers)
+    # Rounding activations to 8 bits per 32 values moves each product by at most half a step
+    # (1/254 of the block's largest value) per term; through 4 layers that stays within a few
+    # percent of the logits' range on these weights, far below the gap between tokens.
+    scale = np.abs(reference).max()
+    assert np.abs(ours - reference).max() <= 0.03 * scale, (np.abs(ours - reference).max(), scale)
+    assert await _greedy(str(file), layers, 32) == await _greedy(str(reference_dir), layers, 32)
+
+
+async def test_layer_splits_and_file_splits_give_one_shards_tokens(root: Path) -> None:
+    (file,) = cached_gguf("tiny-llama-k", root, "q4_k_m")
+    layers = _layers(file)
+    alone = await _greedy(str(file), layers, 16)
+    assert await _greedy(str(file), layers, 16, cuts=(1,)) == alone
+    assert await _greedy(str(file), layers, 16, cuts=(0, 2)) == alone
+    parts = cached_gguf("tiny-llama-k", root, "q4_k_m", split=3)
+    assert len(parts) == 3 and parts[0].name.endswith("-00001-of-00003.gguf")
+    assert await _greedy(str(parts[0]), layers, 16, cuts=(1,)) == alone
+    # A directory holding the model's one GGUF names it.
+    assert await _greedy(str(parts[0].parent), layers, 16) == alone
+
+
+async def test_load_time_quantization_keeps_the_tokens(root: Path) -> None:
+    directory = cached_model("tiny-llama-k", root, "f32")
+    reference = await _prompt_logits(str(directory), 4)
+    for block_type in ["q8_0", "q4_k"]:
+        ours = await _prompt_logits(str(directory), 4, quantize=block_type)
+        assert not np.array_equal(ours, reference)
+        assert int(ours.argmax()) == int(reference.argmax())
+        assert np.abs(ours - reference).max() <= 0.1 * np.abs(reference).max()
+    with pytest.raises(InvalidArgumentError, match="q9_0"):
+        CandleInferenceEngine(quantize="q9_0")
+
+
+async def test_bad_gguf_files_fail_clearly(root: Path, tmp_path: Path) -> None:
+    writer = gguf.GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(InvalidModelError, match='architecture "gpt2" is not supported'):
+        await _prompt_logits(str(tmp_path / "gpt2.gguf"), 1)
+    (file,) = cached_gguf("tiny-llama-k", root, "q8_0")
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(InvalidModelError, match="past the end of the file"):
+        await _prompt_logits(str(truncated), 4)
+    (tmp_path / "not.gguf").write_bytes(b"GGUF but not really")
+    with pytest.raises(InvalidModelError, match="not a readable GGUF file"):
+        await _prompt_logits(str(tmp_path / "not.gguf"), 4)
+
