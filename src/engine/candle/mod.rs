@@ -7,6 +7,7 @@ mod decode_attention;
 mod device;
 mod linear;
 mod model;
+pub mod quant_type;
 mod rope;
 #[cfg(test)]
 mod tests;
