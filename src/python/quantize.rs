@@ -22,7 +22,7 @@ fn quantize<'py>(
     let data = py.detach(|| {
         let floats: Vec<f32> =
             values.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        quant_type::quantize(&floats, rows, cols, dtype)
+        quant_type::quantize(floats, rows, cols, dtype)
     })?;
     Ok(PyBytes::new(py, &data))
 }

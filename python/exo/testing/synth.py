@@ -5,7 +5,12 @@
 writes `config.json`, safetensors weights (one file, or several with
 `model.safetensors.index.json`), a byte-level BPE `tokenizer.json` trained on a built-in text,
 `tokenizer_config.json` with the family's chat template, and `generation_config.json`.
-The same preset, dtype and seed always give the same bytes.
+
+    python -m exo.testing.synth --preset tiny-llama --gguf q4_k_m --out FILE.gguf [--seed 0] [--split 1]
+
+writes the same weights and tokenizer as one GGUF file (or `--split` files
+`FILE-0000i-of-0000N.gguf`) of that type, as llama.cpp would (see `synth_gguf`; needs `gguf`).
+The same preset, dtype or type, and seed always give the same bytes.
 """
 
 import argparse
@@ -302,7 +307,8 @@ def tensor_plan(preset: Preset) -> list[tuple[str, tuple[int, ...]]]:
 def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     """Normal(0, 0.02) weights; norm weights around 1. Seeded by (seed, name) alone."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    values = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+    values = rng.standard_normal(shape, dtype=np.float32)
+    values *= np.float32(0.02)
     if "norm" in name:
         values += np.float32(1.0)
     return values

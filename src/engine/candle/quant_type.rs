@@ -54,13 +54,14 @@ fn stored_size(rows: usize, cols: usize, dtype: GgmlDType) -> Result<usize> {
     Ok(rows * cols / block * dtype.type_size())
 }
 
-/// `values` (`rows` × `cols`, row-major) quantized to `dtype`'s blocks, row after row.
-pub fn quantize(values: &[f32], rows: usize, cols: usize, dtype: GgmlDType) -> Result<Vec<u8>> {
+/// `values` (`rows` × `cols`, row-major) quantized to `dtype`'s blocks, row after row; taken by
+/// value so that a large matrix is not copied again on its way into candle.
+pub fn quantize(values: Vec<f32>, rows: usize, cols: usize, dtype: GgmlDType) -> Result<Vec<u8>> {
     stored_size(rows, cols, dtype)?;
     if values.len() != rows * cols {
         return Err(Error::InvalidTensor(format!("{} values for a {rows} x {cols} matrix", values.len())));
     }
-    let matrix = Tensor::from_slice(values, (rows, cols), &Device::Cpu)?;
+    let matrix = Tensor::from_vec(values, (rows, cols), &Device::Cpu)?;
     Ok(QTensor::quantize(&matrix, dtype)?.data()?.into_owned())
 }
 
@@ -101,7 +102,7 @@ mod tests {
     #[test]
     fn q8_0_round_trips_within_its_step() {
         let values: Vec<f32> = (0..128).map(|i| (i as f32 - 64.0) / 10.0).collect();
-        let data = quantize(&values, 2, 64, GgmlDType::Q8_0).unwrap();
+        let data = quantize(values.clone(), 2, 64, GgmlDType::Q8_0).unwrap();
         // Two rows of two 34-byte blocks (an f16 scale and 32 signed bytes).
         assert_eq!(data.len(), 2 * 2 * 34);
         let back = dequantize(&data, 2, 64, GgmlDType::Q8_0).unwrap();
@@ -112,9 +113,9 @@ mod tests {
 
     #[test]
     fn shapes_and_lengths_are_checked() {
-        let error = quantize(&[0.0; 100], 1, 100, GgmlDType::Q4K).unwrap_err().to_string();
+        let error = quantize(vec![0.0; 100], 1, 100, GgmlDType::Q4K).unwrap_err().to_string();
         assert!(error.contains("100 columns") && error.contains("Q4_K") && error.contains("256"), "{error}");
-        let error = quantize(&[0.0; 31], 1, 32, GgmlDType::Q4_0).unwrap_err().to_string();
+        let error = quantize(vec![0.0; 31], 1, 32, GgmlDType::Q4_0).unwrap_err().to_string();
         assert!(error.contains("31 values"), "{error}");
         let error = dequantize(&[0; 17], 1, 32, GgmlDType::Q4_0).unwrap_err().to_string();
         assert!(error.contains("17 bytes") && error.contains("takes 18"), "{error}");
