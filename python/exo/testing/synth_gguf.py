@@ -23,7 +23,9 @@ from gguf import LlamaFileType as FileType
 
 from exo.testing.synth import LLAMA3, PRESETS, Preset, random_tensor, tensor_plan, write_metadata
 
-# A requested type: what 2-D weights are stored as, and the `general.file_type` it gives.
+# A requested type: what 2-D weights are stored as, and the `general.file_type` it gives. A plain
+# type stores every matrix in it (llama-quantize's Q3_K_S/Q4_K_S/Q5_K_S mixes, whose file types
+# they borrow, differ in a few matrices); q4_k_m is llama-quantize's Q4_K_M mix.
 GGUF_TYPES: dict[str, tuple[Q, FileType]] = {
     "f32": (Q.F32, FileType.ALL_F32),
     "f16": (Q.F16, FileType.MOSTLY_F16),
