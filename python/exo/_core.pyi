@@ -47,6 +47,7 @@ __all__ = [
     "build_base_shard",
     "build_full_shard",
     "delete_model",
+    "dequantize",
     "device_capabilities",
     "exo_home",
     "get_pretty_name",
@@ -57,6 +58,7 @@ __all__ = [
     "ndarray_from_wire",
     "ndarray_to_wire",
     "pretty_names",
+    "quantize",
     "seed_models",
     "shards_overlap",
 ]
@@ -92,6 +94,15 @@ def ndarray_to_wire(array: npt.ArrayLike) -> tuple[bytes, list[int], str]:
 
 def ndarray_from_wire(tensor_data: bytes, shape: Sequence[int], dtype: str) -> np.ndarray:
     """The array a wire tensor encodes; raises `InvalidTensorError` when the parts disagree."""
+
+def quantize(values: bytes, rows: int, cols: int, ggml_type: str) -> bytes:
+    """The GGUF blocks of `ggml_type` (gguf-py's name, any case: `Q4_K`, `bf16`) holding `values`,
+    `rows` x `cols` little-endian f32, row after row (candle's quantizers). An unknown type,
+    `cols` not a multiple of the type's block or a wrong length raise a `ValueError`."""
+
+def dequantize(data: bytes, rows: int, cols: int, ggml_type: str) -> bytes:
+    """The `rows` x `cols` little-endian f32 values that `data`, GGUF blocks of `ggml_type` row
+    after row, hold (candle's dequantizers); bad arguments raise a `ValueError`."""
 
 @final
 class DeviceFlops:

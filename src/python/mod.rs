@@ -11,6 +11,7 @@ mod models;
 mod node;
 mod node_stand_in;
 mod peer;
+mod quantize;
 mod server;
 mod shard;
 mod tensor;
@@ -32,6 +33,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     download::register(m)?;
     models::register(m)?;
     tensor::register(m)?;
+    quantize::register(m)?;
     tokenizer::register(m)?;
     topology::register(m)?;
     peer::register(m)?;

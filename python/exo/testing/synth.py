@@ -5,7 +5,12 @@
 writes `config.json`, safetensors weights (one file, or several with
 `model.safetensors.index.json`), a byte-level BPE `tokenizer.json` trained on a built-in text,
 `tokenizer_config.json` with the family's chat template, and `generation_config.json`.
-The same preset, dtype and seed always give the same bytes.
+
+    python -m exo.testing.synth --preset tiny-llama --gguf q4_k_m --out FILE.gguf [--seed 0] [--split 1]
+
+writes the same weights and tokenizer as one GGUF file (or `--split` files
+`FILE-0000i-of-0000N.gguf`) of that type, as llama.cpp would (see `synth_gguf`; needs `gguf`).
+The same preset, dtype or type, and seed always give the same bytes.
 """
 
 import argparse
@@ -197,6 +202,23 @@ PRESETS: dict[str, Preset] = {
             max_position_embeddings=2048,
         ),
     ),
+    # Rows of 256 and 512 values fill K-quant blocks, so its GGUF files hold real Q4_K/Q6_K matrices
+    # (tiny-llama's rows of 64 fall back to Q5_0/Q8_0, as llama.cpp does).
+    "tiny-llama-k": Preset(
+        LLAMA3,
+        _llama_config(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            rope_theta=500000.0,
+            rope_scaling=LLAMA3_ROPE,
+            tie_word_embeddings=True,
+            max_position_embeddings=2048,
+        ),
+    ),
     "tiny-llama-untied": Preset(
         LLAMA3,
         _llama_config(**TINY, num_key_value_heads=4, vocab_size=512, rope_theta=10000.0, max_position_embeddings=2048),
@@ -282,10 +304,11 @@ def tensor_plan(preset: Preset) -> list[tuple[str, tuple[int, ...]]]:
     return plan
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     """Normal(0, 0.02) weights; norm weights around 1. Seeded by (seed, name) alone."""
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    values = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+    values = rng.standard_normal(shape, dtype=np.float32)
+    values *= np.float32(0.02)
     if "norm" in name:
         values += np.float32(1.0)
     return values
@@ -325,7 +348,7 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], d
         out.write(encoded)
         for start in range(0, len(tensors), workers):
             batch = tensors[start : start + workers]
-            for data in pool.map(lambda t: _encode(_random_tensor(t[0], t[1], seed), dtype), batch):
+            for data in pool.map(lambda t: _encode(random_tensor(t[0], t[1], seed), dtype), batch):
                 out.write(data)
 
 
@@ -425,6 +448,13 @@ def write_model(preset: str, out_dir: str | Path, dtype: str = "f32", seed: int 
     spec = PRESETS[preset]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    write_metadata(spec, out, dtype)
+    _write_weights(spec, out, dtype, seed, num_shards)
+    return out
+
+
+def write_metadata(spec: Preset, out: Path, dtype: str) -> None:
+    """Writes every file of the model directory but the weights: tokenizer and configs."""
     ids = _write_tokenizer(spec, out)
     family = spec.family
     eos_ids = [ids[family.eos], ids[family.end_of_turn]]
@@ -437,8 +467,6 @@ def write_model(preset: str, out_dir: str | Path, dtype: str = "f32", seed: int 
     (out / "config.json").write_text(json.dumps(config, indent=2))
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos_ids, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    _write_weights(spec, out, dtype, seed, num_shards)
-    return out
 
 
 def cached_model(preset: str, root: str | Path, dtype: str = "f32", seed: int = 0) -> Path:
@@ -460,8 +488,23 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shards", type=int, default=1, help="number of safetensors files")
+    parser.add_argument(
+        "--gguf",
+        metavar="TYPE",
+        help="write a GGUF file of this type at --out instead of a model directory "
+        "(f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, q4_k_m)",
+    )
+    parser.add_argument("--split", type=int, default=1, help="with --gguf: number of GGUF files")
     args = parser.parse_args()
-    write_model(args.preset, args.out, args.dtype, args.seed, args.shards)
+    if args.gguf is None:
+        write_model(args.preset, args.out, args.dtype, args.seed, args.shards)
+        return
+    from exo.testing.synth_gguf import write_gguf
+
+    try:
+        write_gguf(args.preset, args.out, args.gguf.lower(), args.seed, args.split)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ use candle_core::quantized::GgmlDType;
 use memmap2::Mmap;
 
 use super::config::{ModelConfig, RopeScaling};
+use super::quant_type::ggml_dtype_name;
 use super::weights::read_exact_at;
 use crate::error::{Error, Result};
 
@@ -130,9 +131,9 @@ impl GgufFile {
                 let start = content.tensor_data_offset + info.offset;
                 if start + bytes > map.len() as u64 {
                     return Err(Error::InvalidModel(format!(
-                        "{}: tensor {name} ({:?}, {dims:?}) runs past the end of the file",
+                        "{}: tensor {name} ({}, {dims:?}) runs past the end of the file",
                         path.display(),
-                        info.ggml_dtype
+                        ggml_dtype_name(info.ggml_dtype)
                     )));
                 }
                 let stored =

@@ -9,6 +9,7 @@ mod embedding;
 mod gguf;
 mod linear;
 mod model;
+pub mod quant_type;
 mod quantize;
 mod rope;
 mod tensors;

@@ -3,36 +3,43 @@
 
 use candle_core::quantized::GgmlDType;
 
+use super::quant_type::{ggml_dtype_from_name, ggml_dtype_name};
 use crate::error::{Error, Result};
 
 /// Environment variable naming the block type to quantize safetensors weights to.
 pub const QUANTIZE_ENV: &str = "EXO_QUANTIZE";
 
-/// The block types weights may be quantized to, by their GGUF names.
-const BLOCK_TYPES: [(&str, GgmlDType); 10] = [
-    ("q8_0", GgmlDType::Q8_0),
-    ("q4_0", GgmlDType::Q4_0),
-    ("q4_1", GgmlDType::Q4_1),
-    ("q5_0", GgmlDType::Q5_0),
-    ("q5_1", GgmlDType::Q5_1),
-    ("q2_k", GgmlDType::Q2K),
-    ("q3_k", GgmlDType::Q3K),
-    ("q4_k", GgmlDType::Q4K),
-    ("q5_k", GgmlDType::Q5K),
-    ("q6_k", GgmlDType::Q6K),
+/// The block types weights may be quantized to.
+const BLOCK_TYPES: [GgmlDType; 10] = [
+    GgmlDType::Q8_0,
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
 ];
 
-/// The block type `name` names (case-insensitive); `none` or an empty name keeps the
+/// The block type `name` names (GGUF's names, any case); `none` or an empty name keeps the
 /// checkpoint's dtype.
 pub fn block_type(name: &str) -> Result<Option<GgmlDType>> {
-    let lower = name.trim().to_ascii_lowercase();
-    if lower.is_empty() || lower == "none" {
+    let name = name.trim();
+    if name.is_empty() || name.eq_ignore_ascii_case("none") {
         return Ok(None);
     }
-    BLOCK_TYPES.iter().find(|(n, _)| *n == lower).map(|(_, t)| Some(*t)).ok_or_else(|| {
-        let known: Vec<&str> = BLOCK_TYPES.iter().map(|(n, _)| *n).collect();
-        Error::InvalidArgument(format!("cannot quantize to {name:?}: use none or one of {}", known.join(", ")))
-    })
+    match ggml_dtype_from_name(name) {
+        Ok(dtype) if BLOCK_TYPES.contains(&dtype) => Ok(Some(dtype)),
+        _ => {
+            let known: Vec<String> = BLOCK_TYPES.iter().map(|t| ggml_dtype_name(*t).to_lowercase()).collect();
+            Err(Error::InvalidArgument(format!(
+                "cannot quantize to {name:?}: use none or one of {}",
+                known.join(", ")
+            )))
+        }
+    }
 }
 
 /// The block type `EXO_QUANTIZE` names, if any.

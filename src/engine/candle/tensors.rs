@@ -17,6 +17,7 @@ use super::config::ModelConfig;
 use super::embedding::Embedding;
 use super::gguf::{find_gguf, gguf_name, GgufFile, StoredTensor};
 use super::linear::Linear;
+use super::quant_type::ggml_dtype_name;
 use super::weights::{read_exact_at, read_to_huge_pages, ShardWeights, WeightIndex};
 use crate::engine::kernels::{BlockMatrix, BlockType, WeightDType, WeightMatrix};
 use crate::error::{Error, Result};
@@ -397,7 +398,10 @@ fn float_dtype(name: &str, dtype: GgmlDType) -> Result<DType> {
         GgmlDType::F32 => Ok(DType::F32),
         GgmlDType::F16 => Ok(DType::F16),
         GgmlDType::BF16 => Ok(DType::BF16),
-        other => Err(Error::InvalidModel(format!("tensor {name} is stored as {other:?}; it must be F32, F16 or BF16"))),
+        other => Err(Error::InvalidModel(format!(
+            "tensor {name} is stored as {}; it must be F32, F16 or BF16",
+            ggml_dtype_name(other)
+        ))),
     }
 }
 
