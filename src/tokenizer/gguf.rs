@@ -331,6 +331,38 @@ fn first_split(path: &Path) -> PathBuf {
     }
 }
 
+/// Control and unknown tokens (and the named BOS/EOS/... ids) become Hugging Face's special
+/// added tokens: matched whole in text, dropped by `skip_special_tokens`; user-defined ones
+/// are matched whole but kept.
+fn add_vocabulary_tokens(
+    inner: &mut tokenizers::Tokenizer,
+    tokens: &[String],
+    types: &[i64],
+    named: &[u32],
+) -> tokenizers::Result<()> {
+    let special = |i: usize| matches!(types[i], TYPE_UNKNOWN | TYPE_CONTROL) || named.contains(&(i as u32));
+    let specials: Vec<AddedToken> = (0..tokens.len())
+        .filter(|&i| special(i))
+        .map(|i| AddedToken::from(tokens[i].clone(), true))
+        .collect();
+    let user_defined: Vec<AddedToken> = (0..tokens.len())
+        .filter(|&i| types[i] == TYPE_USER_DEFINED && !special(i))
+        .map(|i| AddedToken::from(tokens[i].clone(), false).normalized(false))
+        .collect();
+    inner.add_special_tokens(specials)?;
+    inner.add_tokens(user_defined)?;
+    Ok(())
+}
+
+/// The EOS/EOT/EOM ids the file names, then the control tokens that end a turn, each once.
+fn end_of_generation_ids(named: &[Option<u32>], tokens: &[String], types: &[i64]) -> Vec<u32> {
+    let by_text = (0..tokens.len())
+        .filter(|&i| types[i] == TYPE_CONTROL && END_OF_TURN_TEXTS.contains(&tokens[i].as_str()))
+        .map(|i| i as u32);
+    let mut seen = std::collections::HashSet::new();
+    named.iter().flatten().copied().chain(by_text).filter(|id| seen.insert(*id)).collect()
+}
+
 impl Tokenizer {
     /// Loads the tokenizer stored in a GGUF file's metadata (only the header is read). For a
     /// split GGUF (`NAME-0000K-of-0000N.gguf`) the metadata is read from the first part.
@@ -374,18 +406,8 @@ impl Tokenizer {
             .chain(ends)
             .flatten()
             .collect();
-        // Control and unknown tokens are Hugging Face's special added tokens: matched whole in
-        // text, dropped by `skip_special_tokens`; user-defined ones are matched whole but kept.
-        let special =
-            |i: usize| matches!(types[i], TYPE_UNKNOWN | TYPE_CONTROL) || named.contains(&(i as u32));
-        let specials: Vec<AddedToken> =
-            (0..n).filter(|&i| special(i)).map(|i| AddedToken::from(tokens[i].clone(), true)).collect();
-        let user_defined: Vec<AddedToken> = (0..n)
-            .filter(|&i| types[i] == TYPE_USER_DEFINED && !special(i))
-            .map(|i| AddedToken::from(tokens[i].clone(), false).normalized(false))
-            .collect();
-        inner.add_special_tokens(specials).map_err(|e| model_error(path, "special tokens", e))?;
-        inner.add_tokens(user_defined).map_err(|e| model_error(path, "added tokens", e))?;
+        add_vocabulary_tokens(&mut inner, &tokens, &types, &named)
+            .map_err(|e| model_error(path, "added tokens", e))?;
 
         let add_bos = meta.flag("tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos);
         let add_eos = meta.flag("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
@@ -398,15 +420,7 @@ impl Tokenizer {
             inner.with_post_processor(Some(template));
         }
 
-        let mut eos_token_ids: Vec<u32> = ends.into_iter().flatten().collect();
-        eos_token_ids.extend(
-            (0..n)
-                .filter(|&i| types[i] == TYPE_CONTROL && END_OF_TURN_TEXTS.contains(&tokens[i].as_str()))
-                .map(|i| i as u32),
-        );
-        let mut seen = std::collections::HashSet::new();
-        eos_token_ids.retain(|id| seen.insert(*id));
-
+        let eos_token_ids = end_of_generation_ids(&ends, &tokens, &types);
         let chat_template =
             meta.string("tokenizer.chat_template")?.map(|s| ChatTemplate::new(s.to_string())).transpose()?;
         Ok(Self {
