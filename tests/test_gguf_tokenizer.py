@@ -15,7 +15,7 @@ from tokenizers.implementations import SentencePieceBPETokenizer
 from tokenizers.models import BPE
 
 from exo.errors import InvalidModelError
-from exo.inference.tokenizers import Tokenizer
+from exo.inference.tokenizers import IncrementalDetokenizer, Tokenizer
 from exo.testing.corpus import CORPUS
 from exo.testing.synth import PRESETS, cached_model
 
@@ -242,6 +242,10 @@ def test_sentencepiece_vocabulary_matches_the_converted_reference(tmp_path: Path
     assert "\u2603" not in CORPUS
     assert [tokens[i] for i in snowman] == ["▁", "<0xE2>", "<0x98>", "<0x83>"]
     assert tokenizer.eos_token_ids == [2]
+    # Streaming keeps the spaces that the decoder strips from the front of a window.
+    stream = IncrementalDetokenizer(tokenizer)
+    ids = tokenizer.encode(f"{TEXTS[2]} \u2603 {CORPUS[:300]}", False)
+    assert "".join([stream.push(i) for i in ids]) + stream.finish() == tokenizer.decode(ids)
 
 
 def test_sentencepiece_model_matches_sentencepiece(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@
 //! - `llama`: a SentencePiece vocabulary (Llama 2, Mistral) of pieces, scores and token types.
 //!   As transformers' converter does, it becomes a byte-fallback BPE whose merges are every pair
 //!   of pieces that joins into a piece, ranked by the joined piece's score (highest first), with
-//!   `▁` for spaces and a `▁` put before the text.
+//!   `▁` for spaces and a `▁` put before the text (merges stored in the file win when present).
 //!
 //! candle's `TokenizerFromGguf` is not used: it reads only `gpt2` vocabularies, does not know
 //! `llama-bpe` (Llama 3's name) or Llama 3's whole-word rule, puts a space before GPT-2 texts,
@@ -186,6 +186,18 @@ impl ByteLevelRule {
     }
 }
 
+/// The merges of `tokenizer.ggml.merges`, each two tokens joined by a space.
+fn stored_merges(meta: &Metadata) -> Result<Vec<(String, String)>> {
+    const MERGES: &str = "tokenizer.ggml.merges";
+    meta.strings(MERGES)?
+        .into_iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) => Ok((a.to_string(), b.to_string())),
+            None => Err(meta.invalid(MERGES, &format!("holds {m:?}, which is not two tokens"))),
+        })
+        .collect()
+}
+
 /// Byte-level BPE from `tokenizer.ggml.merges`; returns whether BOS is added by default.
 fn byte_level_bpe(meta: &Metadata, tokens: &[String]) -> Result<(tokenizers::Tokenizer, bool)> {
     const PRE: &str = "tokenizer.ggml.pre";
@@ -199,15 +211,7 @@ fn byte_level_bpe(meta: &Metadata, tokens: &[String]) -> Result<(tokenizers::Tok
             ),
         )
     })?;
-    const MERGES: &str = "tokenizer.ggml.merges";
-    let merges = meta
-        .strings(MERGES)?
-        .into_iter()
-        .map(|m| match m.split_once(' ') {
-            Some((a, b)) => Ok((a.to_string(), b.to_string())),
-            None => Err(meta.invalid(MERGES, &format!("holds {m:?}, which is not two tokens"))),
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let merges = stored_merges(meta)?;
     let bpe = BPE::builder()
         .vocab_and_merges(vocab(tokens), merges)
         .ignore_merges(rule.whole_words)
@@ -253,10 +257,13 @@ fn sentencepiece_bpe(
         Some(id) => Some(id as usize),
         None => types.iter().position(|&t| t == TYPE_UNKNOWN),
     };
-    let mut builder = BPE::builder()
-        .vocab_and_merges(vocab(tokens), merges_by_score(tokens, &scores))
-        .fuse_unk(true)
-        .byte_fallback(true);
+    // Merges stored with the vocabulary (a conversion from tokenizer.json) are used as they are.
+    let merges = match meta.get("tokenizer.ggml.merges") {
+        Some(_) => stored_merges(meta)?,
+        None => merges_by_score(tokens, &scores),
+    };
+    let mut builder =
+        BPE::builder().vocab_and_merges(vocab(tokens), merges).fuse_unk(true).byte_fallback(true);
     if let Some(unk) = unk {
         builder = builder.unk_token(tokens[unk].clone());
     }
@@ -640,6 +647,15 @@ mod tests {
             " hello hell"
         );
         assert_eq!(tokenizer.eos_token_ids(), &[2]);
+    }
+
+    #[test]
+    fn stored_merges_replace_the_score_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut metadata = sentencepiece_metadata();
+        metadata.push(("tokenizer.ggml.merges", strings(&["h e", "▁ he"])));
+        let tokenizer = Tokenizer::from_gguf(&write_gguf(dir.path(), "m.gguf", &metadata)).unwrap();
+        assert_eq!(tokenizer.encode("hello", false).unwrap(), token_ids(&tokenizer, &["▁he", "l", "l", "o"]));
     }
 
     #[test]
