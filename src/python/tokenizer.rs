@@ -31,6 +31,13 @@ impl PyTokenizer {
         Ok(Self { inner: Arc::new(inner) })
     }
 
+    /// Loads the tokenizer stored in a GGUF file's metadata (the first part of a split GGUF).
+    #[staticmethod]
+    fn from_gguf(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| Tokenizer::from_gguf(&path))?;
+        Ok(Self { inner: Arc::new(inner) })
+    }
+
     #[pyo3(signature = (text, add_special_tokens=true))]
     fn encode(&self, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
         Ok(self.inner.encode(text, add_special_tokens)?)

@@ -1,7 +1,9 @@
 //! A model's tokenizer as Hugging Face ships it: `tokenizer.json`, the chat template and
-//! special tokens from `tokenizer_config.json`, EOS ids from `generation_config.json`.
+//! special tokens from `tokenizer_config.json`, EOS ids from `generation_config.json`; or
+//! rebuilt from a GGUF file's metadata.
 
 mod chat;
+mod gguf;
 mod stream;
 
 pub use chat::{flatten_content, ChatTemplate};
@@ -102,7 +104,9 @@ impl Tokenizer {
         extra: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
-            Error::InvalidModel("the model's tokenizer_config.json has no chat_template".into())
+            Error::InvalidModel(
+                "the model has no chat template (tokenizer_config.json or tokenizer.chat_template)".into(),
+            )
         })?;
         template.render(
             messages,
