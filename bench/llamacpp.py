@@ -3,9 +3,9 @@ of the candle engine and of llama.cpp (llama-cpp-python, `pip install .[bench]`)
 process, with the same thread count, and the decode ceiling (memory bandwidth over the bytes of
 weights one token reads, summed from the GGUF's tensors).
 
-    python bench/gguf.py --gguf FILE.gguf [--threads 2] [--repeat 3]
-    python bench/gguf.py --preset llama-3.2-1b --quant q4_k_m      # writes the file with exo.testing.synth
-    python bench/gguf.py --gguf F16.gguf --ours BF16_DIR           # our bf16 safetensors beside llama.cpp's f16
+    python bench/llamacpp.py --gguf FILE.gguf [--threads 2] [--repeat 3]
+    python bench/llamacpp.py --preset llama-3.2-1b --quant q4_k_m      # writes the file with exo.testing.synth
+    python bench/llamacpp.py --gguf F16.gguf --ours BF16_DIR           # our bf16 safetensors beside llama.cpp's f16
 
 Our engine takes the `.gguf` path as its model id (`--ours` overrides it with a model directory).
 Pairs run `--repeat` times in alternating order; the table shows medians.
@@ -80,7 +80,7 @@ def _run_llama(path: str, threads: int, prompt: list[int], decode_tokens: int) -
     from llama_cpp import Llama
 
     n_ctx = len(prompt) + decode_tokens + 16
-    llm = Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=len(prompt),
+    llm = Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx,
                 n_gpu_layers=0, verbose=False)  # fmt: skip
     vocab = llm.n_vocab()
     prompt = [t % vocab for t in prompt]
