@@ -93,7 +93,7 @@ impl Checkpoint {
             Self::Safetensors { dir, .. } => Tokenizer::from_dir(dir),
             Self::Gguf(file) => match file.path().parent().filter(|d| d.join("tokenizer.json").is_file()) {
                 Some(dir) => Tokenizer::from_dir(dir),
-                None => Err(Error::InvalidModel(format!("no tokenizer.json beside {}", file.path().display()))),
+                None => Tokenizer::from_gguf(file.path()),
             },
         }
     }
