@@ -26,9 +26,9 @@ use self::selection::{
     config_layers, config_ties_embeddings, is_metadata_file, is_weights_file, WeightMap, CONFIG_FILE,
     INDEX_FILE, SINGLE_WEIGHTS_FILE,
 };
+use crate::engine::candle::gguf_files;
 use crate::engine::ModelLocator;
 use crate::error::{Error, Result};
-use crate::engine::candle::gguf_files;
 use crate::models::{self, engine_class, get_repo, is_hub_repo_id, is_local_model, model_card};
 use crate::shard::Shard;
 

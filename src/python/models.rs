@@ -6,8 +6,8 @@ use pyo3::types::PyDict;
 use super::shard::PyShard;
 use crate::download::layout::{exo_home, hf_cache_snapshot, repo_dir_name};
 use crate::download::selection::{config_layers, CONFIG_FILE};
-use crate::engine::candle::model_config;
 use crate::download::REVISION;
+use crate::engine::candle::model_config;
 use crate::models::{self, MODEL_CARDS};
 use crate::shard::Shard;
 

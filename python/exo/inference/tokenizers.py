@@ -4,7 +4,8 @@
 directory, or for a Hugging Face repo id (or a registry model id) from the downloads directory
 (`$EXO_HOME`, default `~/.cache/exo/downloads`), fetching the tokenizer and config files through
 the shard downloader when they are not there yet (the Hugging Face cache is reused, and
-`HF_HUB_OFFLINE=1` keeps it to local files).
+`HF_HUB_OFFLINE=1` keeps it to local files). A GGUF model (a `.gguf` path, or a directory
+holding one) without a `tokenizer.json` beside it brings its own tokenizer in its metadata.
 """
 
 import asyncio
@@ -57,12 +58,27 @@ async def _model_dir(repo_id_or_path: str | PathLike[str]) -> Path:
     return await HfShardDownloader().ensure_metadata(str(repo_id_or_path))
 
 
+def _gguf_file(local: Path) -> Path | None:
+    """The GGUF file a local path names (itself, or the first of a directory's), if any."""
+    if local.is_file() and local.suffix.lower() == ".gguf":
+        return local
+    if local.is_dir() and not (local / "tokenizer.json").is_file():
+        return next(iter(sorted(local.glob("*.gguf"))), None)
+    return None
+
+
 async def resolve_tokenizer(repo_id_or_path: str | PathLike[str]) -> Tokenizer | DummyTokenizer:
     """The tokenizer of a model (`"dummy"` gives `DummyTokenizer`)."""
     if str(repo_id_or_path) == "dummy":
         return DummyTokenizer()
+    loop = asyncio.get_running_loop()
+    gguf_file = _gguf_file(Path(repo_id_or_path))
+    if gguf_file is not None:
+        if (gguf_file.parent / "tokenizer.json").is_file():
+            return await loop.run_in_executor(None, Tokenizer.from_dir, gguf_file.parent)
+        return await loop.run_in_executor(None, Tokenizer.from_gguf, gguf_file)
     model_dir = await _model_dir(repo_id_or_path)
-    return await asyncio.get_running_loop().run_in_executor(None, Tokenizer.from_dir, model_dir)
+    return await loop.run_in_executor(None, Tokenizer.from_dir, model_dir)
 
 
 __all__ = ["DummyTokenizer", "IncrementalDetokenizer", "Tokenizer", "downloads_dir", "resolve_tokenizer"]

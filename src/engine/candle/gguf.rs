@@ -32,16 +32,23 @@ pub fn find_gguf(path: &Path) -> Result<Option<PathBuf>> {
     }
     let entries = std::fs::read_dir(path)
         .map_err(|e| Error::InvalidModel(format!("cannot list {}: {e}", path.display())))?;
-    let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_gguf(p)).collect();
+    let mut files: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_gguf(p)).collect();
     files.sort();
-    let firsts: Vec<&PathBuf> = files.iter().filter(|f| split_part(f).is_none_or(|(no, _)| no == 1)).collect();
+    let firsts: Vec<&PathBuf> =
+        files.iter().filter(|f| split_part(f).is_none_or(|(no, _)| no == 1)).collect();
     match firsts.as_slice() {
         [] if files.is_empty() => Ok(None),
         [only] => Ok(Some(only.to_path_buf())),
         _ => Err(Error::InvalidModel(format!(
             "{} holds several GGUF models ({}); name the file to load",
             path.display(),
-            files.iter().filter_map(|f| f.file_name()).map(|n| n.to_string_lossy()).collect::<Vec<_>>().join(", ")
+            files
+                .iter()
+                .filter_map(|f| f.file_name())
+                .map(|n| n.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }
@@ -56,7 +63,9 @@ fn split_part(path: &Path) -> Option<(usize, usize)> {
     let (rest, count) = stem.rsplit_once("-of-")?;
     let (_, part) = rest.rsplit_once('-')?;
     let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
-    (digits(part) && digits(count)).then(|| (part.parse().ok(), count.parse().ok())).and_then(|(p, c)| Some((p?, c?)))
+    (digits(part) && digits(count))
+        .then(|| (part.parse().ok(), count.parse().ok()))
+        .and_then(|(p, c)| Some((p?, c?)))
 }
 
 /// The files of the GGUF that `path` names (see [`find_gguf`]): the file, or every part of a
@@ -117,8 +126,9 @@ impl GgufFile {
         for path in part_paths(first)? {
             let mut file = File::open(&path)
                 .map_err(|e| Error::InvalidModel(format!("cannot open {}: {e}", path.display())))?;
-            let content = Content::read(&mut file)
-                .map_err(|e| Error::InvalidModel(format!("{} is not a readable GGUF file: {e}", path.display())))?;
+            let content = Content::read(&mut file).map_err(|e| {
+                Error::InvalidModel(format!("{} is not a readable GGUF file: {e}", path.display()))
+            })?;
             // SAFETY: mapped read-only; as for safetensors, the file must not be truncated while
             // mapped. Only pages read through the map (embedding rows) become resident.
             let map = unsafe { memmap2::MmapOptions::new().map(&file) }
@@ -136,8 +146,13 @@ impl GgufFile {
                         ggml_dtype_name(info.ggml_dtype)
                     )));
                 }
-                let stored =
-                    StoredTensor { file: file.clone(), map: map.clone(), dtype: info.ggml_dtype, shape: dims, range: start..start + bytes };
+                let stored = StoredTensor {
+                    file: file.clone(),
+                    map: map.clone(),
+                    dtype: info.ggml_dtype,
+                    shape: dims,
+                    range: start..start + bytes,
+                };
                 tensors.insert(name.clone(), stored);
             }
             metadata.get_or_insert(content.metadata);
@@ -220,7 +235,9 @@ impl GgufFile {
         }
         let heads = self.required(&key("attention.head_count"))?;
         let hidden = self.required(&key("embedding_length"))?;
-        let embedding = self.tensor("token_embd.weight").ok_or_else(|| self.invalid("tensor token_embd.weight is missing".into()))?;
+        let embedding = self
+            .tensor("token_embd.weight")
+            .ok_or_else(|| self.invalid("tensor token_embd.weight is missing".into()))?;
         let vocab = embedding.shape.first().copied().unwrap_or(0);
         let config = ModelConfig {
             model_type: arch.clone(),
@@ -306,7 +323,10 @@ mod tests {
         assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.weight").unwrap(), "blk.3.attn_q.weight");
         assert_eq!(gguf_name("model.layers.0.self_attn.k_proj.bias").unwrap(), "blk.0.attn_k.bias");
         assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight").unwrap(), "blk.12.ffn_down.weight");
-        assert_eq!(gguf_name("model.layers.1.post_attention_layernorm.weight").unwrap(), "blk.1.ffn_norm.weight");
+        assert_eq!(
+            gguf_name("model.layers.1.post_attention_layernorm.weight").unwrap(),
+            "blk.1.ffn_norm.weight"
+        );
         assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
         assert!(gguf_name("model.layers.1.mlp.experts.weight").is_none());
     }

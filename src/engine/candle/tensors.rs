@@ -251,7 +251,13 @@ impl ShardTensors {
 
     /// The embedding table `[vocab, hidden]`; `streamed` when the host LM head also reads it
     /// whole (then copied onto huge pages rather than read in place).
-    pub fn embedding(&self, vocab: usize, hidden: usize, streamed: bool, device: &Device) -> Result<Embedding> {
+    pub fn embedding(
+        &self,
+        vocab: usize,
+        hidden: usize,
+        streamed: bool,
+        device: &Device,
+    ) -> Result<Embedding> {
         let name = "model.embed_tokens.weight";
         match self {
             Self::Safetensors { weights, .. } => Ok(Embedding::Dense(if streamed {
@@ -275,7 +281,13 @@ impl ShardTensors {
                     let copy = read_to_huge_pages(&pieces)
                         .map_err(|e| Error::InvalidModel(format!("cannot read tensor {name}: {e}")))?;
                     let len = copy.len();
-                    return Ok(Embedding::Dense(WeightMatrix::new(Arc::new(copy), 0..len, vocab, hidden, dtype)?));
+                    return Ok(Embedding::Dense(WeightMatrix::new(
+                        Arc::new(copy),
+                        0..len,
+                        vocab,
+                        hidden,
+                        dtype,
+                    )?));
                 }
                 if let (true, Some(block_type)) = (device.is_cpu(), host_blocks(stored.dtype)) {
                     let (bytes, range): (Arc<dyn AsRef<[u8]> + Send + Sync>, _) = if streamed {
@@ -289,7 +301,12 @@ impl ShardTensors {
                     return Ok(Embedding::Blocks(BlockMatrix::new(bytes, range, vocab, hidden, block_type)?));
                 }
                 let bytes = read_pieces(name, &pieces)?;
-                Ok(Embedding::Quantized(Arc::new(quantized_tensor(&bytes, stored.dtype, (vocab, hidden), device)?)))
+                Ok(Embedding::Quantized(Arc::new(quantized_tensor(
+                    &bytes,
+                    stored.dtype,
+                    (vocab, hidden),
+                    device,
+                )?)))
             }
         }
     }
@@ -308,7 +325,9 @@ impl ShardTensors {
         match table.filter(|_| tied) {
             Some(Embedding::Quantized(table)) => Linear::quantized(table.clone(), None),
             Some(Embedding::Blocks(table)) => Linear::new(table.clone(), None),
-            Some(Embedding::Dense(table)) if device.is_cpu() && !quantizing => Linear::new(table.clone(), None),
+            Some(Embedding::Dense(table)) if device.is_cpu() && !quantizing => {
+                Linear::new(table.clone(), None)
+            }
             _ => self.matrix_layer(&[(name.to_string(), vocab)], hidden, None, device),
         }
     }
@@ -328,7 +347,10 @@ fn gguf_layer(
             let copy = read_to_huge_pages(pieces)
                 .map_err(|e| Error::InvalidModel(format!("cannot read tensors {name}: {e}")))?;
             let len = copy.len();
-            Linear::new(WeightMatrix::new(Arc::new(copy), 0..len, rows, cols, weight_dtype)?, host_bias(bias)?)
+            Linear::new(
+                WeightMatrix::new(Arc::new(copy), 0..len, rows, cols, weight_dtype)?,
+                host_bias(bias)?,
+            )
         }
         Some(_) => {
             let bytes = read_pieces(name, pieces)?;
@@ -350,7 +372,12 @@ fn gguf_layer(
 }
 
 /// Quantized blocks `bytes` of `dtype` as a `[rows, cols]` tensor on `device`.
-fn quantized_tensor(bytes: &[u8], dtype: GgmlDType, shape: (usize, usize), device: &Device) -> Result<QTensor> {
+fn quantized_tensor(
+    bytes: &[u8],
+    dtype: GgmlDType,
+    shape: (usize, usize),
+    device: &Device,
+) -> Result<QTensor> {
     let storage = QStorage::from_data(Cow::Borrowed(bytes), device, dtype)?;
     Ok(QTensor::new(storage, shape)?)
 }

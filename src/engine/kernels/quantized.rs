@@ -57,7 +57,11 @@ impl QuantizedInput {
     /// Row `r`'s codes, lane scales and lane scaled sums.
     pub fn row(&self, r: usize) -> (&[i8], &[f32], &[f32]) {
         let (c, l) = (self.chunks * CHUNK, self.chunks * LANES);
-        (&self.codes[r * c..(r + 1) * c], &self.scales[r * l..(r + 1) * l], &self.scaled_sums[r * l..(r + 1) * l])
+        (
+            &self.codes[r * c..(r + 1) * c],
+            &self.scales[r * l..(r + 1) * l],
+            &self.scaled_sums[r * l..(r + 1) * l],
+        )
     }
 }
 
@@ -76,7 +80,10 @@ pub fn linear_blocks_with(
     out: &mut [f32],
 ) -> Result<()> {
     let (n, k) = (w.rows(), w.cols());
-    if k == 0 || !x.len().is_multiple_of(k) || out.len() != x.len() / k * n || bias.is_some_and(|b| b.len() != n)
+    if k == 0
+        || !x.len().is_multiple_of(k)
+        || out.len() != x.len() / k * n
+        || bias.is_some_and(|b| b.len() != n)
     {
         return Err(Error::InvalidArgument(format!(
             "linear: input of {} values, weight {n}x{k}, output of {} values do not fit",

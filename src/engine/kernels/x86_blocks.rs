@@ -202,7 +202,8 @@ unsafe fn k_codes(block_type: BlockType, block: *const u8, part: usize) -> __m51
                 _mm256_slli_epi16(_mm256_and_si256(bits, one), 4)
             };
             let low = _mm256_or_si256(_mm256_and_si256(codes, nibbles), bit(2 * part));
-            let up = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(codes, 4), nibbles), bit(2 * part + 1));
+            let up =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(codes, 4), nibbles), bit(2 * part + 1));
             join(low, up)
         }
         BlockType::Q6K => {
