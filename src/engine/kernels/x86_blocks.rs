@@ -6,13 +6,8 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use half::f16;
-
-use super::blocks::{chunks, decode_chunk, scale_min_k4, BlockType, CHUNK, LANES};
+use super::blocks::{chunks, decode_chunk, BlockType, CHUNK, LANES};
 use super::quantized::QuantizedInput;
-
-/// Input rows dotted at once (at most [`super::quantized`]'s row block).
-const MAX_ROWS: usize = 4;
 
 /// A decoded chunk in registers: codes, and per-lane scales and offsets.
 struct Decoded {
@@ -22,25 +17,26 @@ struct Decoded {
 }
 
 /// The input rows' pointers: codes, lane scales, lane scaled sums.
-struct Inputs {
-    codes: [*const i8; MAX_ROWS],
-    scales: [*const f32; MAX_ROWS],
-    sums: [*const f32; MAX_ROWS],
-    count: usize,
+struct Inputs<const N: usize> {
+    codes: [*const i8; N],
+    scales: [*const f32; N],
+    sums: [*const f32; N],
 }
 
-/// Lanes 0-7 from group `2p`, 8-15 from `2p + 1` (groups of 32), for chunk `p` of a block.
-const GROUPS_OF_32: [[i32; 16]; 4] = lane_groups(8);
+/// Lanes 0-7 from group `2p`, 8-15 from `2p + 1` (groups of 32), for chunk `p` of a block;
+/// the offsets of these groups lie 8 lanes further.
+const GROUPS_OF_32: [[i32; 16]; 4] = lane_groups(8, 0);
+const OFFSETS_OF_32: [[i32; 16]; 4] = lane_groups(8, 8);
 /// Lanes from groups `4p..4p + 4`, four lanes each (groups of 16).
-const GROUPS_OF_16: [[i32; 16]; 4] = lane_groups(4);
+const GROUPS_OF_16: [[i32; 16]; 4] = lane_groups(4, 0);
 
-const fn lane_groups(lanes_per_group: usize) -> [[i32; 16]; 4] {
+const fn lane_groups(lanes_per_group: usize, first: usize) -> [[i32; 16]; 4] {
     let mut table = [[0; 16]; 4];
     let mut part = 0;
     while part < 4 {
         let mut lane = 0;
         while lane < 16 {
-            table[part][lane] = ((part * 16 + lane) / lanes_per_group) as i32;
+            table[part][lane] = (first + (part * 16 + lane) / lanes_per_group) as i32;
             lane += 1;
         }
         part += 1;
@@ -48,13 +44,17 @@ const fn lane_groups(lanes_per_group: usize) -> [[i32; 16]; 4] {
     table
 }
 
-fn half_at(bytes: *const u8) -> f32 {
-    // SAFETY (callers): two readable bytes.
-    f16::from_bits(u16::from_le_bytes(unsafe { [*bytes, *bytes.add(1)] })).to_f32()
+/// The f16 at `bytes` (two readable bytes) as f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+#[inline]
+unsafe fn half_at(bytes: *const u8) -> f32 {
+    let bits = std::ptr::read_unaligned(bytes as *const u16);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-/// Dots of one weight row (`k` weights of `block_type`) with input rows `rows` of `input`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+/// Dots of one weight row (`k` weights of `block_type`) with input rows `rows` of `input`
+/// (at most eight).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
 pub unsafe fn dot_rows(
     block_type: BlockType,
     weights: &[u8],
@@ -63,19 +63,37 @@ pub unsafe fn dot_rows(
     rows: Range<usize>,
     dots: &mut [f32],
 ) {
-    let mut inputs = Inputs {
-        codes: [std::ptr::null(); MAX_ROWS],
-        scales: [std::ptr::null(); MAX_ROWS],
-        sums: [std::ptr::null(); MAX_ROWS],
-        count: rows.len().min(MAX_ROWS),
-    };
-    for (i, r) in rows.take(MAX_ROWS).enumerate() {
+    // A count known at compile time keeps each row's accumulator in a register.
+    match rows.len() {
+        1 => dot_rows_n::<1>(block_type, weights, k, input, rows, dots),
+        2 => dot_rows_n::<2>(block_type, weights, k, input, rows, dots),
+        3 => dot_rows_n::<3>(block_type, weights, k, input, rows, dots),
+        4 => dot_rows_n::<4>(block_type, weights, k, input, rows, dots),
+        5 => dot_rows_n::<5>(block_type, weights, k, input, rows, dots),
+        6 => dot_rows_n::<6>(block_type, weights, k, input, rows, dots),
+        7 => dot_rows_n::<7>(block_type, weights, k, input, rows, dots),
+        _ => dot_rows_n::<8>(block_type, weights, k, input, rows, dots),
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+unsafe fn dot_rows_n<const N: usize>(
+    block_type: BlockType,
+    weights: &[u8],
+    k: usize,
+    input: &QuantizedInput,
+    rows: Range<usize>,
+    dots: &mut [f32],
+) {
+    let mut inputs =
+        Inputs { codes: [std::ptr::null(); N], scales: [std::ptr::null(); N], sums: [std::ptr::null(); N] };
+    for (i, r) in rows.take(N).enumerate() {
         let (codes, scales, sums) = input.row(r);
         inputs.codes[i] = codes.as_ptr();
         inputs.scales[i] = scales.as_ptr();
         inputs.sums[i] = sums.as_ptr();
     }
-    let mut acc = [_mm512_setzero_ps(); MAX_ROWS];
+    let mut acc = [_mm512_setzero_ps(); N];
     let w = weights.as_ptr();
     match block_type {
         BlockType::Q8_0 | BlockType::Q4_0 => {
@@ -94,28 +112,34 @@ pub unsafe fn dot_rows(
             for block in 0..k / 256 {
                 let at = w.add(block * block_type.block_bytes());
                 let (scales, offsets) = group_parameters(block_type, at);
-                let table = if block_type == BlockType::Q6K { &GROUPS_OF_16 } else { &GROUPS_OF_32 };
-                for (part, lanes) in table.iter().enumerate() {
+                let (table, offset_table) = if block_type == BlockType::Q6K {
+                    (&GROUPS_OF_16, &GROUPS_OF_16)
+                } else {
+                    (&GROUPS_OF_32, &OFFSETS_OF_32)
+                };
+                for (part, (lanes, offset_lanes)) in table.iter().zip(offset_table).enumerate() {
                     let index = _mm512_loadu_si512(lanes.as_ptr() as *const _);
+                    let offset_index = _mm512_loadu_si512(offset_lanes.as_ptr() as *const _);
                     let decoded = Decoded {
                         q: k_codes(block_type, at, part),
                         a: _mm512_permutexvar_ps(index, scales),
-                        b: _mm512_permutexvar_ps(index, offsets),
+                        b: _mm512_permutexvar_ps(offset_index, offsets),
                     };
                     accumulate(&decoded, &inputs, 4 * block + part, &mut acc);
                 }
             }
         }
     }
-    for (dot, sum) in dots.iter_mut().zip(acc).take(inputs.count) {
+    for (dot, sum) in dots.iter_mut().zip(acc) {
         *dot = _mm512_reduce_add_ps(sum);
     }
 }
 
 /// Adds chunk `c`'s products with every input row to its accumulator.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn accumulate(decoded: &Decoded, inputs: &Inputs, c: usize, acc: &mut [__m512; MAX_ROWS]) {
-    for (r, sum) in acc.iter_mut().enumerate().take(inputs.count) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+#[inline]
+unsafe fn accumulate<const N: usize>(decoded: &Decoded, inputs: &Inputs<N>, c: usize, acc: &mut [__m512; N]) {
+    for (r, sum) in acc.iter_mut().enumerate() {
         let codes = _mm512_loadu_si512(inputs.codes[r].add(c * CHUNK) as *const _);
         let scales = _mm512_loadu_ps(inputs.scales[r].add(c * LANES));
         let sums = _mm512_loadu_ps(inputs.sums[r].add(c * LANES));
@@ -126,7 +150,8 @@ unsafe fn accumulate(decoded: &Decoded, inputs: &Inputs, c: usize, acc: &mut [__
 }
 
 /// A chunk decoded by the portable code (the last, half-filled chunk of a 32-weight format).
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+#[inline]
 unsafe fn from_portable(block_type: BlockType, weights: &[u8], k: usize, c: usize) -> Decoded {
     let chunk = decode_chunk(block_type, weights, k, c);
     Decoded {
@@ -137,7 +162,8 @@ unsafe fn from_portable(block_type: BlockType, weights: &[u8], k: usize, c: usiz
 }
 
 /// Two consecutive Q8_0 or Q4_0 blocks starting at `first`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+#[inline]
 unsafe fn pair_of_blocks(block_type: BlockType, first: *const u8) -> Decoded {
     let second = first.add(block_type.block_bytes());
     let (d0, d1) = (half_at(first), half_at(second));
@@ -159,35 +185,38 @@ unsafe fn pair_of_blocks(block_type: BlockType, first: *const u8) -> Decoded {
     Decoded { q, a, b: _mm512_mul_ps(a, _mm512_set1_ps(-8.0)) }
 }
 
-/// Per-group scales and offsets of a K-format block at `block` (8 groups of 32 or 16
-/// groups of 16), in the register's first lanes.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+/// Per-group scales and offsets of a K-format block at `block`, built in registers: for
+/// Q6_K the 16 groups' scales and offsets; for Q4_K/Q5_K the 8 groups' scales in lanes 0-7
+/// and their offsets in lanes 8-15 (both vectors then hold the same).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+#[inline]
 unsafe fn group_parameters(block_type: BlockType, block: *const u8) -> (__m512, __m512) {
-    let mut scales = [0f32; 16];
-    let mut offsets = [0f32; 16];
     if block_type == BlockType::Q6K {
-        let d = half_at(block.add(208));
-        for (g, (scale, offset)) in scales.iter_mut().zip(&mut offsets).enumerate() {
-            *scale = d * *block.add(192 + g) as i8 as f32;
-            *offset = -32.0 * *scale;
-        }
-    } else {
-        let (d, dmin) = (half_at(block), half_at(block.add(2)));
-        let packed = std::slice::from_raw_parts(block.add(4), 12);
-        for g in 0..8 {
-            let (scale, min) = scale_min_k4(g, packed);
-            scales[g] = d * scale as f32;
-            offsets[g] = -dmin * min as f32;
-        }
+        let scales =
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(192) as *const __m128i)));
+        let scales = _mm512_mul_ps(scales, _mm512_set1_ps(half_at(block.add(208))));
+        return (scales, _mm512_mul_ps(scales, _mm512_set1_ps(-32.0)));
     }
-    (_mm512_loadu_ps(scales.as_ptr()), _mm512_loadu_ps(offsets.as_ptr()))
+    // The 6-bit scales and mins of the 12 packed bytes, as 8 bytes each (see `scale_min_k4`).
+    let packed = block.add(4);
+    let word = |i: usize| std::ptr::read_unaligned(packed.add(4 * i) as *const u32);
+    let (w0, w1, w2) = (word(0), word(1), word(2));
+    let (low6, low4, top2) = (0x3f3f_3f3f_u32, 0x0f0f_0f0f_u32, 0x0303_0303_u32);
+    let scales = (w0 & low6) as u64 | ((((w2 & low4) | (((w0 >> 6) & top2) << 4)) as u64) << 32);
+    let mins = (w1 & low6) as u64 | (((((w2 >> 4) & low4) | (((w1 >> 6) & top2) << 4)) as u64) << 32);
+    let bytes = _mm_set_epi64x(mins as i64, scales as i64);
+    let values = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes));
+    let (d, dmin) = (half_at(block), half_at(block.add(2)));
+    let factors = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(d), _mm512_set1_ps(-dmin));
+    let parameters = _mm512_mul_ps(values, factors);
+    (parameters, parameters)
 }
 
 /// The 64 codes of chunk `part` (of 4) of a K-format block at `block`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+#[inline]
 unsafe fn k_codes(block_type: BlockType, block: *const u8, part: usize) -> __m512i {
     let nibbles = _mm256_set1_epi8(0x0f);
-    let join = |low: __m256i, high: __m256i| _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
     match block_type {
         BlockType::Q4K => {
             let codes = _mm256_loadu_si256(block.add(16 + 32 * part) as *const __m256i);
@@ -211,16 +240,32 @@ unsafe fn k_codes(block_type: BlockType, block: *const u8, part: usize) -> __m51
             let first = _mm256_loadu_si256(block.add(64 * n) as *const __m256i);
             let second = _mm256_loadu_si256(block.add(64 * n + 32) as *const __m256i);
             let high = _mm256_loadu_si256(block.add(128 + 32 * n) as *const __m256i);
-            let three = _mm256_set1_epi8(3);
-            let high = _mm256_srl_epi16(high, shift);
-            let top = |bits: __m256i| _mm256_slli_epi16(_mm256_and_si256(bits, three), 4);
-            let low = _mm256_or_si256(_mm256_and_si256(_mm256_srl_epi16(first, shift), nibbles), top(high));
+            let low = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srl_epi16(first, shift), nibbles),
+                high_bits(high, 4 * (part % 2), 3),
+            );
             let up = _mm256_or_si256(
                 _mm256_and_si256(_mm256_srl_epi16(second, shift), nibbles),
-                top(_mm256_srli_epi16(high, 2)),
+                high_bits(high, 4 * (part % 2) + 2, 3),
             );
             join(low, up)
         }
         BlockType::Q8_0 | BlockType::Q4_0 => unreachable!("32-weight formats are decoded in pairs"),
     }
+}
+
+/// 64 codes from two halves of 32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+#[inline]
+unsafe fn join(low: __m256i, high: __m256i) -> __m512i {
+    _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1)
+}
+
+/// The bits `mask` of each byte of `bits` shifted right by `shift`, moved up to bit 4: the
+/// high bits of 5- and 6-bit codes.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+#[inline]
+unsafe fn high_bits(bits: __m256i, shift: usize, mask: i8) -> __m256i {
+    let shifted = _mm256_srl_epi16(bits, _mm_cvtsi32_si128(shift as i32));
+    _mm256_slli_epi16(_mm256_and_si256(shifted, _mm256_set1_epi8(mask)), 4)
 }
