@@ -2,8 +2,6 @@
 //! per inference engine class, a pretty name. Hugging Face repo ids (`org/name`) and local
 //! model directories work beside the registry without being listed in it.
 
-use std::path::Path;
-
 /// Engine class name of the candle engine.
 pub const CANDLE: &str = "CandleInferenceEngine";
 /// Engine class name of exo classic's MLX engine.
@@ -592,14 +590,7 @@ pub fn is_hub_repo_id(id: &str) -> bool {
     part_ok(org) && part_ok(name)
 }
 
-/// Whether `id` names a local model: a directory with a `config.json`, or a GGUF file (a
-/// `.gguf` path, or a directory holding one).
-pub fn is_local_model(id: &str) -> bool {
-    let path = Path::new(id);
-    !id.is_empty()
-        && (path.join("config.json").is_file()
-            || !matches!(crate::engine::candle::gguf_files(path), Ok(None)))
-}
+pub use crate::engine::is_local_model;
 
 /// Whether an engine class loads weights from model repositories (so takes any repo id).
 fn engine_takes_repos(engine_class: &str) -> bool {

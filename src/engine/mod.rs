@@ -128,6 +128,13 @@ pub trait ModelLocator: Send + Sync {
     async fn locate_config(&self, model_id: &str) -> Option<PathBuf>;
 }
 
+/// Whether `id` names a local model: a directory with a `config.json`, or a GGUF file (a
+/// `.gguf` path, or a directory holding one).
+pub fn is_local_model(id: &str) -> bool {
+    let path = std::path::Path::new(id);
+    !id.is_empty() && (path.join("config.json").is_file() || !matches!(candle::gguf_files(path), Ok(None)))
+}
+
 /// Resolves a model id that is itself a local model (directory or GGUF); nothing is downloaded.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LocalDirectories;
@@ -135,7 +142,7 @@ pub struct LocalDirectories;
 #[async_trait]
 impl ModelLocator for LocalDirectories {
     async fn locate(&self, shard: &Shard) -> Result<PathBuf> {
-        if crate::models::is_local_model(&shard.model_id) {
+        if is_local_model(&shard.model_id) {
             return Ok(PathBuf::from(&shard.model_id));
         }
         Err(crate::error::Error::InvalidModel(format!(
@@ -145,6 +152,6 @@ impl ModelLocator for LocalDirectories {
     }
 
     async fn locate_config(&self, model_id: &str) -> Option<PathBuf> {
-        crate::models::is_local_model(model_id).then(|| PathBuf::from(model_id))
+        is_local_model(model_id).then(|| PathBuf::from(model_id))
     }
 }

@@ -23,6 +23,9 @@ use crate::engine::kernels::{BlockMatrix, BlockType, WeightDType, WeightMatrix};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
+/// A byte range of a file: part of a tensor to read.
+type Piece<'a> = (&'a File, Range<u64>);
+
 /// A model's checkpoint, before any shard of it is read.
 pub enum Checkpoint {
     /// A Hugging Face model directory: `config.json`, safetensors, tokenizer files.
@@ -125,7 +128,7 @@ impl GgufShard {
     }
 
     /// The tensor `name` of `shape`, as the file pieces to read, rows in Hugging Face's order.
-    fn pieces(&self, name: &str, shape: &[usize]) -> Result<(&StoredTensor, Vec<(&File, Range<u64>)>)> {
+    fn pieces(&self, name: &str, shape: &[usize]) -> Result<(&StoredTensor, Vec<Piece<'_>>)> {
         let stored = self.tensor(name)?;
         if stored.shape != shape {
             return Err(Error::InvalidModel(format!(
@@ -241,7 +244,7 @@ impl ShardTensors {
                         .collect::<Result<Vec<_>>>()?;
                     return Ok(Linear::Split(layers));
                 }
-                let pieces: Vec<(&File, Range<u64>)> = stored.into_iter().flat_map(|(_, p)| p).collect();
+                let pieces: Vec<Piece<'_>> = stored.into_iter().flat_map(|(_, p)| p).collect();
                 let rows = names.iter().map(|(_, rows)| rows).sum::<usize>();
                 let label = names.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
                 gguf_layer(&label, dtype, &pieces, (rows, cols), bias, device)
@@ -337,7 +340,7 @@ impl ShardTensors {
 fn gguf_layer(
     name: &str,
     dtype: GgmlDType,
-    pieces: &[(&File, Range<u64>)],
+    pieces: &[Piece<'_>],
     (rows, cols): (usize, usize),
     bias: Option<Tensor>,
     device: &Device,
@@ -383,7 +386,7 @@ fn quantized_tensor(
 }
 
 /// The bytes of `pieces`, one after another.
-fn read_pieces(name: &str, pieces: &[(&File, Range<u64>)]) -> Result<Vec<u8>> {
+fn read_pieces(name: &str, pieces: &[Piece<'_>]) -> Result<Vec<u8>> {
     let len = pieces.iter().map(|(_, r)| (r.end - r.start) as usize).sum();
     let mut bytes = vec![0u8; len];
     let mut at = 0;
