@@ -124,10 +124,15 @@ def test_every_command_names_real_things(command: list[str]) -> None:
     "command", [c for _, c in SHELL if c[:3] == ["python", "-m", "exo.testing.synth"]], ids=lambda c: " ".join(c)
 )
 def test_the_synthetic_model_command_runs(command: list[str], tmp_path: Path) -> None:
-    out = tmp_path / "model"
-    argv = [sys.executable, *(str(out) if word == MODEL else word for word in command[1:])]
+    gguf = "--gguf" in command
+    out = tmp_path / ("model.gguf" if gguf else "model")
+    target = command[command.index("--out") + 1]
+    argv = [sys.executable, *(str(out) if word == target else word for word in command[1:])]
     subprocess.run(argv, cwd=ROOT, check=True, timeout=RUN_LIMIT)
-    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] > 0
+    if gguf:
+        assert out.read_bytes()[:4] == b"GGUF"
+    else:
+        assert json.loads((out / "config.json").read_text())["num_hidden_layers"] > 0
 
 
 def _curl(command: list[str], base: str) -> tuple[str, str, dict[str, str], str | None]:

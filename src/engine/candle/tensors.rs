@@ -19,7 +19,7 @@ use super::gguf::{find_gguf, gguf_name, GgufFile, StoredTensor};
 use super::linear::Linear;
 use super::quant_type::ggml_dtype_name;
 use super::weights::{read_exact_at, read_to_huge_pages, ShardWeights, WeightIndex};
-use crate::engine::kernels::{BlockMatrix, BlockType, WeightDType, WeightMatrix};
+use crate::engine::kernels::{block_kernels_accelerated, BlockMatrix, BlockType, WeightDType, WeightMatrix};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -409,9 +409,12 @@ fn host_dtype(dtype: GgmlDType) -> Option<WeightDType> {
     }
 }
 
-/// The host kernels' block format for a GGUF block type they multiply; `None` for the
-/// others (multiplied by candle).
+/// The host kernels' block format for a GGUF block type they multiply on this CPU; `None`
+/// for the others, and on CPUs without their SIMD path (multiplied by candle).
 fn host_blocks(dtype: GgmlDType) -> Option<BlockType> {
+    if !block_kernels_accelerated() {
+        return None;
+    }
     match dtype {
         GgmlDType::Q8_0 => Some(BlockType::Q8_0),
         GgmlDType::Q4_0 => Some(BlockType::Q4_0),

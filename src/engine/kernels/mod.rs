@@ -30,7 +30,7 @@ use rayon::prelude::*;
 
 pub use blocks::{dequantize_row, BlockMatrix, BlockType};
 pub use matrix::{WeightDType, WeightMatrix};
-pub use quantized::{linear_blocks, linear_blocks_with};
+pub use quantized::{block_kernels_accelerated, linear_blocks, linear_blocks_with};
 
 use crate::error::{Error, Result};
 

@@ -123,6 +123,12 @@ pub fn linear_blocks_with(
 /// reused across them).
 const ROW_BLOCK: usize = 8;
 
+/// Whether this CPU runs the block kernels' SIMD path (AVX-512BW with VNNI 8-bit dot
+/// products); elsewhere the portable path is slower than candle's AVX2 quantized kernels.
+pub fn block_kernels_accelerated() -> bool {
+    vnni_available()
+}
+
 /// Whether the CPU has AVX-512 VNNI (8-bit dot products) beside AVX-512BW.
 fn vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
