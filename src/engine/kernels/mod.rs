@@ -115,20 +115,7 @@ pub fn linear_with(
     out: &mut [f32],
 ) -> Result<()> {
     let (n, k) = (w.rows(), w.cols());
-    if k == 0
-        || !x.len().is_multiple_of(k)
-        || out.len() != x.len() / k * n
-        || bias.is_some_and(|b| b.len() != n)
-    {
-        return Err(Error::InvalidArgument(format!(
-            "linear: input of {} values, weight {n}x{k}, output of {} values do not fit",
-            x.len(),
-            out.len()
-        )));
-    }
-    if !isa.available() {
-        return Err(Error::InvalidArgument(format!("this CPU cannot run {isa:?} kernels")));
-    }
+    check_product(isa, x, (n, k), bias, out)?;
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
         avx2::linear_avx2(x, w, bias, out);
@@ -165,6 +152,32 @@ pub fn linear_with(
             }
         }
     });
+    Ok(())
+}
+
+/// Checks that `x` (rows of `k`), a `[n, k]` weight, `bias` and `out` fit one product, and
+/// that this CPU runs `isa`.
+fn check_product(
+    isa: Isa,
+    x: &[f32],
+    (n, k): (usize, usize),
+    bias: Option<&[f32]>,
+    out: &[f32],
+) -> Result<()> {
+    if k == 0
+        || !x.len().is_multiple_of(k)
+        || out.len() != x.len() / k * n
+        || bias.is_some_and(|b| b.len() != n)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "linear: input of {} values, weight {n}x{k}, output of {} values do not fit",
+            x.len(),
+            out.len()
+        )));
+    }
+    if !isa.available() {
+        return Err(Error::InvalidArgument(format!("this CPU cannot run {isa:?} kernels")));
+    }
     Ok(())
 }
 

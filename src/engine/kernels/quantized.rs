@@ -11,8 +11,8 @@
 use rayon::prelude::*;
 
 use super::blocks::{chunks, decode_chunk, BlockMatrix, BlockType, CHUNK, LANES};
-use super::{Isa, OutPtr, ROWS_PER_TASK};
-use crate::error::{Error, Result};
+use super::{check_product, Isa, OutPtr, ROWS_PER_TASK};
+use crate::error::Result;
 
 /// Input rows quantized for the block kernels, each padded to whole chunks.
 pub struct QuantizedInput {
@@ -80,20 +80,7 @@ pub fn linear_blocks_with(
     out: &mut [f32],
 ) -> Result<()> {
     let (n, k) = (w.rows(), w.cols());
-    if k == 0
-        || !x.len().is_multiple_of(k)
-        || out.len() != x.len() / k * n
-        || bias.is_some_and(|b| b.len() != n)
-    {
-        return Err(Error::InvalidArgument(format!(
-            "linear: input of {} values, weight {n}x{k}, output of {} values do not fit",
-            x.len(),
-            out.len()
-        )));
-    }
-    if !isa.available() {
-        return Err(Error::InvalidArgument(format!("this CPU cannot run {isa:?} kernels")));
-    }
+    check_product(isa, x, (n, k), bias, out)?;
     let m = x.len() / k;
     let input = QuantizedInput::new(x, k);
     let vnni = matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && vnni_available();
