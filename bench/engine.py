@@ -59,14 +59,15 @@ def _gpu_used_mb() -> float | None:
     return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used / 2**20
 
 
-async def _run_candle(model_dir: str, prompt: list[int], decode_tokens: int, device: str) -> dict[str, float | None]:
+async def _run_candle(model: str, prompt: list[int], decode_tokens: int, device: str) -> dict[str, float | None]:
+    """Timings of the candle engine on `model` (a model directory or a GGUF file), all its layers."""
     from exo.inference.candle import CandleInferenceEngine
-    from exo.inference.shard import Shard
+    from exo.models import build_full_shard
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    layers = config["num_hidden_layers"]
+    shard = build_full_shard(model, "CandleInferenceEngine")
+    if shard is None:
+        raise SystemExit(f"{model} is not a local model")
     engine = CandleInferenceEngine()
-    shard = Shard(model_dir, 0, layers - 1, layers)
     started = time.perf_counter()
     await engine.ensure_shard(shard)
     load_s = time.perf_counter() - started

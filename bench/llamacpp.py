@@ -22,22 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine import WARM_UP_TOKENS, _memory_bandwidth_gbs, _peak_rss_mb, _prompt
-
-
-def gguf_layers(path: Path) -> int:
-    """The block count of a GGUF model (`{architecture}.block_count`)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
-    arch = _field(reader, "general.architecture")
-    return int(_field(reader, f"{arch}.block_count"))
-
-
-def _field(reader, key: str):  # type: ignore[no-untyped-def]
-    field = reader.fields[key]
-    value = field.parts[field.data[0]]
-    return bytes(value).decode() if field.types[0].name == "STRING" else value[0]
+from engine import WARM_UP_TOKENS, _memory_bandwidth_gbs, _peak_rss_mb, _prompt, _run_candle
 
 
 def weight_bytes_per_token(path: Path) -> int:
@@ -53,27 +38,6 @@ def weight_bytes_per_token(path: Path) -> int:
 def median_table(runs: list[dict[str, float]]) -> dict[str, float]:
     """The median of each measurement over repeated runs."""
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-
-
-async def _run_ours(model: str, layers: int, prompt: list[int], decode_tokens: int) -> dict[str, float]:
-    import numpy as np
-
-    from exo.inference.candle import CandleInferenceEngine
-    from exo.inference.shard import Shard
-
-    engine = CandleInferenceEngine()
-    shard = Shard(model, 0, layers - 1, layers)
-    await engine.ensure_shard(shard)
-    await engine.infer_tensor("warm-up", shard, np.array([prompt[:WARM_UP_TOKENS]], dtype=np.int64))
-    started = time.perf_counter()
-    logits, _ = await engine.infer_tensor("bench", shard, np.array([prompt], dtype=np.int64))
-    token = await engine.sample(logits)
-    prefill_s = time.perf_counter() - started
-    started = time.perf_counter()
-    for _ in range(decode_tokens):
-        logits, _ = await engine.infer_tensor("bench", shard, token.reshape(1, 1))
-        token = await engine.sample(logits)
-    return {"prefill_s": prefill_s, "decode_s": time.perf_counter() - started}
 
 
 def _run_llama(path: str, threads: int, prompt: list[int], decode_tokens: int) -> dict[str, float]:
@@ -100,15 +64,16 @@ def _run_llama(path: str, threads: int, prompt: list[int], decode_tokens: int) -
 def _worker(args: argparse.Namespace) -> None:
     prompt = _prompt(args.prompt_tokens)
     if args.worker == "ours":
-        result = asyncio.run(_run_ours(args.model, args.layers, prompt, args.decode_tokens))
+        timings = asyncio.run(_run_candle(args.model, prompt, args.decode_tokens, "cpu"))
+        result = {key: timings[key] for key in ("prefill_s", "decode_s")}
     else:
         result = _run_llama(args.model, args.threads, prompt, args.decode_tokens)
     sys.stdout.write(json.dumps(result | {"peak_rss_mb": _peak_rss_mb()}) + "\n")
 
 
-def _measure(backend: str, model: str, layers: int, args: argparse.Namespace) -> dict[str, float] | None:
+def _measure(backend: str, model: str, args: argparse.Namespace) -> dict[str, float] | None:
     env = {**os.environ, "RAYON_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
-    command = [sys.executable, __file__, "--worker", backend, "--model", model, "--layers", str(layers)]
+    command = [sys.executable, __file__, "--worker", backend, "--model", model]
     command += ["--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens)]
     command += ["--decode-tokens", str(args.decode_tokens)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -140,7 +105,6 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--worker", choices=["ours", "llama.cpp"])
     parser.add_argument("--model")
-    parser.add_argument("--layers", type=int)
     args = parser.parse_args()
     if args.worker:
         _worker(args)
@@ -152,7 +116,6 @@ def main() -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             synth = [sys.executable, "-m", "exo.testing.synth", "--preset", args.preset, "--gguf", args.quant]
             subprocess.run([*synth, "--out", str(path)], check=True)
-    layers = gguf_layers(path)
     backends = {"ours": args.ours or str(path)}
     if _has_llama():
         backends["llama.cpp"] = str(path)
@@ -162,7 +125,7 @@ def main() -> None:
         order = list(backends) if i % 2 == 0 else list(reversed(backends))
         bandwidths.append(_memory_bandwidth_gbs())
         for name in order:
-            result = _measure(name, backends[name], layers, args)
+            result = _measure(name, backends[name], args)
             if result is not None:
                 runs[name].append(result)
     bandwidth = statistics.median(bandwidths)
