@@ -270,37 +270,19 @@ impl ShardTensors {
             })),
             Self::Gguf(shard) => {
                 let (stored, pieces) = shard.pieces(name, &[vocab, hidden])?;
-                if let Some(dtype) = host_dtype(stored.dtype) {
-                    if !streamed {
-                        let start = stored.range.start as usize..stored.range.end as usize;
-                        return Ok(Embedding::Dense(WeightMatrix::new(
-                            stored.map.clone(),
-                            start,
-                            vocab,
-                            hidden,
-                            dtype,
-                        )?));
+                // Read in place, or copied whole when a host head streams it too.
+                let host_bytes = || -> Result<HostBytes> {
+                    if streamed {
+                        return copied(name, &pieces);
                     }
-                    let copy = read_to_huge_pages(&pieces)
-                        .map_err(|e| Error::InvalidModel(format!("cannot read tensor {name}: {e}")))?;
-                    let len = copy.len();
-                    return Ok(Embedding::Dense(WeightMatrix::new(
-                        Arc::new(copy),
-                        0..len,
-                        vocab,
-                        hidden,
-                        dtype,
-                    )?));
+                    Ok((stored.map.clone(), stored.range.start as usize..stored.range.end as usize))
+                };
+                if let Some(dtype) = host_dtype(stored.dtype) {
+                    let (bytes, range) = host_bytes()?;
+                    return Ok(Embedding::Dense(WeightMatrix::new(bytes, range, vocab, hidden, dtype)?));
                 }
                 if let (true, Some(block_type)) = (device.is_cpu(), host_blocks(stored.dtype)) {
-                    let (bytes, range): (Arc<dyn AsRef<[u8]> + Send + Sync>, _) = if streamed {
-                        let copy = read_to_huge_pages(&pieces)
-                            .map_err(|e| Error::InvalidModel(format!("cannot read tensor {name}: {e}")))?;
-                        let len = copy.len();
-                        (Arc::new(copy), 0..len)
-                    } else {
-                        (stored.map.clone(), stored.range.start as usize..stored.range.end as usize)
-                    };
+                    let (bytes, range) = host_bytes()?;
                     return Ok(Embedding::Blocks(BlockMatrix::new(bytes, range, vocab, hidden, block_type)?));
                 }
                 let bytes = read_pieces(name, &pieces)?;
@@ -345,33 +327,37 @@ fn gguf_layer(
     bias: Option<Tensor>,
     device: &Device,
 ) -> Result<Linear> {
-    match host_dtype(dtype) {
-        Some(weight_dtype) if device.is_cpu() => {
-            let copy = read_to_huge_pages(pieces)
-                .map_err(|e| Error::InvalidModel(format!("cannot read tensors {name}: {e}")))?;
-            let len = copy.len();
-            Linear::new(
-                WeightMatrix::new(Arc::new(copy), 0..len, rows, cols, weight_dtype)?,
-                host_bias(bias)?,
-            )
+    let on_host = device.is_cpu();
+    match (host_dtype(dtype), host_blocks(dtype)) {
+        (Some(weight_dtype), _) if on_host => {
+            let (bytes, range) = copied(name, pieces)?;
+            Linear::new(WeightMatrix::new(bytes, range, rows, cols, weight_dtype)?, host_bias(bias)?)
         }
-        Some(_) => {
+        (None, Some(block_type)) if on_host => {
+            let (bytes, range) = copied(name, pieces)?;
+            Linear::new(BlockMatrix::new(bytes, range, rows, cols, block_type)?, host_bias(bias)?)
+        }
+        (Some(_), _) => {
             let bytes = read_pieces(name, pieces)?;
             let weight = Tensor::from_raw_buffer(&bytes, float_dtype(name, dtype)?, &[rows, cols], device)?;
             Linear::on_device(weight, bias)
         }
-        None if device.is_cpu() && host_blocks(dtype).is_some() => {
-            let copy = read_to_huge_pages(pieces)
-                .map_err(|e| Error::InvalidModel(format!("cannot read tensors {name}: {e}")))?;
-            let len = copy.len();
-            let block_type = host_blocks(dtype).expect("checked above");
-            Linear::new(BlockMatrix::new(Arc::new(copy), 0..len, rows, cols, block_type)?, host_bias(bias)?)
-        }
-        None => {
+        (None, _) => {
             let bytes = read_pieces(name, pieces)?;
             Linear::quantized(Arc::new(quantized_tensor(&bytes, dtype, (rows, cols), device)?), bias)
         }
     }
+}
+
+/// Shared bytes and their range, as the host matrices take them.
+type HostBytes = (Arc<dyn AsRef<[u8]> + Send + Sync>, Range<usize>);
+
+/// The bytes of `pieces` copied onto huge pages (see [`read_to_huge_pages`]).
+fn copied(name: &str, pieces: &[Piece<'_>]) -> Result<HostBytes> {
+    let copy = read_to_huge_pages(pieces)
+        .map_err(|e| Error::InvalidModel(format!("cannot read tensors {name}: {e}")))?;
+    let len = copy.len();
+    Ok((Arc::new(copy), 0..len))
 }
 
 /// Quantized blocks `bytes` of `dtype` as a `[rows, cols]` tensor on `device`.
