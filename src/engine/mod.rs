@@ -57,6 +57,12 @@ pub trait Engine: Send + Sync {
         "cpu"
     }
 
+    /// How many steps the engine takes at once: an engine that batches concurrent requests'
+    /// steps into one pass takes many, others one at a time (the node queues the rest).
+    fn concurrent_steps(&self) -> usize {
+        1
+    }
+
     /// The shard last loaded by `ensure_shard`, if any.
     fn current_shard(&self) -> Option<Shard> {
         None

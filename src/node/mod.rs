@@ -87,8 +87,9 @@ pub struct Node {
     /// Running requests and the ones that ended badly.
     requests: RequestTable,
     listeners: Mutex<Vec<mpsc::UnboundedSender<NodeEvent>>>,
-    /// Steps run one at a time, first come first served: each uses every core, and requests
-    /// that do not share the engine move on to the next node in turn, so a pipeline fills.
+    /// Steps enter the engine first come first served, as many at once as it takes (an engine
+    /// that batches runs concurrent requests' steps as one pass; others take one at a time,
+    /// and requests that do not share the engine move on to the next node in turn).
     compute: tokio::sync::Semaphore,
     outbox: Outbox,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -110,6 +111,7 @@ impl Node {
         settings: NodeSettings,
     ) -> Arc<Self> {
         let id = id.into();
+        let steps = engine.concurrent_steps().max(1);
         Arc::new_cyclic(|me| Self {
             membership: Membership::new(&id, strategy),
             id,
@@ -122,7 +124,7 @@ impl Node {
             capabilities_given: std::sync::atomic::AtomicBool::new(false),
             requests: RequestTable::default(),
             listeners: Mutex::new(Vec::new()),
-            compute: tokio::sync::Semaphore::new(1),
+            compute: tokio::sync::Semaphore::new(steps),
             outbox: Outbox::new(),
             tasks: Mutex::new(Vec::new()),
         })

@@ -260,7 +260,12 @@ impl PyCandleEngine {
             Some(name) => block_type(&name)?,
             None => block_type_from_env()?,
         };
-        let options = EngineOptions { max_context, cache_budget_bytes: cache_budget_mb << 20, quantize };
+        let options = EngineOptions {
+            max_context,
+            cache_budget_bytes: cache_budget_mb << 20,
+            quantize,
+            ..Default::default()
+        };
         let native = shard_downloader.as_ref().and_then(|d| d.bind(py).cast::<PyHfShardDownloader>().ok());
         let locator: Arc<dyn ModelLocator> = match native {
             Some(native) => Arc::new(DownloaderLocator {

@@ -1,6 +1,7 @@
 //! The candle engine: runs a shard of a Hugging Face decoder model on the CPU or a CUDA GPU,
-//! one request step at a time, each request with its own KV cache.
+//! each request with its own KV cache; concurrent requests' steps run batched (see [`batch`]).
 
+mod batch;
 mod cache;
 mod config;
 mod decode_attention;
@@ -17,6 +18,7 @@ mod tensors;
 mod tests;
 mod weights;
 
+pub use batch::BatchOptions;
 pub use config::ModelConfig;
 pub use device::{ComputeDevice, DEVICE_ENV};
 pub use gguf::gguf_files;
@@ -29,6 +31,7 @@ use async_trait::async_trait;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType as CandleDType, Device, Tensor};
 
+use self::batch::Batcher;
 use self::cache::CacheStore;
 use self::model::{ShardInput, ShardModel};
 use self::tensors::Checkpoint;
@@ -48,17 +51,24 @@ pub struct EngineOptions {
     pub cache_budget_bytes: usize,
     /// Block type safetensors weights are quantized to as they load (GGUF weights stay as stored).
     pub quantize: Option<GgmlDType>,
+    /// How concurrent requests' steps are batched.
+    pub batch: BatchOptions,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { max_context: 16_384, cache_budget_bytes: 2 << 30, quantize: None }
+        Self {
+            max_context: 16_384,
+            cache_budget_bytes: 2 << 30,
+            quantize: None,
+            batch: BatchOptions::default(),
+        }
     }
 }
 
 /// A loaded shard with its model's tokenizer.
 struct Loaded {
-    model: ShardModel,
+    model: Arc<ShardModel>,
     tokenizer: Arc<Tokenizer>,
 }
 
@@ -66,7 +76,7 @@ impl Loaded {
     fn load(path: &Path, shard: &Shard, options: EngineOptions, device: &Device) -> Result<Self> {
         let checkpoint = Checkpoint::open(path)?;
         let model = ShardModel::load(&checkpoint, shard, options.max_context, device, options.quantize)?;
-        Ok(Self { model, tokenizer: Arc::new(checkpoint.tokenizer()?) })
+        Ok(Self { model: Arc::new(model), tokenizer: Arc::new(checkpoint.tokenizer()?) })
     }
 }
 
@@ -78,6 +88,7 @@ pub struct CandleEngine {
     loaded: tokio::sync::Mutex<Option<Arc<Loaded>>>,
     current: Mutex<Option<Shard>>,
     caches: Arc<Mutex<CacheStore>>,
+    batcher: Batcher,
 }
 
 impl CandleEngine {
@@ -91,6 +102,7 @@ impl CandleEngine {
             loaded: tokio::sync::Mutex::new(None),
             current: Mutex::new(None),
             caches: Arc::new(Mutex::new(CacheStore::new(options.cache_budget_bytes))),
+            batcher: Batcher::start(options.batch),
         }
     }
 
@@ -194,6 +206,10 @@ impl Engine for CandleEngine {
         self.current.lock().expect("shard lock poisoned").clone()
     }
 
+    fn concurrent_steps(&self) -> usize {
+        self.options.batch.max_batch
+    }
+
     fn tokenizer(&self) -> Option<Arc<Tokenizer>> {
         self.loaded.try_lock().ok()?.as_ref().map(|l| l.tokenizer.clone())
     }
@@ -218,23 +234,16 @@ impl Engine for CandleEngine {
         state: Option<InferenceState>,
     ) -> Result<(WireTensor, Option<InferenceState>)> {
         let loaded = self.model_for(shard).await?;
-        let input = shard_input(&input, shard.is_first_layer())?;
+        let hidden = loaded.model.embed(shard_input(&input, shard.is_first_layer())?)?;
         let layers = loaded.model.layer_count();
-        let mut cache = self.caches.lock().expect("cache lock poisoned").check_out(request_id, layers)?;
-        let (caches, id) = (self.caches.clone(), request_id.to_string());
-        let output = tokio::task::spawn_blocking(move || {
-            let result = loaded.model.forward(input, &mut cache).and_then(|t| WireTensor::from_candle(&t));
-            let mut store = caches.lock().expect("cache lock poisoned");
-            match &result {
-                // A failed step may have left the cache half-updated: the request cannot continue.
-                Err(_) => store.check_in(&id, cache::RequestCache::default()),
-                Ok(_) => store.check_in(&id, cache),
-            }
-            result
-        })
-        .await
-        .map_err(|e| Error::InvalidArgument(format!("request {request_id} stopped: {e}")))??;
-        Ok((output, state))
+        let cache = self.caches.lock().expect("cache lock poisoned").check_out(request_id, layers)?;
+        if let Err(e) = loaded.model.check_room(cache.position, hidden.dim(1)?) {
+            self.caches.lock().expect("cache lock poisoned").check_in(request_id, cache);
+            return Err(e);
+        }
+        let output =
+            self.batcher.run(loaded.model.clone(), request_id, hidden, cache, self.caches.clone()).await?;
+        Ok((WireTensor::from_candle(&output)?, state))
     }
 
     async fn ensure_shard(&self, shard: &Shard) -> Result<()> {

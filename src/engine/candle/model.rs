@@ -135,16 +135,43 @@ impl Attention {
         })
     }
 
-    /// `x` is `[batch, seq, hidden]` at positions `offset..offset + seq`.
-    fn forward(
+    /// `x` holds every part's rows packed as `[1, rows, hidden]`, part after part; each
+    /// part attends over its own cache only.
+    fn forward(&self, x: &Tensor, parts: &mut [BatchPart], rope: &Rope, layer: usize) -> Result<Tensor> {
+        let (q_out, kv_out) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv_proj
+            .forward_parts(x, &[q_out, kv_out, kv_out])?
+            .try_into()
+            .expect("three parts were asked for");
+        let mut outputs = Vec::with_capacity(parts.len());
+        let mut row = 0;
+        for part in parts.iter_mut() {
+            let (b, seq) = part.shape;
+            let rows = |t: &Tensor, width: usize| -> Result<Tensor> {
+                Ok(t.narrow(1, row, b * seq)?.reshape((b, seq, width))?)
+            };
+            let out =
+                self.attend(rows(&q, q_out)?, rows(&k, kv_out)?, rows(&v, kv_out)?, part, rope, layer)?;
+            outputs.push(out.reshape((1, b * seq, q_out))?);
+            row += b * seq;
+        }
+        let out = if outputs.len() == 1 { outputs.remove(0) } else { Tensor::cat(&outputs, 1)? };
+        self.o_proj.forward(&out)
+    }
+
+    /// One part's attention: `q`, `k`, `v` are `[batch, seq, heads * head_dim]` at positions
+    /// `offset..offset + seq` of its cache; returns `[batch, seq, heads * head_dim]`.
+    fn attend(
         &self,
-        x: &Tensor,
-        offset: usize,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        part: &mut BatchPart,
         rope: &Rope,
-        cache: &mut RequestCache,
         layer: usize,
     ) -> Result<Tensor> {
-        let (b, seq, _) = x.dims3()?;
+        let ((b, seq), offset) = (part.shape, part.cache.position);
         let split = |t: Tensor, heads: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
             // (b, seq, heads, head_dim) -> optional per-head norm -> (b, heads, seq, head_dim)
             let t = t.reshape((b, seq, heads, self.head_dim))?;
@@ -154,39 +181,32 @@ impl Attention {
             };
             Ok(t.transpose(1, 2)?.contiguous()?)
         };
-        let (q_out, kv_out) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
-        let [q, k, v]: [Tensor; 3] = self
-            .qkv_proj
-            .forward_parts(x, &[q_out, kv_out, kv_out])?
-            .try_into()
-            .expect("three parts were asked for");
         let q = rope.apply(&split(q, self.heads, &self.q_norm)?, offset)?;
         let k = rope.apply(&split(k, self.kv_heads, &self.k_norm)?, offset)?;
         let v = split(v, self.kv_heads, &None)?;
-        let (k, v) = cache.append(layer, &k, &v)?;
+        let (k, v) = part.cache.append(layer, &k, &v)?;
         let total = k.dim(2)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         if let Some(out) = decode_attention::attend_one_position(&q, &k, &v, scale as f32)? {
-            return self.o_proj.forward(&out);
+            return Ok(out);
         }
 
         // Group the query heads that share a key/value head: (b, kv_heads, group * seq, head_dim).
         let group = self.heads / self.kv_heads;
         let q = q.reshape((b, self.kv_heads, group * seq, self.head_dim))?;
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match causal_mask(seq, offset, total, group, x.device())? {
+        let scores = match causal_mask(seq, offset, total, group, q.device())? {
             Some(mask) => scores.broadcast_add(&mask)?,
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v.contiguous()?)?;
         // (b, kv_heads, group * seq, d) -> (b, heads, seq, d) -> (b, seq, heads * d)
-        let out = out.reshape((b, self.heads, seq, self.head_dim))?.transpose(1, 2)?.reshape((
+        Ok(out.reshape((b, self.heads, seq, self.head_dim))?.transpose(1, 2)?.reshape((
             b,
             seq,
             self.heads * self.head_dim,
-        ))?;
-        self.o_proj.forward(&out)
+        ))?)
     }
 }
 
@@ -282,16 +302,8 @@ impl Block {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        offset: usize,
-        rope: &Rope,
-        cache: &mut RequestCache,
-        layer: usize,
-    ) -> Result<Tensor> {
-        let attended =
-            self.attention.forward(&self.input_layernorm.forward(x)?, offset, rope, cache, layer)?;
+    fn forward(&self, x: &Tensor, parts: &mut [BatchPart], rope: &Rope, layer: usize) -> Result<Tensor> {
+        let attended = self.attention.forward(&self.input_layernorm.forward(x)?, parts, rope, layer)?;
         let x = (x + attended)?;
         let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + mlp)?)
@@ -304,6 +316,25 @@ pub enum ShardInput {
     Tokens(Tensor),
     /// Hidden states `[batch, seq, hidden]` (f32).
     Hidden(Tensor),
+}
+
+/// One request's step in a batched pass.
+pub struct BatchStep<'a> {
+    /// Hidden states `[batch, seq, hidden]` entering the layers (see [`ShardModel::embed`]).
+    pub hidden: Tensor,
+    /// The request's cache, at the step's first position.
+    pub cache: &'a mut RequestCache,
+    /// On the last shard, whether the step's logits are needed (a prompt's chunks before
+    /// its last need none).
+    pub wants_logits: bool,
+}
+
+/// A step's rows inside the packed pass: their shape and the request's cache.
+struct BatchPart<'a> {
+    /// `(batch, seq)`.
+    shape: (usize, usize),
+    cache: &'a mut RequestCache,
+    wants_logits: bool,
 }
 
 /// One shard of a decoder-only model, ready to run.
@@ -410,33 +441,79 @@ impl ShardModel {
     /// states `[batch, seq, hidden]`, or on the last shard the logits of the last position
     /// `[batch, 1, vocab]`.
     pub fn forward(&self, input: ShardInput, cache: &mut RequestCache) -> Result<Tensor> {
-        // On a thread of the kernels' pool, each matrix product starts at once and only one
-        // more thread needs waking, instead of handing it over to sleeping threads and back.
-        rayon::scope(|_| self.forward_in_pool(input, cache))
+        let hidden = self.embed(input)?;
+        self.check_room(cache.position, hidden.dim(1)?)?;
+        let mut outputs = self.forward_batch(vec![BatchStep { hidden, cache, wants_logits: true }])?;
+        Ok(outputs.remove(0).expect("the one step wants its output"))
     }
 
-    fn forward_in_pool(&self, input: ShardInput, cache: &mut RequestCache) -> Result<Tensor> {
-        let mut x = self.embed(input)?;
-        let (_, seq, _) = x.dims3()?;
-        let offset = cache.position;
-        if offset + seq > self.max_context {
+    /// Fails when `seq` more positions after `position` would pass the context.
+    pub fn check_room(&self, position: usize, seq: usize) -> Result<()> {
+        if position + seq > self.max_context {
             return Err(Error::ContextOverflow(format!(
                 "{} tokens exceed the context of {} tokens",
-                offset + seq,
+                position + seq,
                 self.max_context
             )));
         }
-        for (layer, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, offset, &self.rope, cache, layer)?;
-        }
-        cache.position += seq;
-        match (&self.norm, &self.lm_head) {
-            (Some(norm), Some(head)) => head.forward(&norm.forward(&x.narrow(1, seq - 1, 1)?)?),
-            _ => Ok(x),
-        }
+        Ok(())
     }
 
-    fn embed(&self, input: ShardInput) -> Result<Tensor> {
+    /// Runs several requests' steps as one pass: all their rows go through each weight
+    /// together (one matrix product per weight), and each step attends over its own cache.
+    /// Returns, per step, its hidden states `[batch, seq, hidden]`, or on the last shard the
+    /// logits of its last position `[batch, 1, vocab]` (`None` for steps that want none).
+    pub fn forward_batch(&self, steps: Vec<BatchStep>) -> Result<Vec<Option<Tensor>>> {
+        // On a thread of the kernels' pool, each matrix product starts at once and only one
+        // more thread needs waking, instead of handing it over to sleeping threads and back.
+        rayon::scope(|_| self.forward_in_pool(steps))
+    }
+
+    fn forward_in_pool(&self, steps: Vec<BatchStep>) -> Result<Vec<Option<Tensor>>> {
+        let width = self.config.hidden_size;
+        let mut rows = Vec::with_capacity(steps.len());
+        let mut parts = Vec::with_capacity(steps.len());
+        for step in steps {
+            let (b, seq, _) = step.hidden.dims3()?;
+            rows.push(step.hidden.reshape((1, b * seq, width))?);
+            parts.push(BatchPart { shape: (b, seq), cache: step.cache, wants_logits: step.wants_logits });
+        }
+        let mut x = if rows.len() == 1 { rows.remove(0) } else { Tensor::cat(&rows, 1)? };
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, &mut parts, &self.rope, layer)?;
+        }
+        let mut outputs = Vec::with_capacity(parts.len());
+        let mut row = 0;
+        for part in parts.iter_mut() {
+            let (b, seq) = part.shape;
+            part.cache.position += seq;
+            outputs.push(x.narrow(1, row, b * seq)?.reshape((b, seq, width))?);
+            row += b * seq;
+        }
+        let (Some(norm), Some(head)) = (&self.norm, &self.lm_head) else {
+            return Ok(outputs.into_iter().map(Some).collect());
+        };
+        let wanted: Vec<usize> = (0..parts.len()).filter(|&i| parts[i].wants_logits).collect();
+        if wanted.is_empty() {
+            return Ok(vec![None; parts.len()]);
+        }
+        let lasts = wanted
+            .iter()
+            .map(|&i| Ok(outputs[i].narrow(1, parts[i].shape.1 - 1, 1)?))
+            .collect::<Result<Vec<_>>>()?;
+        let logits = head.forward(&norm.forward(&Tensor::cat(&lasts, 0)?)?)?;
+        let mut results = vec![None; parts.len()];
+        let mut at = 0;
+        for i in wanted {
+            results[i] = Some(logits.narrow(0, at, parts[i].shape.0)?);
+            at += parts[i].shape.0;
+        }
+        Ok(results)
+    }
+
+    /// The hidden states `[batch, seq, hidden]` entering the shard's first layer: token ids
+    /// looked up on the first shard, hidden states checked elsewhere.
+    pub fn embed(&self, input: ShardInput) -> Result<Tensor> {
         match (input, &self.embed_tokens) {
             (ShardInput::Tokens(ids), Some(table)) => {
                 let (b, seq) = ids.dims2()?;

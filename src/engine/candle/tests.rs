@@ -1,5 +1,5 @@
 //! Engine-level checks on a tiny random model written in the test: sharding, the KV cache
-//! and concurrent requests never change the numbers.
+//! batching and concurrent requests never change the numbers.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use super::{reference_logits, CandleEngine, ComputeDevice, EngineOptions};
+use super::cache::RequestCache;
+use super::model::{BatchStep, ShardInput, ShardModel};
+use super::tensors::Checkpoint;
+use super::{reference_logits, BatchOptions, CandleEngine, ComputeDevice, EngineOptions};
 use crate::engine::{Engine, LocalDirectories, SamplingParams};
 use crate::error::Error;
 use crate::shard::Shard;
@@ -266,5 +269,156 @@ async fn projections_of_different_dtypes_are_a_clear_error() {
     let err = engine().infer_tensor("r", &shard, tokens(&[1]), None).await.unwrap_err();
     let message = err.to_string();
     assert!(message.contains("model.layers.1.self_attn.q_proj.weight") && message.contains(name), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Greedy tokens and last logits of `prompt` and `steps` decode steps, run alone.
+fn run_alone(model: &ShardModel, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let mut cache = RequestCache::new(model.layer_count());
+    let (mut input, mut tokens, mut logits) = (prompt.to_vec(), Vec::new(), Vec::new());
+    for _ in 0..=steps {
+        let ids = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let out: Vec<f32> = model
+            .forward(ShardInput::Tokens(ids), &mut cache)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let next = argmax(&out);
+        tokens.push(next);
+        logits.push(out);
+        input = vec![next];
+    }
+    (tokens, logits)
+}
+
+fn argmax(values: &[f32]) -> u32 {
+    values.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32
+}
+
+#[test]
+fn batched_steps_match_steps_alone() {
+    for model_type in ["llama", "qwen2", "qwen3"] {
+        let dir = write_tiny_model(model_type);
+        let shard = Shard::new(dir.display().to_string(), 0, LAYERS as i32 - 1, LAYERS as i32);
+        let model =
+            ShardModel::load(&Checkpoint::open(&dir).unwrap(), &shard, 128, &Device::Cpu, None).unwrap();
+        let prompts: [&[u32]; 3] = [&[1, 5, 9, 33, 2, 60, 7], &[40, 41], &[3]];
+        let steps = 10;
+        let alone: Vec<_> = prompts.iter().map(|p| run_alone(&model, p, steps)).collect();
+
+        // The second request's prompt runs in two chunks beside the others' steps, and the
+        // third joins one round late.
+        let mut caches: Vec<RequestCache> = (0..3).map(|_| RequestCache::new(model.layer_count())).collect();
+        let mut pending: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+        let mut got: Vec<(Vec<u32>, Vec<Vec<f32>>)> = vec![Default::default(); 3];
+        for round in 0..steps + 3 {
+            let mut steps_in_round = Vec::new();
+            let mut owners = Vec::new();
+            for (i, cache) in caches.iter_mut().enumerate() {
+                if got[i].0.len() > steps || (i == 2 && round == 0) {
+                    continue;
+                }
+                let take = if i == 1 && cache.position == 0 { 1 } else { pending[i].len() };
+                let chunk: Vec<u32> = pending[i].drain(..take).collect();
+                let ids = Tensor::new(chunk.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+                let hidden = model.embed(ShardInput::Tokens(ids)).unwrap();
+                steps_in_round.push(BatchStep { hidden, cache, wants_logits: pending[i].is_empty() });
+                owners.push(i);
+            }
+            if owners.is_empty() {
+                break;
+            }
+            for (i, out) in owners.into_iter().zip(model.forward_batch(steps_in_round).unwrap()) {
+                let Some(out) = out else { continue };
+                let out: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
+                let next = argmax(&out);
+                got[i].0.push(next);
+                got[i].1.push(out);
+                pending[i] = vec![next];
+            }
+        }
+        for (i, ((tokens, logits), (alone_tokens, alone_logits))) in got.iter().zip(&alone).enumerate() {
+            assert_eq!(tokens, alone_tokens, "{model_type} request {i}");
+            for (a, b) in logits.iter().zip(alone_logits) {
+                assert_close(a, b, 1e-5);
+            }
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+/// An engine whose prompts run in chunks of at most `chunk` positions.
+fn engine_with_chunks(chunk: usize) -> Arc<CandleEngine> {
+    let options =
+        EngineOptions { batch: BatchOptions { prefill_chunk: chunk, max_batch: 64 }, ..Default::default() };
+    Arc::new(CandleEngine::new(Arc::new(LocalDirectories), options, ComputeDevice::best()))
+}
+
+#[tokio::test]
+async fn concurrent_requests_through_two_shards_match_their_runs_alone() {
+    let dir = write_tiny_model("qwen3");
+    let model = dir.display().to_string();
+    let shards = [Shard::new(model.clone(), 0, 0, 3), Shard::new(model, 1, 2, 3)];
+    let engines = [engine_with_chunks(3), engine_with_chunks(3)];
+    let prompts: Vec<Vec<i64>> = (0..8)
+        .map(|r| (0..(1 + r * 3) as i64).map(|t| (t * 7 + r as i64) % VOCAB as i64).collect())
+        .collect();
+    let mut tasks = Vec::new();
+    for (r, prompt) in prompts.iter().enumerate() {
+        let (engines, shards, prompt) = (engines.clone(), shards.clone(), prompt.clone());
+        tasks.push(tokio::spawn(async move {
+            let id = format!("r{r}");
+            let (mut input, mut generated) = (tokens(&prompt), Vec::new());
+            for _ in 0..=8 {
+                for (engine, shard) in engines.iter().zip(&shards) {
+                    input = engine.infer_tensor(&id, shard, input, None).await.unwrap().0;
+                }
+                let next = engines[0].sample(&input, SamplingParams::default()).await.unwrap()[0];
+                generated.push(next);
+                input = tokens(&[i64::from(next)]);
+            }
+            for engine in &engines {
+                engine.finish_request(&id).await;
+            }
+            generated
+        }));
+    }
+    for (prompt, task) in prompts.iter().zip(tasks) {
+        let together = task.await.unwrap();
+        let alone = run_ring(&dir, &[(0, 0), (1, 2)], prompt, 8).await.1;
+        assert_eq!(together, alone, "prompt {prompt:?}");
+    }
+    for engine in &engines {
+        assert_eq!(engine.caches.lock().unwrap().total_bytes(), 0, "every cache went back and was freed");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn an_abandoned_step_returns_its_cache() {
+    let dir = write_tiny_model("llama");
+    let shard = Shard::new(dir.display().to_string(), 0, 2, 3);
+    let engine = engine_with_chunks(2);
+    engine.ensure_shard(&shard).await.unwrap();
+    let long: Vec<i64> = (0..100).map(|t| t % VOCAB as i64).collect();
+    // The caller goes away at once; the step is dropped or finishes, and its cache comes back.
+    let _ = tokio::time::timeout(
+        std::time::Duration::ZERO,
+        engine.infer_tensor("gone", &shard, tokens(&long), None),
+    )
+    .await;
+    let mut again = Err(Error::InvalidArgument("not tried".into()));
+    for _ in 0..200 {
+        again = engine.infer_tensor("gone", &shard, tokens(&[1]), None).await;
+        if again.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(again.is_ok(), "{:?}", again.err());
+    engine.finish_request("gone").await;
+    assert_eq!(engine.caches.lock().unwrap().total_bytes(), 0);
     std::fs::remove_dir_all(dir).unwrap();
 }
