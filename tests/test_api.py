@@ -410,3 +410,40 @@ async def test_stop_ends_running_streams_and_cancels_them(served: Served) -> Non
     with pytest.raises(aiohttp.ClientConnectionError):
         async with aiohttp.ClientSession() as session, session.get(served.url + "/healthcheck"):
             pass
+
+
+async def test_requests_past_the_limit_queue_in_order_and_past_the_queue_get_503(
+    model_dir: Path, tokenizer: Tokenizer
+) -> None:
+    node = FakeNode(reply_tokens(tokenizer), delay=0.01)
+    node.hang_after = 1  # every generation holds its slot until its client leaves
+    async for served in serve(node, model_dir, tokenizer, max_concurrent_requests=2, max_queued_requests=1):
+        await _fill_the_queue_and_drain_it(served)
+
+
+async def _fill_the_queue_and_drain_it(served: Served) -> None:
+    admission, url = served.api.admission, served.url + "/chat/completions"
+    body = {"messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    async with aiohttp.ClientSession() as session:
+        running = [asyncio.create_task(session.post(url, json=body)) for _ in range(2)]
+        await wait_until(lambda: admission.active == 2)
+        waiting = asyncio.create_task(session.post(url, json=body))
+        await wait_until(lambda: admission.waiting == 1)
+        assert len(served.node.calls) == 2, "the third request waits before reaching the node"
+        async with session.post(url, json=body) as refused:
+            assert refused.status == 503
+            error = (await refused.json())["error"]
+            assert error["code"] == "server_overloaded" and "2 requests running" in error["message"]
+        # A running request ends (its client goes away): the waiting one takes its slot.
+        (await running[0]).close()
+        await wait_until(lambda: len(served.node.calls) == 3)
+        assert admission.waiting == 0
+        # A waiting request whose client leaves is dropped from the queue.
+        queued = asyncio.create_task(session.post(url, json=body))
+        await wait_until(lambda: admission.waiting == 1)
+        queued.cancel()
+        await wait_until(lambda: admission.waiting == 0)
+        assert len(served.node.calls) == 3
+        for response in [await running[1], await waiting]:
+            response.close()
+    await wait_until(lambda: admission.active == 0)

@@ -239,7 +239,10 @@ class CandleInferenceEngine(NativeInferenceEngine):
     """Decoder models on candle, from Hugging Face safetensors directories or GGUF files;
     weights stay in their stored dtype or blocks. `device` (`auto`, `cpu`, `cuda`, `cuda:N`)
     overrides `EXO_DEVICE`; `quantize` (`q8_0`, `q4_0`, `q4_k`, ... or `none`) overrides
-    `EXO_QUANTIZE`, the block type safetensors weights are quantized to as they load."""
+    `EXO_QUANTIZE`, the block type safetensors weights are quantized to as they load.
+    Concurrent `infer_tensor` calls run batched: `prefill_chunk` (else `EXO_PREFILL_CHUNK`,
+    256) bounds the prompt positions of one pass, `max_batch` (else `EXO_MAX_BATCH`, 64) the
+    requests' steps it takes."""
 
     def __new__(
         cls,
@@ -248,7 +251,10 @@ class CandleInferenceEngine(NativeInferenceEngine):
         cache_budget_mb: int = 2048,
         device: str | None = None,
         quantize: str | None = None,
+        prefill_chunk: int | None = None,
+        max_batch: int | None = None,
     ) -> CandleInferenceEngine: ...
+    def cache_usage(self) -> tuple[int, int]: ...
     def load_checkpoint(self, shard: Shard, path: str | os.PathLike[str]) -> Awaitable[None]: ...
     def save_checkpoint(self, shard: Shard, path: str | os.PathLike[str]) -> Awaitable[None]: ...
 

@@ -78,6 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="quantize safetensors weights as they load: q8_0, q4_0, q4_k, ... or none (sets EXO_QUANTIZE)",
     )
+    p.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=32,
+        help="requests the API runs at once; later ones wait their turn",
+    )
+    p.add_argument(
+        "--max-queued-requests", type=int, default=128, help="requests that may wait; past this the API answers 503"
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        help="most prompt tokens one batched step runs; long prompts run in chunks (sets EXO_PREFILL_CHUNK, 256)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="most requests' steps candle runs as one batched pass (sets EXO_MAX_BATCH, 64)",
+    )
     return p
 
 
@@ -124,6 +145,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         os.environ["EXO_DEVICE"] = args.device
     if args.quantize is not None:
         os.environ["EXO_QUANTIZE"] = args.quantize
+    if args.prefill_chunk is not None:
+        os.environ["EXO_PREFILL_CHUNK"] = str(args.prefill_chunk)
+    if args.max_batch is not None:
+        os.environ["EXO_MAX_BATCH"] = str(args.max_batch)
     raise_open_files_limit()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)

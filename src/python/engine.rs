@@ -15,7 +15,9 @@ use super::shard::PyShard;
 use super::tensor::{ndarray_from_wire, wire_from_ndarray};
 use super::tokenizer::PyTokenizer;
 use crate::download::DownloaderLocator;
-use crate::engine::candle::{block_type, block_type_from_env, CandleEngine, ComputeDevice, EngineOptions};
+use crate::engine::candle::{
+    block_type, block_type_from_env, BatchOptions, CandleEngine, ComputeDevice, EngineOptions,
+};
 use crate::engine::dummy::DummyEngine;
 use crate::engine::{Engine, InferenceState, LocalDirectories, ModelLocator, SamplingParams};
 use crate::error::{Error, Result};
@@ -241,9 +243,15 @@ impl PyCandleEngine {
     /// `device` (`auto`, `cpu`, `cuda`, `cuda:N`) overrides `EXO_DEVICE`; without either the
     /// first GPU is used when this build has CUDA and a driver answers, else the CPU.
     /// `quantize` (`q8_0`, `q4_0`, `q4_k`, ... or `none`) overrides `EXO_QUANTIZE`: the block
-    /// type safetensors weights are quantized to as they load.
+    /// type safetensors weights are quantized to as they load. `prefill_chunk` and
+    /// `max_batch` (else `EXO_PREFILL_CHUNK`, `EXO_MAX_BATCH`) bound one batched pass: the
+    /// prompt positions it runs, and the requests' steps it takes.
     #[new]
-    #[pyo3(signature = (shard_downloader=None, max_context=16_384, cache_budget_mb=2048, device=None, quantize=None))]
+    #[pyo3(signature = (
+        shard_downloader=None, max_context=16_384, cache_budget_mb=2048, device=None, quantize=None,
+        prefill_chunk=None, max_batch=None
+    ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         shard_downloader: Option<Py<PyAny>>,
@@ -251,6 +259,8 @@ impl PyCandleEngine {
         cache_budget_mb: usize,
         device: Option<String>,
         quantize: Option<String>,
+        prefill_chunk: Option<usize>,
+        max_batch: Option<usize>,
     ) -> PyResult<PyClassInitializer<Self>> {
         let device = match device {
             Some(name) => ComputeDevice::named(&name)?,
@@ -264,7 +274,7 @@ impl PyCandleEngine {
             max_context,
             cache_budget_bytes: cache_budget_mb << 20,
             quantize,
-            ..Default::default()
+            batch: BatchOptions::new(prefill_chunk, max_batch)?,
         };
         let native = shard_downloader.as_ref().and_then(|d| d.bind(py).cast::<PyHfShardDownloader>().ok());
         let locator: Arc<dyn ModelLocator> = match native {
@@ -276,6 +286,11 @@ impl PyCandleEngine {
         };
         let engine = Arc::new(CandleEngine::new(locator, options, device));
         Ok(PyClassInitializer::from(PyEngine { inner: engine.clone() }).add_subclass(Self { engine }))
+    }
+
+    /// `(requests, bytes)` of the KV caches the engine holds: running and idle requests'.
+    fn cache_usage(&self) -> (usize, usize) {
+        self.engine.cache_usage()
     }
 
     /// Writes `shard`'s tensors (loaded first if need be) to the safetensors file `path`, with

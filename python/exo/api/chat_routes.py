@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from exo import errors
+from exo.api.admission import Admission
 from exo.api.chat_request import ApiError, ChatRequest, bad_request, parse_chat_request, parse_json_object
 from exo.api.generation import GenerationTimeout, Outcome, generate_text
 from exo.api.model_choice import ResolvedModel, resolve_model_async
@@ -41,6 +42,7 @@ class ChatRoutes(ApiServer):
     on_chat_completion_request: ChatRequestListener | None
     default_model: str
     system_prompt: str | None
+    admission: Admission
     _tokenizers: dict[str, Any]
     _tokenizer_locks: dict[str, asyncio.Lock]
 
@@ -108,13 +110,14 @@ class ChatRoutes(ApiServer):
             chat, model, tokenizer, prompt = await self._prepare(request)
         except asyncio.TimeoutError as e:
             raise ApiError(408, "Loading the model timed out.", "timeout") from e
-        request_id = str(uuid.uuid4())
-        self._notify_listener(request_id, chat, prompt)
-        logger.debug("Chat completion %s on %s: %r", request_id, model.model_id, prompt)
-        generation = await self._start_generation(model, prompt, request_id, chat)
-        if chat.stream:
-            return await self._stream_completion(request, chat, tokenizer, prompt, request_id, generation)
-        return await self._complete(chat, tokenizer, prompt, request_id, generation)
+        async with self.admission.turn():
+            request_id = str(uuid.uuid4())
+            self._notify_listener(request_id, chat, prompt)
+            logger.debug("Chat completion %s on %s: %r", request_id, model.model_id, prompt)
+            generation = await self._start_generation(model, prompt, request_id, chat)
+            if chat.stream:
+                return await self._stream_completion(request, chat, tokenizer, prompt, request_id, generation)
+            return await self._complete(chat, tokenizer, prompt, request_id, generation)
 
     def _notify_listener(self, request_id: str, chat: ChatRequest, prompt: str) -> None:
         if self.on_chat_completion_request is None:

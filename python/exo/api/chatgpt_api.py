@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from exo.api.admission import Admission
 from exo.api.chat_request import ApiError
 from exo.api.chat_routes import ChatRequestListener, ChatRoutes
 from exo.api.model_routes import ModelRoutes
@@ -37,6 +38,8 @@ class ChatGPTAPI(ModelRoutes, ChatRoutes):
         on_chat_completion_request: ChatRequestListener | None = None,
         default_model: str | None = None,
         system_prompt: str | None = None,
+        max_concurrent_requests: int = 32,
+        max_queued_requests: int = 128,
     ) -> None:
         super().__init__()
         self.node = node
@@ -47,6 +50,8 @@ class ChatGPTAPI(ModelRoutes, ChatRoutes):
             "dummy" if inference_engine_classname == "DummyInferenceEngine" else FALLBACK_DEFAULT_MODEL
         )
         self.system_prompt = system_prompt
+        # Completions beyond `max_concurrent_requests` wait in order; past `max_queued_requests` waiting, 503.
+        self.admission = Admission(max_concurrent_requests, max_queued_requests)
         # Called by POST /quit; main() sets it to its shutdown. Without it, /quit stops the API and the node.
         self.on_quit: Callable[[], Awaitable[None]] | None = None
         self.created = int(time.time())

@@ -149,6 +149,8 @@ class App:
             on_chat_completion_request=self._on_chat_request,
             default_model=args.default_model,
             system_prompt=args.system_prompt,
+            max_concurrent_requests=args.max_concurrent_requests,
+            max_queued_requests=args.max_queued_requests,
         )
         self.api.on_quit = self.request_stop
         self._register_callbacks()

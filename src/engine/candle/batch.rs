@@ -26,9 +26,48 @@ pub struct BatchOptions {
     pub max_batch: usize,
 }
 
+/// Environment variables that set [`BatchOptions`] (the CLI's `--prefill-chunk` and
+/// `--max-batch` set them).
+pub const PREFILL_CHUNK_ENV: &str = "EXO_PREFILL_CHUNK";
+pub const MAX_BATCH_ENV: &str = "EXO_MAX_BATCH";
+
 impl Default for BatchOptions {
     fn default() -> Self {
         Self { prefill_chunk: 256, max_batch: 64 }
+    }
+}
+
+impl BatchOptions {
+    /// The defaults, with `prefill_chunk` and `max_batch` where given, else where the
+    /// environment sets them.
+    pub fn new(prefill_chunk: Option<usize>, max_batch: Option<usize>) -> Result<Self> {
+        let defaults = Self::default();
+        let prefill_chunk = match prefill_chunk {
+            Some(value) => value,
+            None => count_from_env(PREFILL_CHUNK_ENV)?.unwrap_or(defaults.prefill_chunk),
+        };
+        let max_batch = match max_batch {
+            Some(value) => value,
+            None => count_from_env(MAX_BATCH_ENV)?.unwrap_or(defaults.max_batch),
+        };
+        if prefill_chunk == 0 || max_batch == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "the prefill chunk ({prefill_chunk}) and the batch size ({max_batch}) must be at least 1"
+            )));
+        }
+        Ok(Self { prefill_chunk, max_batch })
+    }
+}
+
+/// The positive count the environment variable `name` holds, if set.
+fn count_from_env(name: &str) -> Result<Option<usize>> {
+    match std::env::var(name) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| Error::InvalidArgument(format!("{name}={text:?} is not a count"))),
+        Err(_) => Ok(None),
     }
 }
 

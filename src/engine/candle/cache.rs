@@ -26,8 +26,9 @@ impl LayerCache {
             values: Tensor::zeros(shape, values.dtype(), values.device())?,
             len: 0,
         };
-        cache.keys.slice_set(keys, 2, 0)?;
-        cache.values.slice_set(values, 2, 0)?;
+        // A view of a part-filled cache (when it grows) is not contiguous; slice_set needs it so.
+        cache.keys.slice_set(&keys.contiguous()?, 2, 0)?;
+        cache.values.slice_set(&values.contiguous()?, 2, 0)?;
         Ok(Self { len: seq, ..cache })
     }
 
@@ -163,8 +164,7 @@ impl CacheStore {
     }
 
     /// Number of requests with a cache.
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    pub fn requests(&self) -> usize {
         self.idle.len() + self.busy.len()
     }
 }
@@ -196,6 +196,18 @@ mod tests {
     }
 
     #[test]
+    fn a_part_filled_cache_grows_by_several_positions() {
+        let mut cache = RequestCache::new(1);
+        cache.append(0, &kv(60, 1.0), &kv(60, 1.0)).unwrap();
+        let (k, v) = cache.append(0, &kv(5, 2.0), &kv(5, 3.0)).unwrap();
+        assert_eq!(k.dim(2).unwrap(), 65);
+        let last: Vec<f32> = v.narrow(2, 60, 5).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(last.iter().all(|&x| x == 3.0));
+        let first: f32 = k.narrow(2, 59, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+        assert_eq!(first, 1.0);
+    }
+
+    #[test]
     fn least_recently_used_is_evicted_with_a_clear_error() {
         let one = {
             let mut c = RequestCache::new(1);
@@ -208,7 +220,7 @@ mod tests {
             cache.append(0, &kv(1, 0.0), &kv(1, 0.0)).unwrap();
             store.check_in(id, cache);
         }
-        assert_eq!(store.len(), 2);
+        assert_eq!(store.requests(), 2);
         let err = store.check_out("a", 1).unwrap_err();
         assert!(matches!(err, Error::CacheEvicted(_)), "{err}");
         assert!(store.check_out("b", 1).is_ok());
@@ -224,6 +236,6 @@ mod tests {
         assert!(store.total_bytes() > 0);
         store.finish("r");
         assert_eq!(store.total_bytes(), 0);
-        assert_eq!(store.len(), 0);
+        assert_eq!(store.requests(), 0);
     }
 }

@@ -18,7 +18,7 @@ mod tensors;
 mod tests;
 mod weights;
 
-pub use batch::BatchOptions;
+pub use batch::{BatchOptions, MAX_BATCH_ENV, PREFILL_CHUNK_ENV};
 pub use config::ModelConfig;
 pub use device::{ComputeDevice, DEVICE_ENV};
 pub use gguf::gguf_files;
@@ -128,6 +128,12 @@ impl CandleEngine {
         tokio::task::spawn_blocking(move || loaded.model.save(&path))
             .await
             .map_err(|e| Error::InvalidModel(format!("saving {} stopped: {e}", shard.model_id)))?
+    }
+
+    /// `(requests, bytes)` of the KV caches held, running and idle.
+    pub fn cache_usage(&self) -> (usize, usize) {
+        let store = self.caches.lock().expect("cache lock poisoned");
+        (store.requests(), store.total_bytes())
     }
 
     /// The loaded model for `shard`, loading it first if another (or none) is loaded.
