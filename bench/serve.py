@@ -14,7 +14,9 @@ ratio of each to the 1-client level. A node started with `--max-batch 1` (no bat
 before it existed) serves one client too, for the 1-stream ratio. `--two-nodes N` adds a run
 of N clients against two nodes on this machine that split the model (each with half the
 threads), printed beside one node's N-client run. `--plot` writes the aggregate and
-per-stream rates and the latencies per level as a PNG (matplotlib).
+per-stream rates and the latencies per level as a PNG (matplotlib). The synthetic tokenizer gets
+a plain word for every id the model
+can sample (see `_visible_tokenizer`), so that each token streams as a chunk and is timed.
 
 Each node runs with `RAYON_NUM_THREADS=--threads`; TTFT includes the prompt's prefill.
 """
@@ -25,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -187,14 +190,45 @@ def _serve_levels(url: str, model: str, levels: list[int], tokens: int) -> list[
     return [asyncio.run(_level(url, model, clients, tokens)) for clients in levels]
 
 
+def _visible_tokenizer(model_dir: Path, out: Path) -> None:
+    """`model_dir`'s tokenizer with a plain word for every id past its trained vocabulary, into `out`.
+
+    The synthetic tokenizer knows a few hundred tokens while the model samples from its whole vocabulary, so most
+    sampled ids would decode to nothing and stream no chunk; with a word each, every token streams as it comes.
+    """
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    tokenizer.add_tokens([f"w{i}" for i in range(tokenizer.get_vocab_size(), vocab)])
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text((model_dir / "tokenizer_config.json").read_text())
+
+
 def _model_path(kind: str, preset: str, root: Path) -> str:
+    """The model to serve: the synthetic checkpoint (or GGUF file) linked into a directory beside it, with the
+    tokenizer of `_visible_tokenizer`."""
+    from exo.testing.synth import cached_model
+
+    safetensors = cached_model(preset, root, kind if kind in SAFETENSORS_DTYPES else "bf16")
+    served = root / f"{preset}-{kind}-served"
+    if served.exists():
+        return str(next(served.glob("*.gguf"), served))
+    partial = root / f"{served.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     if kind in SAFETENSORS_DTYPES:
-        from exo.testing.synth import cached_model
+        for file in safetensors.iterdir():
+            if file.name not in ("tokenizer.json", "tokenizer_config.json"):
+                (partial / file.name).symlink_to(file.resolve())
+    else:
+        from exo.testing.synth_gguf import cached_gguf
 
-        return str(cached_model(preset, root, kind))
-    from exo.testing.synth_gguf import cached_gguf
-
-    return str(cached_gguf(preset, root, kind)[0])
+        gguf = cached_gguf(preset, root, kind)[0]
+        (partial / gguf.name).symlink_to(gguf.resolve())
+    _visible_tokenizer(safetensors, partial)
+    partial.rename(served)
+    return str(next(served.glob("*.gguf"), served))
 
 
 def _print_table(title: str, rows: list[Level], base: Level, solo_unbatched: Level | None) -> None:

@@ -3,8 +3,9 @@
 //! step; a long prompt runs in chunks between the other requests' decode steps.
 //!
 //! Calls queue their steps to one worker thread. Each round the worker takes every waiting
-//! decode step (up to `max_batch`) and fills the rest of a token budget of `prefill_chunk`
-//! with prompt chunks, first come first served, then answers the steps that are complete.
+//! decode step (up to `max_batch`) and adds prompt chunks, first come first served, within a
+//! budget of `prefill_chunk` positions (an eighth of it when decode steps share the round),
+//! then answers the steps that are complete.
 
 use std::collections::VecDeque;
 use std::sync::mpsc;
@@ -20,7 +21,8 @@ use crate::error::{Error, Result};
 /// How the worker groups steps.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchOptions {
-    /// Most prompt positions one round runs (a longer prompt runs in chunks of about this).
+    /// Most prompt positions one round runs (a longer prompt runs in chunks of about this, or
+    /// of an eighth of it while other requests decode).
     pub prefill_chunk: usize,
     /// Most requests' steps one round runs.
     pub max_batch: usize,
@@ -190,8 +192,9 @@ fn take_round(waiting: &mut VecDeque<Job>, options: BatchOptions) -> Vec<(Job, u
     let same_model = |job: &Job| Arc::ptr_eq(&job.model, &model);
     let decodes = waiting.iter().filter(|job| same_model(job) && job.remaining() == 1).count();
     let decodes = decodes.min(options.max_batch);
-    // Prompts always get part of the round, so a crowd of decoding requests cannot starve them.
-    let mut budget = options.prefill_chunk.saturating_sub(decodes).max(options.prefill_chunk / 4).max(1);
+    // Beside decoding requests a prompt runs in smaller chunks, so that their next tokens are
+    // not held up long; alone it takes the whole chunk.
+    let mut budget = if decodes == 0 { options.prefill_chunk } else { (options.prefill_chunk / 8).max(1) };
     let mut slots = options.max_batch;
     let mut round = Vec::new();
     let mut rest = VecDeque::with_capacity(waiting.len());
@@ -236,7 +239,16 @@ fn run_round(round: Vec<(Job, usize)>) -> Vec<Job> {
                 cache: &mut job.cache,
             })
             .collect();
-        model.forward_batch(steps)
+        // A panic inside the pass fails its steps, not the worker (and every later request).
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.forward_batch(steps))).unwrap_or_else(
+            |panic| {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or(panic.downcast_ref::<&str>().copied());
+                Err(Error::InvalidArgument(format!("the batched step failed: {}", what.unwrap_or("a panic"))))
+            },
+        )
     });
     let outputs = match outputs {
         Ok(outputs) => outputs,
