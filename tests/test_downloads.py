@@ -10,6 +10,7 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
@@ -36,6 +37,7 @@ from exo.inference.shard import Shard
 from exo.inference.tokenizers import resolve_tokenizer
 from exo.models import build_base_shard_async
 from exo.testing.synth import write_model
+from exo.testing.synth_gguf import write_gguf
 from support.fake_hub import COMMIT, FakeHub, FakeHubServer
 
 TIED = "synth/tiny-llama"
@@ -382,3 +384,139 @@ async def test_the_candle_engine_still_takes_python_downloaders(models: dict[str
     logits, _ = await engine.infer_tensor("r", shard, np.array([[1, 2]]))
     assert logits.shape == (1, 1, 512)
     assert downloader.calls == [(shard, "CandleInferenceEngine")]
+
+
+# A 16-layer Q8_0 GGUF, whole and split in three, in one repository; ids name the file.
+GGUF_REPO = "synth/tiny-llama-16-GGUF"
+GGUF_FILE = "tiny-llama-16-q8_0.gguf"
+GGUF_PARTS = [f"tiny-llama-16-q8_0-{i:05d}-of-00003.gguf" for i in range(1, 4)]
+GGUF_ID = f"{GGUF_REPO}/{GGUF_FILE}"
+SPLIT_ID = f"{GGUF_REPO}/{GGUF_PARTS[0]}"
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("gguf")
+    write_gguf("tiny-llama-16", root / GGUF_FILE, "q8_0")
+    write_gguf("tiny-llama-16", root / GGUF_FILE, "q8_0", split=3)
+    assert sorted(p.name for p in root.iterdir()) == sorted([GGUF_FILE, *GGUF_PARTS])
+    return root
+
+
+@pytest.fixture
+def gguf_hub(hub: FakeHub, gguf_dir: Path) -> FakeHub:
+    hub.add_repo(GGUF_REPO, gguf_dir)
+    return hub
+
+
+def _tensor_bytes(path: Path) -> dict[str, tuple[int, int]]:
+    """Each tensor's (offset, length) in the GGUF file at `path`."""
+    return {t.name: (int(t.data_offset), int(t.n_bytes)) for t in gguf.GGUFReader(path).tensors}
+
+
+def _layer(name: str) -> int | None:
+    return int(name.split(".")[1]) if name.startswith("blk.") else None
+
+
+async def test_a_gguf_shard_fetches_only_its_layers(gguf_hub: FakeHub, gguf_dir: Path, env: Path) -> None:
+    path = await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 8, 15, 16), "candle")
+    assert path == env / "synth--tiny-llama-16-GGUF" / GGUF_FILE
+    original = gguf_dir / GGUF_FILE
+    size = original.stat().st_size
+    served = gguf_hub.served_bytes(GGUF_FILE)
+    assert 0.4 * size < served < 0.6 * size, (served, size)
+    assert path.stat().st_size == size
+    data, local = original.read_bytes(), path.read_bytes()
+    for name, (offset, length) in _tensor_bytes(original).items():
+        layer = _layer(name)
+        if layer is None or layer >= 8:  # the shard's layers, the tied embeddings, norm, rope factors
+            assert local[offset : offset + length] == data[offset : offset + length], name
+        else:
+            assert local[offset : offset + length] == bytes(length), f"{name} was fetched"
+    assert (path.parent / f"{GGUF_FILE}.ranges").is_file()
+
+
+async def test_two_nodes_each_fetch_their_half_and_run_the_model(
+    gguf_hub: FakeHub, gguf_dir: Path, tmp_path: Path
+) -> None:
+    prompt = np.array([[1, 2, 3, 4, 5]])
+    expected, _ = await CandleInferenceEngine().infer_tensor("r", Shard(str(gguf_dir / GGUF_FILE), 0, 15, 16), prompt)
+    size = (gguf_dir / GGUF_FILE).stat().st_size
+    first = CandleInferenceEngine(HfShardDownloader(exo_home=tmp_path / "node-a"))
+    hidden, _ = await first.infer_tensor("r", Shard(GGUF_ID, 0, 7, 16), prompt)
+    first_bytes = gguf_hub.served_bytes(GGUF_FILE)
+    gguf_hub.clear_log()
+    last = CandleInferenceEngine(HfShardDownloader(exo_home=tmp_path / "node-b"))
+    logits, _ = await last.infer_tensor("r", Shard(GGUF_ID, 8, 15, 16), hidden)
+    last_bytes = gguf_hub.served_bytes(GGUF_FILE)
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    for served in (first_bytes, last_bytes):
+        assert 0.4 * size < served < 0.6 * size, (first_bytes, last_bytes, size)
+
+
+async def test_an_interrupted_gguf_range_resumes_where_it_broke_off(
+    gguf_hub: FakeHub, gguf_dir: Path, env: Path
+) -> None:
+    downloader = HfShardDownloader()
+    await downloader.ensure_metadata(GGUF_ID)
+    header_bytes = gguf_hub.served_bytes(GGUF_FILE)
+    assert header_bytes < 0.1 * (gguf_dir / GGUF_FILE).stat().st_size
+    gguf_hub.clear_log()
+    gguf_hub.cut_once.add(GGUF_FILE)
+    path = await downloader.ensure_shard(Shard(GGUF_ID, 12, 15, 16), "candle")
+    cut, resumed = gguf_hub.file_gets(GGUF_FILE)[:2]
+    assert cut.range is not None and resumed.range is not None
+    start, end = (int(n) for n in cut.range.removeprefix("bytes=").split("-"))
+    assert resumed.range == f"bytes={start + cut.served}-{end}" and cut.served == (end - start + 1) // 2
+    data = (gguf_dir / GGUF_FILE).read_bytes()
+    offset, length = _tensor_bytes(gguf_dir / GGUF_FILE)["blk.12.ffn_down.weight"]
+    assert path.read_bytes()[offset : offset + length] == data[offset : offset + length]
+
+
+async def test_a_later_gguf_shard_fetches_only_the_missing_ranges(
+    gguf_hub: FakeHub, gguf_dir: Path, env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 8, 15, 16), "candle")
+    first = gguf_hub.served_bytes(GGUF_FILE)
+    gguf_hub.clear_log()
+    # Offline, the shard it has is served from the cache and the one it lacks is named.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 8, 15, 16), "candle")
+    with pytest.raises(OfflineError, match=GGUF_FILE):
+        await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 0, 15, 16), "candle")
+    assert gguf_hub.requests == []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    # A new downloader (a restarted node) fetches the rest: no byte twice, then the whole
+    # file is checked against the hub's SHA-256 and its record of ranges goes.
+    path = await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 0, 15, 16), "candle")
+    original = gguf_dir / GGUF_FILE
+    assert first + gguf_hub.served_bytes(GGUF_FILE) == original.stat().st_size
+    assert _sha256(path) == _sha256(original)
+    assert not (path.parent / f"{GGUF_FILE}.ranges").exists()
+    assert await delete_model(GGUF_ID, "candle")
+    assert not path.exists()
+
+
+async def test_a_split_gguf_fetches_each_parts_share_of_the_layers(
+    gguf_hub: FakeHub, gguf_dir: Path, env: Path
+) -> None:
+    path = await HfShardDownloader().ensure_shard(Shard(SPLIT_ID, 8, 15, 16), "candle")
+    assert path == env / "synth--tiny-llama-16-GGUF" / GGUF_PARTS[0]
+    total = sum((gguf_dir / p).stat().st_size for p in GGUF_PARTS)
+    served = sum(gguf_hub.served_bytes(p) for p in GGUF_PARTS)
+    assert 0.4 * total < served < 0.65 * total, (served, total)
+    for part in GGUF_PARTS:
+        assert (path.parent / part).stat().st_size == (gguf_dir / part).stat().st_size
+    prompt = np.array([[3, 1, 4]])
+    local = Shard(str(gguf_dir / GGUF_PARTS[0]), 0, 7, 16)
+    hidden, _ = await CandleInferenceEngine().infer_tensor("r", local, prompt)
+    whole, _ = await CandleInferenceEngine().infer_tensor("r", Shard(str(gguf_dir / GGUF_FILE), 0, 15, 16), prompt)
+    logits, _ = await CandleInferenceEngine(HfShardDownloader()).infer_tensor("r", Shard(SPLIT_ID, 8, 15, 16), hidden)
+    np.testing.assert_allclose(logits, whole, atol=1e-5)
+
+
+async def test_a_gguf_id_gives_layers_and_tokenizer_from_the_header(gguf_hub: FakeHub, gguf_dir: Path) -> None:
+    assert await build_base_shard_async(GGUF_ID, "CandleInferenceEngine") == Shard(GGUF_ID, 0, 0, 16)
+    tokenizer = await resolve_tokenizer(GGUF_ID)
+    assert tokenizer.decode(tokenizer.encode("hello world", add_special_tokens=False)) == "hello world"
+    assert gguf_hub.served_bytes(GGUF_FILE) < 0.1 * (gguf_dir / GGUF_FILE).stat().st_size
