@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import shutil
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -38,6 +39,7 @@ from exo.inference.tokenizers import resolve_tokenizer
 from exo.models import build_base_shard_async
 from exo.testing.synth import write_model
 from exo.testing.synth_gguf import write_gguf
+from support.cluster import running_cluster
 from support.fake_hub import COMMIT, FakeHub, FakeHubServer
 
 TIED = "synth/tiny-llama"
@@ -414,6 +416,11 @@ def _tensor_bytes(path: Path) -> dict[str, tuple[int, int]]:
     return {t.name: (int(t.data_offset), int(t.n_bytes)) for t in gguf.GGUFReader(path).tensors}
 
 
+def _recorded_bytes(path: Path) -> int:
+    """The bytes the `.ranges` record beside a GGUF fetched in ranges lists as present."""
+    return sum(end - start for start, end in json.loads(Path(f"{path}.ranges").read_text())["present"])
+
+
 def _layer(name: str) -> int | None:
     return int(name.split(".")[1]) if name.startswith("blk.") else None
 
@@ -452,6 +459,29 @@ async def test_two_nodes_each_fetch_their_half_and_run_the_model(
     np.testing.assert_allclose(logits, expected, atol=1e-5)
     for served in (first_bytes, last_bytes):
         assert 0.4 * size < served < 0.6 * size, (first_bytes, last_bytes, size)
+
+
+async def test_a_two_node_cluster_on_a_gguf_downloads_each_nodes_layers_only(
+    gguf_hub: FakeHub, gguf_dir: Path, tmp_path: Path
+) -> None:
+    local = Shard(str(gguf_dir / GGUF_FILE), 0, 0, 16)
+    async with running_cluster(["solo"], CandleInferenceEngine) as (solo,):
+        expected = [t async for t in solo.generate(local, "Hello there", max_tokens=6)]
+    homes = iter([tmp_path / "node-a", tmp_path / "node-b"])
+    async with running_cluster(
+        ["a", "b"], lambda: CandleInferenceEngine(HfShardDownloader(exo_home=next(homes)))
+    ) as nodes:
+        tokens = [t async for t in nodes[0].generate(Shard(GGUF_ID, 0, 0, 16), "Hello there", max_tokens=6)]
+        layers = sorted((n.inference_engine.shard.start_layer, n.inference_engine.shard.end_layer) for n in nodes)
+    assert tokens == expected
+    assert layers[0][0] == 0 and layers[0][1] + 1 == layers[1][0] and layers[1][1] == 15
+    size = (gguf_dir / GGUF_FILE).stat().st_size
+    downloaded = [tmp_path / f"node-{n}" / "synth--tiny-llama-16-GGUF" / GGUF_FILE for n in "ab"]
+    present = [_recorded_bytes(p) for p in downloaded]
+    # Each node holds about its share of the layers (and the embeddings or the head), and the
+    # hub served nothing else.
+    assert all(0.35 * size < p < 0.65 * size for p in present), (present, size)
+    assert gguf_hub.served_bytes(GGUF_FILE) == sum(present)
 
 
 async def test_an_interrupted_gguf_range_resumes_where_it_broke_off(
