@@ -550,3 +550,11 @@ async def test_a_gguf_id_gives_layers_and_tokenizer_from_the_header(gguf_hub: Fa
     tokenizer = await resolve_tokenizer(GGUF_ID)
     assert tokenizer.decode(tokenizer.encode("hello world", add_special_tokens=False)) == "hello world"
     assert gguf_hub.served_bytes(GGUF_FILE) < 0.1 * (gguf_dir / GGUF_FILE).stat().st_size
+
+
+async def test_a_gguf_repository_named_without_a_file_says_how_to_name_one(gguf_hub: FakeHub) -> None:
+    with pytest.raises(InvalidModelError, match=f"{GGUF_REPO}/FILE.gguf") as error:
+        await HfShardDownloader().ensure_shard(Shard(GGUF_REPO, 0, 15, 16), "candle")
+    named = str(error.value).rsplit(": ", 1)[1].split(", ")
+    assert sorted(named) == sorted([GGUF_FILE, GGUF_PARTS[0]])
+    assert gguf_hub.fetched_weights() == set()

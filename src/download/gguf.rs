@@ -385,6 +385,26 @@ impl HfDownloader {
     }
 }
 
+/// For a repository of GGUF files named without one: how to name them, with the GGUF files
+/// (split ones by their first part) it holds; empty for other repositories.
+pub(super) fn gguf_hint(listing: &RepoListing) -> String {
+    let files: Vec<&str> = listing
+        .files
+        .iter()
+        .map(|f| f.path.as_str())
+        .filter(|path| GgufRef::parse(&format!("{}/{path}", listing.repo_id)).is_some())
+        .filter(|path| gguf_part_names(Path::new(path)).is_ok())
+        .collect();
+    if files.is_empty() {
+        return String::new();
+    }
+    format!(
+        "; it holds GGUF files, name one as the model id ({}/FILE.gguf): {}",
+        listing.repo_id,
+        files.join(", ")
+    )
+}
+
 /// Deletes the downloaded parts of `gguf` (and their records) from `home`; false when none
 /// were there. Other files of the repository (other quantizations) stay.
 pub(super) fn delete_gguf(home: &Path, gguf: &GgufRef) -> Result<bool> {

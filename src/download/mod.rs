@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use futures::stream::{self, Stream, StreamExt};
 use tokio::sync::{OwnedMutexGuard, Semaphore};
 
-use self::gguf::{delete_gguf, GgufRef};
+use self::gguf::{delete_gguf, gguf_hint, GgufRef};
 use self::hub::{partial_path, HubClient, RemoteFile, RepoListing};
 use self::layout::{
     hf_cache_snapshot, hf_hub_cache, link_or_copy, repo_dir_name, top_level_files, HubSettings,
@@ -303,9 +303,9 @@ impl HfDownloader {
         target: &Path,
     ) -> Result<Vec<RemoteFile>> {
         let repo = &listing.repo_id;
-        let config = listing
-            .file(CONFIG_FILE)
-            .ok_or_else(|| Error::InvalidModel(format!("{repo} has no {CONFIG_FILE}")))?;
+        let config = listing.file(CONFIG_FILE).ok_or_else(|| {
+            Error::InvalidModel(format!("{repo} has no {CONFIG_FILE}{}", gguf_hint(listing)))
+        })?;
         let whole = shard.start_layer == 0 && shard.is_last_layer();
         let weights: Vec<String> = match listing.file(INDEX_FILE) {
             Some(index) if !whole => {
