@@ -558,3 +558,19 @@ async def test_a_gguf_repository_named_without_a_file_says_how_to_name_one(gguf_
     named = str(error.value).rsplit(": ", 1)[1].split(", ")
     assert sorted(named) == sorted([GGUF_FILE, GGUF_PARTS[0]])
     assert gguf_hub.fetched_weights() == set()
+
+
+async def test_a_gguf_whose_bytes_all_arrived_is_checked_against_the_hubs_hash(
+    gguf_hub: FakeHub, gguf_dir: Path, env: Path
+) -> None:
+    gguf_hub.corrupt.add(GGUF_FILE)
+    # A shard's ranges alone cannot be hashed: the corrupted bytes go unnoticed until the
+    # whole file is present, which is checked and, failing, not kept.
+    await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 12, 15, 16), "candle")
+    with pytest.raises(IntegrityError, match=f"{GGUF_FILE}.*SHA-256"):
+        await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 0, 15, 16), "candle")
+    path = env / "synth--tiny-llama-16-GGUF" / GGUF_FILE
+    assert not path.exists() and not (path.parent / f"{GGUF_FILE}.ranges").exists()
+    gguf_hub.corrupt.clear()
+    await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 0, 15, 16), "candle")
+    assert _sha256(path) == _sha256(gguf_dir / GGUF_FILE)

@@ -171,13 +171,12 @@ impl HfDownloader {
         let target = self.repo_dir(&gguf.repo_id);
         let listing = self.listing(&settings, &gguf.repo_id).await?;
         let revision = listing.as_ref().map_or(REVISION, |l| l.pinned_revision()).to_string();
-        let mut parts = Vec::new();
-        for path in gguf.parts()? {
-            let remote = self.gguf_remote(&settings, gguf, listing.as_ref(), &path, &target).await?;
-            let dest = target.join(&path);
-            let header = self.gguf_header(&settings, gguf, &revision, &remote, &dest).await?;
-            parts.push(Part { remote, dest, header });
-        }
+        let headers: Vec<_> = gguf
+            .parts()?
+            .into_iter()
+            .map(|path| self.gguf_part(&settings, gguf, listing.as_ref(), &revision, path, &target))
+            .collect();
+        let parts = futures::future::try_join_all(headers).await?;
         let tied = !parts.iter().any(|p| p.header.tensor_infos.contains_key("output.weight"));
         let mut plans = Vec::new();
         for part in &parts {
@@ -211,6 +210,22 @@ impl HfDownloader {
             self.emit(tracker, true);
         }
         result.map(|_| target.join(&gguf.path))
+    }
+
+    /// The part `path` of `gguf`, with its header.
+    async fn gguf_part(
+        &self,
+        settings: &HubSettings,
+        gguf: &GgufRef,
+        listing: Option<&RepoListing>,
+        revision: &str,
+        path: String,
+        target: &Path,
+    ) -> Result<Part> {
+        let remote = self.gguf_remote(settings, gguf, listing, &path, target).await?;
+        let dest = target.join(&path);
+        let header = self.gguf_header(settings, gguf, revision, &remote, &dest).await?;
+        Ok(Part { remote, dest, header })
     }
 
     /// The listed part `path` with its size (from `HEAD` when the listing has none); offline
