@@ -1,5 +1,6 @@
 //! The Hugging Face hub over HTTP: a repository's file listing (with sizes and hashes), file
-//! metadata from `HEAD`, and resumable, verified downloads of single files.
+//! metadata from `HEAD`, and resumable, verified downloads of single files or of byte ranges
+//! of them.
 
 use std::io::Read;
 use std::ops::Range;

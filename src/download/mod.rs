@@ -1,6 +1,7 @@
 //! Shard downloads from the Hugging Face hub: each node fetches only the files its layers
-//! need, in parallel, resumably and verified, into exo's downloads directory, reusing the
-//! Hugging Face cache, local model directories and seeded copies without network.
+//! need (of a GGUF, only their byte ranges), in parallel, resumably and verified, into exo's
+//! downloads directory, reusing the Hugging Face cache, local model directories and seeded
+//! copies without network.
 
 pub mod gguf;
 pub mod hub;
