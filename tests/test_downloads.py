@@ -1,5 +1,6 @@
-"""Shard downloads against a local fake hub: only a shard's files, resume, integrity, errors,
-one download for concurrent callers, offline mode, the Hugging Face cache, seeding, progress."""
+"""Shard downloads against a local fake hub: only a shard's files (of a GGUF, only its layers'
+byte ranges), resume, integrity, errors, one download for concurrent callers, offline mode, the
+Hugging Face cache, seeding, progress."""
 
 from __future__ import annotations
 
