@@ -575,3 +575,17 @@ async def test_a_gguf_whose_bytes_all_arrived_is_checked_against_the_hubs_hash(
     gguf_hub.corrupt.clear()
     await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 0, 15, 16), "candle")
     assert _sha256(path) == _sha256(gguf_dir / GGUF_FILE)
+
+
+async def test_gguf_progress_counts_the_shards_bytes(gguf_hub: FakeHub, gguf_dir: Path) -> None:
+    downloader = new_shard_downloader()
+    events: list[RepoProgressEvent] = []
+    downloader.on_progress.register("test").on_next(lambda _shard, event: events.append(event))
+    await downloader.ensure_shard(Shard(GGUF_ID, 8, 15, 16), "candle")
+    await asyncio.sleep(0)
+    final = events[-1]
+    assert final.status == "complete" and final.repo_id == GGUF_REPO and set(final.file_progress) == {GGUF_FILE}
+    # The shard's bytes: what the hub served, less the few bytes fetched along between ranges.
+    served = gguf_hub.served_bytes(GGUF_FILE)
+    assert final.downloaded_bytes == final.total_bytes <= served < (gguf_dir / GGUF_FILE).stat().st_size
+    assert final.total_bytes > 0.95 * served
