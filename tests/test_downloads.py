@@ -589,3 +589,15 @@ async def test_gguf_progress_counts_the_shards_bytes(gguf_hub: FakeHub, gguf_dir
     served = gguf_hub.served_bytes(GGUF_FILE)
     assert final.downloaded_bytes == final.total_bytes <= served < (gguf_dir / GGUF_FILE).stat().st_size
     assert final.total_bytes > 0.95 * served
+
+
+async def test_a_bare_listing_gives_a_ggufs_size_and_hash_from_head(gguf_hub: FakeHub, gguf_dir: Path) -> None:
+    gguf_hub.bare_listing = True
+    gguf_hub.corrupt.add(GGUF_FILE)
+    with pytest.raises(IntegrityError, match=GGUF_FILE):
+        await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 0, 15, 16), "candle")
+    heads = [r for r in gguf_hub.requests if r.method == "HEAD"]
+    assert [r.path.rsplit("/", 1)[-1] for r in heads] == [GGUF_FILE]
+    gguf_hub.corrupt.clear()
+    path = await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 0, 15, 16), "candle")
+    assert _sha256(path) == _sha256(gguf_dir / GGUF_FILE)
