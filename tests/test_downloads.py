@@ -601,3 +601,14 @@ async def test_a_bare_listing_gives_a_ggufs_size_and_hash_from_head(gguf_hub: Fa
     gguf_hub.corrupt.clear()
     path = await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 0, 15, 16), "candle")
     assert _sha256(path) == _sha256(gguf_dir / GGUF_FILE)
+
+
+async def test_a_gguf_in_the_hugging_face_cache_is_linked_without_network(
+    gguf_hub: FakeHub, gguf_dir: Path, tmp_path: Path
+) -> None:
+    _fill_hf_cache(tmp_path / "hf-cache", GGUF_REPO, gguf_dir)
+    path = await HfShardDownloader().ensure_shard(Shard(SPLIT_ID, 8, 15, 16), "candle")
+    assert gguf_hub.requests == []
+    for part in GGUF_PARTS:
+        assert _sha256(path.parent / part) == _sha256(gguf_dir / part)
+        assert not (path.parent / f"{part}.ranges").exists()

@@ -169,10 +169,17 @@ impl HfDownloader {
     pub(super) async fn ensure_gguf(&self, gguf: &GgufRef, shard: Option<&Shard>) -> Result<PathBuf> {
         let settings = HubSettings::from_env();
         let target = self.repo_dir(&gguf.repo_id);
-        let listing = self.listing(&settings, &gguf.repo_id).await?;
+        let parts = gguf.parts()?;
+        let snapshot = hf_cache_snapshot(&gguf.repo_id, REVISION);
+        let all_cached = snapshot.is_some_and(|s| parts.iter().all(|p| s.join(p).is_file()));
+        let listing = match self.cached_listing(&gguf.repo_id) {
+            // The Hugging Face cache has every part: used as it is, without network.
+            None if all_cached => None,
+            None => self.listing(&settings, &gguf.repo_id).await?,
+            cached => cached,
+        };
         let revision = listing.as_ref().map_or(REVISION, |l| l.pinned_revision()).to_string();
-        let headers: Vec<_> = gguf
-            .parts()?
+        let headers: Vec<_> = parts
             .into_iter()
             .map(|path| self.gguf_part(&settings, gguf, listing.as_ref(), &revision, path, &target))
             .collect();
@@ -228,8 +235,8 @@ impl HfDownloader {
         Ok(Part { remote, dest, header })
     }
 
-    /// The listed part `path` with its size (from `HEAD` when the listing has none); offline
-    /// without a listing, the local copy's (or the Hugging Face cache's) size.
+    /// The listed part `path` with its size (from `HEAD` when the listing has none); without
+    /// a listing (offline, or all in the Hugging Face cache), the local copy's or the cache's.
     async fn gguf_remote(
         &self,
         settings: &HubSettings,
