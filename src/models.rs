@@ -578,16 +578,28 @@ pub fn engine_class(name: &str) -> &str {
     ENGINE_CLASSES.iter().find(|(short, _)| *short == name).map_or(name, |(_, class)| class)
 }
 
+/// Whether `part` may be one part of a repo id or of a path in a repository.
+fn is_name_part(part: &str) -> bool {
+    !part.is_empty()
+        && !part.starts_with(['.', '-'])
+        && !part.contains("..")
+        && part.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
 /// Whether `id` has the shape of a Hugging Face repo id (`org/name`).
 pub fn is_hub_repo_id(id: &str) -> bool {
     let Some((org, name)) = id.split_once('/') else { return false };
-    let part_ok = |p: &str| {
-        !p.is_empty()
-            && !p.starts_with(['.', '-'])
-            && !p.contains("..")
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-    };
-    part_ok(org) && part_ok(name)
+    is_name_part(org) && is_name_part(name)
+}
+
+/// The repository and file of a GGUF model id on the hub, `org/name/path/file.gguf` (a split
+/// GGUF by its first part, `-00001-of-0000N.gguf`): `("org/name", "path/file.gguf")`.
+pub fn hub_gguf_file(id: &str) -> Option<(&str, &str)> {
+    let (org, rest) = id.split_once('/')?;
+    let (name, path) = rest.split_once('/')?;
+    let repo = &id[..org.len() + 1 + name.len()];
+    let is_gguf = path.len() > ".gguf".len() && path.to_ascii_lowercase().ends_with(".gguf");
+    (is_hub_repo_id(repo) && is_gguf && path.split('/').all(is_name_part)).then_some((repo, path))
 }
 
 pub use crate::engine::is_local_model;
@@ -604,7 +616,7 @@ pub fn get_repo(model_id: &str, engine_class: &str) -> Option<String> {
     if let Some(card) = model_card(model_id) {
         return card.repos.iter().find(|(e, _)| *e == engine_class).map(|(_, r)| r.to_string());
     }
-    let takes_id = is_local_model(model_id) || is_hub_repo_id(model_id);
+    let takes_id = is_local_model(model_id) || is_hub_repo_id(model_id) || hub_gguf_file(model_id).is_some();
     (takes_id && engine_takes_repos(engine_class)).then(|| model_id.to_string())
 }
 
@@ -661,6 +673,17 @@ mod tests {
         assert_eq!(get_repo("org/some-model", DUMMY), None);
         for bad in ["org", "/abs", "a/b/c", "../x", "org/..", "org/na me", ""] {
             assert!(!is_hub_repo_id(bad), "{bad}");
+        }
+        assert_eq!(hub_gguf_file("org/m-GGUF/m-Q4_K_M.gguf"), Some(("org/m-GGUF", "m-Q4_K_M.gguf")));
+        assert_eq!(
+            hub_gguf_file("org/m/Q8_0/m-00001-of-00002.gguf"),
+            Some(("org/m", "Q8_0/m-00001-of-00002.gguf"))
+        );
+        assert_eq!(get_repo("org/m/m.gguf", CANDLE).as_deref(), Some("org/m/m.gguf"));
+        for bad in
+            ["org/m", "org/m/m.bin", "org/m/.gguf", "org/m/../m.gguf", "org/m//m.gguf", "/org/m/m.gguf"]
+        {
+            assert!(hub_gguf_file(bad).is_none(), "{bad}");
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_str().unwrap().to_string();

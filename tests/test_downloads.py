@@ -1,15 +1,18 @@
-"""Shard downloads against a local fake hub: only a shard's files, resume, integrity, errors,
-one download for concurrent callers, offline mode, the Hugging Face cache, seeding, progress."""
+"""Shard downloads against a local fake hub: only a shard's files (of a GGUF, only its layers'
+byte ranges), resume, integrity, errors, one download for concurrent callers, offline mode, the
+Hugging Face cache, seeding, progress."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import shutil
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
@@ -36,6 +39,8 @@ from exo.inference.shard import Shard
 from exo.inference.tokenizers import resolve_tokenizer
 from exo.models import build_base_shard_async
 from exo.testing.synth import write_model
+from exo.testing.synth_gguf import write_gguf
+from support.cluster import running_cluster
 from support.fake_hub import COMMIT, FakeHub, FakeHubServer
 
 TIED = "synth/tiny-llama"
@@ -382,3 +387,228 @@ async def test_the_candle_engine_still_takes_python_downloaders(models: dict[str
     logits, _ = await engine.infer_tensor("r", shard, np.array([[1, 2]]))
     assert logits.shape == (1, 1, 512)
     assert downloader.calls == [(shard, "CandleInferenceEngine")]
+
+
+# A 16-layer Q8_0 GGUF, whole and split in three, in one repository; ids name the file.
+GGUF_REPO = "synth/tiny-llama-16-GGUF"
+GGUF_FILE = "tiny-llama-16-q8_0.gguf"
+GGUF_PARTS = [f"tiny-llama-16-q8_0-{i:05d}-of-00003.gguf" for i in range(1, 4)]
+GGUF_ID = f"{GGUF_REPO}/{GGUF_FILE}"
+SPLIT_ID = f"{GGUF_REPO}/{GGUF_PARTS[0]}"
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("gguf")
+    write_gguf("tiny-llama-16", root / GGUF_FILE, "q8_0")
+    write_gguf("tiny-llama-16", root / GGUF_FILE, "q8_0", split=3)
+    assert sorted(p.name for p in root.iterdir()) == sorted([GGUF_FILE, *GGUF_PARTS])
+    return root
+
+
+@pytest.fixture
+def gguf_hub(hub: FakeHub, gguf_dir: Path) -> FakeHub:
+    hub.add_repo(GGUF_REPO, gguf_dir)
+    return hub
+
+
+def _tensor_bytes(path: Path) -> dict[str, tuple[int, int]]:
+    """Each tensor's (offset, length) in the GGUF file at `path`."""
+    return {t.name: (int(t.data_offset), int(t.n_bytes)) for t in gguf.GGUFReader(path).tensors}
+
+
+def _recorded_bytes(path: Path) -> int:
+    """The bytes the `.ranges` record beside a GGUF fetched in ranges lists as present."""
+    return sum(end - start for start, end in json.loads(Path(f"{path}.ranges").read_text())["present"])
+
+
+def _layer(name: str) -> int | None:
+    return int(name.split(".")[1]) if name.startswith("blk.") else None
+
+
+async def test_a_gguf_shard_fetches_only_its_layers(gguf_hub: FakeHub, gguf_dir: Path, env: Path) -> None:
+    path = await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 8, 15, 16), "candle")
+    assert path == env / "synth--tiny-llama-16-GGUF" / GGUF_FILE
+    original = gguf_dir / GGUF_FILE
+    size = original.stat().st_size
+    served = gguf_hub.served_bytes(GGUF_FILE)
+    assert 0.4 * size < served < 0.6 * size, (served, size)
+    assert path.stat().st_size == size
+    data, local = original.read_bytes(), path.read_bytes()
+    for name, (offset, length) in _tensor_bytes(original).items():
+        layer = _layer(name)
+        if layer is None or layer >= 8:  # the shard's layers, the tied embeddings, norm, rope factors
+            assert local[offset : offset + length] == data[offset : offset + length], name
+        else:
+            assert local[offset : offset + length] == bytes(length), f"{name} was fetched"
+    assert (path.parent / f"{GGUF_FILE}.ranges").is_file()
+
+
+async def test_two_nodes_each_fetch_their_half_and_run_the_model(
+    gguf_hub: FakeHub, gguf_dir: Path, tmp_path: Path
+) -> None:
+    prompt = np.array([[1, 2, 3, 4, 5]])
+    expected, _ = await CandleInferenceEngine().infer_tensor("r", Shard(str(gguf_dir / GGUF_FILE), 0, 15, 16), prompt)
+    size = (gguf_dir / GGUF_FILE).stat().st_size
+    first = CandleInferenceEngine(HfShardDownloader(exo_home=tmp_path / "node-a"))
+    hidden, _ = await first.infer_tensor("r", Shard(GGUF_ID, 0, 7, 16), prompt)
+    first_bytes = gguf_hub.served_bytes(GGUF_FILE)
+    gguf_hub.clear_log()
+    last = CandleInferenceEngine(HfShardDownloader(exo_home=tmp_path / "node-b"))
+    logits, _ = await last.infer_tensor("r", Shard(GGUF_ID, 8, 15, 16), hidden)
+    last_bytes = gguf_hub.served_bytes(GGUF_FILE)
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    for served in (first_bytes, last_bytes):
+        assert 0.4 * size < served < 0.6 * size, (first_bytes, last_bytes, size)
+
+
+async def test_a_two_node_cluster_on_a_gguf_downloads_each_nodes_layers_only(
+    gguf_hub: FakeHub, gguf_dir: Path, tmp_path: Path
+) -> None:
+    local = Shard(str(gguf_dir / GGUF_FILE), 0, 0, 16)
+    async with running_cluster(["solo"], CandleInferenceEngine) as (solo,):
+        expected = [t async for t in solo.generate(local, "Hello there", max_tokens=6)]
+    homes = iter([tmp_path / "node-a", tmp_path / "node-b"])
+    async with running_cluster(
+        ["a", "b"], lambda: CandleInferenceEngine(HfShardDownloader(exo_home=next(homes)))
+    ) as nodes:
+        tokens = [t async for t in nodes[0].generate(Shard(GGUF_ID, 0, 0, 16), "Hello there", max_tokens=6)]
+        layers = sorted((n.inference_engine.shard.start_layer, n.inference_engine.shard.end_layer) for n in nodes)
+    assert tokens == expected
+    assert layers[0][0] == 0 and layers[0][1] + 1 == layers[1][0] and layers[1][1] == 15
+    size = (gguf_dir / GGUF_FILE).stat().st_size
+    downloaded = [tmp_path / f"node-{n}" / "synth--tiny-llama-16-GGUF" / GGUF_FILE for n in "ab"]
+    present = [_recorded_bytes(p) for p in downloaded]
+    # Each node holds about its share of the layers (and the embeddings or the head), and the
+    # hub served nothing else.
+    assert all(0.35 * size < p < 0.65 * size for p in present), (present, size)
+    assert gguf_hub.served_bytes(GGUF_FILE) == sum(present)
+
+
+async def test_an_interrupted_gguf_range_resumes_where_it_broke_off(
+    gguf_hub: FakeHub, gguf_dir: Path, env: Path
+) -> None:
+    downloader = HfShardDownloader()
+    await downloader.ensure_metadata(GGUF_ID)
+    header_bytes = gguf_hub.served_bytes(GGUF_FILE)
+    assert header_bytes < 0.1 * (gguf_dir / GGUF_FILE).stat().st_size
+    gguf_hub.clear_log()
+    gguf_hub.cut_once.add(GGUF_FILE)
+    path = await downloader.ensure_shard(Shard(GGUF_ID, 12, 15, 16), "candle")
+    cut, resumed = gguf_hub.file_gets(GGUF_FILE)[:2]
+    assert cut.range is not None and resumed.range is not None
+    start, end = (int(n) for n in cut.range.removeprefix("bytes=").split("-"))
+    assert resumed.range == f"bytes={start + cut.served}-{end}" and cut.served == (end - start + 1) // 2
+    data = (gguf_dir / GGUF_FILE).read_bytes()
+    offset, length = _tensor_bytes(gguf_dir / GGUF_FILE)["blk.12.ffn_down.weight"]
+    assert path.read_bytes()[offset : offset + length] == data[offset : offset + length]
+
+
+async def test_a_later_gguf_shard_fetches_only_the_missing_ranges(
+    gguf_hub: FakeHub, gguf_dir: Path, env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 8, 15, 16), "candle")
+    first = gguf_hub.served_bytes(GGUF_FILE)
+    gguf_hub.clear_log()
+    # Offline, the shard it has is served from the cache and the one it lacks is named.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 8, 15, 16), "candle")
+    with pytest.raises(OfflineError, match=GGUF_FILE):
+        await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 0, 15, 16), "candle")
+    assert gguf_hub.requests == []
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    # A new downloader (a restarted node) fetches the rest: no byte twice, then the whole
+    # file is checked against the hub's SHA-256 and its record of ranges goes.
+    path = await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 0, 15, 16), "candle")
+    original = gguf_dir / GGUF_FILE
+    assert first + gguf_hub.served_bytes(GGUF_FILE) == original.stat().st_size
+    assert _sha256(path) == _sha256(original)
+    assert not (path.parent / f"{GGUF_FILE}.ranges").exists()
+    assert await delete_model(GGUF_ID, "candle")
+    assert not path.exists()
+
+
+async def test_a_split_gguf_fetches_each_parts_share_of_the_layers(
+    gguf_hub: FakeHub, gguf_dir: Path, env: Path
+) -> None:
+    path = await HfShardDownloader().ensure_shard(Shard(SPLIT_ID, 8, 15, 16), "candle")
+    assert path == env / "synth--tiny-llama-16-GGUF" / GGUF_PARTS[0]
+    total = sum((gguf_dir / p).stat().st_size for p in GGUF_PARTS)
+    served = sum(gguf_hub.served_bytes(p) for p in GGUF_PARTS)
+    assert 0.4 * total < served < 0.65 * total, (served, total)
+    for part in GGUF_PARTS:
+        assert (path.parent / part).stat().st_size == (gguf_dir / part).stat().st_size
+    prompt = np.array([[3, 1, 4]])
+    local = Shard(str(gguf_dir / GGUF_PARTS[0]), 0, 7, 16)
+    hidden, _ = await CandleInferenceEngine().infer_tensor("r", local, prompt)
+    whole, _ = await CandleInferenceEngine().infer_tensor("r", Shard(str(gguf_dir / GGUF_FILE), 0, 15, 16), prompt)
+    logits, _ = await CandleInferenceEngine(HfShardDownloader()).infer_tensor("r", Shard(SPLIT_ID, 8, 15, 16), hidden)
+    np.testing.assert_allclose(logits, whole, atol=1e-5)
+
+
+async def test_a_gguf_id_gives_layers_and_tokenizer_from_the_header(gguf_hub: FakeHub, gguf_dir: Path) -> None:
+    assert await build_base_shard_async(GGUF_ID, "CandleInferenceEngine") == Shard(GGUF_ID, 0, 0, 16)
+    tokenizer = await resolve_tokenizer(GGUF_ID)
+    assert tokenizer.decode(tokenizer.encode("hello world", add_special_tokens=False)) == "hello world"
+    assert gguf_hub.served_bytes(GGUF_FILE) < 0.1 * (gguf_dir / GGUF_FILE).stat().st_size
+
+
+async def test_a_gguf_repository_named_without_a_file_says_how_to_name_one(gguf_hub: FakeHub) -> None:
+    with pytest.raises(InvalidModelError, match=f"{GGUF_REPO}/FILE.gguf") as error:
+        await HfShardDownloader().ensure_shard(Shard(GGUF_REPO, 0, 15, 16), "candle")
+    named = str(error.value).rsplit(": ", 1)[1].split(", ")
+    assert sorted(named) == sorted([GGUF_FILE, GGUF_PARTS[0]])
+    assert gguf_hub.fetched_weights() == set()
+
+
+async def test_a_gguf_whose_bytes_all_arrived_is_checked_against_the_hubs_hash(
+    gguf_hub: FakeHub, gguf_dir: Path, env: Path
+) -> None:
+    gguf_hub.corrupt.add(GGUF_FILE)
+    # A shard's ranges alone cannot be hashed: the corrupted bytes go unnoticed until the
+    # whole file is present, which is checked and, failing, not kept.
+    await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 12, 15, 16), "candle")
+    with pytest.raises(IntegrityError, match=f"{GGUF_FILE}.*SHA-256"):
+        await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 0, 15, 16), "candle")
+    path = env / "synth--tiny-llama-16-GGUF" / GGUF_FILE
+    assert not path.exists() and not (path.parent / f"{GGUF_FILE}.ranges").exists()
+    gguf_hub.corrupt.clear()
+    await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 0, 15, 16), "candle")
+    assert _sha256(path) == _sha256(gguf_dir / GGUF_FILE)
+
+
+async def test_gguf_progress_counts_the_shards_bytes(gguf_hub: FakeHub, gguf_dir: Path) -> None:
+    downloader = new_shard_downloader()
+    events: list[RepoProgressEvent] = []
+    downloader.on_progress.register("test").on_next(lambda _shard, event: events.append(event))
+    await downloader.ensure_shard(Shard(GGUF_ID, 8, 15, 16), "candle")
+    await asyncio.sleep(0)
+    final = events[-1]
+    assert final.status == "complete" and final.repo_id == GGUF_REPO and set(final.file_progress) == {GGUF_FILE}
+    # The shard's bytes: what the hub served, less the few bytes fetched along between ranges.
+    served = gguf_hub.served_bytes(GGUF_FILE)
+    assert final.downloaded_bytes == final.total_bytes <= served < (gguf_dir / GGUF_FILE).stat().st_size
+    assert final.total_bytes > 0.95 * served
+
+
+async def test_a_bare_listing_gives_a_ggufs_size_and_hash_from_head(gguf_hub: FakeHub, gguf_dir: Path) -> None:
+    gguf_hub.bare_listing = True
+    gguf_hub.corrupt.add(GGUF_FILE)
+    with pytest.raises(IntegrityError, match=GGUF_FILE):
+        await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 0, 15, 16), "candle")
+    heads = [r for r in gguf_hub.requests if r.method == "HEAD"]
+    assert [r.path.rsplit("/", 1)[-1] for r in heads] == [GGUF_FILE]
+    gguf_hub.corrupt.clear()
+    path = await HfShardDownloader().ensure_shard(Shard(GGUF_ID, 0, 15, 16), "candle")
+    assert _sha256(path) == _sha256(gguf_dir / GGUF_FILE)
+
+
+async def test_a_gguf_in_the_hugging_face_cache_is_linked_without_network(
+    gguf_hub: FakeHub, gguf_dir: Path, tmp_path: Path
+) -> None:
+    _fill_hf_cache(tmp_path / "hf-cache", GGUF_REPO, gguf_dir)
+    path = await HfShardDownloader().ensure_shard(Shard(SPLIT_ID, 8, 15, 16), "candle")
+    assert gguf_hub.requests == []
+    for part in GGUF_PARTS:
+        assert _sha256(path.parent / part) == _sha256(gguf_dir / part)
+        assert not (path.parent / f"{part}.ranges").exists()

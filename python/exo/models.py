@@ -3,10 +3,11 @@
 `model_cards` maps a model id to its number of layers and a repository per engine class
 (`CandleInferenceEngine`: Hugging Face safetensors repos; `MLXDynamicShardInferenceEngine`:
 mlx-community repos; `DummyInferenceEngine`: the `dummy` model). Beyond the registry, a model id
-may be a Hugging Face repo id (`org/name`) or a local model directory: `get_repo` returns it as
-is, and `build_base_shard` reads its layer count from its `config.json` when that is on disk
-(the directory itself, `EXO_HOME` or the Hugging Face cache). `build_base_shard_async` also
-fetches the `config.json` of a repo id that is not on disk yet.
+may be a Hugging Face repo id (`org/name`), a GGUF file in one (`org/name/file.gguf`) or a local
+model directory or GGUF file: `get_repo` returns it as is, and `build_base_shard` reads its layer
+count from its `config.json` (or GGUF header) when that is on disk (the directory itself,
+`EXO_HOME` or the Hugging Face cache). `build_base_shard_async` also fetches the `config.json`
+(or the GGUF's header) of a repo id that is not on disk yet.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 //! The Hugging Face hub over HTTP: a repository's file listing (with sizes and hashes), file
-//! metadata from `HEAD`, and resumable, verified downloads of single files.
+//! metadata from `HEAD`, and resumable, verified downloads of single files or of byte ranges
+//! of them.
 
 use std::io::Read;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,6 +15,7 @@ use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 
 use super::layout::HubSettings;
+use super::sparse::SparseFile;
 use crate::error::{Error, Result};
 
 /// Attempts per file before a transient failure (connection, 5xx, cut body) is final.
@@ -187,12 +190,21 @@ where
     loop {
         match attempt(tries).await {
             Ok(value) => return Ok(value),
-            Err(Failure::Fatal(error)) => return Err(error),
-            Err(Failure::Retry(error)) if tries + 1 >= ATTEMPTS => return Err(error),
-            Err(Failure::Retry(_)) => {
-                tokio::time::sleep(Duration::from_millis(200 << tries)).await;
-                tries += 1;
-            }
+            Err(failure) => back_off(failure, tries).await?,
+        }
+        tries += 1;
+    }
+}
+
+/// After the failure of attempt `tries`: the error when it is final or attempts ran out,
+/// else a pause before the next attempt.
+async fn back_off(failure: Failure, tries: u32) -> Result<()> {
+    match failure {
+        Failure::Fatal(error) => Err(error),
+        Failure::Retry(error) if tries + 1 >= ATTEMPTS => Err(error),
+        Failure::Retry(_) => {
+            tokio::time::sleep(Duration::from_millis(200 << tries)).await;
+            Ok(())
         }
     }
 }
@@ -449,10 +461,138 @@ impl HubClient {
             _ => Ok(()),
         }
     }
+
+    /// Fetches the bytes `range` of `file` into `sparse` with `Range` requests; a transfer
+    /// that breaks off resumes after the last byte written. `on_bytes` is told how many bytes
+    /// of the range have arrived.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn fetch_range(
+        &self,
+        settings: &HubSettings,
+        repo_id: &str,
+        revision: &str,
+        file: &RemoteFile,
+        range: Range<u64>,
+        sparse: &mut SparseFile,
+        on_bytes: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<()> {
+        let url = Self::file_url(settings, repo_id, revision, &file.path);
+        let what = format!("bytes {}..{} of {} of {repo_id}", range.start, range.end, file.path);
+        let mut next = range.start;
+        let mut tries = 0;
+        let result = loop {
+            let fetched =
+                self.fetch_range_once(settings, &url, &what, next..range.end, sparse, &mut next).await;
+            on_bytes(next - range.start);
+            match fetched {
+                Ok(()) => break Ok(()),
+                Err(failure) => {
+                    if let Err(error) = back_off(failure, tries).await {
+                        break Err(error);
+                    }
+                }
+            }
+            tries += 1;
+        };
+        sparse.save().await?;
+        result
+    }
+
+    /// One GET of `range` into `sparse`; `next` follows the bytes written.
+    async fn fetch_range_once(
+        &self,
+        settings: &HubSettings,
+        url: &str,
+        what: &str,
+        range: Range<u64>,
+        sparse: &mut SparseFile,
+        next: &mut u64,
+    ) -> std::result::Result<(), Failure> {
+        let request =
+            self.get(settings, url).header(RANGE, format!("bytes={}-{}", range.start, range.end - 1));
+        let response = request.send().await.map_err(|e| transport_failure(settings, url, e))?;
+        let size = sparse.size();
+        // Where the body starts in the file: the range asked for, or 0 from a server that
+        // ignores ranges (whose bytes before the range are skipped).
+        let mut position = match response.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let answered = header(response.headers(), CONTENT_RANGE.as_str()).unwrap_or_default();
+                let expected = format!("bytes {}-", range.start);
+                let total_ok =
+                    answered.rsplit_once('/').is_none_or(|(_, t)| t == "*" || t == size.to_string());
+                if !answered.starts_with(&expected) || !total_ok {
+                    return Err(Failure::Fatal(Error::Integrity(format!(
+                        "{what}: asked for bytes {}..{} of a {size}-byte file, {url} answered range {answered:?}",
+                        range.start, range.end
+                    ))));
+                }
+                range.start
+            }
+            StatusCode::OK => 0,
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                return Err(Failure::Fatal(Error::Integrity(format!(
+                    "{what}: {url} has no bytes {}..{}; the file is shorter than the {size} bytes announced",
+                    range.start, range.end
+                ))))
+            }
+            _ => return Err(status_failure(settings, what, url, &response)),
+        };
+        let mut buffer: Vec<u8> = Vec::with_capacity(WRITE_BUFFER);
+        let mut body = response.bytes_stream();
+        while position < range.end {
+            let chunk = match body.next().await {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e)) => {
+                    // Keep what arrived, so that the next attempt resumes after it.
+                    write_run(sparse, next, &mut buffer).await?;
+                    return Err(Failure::Retry(Error::Connection(format!(
+                        "{what}: the transfer from {url} broke off at byte {position}: {}",
+                        causes(&e)
+                    ))));
+                }
+                None => break,
+            };
+            let chunk_end = position + chunk.len() as u64;
+            let wanted = position.max(range.start)..chunk_end.min(range.end);
+            if wanted.start < wanted.end {
+                buffer.extend_from_slice(
+                    &chunk[(wanted.start - position) as usize..(wanted.end - position) as usize],
+                );
+            }
+            position = chunk_end;
+            if buffer.len() >= WRITE_BUFFER {
+                write_run(sparse, next, &mut buffer).await?;
+            }
+        }
+        write_run(sparse, next, &mut buffer).await?;
+        if *next < range.end {
+            return Err(Failure::Retry(Error::Connection(format!(
+                "{what}: the transfer from {url} ended at byte {next} of {}..{}",
+                range.start, range.end
+            ))));
+        }
+        Ok(())
+    }
+}
+
+/// Writes the bytes gathered in `buffer` to `sparse` at `*next`, and moves `next` past them.
+async fn write_run(
+    sparse: &mut SparseFile,
+    next: &mut u64,
+    buffer: &mut Vec<u8>,
+) -> std::result::Result<(), Failure> {
+    if buffer.is_empty() {
+        return Ok(());
+    }
+    let bytes = std::mem::replace(buffer, Vec::with_capacity(WRITE_BUFFER));
+    let length = bytes.len() as u64;
+    sparse.write(*next, bytes).await.map_err(Failure::Fatal)?;
+    *next += length;
+    Ok(())
 }
 
 /// Checks a finished partial file against the listed size and hash.
-async fn verify(file: &RemoteFile, partial: &Path, dest: &Path, what: &str) -> Result<()> {
+pub(super) async fn verify(file: &RemoteFile, partial: &Path, dest: &Path, what: &str) -> Result<()> {
     let length = tokio::fs::metadata(partial)
         .await
         .map_err(|e| Error::Download(format!("cannot read {}: {e}", partial.display())))?

@@ -1,11 +1,15 @@
 //! Shard downloads from the Hugging Face hub: each node fetches only the files its layers
-//! need, in parallel, resumably and verified, into exo's downloads directory, reusing the
-//! Hugging Face cache, local model directories and seeded copies without network.
+//! need (of a GGUF, only their byte ranges), in parallel, resumably and verified, into exo's
+//! downloads directory, reusing the Hugging Face cache, local model directories and seeded
+//! copies without network.
 
+pub mod gguf;
 pub mod hub;
 pub mod layout;
 pub mod progress;
+pub mod ranges;
 pub mod selection;
+pub mod sparse;
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -17,6 +21,7 @@ use async_trait::async_trait;
 use futures::stream::{self, Stream, StreamExt};
 use tokio::sync::{OwnedMutexGuard, Semaphore};
 
+use self::gguf::{delete_gguf, gguf_hint, GgufRef};
 use self::hub::{partial_path, HubClient, RemoteFile, RepoListing};
 use self::layout::{
     hf_cache_snapshot, hf_hub_cache, link_or_copy, repo_dir_name, top_level_files, HubSettings,
@@ -26,7 +31,7 @@ use self::selection::{
     config_layers, config_ties_embeddings, is_metadata_file, is_weights_file, WeightMap, CONFIG_FILE,
     INDEX_FILE, SINGLE_WEIGHTS_FILE,
 };
-use crate::engine::candle::gguf_files;
+use crate::engine::candle::{gguf_files, model_config};
 use crate::engine::ModelLocator;
 use crate::error::{Error, Result};
 use crate::models::{self, engine_class, get_repo, is_hub_repo_id, is_local_model, model_card};
@@ -206,10 +211,13 @@ impl HfDownloader {
         let key = (engine.to_string(), shard.clone());
         let _one_at_a_time = self.shard_locks.lock(&key).await;
         let ready = self.ready.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
-        if let Some(dir) = ready.filter(|d| d.join(CONFIG_FILE).is_file()) {
+        if let Some(dir) = ready.filter(|d| d.join(CONFIG_FILE).is_file() || d.is_file()) {
             return Ok(dir);
         }
-        let dir = self.fetch_shard(&repo, shard).await?;
+        let dir = match GgufRef::parse(&repo) {
+            Some(gguf) => self.ensure_gguf(&gguf, Some(shard)).await?,
+            None => self.fetch_shard(&repo, shard).await?,
+        };
         self.ready.lock().unwrap_or_else(|e| e.into_inner()).insert(key, dir.clone());
         Ok(dir)
     }
@@ -296,9 +304,9 @@ impl HfDownloader {
         target: &Path,
     ) -> Result<Vec<RemoteFile>> {
         let repo = &listing.repo_id;
-        let config = listing
-            .file(CONFIG_FILE)
-            .ok_or_else(|| Error::InvalidModel(format!("{repo} has no {CONFIG_FILE}")))?;
+        let config = listing.file(CONFIG_FILE).ok_or_else(|| {
+            Error::InvalidModel(format!("{repo} has no {CONFIG_FILE}{}", gguf_hint(listing)))
+        })?;
         let whole = shard.start_layer == 0 && shard.is_last_layer();
         let weights: Vec<String> = match listing.file(INDEX_FILE) {
             Some(index) if !whole => {
@@ -433,18 +441,22 @@ impl HfDownloader {
     }
 
     /// Makes a model's configuration and tokenizer files present (no weights) and returns
-    /// their directory; `model_id` is a registry id, a Hugging Face repo id or a local directory.
+    /// their directory (for a GGUF on the hub, the file, holding only its headers); `model_id`
+    /// is a registry id, a Hugging Face repo id, a GGUF in one, or a local model.
     pub async fn ensure_metadata(&self, model_id: &str) -> Result<PathBuf> {
         let repo = get_repo(model_id, models::CANDLE)
             .or_else(|| is_hub_repo_id(model_id).then(|| model_id.to_string()))
             .ok_or_else(|| {
                 Error::InvalidModel(format!(
-                    "{model_id:?} is neither a registry model, a Hugging Face repo id (org/name) nor a local model \
-                     directory"
+                    "{model_id:?} is neither a registry model, a Hugging Face repo id (org/name), a GGUF file in one \
+                     (org/name/file.gguf) nor a local model"
                 ))
             })?;
         if is_local_model(&repo) {
             return Ok(PathBuf::from(repo));
+        }
+        if let Some(gguf) = GgufRef::parse(&repo) {
+            return self.ensure_gguf(&gguf, None).await;
         }
         let target = self.repo_dir(&repo);
         let has_metadata =
@@ -482,6 +494,12 @@ impl HfDownloader {
             };
         }
         let dir = self.ensure_metadata(model_id).await?;
+        if dir.is_file() {
+            let config = tokio::task::spawn_blocking(move || model_config(&dir)).await.map_err(|e| {
+                Error::InvalidModel(format!("reading the config of {model_id} stopped: {e}"))
+            })??;
+            return Ok(config.num_hidden_layers as i32);
+        }
         let config = dir.join(CONFIG_FILE);
         config_layers(&read_json(&config)?, &config.display().to_string())
     }
@@ -496,11 +514,14 @@ impl HfDownloader {
             return Err(Error::InvalidModel("the dummy model has no files".into()));
         }
         let local = is_local_model(&repo);
-        let target = if local { PathBuf::from(&repo) } else { self.repo_dir(&repo) };
+        let gguf = if local { None } else { GgufRef::parse(&repo) };
+        let repo_id = gguf.as_ref().map_or(repo.as_str(), |g| g.repo_id.as_str());
+        let target = if local { PathBuf::from(&repo) } else { self.repo_dir(repo_id) };
         let settings = HubSettings::from_env();
-        let listing = if local { None } else { self.listing(&settings, &repo).await? };
-        let files: Vec<(String, u64, u64)> = match &listing {
-            Some(listing) => whole_model_files(listing)
+        let listing = if local { None } else { self.listing(&settings, repo_id).await? };
+        let files: Vec<(String, u64, u64)> = match (&gguf, &listing) {
+            (Some(gguf), _) => self.gguf_status(gguf, listing.as_ref())?,
+            (None, Some(listing)) => whole_model_files(listing)
                 .into_iter()
                 .map(|f| {
                     let present = present_bytes(&target.join(&f.path));
@@ -508,7 +529,7 @@ impl HfDownloader {
                     (f.path, present.min(total), total)
                 })
                 .collect(),
-            None => local_shard_files(&target, shard)
+            (None, None) => local_shard_files(&target, shard)
                 .map_err(|missing| self.offline_error(&repo, &missing))?
                 .into_iter()
                 .map(|f| {
@@ -518,7 +539,7 @@ impl HfDownloader {
                 .collect(),
         };
         let revision = listing.as_ref().map_or(REVISION, |l| l.pinned_revision());
-        let tracker = ProgressTracker::new(shard.clone(), &repo, revision, &files);
+        let tracker = ProgressTracker::new(shard.clone(), repo_id, revision, &files);
         Ok((target, tracker.snapshot(Instant::now())))
     }
 
@@ -561,6 +582,10 @@ pub fn delete_model(home: &Path, model_id: &str, engine: &str) -> Result<bool> {
         .ok_or_else(|| Error::InvalidModel(format!("no {engine} repository for model {model_id:?}")))?;
     if is_local_model(&repo) {
         return Err(Error::InvalidArgument(format!("{repo} is a local model directory, not a download")));
+    }
+    if let Some(gguf) = GgufRef::parse(&repo) {
+        let _ = std::fs::remove_file(listing_path(home, &gguf.repo_id));
+        return delete_gguf(home, &gguf);
     }
     let _ = std::fs::remove_file(listing_path(home, &repo));
     layout::delete_repo(home, &repo)

@@ -114,7 +114,9 @@ impl PyHfShardDownloader {
         self.inner.home()
     }
 
-    /// Fetches the files `shard` needs for an engine class; resolves to their directory.
+    /// Fetches the files `shard` needs for an engine class; resolves to their directory (to
+    /// the file of a GGUF on the hub, `org/name/file.gguf`, of which only the shard's byte
+    /// ranges are fetched).
     fn ensure_shard<'py>(
         &self,
         py: Python<'py>,
@@ -128,13 +130,15 @@ impl PyHfShardDownloader {
         })
     }
 
-    /// Fetches a model's config and tokenizer files only; resolves to their directory.
+    /// Fetches a model's config and tokenizer files only; resolves to their directory (to the
+    /// file of a GGUF on the hub, of which only the header is fetched).
     fn ensure_metadata<'py>(&self, py: Python<'py>, model_id: String) -> PyResult<Bound<'py, PyAny>> {
         let downloader = self.inner.clone();
         super::asyncio::future_into_py(py, async move { Ok(downloader.ensure_metadata(&model_id).await?) })
     }
 
-    /// The number of layers of a registry model, Hugging Face repo or local directory.
+    /// The number of layers of a registry model, Hugging Face repo, GGUF on the hub or local
+    /// model.
     fn model_layers<'py>(
         &self,
         py: Python<'py>,

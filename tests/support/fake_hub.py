@@ -2,12 +2,13 @@
 
 Serves model directories with the hub's routes on 127.0.0.1:
 - `GET /api/models/{org}/{name}/revision/{rev}` — the listing with sizes, git blob ids and,
-  for LFS files (`*.safetensors`), their SHA-256;
+  for LFS files (`*.safetensors`, `*.gguf`), their SHA-256;
 - `HEAD`/`GET /{org}/{name}/resolve/{rev}/{path}` — plain files answered directly (`ETag` = git
   blob id); LFS files redirected (302 with `X-Linked-Size`/`X-Linked-Etag`) to `/cdn/{sha256}`,
-  which honours `Range: bytes=N-`.
-It logs every request and can cut a transfer midway, corrupt a file, hide a file, demand a
-token, or list bare file names (as some mirrors do, so that sizes and hashes come from `HEAD`).
+  which honours `Range: bytes=N-` and `Range: bytes=N-M`.
+It logs every request with the body bytes it sent, and can cut a transfer midway, corrupt a
+file, hide a file, demand a token, or list bare file names (as some mirrors do, so that sizes
+and hashes come from `HEAD`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Request:
     path: str
     range: str | None
     authorization: str | None
+    served: int = 0  # body bytes sent
 
 
 @dataclass
@@ -53,7 +55,7 @@ class FakeHub:
 
     repos: dict[str, dict[str, HubFile]] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
-    cut_once: set[str] = field(default_factory=set)  # files whose first transfer breaks off midway
+    cut_once: set[str] = field(default_factory=set)  # files whose next transfer breaks off midway
     corrupt: set[str] = field(default_factory=set)
     missing_files: set[str] = field(default_factory=set)
     token: str | None = None
@@ -66,7 +68,8 @@ class FakeHub:
         files = {}
         for path in sorted(model_dir.iterdir()):
             if path.is_file():
-                files[path.name] = HubFile(path.name, path.read_bytes(), path.suffix == ".safetensors")
+                lfs = path.suffix in (".safetensors", ".gguf")
+                files[path.name] = HubFile(path.name, path.read_bytes(), lfs)
         self.repos[repo_id] = files
 
     def by_sha(self, sha: str) -> HubFile | None:
@@ -88,6 +91,10 @@ class FakeHub:
             return [r for r in gets if r.path in blobs]
         return [r for r in gets if r.path.split("?", 1)[0].endswith(f"/resolve/{COMMIT}/{name}")]
 
+    def served_bytes(self, name: str) -> int:
+        """Body bytes sent of the file called `name`, over all its GETs."""
+        return sum(r.served for r in self.file_gets(name))
+
     def fetched_weights(self) -> set[str]:
         """Names of the safetensors files whose bytes were fetched."""
         names = {f.path for files in self.repos.values() for f in files.values() if f.lfs}
@@ -100,14 +107,15 @@ class FakeHub:
 
 class _Handler(BaseHTTPRequestHandler):
     hub: FakeHub
+    logged: Request  # the request being answered, as logged
 
     def log_message(self, format: str, *args: object) -> None:
         return
 
     def _record(self) -> None:
-        request = Request(self.command, self.path, self.headers.get("Range"), self.headers.get("Authorization"))
+        self.logged = Request(self.command, self.path, self.headers.get("Range"), self.headers.get("Authorization"))
         with self.hub.lock:
-            self.hub.requests.append(request)
+            self.hub.requests.append(self.logged)
 
     def _authorized(self) -> bool:
         if self.hub.token is None or self.headers.get("Authorization") == f"Bearer {self.hub.token}":
@@ -206,36 +214,42 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self, file: HubFile, head: bool, etag: str) -> None:
         data = file.data
         if file.path in self.hub.corrupt:
-            data = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
-        start = 0
+            middle = len(data) // 2  # past any header, so that only a hash tells
+            data = data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 64]) + data[middle + 64 :]
+        start, end = 0, len(data)
         requested = self.headers.get("Range")
-        if requested and requested.startswith("bytes=") and requested.endswith("-"):
-            start = int(requested.removeprefix("bytes=").removesuffix("-"))
+        if requested:
+            first, _, last = requested.removeprefix("bytes=").partition("-")
+            start = int(first)
+            end = min(int(last) + 1, len(data)) if last else len(data)
             if start >= len(data):
                 self._empty(416)
                 return
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_response(206 if requested else 200)
+        if requested:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("ETag", etag)
         self.send_header("X-Repo-Commit", COMMIT)
-        self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("Content-Length", str(end - start))
         self.end_headers()
         if head:
             return
         cut = False
         with self.hub.lock:
-            if file.path in self.hub.cut_once and not start:
+            if file.path in self.hub.cut_once:
                 self.hub.cut_once.discard(file.path)
                 cut = True
         if cut:
-            self.wfile.write(data[: len(data) // 2])
+            body = data[start : start + (end - start) // 2]
+            self.wfile.write(body)
             self.wfile.flush()
+            self.logged.served = len(body)
             self.close_connection = True
             self.connection.shutdown(2)
             return
-        self.wfile.write(data[start:])
+        self.wfile.write(data[start:end])
+        self.logged.served = end - start
 
 
 class FakeHubServer:

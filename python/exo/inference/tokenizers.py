@@ -5,7 +5,8 @@ directory, or for a Hugging Face repo id (or a registry model id) from the downl
 (`$EXO_HOME`, default `~/.cache/exo/downloads`), fetching the tokenizer and config files through
 the shard downloader when they are not there yet (the Hugging Face cache is reused, and
 `HF_HUB_OFFLINE=1` keeps it to local files). A GGUF model (a `.gguf` path, or a directory
-holding one) without a `tokenizer.json` beside it brings its own tokenizer in its metadata.
+holding one) without a `tokenizer.json` beside it brings its own tokenizer in its metadata; so
+does a GGUF on the hub (`org/name/file.gguf`), of which only the header is fetched.
 """
 
 import asyncio
@@ -78,6 +79,8 @@ async def resolve_tokenizer(repo_id_or_path: str | PathLike[str]) -> Tokenizer |
             return await loop.run_in_executor(None, Tokenizer.from_dir, gguf_file.parent)
         return await loop.run_in_executor(None, Tokenizer.from_gguf, gguf_file)
     model_dir = await _model_dir(repo_id_or_path)
+    if model_dir.suffix.lower() == ".gguf":  # a GGUF on the hub: its header is downloaded
+        return await loop.run_in_executor(None, Tokenizer.from_gguf, model_dir)
     return await loop.run_in_executor(None, Tokenizer.from_dir, model_dir)
 
 

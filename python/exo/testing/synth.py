@@ -219,6 +219,22 @@ PRESETS: dict[str, Preset] = {
             max_position_embeddings=2048,
         ),
     ),
+    # 16 layers of tiny-llama's kind: GGUF files whose layer ranges tests fetch apart.
+    "tiny-llama-16": Preset(
+        LLAMA3,
+        _llama_config(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=16,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            rope_theta=500000.0,
+            rope_scaling=LLAMA3_ROPE,
+            tie_word_embeddings=True,
+            max_position_embeddings=2048,
+        ),
+    ),
     "tiny-llama-untied": Preset(
         LLAMA3,
         _llama_config(**TINY, num_key_value_heads=4, vocab_size=512, rope_theta=10000.0, max_position_embeddings=2048),

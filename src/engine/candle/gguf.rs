@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::GgmlDType;
 use memmap2::Mmap;
 
@@ -74,8 +74,9 @@ pub fn gguf_files(path: &Path) -> Result<Option<Vec<PathBuf>>> {
     find_gguf(path)?.map(|first| part_paths(&first)).transpose()
 }
 
-/// The files of the GGUF whose first file is `first`: itself, or all parts of a split.
-fn part_paths(first: &Path) -> Result<Vec<PathBuf>> {
+/// The names of the files of the GGUF whose first file is `first`: itself, or every part of a
+/// split in order (whether or not they exist).
+pub fn part_names(first: &Path) -> Result<Vec<PathBuf>> {
     let Some((no, count)) = split_part(first) else { return Ok(vec![first.to_path_buf()]) };
     if no != 1 {
         return Err(Error::InvalidModel(format!(
@@ -85,9 +86,16 @@ fn part_paths(first: &Path) -> Result<Vec<PathBuf>> {
     }
     let name = first.file_name().and_then(|n| n.to_str()).unwrap_or_default();
     let prefix = &name[..name.len() - "00001-of-00000.gguf".len()];
-    (1..=count)
-        .map(|part| {
-            let path = first.with_file_name(format!("{prefix}{part:05}-of-{count:05}.{EXTENSION}"));
+    Ok((1..=count)
+        .map(|part| first.with_file_name(format!("{prefix}{part:05}-of-{count:05}.{EXTENSION}")))
+        .collect())
+}
+
+/// The files of the GGUF whose first file is `first`: itself, or all parts of a split.
+fn part_paths(first: &Path) -> Result<Vec<PathBuf>> {
+    part_names(first)?
+        .into_iter()
+        .map(|path| {
             if path.is_file() {
                 Ok(path)
             } else {
@@ -95,6 +103,14 @@ fn part_paths(first: &Path) -> Result<Vec<PathBuf>> {
             }
         })
         .collect()
+}
+
+/// Where the bytes of the tensor `info` of a GGUF whose header is `content` lie in its file.
+pub fn tensor_range(content: &Content, info: &TensorInfo) -> Range<u64> {
+    let elems: usize = info.shape.dims().iter().product();
+    let bytes = (elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
+    let start = content.tensor_data_offset + info.offset;
+    start..start + bytes
 }
 
 /// Where one tensor's bytes lie.
@@ -136,10 +152,8 @@ impl GgufFile {
             let (file, map) = (Arc::new(file), Arc::new(map));
             for (name, info) in &content.tensor_infos {
                 let dims = info.shape.dims().to_vec();
-                let elems: usize = dims.iter().product();
-                let bytes = (elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
-                let start = content.tensor_data_offset + info.offset;
-                if start + bytes > map.len() as u64 {
+                let range = tensor_range(&content, info);
+                if range.end > map.len() as u64 {
                     return Err(Error::InvalidModel(format!(
                         "{}: tensor {name} ({}, {dims:?}) runs past the end of the file",
                         path.display(),
@@ -151,7 +165,7 @@ impl GgufFile {
                     map: map.clone(),
                     dtype: info.ggml_dtype,
                     shape: dims,
-                    range: start..start + bytes,
+                    range,
                 };
                 tensors.insert(name.clone(), stored);
             }

@@ -21,7 +21,7 @@ mod weights;
 pub use batch::{BatchOptions, MAX_BATCH_ENV, PREFILL_CHUNK_ENV};
 pub use config::ModelConfig;
 pub use device::{ComputeDevice, DEVICE_ENV};
-pub use gguf::gguf_files;
+pub use gguf::{gguf_files, part_names as gguf_part_names, tensor_range as gguf_tensor_range};
 pub use quantize::{block_type, block_type_from_env, QUANTIZE_ENV};
 
 use std::path::Path;
