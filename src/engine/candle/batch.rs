@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use tokio::sync::oneshot;
@@ -156,9 +157,15 @@ impl Batcher {
     }
 }
 
+/// How long a round waits for the next steps of the requests the last round answered: their
+/// callers sample and send them back within moments of each other, and a round started on the
+/// first of them would leave the rest for a round of their own.
+const GATHER: Duration = Duration::from_millis(3);
+
 /// The worker: rounds of batched steps until every handle is gone.
 fn work(receiver: mpsc::Receiver<Job>, options: BatchOptions) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut answered = 0;
     loop {
         if waiting.is_empty() {
             match receiver.recv() {
@@ -166,7 +173,19 @@ fn work(receiver: mpsc::Receiver<Job>, options: BatchOptions) {
                 Err(_) => return,
             }
         }
-        waiting.extend(receiver.try_iter());
+        let deadline = Instant::now() + GATHER;
+        loop {
+            waiting.extend(receiver.try_iter());
+            let left = deadline.saturating_duration_since(Instant::now());
+            if waiting.len() >= answered || left.is_zero() {
+                break;
+            }
+            match receiver.recv_timeout(left) {
+                Ok(job) => waiting.push_back(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
         // Steps whose callers went away are not run.
         let (gone, live): (Vec<Job>, Vec<Job>) = waiting.drain(..).partition(|job| job.reply.is_closed());
         waiting.extend(live);
@@ -178,8 +197,11 @@ fn work(receiver: mpsc::Receiver<Job>, options: BatchOptions) {
         if round.is_empty() {
             continue;
         }
+        let taken = round.len();
+        let unfinished = run_round(round);
+        answered = taken - unfinished.len();
         // Unfinished prompts go back to the front, in their order.
-        for job in run_round(round).into_iter().rev() {
+        for job in unfinished.into_iter().rev() {
             waiting.push_front(job);
         }
     }
