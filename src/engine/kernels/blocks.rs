@@ -1,10 +1,10 @@
 //! Quantized weight matrices in GGUF's block formats, read in place, and the portable
 //! decoding of their blocks.
 //!
-//! Every format is decoded the same way, 64 weights (a *chunk*) at a time: an unsigned
-//! 8-bit code `q` per weight and, per *lane* of 4 consecutive weights, a scale `a` and an
-//! offset `b` with `w = a·q + b`. The kernels dot the codes with 8-bit activations in
-//! integers and apply `a` and `b` per lane in f32 (see [`super::quantized`]).
+//! The 32-weight formats (Q8_0, Q4_0) decode to signed 8-bit codes and one scale per block;
+//! the 256-weight K formats to unsigned codes (at most 6 bits) with an integer scale and an
+//! f32 offset per 16 weights and one f32 scale per block, so the kernels can sum a whole
+//! block in integers (see [`super::quantized`]).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -12,10 +12,6 @@ use std::sync::Arc;
 use half::f16;
 
 use crate::error::{Error, Result};
-
-/// Weights per chunk, and lanes (of 4 weights) per chunk.
-pub const CHUNK: usize = 64;
-pub const LANES: usize = CHUNK / 4;
 
 /// A GGUF block format the block kernels multiply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,24 +112,6 @@ impl BlockMatrix {
     }
 }
 
-/// One decoded chunk: codes and per-lane scales and offsets (`w = a·q + b`).
-pub struct Chunk {
-    pub q: [u8; CHUNK],
-    pub a: [f32; LANES],
-    pub b: [f32; LANES],
-}
-
-impl Chunk {
-    fn zeroed() -> Self {
-        Self { q: [0; CHUNK], a: [0.0; LANES], b: [0.0; LANES] }
-    }
-
-    /// Weight `i` of the chunk.
-    pub fn weight(&self, i: usize) -> f32 {
-        self.a[i / 4] * self.q[i] as f32 + self.b[i / 4]
-    }
-}
-
 fn half_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]])).to_f32()
 }
@@ -147,100 +125,113 @@ pub fn scale_min_k4(j: usize, packed: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Chunk `c` of the row `row` (of `cols` weights), decoded; a chunk past the last block of
-/// a 32-weight format holds zeros.
-pub fn decode_chunk(block_type: BlockType, row: &[u8], cols: usize, c: usize) -> Chunk {
-    let mut chunk = Chunk::zeroed();
-    match block_type {
-        BlockType::Q8_0 | BlockType::Q4_0 => {
-            for half in 0..2 {
-                let block = 2 * c + half;
-                if block * 32 >= cols {
-                    break;
-                }
-                let at = block * block_type.block_bytes();
-                let d = half_at(row, at);
-                let codes = &mut chunk.q[32 * half..32 * half + 32];
-                let offset = if block_type == BlockType::Q8_0 {
-                    for (q, &byte) in codes.iter_mut().zip(&row[at + 2..at + 34]) {
-                        *q = byte ^ 0x80;
-                    }
-                    -128.0 * d
-                } else {
-                    for (i, &byte) in row[at + 2..at + 18].iter().enumerate() {
-                        codes[i] = byte & 0x0f;
-                        codes[i + 16] = byte >> 4;
-                    }
-                    -8.0 * d
-                };
-                chunk.a[8 * half..8 * half + 8].fill(d);
-                chunk.b[8 * half..8 * half + 8].fill(offset);
-            }
-        }
-        BlockType::Q4K | BlockType::Q5K => {
-            let (block, part) = (c / 4, c % 4);
-            let at = block * block_type.block_bytes();
-            let block_bytes = &row[at..at + block_type.block_bytes()];
-            let (d, dmin) = (half_at(block_bytes, 0), half_at(block_bytes, 2));
-            let packed = &block_bytes[4..16];
-            let (high, codes) = if block_type == BlockType::Q5K {
-                (Some(&block_bytes[16..48]), &block_bytes[48 + 32 * part..80 + 32 * part])
-            } else {
-                (None, &block_bytes[16 + 32 * part..48 + 32 * part])
-            };
-            for (i, &byte) in codes.iter().enumerate() {
-                let (mut low, mut up) = (byte & 0x0f, byte >> 4);
-                if let Some(high) = high {
-                    low |= ((high[i] >> (2 * part)) & 1) << 4;
-                    up |= ((high[i] >> (2 * part + 1)) & 1) << 4;
-                }
-                chunk.q[i] = low;
-                chunk.q[i + 32] = up;
-            }
-            for half in 0..2 {
-                let (scale, min) = scale_min_k4(2 * part + half, packed);
-                chunk.a[8 * half..8 * half + 8].fill(d * scale as f32);
-                chunk.b[8 * half..8 * half + 8].fill(-dmin * min as f32);
-            }
-        }
-        BlockType::Q6K => {
-            let (block, part) = (c / 4, c % 4);
-            let at = block * block_type.block_bytes();
-            let block_bytes = &row[at..at + block_type.block_bytes()];
-            let (n, upper) = (part / 2, part % 2 == 1);
-            let low = &block_bytes[64 * n..64 * n + 64];
-            let high = &block_bytes[128 + 32 * n..160 + 32 * n];
-            for l in 0..32 {
-                let shift = if upper { 4 } else { 0 };
-                let first = (low[l] >> shift) & 0x0f;
-                let second = (low[l + 32] >> shift) & 0x0f;
-                chunk.q[l] = first | (((high[l] >> shift) & 3) << 4);
-                chunk.q[l + 32] = second | (((high[l] >> (shift + 2)) & 3) << 4);
-            }
-            let d = half_at(block_bytes, 208);
-            for group in 0..4 {
-                let scale = d * block_bytes[192 + 4 * part + group] as i8 as f32;
-                chunk.a[4 * group..4 * group + 4].fill(scale);
-                chunk.b[4 * group..4 * group + 4].fill(-32.0 * scale);
-            }
-        }
-    }
-    chunk
+/// A decoded Q8_0 or Q4_0 block: `w = d·q`.
+pub struct SmallBlock {
+    pub q: [i8; 32],
+    pub d: f32,
 }
 
-/// Chunks in a row of `cols` weights.
-pub fn chunks(cols: usize) -> usize {
-    cols.div_ceil(CHUNK)
+/// The Q8_0 or Q4_0 block at the start of `bytes`.
+pub fn decode_small_block(block_type: BlockType, bytes: &[u8]) -> SmallBlock {
+    let mut q = [0i8; 32];
+    if block_type == BlockType::Q8_0 {
+        for (code, &byte) in q.iter_mut().zip(&bytes[2..34]) {
+            *code = byte as i8;
+        }
+    } else {
+        for (i, &byte) in bytes[2..18].iter().enumerate() {
+            q[i] = (byte & 0x0f) as i8 - 8;
+            q[i + 16] = (byte >> 4) as i8 - 8;
+        }
+    }
+    SmallBlock { q, d: half_at(bytes, 0) }
+}
+
+/// Weights per group of a decoded K block (one integer scale and one offset each).
+pub const K_GROUP: usize = 16;
+
+/// A decoded Q4K, Q5K or Q6K block: unsigned codes (at most 63), and per group of 16
+/// weights an integer scale `s` and an offset `o`, with `w = d·s·q + o`.
+pub struct KBlock {
+    pub q: [u8; 256],
+    pub scales: [i32; 16],
+    pub offsets: [f32; 16],
+    pub d: f32,
+}
+
+/// The K-format block at the start of `bytes`.
+pub fn decode_k_block(block_type: BlockType, bytes: &[u8]) -> KBlock {
+    let mut block = KBlock { q: [0; 256], scales: [0; 16], offsets: [0.0; 16], d: 0.0 };
+    match block_type {
+        BlockType::Q4K | BlockType::Q5K => {
+            let (d, dmin) = (half_at(bytes, 0), half_at(bytes, 2));
+            let packed = &bytes[4..16];
+            for part in 0..4 {
+                let codes = if block_type == BlockType::Q5K {
+                    &bytes[48 + 32 * part..80 + 32 * part]
+                } else {
+                    &bytes[16 + 32 * part..48 + 32 * part]
+                };
+                for (i, &byte) in codes.iter().enumerate() {
+                    let (mut low, mut up) = (byte & 0x0f, byte >> 4);
+                    if block_type == BlockType::Q5K {
+                        let high = bytes[16 + i];
+                        low |= ((high >> (2 * part)) & 1) << 4;
+                        up |= ((high >> (2 * part + 1)) & 1) << 4;
+                    }
+                    block.q[64 * part + i] = low;
+                    block.q[64 * part + 32 + i] = up;
+                }
+            }
+            for group in 0..16 {
+                let (scale, min) = scale_min_k4(group / 2, packed);
+                block.scales[group] = scale as i32;
+                block.offsets[group] = -dmin * min as f32;
+            }
+            block.d = d;
+        }
+        BlockType::Q6K => {
+            for part in 0..4 {
+                let (n, shift) = (part / 2, 4 * (part % 2));
+                let (low, high) = (&bytes[64 * n..64 * n + 64], &bytes[128 + 32 * n..160 + 32 * n]);
+                for l in 0..32 {
+                    let first = (low[l] >> shift) & 0x0f;
+                    let second = (low[l + 32] >> shift) & 0x0f;
+                    block.q[64 * part + l] = first | (((high[l] >> shift) & 3) << 4);
+                    block.q[64 * part + 32 + l] = second | (((high[l] >> (shift + 2)) & 3) << 4);
+                }
+            }
+            let d = half_at(bytes, 208);
+            for group in 0..16 {
+                let scale = bytes[192 + group] as i8 as i32;
+                block.scales[group] = scale;
+                block.offsets[group] = -32.0 * d * scale as f32;
+            }
+            block.d = d;
+        }
+        BlockType::Q8_0 | BlockType::Q4_0 => unreachable!("32-weight formats have no K blocks"),
+    }
+    block
 }
 
 /// Row `row` of `matrix` decoded to f32 (`out` has `cols` values).
 pub fn dequantize_row(matrix: &BlockMatrix, row: usize, out: &mut [f32]) {
-    let row_bytes = matrix.block_type.row_bytes(matrix.cols);
+    let block_type = matrix.block_type;
+    let (size, bytes_per_block) = (block_type.block_weights(), block_type.block_bytes());
+    let row_bytes = block_type.row_bytes(matrix.cols);
     let bytes = &matrix.data()[row * row_bytes..(row + 1) * row_bytes];
-    for c in 0..chunks(matrix.cols) {
-        let chunk = decode_chunk(matrix.block_type, bytes, matrix.cols, c);
-        for (i, value) in out[c * CHUNK..].iter_mut().take(CHUNK).enumerate() {
-            *value = chunk.weight(i);
+    for (block, values) in bytes.chunks_exact(bytes_per_block).zip(out.chunks_exact_mut(size)) {
+        if size == 32 {
+            let decoded = decode_small_block(block_type, block);
+            for (value, &q) in values.iter_mut().zip(&decoded.q) {
+                *value = decoded.d * q as f32;
+            }
+            continue;
+        }
+        let decoded = decode_k_block(block_type, block);
+        for (i, value) in values.iter_mut().enumerate() {
+            let group = i / K_GROUP;
+            *value = decoded.d * decoded.scales[group] as f32 * decoded.q[i] as f32 + decoded.offsets[group];
         }
     }
 }
