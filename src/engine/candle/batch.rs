@@ -7,7 +7,7 @@
 //! budget of `prefill_chunk` positions (an eighth of it when decode steps share the round),
 //! then answers the steps that are complete.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -157,15 +157,17 @@ impl Batcher {
     }
 }
 
-/// How long a round waits for the next steps of the requests the last round answered: their
-/// callers sample and send them back within moments of each other, and a round started on the
-/// first of them would leave the rest for a round of their own.
+/// How long a round waits for the next steps of the requests the last two rounds answered:
+/// their callers sample and send them back within moments of each other, and a round started
+/// on the first of them would leave the rest for a round of their own (two rounds, so that
+/// requests that fell out of step come back into one).
 const GATHER: Duration = Duration::from_millis(3);
 
 /// The worker: rounds of batched steps until every handle is gone.
 fn work(receiver: mpsc::Receiver<Job>, options: BatchOptions) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
-    let mut answered = 0;
+    // The requests answered by the last round and the one before.
+    let mut answered: [HashSet<String>; 2] = Default::default();
     loop {
         if waiting.is_empty() {
             match receiver.recv() {
@@ -173,11 +175,12 @@ fn work(receiver: mpsc::Receiver<Job>, options: BatchOptions) {
                 Err(_) => return,
             }
         }
+        let expected = answered[0].union(&answered[1]).count();
         let deadline = Instant::now() + GATHER;
         loop {
             waiting.extend(receiver.try_iter());
             let left = deadline.saturating_duration_since(Instant::now());
-            if waiting.len() >= answered || left.is_zero() {
+            if waiting.len() >= expected || left.is_zero() {
                 break;
             }
             match receiver.recv_timeout(left) {
@@ -197,9 +200,12 @@ fn work(receiver: mpsc::Receiver<Job>, options: BatchOptions) {
         if round.is_empty() {
             continue;
         }
-        let taken = round.len();
+        let mut ids: HashSet<String> = round.iter().map(|(job, _)| job.request_id.clone()).collect();
         let unfinished = run_round(round);
-        answered = taken - unfinished.len();
+        for job in &unfinished {
+            ids.remove(&job.request_id);
+        }
+        answered = [ids, std::mem::take(&mut answered[0])];
         // Unfinished prompts go back to the front, in their order.
         for job in unfinished.into_iter().rev() {
             waiting.push_front(job);
