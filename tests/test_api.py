@@ -212,6 +212,7 @@ async def test_timeout_mid_stream_sends_error_event(served: Served) -> None:
         (errors.RequestFailedError, 500, "request_failed"),
         (errors.PeerError, 503, "peer_unavailable"),
         (errors.CacheEvictedError, 503, "cache_evicted"),
+        (errors.InsufficientMemoryError, 503, "insufficient_memory"),
     ],
 )
 async def test_failure_in_the_cluster(served: Served, failure: type[Exception], status: int, code: str) -> None:
