@@ -7,6 +7,7 @@ mod config;
 mod decode_attention;
 mod device;
 mod embedding;
+mod footprint;
 mod gguf;
 mod linear;
 mod model;
@@ -275,6 +276,30 @@ impl Engine for CandleEngine {
             }
         }
     }
+
+    /// From the model's `config.json` and the headers of what is here of its weights, or its
+    /// GGUF header; weights are never read.
+    async fn model_memory(&self, base: &Shard) -> Option<crate::topology::ModelMemory> {
+        let dir = self.locator.locate_config(&base.model_id).await?;
+        let on_host = self.device.device().is_cpu();
+        match model_memory(&dir, &self.options, on_host) {
+            Ok(memory) => Some(memory),
+            Err(e) => {
+                log::debug!("no memory figures for {}: {e}", base.model_id);
+                None
+            }
+        }
+    }
+}
+
+/// What the model at `path` takes in memory once an engine with `options` loads it, on the
+/// host when `on_host` (see [`footprint`]).
+pub fn model_memory(
+    path: &Path,
+    options: &EngineOptions,
+    on_host: bool,
+) -> Result<crate::topology::ModelMemory> {
+    footprint::model_memory(path, options, on_host)
 }
 
 /// The config of the model at `path`: a model directory's `config.json`, or a GGUF's metadata.
