@@ -57,6 +57,20 @@ impl Default for NodeSettings {
     }
 }
 
+/// The layers one node holds of a model, and the bytes they need there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeLayers {
+    /// The node.
+    pub node_id: String,
+    /// Its first layer.
+    pub start_layer: i32,
+    /// Its last layer.
+    pub end_layer: i32,
+    /// Bytes its layers, their KV caches and the embedding or head it holds need; `None` when
+    /// the engine cannot tell.
+    pub memory: Option<u64>,
+}
+
 /// Options of one `generate` call; `None` falls back to the node's settings.
 #[derive(Debug, Clone, Default)]
 pub struct GenerateOptions {
@@ -279,6 +293,28 @@ impl Node {
             end_layer: shard.end_layer,
         });
         Ok(Some(plan.collect()))
+    }
+
+    /// The layers each node would hold of `base`'s model for a request started here now, in
+    /// ring order, with the bytes they need where the engine can tell; an error when the
+    /// model does not fit the nodes' memory.
+    pub async fn layer_plan(&self, base: &Shard) -> Result<Vec<NodeLayers>> {
+        base.validate()?;
+        let partitions = self.partitions();
+        let layers = match self.balanced_plan(base).await? {
+            Some(plan) => planned_shards(&plan, base)?,
+            None => self.assignments(base),
+        };
+        let fit = self.memory_fit(base, &partitions).await;
+        Ok(layers
+            .into_iter()
+            .map(|(node_id, shard)| NodeLayers {
+                memory: fit.as_ref().map(|fit| fit.model.shard_need(&shard)),
+                node_id,
+                start_layer: shard.start_layer,
+                end_layer: shard.end_layer,
+            })
+            .collect())
     }
 
     /// `base`'s model's memory, as this node's engine would load it, against the memory of the
