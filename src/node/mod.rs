@@ -295,10 +295,11 @@ impl Node {
         Ok(Some(plan.collect()))
     }
 
-    /// The layers each node would hold of `base`'s model for a request started here now, in
-    /// ring order, with the bytes they need where the engine can tell; an error when the
-    /// model does not fit the nodes' memory.
+    /// The layers each node would hold of `base`'s model (any shard of it) for a request
+    /// started here now, in ring order, with the bytes they need where the engine can tell; an
+    /// error when the model does not fit the nodes' memory.
     pub async fn layer_plan(&self, base: &Shard) -> Result<Vec<NodeLayers>> {
+        let base = &Shard::new(base.model_id.clone(), 0, base.n_layers - 1, base.n_layers);
         base.validate()?;
         let partitions = self.partitions();
         let layers = match self.balanced_plan(base).await? {

@@ -103,12 +103,12 @@ impl MemoryFit {
     }
 
     /// An error unless every node's layers in `shards` (node ids in the order of
-    /// `node_ids`) fit its memory.
+    /// `node_ids`) fit its memory; a node reporting no memory (0 MB: unknown) is not checked.
     pub fn check(&self, node_ids: &[&str], shards: &[(&str, Shard)]) -> Result<()> {
         for (id, shard) in shards {
             let Some(index) = node_ids.iter().position(|n| n == id) else { continue };
             let (need, have) = (self.model.shard_need(shard), self.nodes[index]);
-            if need > have {
+            if have > 0 && need > have {
                 return Err(Error::InsufficientMemory(format!(
                     "{} does not fit the memory of the cluster: node {id} would hold layers {}-{}, \
                      which need {} ({} of KV cache for {} tokens), and it has {}: {} missing",
