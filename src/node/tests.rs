@@ -401,7 +401,7 @@ async fn layers_stay_within_each_nodes_memory_and_a_model_too_big_is_refused() {
     assert!(error.starts_with("insufficient memory: dummy does not fit"), "{error}");
     assert!(error.contains("needs 4.10 GiB"), "{error}");
     assert!(
-        error.contains("have 2.34 GiB together; 5 of its layers fit on no node, 2.54 GiB missing"),
+        error.contains("have 2.34 GiB together; 5 of its layers fit on no node: 2.54 GiB missing"),
         "{error}"
     );
     for test in &nodes {

@@ -281,7 +281,7 @@ mod tests {
         assert!(text.contains("big-model"), "{text}");
         assert!(text.contains("needs 11.00 GiB"), "{text}");
         assert!(text.contains("have 8.00 GiB"), "{text}");
-        assert!(text.contains("3 of its layers fit on no node, 3.50 GiB missing"), "{text}");
+        assert!(text.contains("3 of its layers fit on no node: 3.50 GiB missing"), "{text}");
     }
 
     proptest::proptest! {

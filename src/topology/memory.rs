@@ -83,7 +83,9 @@ pub struct MemoryFit {
 
 impl MemoryFit {
     /// The error for a model whose layers `unplaced` (the first ones) fit on no node, once the
-    /// other nodes hold what they can; the head too when `head_unplaced`.
+    /// other nodes hold what they can; the head too when `head_unplaced`. What is missing is
+    /// what one more node would need to hold what is left (the embedding comes with the first
+    /// layer).
     pub fn shortfall(&self, model_id: &str, unplaced: usize, head_unplaced: bool) -> Error {
         let model = &self.model;
         let n = model.layers.len();
@@ -92,7 +94,7 @@ impl MemoryFit {
         Error::InsufficientMemory(format!(
             "{model_id} does not fit the memory of the cluster: it needs {} ({n} layers, {} of KV \
              cache for {} tokens, embedding and head) and the {} node(s) have {} together; {unplaced} \
-             of its layers fit on no node, {} missing",
+             of its layers fit on no node: {} missing to hold them",
             gib(model.need(0..n)),
             gib(kv),
             model.context,
