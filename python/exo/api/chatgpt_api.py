@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "tinychat"
 FALLBACK_DEFAULT_MODEL = "llama-3.2-1b"
+# How long `/topology` waits for the layers per node of a model (its config may have to be fetched).
+LAYER_PLAN_TIMEOUT_S = 2.0
 
 
 class ChatGPTAPI(ModelRoutes, ChatRoutes):
@@ -112,10 +114,12 @@ class ChatGPTAPI(ModelRoutes, ChatRoutes):
             return None
         try:
             resolved = resolve_model(model_id, self.inference_engine_classname)
-            return {"model": model_id, "nodes": await plan_of(resolved.base_shard)}
+            # The engine may fetch the model's config.json first; the topology does not wait long on it.
+            plan = await asyncio.wait_for(plan_of(resolved.base_shard), LAYER_PLAN_TIMEOUT_S)
+            return {"model": model_id, "nodes": plan}
         except errors.InsufficientMemoryError as e:
             return {"model": model_id, "error": str(e)}
-        except (ApiError, errors.ExoError) as e:
+        except (ApiError, errors.ExoError, asyncio.TimeoutError) as e:
             logger.debug("no layer plan of %s for /topology: %s", model_id, e)
             return None
 

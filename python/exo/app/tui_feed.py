@@ -88,8 +88,8 @@ class TuiFeed:
     async def _layer_plan(self) -> list[dict[str, Any]] | None:
         """The shown model's layers per node, as the node would split it now; `None` when it does not fit."""
         try:
-            return await self.node.layer_plan(self._shard)
-        except errors.InsufficientMemoryError:
+            return await asyncio.wait_for(self.node.layer_plan(self._shard), TOPOLOGY_VIEW_REFRESH_S)
+        except (errors.InsufficientMemoryError, asyncio.TimeoutError):
             return None
 
     async def refresh(self) -> None:
