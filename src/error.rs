@@ -21,6 +21,10 @@ pub enum Error {
     /// A request's KV cache was dropped to stay within the memory budget.
     #[error("cache evicted: {0}")]
     CacheEvicted(String),
+    /// A model needs more memory than the cluster's nodes have; the message names the model,
+    /// what it needs and what is missing.
+    #[error("insufficient memory: {0}")]
+    InsufficientMemory(String),
     /// A peer could not be reached, timed out, or answered with an error.
     #[error("peer: {0}")]
     Peer(String),
@@ -74,6 +78,7 @@ impl Error {
             Error::InvalidModel(_) => "invalid_model",
             Error::ContextOverflow(_) => "context_length_exceeded",
             Error::CacheEvicted(_) => "cache_evicted",
+            Error::InsufficientMemory(_) => "insufficient_memory",
             Error::Peer(_) => "peer_unavailable",
             Error::RequestFailed(_) => "request_failed",
             Error::StandIn(_) => "stand_in",
@@ -107,6 +112,7 @@ impl Error {
             "invalid_model" => Error::InvalidModel,
             "context_length_exceeded" => Error::ContextOverflow,
             "cache_evicted" => Error::CacheEvicted,
+            "insufficient_memory" => Error::InsufficientMemory,
             "peer_unavailable" => Error::Peer,
             "stand_in" => Error::StandIn,
             "config_not_found" => Error::ConfigNotFound,
@@ -144,6 +150,7 @@ mod tests {
             Error::InvalidModel(m()),
             Error::ContextOverflow(m()),
             Error::CacheEvicted(m()),
+            Error::InsufficientMemory(m()),
             Error::Peer(m()),
             Error::RequestFailed(m()),
             Error::StandIn(m()),

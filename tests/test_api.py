@@ -206,12 +206,41 @@ async def test_timeout_mid_stream_sends_error_event(served: Served) -> None:
     assert served.node.calls[-1]["request_id"] in served.node.cancelled
 
 
+async def test_topology_shows_each_nodes_layers_and_their_memory(served: Served) -> None:
+    asked: list[Shard] = []
+
+    async def layer_plan(shard: Shard) -> list[dict[str, object]]:
+        asked.append(shard)
+        return [{"node_id": "fake-node", "start_layer": 0, "end_layer": shard.n_layers - 1, "memory_bytes": 1234}]
+
+    served.node.layer_plan = layer_plan
+    async with aiohttp.ClientSession() as session:
+        async with session.get(served.url + "/topology") as r:
+            topology = await r.json()
+        assert topology["nodes"]["fake-node"]["model"] == "Fake Device"
+        assert topology["layers"]["model"] == served.api.default_model
+        assert topology["layers"]["nodes"] == [
+            {"node_id": "fake-node", "start_layer": 0, "end_layer": asked[0].n_layers - 1, "memory_bytes": 1234}
+        ]
+
+        async def too_big(shard: Shard) -> list[dict[str, object]]:
+            raise errors.InsufficientMemoryError(f"{shard.model_id} does not fit: 1.00 GiB missing")
+
+        served.node.layer_plan = too_big
+        async with session.get(served.url + "/v1/topology", params={"model": served.api.default_model}) as r:
+            topology = await r.json()
+        assert topology["layers"]["error"].endswith("1.00 GiB missing")
+        async with session.get(served.url + "/topology", params={"model": "no-such-model"}) as r:
+            assert "layers" not in await r.json()
+
+
 @pytest.mark.parametrize(
     ("failure", "status", "code"),
     [
         (errors.RequestFailedError, 500, "request_failed"),
         (errors.PeerError, 503, "peer_unavailable"),
         (errors.CacheEvictedError, 503, "cache_evicted"),
+        (errors.InsufficientMemoryError, 503, "insufficient_memory"),
     ],
 )
 async def test_failure_in_the_cluster(served: Served, failure: type[Exception], status: int, code: str) -> None:

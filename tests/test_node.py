@@ -4,13 +4,14 @@ tokens, classic's callbacks see every token, and Python stand-ins drive a Rust n
 import asyncio
 import gc
 import json
+import re
 import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from exo.errors import InvalidArgumentError, PeerError
+from exo.errors import InsufficientMemoryError, InvalidArgumentError, PeerError
 from exo.inference.candle import CandleInferenceEngine
 from exo.inference.dummy_inference_engine import DummyInferenceEngine
 from exo.inference.shard import Shard
@@ -81,6 +82,54 @@ async def test_a_peer_not_known_to_run_xotorch_keeps_classic_layers(model: Path)
         assert [t async for t in stream] == expected
         # Node a cannot tell its peers follow layer plans, so every node runs classic's layers.
         assert {n.id: _layers(n) for n in nodes} == {"c": (0, 0), "b": (1, 1), "a": (2, 3)}
+
+
+def _reference_memory(model: Path, start: int, end: int) -> int:
+    """What layers `start..=end` of a bf16 model directory need on a CPU node, counted from its safetensors header:
+    matrices as stored, norms as f32, each layer's f32 KV cache for the engine's 2048 positions (tiny-llama's
+    context), the embedding on the first node and the tied head (its table and norm) on the last unless it is the
+    first too."""
+    raw = (model / "model.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    config = json.loads((model / "config.json").read_text())
+
+    def stored(name: str) -> int:
+        tensor = header[name]
+        elements = int(np.prod(tensor["shape"]))
+        return elements * (4 if len(tensor["shape"]) == 1 else 2)
+
+    layers = config["num_hidden_layers"]
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    kv = 2 * config["num_key_value_heads"] * head_dim * 4 * 2048
+    total = sum(
+        stored(name) for name in header if any(name.startswith(f"model.layers.{i}.") for i in range(start, end + 1))
+    )
+    total += (end - start + 1) * kv
+    if start == 0:
+        total += stored("model.embed_tokens.weight")
+    if end == layers - 1 and start != 0:
+        total += stored("model.embed_tokens.weight") + stored("model.norm.weight")
+    return total
+
+
+async def test_layer_plan_gives_the_memory_each_node_needs_and_refuses_a_model_too_big(tmp_path: Path) -> None:
+    model = write_model("tiny-llama", tmp_path / "bf16", dtype="bf16", seed=0)
+    base = whole_model(model)
+    async with running_cluster(["a", "b"], CandleInferenceEngine) as nodes:
+        plan = await nodes[0].layer_plan(base)
+        assert [p["start_layer"] for p in plan] == [0, plan[1]["start_layer"]]
+        assert plan[-1]["end_layer"] == 3
+        for held in plan:
+            assert held["memory_bytes"] == _reference_memory(model, held["start_layer"], held["end_layer"])
+        # Nodes of 1 MB each: tiny-llama's caches alone take 2 MiB at its context.
+        for node in nodes:
+            node.device_capabilities = DeviceCapabilities("m", "c", 1, DeviceFlops(1.0, 1.0, 1.0))
+        for node in nodes:
+            await node.collect_topology(set())
+        with pytest.raises(InsufficientMemoryError, match=r"does not fit the memory of the cluster.*GiB missing"):
+            await nodes[0].layer_plan(base)
+        with pytest.raises(InsufficientMemoryError, match=re.escape(str(model))):
+            _ = [t async for t in nodes[1].generate(base, "hi", max_tokens=2)]
 
 
 async def test_classic_callbacks_and_process_prompt() -> None:

@@ -58,6 +58,24 @@ def test_ring_shows_each_node_and_the_urls() -> None:
     assert "Download Progress" not in text
 
 
+def test_a_layer_plan_shows_each_nodes_layers_and_the_memory_they_need() -> None:
+    viz = make_viz()
+    topology, partitions = two_nodes()
+    viz.update_visualization(topology, partitions, node_id="node-a")
+    viz.update_model("llama-3.2-1b", 16)
+    viz.update_layer_plan(
+        [
+            {"node_id": "node-a", "start_layer": 0, "end_layer": 11, "memory_bytes": 3 * 2**30},
+            {"node_id": "node-b", "start_layer": 12, "end_layer": 15, "memory_bytes": None},
+        ]
+    )
+    text = render(viz)
+    assert "[0.00-0.67] layers 0-11 3.00GB" in text
+    assert "[0.67-1.00] layers 12-15" in text
+    viz.update_layer_plan(None)
+    assert "[0.00-0.67] layers 0-9" in make_text_again(viz)
+
+
 def test_gpu_bar_moves_with_compute() -> None:
     assert compute_bar_position(0) == 0
     assert 0 < compute_bar_position(1) < compute_bar_position(100) < compute_bar_position(10_000) == 1

@@ -31,6 +31,10 @@ class CacheEvictedError(ExoError, RuntimeError):
     """A request's KV cache was dropped to stay within the memory budget."""
 
 
+class InsufficientMemoryError(ExoError, RuntimeError):
+    """A model needs more memory than the cluster's nodes have; the message says how much is missing."""
+
+
 class BackendError(ExoError, RuntimeError):
     """A failure inside the tensor library."""
 
@@ -92,6 +96,7 @@ __all__ = [
     "DownloadError",
     "ExoError",
     "HubConnectionError",
+    "InsufficientMemoryError",
     "IntegrityError",
     "InvalidArgumentError",
     "InvalidConfigError",

@@ -107,6 +107,13 @@ pub trait Engine: Send + Sync {
         None
     }
 
+    /// What `base`'s model takes in memory once this engine loads it (weights as it holds them,
+    /// KV caches at its context within its cache budget), if it can tell without loading
+    /// weights; the node keeps every node's layers within that node's memory with it.
+    async fn model_memory(&self, _base: &Shard) -> Option<crate::topology::ModelMemory> {
+        None
+    }
+
     /// Starts `request_id` afresh from `prompt`: encodes it and runs the first shard on it.
     async fn infer_prompt(
         &self,

@@ -23,7 +23,8 @@ use crate::error::{Error, Result};
 use crate::net::{Discovery, PeerHandle, Server};
 use crate::shard::Shard;
 use crate::topology::{
-    assign_layers, balance_layers, DeviceCapabilities, Partition, PartitioningStrategy, Topology,
+    assign_layers, balance_layers, DeviceCapabilities, MemoryFit, ModelCosts, Partition,
+    PartitioningStrategy, Topology,
 };
 use membership::Membership;
 use outbox::{Message, Outbox, PeerLookup};
@@ -54,6 +55,20 @@ impl Default for NodeSettings {
     fn default() -> Self {
         Self { max_generate_tokens: 1024, default_temperature: 0.0 }
     }
+}
+
+/// The layers one node holds of a model, and the bytes they need there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeLayers {
+    /// The node.
+    pub node_id: String,
+    /// Its first layer.
+    pub start_layer: i32,
+    /// Its last layer.
+    pub end_layer: i32,
+    /// Bytes its layers, their KV caches and the embedding or head it holds need; `None` when
+    /// the engine cannot tell.
+    pub memory: Option<u64>,
 }
 
 /// Options of one `generate` call; `None` falls back to the node's settings.
@@ -245,28 +260,79 @@ impl Node {
     }
 
     /// The layers of a request started here, balanced by what `base`'s layers and LM head
-    /// cost per token, when the strategy allows it, the engine knows the costs, and every
-    /// other node of the ring is a xotorch-core peer (they follow the plan the request
-    /// carries). `None` leaves the request to classic's partition, which classic nodes derive
-    /// for themselves.
-    async fn balanced_plan(&self, base: &Shard) -> Option<Vec<LayerRange>> {
+    /// cost per token and kept within every node's memory, when the strategy allows it, the
+    /// engine knows the costs or the memory, and every other node of the ring is a
+    /// xotorch-core peer (they follow the plan the request carries). `None` leaves the request
+    /// to classic's partition, which classic nodes derive for themselves. Either way, a model
+    /// whose layers do not fit the nodes' memory is refused (`Error::InsufficientMemory`).
+    async fn balanced_plan(&self, base: &Shard) -> Result<Option<Vec<LayerRange>>> {
         let partitions = self.partitions();
-        if !self.membership.strategy().allows_balancing() || partitions.len() < 2 {
-            return None;
-        }
+        let fit = self.memory_fit(base, &partitions).await;
         let peers = self.peers();
         let follows_plans = |id: &str| peers.iter().any(|peer| peer.id() == id && peer.runs_xotorch_core());
-        if !partitions.iter().all(|p| p.node_id == self.id || follows_plans(&p.node_id)) {
-            return None;
+        let balancing = self.membership.strategy().allows_balancing()
+            && partitions.len() >= 2
+            && partitions.iter().all(|p| p.node_id == self.id || follows_plans(&p.node_id));
+        if !balancing {
+            if let Some(fit) = &fit {
+                let ids: Vec<&str> = partitions.iter().map(|p| p.node_id.as_str()).collect();
+                fit.check(&ids, &assign_layers(&partitions, base.n_layers, &base.model_id))?;
+            }
+            return Ok(None);
         }
-        let costs = self.engine.model_costs(base).await?;
-        let balanced = balance_layers(&partitions, base.n_layers, &base.model_id, costs);
+        let costs = self.engine.model_costs(base).await;
+        if costs.is_none() && fit.is_none() {
+            return Ok(None);
+        }
+        // Without costs, the memory alone shapes the split (balancing counts layers alike).
+        let costs = costs.unwrap_or(ModelCosts { layer: f64::NAN, head: 0.0 });
+        let balanced = balance_layers(&partitions, base.n_layers, &base.model_id, costs, fit.as_ref())?;
         let plan = balanced.into_iter().map(|(node_id, shard)| LayerRange {
             node_id: node_id.to_string(),
             start_layer: shard.start_layer,
             end_layer: shard.end_layer,
         });
-        Some(plan.collect())
+        Ok(Some(plan.collect()))
+    }
+
+    /// The layers each node would hold of `base`'s model (any shard of it) for a request
+    /// started here now, in ring order, with the bytes they need where the engine can tell; an
+    /// error when the model does not fit the nodes' memory.
+    pub async fn layer_plan(&self, base: &Shard) -> Result<Vec<NodeLayers>> {
+        let base = &Shard::new(base.model_id.clone(), 0, base.n_layers - 1, base.n_layers);
+        base.validate()?;
+        let partitions = self.partitions();
+        let layers = match self.balanced_plan(base).await? {
+            Some(plan) => planned_shards(&plan, base)?,
+            None => self.assignments(base),
+        };
+        let fit = self.memory_fit(base, &partitions).await;
+        Ok(layers
+            .into_iter()
+            .map(|(node_id, shard)| NodeLayers {
+                memory: fit.as_ref().map(|fit| fit.model.shard_need(&shard)),
+                node_id,
+                start_layer: shard.start_layer,
+                end_layer: shard.end_layer,
+            })
+            .collect())
+    }
+
+    /// `base`'s model's memory, as this node's engine would load it, against the memory of the
+    /// partitions' nodes (in their order), when the engine can tell the former and some node
+    /// reports the latter (a ring where every node reports 0 MB says nothing of its memory).
+    /// Other nodes are assumed to load the model as this one does.
+    async fn memory_fit(&self, base: &Shard, partitions: &[Partition]) -> Option<MemoryFit> {
+        let topology = self.topology();
+        let nodes: Vec<u64> = partitions
+            .iter()
+            .map(|p| topology.get_node(&p.node_id).map_or(0, |c| c.memory.saturating_mul(1 << 20)))
+            .collect();
+        if nodes.iter().all(|&bytes| bytes == 0) {
+            return None;
+        }
+        let model = self.engine.model_memory(base).await?;
+        (model.layers.len() == base.n_layers as usize).then_some(MemoryFit { model, nodes })
     }
 
     /// The layers each node runs for `request_id`: the plan its context carries, else this

@@ -149,7 +149,7 @@ impl Node {
         mut context: RequestContext,
     ) -> Result<(Option<Shard>, RequestContext)> {
         if context.layers.is_none() && context.origin == self.id {
-            context.layers = self.balanced_plan(base).await;
+            context.layers = self.balanced_plan(base).await?;
         }
         let layers = match &context.layers {
             Some(plan) => planned_shards(plan, base)?,

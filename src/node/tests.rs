@@ -14,7 +14,9 @@ use crate::net::grpc::{GrpcPeer, GrpcServer};
 use crate::net::{Discovery, PeerHandle, RequestHandler, Server};
 use crate::shard::Shard;
 use crate::tensor::{DType, WireTensor};
-use crate::topology::{ModelCosts, RingMemoryWeightedPartitioning};
+use crate::topology::{
+    DeviceCapabilities, DeviceFlops, ModelCosts, ModelMemory, RingMemoryWeightedPartitioning,
+};
 
 /// The dummy engine's tokens for any prompt: 2..=10, then EOS (69).
 const DUMMY_TOKENS: [u32; 10] = [2, 3, 4, 5, 6, 7, 8, 9, 10, 69];
@@ -43,6 +45,7 @@ struct TestDummy {
     inner: DummyEngine,
     step: Duration,
     costs: Option<ModelCosts>,
+    memory: Option<ModelMemory>,
     ran: Mutex<BTreeSet<(i32, i32)>>,
 }
 
@@ -94,6 +97,9 @@ impl Engine for TestDummy {
     }
     async fn model_costs(&self, _base: &Shard) -> Option<ModelCosts> {
         self.costs
+    }
+    async fn model_memory(&self, _base: &Shard) -> Option<ModelMemory> {
+        self.memory.clone()
     }
 }
 
@@ -331,6 +337,85 @@ async fn a_ring_of_xotorch_nodes_moves_layers_off_the_node_with_the_head() {
     for test in &nodes {
         test.node.stop().await.unwrap();
     }
+}
+
+/// The dummy model's 8 layers at `layer_mib` MiB each, with a 100 MiB embedding and a head of
+/// `head_mib`.
+fn sized_model(layer_mib: u64, head_mib: u64) -> ModelMemory {
+    ModelMemory {
+        layers: vec![layer_mib << 20; 8],
+        kv_layer: 0,
+        kv_budget: 0,
+        context: 1024,
+        embedding: 100 << 20,
+        head: head_mib << 20,
+        head_shares_embedding: false,
+    }
+}
+
+/// A ring of xotorch nodes with the memory `mib` (MiB, in the order of `ids`) whose engines
+/// report `model`'s memory.
+async fn sized_cluster(
+    ids: &[&str],
+    mib: &[u64],
+    model: ModelMemory,
+) -> (Vec<TestNode>, Vec<Arc<TestDummy>>) {
+    let engines: Arc<Mutex<Vec<Arc<TestDummy>>>> = Arc::default();
+    let made = engines.clone();
+    let nodes = cluster(ids, move || {
+        let engine = Arc::new(TestDummy { memory: Some(model.clone()), ..Default::default() });
+        made.lock().unwrap().push(engine.clone());
+        engine as Arc<dyn Engine>
+    })
+    .await;
+    for (test, &mib) in nodes.iter().zip(mib) {
+        test.node.set_device_capabilities(DeviceCapabilities::new("m", "c", mib, DeviceFlops::default()));
+    }
+    for test in &nodes {
+        test.node.collect_topology(BTreeSet::new(), 4).await;
+    }
+    let engines = engines.lock().unwrap().clone();
+    (nodes, engines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layers_stay_within_each_nodes_memory_and_a_model_too_big_is_refused() {
+    // Equal nodes of 1000 MiB (ring: b, a) would hold 4 layers of 100 MiB each, but a, last,
+    // also holds a 700 MiB head: it takes 3 layers, b the other 5 and the embedding.
+    let (nodes, engines) = sized_cluster(&["a", "b"], &[1000, 1000], sized_model(100, 700)).await;
+    let (_, stream) = nodes[0].node.generate(&base(), "hi", None, GenerateOptions::default()).unwrap();
+    let (tokens, error) = tokio::time::timeout(Duration::from_secs(10), drain(stream)).await.unwrap();
+    assert_eq!((tokens, error), (DUMMY_TOKENS.to_vec(), None));
+    let ran: Vec<_> = engines.iter().map(|e| e.ran.lock().unwrap().clone()).collect();
+    assert_eq!(ran, [BTreeSet::from([(5, 7)]), BTreeSet::from([(0, 4)])]);
+    for test in &nodes {
+        test.node.stop().await.unwrap();
+    }
+    // Layers of 500 MiB: 4.10 GiB needed, 2.34 GiB there; b (last) holds none, a the head
+    // and 3 layers: 5 layers and the embedding fit nowhere.
+    let (nodes, _) = sized_cluster(&["a", "b"], &[2000, 400], sized_model(500, 100)).await;
+    let (_, stream) = nodes[1].node.generate(&base(), "hi", None, GenerateOptions::default()).unwrap();
+    let (tokens, error) = tokio::time::timeout(Duration::from_secs(10), drain(stream)).await.unwrap();
+    assert!(tokens.is_empty());
+    let error = error.expect("the request is refused");
+    assert!(error.starts_with("insufficient memory: dummy does not fit"), "{error}");
+    assert!(error.contains("needs 4.10 GiB"), "{error}");
+    assert!(
+        error.contains("have 2.34 GiB together; 5 of its layers fit on no node: 2.54 GiB missing"),
+        "{error}"
+    );
+    for test in &nodes {
+        test.node.stop().await.unwrap();
+    }
+    // A node alone keeps classic's partition, and is refused the same way: 8 x 200 MiB and
+    // 200 MiB of embedding and head against 1000 MiB.
+    let (nodes, _) = sized_cluster(&["a"], &[1000], sized_model(200, 100)).await;
+    let error = nodes[0].node.process_prompt(&base(), "hi", None, None).await.unwrap_err();
+    assert_eq!(error.kind(), "insufficient_memory");
+    let text = error.to_string();
+    assert!(text.contains("node a would hold layers 0-7, which need 1.76 GiB"), "{text}");
+    assert!(text.contains("it has 0.98 GiB: 0.78 GiB missing"), "{text}");
+    nodes[0].node.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

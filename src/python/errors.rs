@@ -10,6 +10,7 @@ pyo3::import_exception!(exo.errors, InvalidArgumentError);
 pyo3::import_exception!(exo.errors, InvalidModelError);
 pyo3::import_exception!(exo.errors, ContextOverflowError);
 pyo3::import_exception!(exo.errors, CacheEvictedError);
+pyo3::import_exception!(exo.errors, InsufficientMemoryError);
 pyo3::import_exception!(exo.errors, BackendError);
 pyo3::import_exception!(exo.errors, PeerError);
 pyo3::import_exception!(exo.errors, RequestFailedError);
@@ -40,6 +41,7 @@ impl From<&Error> for PyErr {
             Error::InvalidModel(_) => InvalidModelError::new_err(message),
             Error::ContextOverflow(_) => ContextOverflowError::new_err(message),
             Error::CacheEvicted(_) => CacheEvictedError::new_err(message),
+            Error::InsufficientMemory(_) => InsufficientMemoryError::new_err(message),
             Error::NotFound(_) => ModelNotFoundError::new_err(message),
             Error::Unauthorized(_) => UnauthorizedError::new_err(message),
             Error::Connection(_) => HubConnectionError::new_err(message),

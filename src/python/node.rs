@@ -170,6 +170,21 @@ impl PyNode {
         Ok(PyShard { inner: self.inner.get_current_shard(&base_shard.inner, index)? })
     }
 
+    /// The layers each node would hold of `base_shard`'s model for a request started here now:
+    /// `(node_id, start_layer, end_layer, memory_bytes)` in ring order, `memory_bytes` being
+    /// what they need there (`None` when the engine cannot tell); raises
+    /// `InsufficientMemoryError` when the model does not fit the nodes' memory.
+    fn layer_plan<'py>(&self, py: Python<'py>, base_shard: PyShard) -> PyResult<Bound<'py, PyAny>> {
+        let node = self.inner.clone();
+        super::asyncio::future_into_py(py, async move {
+            let plan = node.layer_plan(&base_shard.inner).await?;
+            Ok(plan
+                .into_iter()
+                .map(|l| (l.node_id, l.start_layer, l.end_layer, l.memory))
+                .collect::<Vec<_>>())
+        })
+    }
+
     /// Starts a request from a prompt; resolves to its id once this node's first step is done.
     #[pyo3(signature = (base_shard, prompt, request_id=None, inference_state=None))]
     fn process_prompt<'py>(

@@ -7,6 +7,7 @@ pub mod device;
 pub mod gpu;
 pub mod graph;
 pub mod machine;
+pub mod memory;
 pub mod partition;
 
 pub use balance::{balance_layers, ModelCosts};
@@ -14,6 +15,7 @@ pub use chips::chip_flops;
 pub use device::{DeviceCapabilities, DeviceFlops};
 pub use graph::{PeerConnection, Topology};
 pub use machine::detect_device_capabilities;
+pub use memory::{MemoryFit, ModelMemory};
 pub use partition::{
     assign_layers, map_partitions_to_shards, Partition, PartitioningStrategy, RingMemoryWeightedPartitioning,
 };

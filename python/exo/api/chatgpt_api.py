@@ -9,6 +9,7 @@ under both (CORS, JSON errors, start and stop) in `exo.api.server`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -17,14 +18,20 @@ from typing import Any
 
 from aiohttp import web
 
+from exo import errors
 from exo.api.admission import Admission
 from exo.api.chat_request import ApiError
 from exo.api.chat_routes import ChatRequestListener, ChatRoutes
+from exo.api.model_choice import resolve_model
 from exo.api.model_routes import ModelRoutes
 from exo.shutdown import shutdown
 
+logger = logging.getLogger(__name__)
+
 STATIC_DIR = Path(__file__).resolve().parent.parent / "tinychat"
 FALLBACK_DEFAULT_MODEL = "llama-3.2-1b"
+# How long `/topology` waits for the layers per node of a model (its config may have to be fetched).
+LAYER_PLAN_TIMEOUT_S = 2.0
 
 
 class ChatGPTAPI(ModelRoutes, ChatRoutes):
@@ -91,8 +98,30 @@ class ChatGPTAPI(ModelRoutes, ChatRoutes):
         return web.json_response({"status": "ok"})
 
     async def handle_get_topology(self, request: web.Request) -> web.Response:
+        """Classic's topology JSON, plus `layers`: the layers each node would hold of the model `?model=` (the
+        default model otherwise) and the memory they need there, or why the model does not fit."""
         topology = self.node.current_topology
-        return web.json_response(topology.to_json() if topology is not None else {})
+        body = topology.to_json() if topology is not None else {}
+        layers = await self._layer_plan(request.query.get("model") or self.default_model)
+        if layers is not None:
+            body["layers"] = layers
+        return web.json_response(body)
+
+    async def _layer_plan(self, model_id: str) -> dict[str, Any] | None:
+        """`model_id`'s layers per node for `/topology`; `None` when the node cannot tell or the model is unknown."""
+        plan_of = getattr(self.node, "layer_plan", None)
+        if plan_of is None:
+            return None
+        try:
+            resolved = resolve_model(model_id, self.inference_engine_classname)
+            # The engine may fetch the model's config.json first; the topology does not wait long on it.
+            plan = await asyncio.wait_for(plan_of(resolved.base_shard), LAYER_PLAN_TIMEOUT_S)
+            return {"model": model_id, "nodes": plan}
+        except errors.InsufficientMemoryError as e:
+            return {"model": model_id, "error": str(e)}
+        except (ApiError, errors.ExoError, asyncio.TimeoutError) as e:
+            logger.debug("no layer plan of %s for /topology: %s", model_id, e)
+            return None
 
     async def handle_quit(self, request: web.Request) -> web.StreamResponse:
         response = web.json_response({"detail": "Quit signal received"})

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from exo import errors
 from exo.api.chat_request import ApiError
 from exo.api.model_choice import resolve_model
 from exo.api.text_stream import TokenText
@@ -32,6 +33,8 @@ class TuiFeed:
         self.outputs: dict[str, tuple[TokenText, str]] = {}
         # Requests that came through the API: their prompt is shown as the user wrote it.
         self._api_requests: set[str] = set()
+        # The model shown, whose layers per node (and the memory they need) the view shows.
+        self._shard: Any = None
 
     def register(self) -> None:
         """Listen to the node's tokens and statuses."""
@@ -52,6 +55,7 @@ class TuiFeed:
             resolved = resolve_model(model_id, self.engine_classname)
         except ApiError:
             return
+        self._shard = resolved.base_shard
         self.viz.update_model(resolved.model_id, resolved.n_layers)
 
     def on_token(self, request_id: str, tokens: Sequence[int], is_finished: bool) -> None:
@@ -81,6 +85,13 @@ class TuiFeed:
             return
         self.viz.update_prompt(request_id, status.get("prompt", ""))
 
+    async def _layer_plan(self) -> list[dict[str, Any]] | None:
+        """The shown model's layers per node, as the node would split it now; `None` when it does not fit."""
+        try:
+            return await asyncio.wait_for(self.node.layer_plan(self._shard), TOPOLOGY_VIEW_REFRESH_S)
+        except (errors.InsufficientMemoryError, asyncio.TimeoutError):
+            return None
+
     async def refresh(self) -> None:
         """Keeps the cluster view current between the node's own updates (which come with statuses); runs until
         cancelled."""
@@ -90,6 +101,8 @@ class TuiFeed:
                 self.viz.update_visualization(
                     self.node.topology, partitions, self.node.id, self.node.node_download_progress
                 )
+                if self._shard is not None and hasattr(self.node, "layer_plan"):
+                    self.viz.update_layer_plan(await self._layer_plan())
             except Exception as e:
                 logger.debug("Refreshing the topology view failed: %s", e)
             await asyncio.sleep(TOPOLOGY_VIEW_REFRESH_S)

@@ -234,6 +234,16 @@ class Node:
         """The partitions of the current topology, in ring order."""
         return self._core.partitions()
 
+    async def layer_plan(self, base_shard: Shard) -> list[dict[str, Any]]:
+        """The layers each node would hold of `base_shard`'s model for a request started here now, in ring order:
+        `node_id`, `start_layer`, `end_layer` and `memory_bytes` (what they need there, `None` when the engine cannot
+        tell). Raises `InsufficientMemoryError` when the model does not fit the nodes' memory."""
+        plan = await self._core.layer_plan(base_shard)
+        return [
+            {"node_id": node_id, "start_layer": start, "end_layer": end, "memory_bytes": memory}
+            for node_id, start, end, memory in plan
+        ]
+
     async def update_peers(self, wait_for_peers: int = 0) -> bool:
         return await self._core.update_peers(wait_for_peers)
 

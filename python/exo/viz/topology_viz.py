@@ -111,6 +111,8 @@ class TopologyViz:
         self.node_download_progress: dict[str, Any] = {}
         self.requests: OrderedDict[str, _Request] = OrderedDict()
         self.model: tuple[str, int] | None = None
+        # The model's layers per node as the node would split it, with the memory they need.
+        self.layer_plan: list[dict[str, Any]] | None = None
         self.console = console or Console()
         self._lock = threading.RLock()
         self._live: Live | None = None
@@ -168,6 +170,12 @@ class TopologyViz:
         """The model being served, so each node can show its layer range."""
         with self._lock:
             self.model = (model_id, n_layers)
+
+    def update_layer_plan(self, plan: Sequence[dict[str, Any]] | None) -> None:
+        """The model's layers per node as the node would split it (`Node.layer_plan`), with the memory each needs;
+        `None` falls back to the partitions' layer ranges."""
+        with self._lock:
+            self.layer_plan = list(plan) if plan is not None else None
 
     def stop(self) -> None:
         """Ends the live display (the last frame stays on screen)."""
@@ -235,6 +243,13 @@ class TopologyViz:
         return Text.assemble(marker, bar, value)
 
     def _layer_ranges(self) -> dict[str, str]:
+        if self.model is not None and self.layer_plan:
+            ranges = {}
+            for held in self.layer_plan:
+                memory = held.get("memory_bytes")
+                needs = f" {memory / 2**30:.2f}GB" if memory is not None else ""
+                ranges[held["node_id"]] = f"layers {held['start_layer']}-{held['end_layer']}{needs}"
+            return ranges
         if self.model is None or not self.partitions:
             return {}
         model_id, n_layers = self.model

@@ -184,6 +184,15 @@ impl GgufFile {
         self.tensors.get(name)
     }
 
+    /// Bytes of every tensor whose name starts with `prefix`, as stored.
+    pub fn tensor_bytes_with_prefix(&self, prefix: &str) -> u64 {
+        self.tensors
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(_, t)| t.range.end - t.range.start)
+            .sum()
+    }
+
     /// `general.architecture`.
     pub fn architecture(&self) -> Result<&str> {
         self.string("general.architecture")

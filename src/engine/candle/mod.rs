@@ -7,6 +7,7 @@ mod config;
 mod decode_attention;
 mod device;
 mod embedding;
+mod footprint;
 mod gguf;
 mod linear;
 mod model;
@@ -89,6 +90,9 @@ pub struct CandleEngine {
     current: Mutex<Option<Shard>>,
     caches: Arc<Mutex<CacheStore>>,
     batcher: Batcher,
+    /// What each model asked about takes in memory (headers are read once per model: a GGUF's
+    /// holds its whole vocabulary, and the TUI and `/topology` ask every second).
+    footprints: Mutex<std::collections::HashMap<String, crate::topology::ModelMemory>>,
 }
 
 impl CandleEngine {
@@ -103,6 +107,7 @@ impl CandleEngine {
             current: Mutex::new(None),
             caches: Arc::new(Mutex::new(CacheStore::new(options.cache_budget_bytes))),
             batcher: Batcher::start(options.batch),
+            footprints: Mutex::default(),
         }
     }
 
@@ -275,6 +280,39 @@ impl Engine for CandleEngine {
             }
         }
     }
+
+    /// From the model's `config.json` and the headers of what is here of its weights, or its
+    /// GGUF header; weights are never read.
+    async fn model_memory(&self, base: &Shard) -> Option<crate::topology::ModelMemory> {
+        let known = self.footprints.lock().expect("footprint lock poisoned").get(&base.model_id).cloned();
+        if known.is_some() {
+            return known;
+        }
+        let dir = self.locator.locate_config(&base.model_id).await?;
+        let (options, on_host) = (self.options, self.device.device().is_cpu());
+        let read = tokio::task::spawn_blocking(move || model_memory(&dir, &options, on_host)).await;
+        match read.map_err(|e| Error::InvalidModel(e.to_string())).and_then(|r| r) {
+            Ok(memory) => {
+                let mut footprints = self.footprints.lock().expect("footprint lock poisoned");
+                footprints.insert(base.model_id.clone(), memory.clone());
+                Some(memory)
+            }
+            Err(e) => {
+                log::debug!("no memory figures for {}: {e}", base.model_id);
+                None
+            }
+        }
+    }
+}
+
+/// What the model at `path` takes in memory once an engine with `options` loads it, on the
+/// host when `on_host` (see [`footprint`]).
+pub fn model_memory(
+    path: &Path,
+    options: &EngineOptions,
+    on_host: bool,
+) -> Result<crate::topology::ModelMemory> {
+    footprint::model_memory(path, options, on_host)
 }
 
 /// The config of the model at `path`: a model directory's `config.json`, or a GGUF's metadata.
