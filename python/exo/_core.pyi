@@ -54,6 +54,8 @@ __all__ = [
     "get_repo",
     "get_supported_models",
     "map_partitions_to_shards",
+    "mlx_dequantize",
+    "mlx_quantized_matmul",
     "model_cards",
     "ndarray_from_wire",
     "ndarray_to_wire",
@@ -103,6 +105,19 @@ def quantize(values: bytes, rows: int, cols: int, ggml_type: str) -> bytes:
 def dequantize(data: bytes, rows: int, cols: int, ggml_type: str) -> bytes:
     """The `rows` x `cols` little-endian f32 values that `data`, GGUF blocks of `ggml_type` row
     after row, hold (candle's dequantizers); bad arguments raise a `ValueError`."""
+
+def mlx_dequantize(
+    weight: bytes, scales: bytes, biases: bytes, rows: int, cols: int, bits: int, group_size: int, dtype: str
+) -> bytes:
+    """The `rows` x `cols` little-endian f32 weights of MLX's `mx.quantize` output as the engine
+    decodes them: `weight` packed `bits` a weight, `scales` and `biases` one per `group_size`
+    weights in `dtype` (`f32`, `f16` or `bf16`); sizes that disagree raise a `ValueError`."""
+
+def mlx_quantized_matmul(
+    x: bytes, weight: bytes, scales: bytes, biases: bytes, rows: int, cols: int, bits: int, group_size: int, dtype: str
+) -> bytes:
+    """`x Wᵀ` by the engine's kernels (`x`: little-endian f32 rows of `cols`; `W` as in
+    `mlx_dequantize`): little-endian f32, `rows` values per row of `x`."""
 
 @final
 class DeviceFlops:

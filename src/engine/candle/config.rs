@@ -91,6 +91,21 @@ pub struct ModelConfig {
     /// Llama 3's scaling (`config.json` gives it as `rope_scaling` instead).
     #[serde(skip)]
     pub rope_freq_factors: Option<Vec<f32>>,
+    /// MLX's quantization of the weights, if any (each weight's width and group size are read
+    /// from its tensors' shapes).
+    pub quantization: Option<Quantization>,
+    /// Another tool's quantization (mlx-lm repeats its own here).
+    pub quantization_config: Option<Quantization>,
+}
+
+/// The `quantization` (MLX) or `quantization_config` (other tools) entry of `config.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Quantization {
+    /// MLX's scheme (`affine` when absent); the engine reads only affine codes.
+    pub mode: Option<String>,
+    /// The quantizing tool of Hugging Face checkpoints (`gptq`, `awq`, `bitsandbytes`, ...),
+    /// none of which the engine reads.
+    pub quant_method: Option<String>,
 }
 
 /// Which projections carry biases and whether queries/keys are normalized per head.
@@ -128,6 +143,16 @@ impl ModelConfig {
         self.variant()?;
         if self.hidden_act != "silu" {
             return Err(format!("hidden_act {:?} is not supported (only silu)", self.hidden_act));
+        }
+        for quantization in self.quantization.iter().chain(&self.quantization_config) {
+            if let Some(method) = &quantization.quant_method {
+                return Err(format!(
+                    "weights quantized by {method:?} are not supported (MLX's affine quantization and GGUF are)"
+                ));
+            }
+            if let Some(mode) = quantization.mode.as_deref().filter(|mode| *mode != "affine") {
+                return Err(format!("MLX quantization mode {mode:?} is not supported (only affine)"));
+            }
         }
         if let Some(scaling) = &self.rope_scaling {
             if !matches!(scaling.rope_type.as_str(), "llama3" | "default") {

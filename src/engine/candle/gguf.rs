@@ -283,6 +283,8 @@ impl GgufFile {
                 Some(stored) => Some(self.f32_values("rope_freqs.weight", stored)?),
                 None => None,
             },
+            quantization: None,
+            quantization_config: None,
         };
         config.checked().map_err(|e| self.invalid(e))
     }

@@ -2,14 +2,15 @@
 //! read by the SIMD kernels straight from memory, on an accelerator it is a device tensor
 //! multiplied by candle (cuBLAS on CUDA). Several layers that share an input (q/k/v, gate/up)
 //! can be one stacked layer whose output is split into their parts. Quantized weights (GGUF
-//! blocks) are multiplied by candle's quantized kernels on either device.
+//! blocks, MLX's affine codes) are read in place by the host kernels; GGUF blocks the host
+//! kernels do not multiply go to candle's quantized kernels on either device.
 
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Tensor};
 
-use crate::engine::kernels::{self, BlockMatrix, WeightMatrix};
+use crate::engine::kernels::{self, AffineMatrix, BlockMatrix, WeightMatrix};
 use crate::error::{Error, Result};
 
 /// A weight in host memory that the SIMD kernels multiply.
@@ -19,6 +20,8 @@ pub enum HostMatrix {
     Dense(WeightMatrix),
     /// GGUF blocks (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K).
     Blocks(BlockMatrix),
+    /// MLX's affine-quantized codes with their group scales and biases.
+    Affine(AffineMatrix),
 }
 
 impl HostMatrix {
@@ -26,6 +29,7 @@ impl HostMatrix {
         match self {
             Self::Dense(w) => w.rows(),
             Self::Blocks(w) => w.rows(),
+            Self::Affine(w) => w.rows(),
         }
     }
 
@@ -33,6 +37,7 @@ impl HostMatrix {
         match self {
             Self::Dense(w) => w.cols(),
             Self::Blocks(w) => w.cols(),
+            Self::Affine(w) => w.cols(),
         }
     }
 }
@@ -176,6 +181,12 @@ impl From<BlockMatrix> for HostMatrix {
     }
 }
 
+impl From<AffineMatrix> for HostMatrix {
+    fn from(weight: AffineMatrix) -> Self {
+        Self::Affine(weight)
+    }
+}
+
 /// `x Wᵀ + b` by the host kernels: the output values and their dims.
 fn host_product(weight: &HostMatrix, bias: Option<&[f32]>, x: &Tensor) -> Result<(Vec<usize>, Vec<f32>)> {
     let mut dims = x.dims().to_vec();
@@ -184,6 +195,7 @@ fn host_product(weight: &HostMatrix, bias: Option<&[f32]>, x: &Tensor) -> Result
     match weight {
         HostMatrix::Dense(weight) => kernels::linear(&input, weight, bias, &mut output)?,
         HostMatrix::Blocks(weight) => kernels::linear_blocks(&input, weight, bias, &mut output)?,
+        HostMatrix::Affine(weight) => kernels::linear_affine(&input, weight, bias, &mut output)?,
     }
     *dims.last_mut().expect("activations have a feature axis") = weight.rows();
     Ok((dims, output))

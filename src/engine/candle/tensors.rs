@@ -19,7 +19,9 @@ use super::gguf::{find_gguf, gguf_name, GgufFile, StoredTensor};
 use super::linear::Linear;
 use super::quant_type::ggml_dtype_name;
 use super::weights::{read_exact_at, read_to_huge_pages, ShardWeights, WeightIndex};
-use crate::engine::kernels::{block_kernels_accelerated, BlockMatrix, BlockType, WeightDType, WeightMatrix};
+use crate::engine::kernels::{
+    block_kernels_accelerated, dequantize_affine_row, AffineMatrix, BlockMatrix, BlockType, WeightDType, WeightMatrix,
+};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -209,6 +211,16 @@ impl ShardTensors {
     ) -> Result<Linear> {
         match self {
             Self::Safetensors { weights, quantize } => {
+                let affine = names.iter().filter(|(name, _)| weights.is_affine(name)).count();
+                if affine == names.len() {
+                    return match weights.affine_matrix(names, cols, false)? {
+                        Some(matrix) => affine_layer(matrix, bias, device),
+                        None => self.split_layer(names, cols, bias, device),
+                    };
+                }
+                if affine > 0 {
+                    return self.split_layer(names, cols, bias, device);
+                }
                 if let Some(block_type) = quantize.filter(|t| cols.is_multiple_of(t.block_size())) {
                     let dense = weights.device_matrix(names, cols, &Device::Cpu)?.to_dtype(DType::F32)?;
                     let weight = QTensor::quantize_onto(&dense, block_type, device)?;
@@ -232,17 +244,8 @@ impl ShardTensors {
                 }
                 let dtype = stored[0].0.dtype;
                 if stored.iter().any(|(s, _)| s.dtype != dtype) {
-                    // Mixed block types (a Q4_K_M file's q/k/v): one layer per weight.
-                    let mut at = 0;
-                    let layers = names
-                        .iter()
-                        .map(|(name, rows)| {
-                            let part_bias = bias.as_ref().map(|b| b.narrow(0, at, *rows)).transpose()?;
-                            at += rows;
-                            self.matrix_layer(&[(name.clone(), *rows)], cols, part_bias, device)
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    return Ok(Linear::Split(layers));
+                    // Mixed block types (a Q4_K_M file's q/k/v).
+                    return self.split_layer(names, cols, bias, device);
                 }
                 let pieces: Vec<Piece<'_>> = stored.into_iter().flat_map(|(_, p)| p).collect();
                 let rows = names.iter().map(|(_, rows)| rows).sum::<usize>();
@@ -250,6 +253,27 @@ impl ShardTensors {
                 gguf_layer(&label, dtype, &pieces, (rows, cols), bias, device)
             }
         }
+    }
+
+    /// One layer per weight of `names` (stacked weights stored in different formats), their
+    /// outputs in order.
+    fn split_layer(
+        &self,
+        names: &[(String, usize)],
+        cols: usize,
+        bias: Option<Tensor>,
+        device: &Device,
+    ) -> Result<Linear> {
+        let mut at = 0;
+        let layers = names
+            .iter()
+            .map(|(name, rows)| {
+                let part_bias = bias.as_ref().map(|b| b.narrow(0, at, *rows)).transpose()?;
+                at += rows;
+                self.matrix_layer(&[(name.clone(), *rows)], cols, part_bias, device)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Linear::Split(layers))
     }
 
     /// The embedding table `[vocab, hidden]`; `streamed` when the host LM head also reads it
@@ -263,6 +287,10 @@ impl ShardTensors {
     ) -> Result<Embedding> {
         let name = "model.embed_tokens.weight";
         match self {
+            Self::Safetensors { weights, .. } if weights.is_affine(name) => {
+                let table = weights.affine_matrix(&[(name, vocab)], hidden, !streamed)?;
+                Ok(Embedding::Affine(table.expect("one matrix has one layout")))
+            }
             Self::Safetensors { weights, .. } => Ok(Embedding::Dense(if streamed {
                 weights.streamed_matrix(name, vocab, hidden)?
             } else {
@@ -310,6 +338,7 @@ impl ShardTensors {
         match table.filter(|_| tied) {
             Some(Embedding::Quantized(table)) => Linear::quantized(table.clone(), None),
             Some(Embedding::Blocks(table)) => Linear::new(table.clone(), None),
+            Some(Embedding::Affine(table)) if device.is_cpu() => Linear::new(table.clone(), None),
             Some(Embedding::Dense(table)) if device.is_cpu() && !quantizing => {
                 Linear::new(table.clone(), None)
             }
@@ -347,6 +376,26 @@ fn gguf_layer(
             Linear::quantized(Arc::new(quantized_tensor(&bytes, dtype, (rows, cols), device)?), bias)
         }
     }
+}
+
+/// An MLX-quantized layer: read in place by the host kernels, or dequantized to the dtype of
+/// its scales for an accelerator.
+fn affine_layer(matrix: AffineMatrix, bias: Option<Tensor>, device: &Device) -> Result<Linear> {
+    if device.is_cpu() {
+        return Linear::new(matrix, host_bias(bias)?);
+    }
+    let (rows, cols) = (matrix.rows(), matrix.cols());
+    let mut values = vec![0f32; rows * cols];
+    for (row, out) in values.chunks_exact_mut(cols).enumerate() {
+        dequantize_affine_row(&matrix, row, out);
+    }
+    let dtype = match matrix.parameter_dtype() {
+        WeightDType::F32 => DType::F32,
+        WeightDType::BF16 => DType::BF16,
+        WeightDType::F16 => DType::F16,
+    };
+    let weight = Tensor::from_vec(values, (rows, cols), device)?.to_dtype(dtype)?;
+    Linear::on_device(weight, bias)
 }
 
 /// Shared bytes and their range, as the host matrices take them.

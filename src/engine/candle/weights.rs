@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 
-use crate::engine::kernels::{WeightDType, WeightMatrix};
+use crate::engine::kernels::{AffineMatrix, WeightDType, WeightMatrix};
 use crate::error::{Error, Result};
 
 const SINGLE_FILE: &str = "model.safetensors";
@@ -51,18 +51,24 @@ impl WeightIndex {
         self.weight_map.as_ref().is_none_or(|m| m.contains_key(name))
     }
 
-    /// Memory-maps the files holding `names` and returns a reader for them.
+    /// Memory-maps the files holding `names` (and an MLX-quantized weight's scales and biases)
+    /// and returns a reader for them.
     pub fn open(&self, names: &[String]) -> Result<ShardWeights> {
         let files: BTreeSet<PathBuf> = match &self.weight_map {
             None => BTreeSet::from([self.dir.join(SINGLE_FILE)]),
-            Some(map) => names
-                .iter()
-                .map(|name| {
-                    map.get(name)
-                        .map(|file| self.dir.join(file))
-                        .ok_or_else(|| Error::InvalidModel(format!("tensor {name} is not in {INDEX_FILE}")))
-                })
-                .collect::<Result<_>>()?,
+            Some(map) => {
+                let mut files = BTreeSet::new();
+                for name in names {
+                    let file = map
+                        .get(name)
+                        .ok_or_else(|| Error::InvalidModel(format!("tensor {name} is not in {INDEX_FILE}")))?;
+                    files.insert(self.dir.join(file));
+                    for suffix in ["scales", "biases"] {
+                        files.extend(map.get(&sibling(name, suffix)).map(|file| self.dir.join(file)));
+                    }
+                }
+                files
+            }
         };
         let mut tensors = HashMap::new();
         for file in files {
@@ -163,6 +169,20 @@ fn candle_dtype(name: &str, dtype: safetensors::Dtype) -> Result<DType> {
     })
 }
 
+/// An MLX-quantized weight's stored tensors.
+struct AffineParts<'a> {
+    codes: &'a StoredTensor,
+    scales: &'a StoredTensor,
+    biases: &'a StoredTensor,
+    bits: usize,
+}
+
+/// The tensor `{prefix}.{suffix}` beside the weight `{prefix}.weight` (MLX's `scales` and
+/// `biases` of a quantized weight).
+pub fn sibling(weight: &str, suffix: &str) -> String {
+    format!("{}.{suffix}", weight.strip_suffix(".weight").unwrap_or(weight))
+}
+
 /// The tensors of the mapped files, by name.
 pub struct ShardWeights {
     tensors: HashMap<String, StoredTensor>,
@@ -181,10 +201,18 @@ impl ShardWeights {
         Ok(stored)
     }
 
-    /// Writes the tensors `names` as they are stored (names, dtypes, shapes, bytes) to the
-    /// safetensors file `path`, through a temporary file renamed into place.
+    /// Writes the tensors `names` as they are stored (names, dtypes, shapes, bytes; an
+    /// MLX-quantized weight with its scales and biases) to the safetensors file `path`,
+    /// through a temporary file renamed into place.
     pub fn save(&self, names: &[String], path: &Path) -> Result<()> {
-        let views = names
+        let mut stored_names = Vec::with_capacity(names.len());
+        for name in names {
+            stored_names.push(name.clone());
+            if self.is_affine(name) {
+                stored_names.extend(["scales", "biases"].map(|suffix| sibling(name, suffix)));
+            }
+        }
+        let views = stored_names
             .iter()
             .map(|name| {
                 let stored = self
@@ -294,6 +322,89 @@ impl ShardWeights {
             .ok_or_else(|| Error::InvalidArgument("a stacked matrix needs at least one tensor".into()))?;
         let rows = parts.iter().map(|(_, rows)| rows).sum::<usize>();
         Ok(Tensor::from_raw_buffer(&bytes, dtype, &[rows, cols], device)?)
+    }
+
+    /// Whether the weight `name` (`{prefix}.weight`) is MLX-quantized: packed codes stored
+    /// beside `{prefix}.scales`.
+    pub fn is_affine(&self, name: &str) -> bool {
+        self.tensors.contains_key(&sibling(name, "scales"))
+    }
+
+    /// MLX-quantized weights that share their input (`parts`: name and rows of each `.weight`,
+    /// all `cols` wide) as one matrix: the codes on huge pages (or, for one part `in_place`,
+    /// read from the map), the scales and biases copied out. `None` when the parts differ in
+    /// bits, group size or parameter dtype (each is then a matrix of its own).
+    pub fn affine_matrix(
+        &self,
+        parts: &[(impl AsRef<str>, usize)],
+        cols: usize,
+        in_place: bool,
+    ) -> Result<Option<AffineMatrix>> {
+        let mut stored = Vec::with_capacity(parts.len());
+        for (name, rows) in parts {
+            stored.push(self.affine_parts(name.as_ref(), *rows, cols)?);
+        }
+        let Some(first) = stored.first() else {
+            return Err(Error::InvalidArgument("a stacked matrix needs at least one tensor".into()));
+        };
+        let layout = |s: &AffineParts| (s.bits, s.scales.shape[1], s.scales.dtype);
+        if stored.iter().any(|s| layout(s) != layout(first)) {
+            return Ok(None);
+        }
+        let rows: usize = parts.iter().map(|(_, rows)| rows).sum();
+        let groups = first.scales.shape[1];
+        let dtype = weight_dtype(&sibling(parts[0].0.as_ref(), "scales"), first.scales.dtype)?;
+        let parameters = |tensors: Vec<&StoredTensor>| {
+            let bytes: Vec<u8> = tensors.iter().flat_map(|t| &t.map[t.range.clone()]).copied().collect();
+            let len = bytes.len();
+            WeightMatrix::new(Arc::new(bytes), 0..len, rows, groups, dtype)
+        };
+        let scales = parameters(stored.iter().map(|s| s.scales).collect())?;
+        let biases = parameters(stored.iter().map(|s| s.biases).collect())?;
+        if in_place && stored.len() == 1 {
+            let codes = first.codes;
+            return Ok(Some(AffineMatrix::new(codes.map.clone(), codes.range.clone(), scales, biases, cols, first.bits)?));
+        }
+        let pieces: Vec<(&File, Range<u64>)> =
+            stored.iter().map(|s| (&*s.codes.file, s.codes.range.start as u64..s.codes.range.end as u64)).collect();
+        let copy = read_to_huge_pages(&pieces).map_err(|e| {
+            let names: Vec<&str> = parts.iter().map(|(name, _)| name.as_ref()).collect();
+            Error::InvalidModel(format!("cannot read tensors {}: {e}", names.join(", ")))
+        })?;
+        let len = copy.len();
+        Ok(Some(AffineMatrix::new(Arc::new(copy), 0..len, scales, biases, cols, first.bits)?))
+    }
+
+    /// The packed codes, scales and biases of the MLX-quantized weight `name` (`[rows, cols]`
+    /// once unpacked), checked against each other.
+    fn affine_parts(&self, name: &str, rows: usize, cols: usize) -> Result<AffineParts<'_>> {
+        let codes = self.tensors.get(name).ok_or_else(|| Error::InvalidModel(format!("tensor {name} is missing")))?;
+        let words = match (codes.dtype, codes.shape.as_slice()) {
+            (safetensors::Dtype::U32, &[r, words]) if r == rows => words,
+            (dtype, shape) => {
+                return Err(Error::InvalidModel(format!(
+                    "tensor {name} is {dtype:?} {shape:?}; an MLX-quantized weight of {rows}x{cols} \
+                     is U32 [{rows}, {cols}·bits/32]"
+                )))
+            }
+        };
+        let bits = words * 32 / cols;
+        if bits * cols != words * 32 {
+            return Err(Error::InvalidModel(format!("tensor {name}: {words} words do not pack {cols} columns")));
+        }
+        let (scales_name, biases_name) = (sibling(name, "scales"), sibling(name, "biases"));
+        let scales =
+            self.tensors.get(&scales_name).ok_or_else(|| Error::InvalidModel(format!("tensor {scales_name} is missing")))?;
+        let groups = match scales.shape.as_slice() {
+            &[r, groups] if r == rows => groups,
+            shape => {
+                return Err(Error::InvalidModel(format!(
+                    "tensor {scales_name} has shape {shape:?}; {rows} rows of group scales expected"
+                )))
+            }
+        };
+        let biases = self.stored(&biases_name, &[rows, groups])?;
+        Ok(AffineParts { codes, scales, biases, bits })
     }
 
     /// A small tensor copied out of the map and widened to f32.

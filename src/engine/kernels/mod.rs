@@ -8,9 +8,11 @@
 //! `mod.rs` chooses the path; [`avx2`] cuts work for AVX2, [`x86`] holds the x86-64 SIMD
 //! kernels and [`portable`] the plain-Rust fallback. Block-quantized (GGUF) weights have
 //! their own: [`blocks`] decodes the formats, [`quantized`] runs the products and
-//! [`x86_blocks`] holds their AVX-512 VNNI kernels. [`linear`], [`Isa`] and the matrix types
+//! [`x86_blocks`] holds their AVX-512 VNNI kernels; MLX's affine-quantized weights have
+//! [`affine`] and [`x86_affine`]. [`linear`], [`Isa`] and the matrix types
 //! are public for `benches/kernels.rs`.
 
+mod affine;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod blocks;
@@ -22,12 +24,15 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
+mod x86_affine;
+#[cfg(target_arch = "x86_64")]
 mod x86_blocks;
 
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+pub use affine::{dequantize_affine_row, linear_affine, linear_affine_with, AffineMatrix, AFFINE_BITS};
 pub use blocks::{dequantize_row, BlockMatrix, BlockType};
 pub use matrix::{WeightDType, WeightMatrix};
 pub use quantized::{block_kernels_accelerated, linear_blocks, linear_blocks_with};

@@ -78,7 +78,7 @@ impl QuantizedInput {
 }
 
 /// Rounds `values` to codes in [-127, 127] (`codes`); returns the scale (largest magnitude / 127).
-fn quantize(values: &[f32], codes: &mut [i8]) -> f32 {
+pub(super) fn quantize(values: &[f32], codes: &mut [i8]) -> f32 {
     let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = max / 127.0;
     let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
@@ -141,7 +141,7 @@ pub fn block_kernels_accelerated() -> bool {
 }
 
 /// Whether the CPU has AVX-512 VNNI (8-bit dot products) beside AVX-512BW.
-fn vnni_available() -> bool {
+pub(super) fn vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")

@@ -193,3 +193,131 @@ fn block_products_match_the_decoded_weights() {
         }
     }
 }
+
+/// `codes` (each below `1 << bits`) packed as MLX packs them: a little-endian bit stream.
+fn pack_codes(codes: &[u8], bits: usize) -> Vec<u8> {
+    let mut packed = vec![0u8; codes.len() * bits / 8];
+    for (i, &code) in codes.iter().enumerate() {
+        for bit in 0..bits {
+            let at = i * bits + bit;
+            packed[at / 8] |= ((code >> bit) & 1) << (at % 8);
+        }
+    }
+    packed
+}
+
+/// A random `[rows, cols]` MLX-quantized matrix of `bits` with groups of `group_size`, its
+/// scales and biases in `dtype`, and its weights (`scale·q + bias` in f32).
+fn random_affine(
+    rows: usize,
+    cols: usize,
+    bits: usize,
+    group_size: usize,
+    dtype: WeightDType,
+    seed: u32,
+) -> (AffineMatrix, Vec<f32>) {
+    let codes: Vec<u8> =
+        pseudo_random(rows * cols, seed).iter().map(|v| ((v + 0.5) * (1 << bits) as f32) as u8).collect();
+    let groups = rows * cols / group_size;
+    let parameters = |values: Vec<f32>| {
+        let bytes = encode(&values, dtype);
+        let stored: Vec<f32> = (0..groups).map(|i| element(&bytes, i, dtype)).collect();
+        let len = bytes.len();
+        (WeightMatrix::new(Arc::new(bytes), 0..len, rows, cols / group_size, dtype).unwrap(), stored)
+    };
+    let (scales, scale_values) = parameters(pseudo_random(groups, seed + 1).iter().map(|v| v / 16.0).collect());
+    let (biases, bias_values) = parameters(pseudo_random(groups, seed + 2).iter().map(|v| v / 4.0).collect());
+    let weights = codes
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| scale_values[i / group_size] * q as f32 + bias_values[i / group_size])
+        .collect();
+    let packed = pack_codes(&codes, bits);
+    let len = packed.len();
+    (AffineMatrix::new(Arc::new(packed), 0..len, scales, biases, cols, bits).unwrap(), weights)
+}
+
+/// Every width's rows decode to exactly `scale·q + bias` of the packed codes.
+#[test]
+fn affine_decoding_reads_the_packed_codes() {
+    for bits in AFFINE_BITS {
+        for group_size in [32, 64, 128] {
+            let (rows, cols) = (3, 256);
+            let (matrix, weights) = random_affine(rows, cols, bits, group_size, WeightDType::BF16, bits as u32);
+            for (r, expected) in weights.chunks_exact(cols).enumerate() {
+                let mut row = vec![0f32; cols];
+                dequantize_affine_row(&matrix, r, &mut row);
+                assert_eq!(row, expected, "{bits} bits, groups of {group_size}, row {r}");
+            }
+        }
+    }
+}
+
+/// Every width, group size, parameter dtype and instruction set gives products within the
+/// activation rounding's bound of the f32 product with the decoded weights, rows ending
+/// inside a span and a chunk included, and the paths agree with each other.
+#[test]
+fn affine_products_match_the_decoded_weights() {
+    for bits in AFFINE_BITS {
+        for group_size in [32, 64, 128] {
+            for dtype in [WeightDType::BF16, WeightDType::F16, WeightDType::F32] {
+                for (m, n, k) in [(1, 5, 96usize), (3, 17, 384), (9, 9, 2048), (1, 70, 256), (2, 3, 640)] {
+                    if !k.is_multiple_of(group_size) {
+                        continue;
+                    }
+                    let seed = (bits * 1000 + group_size + m * n + k) as u32;
+                    let (matrix, weights) = random_affine(n, k, bits, group_size, dtype, seed);
+                    let x: Vec<f32> = pseudo_random(m * k, 9).iter().map(|v| v * 4.0).collect();
+                    let bias: Vec<f32> = (0..n).map(|j| j as f32 / 8.0).collect();
+                    let mut outputs = Vec::new();
+                    for isa in [Isa::Avx512, Isa::Portable].into_iter().filter(|i| i.available()) {
+                        let mut out = vec![0f32; m * n];
+                        linear_affine_with(isa, &x, &matrix, Some(&bias), &mut out).unwrap();
+                        for i in 0..m {
+                            for j in 0..n {
+                                let (xs, ws) = (&x[i * k..(i + 1) * k], &weights[j * k..(j + 1) * k]);
+                                let exact: f32 = xs.iter().zip(ws).map(|(a, b)| a * b).sum::<f32>() + bias[j];
+                                let bound: f32 = xs
+                                    .chunks(32)
+                                    .zip(ws.chunks(32))
+                                    .map(|(xb, wb)| {
+                                        let max = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                                        max / 254.0 * wb.iter().map(|w| w.abs()).sum::<f32>()
+                                    })
+                                    .sum::<f32>()
+                                    + 1e-4 * (1.0 + exact.abs());
+                                let got = out[i * n + j];
+                                assert!(
+                                    (got - exact).abs() <= bound,
+                                    "{bits}-bit g{group_size} {dtype:?} {isa:?} ({m},{n},{k}) [{i},{j}]: \
+                                     {got} vs {exact} (bound {bound})"
+                                );
+                            }
+                        }
+                        outputs.push(out);
+                    }
+                    for pair in outputs.windows(2) {
+                        for (a, b) in pair[0].iter().zip(&pair[1]) {
+                            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "paths differ: {a} vs {b}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sizes that do not fit an MLX matrix are errors naming what is wrong.
+#[test]
+fn mismatched_affine_sizes_are_errors() {
+    let parameters = |rows, groups| {
+        WeightMatrix::new(Arc::new(vec![0u8; rows * groups * 2]), 0..rows * groups * 2, rows, groups, WeightDType::BF16)
+            .unwrap()
+    };
+    let codes = |len: usize| Arc::new(vec![0u8; len]);
+    let error = |result: crate::error::Result<AffineMatrix>| result.unwrap_err().to_string();
+    assert!(error(AffineMatrix::new(codes(256), 0..256, parameters(4, 2), parameters(4, 2), 128, 7)).contains("7 bits"));
+    assert!(error(AffineMatrix::new(codes(255), 0..255, parameters(4, 2), parameters(4, 2), 128, 4)).contains("255 bytes"));
+    assert!(error(AffineMatrix::new(codes(256), 0..256, parameters(4, 2), parameters(4, 1), 128, 4)).contains("biases"));
+    assert!(error(AffineMatrix::new(codes(256), 0..256, parameters(4, 3), parameters(4, 3), 128, 4)).contains("groups"));
+}
