@@ -99,8 +99,11 @@ class Preset:
         return bool(self.config.get("tie_word_embeddings", False))
 
 
+# `tie_word_embeddings` is always written, as real configs do: transformers reads a missing one as
+# false, mlx-lm as true (it then drops `lm_head.weight` and reads the embeddings in its place).
 def _llama_config(**overrides: Any) -> dict[str, Any]:
     base = {
+        "tie_word_embeddings": False,
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_act": "silu",
@@ -117,6 +120,7 @@ def _llama_config(**overrides: Any) -> dict[str, Any]:
 
 def _qwen_config(model_type: str, **overrides: Any) -> dict[str, Any]:
     base = {
+        "tie_word_embeddings": False,
         "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "Qwen3ForCausalLM"],
         "model_type": model_type,
         "hidden_act": "silu",
