@@ -10,7 +10,15 @@ writes `config.json`, safetensors weights (one file, or several with
 
 writes the same weights and tokenizer as one GGUF file (or `--split` files
 `FILE-0000i-of-0000N.gguf`) of that type, as llama.cpp would (see `synth_gguf`; needs `gguf`).
-The same preset, dtype or type, and seed always give the same bytes.
+
+    python -m exo.testing.synth --preset tiny-llama --mlx-quantize 4 [--group-size 64] --dtype bf16 --out DIR
+        [--mlx-reference] [--seed 0] [--shards 1]
+
+writes the model directory as `mlx_lm.convert --quantize --q-bits 4 --q-group-size 64` would
+from the `--dtype` one: each quantized weight as packed uint32 values with `scales` and `biases`
+in that dtype, and `quantization` in `config.json` (see `synth_mlx`; needs `mlx`). With
+`--mlx-reference`, the f32 model of the same checkpoint's dequantized weights instead.
+The same preset, dtype or type, bits, group size and seed always give the same bytes.
 """
 
 import argparse
@@ -558,16 +566,42 @@ def main() -> None:
         "(f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, q4_k_m)",
     )
     parser.add_argument("--split", type=int, default=1, help="with --gguf: number of GGUF files")
+    parser.add_argument(
+        "--mlx-quantize",
+        type=int,
+        metavar="BITS",
+        help="write the model directory as mlx_lm.convert --quantize would: weights in BITS (2, 3, 4, 5, 6 or 8) "
+        "with scales and biases in --dtype (see synth_mlx; needs mlx)",
+    )
+    parser.add_argument("--group-size", type=int, default=64, help="with --mlx-quantize: 32, 64 or 128")
+    parser.add_argument(
+        "--mlx-reference",
+        action="store_true",
+        help="with --mlx-quantize: write the f32 model of that checkpoint's dequantized weights instead",
+    )
     args = parser.parse_args()
-    if args.gguf is None:
-        write_model(args.preset, args.out, args.dtype, args.seed, args.shards)
-        return
-    from exo.testing.synth_gguf import write_gguf
-
+    if args.gguf is not None and args.mlx_quantize is not None:
+        parser.error("--gguf and --mlx-quantize write different formats: choose one")
+    if args.mlx_reference and args.mlx_quantize is None:
+        parser.error("--mlx-reference needs --mlx-quantize")
     try:
-        write_gguf(args.preset, args.out, args.gguf.lower(), args.seed, args.split)
+        _write(args)
     except ValueError as error:
         parser.error(str(error))
+
+
+def _write(args: argparse.Namespace) -> None:
+    if args.gguf is not None:
+        from exo.testing.synth_gguf import write_gguf
+
+        write_gguf(args.preset, args.out, args.gguf.lower(), args.seed, args.split)
+    elif args.mlx_quantize is not None:
+        from exo.testing.synth_mlx import write_mlx_model, write_mlx_reference
+
+        write = write_mlx_reference if args.mlx_reference else write_mlx_model
+        write(args.preset, args.out, args.mlx_quantize, args.group_size, args.dtype, args.seed, args.shards)
+    else:
+        write_model(args.preset, args.out, args.dtype, args.seed, args.shards)
 
 
 if __name__ == "__main__":
