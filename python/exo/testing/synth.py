@@ -10,24 +10,36 @@ writes `config.json`, safetensors weights (one file, or several with
 
 writes the same weights and tokenizer as one GGUF file (or `--split` files
 `FILE-0000i-of-0000N.gguf`) of that type, as llama.cpp would (see `synth_gguf`; needs `gguf`).
-The same preset, dtype or type, and seed always give the same bytes.
+
+    python -m exo.testing.synth --preset tiny-llama --mlx-quantize 4 [--group-size 64] --dtype bf16 --out DIR
+        [--mlx-reference] [--seed 0] [--shards 1]
+
+writes the model directory as `mlx_lm.convert --quantize --q-bits 4 --q-group-size 64` would
+from the `--dtype` one: each quantized weight as packed uint32 values with `scales` and `biases`
+in that dtype, and `quantization` in `config.json` (see `synth_mlx`; needs `mlx`). With
+`--mlx-reference`, the f32 model of the same checkpoint's dequantized weights instead.
+The same preset, dtype or type, bits, group size and seed always give the same bytes.
 """
 
 import argparse
 import json
+import math
 import os
 import shutil
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from exo.testing.corpus import CORPUS
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 LLAMA3_TEMPLATE = (
     "{{- bos_token }}"
@@ -99,8 +111,11 @@ class Preset:
         return bool(self.config.get("tie_word_embeddings", False))
 
 
+# `tie_word_embeddings` is always written, as real configs do: transformers reads a missing one as
+# false, mlx-lm as true (it then drops `lm_head.weight` and reads the embeddings in its place).
 def _llama_config(**overrides: Any) -> dict[str, Any]:
     base = {
+        "tie_word_embeddings": False,
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_act": "silu",
@@ -117,6 +132,7 @@ def _llama_config(**overrides: Any) -> dict[str, Any]:
 
 def _qwen_config(model_type: str, **overrides: Any) -> dict[str, Any]:
     base = {
+        "tie_word_embeddings": False,
         "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "Qwen3ForCausalLM"],
         "model_type": model_type,
         "hidden_act": "silu",
@@ -345,27 +361,54 @@ def _encode(values: np.ndarray, dtype: str) -> bytes:
     return to_bfloat16_bits(values).astype("<u2").tobytes()
 
 
-def _write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str, seed: int) -> None:
-    """Writes the safetensors format (header length, JSON header, raw bytes) one tensor at a time."""
-    stored, width = DTYPES[dtype][0], {"f32": 4, "bf16": 2, "f16": 2}[dtype]
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+# Bytes per value of the safetensors dtypes these checkpoints hold.
+SAFETENSORS_WIDTHS = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4}
+
+StoredTensor = tuple[str, str, tuple[int, ...]]
+"""One tensor of a safetensors file: its name, safetensors dtype and shape."""
+
+
+def write_safetensors(path: Path, layout: list[StoredTensor], data: Iterable[bytes], file_format: str = "pt") -> None:
+    """Writes the safetensors format (header length, JSON header, raw bytes): the tensors of
+    `layout`, in its order, whose bytes `data` yields in the same order, one tensor at a time."""
+    header: dict[str, Any] = {"__metadata__": {"format": file_format}}
     offset = 0
-    for name, shape in tensors:
-        size = int(np.prod(shape)) * width
+    for name, stored, shape in layout:
+        size = math.prod(shape) * SAFETENSORS_WIDTHS[stored]
         header[name] = {"dtype": stored, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    # Tensors are drawn on every core, a few at a time (numpy's generators release the GIL),
-    # and written in order; each tensor's values depend only on (seed, name).
-    workers = os.cpu_count() or 1
-    with open(path, "wb") as out, ThreadPoolExecutor(workers) as pool:
+    written = 0
+    with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(encoded)))
         out.write(encoded)
-        for start in range(0, len(tensors), workers):
-            batch = tensors[start : start + workers]
-            for data in pool.map(lambda t: _encode(random_tensor(t[0], t[1], seed), dtype), batch):
-                out.write(data)
+        for chunk in data:
+            out.write(chunk)
+            written += len(chunk)
+    if written != offset:
+        raise ValueError(f"{path}: the header describes {offset} bytes of tensors, {written} were written")
+
+
+def stored_size(layout: list[StoredTensor]) -> int:
+    """Bytes of tensor data in a safetensors file of `layout`."""
+    return sum(math.prod(shape) * SAFETENSORS_WIDTHS[stored] for _, stored, shape in layout)
+
+
+def in_parallel(items: list[T], work: Callable[[T], R]) -> Iterator[R]:
+    """`work` of each item, in order, computed on every core a few at a time (numpy's generators
+    release the GIL), so that only a few results are held at once."""
+    workers = os.cpu_count() or 1
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(items), workers):
+            yield from pool.map(work, items[start : start + workers])
+
+
+def _write_plain_file(path: Path, plan: list[tuple[str, tuple[int, ...]]], dtype: str, seed: int) -> list[StoredTensor]:
+    """One safetensors file of `plan`'s seeded weights in `dtype`; each depends only on (seed, name)."""
+    layout = [(name, DTYPES[dtype][0], shape) for name, shape in plan]
+    write_safetensors(path, layout, in_parallel(plan, lambda t: _encode(random_tensor(t[0], t[1], seed), dtype)))
+    return layout
 
 
 def _layer_of(name: str) -> int | None:
@@ -388,10 +431,16 @@ def _split_by_layers(plan: list[tuple[str, tuple[int, ...]]], num_files: int, la
         yield chunk
 
 
-def _write_weights(preset: Preset, out: Path, dtype: str, seed: int, num_files: int) -> None:
+FileWriter = Callable[[Path, list[tuple[str, tuple[int, ...]]]], list[StoredTensor]]
+"""Writes the tensors of a part of the plan as one safetensors file and returns what it stored."""
+
+
+def write_weights(preset: Preset, out: Path, num_files: int, write_file: FileWriter) -> None:
+    """Writes the preset's weights with `write_file`: `model.safetensors`, or `num_files` files of
+    whole layers with `model.safetensors.index.json`."""
     plan = tensor_plan(preset)
     if num_files <= 1:
-        _write_safetensors(out / "model.safetensors", plan, dtype, seed)
+        write_file(out / "model.safetensors", plan)
         return
     layers = preset.config["num_hidden_layers"]
     if num_files > layers:
@@ -400,9 +449,9 @@ def _write_weights(preset: Preset, out: Path, dtype: str, seed: int, num_files: 
     total = 0
     for index, chunk in enumerate(_split_by_layers(plan, num_files, layers), start=1):
         file_name = f"model-{index:05d}-of-{num_files:05d}.safetensors"
-        _write_safetensors(out / file_name, chunk, dtype, seed)
-        weight_map.update({name: file_name for name, _ in chunk})
-        total += sum(int(np.prod(shape)) for _, shape in chunk) * (4 if dtype == "f32" else 2)
+        layout = write_file(out / file_name, chunk)
+        weight_map.update({name: file_name for name, _, _ in layout})
+        total += stored_size(layout)
     index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2))
 
@@ -465,12 +514,13 @@ def write_model(preset: str, out_dir: str | Path, dtype: str = "f32", seed: int 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_metadata(spec, out, dtype)
-    _write_weights(spec, out, dtype, seed, num_shards)
+    write_weights(spec, out, num_shards, lambda path, plan: _write_plain_file(path, plan, dtype, seed))
     return out
 
 
-def write_metadata(spec: Preset, out: Path, dtype: str) -> None:
-    """Writes every file of the model directory but the weights: tokenizer and configs."""
+def write_metadata(spec: Preset, out: Path, dtype: str, extra_config: dict[str, Any] | None = None) -> None:
+    """Writes every file of the model directory but the weights: tokenizer and configs
+    (`config.json` with `extra_config`'s fields added)."""
     ids = _write_tokenizer(spec, out)
     family = spec.family
     eos_ids = [ids[family.eos], ids[family.end_of_turn]]
@@ -480,21 +530,26 @@ def write_metadata(spec: Preset, out: Path, dtype: str) -> None:
         "eos_token_id": eos_ids[0],
         "transformers_version": "4.46.0",
     }
+    config |= extra_config or {}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos_ids, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
 
 
-def cached_model(preset: str, root: str | Path, dtype: str = "f32", seed: int = 0) -> Path:
-    """`root/PRESET-DTYPE`, written on first use; written aside and renamed, so an interrupted
+def cached(model_dir: Path, write: Callable[[Path], object]) -> Path:
+    """`model_dir`, written by `write` on first use; written aside and renamed, so an interrupted
     run never leaves a half-written model behind."""
-    model_dir = Path(root) / f"{preset}-{dtype}"
     if not model_dir.exists():
         partial = model_dir.with_name(model_dir.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        write_model(preset, partial, dtype=dtype, seed=seed)
+        write(partial)
         partial.rename(model_dir)
     return model_dir
+
+
+def cached_model(preset: str, root: str | Path, dtype: str = "f32", seed: int = 0) -> Path:
+    """`root/PRESET-DTYPE`, written on first use (see `cached`)."""
+    return cached(Path(root) / f"{preset}-{dtype}", lambda out: write_model(preset, out, dtype=dtype, seed=seed))
 
 
 def main() -> None:
@@ -511,16 +566,42 @@ def main() -> None:
         "(f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, q4_k_m)",
     )
     parser.add_argument("--split", type=int, default=1, help="with --gguf: number of GGUF files")
+    parser.add_argument(
+        "--mlx-quantize",
+        type=int,
+        metavar="BITS",
+        help="write the model directory as mlx_lm.convert --quantize would: weights in BITS (2, 3, 4, 5, 6 or 8) "
+        "with scales and biases in --dtype (see synth_mlx; needs mlx)",
+    )
+    parser.add_argument("--group-size", type=int, default=64, help="with --mlx-quantize: 32, 64 or 128")
+    parser.add_argument(
+        "--mlx-reference",
+        action="store_true",
+        help="with --mlx-quantize: write the f32 model of that checkpoint's dequantized weights instead",
+    )
     args = parser.parse_args()
-    if args.gguf is None:
-        write_model(args.preset, args.out, args.dtype, args.seed, args.shards)
-        return
-    from exo.testing.synth_gguf import write_gguf
-
+    if args.gguf is not None and args.mlx_quantize is not None:
+        parser.error("--gguf and --mlx-quantize write different formats: choose one")
+    if args.mlx_reference and args.mlx_quantize is None:
+        parser.error("--mlx-reference needs --mlx-quantize")
     try:
-        write_gguf(args.preset, args.out, args.gguf.lower(), args.seed, args.split)
+        _write(args)
     except ValueError as error:
         parser.error(str(error))
+
+
+def _write(args: argparse.Namespace) -> None:
+    if args.gguf is not None:
+        from exo.testing.synth_gguf import write_gguf
+
+        write_gguf(args.preset, args.out, args.gguf.lower(), args.seed, args.split)
+    elif args.mlx_quantize is not None:
+        from exo.testing.synth_mlx import write_mlx_model, write_mlx_reference
+
+        write = write_mlx_reference if args.mlx_reference else write_mlx_model
+        write(args.preset, args.out, args.mlx_quantize, args.group_size, args.dtype, args.seed, args.shards)
+    else:
+        write_model(args.preset, args.out, args.dtype, args.seed, args.shards)
 
 
 if __name__ == "__main__":
