@@ -20,11 +20,9 @@ from safetensors.numpy import load_file, save_file
 from exo._core import dequantize, quantize
 from exo.errors import InvalidArgumentError, InvalidModelError
 from exo.inference.candle import CandleInferenceEngine
-from exo.inference.shard import Shard
 from exo.testing.synth import cached_model
 from exo.testing.synth_gguf import cached_gguf, gguf_name, permute_rotary
-
-PROMPT = [3, 17, 42, 8, 99, 5, 61, 23]
+from support.engine_runs import assert_follows_reference, greedy, prompt_logits
 
 
 @pytest.fixture(scope="module")
@@ -36,28 +34,6 @@ def _layers(path: Path) -> int:
     reader = GGUFReader(path)
     architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     return int(reader.fields[f"{architecture}.block_count"].parts[-1][0])
-
-
-async def _prompt_logits(model: str, layers: int, **options: str) -> np.ndarray:
-    engine = CandleInferenceEngine(**options)
-    logits, _ = await engine.infer_tensor("r", Shard(model, 0, layers - 1, layers), np.array([PROMPT]))
-    return np.asarray(logits, dtype=np.float32).reshape(-1)
-
-
-async def _greedy(model: str, layers: int, steps: int, cuts: tuple[int, ...] = ()) -> list[int]:
-    """Greedy tokens after PROMPT, the layers run as shards ending at each of `cuts` (and the last)."""
-    bounds = [-1, *cuts, layers - 1]
-    shards = [Shard(model, bounds[i] + 1, bounds[i + 1], layers) for i in range(len(bounds) - 1)]
-    engines = [CandleInferenceEngine() for _ in shards]
-    tokens: list[int] = []
-    x = np.array([PROMPT])
-    for _ in range(steps):
-        for engine, shard in zip(engines, shards, strict=True):
-            x, _ = await engine.infer_tensor("r", shard, x)
-        token = int(np.asarray(x).reshape(-1).argmax())
-        tokens.append(token)
-        x = np.array([[token]])
-    return tokens
 
 
 def _dequantized_checkpoint(gguf_file: Path, preset_dir: Path, out: Path) -> Path:
@@ -92,16 +68,8 @@ async def test_an_f32_gguf_gives_the_safetensors_logits(root: Path, preset: str)
     (file,) = cached_gguf(preset, root, "f32")
     directory = cached_model(preset, root / "safetensors", "f32")
     layers = _layers(file)
-    ours, reference = await _prompt_logits(str(file), layers), await _prompt_logits(str(directory), layers)
+    ours, reference = await prompt_logits(str(file), layers), await prompt_logits(str(directory), layers)
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4 * np.abs(reference).max())
-
-
-async def _forced_logits(model: str, layers: int, tokens: list[int]) -> list[np.ndarray]:
-    """Logits after PROMPT and after each of `tokens`, fed one at a time."""
-    engine = CandleInferenceEngine()
-    shard = Shard(model, 0, layers - 1, layers)
-    steps = [np.array([PROMPT]), *(np.array([[t]]) for t in tokens)]
-    return [np.asarray((await engine.infer_tensor("r", shard, x))[0], dtype=np.float32).reshape(-1) for x in steps]
 
 
 # The formats this project's block kernels multiply; the others run on candle's kernels.
@@ -117,8 +85,8 @@ async def test_a_quantized_gguf_gives_its_dequantized_weights_logits(
         file, cached_model("tiny-llama-k", root / "safetensors", "f32"), tmp_path / "f32"
     )
     layers = _layers(file)
-    ours = await _prompt_logits(str(file), layers)
-    reference = await _prompt_logits(str(reference_dir), layers)
+    ours = await prompt_logits(str(file), layers)
+    reference = await prompt_logits(str(reference_dir), layers)
     # Rounding activations to 8 bits per 32 values moves each product by at most half a step
     # (1/254 of the block's largest value) per term; through 4 layers that stays within a few
     # percent of the logits' range on these weights, far below the gap between tokens.
@@ -126,32 +94,22 @@ async def test_a_quantized_gguf_gives_its_dequantized_weights_logits(
     assert np.abs(ours - reference).max() <= 0.03 * scale, (np.abs(ours - reference).max(), scale)
     # Along the reference's greedy path, every step's choice is the same wherever the
     # reference's best two logits are further apart than the error allowed above.
-    path = await _greedy(str(reference_dir), layers, 32)
-    forced = zip(
-        await _forced_logits(str(file), layers, path),
-        await _forced_logits(str(reference_dir), layers, path),
-        strict=True,
-    )
-    for step, (mine, theirs) in enumerate(forced):
-        top, second = np.sort(theirs)[-2:][::-1]
-        assert np.abs(mine - theirs).max() <= 0.03 * np.abs(theirs).max(), step
-        if top - second > 0.06 * np.abs(theirs).max():
-            assert int(mine.argmax()) == int(theirs.argmax()), step
+    await assert_follows_reference(str(file), str(reference_dir), layers, 0.03, 32)
     if ggml_type in OWN_KERNELS:
-        assert await _greedy(str(file), layers, 32) == path
+        assert await greedy(str(file), layers, 32) == await greedy(str(reference_dir), layers, 32)
 
 
 async def test_layer_splits_and_file_splits_give_one_shards_tokens(root: Path) -> None:
     (file,) = cached_gguf("tiny-llama-k", root, "q4_k_m")
     layers = _layers(file)
-    alone = await _greedy(str(file), layers, 16)
-    assert await _greedy(str(file), layers, 16, cuts=(1,)) == alone
-    assert await _greedy(str(file), layers, 16, cuts=(0, 2)) == alone
+    alone = await greedy(str(file), layers, 16)
+    assert await greedy(str(file), layers, 16, cuts=(1,)) == alone
+    assert await greedy(str(file), layers, 16, cuts=(0, 2)) == alone
     parts = cached_gguf("tiny-llama-k", root, "q4_k_m", split=3)
     assert len(parts) == 3 and parts[0].name.endswith("-00001-of-00003.gguf")
-    assert await _greedy(str(parts[0]), layers, 16, cuts=(1,)) == alone
+    assert await greedy(str(parts[0]), layers, 16, cuts=(1,)) == alone
     # A directory holding the model's one GGUF names it.
-    assert await _greedy(str(parts[0].parent), layers, 16) == alone
+    assert await greedy(str(parts[0].parent), layers, 16) == alone
 
 
 async def test_load_time_quantization_gives_the_quantized_weights_logits(root: Path, tmp_path: Path) -> None:
@@ -179,8 +137,8 @@ async def test_load_time_quantization_gives_the_quantized_weights_logits(root: P
         config = json.loads((directory / "config.json").read_text())
         (reference_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
         save_file(tensors, reference_dir / "model.safetensors")
-        ours = await _prompt_logits(str(directory), layers, quantize=block_type)
-        reference = await _prompt_logits(str(reference_dir), layers)
+        ours = await prompt_logits(str(directory), layers, quantize=block_type)
+        reference = await prompt_logits(str(reference_dir), layers)
         assert np.abs(ours - reference).max() <= 0.03 * np.abs(reference).max(), block_type
     with pytest.raises(InvalidArgumentError, match="q9_0"):
         CandleInferenceEngine(quantize="q9_0")
@@ -195,12 +153,12 @@ async def test_bad_gguf_files_fail_clearly(root: Path, tmp_path: Path) -> None:
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(InvalidModelError, match='architecture "gpt2" is not supported'):
-        await _prompt_logits(str(tmp_path / "gpt2.gguf"), 1)
+        await prompt_logits(str(tmp_path / "gpt2.gguf"), 1)
     (file,) = cached_gguf("tiny-llama-k", root, "q8_0")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     with pytest.raises(InvalidModelError, match="past the end of the file"):
-        await _prompt_logits(str(truncated), 4)
+        await prompt_logits(str(truncated), 4)
     (tmp_path / "not.gguf").write_bytes(b"GGUF but not really")
     with pytest.raises(InvalidModelError, match="not a readable GGUF file"):
-        await _prompt_logits(str(tmp_path / "not.gguf"), 4)
+        await prompt_logits(str(tmp_path / "not.gguf"), 4)

@@ -129,10 +129,13 @@ fn mlx_quantized_matmul<'py>(
 ) -> PyResult<Bound<'py, PyBytes>> {
     let matrix = affine_matrix(weight, scales, biases, rows, cols, bits, group_size, dtype)?;
     if !x.len().is_multiple_of(4 * cols) {
-        return Err(Error::InvalidArgument(format!("{} bytes are not rows of {cols} f32 values", x.len())).into());
+        return Err(
+            Error::InvalidArgument(format!("{} bytes are not rows of {cols} f32 values", x.len())).into()
+        );
     }
     let output = py.detach(|| {
-        let inputs: Vec<f32> = x.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let inputs: Vec<f32> =
+            x.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         let mut output = vec![0f32; inputs.len() / cols * rows];
         linear_affine(&inputs, &matrix, None, &mut output)?;
         Ok::<_, Error>(f32_bytes(&output))

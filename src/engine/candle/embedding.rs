@@ -7,7 +7,9 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 
-use crate::engine::kernels::{dequantize_affine_row, dequantize_row, AffineMatrix, BlockMatrix, WeightMatrix};
+use crate::engine::kernels::{
+    dequantize_affine_row, dequantize_row, AffineMatrix, BlockMatrix, WeightMatrix,
+};
 use crate::error::Result;
 
 /// `[vocab, hidden]` embeddings.
@@ -30,7 +32,9 @@ impl Embedding {
         match self {
             Self::Dense(table) => host_rows(ids, table.cols(), |id, row| table.row_f32(id, row)),
             Self::Blocks(table) => host_rows(ids, table.cols(), |id, row| dequantize_row(table, id, row)),
-            Self::Affine(table) => host_rows(ids, table.cols(), |id, row| dequantize_affine_row(table, id, row)),
+            Self::Affine(table) => {
+                host_rows(ids, table.cols(), |id, row| dequantize_affine_row(table, id, row))
+            }
             Self::Quantized(table) => {
                 let ids = Tensor::new(ids, &Device::Cpu)?;
                 Ok(table.embedding(&ids)?)

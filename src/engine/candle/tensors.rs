@@ -20,7 +20,8 @@ use super::linear::Linear;
 use super::quant_type::ggml_dtype_name;
 use super::weights::{read_exact_at, read_to_huge_pages, ShardWeights, WeightIndex};
 use crate::engine::kernels::{
-    block_kernels_accelerated, dequantize_affine_row, AffineMatrix, BlockMatrix, BlockType, WeightDType, WeightMatrix,
+    block_kernels_accelerated, dequantize_affine_row, AffineMatrix, BlockMatrix, BlockType, WeightDType,
+    WeightMatrix,
 };
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;

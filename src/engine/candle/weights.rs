@@ -59,9 +59,9 @@ impl WeightIndex {
             Some(map) => {
                 let mut files = BTreeSet::new();
                 for name in names {
-                    let file = map
-                        .get(name)
-                        .ok_or_else(|| Error::InvalidModel(format!("tensor {name} is not in {INDEX_FILE}")))?;
+                    let file = map.get(name).ok_or_else(|| {
+                        Error::InvalidModel(format!("tensor {name} is not in {INDEX_FILE}"))
+                    })?;
                     files.insert(self.dir.join(file));
                     for suffix in ["scales", "biases"] {
                         files.extend(map.get(&sibling(name, suffix)).map(|file| self.dir.join(file)));
@@ -363,10 +363,19 @@ impl ShardWeights {
         let biases = parameters(stored.iter().map(|s| s.biases).collect())?;
         if in_place && stored.len() == 1 {
             let codes = first.codes;
-            return Ok(Some(AffineMatrix::new(codes.map.clone(), codes.range.clone(), scales, biases, cols, first.bits)?));
+            return Ok(Some(AffineMatrix::new(
+                codes.map.clone(),
+                codes.range.clone(),
+                scales,
+                biases,
+                cols,
+                first.bits,
+            )?));
         }
-        let pieces: Vec<(&File, Range<u64>)> =
-            stored.iter().map(|s| (&*s.codes.file, s.codes.range.start as u64..s.codes.range.end as u64)).collect();
+        let pieces: Vec<(&File, Range<u64>)> = stored
+            .iter()
+            .map(|s| (&*s.codes.file, s.codes.range.start as u64..s.codes.range.end as u64))
+            .collect();
         let copy = read_to_huge_pages(&pieces).map_err(|e| {
             let names: Vec<&str> = parts.iter().map(|(name, _)| name.as_ref()).collect();
             Error::InvalidModel(format!("cannot read tensors {}: {e}", names.join(", ")))
@@ -378,7 +387,8 @@ impl ShardWeights {
     /// The packed codes, scales and biases of the MLX-quantized weight `name` (`[rows, cols]`
     /// once unpacked), checked against each other.
     fn affine_parts(&self, name: &str, rows: usize, cols: usize) -> Result<AffineParts<'_>> {
-        let codes = self.tensors.get(name).ok_or_else(|| Error::InvalidModel(format!("tensor {name} is missing")))?;
+        let codes =
+            self.tensors.get(name).ok_or_else(|| Error::InvalidModel(format!("tensor {name} is missing")))?;
         let words = match (codes.dtype, codes.shape.as_slice()) {
             (safetensors::Dtype::U32, &[r, words]) if r == rows => words,
             (dtype, shape) => {
@@ -390,11 +400,15 @@ impl ShardWeights {
         };
         let bits = words * 32 / cols;
         if bits * cols != words * 32 {
-            return Err(Error::InvalidModel(format!("tensor {name}: {words} words do not pack {cols} columns")));
+            return Err(Error::InvalidModel(format!(
+                "tensor {name}: {words} words do not pack {cols} columns"
+            )));
         }
         let (scales_name, biases_name) = (sibling(name, "scales"), sibling(name, "biases"));
-        let scales =
-            self.tensors.get(&scales_name).ok_or_else(|| Error::InvalidModel(format!("tensor {scales_name} is missing")))?;
+        let scales = self
+            .tensors
+            .get(&scales_name)
+            .ok_or_else(|| Error::InvalidModel(format!("tensor {scales_name} is missing")))?;
         let groups = match scales.shape.as_slice() {
             &[r, groups] if r == rows => groups,
             shape => {

@@ -38,7 +38,14 @@ pub struct AffineMatrix {
 
 impl std::fmt::Debug for AffineMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AffineMatrix({}x{} {}-bit, groups of {})", self.rows(), self.cols, self.bits, self.group_size())
+        write!(
+            f,
+            "AffineMatrix({}x{} {}-bit, groups of {})",
+            self.rows(),
+            self.cols,
+            self.bits,
+            self.group_size()
+        )
     }
 }
 
@@ -181,7 +188,8 @@ impl AffineInput {
             for (b, block) in row.chunks_exact(32).enumerate() {
                 let scale = quantize(block, &mut block_codes);
                 input.scales[r * strides.1 + b] = scale;
-                input.sums[r * strides.1 + b] = scale * block_codes.iter().map(|&q| q as i32).sum::<i32>() as f32;
+                input.sums[r * strides.1 + b] =
+                    scale * block_codes.iter().map(|&q| q as i32).sum::<i32>() as f32;
                 let chunk = &mut codes[b / 2 * CHUNK..][..CHUNK];
                 for (i, &code) in block_codes.iter().enumerate() {
                     chunk[chunk_position(bits, 32 * (b % 2) + i)] = code;
@@ -255,7 +263,14 @@ pub fn linear_affine_with(
 }
 
 /// Dots of weight row `row` with the input rows `rows`.
-fn dot_rows(simd: bool, w: &AffineMatrix, row: usize, input: &AffineInput, rows: Range<usize>, dots: &mut [f32]) {
+fn dot_rows(
+    simd: bool,
+    w: &AffineMatrix,
+    row: usize,
+    input: &AffineInput,
+    rows: Range<usize>,
+    dots: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `accelerated` checked AVX-512F/BW/VL/VNNI, 4 or 8 bits and groups of 32-128;

@@ -225,7 +225,8 @@ fn random_affine(
         let len = bytes.len();
         (WeightMatrix::new(Arc::new(bytes), 0..len, rows, cols / group_size, dtype).unwrap(), stored)
     };
-    let (scales, scale_values) = parameters(pseudo_random(groups, seed + 1).iter().map(|v| v / 16.0).collect());
+    let (scales, scale_values) =
+        parameters(pseudo_random(groups, seed + 1).iter().map(|v| v / 16.0).collect());
     let (biases, bias_values) = parameters(pseudo_random(groups, seed + 2).iter().map(|v| v / 4.0).collect());
     let weights = codes
         .iter()
@@ -243,7 +244,8 @@ fn affine_decoding_reads_the_packed_codes() {
     for bits in AFFINE_BITS {
         for group_size in [32, 64, 128] {
             let (rows, cols) = (3, 256);
-            let (matrix, weights) = random_affine(rows, cols, bits, group_size, WeightDType::BF16, bits as u32);
+            let (matrix, weights) =
+                random_affine(rows, cols, bits, group_size, WeightDType::BF16, bits as u32);
             for (r, expected) in weights.chunks_exact(cols).enumerate() {
                 let mut row = vec![0f32; cols];
                 dequantize_affine_row(&matrix, r, &mut row);
@@ -311,13 +313,23 @@ fn affine_products_match_the_decoded_weights() {
 #[test]
 fn mismatched_affine_sizes_are_errors() {
     let parameters = |rows, groups| {
-        WeightMatrix::new(Arc::new(vec![0u8; rows * groups * 2]), 0..rows * groups * 2, rows, groups, WeightDType::BF16)
-            .unwrap()
+        WeightMatrix::new(
+            Arc::new(vec![0u8; rows * groups * 2]),
+            0..rows * groups * 2,
+            rows,
+            groups,
+            WeightDType::BF16,
+        )
+        .unwrap()
     };
     let codes = |len: usize| Arc::new(vec![0u8; len]);
     let error = |result: crate::error::Result<AffineMatrix>| result.unwrap_err().to_string();
-    assert!(error(AffineMatrix::new(codes(256), 0..256, parameters(4, 2), parameters(4, 2), 128, 7)).contains("7 bits"));
-    assert!(error(AffineMatrix::new(codes(255), 0..255, parameters(4, 2), parameters(4, 2), 128, 4)).contains("255 bytes"));
-    assert!(error(AffineMatrix::new(codes(256), 0..256, parameters(4, 2), parameters(4, 1), 128, 4)).contains("biases"));
-    assert!(error(AffineMatrix::new(codes(256), 0..256, parameters(4, 3), parameters(4, 3), 128, 4)).contains("groups"));
+    assert!(error(AffineMatrix::new(codes(256), 0..256, parameters(4, 2), parameters(4, 2), 128, 7))
+        .contains("7 bits"));
+    assert!(error(AffineMatrix::new(codes(255), 0..255, parameters(4, 2), parameters(4, 2), 128, 4))
+        .contains("255 bytes"));
+    assert!(error(AffineMatrix::new(codes(256), 0..256, parameters(4, 2), parameters(4, 1), 128, 4))
+        .contains("biases"));
+    assert!(error(AffineMatrix::new(codes(256), 0..256, parameters(4, 3), parameters(4, 3), 128, 4))
+        .contains("groups"));
 }

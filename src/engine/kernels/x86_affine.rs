@@ -42,7 +42,13 @@ const fn lane_blocks(paired: bool) -> [[i32; 16]; 4] {
 /// Dots of weight row `row` of `w` (4 or 8 bits, groups of 32, 64 or 128) with the input rows
 /// `rows` of `input` (at most [`ROW_BLOCK`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c")]
-pub unsafe fn dot_rows(w: &AffineMatrix, row: usize, input: &AffineInput, rows: Range<usize>, dots: &mut [f32]) {
+pub unsafe fn dot_rows(
+    w: &AffineMatrix,
+    row: usize,
+    input: &AffineInput,
+    rows: Range<usize>,
+    dots: &mut [f32],
+) {
     let count = rows.len().min(ROW_BLOCK);
     let mut inputs = [(&[][..], &[][..], &[][..]); ROW_BLOCK];
     for (slot, r) in inputs.iter_mut().zip(rows.take(count)) {
@@ -67,8 +73,10 @@ pub unsafe fn dot_rows(w: &AffineMatrix, row: usize, input: &AffineInput, rows: 
     for span in 0..blocks.div_ceil(8) {
         let valid = (blocks - 8 * span).min(8);
         let (first_group, groups) = (SPAN * span / group_size, (32 * valid).div_ceil(group_size));
-        let block_scales = _mm256_permutevar8x32_ps(group_values(scales, dtype, first_group, groups), group_of_block);
-        let block_biases = _mm256_permutevar8x32_ps(group_values(biases, dtype, first_group, groups), group_of_block);
+        let block_scales =
+            _mm256_permutevar8x32_ps(group_values(scales, dtype, first_group, groups), group_of_block);
+        let block_biases =
+            _mm256_permutevar8x32_ps(group_values(biases, dtype, first_group, groups), group_of_block);
         let mut q = [_mm512_setzero_si512(); 4];
         for (p, chunk) in q.iter_mut().enumerate().take(valid.div_ceil(2)) {
             let weights = (32 * valid - CHUNK * p).min(CHUNK);
