@@ -167,6 +167,20 @@ async def test_max_tokens_temperature_and_seed_are_per_request(model: Path) -> N
         assert first != greedy
 
 
+async def test_generation_ends_at_the_context_like_a_token_limit(model: Path) -> None:
+    """A request asking for more tokens than the context holds ends when its next token would
+    not fit (as at `max_tokens`), on one node and across a ring, instead of failing."""
+    prompt = await _prompt(model)
+    context = 64
+    engine = CandleInferenceEngine(max_context=context)
+    prompt_tokens = len(await engine.encode(whole_model(model), prompt))
+    for ids in (["solo"], ["a", "b"]):
+        async with running_cluster(ids, lambda: CandleInferenceEngine(max_context=context)) as nodes:
+            tokens = [t async for t in nodes[0].generate(whole_model(model), prompt, max_tokens=100)]
+            # The last token is never fed back: the prompt and all tokens but the last fill the context.
+            assert len(tokens) == context - prompt_tokens + 1, ids
+
+
 async def test_aclose_cancels_the_request_everywhere() -> None:
     async with running_cluster(["a", "b"], DummyInferenceEngine) as nodes:
         stream = nodes[0].generate(Shard("dummy", 0, 7, 8), "hi")

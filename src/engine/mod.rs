@@ -101,6 +101,13 @@ pub trait Engine: Send + Sync {
     /// Token ids that end generation for the model of `shard`.
     async fn eos_token_ids(&self, shard: &Shard) -> Result<Vec<u32>>;
 
+    /// Positions `request_id`'s cache on this node can still take for `shard`'s model (its
+    /// context less what the request holds), when the engine keeps such caches; the node
+    /// ends a request whose next token would not fit, as a token limit does.
+    async fn context_room(&self, _shard: &Shard, _request_id: &str) -> Option<usize> {
+        None
+    }
+
     /// What a layer and the LM head of `base`'s model cost per token, if the engine can tell
     /// without loading weights; the node balances layers across the ring with it.
     async fn model_costs(&self, _base: &Shard) -> Option<crate::topology::ModelCosts> {

@@ -325,7 +325,8 @@ impl Node {
                     Error::InvalidTensor(format!("sampling request {request_id} gave no token"))
                 })?;
                 let eos = self.engine.eos_token_ids(shard).await?;
-                let finished = eos.contains(&token) || step + 1 >= limit;
+                let full = self.engine.context_room(shard, request_id).await == Some(0);
+                let finished = eos.contains(&token) || step + 1 >= limit || full;
                 self.deliver_token(request_id, token, finished);
                 Some((token, finished))
             };

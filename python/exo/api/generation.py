@@ -85,5 +85,7 @@ async def generate_text(
         if stopped:
             finish = "stop"
     if finish is None:
-        finish = "length" if limit is not None and count >= limit else "stop"
+        # The node ends a request short of EOS only at a limit: the tokens asked for, its
+        # `max_generate_tokens`, or the model's context.
+        finish = "length"
     return Outcome(count, finish, node_done)

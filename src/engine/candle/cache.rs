@@ -158,6 +158,11 @@ impl CacheStore {
         self.evicted.remove(request_id);
     }
 
+    /// Positions `request_id`'s idle cache holds (`None` while running a step or unknown).
+    pub fn position(&self, request_id: &str) -> Option<usize> {
+        self.idle.get(request_id).map(|(cache, _)| cache.position)
+    }
+
     /// Bytes held by idle and running caches.
     pub fn total_bytes(&self) -> usize {
         self.idle.values().map(|(c, _)| c.bytes()).sum::<usize>() + self.busy.values().sum::<usize>()

@@ -265,6 +265,12 @@ impl Engine for CandleEngine {
         self.caches.lock().expect("cache lock poisoned").finish(request_id);
     }
 
+    async fn context_room(&self, shard: &Shard, request_id: &str) -> Option<usize> {
+        let loaded = self.loaded.lock().await.clone().filter(|l| l.model.shard() == shard)?;
+        let position = self.caches.lock().expect("cache lock poisoned").position(request_id)?;
+        Some(loaded.model.max_context().saturating_sub(position))
+    }
+
     async fn eos_token_ids(&self, shard: &Shard) -> Result<Vec<u32>> {
         Ok(self.tokenizer_for(shard).await?.tokenizer.eos_token_ids().to_vec())
     }

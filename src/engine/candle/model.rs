@@ -432,6 +432,11 @@ impl ShardModel {
         &self.shard
     }
 
+    /// Positions a request's cache may hold.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
     /// Number of local layers (one KV cache each).
     pub fn layer_count(&self) -> usize {
         self.blocks.len()
