@@ -1,6 +1,10 @@
-//! The model registry (exo classic's `model_cards`): model id → number of layers, a repository
-//! per inference engine class, a pretty name. Hugging Face repo ids (`org/name`) and local
-//! model directories work beside the registry without being listed in it.
+//! The model registry (exo classic's `model_cards`): model id → number of layers, the
+//! architecture of its weights, a repository per inference engine class, a pretty name. Hugging
+//! Face repo ids (`org/name`), GGUF files in them and local models work beside the registry
+//! without being listed in it.
+
+use crate::engine::candle::MODEL_TYPES;
+use crate::error::{Error, Result};
 
 /// Engine class name of the candle engine.
 pub const CANDLE: &str = "CandleInferenceEngine";
@@ -20,6 +24,8 @@ pub struct ModelCard {
     pub layers: i32,
     /// Display name, where the registry has one.
     pub pretty_name: Option<&'static str>,
+    /// The `model_type` of the weights' `config.json` (`llama`, `qwen2`, `deepseek_v3`, ...).
+    pub architecture: &'static str,
     /// (engine class name, repository) pairs.
     pub repos: &'static [(&'static str, &'static str)],
 }
@@ -28,22 +34,25 @@ const fn card(
     id: &'static str,
     layers: i32,
     pretty_name: Option<&'static str>,
+    architecture: &'static str,
     repos: &'static [(&'static str, &'static str)],
 ) -> ModelCard {
-    ModelCard { id, layers, pretty_name, repos }
+    ModelCard { id, layers, pretty_name, architecture, repos }
 }
 
-/// Every registry entry, in exo classic's order (Mistral 7B and Qwen 3 added). Candle uses
-/// the safetensors repositories classic gave tinygrad, and the official repositories of the
-/// Qwen, DeepSeek distill, Nemotron and Mistral models. `qwen-2.5-0.5b` has the 24 layers of
-/// its config (classic listed 28).
+/// Every registry entry, in exo classic's order, with classic's MLX and tinygrad repositories
+/// (Mistral 7B and Qwen 3 added). Candle loads the MLX repository wherever it runs the
+/// architecture, so an id means the same weights as in classic: `llama-3.2-1b` the 4-bit
+/// quantization, `llama-3.2-1b-8bit` the 8-bit one, `-bf16` the unquantized model.
+/// `qwen-2.5-0.5b` has the 24 layers of its config (classic listed 28).
 pub static MODEL_CARDS: &[ModelCard] = &[
     card(
         "llama-3.3-70b",
         80,
         Some("Llama 3.3 70B"),
+        "llama",
         &[
-            (CANDLE, "unsloth/Llama-3.3-70B-Instruct"),
+            (CANDLE, "mlx-community/Llama-3.3-70B-Instruct-4bit"),
             (MLX, "mlx-community/Llama-3.3-70B-Instruct-4bit"),
             (TINYGRAD, "unsloth/Llama-3.3-70B-Instruct"),
         ],
@@ -52,8 +61,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "llama-3.2-1b",
         16,
         Some("Llama 3.2 1B"),
+        "llama",
         &[
-            (CANDLE, "unsloth/Llama-3.2-1B-Instruct"),
+            (CANDLE, "mlx-community/Llama-3.2-1B-Instruct-4bit"),
             (MLX, "mlx-community/Llama-3.2-1B-Instruct-4bit"),
             (TINYGRAD, "unsloth/Llama-3.2-1B-Instruct"),
         ],
@@ -62,8 +72,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "llama-3.2-1b-8bit",
         16,
         Some("Llama 3.2 1B (8-bit)"),
+        "llama",
         &[
-            (CANDLE, "unsloth/Llama-3.2-1B-Instruct"),
+            (CANDLE, "mlx-community/Llama-3.2-1B-Instruct-8bit"),
             (MLX, "mlx-community/Llama-3.2-1B-Instruct-8bit"),
             (TINYGRAD, "unsloth/Llama-3.2-1B-Instruct"),
         ],
@@ -72,8 +83,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "llama-3.2-3b",
         28,
         Some("Llama 3.2 3B"),
+        "llama",
         &[
-            (CANDLE, "unsloth/Llama-3.2-3B-Instruct"),
+            (CANDLE, "mlx-community/Llama-3.2-3B-Instruct-4bit"),
             (MLX, "mlx-community/Llama-3.2-3B-Instruct-4bit"),
             (TINYGRAD, "unsloth/Llama-3.2-3B-Instruct"),
         ],
@@ -82,8 +94,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "llama-3.2-3b-8bit",
         28,
         Some("Llama 3.2 3B (8-bit)"),
+        "llama",
         &[
-            (CANDLE, "unsloth/Llama-3.2-3B-Instruct"),
+            (CANDLE, "mlx-community/Llama-3.2-3B-Instruct-8bit"),
             (MLX, "mlx-community/Llama-3.2-3B-Instruct-8bit"),
             (TINYGRAD, "unsloth/Llama-3.2-3B-Instruct"),
         ],
@@ -92,8 +105,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "llama-3.2-3b-bf16",
         28,
         Some("Llama 3.2 3B (BF16)"),
+        "llama",
         &[
-            (CANDLE, "unsloth/Llama-3.2-3B-Instruct"),
+            (CANDLE, "mlx-community/Llama-3.2-3B-Instruct"),
             (MLX, "mlx-community/Llama-3.2-3B-Instruct"),
             (TINYGRAD, "unsloth/Llama-3.2-3B-Instruct"),
         ],
@@ -102,8 +116,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "llama-3.1-8b",
         32,
         Some("Llama 3.1 8B"),
+        "llama",
         &[
-            (CANDLE, "mlabonne/Meta-Llama-3.1-8B-Instruct-abliterated"),
+            (CANDLE, "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit"),
             (MLX, "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit"),
             (TINYGRAD, "mlabonne/Meta-Llama-3.1-8B-Instruct-abliterated"),
         ],
@@ -112,8 +127,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "llama-3.1-70b",
         80,
         Some("Llama 3.1 70B"),
+        "llama",
         &[
-            (CANDLE, "NousResearch/Meta-Llama-3.1-70B-Instruct"),
+            (CANDLE, "mlx-community/Meta-Llama-3.1-70B-Instruct-4bit"),
             (MLX, "mlx-community/Meta-Llama-3.1-70B-Instruct-4bit"),
             (TINYGRAD, "NousResearch/Meta-Llama-3.1-70B-Instruct"),
         ],
@@ -122,8 +138,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "llama-3.1-70b-bf16",
         80,
         Some("Llama 3.1 70B (BF16)"),
+        "llama",
         &[
-            (CANDLE, "NousResearch/Meta-Llama-3.1-70B-Instruct"),
+            (CANDLE, "mlx-community/Meta-Llama-3.1-70B-Instruct-bf16-CORRECTED"),
             (MLX, "mlx-community/Meta-Llama-3.1-70B-Instruct-bf16-CORRECTED"),
             (TINYGRAD, "NousResearch/Meta-Llama-3.1-70B-Instruct"),
         ],
@@ -132,8 +149,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "llama-3-8b",
         32,
         Some("Llama 3 8B"),
+        "llama",
         &[
-            (CANDLE, "TriAiExperiments/SFR-Iterative-DPO-LLaMA-3-8B-R"),
+            (CANDLE, "mlx-community/Meta-Llama-3-8B-Instruct-4bit"),
             (MLX, "mlx-community/Meta-Llama-3-8B-Instruct-4bit"),
             (TINYGRAD, "TriAiExperiments/SFR-Iterative-DPO-LLaMA-3-8B-R"),
         ],
@@ -142,25 +160,40 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "llama-3-70b",
         80,
         Some("Llama 3 70B"),
+        "llama",
         &[
-            (CANDLE, "TriAiExperiments/SFR-Iterative-DPO-LLaMA-3-70B-R"),
+            (CANDLE, "mlx-community/Meta-Llama-3-70B-Instruct-4bit"),
             (MLX, "mlx-community/Meta-Llama-3-70B-Instruct-4bit"),
             (TINYGRAD, "TriAiExperiments/SFR-Iterative-DPO-LLaMA-3-70B-R"),
         ],
     ),
-    card("llama-3.1-405b", 126, Some("Llama 3.1 405B"), &[(MLX, "mlx-community/Meta-Llama-3.1-405B-4bit")]),
+    card(
+        "llama-3.1-405b",
+        126,
+        Some("Llama 3.1 405B"),
+        "llama",
+        &[
+            (CANDLE, "mlx-community/Meta-Llama-3.1-405B-4bit"),
+            (MLX, "mlx-community/Meta-Llama-3.1-405B-4bit"),
+        ],
+    ),
     card(
         "llama-3.1-405b-8bit",
         126,
         Some("Llama 3.1 405B (8-bit)"),
-        &[(MLX, "mlx-community/Meta-Llama-3.1-405B-Instruct-8bit")],
+        "llama",
+        &[
+            (CANDLE, "mlx-community/Meta-Llama-3.1-405B-Instruct-8bit"),
+            (MLX, "mlx-community/Meta-Llama-3.1-405B-Instruct-8bit"),
+        ],
     ),
     card(
         "mistral-nemo",
         40,
         Some("Mistral Nemo"),
+        "mistral",
         &[
-            (CANDLE, "unsloth/Mistral-Nemo-Instruct-2407"),
+            (CANDLE, "mlx-community/Mistral-Nemo-Instruct-2407-4bit"),
             (MLX, "mlx-community/Mistral-Nemo-Instruct-2407-4bit"),
         ],
     ),
@@ -168,8 +201,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "mistral-large",
         88,
         Some("Mistral Large"),
+        "mistral",
         &[
-            (CANDLE, "mistralai/Mistral-Large-Instruct-2407"),
+            (CANDLE, "mlx-community/Mistral-Large-Instruct-2407-4bit"),
             (MLX, "mlx-community/Mistral-Large-Instruct-2407-4bit"),
         ],
     ),
@@ -177,30 +211,61 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "mistral-7b",
         32,
         Some("Mistral 7B"),
-        &[(MLX, "mlx-community/Mistral-7B-Instruct-v0.3-4bit"), (CANDLE, "unsloth/mistral-7b-instruct-v0.3")],
+        "mistral",
+        &[
+            (CANDLE, "mlx-community/Mistral-7B-Instruct-v0.3-4bit"),
+            (MLX, "mlx-community/Mistral-7B-Instruct-v0.3-4bit"),
+        ],
     ),
     card(
         "deepseek-coder-v2-lite",
         27,
         Some("Deepseek Coder V2 Lite"),
+        "deepseek_v2",
         &[(MLX, "mlx-community/DeepSeek-Coder-V2-Lite-Instruct-4bit-mlx")],
     ),
     card(
         "deepseek-coder-v2.5",
         60,
         Some("Deepseek Coder V2.5"),
+        "deepseek_v2",
         &[(MLX, "mlx-community/DeepSeek-V2.5-MLX-AQ4_1_64")],
     ),
-    card("deepseek-v3", 61, Some("Deepseek V3 (4-bit)"), &[(MLX, "mlx-community/DeepSeek-V3-4bit")]),
-    card("deepseek-v3-3bit", 61, Some("Deepseek V3 (3-bit)"), &[(MLX, "mlx-community/DeepSeek-V3-3bit")]),
-    card("deepseek-r1", 61, Some("Deepseek R1 (4-bit)"), &[(MLX, "mlx-community/DeepSeek-R1-4bit")]),
-    card("deepseek-r1-3bit", 61, Some("Deepseek R1 (3-bit)"), &[(MLX, "mlx-community/DeepSeek-R1-3bit")]),
+    card(
+        "deepseek-v3",
+        61,
+        Some("Deepseek V3 (4-bit)"),
+        "deepseek_v3",
+        &[(MLX, "mlx-community/DeepSeek-V3-4bit")],
+    ),
+    card(
+        "deepseek-v3-3bit",
+        61,
+        Some("Deepseek V3 (3-bit)"),
+        "deepseek_v3",
+        &[(MLX, "mlx-community/DeepSeek-V3-3bit")],
+    ),
+    card(
+        "deepseek-r1",
+        61,
+        Some("Deepseek R1 (4-bit)"),
+        "deepseek_v3",
+        &[(MLX, "mlx-community/DeepSeek-R1-4bit")],
+    ),
+    card(
+        "deepseek-r1-3bit",
+        61,
+        Some("Deepseek R1 (3-bit)"),
+        "deepseek_v3",
+        &[(MLX, "mlx-community/DeepSeek-R1-3bit")],
+    ),
     card(
         "deepseek-r1-distill-qwen-1.5b",
         28,
         Some("DeepSeek R1 Distill Qwen 1.5B"),
+        "qwen2",
         &[
-            (CANDLE, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"),
+            (CANDLE, "mlx-community/deepseek-r1-distill-qwen-1.5b"),
             (MLX, "mlx-community/deepseek-r1-distill-qwen-1.5b"),
         ],
     ),
@@ -208,26 +273,39 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "deepseek-r1-distill-qwen-1.5b-3bit",
         28,
         Some("DeepSeek R1 Distill Qwen 1.5B (3-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-1.5B-3bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-1.5B-3bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-1.5B-3bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-qwen-1.5b-6bit",
         28,
         Some("DeepSeek R1 Distill Qwen 1.5B (6-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-1.5B-6bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-1.5B-6bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-1.5B-6bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-qwen-1.5b-8bit",
         28,
         Some("DeepSeek R1 Distill Qwen 1.5B (8-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-1.5B-8bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-1.5B-8bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-1.5B-8bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-qwen-1.5b-bf16",
         28,
         Some("DeepSeek R1 Distill Qwen 1.5B (BF16)"),
+        "qwen2",
         &[
-            (CANDLE, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"),
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-1.5B-bf16"),
             (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-1.5B-bf16"),
         ],
     ),
@@ -235,8 +313,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "deepseek-r1-distill-qwen-7b",
         28,
         Some("DeepSeek R1 Distill Qwen 7B"),
+        "qwen2",
         &[
-            (CANDLE, "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"),
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-7B-4bit"),
             (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-7B-4bit"),
         ],
     ),
@@ -244,26 +323,39 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "deepseek-r1-distill-qwen-7b-3bit",
         28,
         Some("DeepSeek R1 Distill Qwen 7B (3-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-7B-3bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-7B-3bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-7B-3bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-qwen-7b-6bit",
         28,
         Some("DeepSeek R1 Distill Qwen 7B (6-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-7B-6bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-7B-6bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-7B-6bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-qwen-7b-8bit",
         28,
         Some("DeepSeek R1 Distill Qwen 7B (8-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-7B-8bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-7B-8bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-7B-8bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-qwen-7b-bf16",
         28,
         Some("DeepSeek R1 Distill Qwen 7B (BF16)"),
+        "qwen2",
         &[
-            (CANDLE, "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"),
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-7B-bf16"),
             (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-7B-bf16"),
         ],
     ),
@@ -271,8 +363,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "deepseek-r1-distill-qwen-14b",
         48,
         Some("DeepSeek R1 Distill Qwen 14B"),
+        "qwen2",
         &[
-            (CANDLE, "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B"),
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-14B-4bit"),
             (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-14B-4bit"),
         ],
     ),
@@ -280,26 +373,39 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "deepseek-r1-distill-qwen-14b-3bit",
         48,
         Some("DeepSeek R1 Distill Qwen 14B (3-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-14B-3bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-14B-3bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-14B-3bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-qwen-14b-6bit",
         48,
         Some("DeepSeek R1 Distill Qwen 14B (6-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-14B-6bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-14B-6bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-14B-6bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-qwen-14b-8bit",
         48,
         Some("DeepSeek R1 Distill Qwen 14B (8-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-14B-8bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-14B-8bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-14B-8bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-qwen-14b-bf16",
         48,
         Some("DeepSeek R1 Distill Qwen 14B (BF16)"),
+        "qwen2",
         &[
-            (CANDLE, "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B"),
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-14B-bf16"),
             (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-14B-bf16"),
         ],
     ),
@@ -307,8 +413,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "deepseek-r1-distill-qwen-32b",
         64,
         Some("DeepSeek R1 Distill Qwen 32B"),
+        "qwen2",
         &[
-            (CANDLE, "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"),
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-32B-4bit"),
             (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-32B-4bit"),
         ],
     ),
@@ -316,26 +423,39 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "deepseek-r1-distill-qwen-32b-3bit",
         64,
         Some("DeepSeek R1 Distill Qwen 32B (3-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-32B-3bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-32B-3bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-32B-3bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-qwen-32b-6bit",
         64,
         Some("DeepSeek R1 Distill Qwen 32B (6-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-32B-6bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-32B-6bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-32B-6bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-qwen-32b-8bit",
         64,
         Some("DeepSeek R1 Distill Qwen 32B (8-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-32B-MLX-8Bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-32B-MLX-8Bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-32B-MLX-8Bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-qwen-32b-bf16",
         64,
         Some("DeepSeek R1 Distill Qwen 32B (BF16)"),
+        "qwen2",
         &[
-            (CANDLE, "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"),
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Qwen-32B-bf16"),
             (MLX, "mlx-community/DeepSeek-R1-Distill-Qwen-32B-bf16"),
         ],
     ),
@@ -343,8 +463,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "deepseek-r1-distill-llama-8b",
         32,
         Some("DeepSeek R1 Distill Llama 8B"),
+        "llama",
         &[
-            (CANDLE, "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"),
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Llama-8B-4bit"),
             (MLX, "mlx-community/DeepSeek-R1-Distill-Llama-8B-4bit"),
         ],
     ),
@@ -352,26 +473,39 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "deepseek-r1-distill-llama-8b-3bit",
         32,
         Some("DeepSeek R1 Distill Llama 8B (3-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Llama-8B-3bit")],
+        "llama",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Llama-8B-3bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Llama-8B-3bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-llama-8b-6bit",
         32,
         Some("DeepSeek R1 Distill Llama 8B (6-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Llama-8B-6bit")],
+        "llama",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Llama-8B-6bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Llama-8B-6bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-llama-8b-8bit",
         32,
         Some("DeepSeek R1 Distill Llama 8B (8-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Llama-8B-8bit")],
+        "llama",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Llama-8B-8bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Llama-8B-8bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-llama-8b-bf16",
         32,
         Some("DeepSeek R1 Distill Llama 8B (BF16)"),
+        "llama",
         &[
-            (CANDLE, "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"),
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Llama-8B-bf16"),
             (MLX, "mlx-community/DeepSeek-R1-Distill-Llama-8B-bf16"),
         ],
     ),
@@ -379,8 +513,9 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "deepseek-r1-distill-llama-70b",
         80,
         Some("DeepSeek R1 Distill Llama 70B"),
+        "llama",
         &[
-            (CANDLE, "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"),
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Llama-70B-4bit"),
             (MLX, "mlx-community/DeepSeek-R1-Distill-Llama-70B-4bit"),
         ],
     ),
@@ -388,39 +523,66 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "deepseek-r1-distill-llama-70b-3bit",
         80,
         Some("DeepSeek R1 Distill Llama 70B (3-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Llama-70B-3bit")],
+        "llama",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Llama-70B-3bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Llama-70B-3bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-llama-70b-6bit",
         80,
         Some("DeepSeek R1 Distill Llama 70B (6-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Llama-70B-6bit")],
+        "llama",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Llama-70B-6bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Llama-70B-6bit"),
+        ],
     ),
     card(
         "deepseek-r1-distill-llama-70b-8bit",
         80,
         Some("DeepSeek R1 Distill Llama 70B (8-bit)"),
-        &[(MLX, "mlx-community/DeepSeek-R1-Distill-Llama-70B-8bit")],
+        "llama",
+        &[
+            (CANDLE, "mlx-community/DeepSeek-R1-Distill-Llama-70B-8bit"),
+            (MLX, "mlx-community/DeepSeek-R1-Distill-Llama-70B-8bit"),
+        ],
     ),
-    card("llava-1.5-7b-hf", 32, Some("LLaVa 1.5 7B (Vision Model)"), &[(MLX, "llava-hf/llava-1.5-7b-hf")]),
+    card(
+        "llava-1.5-7b-hf",
+        32,
+        Some("LLaVa 1.5 7B (Vision Model)"),
+        "llava",
+        &[(MLX, "llava-hf/llava-1.5-7b-hf")],
+    ),
     card(
         "qwen-2.5-0.5b",
         24,
         Some("Qwen 2.5 0.5B"),
-        &[(CANDLE, "Qwen/Qwen2.5-0.5B-Instruct"), (MLX, "mlx-community/Qwen2.5-0.5B-Instruct-4bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/Qwen2.5-0.5B-Instruct-4bit"),
+            (MLX, "mlx-community/Qwen2.5-0.5B-Instruct-4bit"),
+        ],
     ),
     card(
         "qwen-2.5-1.5b",
         28,
         Some("Qwen 2.5 1.5B"),
-        &[(CANDLE, "Qwen/Qwen2.5-1.5B-Instruct"), (MLX, "mlx-community/Qwen2.5-1.5B-Instruct-4bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/Qwen2.5-1.5B-Instruct-4bit"),
+            (MLX, "mlx-community/Qwen2.5-1.5B-Instruct-4bit"),
+        ],
     ),
     card(
         "qwen-2.5-coder-1.5b",
         28,
         Some("Qwen 2.5 Coder 1.5B"),
+        "qwen2",
         &[
-            (CANDLE, "Qwen/Qwen2.5-Coder-1.5B-Instruct"),
+            (CANDLE, "mlx-community/Qwen2.5-Coder-1.5B-Instruct-4bit"),
             (MLX, "mlx-community/Qwen2.5-Coder-1.5B-Instruct-4bit"),
         ],
     ),
@@ -428,44 +590,69 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "qwen-2.5-3b",
         36,
         Some("Qwen 2.5 3B"),
-        &[(CANDLE, "Qwen/Qwen2.5-3B-Instruct"), (MLX, "mlx-community/Qwen2.5-3B-Instruct-4bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/Qwen2.5-3B-Instruct-4bit"),
+            (MLX, "mlx-community/Qwen2.5-3B-Instruct-4bit"),
+        ],
     ),
     card(
         "qwen-2.5-coder-3b",
         36,
         Some("Qwen 2.5 Coder 3B"),
-        &[(CANDLE, "Qwen/Qwen2.5-Coder-3B-Instruct"), (MLX, "mlx-community/Qwen2.5-Coder-3B-Instruct-4bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/Qwen2.5-Coder-3B-Instruct-4bit"),
+            (MLX, "mlx-community/Qwen2.5-Coder-3B-Instruct-4bit"),
+        ],
     ),
     card(
         "qwen-2.5-7b",
         28,
         Some("Qwen 2.5 7B"),
-        &[(CANDLE, "Qwen/Qwen2.5-7B-Instruct"), (MLX, "mlx-community/Qwen2.5-7B-Instruct-4bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/Qwen2.5-7B-Instruct-4bit"),
+            (MLX, "mlx-community/Qwen2.5-7B-Instruct-4bit"),
+        ],
     ),
     card(
         "qwen-2.5-coder-7b",
         28,
         Some("Qwen 2.5 Coder 7B"),
-        &[(CANDLE, "Qwen/Qwen2.5-Coder-7B-Instruct"), (MLX, "mlx-community/Qwen2.5-Coder-7B-Instruct-4bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/Qwen2.5-Coder-7B-Instruct-4bit"),
+            (MLX, "mlx-community/Qwen2.5-Coder-7B-Instruct-4bit"),
+        ],
     ),
     card(
         "qwen-2.5-math-7b",
         28,
         Some("Qwen 2.5 7B (Math)"),
-        &[(CANDLE, "Qwen/Qwen2.5-Math-7B-Instruct"), (MLX, "mlx-community/Qwen2.5-Math-7B-Instruct-4bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/Qwen2.5-Math-7B-Instruct-4bit"),
+            (MLX, "mlx-community/Qwen2.5-Math-7B-Instruct-4bit"),
+        ],
     ),
     card(
         "qwen-2.5-14b",
         48,
         Some("Qwen 2.5 14B"),
-        &[(CANDLE, "Qwen/Qwen2.5-14B-Instruct"), (MLX, "mlx-community/Qwen2.5-14B-Instruct-4bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/Qwen2.5-14B-Instruct-4bit"),
+            (MLX, "mlx-community/Qwen2.5-14B-Instruct-4bit"),
+        ],
     ),
     card(
         "qwen-2.5-coder-14b",
         48,
         Some("Qwen 2.5 Coder 14B"),
+        "qwen2",
         &[
-            (CANDLE, "Qwen/Qwen2.5-Coder-14B-Instruct"),
+            (CANDLE, "mlx-community/Qwen2.5-Coder-14B-Instruct-4bit"),
             (MLX, "mlx-community/Qwen2.5-Coder-14B-Instruct-4bit"),
         ],
     ),
@@ -473,14 +660,19 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "qwen-2.5-32b",
         64,
         Some("Qwen 2.5 32B"),
-        &[(CANDLE, "Qwen/Qwen2.5-32B-Instruct"), (MLX, "mlx-community/Qwen2.5-32B-Instruct-4bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/Qwen2.5-32B-Instruct-4bit"),
+            (MLX, "mlx-community/Qwen2.5-32B-Instruct-4bit"),
+        ],
     ),
     card(
         "qwen-2.5-coder-32b",
         64,
         Some("Qwen 2.5 Coder 32B"),
+        "qwen2",
         &[
-            (CANDLE, "Qwen/Qwen2.5-Coder-32B-Instruct"),
+            (CANDLE, "mlx-community/Qwen2.5-Coder-32B-Instruct-4bit"),
             (MLX, "mlx-community/Qwen2.5-Coder-32B-Instruct-4bit"),
         ],
     ),
@@ -488,56 +680,71 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "qwen-2.5-72b",
         80,
         Some("Qwen 2.5 72B"),
-        &[(CANDLE, "Qwen/Qwen2.5-72B-Instruct"), (MLX, "mlx-community/Qwen2.5-72B-Instruct-4bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/Qwen2.5-72B-Instruct-4bit"),
+            (MLX, "mlx-community/Qwen2.5-72B-Instruct-4bit"),
+        ],
     ),
     card(
         "qwen-2.5-math-72b",
         80,
         Some("Qwen 2.5 72B (Math)"),
-        &[(CANDLE, "Qwen/Qwen2.5-Math-72B-Instruct"), (MLX, "mlx-community/Qwen2.5-Math-72B-Instruct-4bit")],
+        "qwen2",
+        &[
+            (CANDLE, "mlx-community/Qwen2.5-Math-72B-Instruct-4bit"),
+            (MLX, "mlx-community/Qwen2.5-Math-72B-Instruct-4bit"),
+        ],
     ),
     card(
         "qwen-3-0.6b",
         28,
         Some("Qwen 3 0.6B"),
-        &[(MLX, "mlx-community/Qwen3-0.6B-4bit"), (CANDLE, "Qwen/Qwen3-0.6B")],
+        "qwen3",
+        &[(CANDLE, "mlx-community/Qwen3-0.6B-4bit"), (MLX, "mlx-community/Qwen3-0.6B-4bit")],
     ),
     card(
         "qwen-3-1.7b",
         28,
         Some("Qwen 3 1.7B"),
-        &[(MLX, "mlx-community/Qwen3-1.7B-4bit"), (CANDLE, "Qwen/Qwen3-1.7B")],
+        "qwen3",
+        &[(CANDLE, "mlx-community/Qwen3-1.7B-4bit"), (MLX, "mlx-community/Qwen3-1.7B-4bit")],
     ),
     card(
         "qwen-3-4b",
         36,
         Some("Qwen 3 4B"),
-        &[(MLX, "mlx-community/Qwen3-4B-4bit"), (CANDLE, "Qwen/Qwen3-4B")],
+        "qwen3",
+        &[(CANDLE, "mlx-community/Qwen3-4B-4bit"), (MLX, "mlx-community/Qwen3-4B-4bit")],
     ),
     card(
         "qwen-3-8b",
         36,
         Some("Qwen 3 8B"),
-        &[(MLX, "mlx-community/Qwen3-8B-4bit"), (CANDLE, "Qwen/Qwen3-8B")],
+        "qwen3",
+        &[(CANDLE, "mlx-community/Qwen3-8B-4bit"), (MLX, "mlx-community/Qwen3-8B-4bit")],
     ),
     card(
         "qwen-3-14b",
         40,
         Some("Qwen 3 14B"),
-        &[(MLX, "mlx-community/Qwen3-14B-4bit"), (CANDLE, "Qwen/Qwen3-14B")],
+        "qwen3",
+        &[(CANDLE, "mlx-community/Qwen3-14B-4bit"), (MLX, "mlx-community/Qwen3-14B-4bit")],
     ),
     card(
         "qwen-3-32b",
         64,
         Some("Qwen 3 32B"),
-        &[(MLX, "mlx-community/Qwen3-32B-4bit"), (CANDLE, "Qwen/Qwen3-32B")],
+        "qwen3",
+        &[(CANDLE, "mlx-community/Qwen3-32B-4bit"), (MLX, "mlx-community/Qwen3-32B-4bit")],
     ),
     card(
         "nemotron-70b",
         80,
         Some("Nemotron 70B"),
+        "llama",
         &[
-            (CANDLE, "nvidia/Llama-3.1-Nemotron-70B-Instruct-HF"),
+            (CANDLE, "mlx-community/nvidia_Llama-3.1-Nemotron-70B-Instruct-HF_4bit"),
             (MLX, "mlx-community/nvidia_Llama-3.1-Nemotron-70B-Instruct-HF_4bit"),
         ],
     ),
@@ -545,22 +752,30 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "nemotron-70b-bf16",
         80,
         Some("Nemotron 70B (BF16)"),
+        "llama",
         &[
-            (CANDLE, "nvidia/Llama-3.1-Nemotron-70B-Instruct-HF"),
+            (CANDLE, "mlx-community/Llama-3.1-Nemotron-70B-Instruct-HF-bf16"),
             (MLX, "mlx-community/Llama-3.1-Nemotron-70B-Instruct-HF-bf16"),
         ],
     ),
-    card("gemma2-9b", 42, Some("Gemma2 9B"), &[(MLX, "mlx-community/gemma-2-9b-it-4bit")]),
-    card("gemma2-27b", 46, Some("Gemma2 27B"), &[(MLX, "mlx-community/gemma-2-27b-it-4bit")]),
+    card("gemma2-9b", 42, Some("Gemma2 9B"), "gemma2", &[(MLX, "mlx-community/gemma-2-9b-it-4bit")]),
+    card("gemma2-27b", 46, Some("Gemma2 27B"), "gemma2", &[(MLX, "mlx-community/gemma-2-27b-it-4bit")]),
     card(
         "stable-diffusion-2-1-base",
         31,
         Some("Stable Diffusion 2.1"),
+        "stable_diffusion",
         &[(MLX, "stabilityai/stable-diffusion-2-1-base")],
     ),
-    card("phi-3.5-mini", 32, Some("Phi-3.5 Mini"), &[(MLX, "mlx-community/Phi-3.5-mini-instruct-4bit")]),
-    card("phi-4", 40, Some("Phi-4"), &[(MLX, "mlx-community/phi-4-4bit")]),
-    card("dummy", 8, None, &[(DUMMY, "dummy")]),
+    card(
+        "phi-3.5-mini",
+        32,
+        Some("Phi-3.5 Mini"),
+        "phi3",
+        &[(MLX, "mlx-community/Phi-3.5-mini-instruct-4bit")],
+    ),
+    card("phi-4", 40, Some("Phi-4"), "phi3", &[(MLX, "mlx-community/phi-4-4bit")]),
+    card("dummy", 8, None, "dummy", &[(DUMMY, "dummy")]),
 ];
 
 /// Short engine names (`--inference-engine`) and the class names they stand for.
@@ -620,6 +835,50 @@ pub fn get_repo(model_id: &str, engine_class: &str) -> Option<String> {
     (takes_id && engine_takes_repos(engine_class)).then(|| model_id.to_string())
 }
 
+/// An engine as messages name it: `the candle engine (CandleInferenceEngine)`.
+fn engine_label(engine_class: &str) -> String {
+    match ENGINE_CLASSES.iter().find(|(_, class)| *class == engine_class) {
+        Some((short, class)) => format!("the {short} engine ({class})"),
+        None => format!("the engine {engine_class}"),
+    }
+}
+
+/// Why `model_id` names no repository for engine class `class`, in a sentence that names both.
+fn missing_repo_reason(model_id: &str, class: &str) -> String {
+    let label = engine_label(class);
+    let Some(card) = model_card(model_id) else {
+        if !engine_takes_repos(class) {
+            return format!("The model '{model_id}' is not one of the registry's models for {label}.");
+        }
+        return format!(
+            "The model '{model_id}' does not exist for {label}: it is neither a registry id, a Hugging Face \
+             repo id (org/name), a GGUF file in one (org/name/file.gguf) nor a local model directory or GGUF file."
+        );
+    };
+    if class == CANDLE && !MODEL_TYPES.contains(&card.architecture) {
+        let runs = MODEL_TYPES.join(", ");
+        return format!(
+            "The model '{model_id}' is a {} model, and {label} runs only {runs} models.",
+            card.architecture
+        );
+    }
+    format!("The model '{model_id}' has no repository for {label}.")
+}
+
+/// Why `model_id` names nothing `engine` (a name or class name) can load, in a sentence that
+/// names the model and the engine; `None` when [`get_repo`] finds it a repository.
+pub fn unavailable_reason(model_id: &str, engine: &str) -> Option<String> {
+    let class = engine_class(engine);
+    get_repo(model_id, class).is_none().then(|| missing_repo_reason(model_id, class))
+}
+
+/// [`get_repo`] for an engine name or class name, or an [`Error::InvalidModel`] saying why
+/// there is none.
+pub fn require_repo(model_id: &str, engine: &str) -> Result<String> {
+    let class = engine_class(engine);
+    get_repo(model_id, class).ok_or_else(|| Error::InvalidModel(missing_repo_reason(model_id, class)))
+}
+
 /// The display name of a registry model.
 pub fn get_pretty_name(model_id: &str) -> Option<&'static str> {
     model_card(model_id).and_then(|c| c.pretty_name)
@@ -653,8 +912,62 @@ mod tests {
     }
 
     #[test]
+    fn candle_loads_classic_mlx_weights_of_every_architecture_it_runs() {
+        for card in MODEL_CARDS {
+            let candle = card.repos.iter().find(|(e, _)| *e == CANDLE).map(|(_, r)| *r);
+            let mlx = card.repos.iter().find(|(e, _)| *e == MLX).map(|(_, r)| *r);
+            if MODEL_TYPES.contains(&card.architecture) {
+                assert!(candle.is_some() && candle == mlx, "{}: candle {candle:?}, mlx {mlx:?}", card.id);
+            } else {
+                assert_eq!(candle, None, "{}", card.id);
+            }
+        }
+    }
+
+    #[test]
+    fn an_id_picks_the_same_weights_as_in_classic() {
+        let repo = |id| get_repo(id, CANDLE);
+        assert_eq!(repo("llama-3.2-1b").as_deref(), Some("mlx-community/Llama-3.2-1B-Instruct-4bit"));
+        assert_eq!(repo("llama-3.2-1b-8bit").as_deref(), Some("mlx-community/Llama-3.2-1B-Instruct-8bit"));
+        assert_eq!(repo("llama-3.2-3b-bf16").as_deref(), Some("mlx-community/Llama-3.2-3B-Instruct"));
+        assert_eq!(
+            repo("deepseek-r1-distill-qwen-7b-3bit").as_deref(),
+            Some("mlx-community/DeepSeek-R1-Distill-Qwen-7B-3bit")
+        );
+        assert_eq!(repo("qwen-3-0.6b").as_deref(), Some("mlx-community/Qwen3-0.6B-4bit"));
+        assert_eq!(get_repo("llama-3.2-1b-8bit", TINYGRAD).as_deref(), Some("unsloth/Llama-3.2-1B-Instruct"));
+    }
+
+    #[test]
+    fn an_id_the_engine_cannot_load_is_explained_by_id_and_engine() {
+        assert_eq!(unavailable_reason("llama-3.2-1b-8bit", "candle"), None);
+        assert_eq!(unavailable_reason("org/model", CANDLE), None);
+        let reason = unavailable_reason("deepseek-v3", "candle").unwrap();
+        assert_eq!(
+            reason,
+            "The model 'deepseek-v3' is a deepseek_v3 model, and the candle engine (CandleInferenceEngine) runs \
+             only llama, mistral, qwen2, qwen3 models."
+        );
+        let reason = unavailable_reason("no-such-model", CANDLE).unwrap();
+        assert!(
+            reason.starts_with("The model 'no-such-model' does not exist for the candle engine"),
+            "{reason}"
+        );
+        let reason = unavailable_reason("llama-3.2-1b", DUMMY).unwrap();
+        assert_eq!(
+            reason,
+            "The model 'llama-3.2-1b' has no repository for the dummy engine (DummyInferenceEngine)."
+        );
+        let err = require_repo("gemma2-9b", "candle").unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidModel(m) if m.contains("'gemma2-9b' is a gemma2 model")),
+            "{err}"
+        );
+        assert_eq!(require_repo("dummy", "dummy").unwrap(), "dummy");
+    }
+
+    #[test]
     fn repos_follow_the_engine_class() {
-        assert_eq!(get_repo("llama-3.2-1b", CANDLE).as_deref(), Some("unsloth/Llama-3.2-1B-Instruct"));
         assert_eq!(
             get_repo("llama-3.2-1b", MLX).as_deref(),
             Some("mlx-community/Llama-3.2-1B-Instruct-4bit")
@@ -662,7 +975,6 @@ mod tests {
         assert_eq!(get_repo("dummy", DUMMY).as_deref(), Some("dummy"));
         assert_eq!(get_repo("dummy", CANDLE), None);
         assert_eq!(get_repo("deepseek-v3", CANDLE), None);
-        assert_eq!(get_repo("qwen-3-0.6b", CANDLE).as_deref(), Some("Qwen/Qwen3-0.6B"));
         assert_eq!(get_pretty_name("llama-3.1-8b"), Some("Llama 3.1 8B"));
         assert_eq!(get_pretty_name("nope"), None);
     }
@@ -697,7 +1009,12 @@ mod tests {
         let all = get_supported_models(&[]);
         assert_eq!(all.len(), MODEL_CARDS.len());
         let candle = get_supported_models(&[vec!["candle".into()]]);
-        assert!(candle.contains(&"llama-3.2-1b") && !candle.contains(&"deepseek-v3"));
+        assert!(candle.contains(&"llama-3.2-1b") && candle.contains(&"llama-3.1-405b-8bit"));
+        for other in
+            ["deepseek-v3", "deepseek-coder-v2-lite", "llava-1.5-7b-hf", "gemma2-9b", "phi-4", "dummy"]
+        {
+            assert!(!candle.contains(&other), "{other}");
+        }
         let both = get_supported_models(&[vec!["candle".into()], vec![MLX.into()]]);
         assert!(both.contains(&"qwen-2.5-7b") && !both.contains(&"dummy"));
         assert_eq!(get_supported_models(&[vec!["dummy".into()]]), ["dummy"]);

@@ -164,6 +164,8 @@ async def test_missing_repositories_and_files_give_not_found(hub: FakeHub) -> No
         await HfShardDownloader().ensure_shard(Shard(TIED, 0, 0, 4), "candle")
     with pytest.raises(InvalidModelError, match="no-such-model"):
         await HfShardDownloader().ensure_shard(Shard("no-such-model", 0, 0, 1), "candle")
+    with pytest.raises(InvalidModelError, match="'deepseek-v3' is a deepseek_v3 model, and the candle engine"):
+        await HfShardDownloader().ensure_shard(Shard("deepseek-v3", 0, 0, 61), "candle")
 
 
 async def test_a_gated_repository_needs_the_token(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -292,29 +294,29 @@ async def test_progress_reaches_on_progress_on_the_event_loop(hub: FakeHub) -> N
 
 
 async def test_download_status_lists_registry_models(hub: FakeHub, models: dict[str, Path]) -> None:
-    hub.add_repo("unsloth/Llama-3.2-1B-Instruct", models[TIED])
+    hub.add_repo("mlx-community/Llama-3.2-1B-Instruct-8bit", models[TIED])
     downloader = HfShardDownloader()
-    await downloader.ensure_shard(Shard("llama-3.2-1b", 0, 0, 16), "CandleInferenceEngine")
+    await downloader.ensure_shard(Shard("llama-3.2-1b-8bit", 0, 0, 16), "CandleInferenceEngine")
     statuses = {
         event.shard.model_id: (path, event)
         async for path, event in downloader.get_shard_download_status("CandleInferenceEngine")
     }
-    # Both registry ids backed by this repository; every other repository is unknown to the fake hub.
-    assert set(statuses) == {"llama-3.2-1b", "llama-3.2-1b-8bit"}
-    path, event = statuses["llama-3.2-1b"]
-    assert path.name == "unsloth--Llama-3.2-1B-Instruct"
+    # The registry id backed by this repository; every other repository is unknown to the fake hub.
+    assert set(statuses) == {"llama-3.2-1b-8bit"}
+    path, event = statuses["llama-3.2-1b-8bit"]
+    assert path.name == "mlx-community--Llama-3.2-1B-Instruct-8bit"
     assert event.status == "in_progress" and 0 < event.downloaded_bytes < event.total_bytes
     assert event.file_progress[FILES[0]].status == "complete"
     assert event.file_progress[FILES[1]].status == "not_started"
 
 
 async def test_delete_model_removes_the_download(hub: FakeHub, env: Path, models: dict[str, Path]) -> None:
-    hub.add_repo("Qwen/Qwen3-0.6B", models[UNTIED])
+    hub.add_repo("mlx-community/Qwen3-0.6B-4bit", models[UNTIED])
     downloader = HfShardDownloader()
     await downloader.ensure_shard(Shard("qwen-3-0.6b", 0, 27, 28), "CandleInferenceEngine")
-    assert (env / "Qwen--Qwen3-0.6B" / FILES[0]).exists()
+    assert (env / "mlx-community--Qwen3-0.6B-4bit" / FILES[0]).exists()
     assert await delete_model("qwen-3-0.6b", "CandleInferenceEngine")
-    assert not (env / "Qwen--Qwen3-0.6B").exists()
+    assert not (env / "mlx-community--Qwen3-0.6B-4bit").exists()
     assert not await delete_model("qwen-3-0.6b", "CandleInferenceEngine")
     # The downloader fetches it again rather than trusting what it remembered.
     hub.clear_log()

@@ -63,6 +63,7 @@ __all__ = [
     "quantize",
     "seed_models",
     "shards_overlap",
+    "unavailable_reason",
 ]
 
 __version__: str
@@ -573,6 +574,9 @@ def pretty_names() -> dict[str, str]:
 
 def get_repo(model_id: str, inference_engine_classname: str) -> str | None: ...
 def get_pretty_name(model_id: str) -> str | None: ...
+def unavailable_reason(model_id: str, inference_engine_classname: str) -> str | None:
+    """Why the engine (a name or class name) can load nothing the id names, naming both; None when it can."""
+
 def get_supported_models(supported_inference_engine_lists: list[list[str]] | None = None) -> list[str]: ...
 def build_base_shard(model_id: str, inference_engine_classname: str) -> Shard | None: ...
 def build_full_shard(model_id: str, inference_engine_classname: str) -> Shard | None: ...

@@ -30,13 +30,25 @@ UNSUPPORTED_COMMANDS = {
     "eval": "evaluation on a dataset ran on exo classic's MLX/tinygrad engines; this build has no evaluation",
 }
 
+MODELS_HELP = (
+    "MODEL is a registry id, and the id picks the weights as in exo classic: llama-3.2-1b is the 4-bit "
+    "mlx-community quantization, llama-3.2-1b-8bit the 8-bit one, ids ending in -bf16 the unquantized model "
+    "(GET /v1/models lists the ids this node's engine runs). A Hugging Face repo id (org/name), a GGUF file in one "
+    "(org/name/file.gguf), or a local model directory or .gguf file also work. An id this engine cannot load "
+    "(another architecture) is an error that names the id and the engine."
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """exo classic's flags, with its defaults, plus `--chat-tui`."""
-    p = argparse.ArgumentParser(prog="exo", description="Run an exo node: a peer-to-peer LLM inference cluster.")
+    p = argparse.ArgumentParser(
+        prog="exo", description="Run an exo node: a peer-to-peer LLM inference cluster.", epilog=MODELS_HELP
+    )
     p.add_argument("command", nargs="?", choices=["run", "eval", "train"], help="run: answer --prompt and exit")
-    p.add_argument("model_name", nargs="?", help="model for the run command")
-    p.add_argument("--default-model", type=str, default=None, help="model used when a request names none")
+    p.add_argument("model_name", nargs="?", help="model for the run command (see MODEL below)")
+    p.add_argument(
+        "--default-model", type=str, default=None, help="model used when a request names none (see MODEL below)"
+    )
     p.add_argument("--iters", type=int, default=100, help="training iterations (train is not supported)")
     p.add_argument("--save-every", type=int, default=5, help="save every N iterations (train is not supported)")
     p.add_argument("--data", type=str, default="exo/train/data/lora", help="training data (train is not supported)")

@@ -34,7 +34,7 @@ use self::selection::{
 use crate::engine::candle::{gguf_files, model_config};
 use crate::engine::ModelLocator;
 use crate::error::{Error, Result};
-use crate::models::{self, engine_class, get_repo, is_hub_repo_id, is_local_model, model_card};
+use crate::models::{self, engine_class, is_local_model, model_card, require_repo};
 use crate::shard::Shard;
 
 /// The revision every repository is fetched at.
@@ -198,13 +198,7 @@ impl HfDownloader {
         if engine == models::DUMMY {
             return Ok(self.home().join("dummy"));
         }
-        let repo = get_repo(&shard.model_id, engine).ok_or_else(|| {
-            Error::InvalidModel(format!(
-                "no {engine} repository for model {:?}: name a registry model, a Hugging Face repo id (org/name) \
-                 or a local model directory",
-                shard.model_id
-            ))
-        })?;
+        let repo = require_repo(&shard.model_id, engine)?;
         if is_local_model(&repo) {
             return Ok(PathBuf::from(repo));
         }
@@ -444,14 +438,7 @@ impl HfDownloader {
     /// their directory (for a GGUF on the hub, the file, holding only its headers); `model_id`
     /// is a registry id, a Hugging Face repo id, a GGUF in one, or a local model.
     pub async fn ensure_metadata(&self, model_id: &str) -> Result<PathBuf> {
-        let repo = get_repo(model_id, models::CANDLE)
-            .or_else(|| is_hub_repo_id(model_id).then(|| model_id.to_string()))
-            .ok_or_else(|| {
-                Error::InvalidModel(format!(
-                    "{model_id:?} is neither a registry model, a Hugging Face repo id (org/name), a GGUF file in one \
-                     (org/name/file.gguf) nor a local model"
-                ))
-            })?;
+        let repo = require_repo(model_id, models::CANDLE)?;
         if is_local_model(&repo) {
             return Ok(PathBuf::from(repo));
         }
@@ -488,10 +475,7 @@ impl HfDownloader {
     pub async fn model_layers(&self, model_id: &str, engine: &str) -> Result<i32> {
         let engine = engine_class(engine);
         if let Some(card) = model_card(model_id) {
-            return match get_repo(model_id, engine) {
-                Some(_) => Ok(card.layers),
-                None => Err(Error::InvalidModel(format!("model {model_id:?} has no {engine} repository"))),
-            };
+            return require_repo(model_id, engine).map(|_| card.layers);
         }
         let dir = self.ensure_metadata(model_id).await?;
         if dir.is_file() {
@@ -508,8 +492,7 @@ impl HfDownloader {
     /// progress (fetching the repository listing once if it is not cached and not offline).
     pub async fn shard_status(&self, shard: &Shard, engine: &str) -> Result<(PathBuf, RepoProgress)> {
         let engine = engine_class(engine);
-        let repo = get_repo(&shard.model_id, engine)
-            .ok_or_else(|| Error::InvalidModel(format!("no {engine} repository for {:?}", shard.model_id)))?;
+        let repo = require_repo(&shard.model_id, engine)?;
         if engine == models::DUMMY {
             return Err(Error::InvalidModel("the dummy model has no files".into()));
         }
@@ -578,8 +561,7 @@ impl HfDownloader {
 /// listing); false when there were none. Local model directories are never deleted.
 pub fn delete_model(home: &Path, model_id: &str, engine: &str) -> Result<bool> {
     let engine = engine_class(engine);
-    let repo = get_repo(model_id, engine)
-        .ok_or_else(|| Error::InvalidModel(format!("no {engine} repository for model {model_id:?}")))?;
+    let repo = require_repo(model_id, engine)?;
     if is_local_model(&repo) {
         return Err(Error::InvalidArgument(format!("{repo} is a local model directory, not a download")));
     }

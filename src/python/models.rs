@@ -46,6 +46,13 @@ fn get_repo(model_id: &str, inference_engine_classname: &str) -> Option<String> 
     models::get_repo(model_id, inference_engine_classname)
 }
 
+/// Why `model_id` names nothing the engine (a name or class name) can load, naming both; None
+/// when the engine has a repository for it.
+#[pyfunction]
+fn unavailable_reason(model_id: &str, inference_engine_classname: &str) -> Option<String> {
+    models::unavailable_reason(model_id, inference_engine_classname)
+}
+
 /// The display name of a registry model, or None.
 #[pyfunction]
 fn get_pretty_name(model_id: &str) -> Option<&'static str> {
@@ -102,6 +109,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pretty_names, m)?)?;
     m.add_function(wrap_pyfunction!(get_repo, m)?)?;
     m.add_function(wrap_pyfunction!(get_pretty_name, m)?)?;
+    m.add_function(wrap_pyfunction!(unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(get_supported_models, m)?)?;
     m.add_function(wrap_pyfunction!(build_base_shard, m)?)?;
     m.add_function(wrap_pyfunction!(build_full_shard, m)?)?;

@@ -50,7 +50,8 @@ def pretty_name(model_id: str) -> str:
 
 
 def resolve_model(model_id: str, engine_classname: str) -> ResolvedModel:
-    """The model `model_id` on engine `engine_classname`; `ApiError` 404 when neither registry nor disk has it."""
+    """The model `model_id` on engine `engine_classname`; `ApiError` 404, naming the model and the engine, when the
+    engine has no repository for it or its layer count is not known without network."""
     shard = models.build_base_shard(model_id, engine_classname)
     if shard is not None:
         repo = models.get_repo(model_id, engine_classname) or model_id
@@ -58,13 +59,11 @@ def resolve_model(model_id: str, engine_classname: str) -> ResolvedModel:
     layers = local_model_layers(model_id)
     if layers is not None:
         return ResolvedModel(model_id, Shard(model_id, 0, 0, layers), model_id, layers)
-    supported = ", ".join(supported_model_ids(engine_classname)) or "none"
-    raise ApiError(
-        404,
-        f"The model '{model_id}' does not exist for {engine_classname} (neither a registry id nor a local model "
-        f"directory). Supported models: {supported}.",
-        "model_not_found",
+    reason = models.unavailable_reason(model_id, engine_classname) or (
+        f"The model '{model_id}' has no config.json on this node yet, so its layers are not known."
     )
+    supported = ", ".join(supported_model_ids(engine_classname)) or "none"
+    raise ApiError(404, f"{reason} Supported models: {supported}.", "model_not_found")
 
 
 async def resolve_model_async(model_id: str, engine_classname: str, shard_downloader: Any = None) -> ResolvedModel:

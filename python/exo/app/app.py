@@ -27,6 +27,7 @@ from exo.download.new_shard_download import ensure_exo_home, new_shard_downloade
 from exo.download.shard_download import NoopShardDownloader
 from exo.errors import InvalidArgumentError
 from exo.inference.inference_engine import get_inference_engine
+from exo.models import unavailable_reason
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
 from exo.networking.interfaces import get_all_ip_addresses_and_interfaces
@@ -101,6 +102,15 @@ class App:
             allowed_interface_types=allowed_types,
         )
 
+    def _check_models(self) -> None:
+        """A model named on the command line that this engine cannot load stops start-up with the reason."""
+        args = self.args
+        run_model = args.model_name or args.run_model if args.command == "run" or args.run_model else None
+        for flag, model_id in (("run", run_model), ("--default-model", args.default_model)):
+            reason = unavailable_reason(model_id, self.engine_classname) if model_id else None
+            if reason is not None:
+                raise CliError(f"{flag}: {reason}")
+
     def build(self) -> None:
         """Builds the engine, discovery, node, gRPC server, API and (unless disabled) the topology TUI."""
         args = self.args
@@ -111,6 +121,7 @@ class App:
         except InvalidArgumentError as e:  # a device this build or machine lacks, an unknown block type
             raise CliError(str(e)) from e
         self.engine_classname = type(engine).__name__
+        self._check_models()
         device = getattr(engine, "device", "cpu")
         print(f"Using inference engine: {self.engine_classname} ({self.engine_name}) on {device}")
         if args.node_port is None:

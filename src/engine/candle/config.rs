@@ -8,6 +8,9 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::topology::ModelCosts;
 
+/// The `model_type`s of `config.json` the engine runs; [`ModelConfig::variant`] knows each.
+pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+
 /// RoPE frequency scaling as `config.json`'s `rope_scaling` gives it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct RopeScaling {
@@ -193,7 +196,7 @@ impl ModelConfig {
                 mlp_bias: false,
                 qk_norm: true,
             }),
-            other => Err(format!("model_type {other:?} is not supported (llama, mistral, qwen2, qwen3)")),
+            other => Err(format!("model_type {other:?} is not supported ({})", MODEL_TYPES.join(", "))),
         }
     }
 
@@ -263,6 +266,10 @@ mod tests {
         assert!(qwen2.variant().unwrap().qkv_bias);
         let qwen3 = parse(&LLAMA.replace("\"llama\"", "\"qwen3\"")).unwrap();
         assert!(qwen3.variant().unwrap().qk_norm);
+        for model_type in MODEL_TYPES {
+            let config = LLAMA.replace("\"llama\"", &format!("{model_type:?}"));
+            assert!(parse(&config).is_ok_and(|c| c.variant().is_ok()), "{model_type}");
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ mod tests;
 mod weights;
 
 pub use batch::{BatchOptions, MAX_BATCH_ENV, PREFILL_CHUNK_ENV};
-pub use config::ModelConfig;
+pub use config::{ModelConfig, MODEL_TYPES};
 pub use device::{ComputeDevice, DEVICE_ENV};
 pub use gguf::{gguf_files, part_names as gguf_part_names, tensor_range as gguf_tensor_range};
 pub use quantize::{block_type, block_type_from_env, QUANTIZE_ENV};
