@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from exo import models
-from exo.testing.synth import write_model
+from exo.testing.synth_mlx import write_mlx_model
 from support.app_harness import Served
 from support.fake_hub import FakeHub, FakeHubServer
 
@@ -119,10 +119,11 @@ def hub_env(tmp_path: Path) -> Iterator[tuple[FakeHub, dict[str, str]]]:
 
 def test_run_an_id_downloads_its_repository_and_answers(hub_env: tuple[FakeHub, dict[str, str]], tmp_path: Path):
     hub, env = hub_env
-    # A 16-layer llama, as many layers as the registry gives Llama 3.2 1B, served under the repository
-    # `llama-3.2-1b-8bit` names. Its weights are bf16: what matters here is which repository the id reaches.
+    # A 16-layer llama, as many layers as the registry gives Llama 3.2 1B, quantized to 8 bits as
+    # mlx_lm.convert writes it, served under the repository `llama-3.2-1b-8bit` names.
     repo = "mlx-community/Llama-3.2-1B-Instruct-8bit"
-    hub.add_repo(repo, write_model("tiny-llama-16", tmp_path / "model", dtype="bf16", num_shards=2))
+    model = write_mlx_model("tiny-llama-16", tmp_path / "model", bits=8, group_size=64, dtype="bf16", num_shards=2)
+    hub.add_repo(repo, model)
     done = exo_main("run", "llama-3.2-1b-8bit", "--prompt", "Hello!", "--max-generate-tokens", "6", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Generated 6 tokens" in done.stdout, done.stdout
