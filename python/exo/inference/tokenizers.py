@@ -2,7 +2,7 @@
 
 `resolve_tokenizer` loads a model's tokenizer, chat template and EOS ids from a local model
 directory, or for a Hugging Face repo id (or a registry model id) from the downloads directory
-(`$EXO_HOME`, default `~/.cache/exo/downloads`), fetching the tokenizer and config files through
+(`$EXO_HOME/downloads`, default `~/.cache/exo/downloads`), fetching the tokenizer and config files through
 the shard downloader when they are not there yet (the Hugging Face cache is reused, and
 `HF_HUB_OFFLINE=1` keeps it to local files). A GGUF model (a `.gguf` path, or a directory
 holding one) without a `tokenizer.json` beside it brings its own tokenizer in its metadata; so
@@ -10,13 +10,13 @@ does a GGUF on the hub (`org/name/file.gguf`), of which only the header is fetch
 """
 
 import asyncio
-import os
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from exo import _core
 from exo._core import HfShardDownloader, IncrementalDetokenizer, Tokenizer
 
 
@@ -45,8 +45,8 @@ class DummyTokenizer:
 
 
 def downloads_dir() -> Path:
-    """Where downloaded models live: `$EXO_HOME`, default `~/.cache/exo/downloads`."""
-    return Path(os.environ.get("EXO_HOME", Path.home() / ".cache" / "exo" / "downloads"))
+    """Where downloaded models live: `$EXO_HOME/downloads`, default `~/.cache/exo/downloads`."""
+    return _core.downloads_dir()
 
 
 async def _model_dir(repo_id_or_path: str | PathLike[str]) -> Path:
