@@ -58,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chatgpt-api-port", type=int, default=52415, help="HTTP API port")
     p.add_argument("--chatgpt-api-response-timeout", type=int, default=900, help="API response timeout, seconds")
     p.add_argument("--max-generate-tokens", type=int, default=10000, help="max tokens generated per request")
-    p.add_argument("--inference-engine", type=str, default=None, help="candle (default), mlx (macOS build) or dummy")
+    p.add_argument(
+        "--inference-engine",
+        type=str,
+        default=None,
+        help="candle (the default; or EXO_ENGINE), mlx (macOS build) or dummy; exo classic's and xotorch's engine "
+        "names (tinygrad, torch, pytorch, cpu, and mlx without an MLX build) and class names run candle",
+    )
     p.add_argument("--disable-tui", action=argparse.BooleanOptionalAction, help="no Rich topology TUI")
     p.add_argument("--run-model", type=str, help="run this model on --prompt and exit")
     p.add_argument("--prompt", type=str, default="Who are you?", help="prompt for run / --run-model")

@@ -47,7 +47,8 @@ class App:
         self.args = args
         self.loop = loop
         self.stopping = asyncio.Event()
-        self.engine_name = choose_engine(args.inference_engine)
+        self.engine_choice = choose_engine(args.inference_engine)
+        self.engine_name = self.engine_choice.name
         self.topology_viz: Any = None
         self.node: Any = None
         self.api: Any = None
@@ -105,6 +106,11 @@ class App:
         """Builds the engine, discovery, node, gRPC server, API and (unless disabled) the topology TUI."""
         args = self.args
         print(f"Detected system: {get_system_info()}")
+        notice = self.engine_choice.notice()
+        if notice is not None:
+            print(notice)
+        if self.engine_choice.device and not os.environ.get("EXO_DEVICE"):
+            os.environ["EXO_DEVICE"] = self.engine_choice.device  # the engine and the device report read it
         self.shard_downloader = self._shard_downloader()
         try:
             engine = get_inference_engine(self.engine_name, self.shard_downloader)
