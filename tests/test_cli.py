@@ -29,7 +29,7 @@ def test_classic_defaults() -> None:
     assert args.max_parallel_downloads == 8
     assert args.inference_engine is None
     assert args.prompt == "Who are you?"
-    assert args.default_temp == 0.0
+    assert args.default_temp is None and cli.default_temperature(args) == 0.0
     assert not args.chat_tui and not args.disable_tui and not args.download_quick_check
 
 
@@ -122,6 +122,7 @@ def test_help_names_the_classic_engines() -> None:
     )
     text = " ".join(done.stdout.split())
     assert "exo classic's and xotorch's engine names (tinygrad, torch, pytorch, cpu" in text
+    assert "TEMPERATURE" in text
 
 
 @pytest.mark.parametrize("command", ["train", "eval"])

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from exo.app.app import App
 from exo.app.cli_error import CliError
 from exo.app.engines import ENGINES, choose_engine, mlx_available
 from exo.app.progress import ProgressBroadcastThrottle
-from exo.settings import DEBUG
+from exo.settings import DEBUG, DEBUG_DISCOVERY, VERBOSE, configure_logging, env_temperature
 from exo.terminal import print_yellow_exo
 
 UNSUPPORTED_COMMANDS = {
@@ -68,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-tui", action=argparse.BooleanOptionalAction, help="no Rich topology TUI")
     p.add_argument("--run-model", type=str, help="run this model on --prompt and exit")
     p.add_argument("--prompt", type=str, default="Who are you?", help="prompt for run / --run-model")
-    p.add_argument("--default-temp", type=float, default=0.0, help="default sampling temperature")
+    p.add_argument(
+        "--default-temp", type=float, default=None, help="default sampling temperature (default: TEMPERATURE, else 0.0)"
+    )
     p.add_argument("--tailscale-api-key", type=str, default=None, help="Tailscale API key")
     p.add_argument("--tailnet-name", type=str, default=None, help="Tailnet name")
     p.add_argument("--node-id-filter", type=str, default=None, help="comma-separated allowed peer ids")
@@ -133,17 +134,29 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _configure_logging() -> None:
-    level = logging.DEBUG if DEBUG >= 2 else logging.INFO if DEBUG >= 1 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def default_temperature(args: argparse.Namespace) -> float:
+    """`--default-temp`, else `TEMPERATURE`, else 0.0 (greedy). Raises `CliError` for a `TEMPERATURE` that is not a
+    temperature."""
+    if args.default_temp is not None:
+        return float(args.default_temp)
+    try:
+        from_env = env_temperature()
+    except ValueError as e:
+        raise CliError(f"TEMPERATURE: {e}") from e
+    return 0.0 if from_env is None else from_env
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m exo.main`, `exo` and `xot`."""
     args = build_parser().parse_args(argv)
-    _configure_logging()
+    configure_logging(DEBUG, DEBUG_DISCOVERY, VERBOSE)
     if args.command in UNSUPPORTED_COMMANDS:
         print(f"exo: '{args.command}' is not supported: {UNSUPPORTED_COMMANDS[args.command]}.", file=sys.stderr)
+        return 2
+    try:
+        args.default_temp = default_temperature(args)
+    except CliError as e:
+        print(f"exo: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     if args.device is not None:
@@ -192,6 +205,7 @@ __all__ = [
     "ProgressBroadcastThrottle",
     "build_parser",
     "choose_engine",
+    "default_temperature",
     "main",
     "mlx_available",
     "raise_open_files_limit",

@@ -33,6 +33,7 @@ from exo.networking.interfaces import get_all_ip_addresses_and_interfaces
 from exo.networking.ports import find_available_port
 from exo.node_id import get_or_create_node_id
 from exo.orchestration.node import Node
+from exo.settings import debug_level
 from exo.system import get_system_info
 from exo.terminal import terminal_link
 from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
@@ -121,6 +122,7 @@ class App:
         print(f"Using inference engine: {self.engine_classname} ({self.engine_name}) on {device}")
         if args.node_port is None:
             args.node_port = find_available_port(args.node_host)
+            logger.info("Using available port: %d", args.node_port)
         node_id = args.node_id or get_or_create_node_id()
         addresses = [ip for ip, _ in get_all_ip_addresses_and_interfaces()]
         web_urls = [f"http://{ip}:{args.chatgpt_api_port}" for ip in addresses]
@@ -204,7 +206,7 @@ class App:
         """Creates the exo home directory and copies `--models-seed-dir` into it."""
         try:
             home = await ensure_exo_home()
-            logger.debug("exo home directory: %s", home)
+            logger.info("exo home directory: %s", home)
         except Exception as e:
             print(f"Error checking exo home directory: {e}")
         seed_dir = self.args.models_seed_dir
@@ -278,6 +280,7 @@ class App:
         templated = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         request_id = str(uuid.uuid4())
         print(f"Processing prompt: {prompt}")
+        logger.log(debug_level(3), "Prompt of %s: %r", request_id, templated)
         text = TokenText(tokenizer)
         started = time.perf_counter()
         count = 0
