@@ -232,7 +232,7 @@ class App:
             if args.chat_tui:
                 from exo.viz.chat_tui import ChatTUI
 
-                tui = ChatTUI(f"http://127.0.0.1:{args.chatgpt_api_port}", model=args.default_model)
+                tui = ChatTUI(f"http://127.0.0.1:{args.chatgpt_api_port}", model=self.api.default_model)
                 return await self._until_stopped(tui.run())
             await self.stopping.wait()
             return 0
