@@ -99,20 +99,20 @@ def test_temperature_is_the_default_temperature(monkeypatch: pytest.MonkeyPatch)
     assert env_temperature({}) is None and env_temperature({"TEMPERATURE": " "}) is None
     assert env_temperature({"TEMPERATURE": "0.7"}) == 0.7
     for bad in ("warm", "-1", "nan"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"TEMPERATURE must be a number at or above 0, not '{bad}'"):
             env_temperature({"TEMPERATURE": bad})
     monkeypatch.setenv("TEMPERATURE", "0.85")
     assert cli.default_temperature(_parsed()) == 0.85
     assert cli.default_temperature(_parsed("--default-temp", "0")) == 0.0  # the flag wins
     monkeypatch.setenv("TEMPERATURE", "warm")
-    with pytest.raises(cli.CliError, match="TEMPERATURE: could not convert"):
+    with pytest.raises(cli.CliError, match="TEMPERATURE must be a number at or above 0, not 'warm'"):
         cli.default_temperature(_parsed())
 
 
 def test_a_bad_temperature_stops_the_command_line(tmp_path: Path, model_dir: Path) -> None:
     done = run_solo(tmp_path, "run", str(model_dir), *RUN, env={"TEMPERATURE": "-0.5"})
     assert done.returncode == 2
-    assert "exo: TEMPERATURE: TEMPERATURE must be a number at or above 0, not '-0.5'" in done.stderr
+    assert "exo: TEMPERATURE must be a number at or above 0, not '-0.5'" in done.stderr
 
 
 def _answer(url: str, model: Path, **sampling: object) -> str:

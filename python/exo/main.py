@@ -17,11 +17,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from exo.app.app import App
+from exo.app.app import App, default_temperature
 from exo.app.cli_error import CliError
 from exo.app.engines import ENGINES, choose_engine, mlx_available
 from exo.app.progress import ProgressBroadcastThrottle
-from exo.settings import DEBUG, DEBUG_DISCOVERY, VERBOSE, configure_logging, env_temperature
+from exo.settings import DEBUG, DEBUG_DISCOVERY, VERBOSE, configure_logging
 from exo.terminal import print_yellow_exo
 
 UNSUPPORTED_COMMANDS = {
@@ -134,29 +134,12 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def default_temperature(args: argparse.Namespace) -> float:
-    """`--default-temp`, else `TEMPERATURE`, else 0.0 (greedy). Raises `CliError` for a `TEMPERATURE` that is not a
-    temperature."""
-    if args.default_temp is not None:
-        return float(args.default_temp)
-    try:
-        from_env = env_temperature()
-    except ValueError as e:
-        raise CliError(f"TEMPERATURE: {e}") from e
-    return 0.0 if from_env is None else from_env
-
-
 def run(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m exo.main`, `exo` and `xot`."""
     args = build_parser().parse_args(argv)
     configure_logging(DEBUG, DEBUG_DISCOVERY, VERBOSE)
     if args.command in UNSUPPORTED_COMMANDS:
         print(f"exo: '{args.command}' is not supported: {UNSUPPORTED_COMMANDS[args.command]}.", file=sys.stderr)
-        return 2
-    try:
-        args.default_temp = default_temperature(args)
-    except CliError as e:
-        print(f"exo: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     if args.device is not None:

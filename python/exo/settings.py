@@ -13,6 +13,7 @@ reports.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 
@@ -41,8 +42,11 @@ def env_temperature(environ: Mapping[str, str] = os.environ) -> float | None:
     raw = environ.get("TEMPERATURE", "").strip()
     if not raw:
         return None
-    value = float(raw)
-    if not value >= 0.0:  # also rejects nan
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value >= 0.0:  # false for nan: words and "nan" alike
         raise ValueError(f"TEMPERATURE must be a number at or above 0, not {raw!r}")
     return value
 

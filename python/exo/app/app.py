@@ -33,12 +33,24 @@ from exo.networking.interfaces import get_all_ip_addresses_and_interfaces
 from exo.networking.ports import find_available_port
 from exo.node_id import get_or_create_node_id
 from exo.orchestration.node import Node
-from exo.settings import debug_level
+from exo.settings import debug_level, env_temperature
 from exo.system import get_system_info
 from exo.terminal import terminal_link
 from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
 
 logger = logging.getLogger("exo")
+
+
+def default_temperature(args: argparse.Namespace) -> float:
+    """`--default-temp`, else `TEMPERATURE`, else 0.0 (greedy). Raises `CliError` for a `TEMPERATURE` that is not a
+    temperature."""
+    if args.default_temp is not None:
+        return float(args.default_temp)
+    try:
+        from_env = env_temperature()
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    return 0.0 if from_env is None else from_env
 
 
 class App:
@@ -50,6 +62,7 @@ class App:
         self.stopping = asyncio.Event()
         self.engine_choice = choose_engine(args.inference_engine)
         self.engine_name = self.engine_choice.name
+        self.default_temp = default_temperature(args)
         self.topology_viz: Any = None
         self.node: Any = None
         self.api: Any = None
@@ -146,7 +159,7 @@ class App:
             self.shard_downloader,
             partitioning_strategy=RingMemoryWeightedPartitioningStrategy(),
             max_generate_tokens=args.max_generate_tokens,
-            default_sample_temperature=args.default_temp,
+            default_sample_temperature=self.default_temp,
             topology_viz=self.topology_viz,
         )
         self.node.server = GRPCServer(self.node, args.node_host, args.node_port)
