@@ -12,6 +12,9 @@ pub const CANDLE: &str = "CandleInferenceEngine";
 pub const MLX: &str = "MLXDynamicShardInferenceEngine";
 /// Engine class name of exo classic's tinygrad engine.
 pub const TINYGRAD: &str = "TinygradDynamicShardInferenceEngine";
+/// Engine class name of xotorch's PyTorch engine; its repositories are tinygrad's (the
+/// original Hugging Face checkpoints), as in xotorch's registry.
+pub const TORCH: &str = "TorchDynamicShardInferenceEngine";
 /// Engine class name of the deterministic test engine.
 pub const DUMMY: &str = "DummyInferenceEngine";
 
@@ -28,6 +31,14 @@ pub struct ModelCard {
     pub architecture: &'static str,
     /// (engine class name, repository) pairs.
     pub repos: &'static [(&'static str, &'static str)],
+}
+
+impl ModelCard {
+    /// This model's repository for `engine_class` (xotorch's torch engine takes tinygrad's).
+    pub fn repo(&self, engine_class: &str) -> Option<&'static str> {
+        let listed_as = if engine_class == TORCH { TINYGRAD } else { engine_class };
+        self.repos.iter().find(|(class, _)| *class == listed_as).map(|(_, repo)| *repo)
+    }
 }
 
 const fn card(
@@ -821,7 +832,7 @@ pub use crate::engine::is_local_model;
 
 /// Whether an engine class loads weights from model repositories (so takes any repo id).
 fn engine_takes_repos(engine_class: &str) -> bool {
-    matches!(engine_class, CANDLE | MLX | TINYGRAD)
+    matches!(engine_class, CANDLE | MLX | TINYGRAD | TORCH)
 }
 
 /// The repository of `model_id` for `engine_class` (classic's `get_repo`): the registry's, or
@@ -829,7 +840,7 @@ fn engine_takes_repos(engine_class: &str) -> bool {
 /// engine loads repositories.
 pub fn get_repo(model_id: &str, engine_class: &str) -> Option<String> {
     if let Some(card) = model_card(model_id) {
-        return card.repos.iter().find(|(e, _)| *e == engine_class).map(|(_, r)| r.to_string());
+        return card.repo(engine_class).map(str::to_string);
     }
     let takes_id = is_local_model(model_id) || is_hub_repo_id(model_id) || hub_gguf_file(model_id).is_some();
     (takes_id && engine_takes_repos(engine_class)).then(|| model_id.to_string())
@@ -887,9 +898,8 @@ pub fn get_pretty_name(model_id: &str) -> Option<&'static str> {
 /// The registry's models that, for every list in `engine_lists`, have a repository for at
 /// least one engine of that list (names or class names); all models when no list is given.
 pub fn get_supported_models(engine_lists: &[Vec<String>]) -> Vec<&'static str> {
-    let has_any = |card: &ModelCard, list: &[String]| {
-        list.iter().any(|e| card.repos.iter().any(|(class, _)| *class == engine_class(e)))
-    };
+    let has_any =
+        |card: &ModelCard, list: &[String]| list.iter().any(|e| card.repo(engine_class(e)).is_some());
     MODEL_CARDS
         .iter()
         .filter(|card| engine_lists.iter().all(|list| has_any(card, list)))
@@ -914,8 +924,7 @@ mod tests {
     #[test]
     fn candle_loads_classic_mlx_weights_of_every_architecture_it_runs() {
         for card in MODEL_CARDS {
-            let candle = card.repos.iter().find(|(e, _)| *e == CANDLE).map(|(_, r)| *r);
-            let mlx = card.repos.iter().find(|(e, _)| *e == MLX).map(|(_, r)| *r);
+            let (candle, mlx) = (card.repo(CANDLE), card.repo(MLX));
             if MODEL_TYPES.contains(&card.architecture) {
                 assert!(candle.is_some() && candle == mlx, "{}: candle {candle:?}, mlx {mlx:?}", card.id);
             } else {
@@ -936,6 +945,8 @@ mod tests {
         );
         assert_eq!(repo("qwen-3-0.6b").as_deref(), Some("mlx-community/Qwen3-0.6B-4bit"));
         assert_eq!(get_repo("llama-3.2-1b-8bit", TINYGRAD).as_deref(), Some("unsloth/Llama-3.2-1B-Instruct"));
+        assert_eq!(get_repo("llama-3.2-1b", TORCH).as_deref(), Some("unsloth/Llama-3.2-1B-Instruct"));
+        assert!(get_supported_models(&[vec![TORCH.to_string()]]).contains(&"qwen-2.5-7b"));
     }
 
     #[test]

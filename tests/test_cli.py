@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from exo import main as cli
+from exo.app.engines import EngineChoice
+from exo.errors import InvalidArgumentError
+from exo.inference.inference_engine import get_inference_engine
+from support.solo_cli import run_solo
 
 
 def test_classic_defaults() -> None:
@@ -24,7 +29,7 @@ def test_classic_defaults() -> None:
     assert args.max_parallel_downloads == 8
     assert args.inference_engine is None
     assert args.prompt == "Who are you?"
-    assert args.default_temp == 0.0
+    assert args.default_temp is None and cli.default_temperature(args) == 0.0
     assert not args.chat_tui and not args.disable_tui and not args.download_quick_check
 
 
@@ -39,14 +44,85 @@ def test_run_command_and_flags_parse() -> None:
 
 
 def test_engine_choice() -> None:
-    assert cli.choose_engine(None, {}) == ("mlx" if cli.mlx_available() else "candle")
-    assert cli.choose_engine(None, {"EXO_ENGINE": "dummy"}) == "dummy"
-    assert cli.choose_engine("candle", {"EXO_ENGINE": "dummy"}) == "candle"
-    with pytest.raises(cli.CliError, match="unknown inference engine 'tinygrad'"):
-        cli.choose_engine("tinygrad", {})
-    if not cli.mlx_available():
-        with pytest.raises(cli.CliError, match="macOS build"):
-            cli.choose_engine("mlx", {})
+    assert cli.choose_engine(None, {}).name == ("mlx" if cli.mlx_available() else "candle")
+    assert cli.choose_engine(None, {"EXO_ENGINE": "dummy"}) == EngineChoice("dummy")
+    assert cli.choose_engine("candle", {"EXO_ENGINE": "dummy"}) == EngineChoice("candle")
+    assert cli.choose_engine("CandleInferenceEngine", {}) == EngineChoice("candle")
+    assert cli.choose_engine("DummyInferenceEngine", {}) == EngineChoice("dummy")
+    assert cli.choose_engine("candle", {}).notice() is None
+    with pytest.raises(cli.CliError, match="unknown inference engine 'jax'; choose one of: candle, mlx, dummy, cpu"):
+        cli.choose_engine("jax", {})
+
+
+CLASSIC_NAMES = [
+    ("tinygrad", "exo classic's tinygrad engine"),
+    ("torch", "xotorch's PyTorch engine"),
+    ("PyTorch", "xotorch's PyTorch engine"),
+    ("cpu", "a CPU engine"),
+    ("TinygradDynamicShardInferenceEngine", "exo classic's tinygrad engine"),
+    ("TorchDynamicShardInferenceEngine", "xotorch's PyTorch engine"),
+    ("MLXDynamicShardInferenceEngine", "exo classic's MLX engine"),
+    ("mlx", "exo classic's MLX engine"),
+]
+
+
+@pytest.mark.parametrize(("name", "what"), CLASSIC_NAMES)
+def test_classic_and_xotorch_engine_names_run_candle(name: str, what: str) -> None:
+    """From the flag or EXO_ENGINE alike; the notice names the engine asked for and the one used."""
+    if "mlx" in name.lower() and cli.mlx_available():
+        assert cli.choose_engine(name, {}) == EngineChoice("mlx")
+        return
+    for choice in (cli.choose_engine(name, {}), cli.choose_engine(None, {"EXO_ENGINE": name})):
+        assert choice.name == "candle" and choice.stands_in_for == name
+        assert choice.device == ("cpu" if name == "cpu" else None)
+        assert choice.notice() == (
+            f"Inference engine '{name}' ({what}) is not part of this build; "
+            "using candle (CandleInferenceEngine) instead"
+        )
+
+
+def test_get_inference_engine_takes_classic_names() -> None:
+    for name in ("tinygrad", "TorchDynamicShardInferenceEngine", "candle", "CandleInferenceEngine"):
+        assert type(get_inference_engine(name, None)).__name__ == "CandleInferenceEngine"
+    with pytest.raises(InvalidArgumentError, match="Unsupported inference engine: 'jax'"):
+        get_inference_engine("jax", None)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "asked"),
+    [
+        (["--inference-engine", "torch"], {}, "torch"),
+        (["--inference-engine", "tinygrad"], {}, "tinygrad"),
+        (["--inference-engine", "cpu"], {}, "cpu"),
+        ([], {"EXO_ENGINE": "pytorch"}, "pytorch"),
+        ([], {"EXO_ENGINE": "TinygradDynamicShardInferenceEngine"}, "TinygradDynamicShardInferenceEngine"),
+    ],
+)
+def test_classic_engine_names_run_a_model(
+    tmp_path: Path, model_dir: Path, args: list[str], env: dict[str, str], asked: str
+) -> None:
+    """`python -m exo.main` as a real node: the notice, then the candle engine answers the prompt."""
+    if asked == "cpu":
+        env = {**env, "EXO_DEVICE": ""}  # the name picks the CPU unless --device or EXO_DEVICE names a device
+    run = ["run", str(model_dir), "--prompt", "Hello!", "--max-generate-tokens", "4"]
+    done = run_solo(tmp_path, *args, *run, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    notice = lines.index(next(line for line in lines if line.startswith(f"Inference engine '{asked}' (")))
+    assert lines[notice].endswith("is not part of this build; using candle (CandleInferenceEngine) instead")
+    assert lines[notice + 1].startswith("Using inference engine: CandleInferenceEngine (candle) on ")
+    if asked == "cpu":
+        assert lines[notice + 1].endswith(" on cpu")
+    assert "Generated 4 tokens" in done.stdout
+
+
+def test_help_names_the_classic_engines() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "exo.main", "--help"], capture_output=True, text=True, timeout=60, check=True
+    )
+    text = " ".join(done.stdout.split())
+    assert "exo classic's and xotorch's engine names (tinygrad, torch, pytorch, cpu" in text
+    assert "TEMPERATURE" in text
 
 
 @pytest.mark.parametrize("command", ["train", "eval"])
@@ -56,20 +132,6 @@ def test_train_and_eval_say_they_are_unsupported(command: str) -> None:
     )
     assert done.returncode == 2
     assert f"'{command}' is not supported" in done.stderr
-
-
-def test_mlx_off_mac_is_a_clear_error() -> None:
-    if cli.mlx_available():
-        assert cli.choose_engine("mlx", {}) == "mlx"
-        return
-    done = subprocess.run(
-        [sys.executable, "-m", "exo.main", "--inference-engine", "mlx", "--disable-tui"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 2
-    assert "mlx engine needs a macOS build" in done.stderr
 
 
 def test_an_unknown_device_is_a_clear_error() -> None:

@@ -20,6 +20,7 @@ from exo.download.download_progress import RepoProgressEvent
 from exo.download.new_shard_download import (
     HfShardDownloader,
     delete_model,
+    ensure_downloads_dir,
     ensure_exo_home,
     new_shard_downloader,
     seed_models,
@@ -60,13 +61,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private EXO_HOME and an empty Hugging Face cache; no token, online."""
+    """A private EXO_HOME and an empty Hugging Face cache; no token, online. The downloads directory in it."""
     monkeypatch.setenv("EXO_HOME", str(tmp_path / "exo"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
-    return tmp_path / "exo"
+    return tmp_path / "exo" / "downloads"
 
 
 @pytest.fixture
@@ -330,7 +331,8 @@ async def test_a_local_directory_is_used_in_place(models: dict[str, Path], env: 
 
 
 async def test_helpers_and_interfaces(env: Path) -> None:
-    assert await ensure_exo_home() == env and await asyncio.to_thread(env.is_dir)
+    assert await ensure_exo_home() == env.parent and await asyncio.to_thread(env.parent.is_dir)
+    assert await ensure_downloads_dir() == env and await asyncio.to_thread(env.is_dir)
     assert isinstance(new_shard_downloader(3), ShardDownloader)
     noop = NoopShardDownloader()
     assert await noop.ensure_shard(Shard("m", 0, 0, 1), "candle") == Path("/tmp/noop_shard")

@@ -42,5 +42,5 @@ async def test_non_last_shard_passes_through_and_state_round_trips() -> None:
 def test_engine_selection() -> None:
     assert isinstance(get_inference_engine("dummy", None), DummyInferenceEngine)
     assert isinstance(get_inference_engine("candle", None), InferenceEngine)
-    with pytest.raises(InvalidArgumentError, match="Unsupported inference engine: 'tinygrad'"):
-        get_inference_engine("tinygrad", None)
+    with pytest.raises(InvalidArgumentError, match="Unsupported inference engine: 'onnx'"):
+        get_inference_engine("onnx", None)

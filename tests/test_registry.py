@@ -130,5 +130,5 @@ def test_run_an_id_downloads_its_repository_and_answers(hub_env: tuple[FakeHub, 
     fetched = {r.path.split("?")[0] for r in hub.requests if r.method == "GET"}
     assert f"/api/models/{repo}/revision/main" in fetched, fetched
     assert hub.fetched_weights() == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
-    downloaded = Path(env["EXO_HOME"]) / "mlx-community--Llama-3.2-1B-Instruct-8bit"
+    downloaded = Path(env["EXO_HOME"]) / "downloads" / "mlx-community--Llama-3.2-1B-Instruct-8bit"
     assert (downloaded / "config.json").is_file()

@@ -51,20 +51,23 @@ def test_live_tui_draws_in_a_terminal(tmux_session) -> None:
 
 
 def test_chat_tui_in_a_terminal(tmux_session, model_dir) -> None:
+    """The framed header, `models`, an answer with its statistics, and a bare `exit`."""
     tmux, name = tmux_session
     script = Path(__file__).parent / "scripts" / "chat_tui_fake.py"
     command = f"{sys.executable} {script} {model_dir}"
-    subprocess.run([*tmux, "new-session", "-d", "-s", name, "-x", "160", "-y", "40", command], check=True)
-    wait_for_screen(tmux, name, "you>")
+    subprocess.run([*tmux, "new-session", "-d", "-s", name, "-x", "160", "-y", "50", command], check=True)
+    screen = wait_for_screen(tmux, name, "you>")
+    assert screen.lstrip().startswith("╭") and "exo terminal chat" in screen, screen
+    assert "model NAME" in screen and "╰" in screen, screen
+    subprocess.run([*tmux, "send-keys", "-t", name, "models", "Enter"], check=True)
+    screen = wait_for_screen(tmux, name, "Models this node can run")
+    assert "llama-3.2-1b" in screen, screen
     subprocess.run([*tmux, "send-keys", "-t", name, "Hello there", "Enter"], check=True)
-    screen = wait_for_screen(tmux, name, "tokens/s")
+    screen = wait_for_screen(tmux, name, "TFLOPS")
     assert "exo> Hello there, cluster!" in screen, screen
-    assert "tokens/s" in screen
-    subprocess.run([*tmux, "send-keys", "-t", name, "/exit", "Enter"], check=True)
-    deadline = time.monotonic() + 30
-    while subprocess.run([*tmux, "has-session", "-t", name], capture_output=True, check=False).returncode == 0:
-        assert time.monotonic() < deadline, "the chat did not exit on /exit"
-        time.sleep(0.1)
+    assert "tokens/s | time to first token" in screen and "cluster ~2.00 TFLOPS" in screen, screen
+    subprocess.run([*tmux, "send-keys", "-t", name, "exit", "Enter"], check=True)
+    _wait_gone(tmux, name, "the chat did not exit on a bare exit")
 
 
 def wait_for_screen(tmux: list[str], name: str, text: str, limit: float = 30) -> str:
@@ -116,7 +119,8 @@ def test_exo_main_tui_on_a_real_node_and_ctrl_c(tmux_session, model_dir) -> None
 
 
 def test_exo_main_chat_tui(tmux_session, model_dir) -> None:
-    """`exo.main --chat-tui` in a terminal: a question streams an answer and tokens/s; /exit ends the process."""
+    """`exo.main --chat-tui` in a terminal: the header names the model, `model NAME` switches, a question streams
+    an answer and its statistics; a bare `quit` ends the process."""
     from exo.helpers import find_available_port
 
     tmux, name = tmux_session
@@ -126,10 +130,16 @@ def test_exo_main_chat_tui(tmux_session, model_dir) -> None:
         f"EXO_ENGINE=candle {sys.executable} {script} --chat-tui --chatgpt-api-port {port} "
         f"--default-model {model_dir} --max-generate-tokens 8"
     )
-    subprocess.run([*tmux, "new-session", "-d", "-s", name, "-x", "160", "-y", "50", command], check=True)
-    wait_for_screen(tmux, name, "you>")
+    subprocess.run([*tmux, "new-session", "-d", "-s", name, "-x", "200", "-y", "50", command], check=True)
+    screen = wait_for_screen(tmux, name, "you>")
+    assert f"Model: {model_dir}" in screen, screen
+    subprocess.run([*tmux, "send-keys", "-t", name, "model no-such-model", "Enter"], check=True)
     subprocess.run([*tmux, "send-keys", "-t", name, "Hello there", "Enter"], check=True)
+    screen = wait_for_screen(tmux, name, "error:")
+    assert "no-such-model" in screen, screen
+    subprocess.run([*tmux, "send-keys", "-t", name, f"model {model_dir}", "Enter"], check=True)
+    subprocess.run([*tmux, "send-keys", "-t", name, "Hello again", "Enter"], check=True)
     screen = wait_for_screen(tmux, name, "tokens/s")
-    assert "8 tokens" in screen and "(token limit)" in screen, screen
-    subprocess.run([*tmux, "send-keys", "-t", name, "/exit", "Enter"], check=True)
-    _wait_gone(tmux, name, "the chat did not exit on /exit")
+    assert "8 tokens" in screen and "(token limit)" in screen and "TFLOPS" in screen, screen
+    subprocess.run([*tmux, "send-keys", "-t", name, "quit", "Enter"], check=True)
+    _wait_gone(tmux, name, "the chat did not exit on a bare quit")

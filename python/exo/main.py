@@ -13,16 +13,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from exo.app.app import App
+from exo.app.app import App, default_temperature
 from exo.app.cli_error import CliError
 from exo.app.engines import ENGINES, choose_engine, mlx_available
 from exo.app.progress import ProgressBroadcastThrottle
-from exo.settings import DEBUG
+from exo.settings import DEBUG, DEBUG_DISCOVERY, VERBOSE, configure_logging
 from exo.terminal import print_yellow_exo
 
 UNSUPPORTED_COMMANDS = {
@@ -70,11 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chatgpt-api-port", type=int, default=52415, help="HTTP API port")
     p.add_argument("--chatgpt-api-response-timeout", type=int, default=900, help="API response timeout, seconds")
     p.add_argument("--max-generate-tokens", type=int, default=10000, help="max tokens generated per request")
-    p.add_argument("--inference-engine", type=str, default=None, help="candle (default), mlx (macOS build) or dummy")
+    p.add_argument(
+        "--inference-engine",
+        type=str,
+        default=None,
+        help="candle (the default; or EXO_ENGINE), mlx (macOS build) or dummy; exo classic's and xotorch's engine "
+        "names (tinygrad, torch, pytorch, cpu, and mlx without an MLX build) and class names run candle",
+    )
     p.add_argument("--disable-tui", action=argparse.BooleanOptionalAction, help="no Rich topology TUI")
     p.add_argument("--run-model", type=str, help="run this model on --prompt and exit")
     p.add_argument("--prompt", type=str, default="Who are you?", help="prompt for run / --run-model")
-    p.add_argument("--default-temp", type=float, default=0.0, help="default sampling temperature")
+    p.add_argument(
+        "--default-temp", type=float, default=None, help="default sampling temperature (default: TEMPERATURE, else 0.0)"
+    )
     p.add_argument("--tailscale-api-key", type=str, default=None, help="Tailscale API key")
     p.add_argument("--tailnet-name", type=str, default=None, help="Tailnet name")
     p.add_argument("--node-id-filter", type=str, default=None, help="comma-separated allowed peer ids")
@@ -139,15 +146,10 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _configure_logging() -> None:
-    level = logging.DEBUG if DEBUG >= 2 else logging.INFO if DEBUG >= 1 else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def run(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m exo.main`, `exo` and `xot`."""
     args = build_parser().parse_args(argv)
-    _configure_logging()
+    configure_logging(DEBUG, DEBUG_DISCOVERY, VERBOSE)
     if args.command in UNSUPPORTED_COMMANDS:
         print(f"exo: '{args.command}' is not supported: {UNSUPPORTED_COMMANDS[args.command]}.", file=sys.stderr)
         return 2
@@ -198,6 +200,7 @@ __all__ = [
     "ProgressBroadcastThrottle",
     "build_parser",
     "choose_engine",
+    "default_temperature",
     "main",
     "mlx_available",
     "raise_open_files_limit",

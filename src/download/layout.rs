@@ -1,5 +1,5 @@
-//! Where model files live: exo's downloads directory (`EXO_HOME`, one `org--name` directory
-//! per repository, as exo classic lays it out), the Hugging Face hub cache that is reused, and
+//! Where model files live: exo's downloads directory (`$EXO_HOME/downloads`, one `org--name`
+//! directory per repository, as exo classic lays it out), the Hugging Face hub cache that is reused, and
 //! the settings read from the environment (`HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`).
 
 use std::path::{Path, PathBuf};
@@ -18,9 +18,14 @@ fn env_path(name: &str) -> Option<PathBuf> {
     std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
 }
 
-/// exo's downloads directory: `$EXO_HOME`, default `~/.cache/exo/downloads`.
+/// exo's home, as in classic: `$EXO_HOME`, default `~/.cache/exo`.
 pub fn exo_home() -> PathBuf {
-    env_path("EXO_HOME").unwrap_or_else(|| home_dir().join(".cache").join("exo").join("downloads"))
+    env_path("EXO_HOME").unwrap_or_else(|| home_dir().join(".cache").join("exo"))
+}
+
+/// exo's downloads directory, as in classic: `downloads` in exo's home.
+pub fn downloads_dir() -> PathBuf {
+    exo_home().join("downloads")
 }
 
 /// The directory name of a repository in exo's layout (`org/name` → `org--name`).

@@ -52,7 +52,7 @@ pub type ProgressListener = Arc<dyn Fn(RepoProgress) + Send + Sync>;
 pub struct DownloaderOptions {
     /// Files fetched at the same time, over all shards.
     pub max_parallel_downloads: usize,
-    /// Downloads directory; `None` reads `EXO_HOME` at each call.
+    /// Downloads directory; `None` reads `EXO_HOME` at each call (its `downloads` directory).
     pub home: Option<PathBuf>,
 }
 
@@ -181,7 +181,7 @@ impl HfDownloader {
 
     /// The downloads directory.
     pub fn home(&self) -> PathBuf {
-        self.options.home.clone().unwrap_or_else(layout::exo_home)
+        self.options.home.clone().unwrap_or_else(layout::downloads_dir)
     }
 
     /// The directory that holds (or will hold) `repo_id`'s files.

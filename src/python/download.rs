@@ -72,7 +72,7 @@ fn deliver(
 }
 
 /// Downloads shards from the Hugging Face hub (`HF_ENDPOINT`, `HF_TOKEN`, `HF_HUB_OFFLINE`)
-/// into `EXO_HOME`; exo classic's `ShardDownloader` interface, implemented in Rust.
+/// into `$EXO_HOME/downloads`; exo classic's `ShardDownloader` interface, implemented in Rust.
 #[pyclass(name = "HfShardDownloader", module = "exo.download.new_shard_download", subclass, frozen)]
 pub struct PyHfShardDownloader {
     pub inner: Arc<HfDownloader>,
@@ -207,14 +207,20 @@ fn delete_model(
     inference_engine_name: String,
     exo_home: Option<PathBuf>,
 ) -> PyResult<bool> {
-    let home = exo_home.unwrap_or_else(layout::exo_home);
+    let home = exo_home.unwrap_or_else(layout::downloads_dir);
     Ok(py.detach(|| crate::download::delete_model(&home, &model_id, &inference_engine_name))?)
 }
 
-/// exo's downloads directory (`EXO_HOME`, default `~/.cache/exo/downloads`).
+/// exo's home (`EXO_HOME`, default `~/.cache/exo`), as in classic.
 #[pyfunction]
 fn exo_home() -> PathBuf {
     layout::exo_home()
+}
+
+/// exo's downloads directory (`downloads` in exo's home), as in classic.
+#[pyfunction]
+fn downloads_dir() -> PathBuf {
+    layout::downloads_dir()
 }
 
 /// Links (or copies) the models of `seed_dir` into the downloads directory; returns the
@@ -222,7 +228,7 @@ fn exo_home() -> PathBuf {
 #[pyfunction]
 #[pyo3(signature = (seed_dir, exo_home=None))]
 fn seed_models(py: Python<'_>, seed_dir: PathBuf, exo_home: Option<PathBuf>) -> PyResult<Vec<String>> {
-    let home = exo_home.unwrap_or_else(layout::exo_home);
+    let home = exo_home.unwrap_or_else(layout::downloads_dir);
     Ok(py.detach(|| layout::seed_models(&seed_dir, &home))?)
 }
 
@@ -230,6 +236,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyHfShardDownloader>()?;
     m.add_class::<DownloadStatusIterator>()?;
     m.add_function(wrap_pyfunction!(exo_home, m)?)?;
+    m.add_function(wrap_pyfunction!(downloads_dir, m)?)?;
     m.add_function(wrap_pyfunction!(seed_models, m)?)?;
     m.add_function(wrap_pyfunction!(delete_model, m)?)?;
     Ok(())

@@ -4,7 +4,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::shard::PyShard;
-use crate::download::layout::{exo_home, hf_cache_snapshot, repo_dir_name};
+use crate::download::layout::{downloads_dir, hf_cache_snapshot, repo_dir_name};
 use crate::download::selection::{config_layers, CONFIG_FILE};
 use crate::download::REVISION;
 use crate::engine::candle::model_config;
@@ -79,7 +79,7 @@ fn known_layers(model_id: &str, engine: &str) -> Option<i32> {
     }
     let candidates = [
         Some(std::path::PathBuf::from(&repo)).filter(|_| models::is_local_model(&repo)),
-        Some(exo_home().join(repo_dir_name(&repo))),
+        Some(downloads_dir().join(repo_dir_name(&repo))),
         hf_cache_snapshot(&repo, REVISION),
     ];
     candidates.into_iter().flatten().find_map(|dir| {

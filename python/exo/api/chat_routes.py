@@ -26,7 +26,7 @@ from exo.api.responses import SSE_HEADERS, error_from_exception, sse
 from exo.api.server import ApiServer
 from exo.api.text_stream import count_tokens
 from exo.inference.tokenizers import resolve_tokenizer
-from exo.settings import VERSION
+from exo.settings import VERSION, debug_level
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ class ChatRoutes(ApiServer):
         async with self.admission.turn():
             request_id = str(uuid.uuid4())
             self._notify_listener(request_id, chat, prompt)
-            logger.debug("Chat completion %s on %s: %r", request_id, model.model_id, prompt)
+            logger.debug("Chat completion %s on %s", request_id, model.model_id)
+            logger.log(debug_level(3), "Prompt of %s: %r", request_id, prompt)
             generation = await self._start_generation(model, prompt, request_id, chat)
             if chat.stream:
                 return await self._stream_completion(request, chat, tokenizer, prompt, request_id, generation)

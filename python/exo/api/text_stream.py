@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from exo._core import IncrementalDetokenizer, Tokenizer
+from exo.settings import TOKENIZER_LOGGER
+
+detail = logging.getLogger(TOKENIZER_LOGGER)
 
 
 class TokenText:
     """Text of tokens as they arrive; never splits a UTF-8 character across two pieces.
 
     Uses the Rust `IncrementalDetokenizer` for Rust tokenizers; any other tokenizer (e.g. `DummyTokenizer`) is
-    decoded in full at each step and the new suffix returned.
+    decoded in full at each step and the new suffix returned. With `VERBOSE=1` each token is logged with its own text
+    and the text it completes.
     """
 
     def __init__(self, tokenizer: Any) -> None:
@@ -23,9 +28,15 @@ class TokenText:
 
     def push(self, token: int) -> str:
         """The text that `token` completes (possibly empty)."""
+        piece = self._push(int(token))
+        if detail.isEnabledFor(logging.DEBUG):
+            detail.debug("token %d %r -> %r", token, self._tokenizer.decode([int(token)]), piece)
+        return piece
+
+    def _push(self, token: int) -> str:
         if self._native is not None:
-            return self._native.push(int(token))
-        self._tokens.append(int(token))
+            return self._native.push(token)
+        self._tokens.append(token)
         text = self._tokenizer.decode(self._tokens)
         if text.endswith("\ufffd"):
             return ""

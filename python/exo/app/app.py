@@ -34,11 +34,24 @@ from exo.networking.interfaces import get_all_ip_addresses_and_interfaces
 from exo.networking.ports import find_available_port
 from exo.node_id import get_or_create_node_id
 from exo.orchestration.node import Node
+from exo.settings import debug_level, env_temperature
 from exo.system import get_system_info
 from exo.terminal import terminal_link
 from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
 
 logger = logging.getLogger("exo")
+
+
+def default_temperature(args: argparse.Namespace) -> float:
+    """`--default-temp`, else `TEMPERATURE`, else 0.0 (greedy). Raises `CliError` for a `TEMPERATURE` that is not a
+    temperature."""
+    if args.default_temp is not None:
+        return float(args.default_temp)
+    try:
+        from_env = env_temperature()
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    return 0.0 if from_env is None else from_env
 
 
 class App:
@@ -48,7 +61,9 @@ class App:
         self.args = args
         self.loop = loop
         self.stopping = asyncio.Event()
-        self.engine_name = choose_engine(args.inference_engine)
+        self.engine_choice = choose_engine(args.inference_engine)
+        self.engine_name = self.engine_choice.name
+        self.default_temp = default_temperature(args)
         self.topology_viz: Any = None
         self.node: Any = None
         self.api: Any = None
@@ -115,6 +130,11 @@ class App:
         """Builds the engine, discovery, node, gRPC server, API and (unless disabled) the topology TUI."""
         args = self.args
         print(f"Detected system: {get_system_info()}")
+        notice = self.engine_choice.notice()
+        if notice is not None:
+            print(notice)
+        if self.engine_choice.device and not os.environ.get("EXO_DEVICE"):
+            os.environ["EXO_DEVICE"] = self.engine_choice.device  # the engine and the device report read it
         self.shard_downloader = self._shard_downloader()
         try:
             engine = get_inference_engine(self.engine_name, self.shard_downloader)
@@ -126,6 +146,7 @@ class App:
         print(f"Using inference engine: {self.engine_classname} ({self.engine_name}) on {device}")
         if args.node_port is None:
             args.node_port = find_available_port(args.node_host)
+            logger.info("Using available port: %d", args.node_port)
         node_id = args.node_id or get_or_create_node_id()
         addresses = [ip for ip, _ in get_all_ip_addresses_and_interfaces()]
         web_urls = [f"http://{ip}:{args.chatgpt_api_port}" for ip in addresses]
@@ -149,7 +170,7 @@ class App:
             self.shard_downloader,
             partitioning_strategy=RingMemoryWeightedPartitioningStrategy(),
             max_generate_tokens=args.max_generate_tokens,
-            default_sample_temperature=args.default_temp,
+            default_sample_temperature=self.default_temp,
             topology_viz=self.topology_viz,
         )
         self.node.server = GRPCServer(self.node, args.node_host, args.node_port)
@@ -209,7 +230,7 @@ class App:
         """Creates the exo home directory and copies `--models-seed-dir` into it."""
         try:
             home = await ensure_exo_home()
-            logger.debug("exo home directory: %s", home)
+            logger.info("exo home directory: %s", home)
         except Exception as e:
             print(f"Error checking exo home directory: {e}")
         seed_dir = self.args.models_seed_dir
@@ -235,7 +256,7 @@ class App:
             if args.chat_tui:
                 from exo.viz.chat_tui import ChatTUI
 
-                tui = ChatTUI(f"http://127.0.0.1:{args.chatgpt_api_port}", model=args.default_model)
+                tui = ChatTUI(f"http://127.0.0.1:{args.chatgpt_api_port}", model=self.api.default_model)
                 return await self._until_stopped(tui.run())
             await self.stopping.wait()
             return 0
@@ -283,6 +304,7 @@ class App:
         templated = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
         request_id = str(uuid.uuid4())
         print(f"Processing prompt: {prompt}")
+        logger.log(debug_level(3), "Prompt of %s: %r", request_id, templated)
         text = TokenText(tokenizer)
         started = time.perf_counter()
         count = 0

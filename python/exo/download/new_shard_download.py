@@ -2,7 +2,8 @@
 
 `HfShardDownloader` is implemented in Rust: it fetches only the files a shard's layers need
 from `HF_ENDPOINT` (default https://huggingface.co, with `HF_TOKEN` as bearer token) into
-`EXO_HOME` (default `~/.cache/exo/downloads`, one `org--name` directory per repository), in
+`$EXO_HOME/downloads` (`EXO_HOME` defaults to `~/.cache/exo`, as in classic; one `org--name`
+directory per repository), in
 parallel, resuming partial files and checking sizes and hashes. Files already in the Hugging
 Face cache (`HF_HUB_CACHE` / `HF_HOME`) are linked instead of downloaded, and with
 `HF_HUB_OFFLINE=1` nothing is fetched.
@@ -19,29 +20,36 @@ from exo._core import DownloadStatusIterator, HfShardDownloader
 
 
 def exo_home() -> Path:
-    """The downloads directory: `$EXO_HOME`, default `~/.cache/exo/downloads`."""
+    """exo's home: `$EXO_HOME`, default `~/.cache/exo`."""
     return _core.exo_home()
 
 
+def downloads_dir() -> Path:
+    """Where models are downloaded to: `downloads` in exo's home."""
+    return _core.downloads_dir()
+
+
 async def ensure_exo_home() -> Path:
-    """The downloads directory, created if missing."""
+    """exo's home, created if missing."""
     home = exo_home()
     await asyncio.to_thread(home.mkdir, parents=True, exist_ok=True)
     return home
 
 
 async def ensure_downloads_dir() -> Path:
-    """Where models are downloaded to (the same directory as `ensure_exo_home`)."""
-    return await ensure_exo_home()
+    """The downloads directory, created if missing."""
+    path = downloads_dir()
+    await asyncio.to_thread(path.mkdir, parents=True, exist_ok=True)
+    return path
 
 
 async def has_exo_home_read_access() -> bool:
-    """Whether the downloads directory can be read."""
+    """Whether exo's home can be read."""
     return os.access(exo_home(), os.R_OK)
 
 
 async def has_exo_home_write_access() -> bool:
-    """Whether the downloads directory can be written."""
+    """Whether exo's home can be written."""
     return os.access(exo_home(), os.W_OK)
 
 
@@ -70,6 +78,7 @@ __all__ = [
     "HfShardDownloader",
     "NewShardDownloader",
     "delete_model",
+    "downloads_dir",
     "ensure_downloads_dir",
     "ensure_exo_home",
     "exo_home",

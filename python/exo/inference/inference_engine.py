@@ -55,23 +55,55 @@ InferenceEngine.register(NativeInferenceEngine)
 
 inference_engine_classes = {"candle": "CandleInferenceEngine", "dummy": "DummyInferenceEngine"}
 
+#: The engines of exo classic and xotorch, by short name and class name (lower case), and what they were; candle runs
+#: in their place (mlx only where this build has no MLX engine).
+CLASSIC_ENGINES = {
+    "tinygrad": "exo classic's tinygrad engine",
+    "tinygraddynamicshardinferenceengine": "exo classic's tinygrad engine",
+    "torch": "xotorch's PyTorch engine",
+    "pytorch": "xotorch's PyTorch engine",
+    "torchdynamicshardinferenceengine": "xotorch's PyTorch engine",
+    "cpu": "a CPU engine",
+    "mlx": "exo classic's MLX engine",
+    "mlxdynamicshardinferenceengine": "exo classic's MLX engine",
+}
+
+_OWN_ENGINES = {name: name for name in inference_engine_classes} | {
+    cls.lower(): name for name, cls in inference_engine_classes.items()
+}
+
+
+def engine_name_for(requested: str, *, mlx_built: bool = False) -> str | None:
+    """The engine this build runs for an engine name or class name of this project, exo classic or xotorch (any
+    case): `candle`, `dummy`, or `mlx` where the build has it; None for a name no project gave an engine."""
+    key = requested.strip().lower()
+    if key in _OWN_ENGINES:
+        return _OWN_ENGINES[key]
+    if key in ("mlx", "mlxdynamicshardinferenceengine") and mlx_built:
+        return "mlx"
+    return "candle" if key in CLASSIC_ENGINES else None
+
 
 def get_inference_engine(inference_engine_name: str, shard_downloader: Any) -> InferenceEngine:
-    """The engine called `inference_engine_name` (`candle` or `dummy`)."""
+    """The engine called `inference_engine_name`: `candle` or `dummy`, or a name of exo classic or xotorch that
+    candle stands in for (`tinygrad`, `torch`, `TinygradDynamicShardInferenceEngine`, ...)."""
+    name = engine_name_for(inference_engine_name)
     # The native engines are `InferenceEngine`s by `InferenceEngine.register`, which type checkers do not follow.
-    if inference_engine_name == "candle":
+    if name == "candle":
         return cast(InferenceEngine, CandleInferenceEngine(shard_downloader))
-    if inference_engine_name == "dummy":
+    if name == "dummy":
         return cast(InferenceEngine, DummyInferenceEngine())
     known = ", ".join(sorted(inference_engine_classes))
     raise InvalidArgumentError(f"Unsupported inference engine: {inference_engine_name!r} (available: {known})")
 
 
 __all__ = [
+    "CLASSIC_ENGINES",
     "CandleInferenceEngine",
     "DummyInferenceEngine",
     "InferenceEngine",
     "NativeInferenceEngine",
+    "engine_name_for",
     "get_inference_engine",
     "inference_engine_classes",
 ]

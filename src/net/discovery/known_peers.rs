@@ -110,6 +110,14 @@ impl KnownPeers {
     /// Replaces the whole table (manual discovery recomputes it from its config).
     pub fn replace_all(&self, next: IndexMap<String, KnownPeer>) {
         let mut peers = self.lock();
+        for (id, peer) in &next {
+            if peers.get(id).is_none_or(|old| old.addr != peer.addr) {
+                log::info!("added peer {id} at {}", peer.addr);
+            }
+        }
+        for (id, peer) in peers.iter().filter(|(id, _)| !next.contains_key(*id)) {
+            log::info!("dropping peer {id} at {}", peer.addr);
+        }
         *peers = next;
         self.publish(&peers);
     }
@@ -141,7 +149,7 @@ impl KnownPeers {
         for (id, peer) in self.snapshot() {
             if now.saturating_duration_since(peer.last_seen) > timeout {
                 if self.remove_handle(&id, &peer.handle) {
-                    log::debug!("dropping peer {id} at {}: silent for over {timeout:?}", peer.addr);
+                    log::info!("dropping peer {id} at {}: silent for over {timeout:?}", peer.addr);
                     dropped.push(id);
                 }
             } else {
@@ -152,7 +160,7 @@ impl KnownPeers {
         let results = futures::future::join_all(checks).await;
         for ((id, peer), ok) in to_check.into_iter().zip(results) {
             if !ok && self.remove_handle(&id, &peer.handle) {
-                log::debug!("dropping peer {id} at {}: health check failed", peer.addr);
+                log::info!("dropping peer {id} at {}: health check failed", peer.addr);
                 dropped.push(id);
             }
         }

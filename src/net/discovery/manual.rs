@@ -249,7 +249,12 @@ impl Shared {
         let next = candidates
             .into_iter()
             .zip(results)
-            .filter(|(_, ok)| *ok)
+            .filter(|((id, addr, _), ok)| {
+                if !ok {
+                    log::debug!("configured peer {id} at {addr} failed its health check; leaving it out");
+                }
+                *ok
+            })
             .map(|((id, addr, handle), _)| (id, KnownPeer { handle, addr, last_seen: now, priority: 0 }))
             .collect();
         self.peers.replace_all(next);

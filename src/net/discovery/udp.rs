@@ -289,7 +289,7 @@ async fn admit(claim: CheckClaim, message: PresenceMessage) {
     let peer =
         KnownPeer { handle, addr: addr.clone(), last_seen: Instant::now(), priority: message.priority };
     if shared.peers.insert(&message.node_id, peer, true) {
-        log::debug!("added peer {} at {addr} (priority {})", message.node_id, message.priority);
+        log::info!("added peer {} at {addr} (priority {})", message.node_id, message.priority);
     }
 }
 
