@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from rich.columns import Columns
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
@@ -155,14 +156,9 @@ class ChatTUI:
         except (ChatError, aiohttp.ClientError) as e:
             self.console.print(f"[bold red]error:[/] {e}")
             return
-        table = Table(title="Models this node can run", title_justify="left", box=None, padding=(0, 2))
-        table.add_column("model")
-        table.add_column("name")
-        for model in models:
-            current = model["id"] == self.model
-            marker = " [bold cyan](current)[/]" if current else ""
-            table.add_row(f"{model['id']}{marker}", str(model.get("name") or ""))
-        self.console.print(table)
+        self.console.print("[bold]Models this node can run[/]")
+        ids = [f"[bold cyan]{m['id']} (current)[/]" if m["id"] == self.model else m["id"] for m in models]
+        self.console.print(Columns(ids, padding=(0, 3)))
         self.console.print("[dim]`model NAME` switches; a Hugging Face repo id or a local model directory work too.[/]")
 
     async def models(self, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
