@@ -60,7 +60,8 @@ def test_chat_tui_in_a_terminal(tmux_session, model_dir) -> None:
     assert screen.lstrip().startswith("╭") and "exo terminal chat" in screen, screen
     assert "model NAME" in screen and "╰" in screen, screen
     subprocess.run([*tmux, "send-keys", "-t", name, "models", "Enter"], check=True)
-    screen = wait_for_screen(tmux, name, "Models this node can run")
+    screen = wait_for_screen(tmux, name, "`model NAME` switches")
+    assert "Models this node can run" in screen, screen
     assert "llama-3.2-1b" in screen, screen
     subprocess.run([*tmux, "send-keys", "-t", name, "Hello there", "Enter"], check=True)
     screen = wait_for_screen(tmux, name, "TFLOPS")
