@@ -66,6 +66,22 @@ async def test_longrope_switches_as_transformers_does(root: Path, parts: int) ->
     assert checked == len(expected) == 11
 
 
+@pytest.mark.parametrize("parts", [1, 2])
+async def test_a_prompt_run_in_chunks_takes_the_factors_of_its_whole_pass(root: Path, parts: int) -> None:
+    """tiny-phi3's prompt passes its original context (20): run in chunks of 8, every chunk takes
+    the long factors that transformers' one pass over the prompt takes."""
+    golden = json.loads((GOLDEN / "tiny-phi3.json").read_text())
+    model = str(cached_model("tiny-phi3", root / "safetensors", "f32"))
+    bounds = [(0, LAYERS - 1)] if parts == 1 else [(0, 1), (2, LAYERS - 1)]
+    stages = [(CandleInferenceEngine(prefill_chunk=8), Shard(model, a, b, LAYERS)) for a, b in bounds]
+    ids = golden["prompt_ids"]
+    for tokens, expected in zip([ids[:-2], [ids[-2]], [ids[-1]]], golden["logits_last3"], strict=True):
+        x = np.array([tokens])
+        for engine, shard in stages:
+            x, _ = await engine.infer_tensor("r", shard, x)
+        np.testing.assert_allclose(np.asarray(x).reshape(-1), np.array(expected, np.float32), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize(("preset", "bits", "dtype"), [("tiny-phi3", 4, "bf16"), ("tiny-phi3-partial", 8, "f32")])
 async def test_an_mlx_checkpoint_gives_its_dequantized_weights_logits_and_tokens(
     root: Path, preset: str, bits: int, dtype: str

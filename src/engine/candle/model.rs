@@ -197,8 +197,9 @@ impl Attention {
             };
             Ok(t.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope.apply(&split(q, self.heads, &self.q_norm)?, offset)?;
-        let k = rope.apply(&split(k, self.kv_heads, &self.k_norm)?, offset)?;
+        let end = part.cache.step_end.max(offset + seq);
+        let q = rope.apply_in_pass(&split(q, self.heads, &self.q_norm)?, offset, end)?;
+        let k = rope.apply_in_pass(&split(k, self.kv_heads, &self.k_norm)?, offset, end)?;
         let v = split(v, self.kv_heads, &None)?;
         let (k, v) = part.cache.append(layer, &k, &v)?;
         // One query sees only the window's latest positions: the rest of the cache is left out.
@@ -524,6 +525,7 @@ impl ShardModel {
         for part in parts.iter_mut() {
             let (b, seq) = part.shape;
             part.cache.position += seq;
+            part.cache.step_end = 0;
             outputs.push(x.narrow(1, row, b * seq)?.reshape((b, seq, width))?);
             row += b * seq;
         }

@@ -34,12 +34,18 @@ impl Rope {
     }
 
     /// Rotates `x` (`[batch, heads, seq, head_dim]`) for positions `offset..offset + seq`.
-    /// With LongRoPE the whole pass takes the long tables once it reaches past the original
-    /// context, as transformers chooses them per forward pass.
+    #[cfg(test)]
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        self.apply_in_pass(x, offset, offset + x.dim(2)?)
+    }
+
+    /// As [`Rope::apply`], for part of a pass that ends before position `end`: with LongRoPE
+    /// the whole pass takes the long tables once it reaches past the original context, as
+    /// transformers chooses them per forward pass.
+    pub fn apply_in_pass(&self, x: &Tensor, offset: usize, end: usize) -> Result<Tensor> {
         let seq = x.dim(2)?;
         let (cos, sin) = match &self.long {
-            Some((cos, sin, original)) if offset + seq > *original => (cos, sin),
+            Some((cos, sin, original)) if end > *original => (cos, sin),
             _ => (&self.cos, &self.sin),
         };
         let cos = cos.narrow(0, offset, seq)?;
