@@ -783,9 +783,18 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         32,
         Some("Phi-3.5 Mini"),
         "phi3",
-        &[(MLX, "mlx-community/Phi-3.5-mini-instruct-4bit")],
+        &[
+            (MLX, "mlx-community/Phi-3.5-mini-instruct-4bit"),
+            (CANDLE, "mlx-community/Phi-3.5-mini-instruct-4bit"),
+        ],
     ),
-    card("phi-4", 40, Some("Phi-4"), "phi3", &[(MLX, "mlx-community/phi-4-4bit")]),
+    card(
+        "phi-4",
+        40,
+        Some("Phi-4"),
+        "phi3",
+        &[(MLX, "mlx-community/phi-4-4bit"), (CANDLE, "mlx-community/phi-4-4bit")],
+    ),
     card("dummy", 8, None, "dummy", &[(DUMMY, "dummy")]),
 ];
 
@@ -957,7 +966,7 @@ mod tests {
         assert_eq!(
             reason,
             "The model 'deepseek-v3' is a deepseek_v3 model, and the candle engine (CandleInferenceEngine) runs \
-             only llama, mistral, qwen2, qwen3 models."
+             only llama, mistral, qwen2, qwen3, phi3 models."
         );
         let reason = unavailable_reason("no-such-model", CANDLE).unwrap();
         assert!(
@@ -1021,9 +1030,8 @@ mod tests {
         assert_eq!(all.len(), MODEL_CARDS.len());
         let candle = get_supported_models(&[vec!["candle".into()]]);
         assert!(candle.contains(&"llama-3.2-1b") && candle.contains(&"llama-3.1-405b-8bit"));
-        for other in
-            ["deepseek-v3", "deepseek-coder-v2-lite", "llava-1.5-7b-hf", "gemma2-9b", "phi-4", "dummy"]
-        {
+        assert!(candle.contains(&"phi-3.5-mini") && candle.contains(&"phi-4"));
+        for other in ["deepseek-v3", "deepseek-coder-v2-lite", "llava-1.5-7b-hf", "gemma2-9b", "dummy"] {
             assert!(!candle.contains(&other), "{other}");
         }
         let both = get_supported_models(&[vec!["candle".into()], vec![MLX.into()]]);

@@ -60,6 +60,13 @@ QWEN_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+PHI3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -95,6 +102,14 @@ QWEN3 = Family(
     eos="<|endoftext|>",
     end_of_turn="<|im_end|>",
     chat_template=QWEN_TEMPLATE.replace("default_system", "false"),
+    adds_bos=False,
+)
+PHI3 = Family(
+    special_tokens=("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+    bos=None,
+    eos="<|endoftext|>",
+    end_of_turn="<|end|>",
+    chat_template=PHI3_TEMPLATE,
     adds_bos=False,
 )
 
@@ -144,6 +159,34 @@ def _qwen_config(model_type: str, **overrides: Any) -> dict[str, Any]:
         "rms_norm_eps": 1e-6,
     }
     return base | overrides
+
+
+def _phi3_config(**overrides: Any) -> dict[str, Any]:
+    base = {
+        "tie_word_embeddings": False,
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "rms_norm_eps": 1e-5,
+        "pad_token_id": None,
+    }
+    return base | overrides
+
+
+def _longrope(pairs: int, seed: int) -> dict[str, Any]:
+    """Phi-3.5's `longrope` scaling over `pairs` rotated pairs: short factors near 1, long ones
+    growing towards the low frequencies (as the real lists do, but from 2 so that a tiny model's
+    few positions feel them), fixed by `seed`."""
+    rng = np.random.default_rng(seed)
+    short = 1.0 + 0.1 * rng.random(pairs)
+    long = np.linspace(2.0, 40.0, pairs) * (1.0 + 0.1 * rng.random(pairs))
+    return {"type": "longrope", "short_factor": short.round(4).tolist(), "long_factor": long.round(4).tolist()}
 
 
 LLAMA3_ROPE = {
@@ -295,6 +338,38 @@ PRESETS: dict[str, Preset] = {
             max_window_layers=4,
         ),
     ),
+    # Phi-3.5-mini's kind: fused qkv_proj and gate_up_proj, LongRoPE whose original context (20)
+    # the test prompt passes, so the long factors and the attention factor count, and a sliding
+    # window shorter than the prompt.
+    "tiny-phi3": Preset(
+        PHI3,
+        _phi3_config(
+            **TINY,
+            num_key_value_heads=2,
+            vocab_size=512,
+            rope_theta=10000.0,
+            rope_scaling=_longrope(8, seed=3),
+            max_position_embeddings=2048,
+            original_max_position_embeddings=20,
+            sliding_window=24,
+        ),
+    ),
+    # Phi-4-mini's kind: a partial rotary factor of 0.75, LongRoPE whose switch to
+    # the long factors comes during the greedy run (keys cached before it keep the short ones).
+    "tiny-phi3-partial": Preset(
+        PHI3,
+        _phi3_config(
+            **TINY,
+            num_key_value_heads=2,
+            vocab_size=512,
+            rope_theta=10000.0,
+            partial_rotary_factor=0.75,
+            rope_scaling=_longrope(6, seed=4),
+            max_position_embeddings=4096,
+            original_max_position_embeddings=40,
+            sliding_window=None,
+        ),
+    ),
 }
 
 DTYPES = {"f32": ("F32", "float32"), "bf16": ("BF16", "bfloat16"), "f16": ("F16", "float16")}
@@ -309,13 +384,14 @@ def tensor_plan(preset: Preset) -> list[tuple[str, tuple[int, ...]]]:
     head_dim = c.get("head_dim", hidden // heads)
     qkv_bias = c["model_type"] == "qwen2" or c.get("attention_bias", False)
     plan: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    fused = c["model_type"] == "phi3"
     for layer in range(c["num_hidden_layers"]):
         p = f"model.layers.{layer}"
-        for proj, out in (
-            ("q_proj", heads * head_dim),
-            ("k_proj", kv_heads * head_dim),
-            ("v_proj", kv_heads * head_dim),
-        ):
+        qkv = [("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim), ("v_proj", kv_heads * head_dim)]
+        if fused:
+            plan.append((f"{p}.self_attn.qkv_proj.weight", ((heads + 2 * kv_heads) * head_dim, hidden)))
+            qkv = []
+        for proj, out in qkv:
             plan.append((f"{p}.self_attn.{proj}.weight", (out, hidden)))
             if qkv_bias:
                 plan.append((f"{p}.self_attn.{proj}.bias", (out,)))
@@ -325,8 +401,11 @@ def tensor_plan(preset: Preset) -> list[tuple[str, tuple[int, ...]]]:
         if c["model_type"] == "qwen3":
             plan.append((f"{p}.self_attn.q_norm.weight", (head_dim,)))
             plan.append((f"{p}.self_attn.k_norm.weight", (head_dim,)))
-        plan.append((f"{p}.mlp.gate_proj.weight", (inter, hidden)))
-        plan.append((f"{p}.mlp.up_proj.weight", (inter, hidden)))
+        if fused:
+            plan.append((f"{p}.mlp.gate_up_proj.weight", (2 * inter, hidden)))
+        else:
+            plan.append((f"{p}.mlp.gate_proj.weight", (inter, hidden)))
+            plan.append((f"{p}.mlp.up_proj.weight", (inter, hidden)))
         plan.append((f"{p}.mlp.down_proj.weight", (hidden, inter)))
         plan.append((f"{p}.input_layernorm.weight", (hidden,)))
         plan.append((f"{p}.post_attention_layernorm.weight", (hidden,)))

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::topology::ModelCosts;
 
 /// The `model_type`s of `config.json` the engine runs; [`ModelConfig::variant`] knows each.
-pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3"];
 
 /// RoPE frequency scaling as `config.json`'s `rope_scaling` gives it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -29,6 +29,14 @@ pub struct RopeScaling {
     /// Llama 3: context length the model was pre-trained with.
     #[serde(default = "original_context")]
     pub original_max_position_embeddings: f64,
+    /// LongRoPE (`longrope`, formerly `su`): per-frequency divisors within the original context.
+    pub short_factor: Option<Vec<f32>>,
+    /// LongRoPE: per-frequency divisors once a pass reaches past the original context.
+    pub long_factor: Option<Vec<f32>>,
+    /// LongRoPE: multiplier of cos and sin; derived from the context extension when absent.
+    pub attention_factor: Option<f64>,
+    /// Fraction of each head's width that is rotated (overrides the config's own).
+    pub partial_rotary_factor: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -99,6 +107,12 @@ pub struct ModelConfig {
     pub quantization: Option<Quantization>,
     /// Another tool's quantization (mlx-lm repeats its own here).
     pub quantization_config: Option<Quantization>,
+    /// Phi-3: context length of pre-training, past which LongRoPE's long factors apply.
+    pub original_max_position_embeddings: Option<usize>,
+    /// Fraction of each head's width that is rotated (Phi-4-mini); the rest passes through.
+    pub partial_rotary_factor: Option<f64>,
+    /// Phi-3: each query sees only the last `sliding_window` positions (itself included).
+    pub sliding_window: Option<usize>,
 }
 
 /// The `quantization` (MLX) or `quantization_config` (other tools) entry of `config.json`.
@@ -157,7 +171,9 @@ impl ModelConfig {
                 return Err(format!("MLX quantization mode {mode:?} is not supported (only affine)"));
             }
         }
-        if let Some(scaling) = &self.rope_scaling {
+        if self.model_type == "phi3" {
+            super::phi3::validate_rope(self)?;
+        } else if let Some(scaling) = &self.rope_scaling {
             if !matches!(scaling.rope_type.as_str(), "llama3" | "default") {
                 return Err(format!("rope_scaling type {:?} is not supported", scaling.rope_type));
             }
@@ -196,6 +212,7 @@ impl ModelConfig {
                 mlp_bias: false,
                 qk_norm: true,
             }),
+            "phi3" => Ok(Variant { qkv_bias: false, o_bias: false, mlp_bias: false, qk_norm: false }),
             other => Err(format!("model_type {other:?} is not supported ({})", MODEL_TYPES.join(", "))),
         }
     }
@@ -208,6 +225,20 @@ impl ModelConfig {
     /// Per-head width.
     pub fn head_dim(&self) -> usize {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Whether q/k/v and gate/up are stored fused, as `qkv_proj` and `gate_up_proj` (Phi-3).
+    pub fn fused_projections(&self) -> bool {
+        self.model_type == "phi3"
+    }
+
+    /// Leading width of each head that RoPE rotates (all of it unless a partial factor is set).
+    pub fn rotary_dim(&self) -> usize {
+        let factor = self.rope_scaling.as_ref().and_then(|s| s.partial_rotary_factor);
+        match factor.or(self.partial_rotary_factor) {
+            Some(factor) => (self.head_dim() as f64 * factor) as usize,
+            None => self.head_dim(),
+        }
     }
 
     /// Weights read per token by one decoder layer (its projections) and by the LM head;

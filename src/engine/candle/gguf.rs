@@ -285,6 +285,9 @@ impl GgufFile {
             },
             quantization: None,
             quantization_config: None,
+            original_max_position_embeddings: None,
+            partial_rotary_factor: None,
+            sliding_window: None,
         };
         config.checked().map_err(|e| self.invalid(e))
     }

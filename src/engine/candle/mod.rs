@@ -11,6 +11,7 @@ mod footprint;
 mod gguf;
 mod linear;
 mod model;
+mod phi3;
 pub mod quant_type;
 mod quantize;
 mod rope;

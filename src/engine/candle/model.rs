@@ -11,6 +11,7 @@ use super::config::{ModelConfig, Variant};
 use super::decode_attention;
 use super::embedding::Embedding;
 use super::linear::Linear;
+use super::phi3;
 use super::rope::Rope;
 use super::tensors::{Checkpoint, ShardTensors};
 use crate::error::{Error, Result};
@@ -50,9 +51,16 @@ impl TensorPlan {
         if shard.is_first_layer() || (shard.is_last_layer() && tied) {
             add("model.embed_tokens.weight".into(), vec![vocab, hidden]);
         }
+        let fused = config.fused_projections();
         for layer in shard.start_layer..=shard.end_layer {
             let p = format!("model.layers.{layer}");
-            for (proj, out) in [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] {
+            if fused {
+                add(format!("{p}.self_attn.qkv_proj.weight"), vec![q_out + 2 * kv_out, hidden]);
+                add(format!("{p}.mlp.gate_up_proj.weight"), vec![2 * inter, hidden]);
+            }
+            let qkv =
+                if fused { vec![] } else { vec![("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] };
+            for (proj, out) in qkv {
                 add(format!("{p}.self_attn.{proj}.weight"), vec![out, hidden]);
                 if variant.qkv_bias {
                     add(format!("{p}.self_attn.{proj}.bias"), vec![out]);
@@ -66,9 +74,12 @@ impl TensorPlan {
                 add(format!("{p}.self_attn.q_norm.weight"), vec![config.head_dim()]);
                 add(format!("{p}.self_attn.k_norm.weight"), vec![config.head_dim()]);
             }
-            for (proj, out, input) in
-                [("gate_proj", inter, hidden), ("up_proj", inter, hidden), ("down_proj", hidden, inter)]
-            {
+            let mut mlp =
+                vec![("gate_proj", inter, hidden), ("up_proj", inter, hidden), ("down_proj", hidden, inter)];
+            if fused {
+                mlp.drain(..2);
+            }
+            for (proj, out, input) in mlp {
                 add(format!("{p}.mlp.{proj}.weight"), vec![out, input]);
                 if variant.mlp_bias {
                     add(format!("{p}.mlp.{proj}.bias"), vec![out]);
@@ -107,6 +118,8 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// Each query sees only this many latest positions (Phi-3's sliding window), if set.
+    window: Option<usize>,
 }
 
 impl Attention {
@@ -124,14 +137,17 @@ impl Attention {
         };
         let (q_out, kv_out) = (heads * head_dim, kv_heads * head_dim);
         let qkv = [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)];
+        let fused = [("qkv_proj", q_out + 2 * kv_out)];
+        let qkv: &[(&str, usize)] = if config.fused_projections() { &fused } else { &qkv };
         Ok(Self {
-            qkv_proj: weights.linear(prefix, &qkv, hidden, variant.qkv_bias, device)?,
+            qkv_proj: weights.linear(prefix, qkv, hidden, variant.qkv_bias, device)?,
             o_proj: weights.linear(prefix, &[("o_proj", hidden)], q_out, variant.o_bias, device)?,
             q_norm: if variant.qk_norm { Some(norm("q_norm")?) } else { None },
             k_norm: if variant.qk_norm { Some(norm("k_norm")?) } else { None },
             heads,
             kv_heads,
             head_dim,
+            window: phi3::sliding_window(config),
         })
     }
 
@@ -181,10 +197,19 @@ impl Attention {
             };
             Ok(t.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope.apply(&split(q, self.heads, &self.q_norm)?, offset)?;
-        let k = rope.apply(&split(k, self.kv_heads, &self.k_norm)?, offset)?;
+        let end = part.cache.step_end.max(offset + seq);
+        let q = rope.apply_in_pass(&split(q, self.heads, &self.q_norm)?, offset, end)?;
+        let k = rope.apply_in_pass(&split(k, self.kv_heads, &self.k_norm)?, offset, end)?;
         let v = split(v, self.kv_heads, &None)?;
         let (k, v) = part.cache.append(layer, &k, &v)?;
+        // One query sees only the window's latest positions: the rest of the cache is left out.
+        let (k, v) = match self.window {
+            Some(window) if seq == 1 && k.dim(2)? > window => {
+                let len = k.dim(2)?;
+                (k.narrow(2, len - window, window)?, v.narrow(2, len - window, window)?)
+            }
+            _ => (k, v),
+        };
         let total = k.dim(2)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         if let Some(out) = decode_attention::attend_one_position(&q, &k, &v, scale as f32)? {
@@ -195,7 +220,13 @@ impl Attention {
         let group = self.heads / self.kv_heads;
         let q = q.reshape((b, self.kv_heads, group * seq, self.head_dim))?;
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match causal_mask(seq, offset, total, group, q.device())? {
+        let mask = match self.window {
+            Some(window) if seq > 1 => {
+                Some(phi3::window_mask(seq, offset, total, window, group, q.device())?)
+            }
+            _ => causal_mask(seq, offset, total, group, q.device())?,
+        };
+        let scores = match mask {
             Some(mask) => scores.broadcast_add(&mask)?,
             None => scores,
         };
@@ -246,8 +277,10 @@ impl Mlp {
     ) -> Result<Self> {
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
         let gate_up = [("gate_proj", inter), ("up_proj", inter)];
+        let fused = [("gate_up_proj", 2 * inter)];
+        let gate_up: &[(&str, usize)] = if config.fused_projections() { &fused } else { &gate_up };
         Ok(Self {
-            gate_up_proj: weights.linear(prefix, &gate_up, hidden, bias, device)?,
+            gate_up_proj: weights.linear(prefix, gate_up, hidden, bias, device)?,
             down_proj: weights.linear(prefix, &[("down_proj", hidden)], inter, bias, device)?,
             intermediate: inter,
         })
@@ -492,6 +525,7 @@ impl ShardModel {
         for part in parts.iter_mut() {
             let (b, seq) = part.shape;
             part.cache.position += seq;
+            part.cache.step_end = 0;
             outputs.push(x.narrow(1, row, b * seq)?.reshape((b, seq, width))?);
             row += b * seq;
         }
