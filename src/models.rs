@@ -966,7 +966,7 @@ mod tests {
         assert_eq!(
             reason,
             "The model 'deepseek-v3' is a deepseek_v3 model, and the candle engine (CandleInferenceEngine) runs \
-             only llama, mistral, qwen2, qwen3, phi3 models."
+             only llama, mistral, qwen2, qwen3, phi3, qwen3_moe, mixtral models."
         );
         let reason = unavailable_reason("no-such-model", CANDLE).unwrap();
         assert!(

@@ -57,7 +57,7 @@ def test_other_architectures_have_no_candle_repository(model_id: str) -> None:
     reason = models.unavailable_reason(model_id, CANDLE)
     assert reason == (
         f"The model '{model_id}' is a {OTHER_ARCHITECTURES[model_id]} model, and the candle engine "
-        "(CandleInferenceEngine) runs only llama, mistral, qwen2, qwen3, phi3 models."
+        "(CandleInferenceEngine) runs only llama, mistral, qwen2, qwen3, phi3, qwen3_moe, mixtral models."
     )
 
 

@@ -145,10 +145,13 @@ def _llama_config(**overrides: Any) -> dict[str, Any]:
     return base | overrides
 
 
+QWEN_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
 def _qwen_config(model_type: str, **overrides: Any) -> dict[str, Any]:
     base = {
         "tie_word_embeddings": False,
-        "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "Qwen3ForCausalLM"],
+        "architectures": [QWEN_ARCHITECTURES[model_type]],
         "model_type": model_type,
         "hidden_act": "silu",
         "attention_dropout": 0.0,
@@ -195,6 +198,18 @@ LLAMA3_ROPE = {
     "low_freq_factor": 1.0,
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
+}
+
+# Qwen3-30B-A3B's mixture of experts: 128 experts of width 768, 8 per token, renormalised.
+QWEN3_MOE = {
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "router_aux_loss_coef": 0.001,
+    "output_router_logits": False,
 }
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4}
@@ -370,7 +385,101 @@ PRESETS: dict[str, Preset] = {
             sliding_window=None,
         ),
     ),
+    # Qwen3-30B-A3B's shapes (experts, widths, heads, vocabulary) with 2 of its 48 layers: 3.7 GB in bf16,
+    # of which a token reads the router and 8 of 128 experts per layer (the engine benchmark's MoE preset).
+    "qwen3-moe-small": Preset(
+        QWEN3,
+        _qwen_config(
+            "qwen3_moe",
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=2,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            attention_bias=False,
+            vocab_size=151936,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            max_position_embeddings=40960,
+            max_window_layers=2,
+            **QWEN3_MOE,
+        ),
+    ),
+    # 8 experts, 2 per token; layer 2 is dense (`mlp_only_layers`), as Qwen3-MoE allows.
+    "tiny-qwen3-moe": Preset(
+        QWEN3,
+        _qwen_config(
+            "qwen3_moe",
+            **TINY,
+            num_key_value_heads=2,
+            head_dim=32,
+            attention_bias=False,
+            vocab_size=512,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            max_position_embeddings=2048,
+            max_window_layers=4,
+            **(
+                QWEN3_MOE
+                | {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "mlp_only_layers": [2]}
+            ),
+        ),
+    ),
+    # Mixtral's layout (`block_sparse_moe`, experts w1/w2/w3): 4 experts, 2 per token, in every layer.
+    "tiny-mixtral": Preset(
+        LLAMA3,
+        _llama_config(
+            **TINY,
+            num_key_value_heads=2,
+            vocab_size=512,
+            rope_theta=1000000.0,
+            max_position_embeddings=2048,
+            sliding_window=None,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            router_jitter_noise=0.0,
+            router_aux_loss_coef=0.02,
+            output_router_logits=False,
+        )
+        | {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"},
+    ),
 }
+
+
+def expert_tensors(config: dict[str, Any], layer: int) -> list[tuple[str, tuple[int, ...]]] | None:
+    """A sparse layer's router and experts as Hugging Face names them; `None` for a dense layer."""
+    hidden, model_type = config["hidden_size"], config["model_type"]
+    if model_type == "mixtral":
+        block, names, experts, inter = (
+            "block_sparse_moe",
+            ("w1", "w3", "w2"),
+            config["num_local_experts"],
+            config["intermediate_size"],
+        )
+    elif model_type == "qwen3_moe":
+        step, dense = config.get("decoder_sparse_step", 1), config.get("mlp_only_layers") or []
+        if layer in dense or (layer + 1) % step != 0:
+            return None
+        block, names, experts, inter = (
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            config["num_experts"],
+            config["moe_intermediate_size"],
+        )
+    else:
+        return None
+    p = f"model.layers.{layer}.{block}"
+    plan: list[tuple[str, tuple[int, ...]]] = [(f"{p}.gate.weight", (experts, hidden))]
+    for e in range(experts):
+        gate, up, down = names
+        plan += [
+            (f"{p}.experts.{e}.{gate}.weight", (inter, hidden)),
+            (f"{p}.experts.{e}.{up}.weight", (inter, hidden)),
+            (f"{p}.experts.{e}.{down}.weight", (hidden, inter)),
+        ]
+    return plan
+
 
 DTYPES = {"f32": ("F32", "float32"), "bf16": ("BF16", "bfloat16"), "f16": ("F16", "float16")}
 TOKENIZER_VOCAB = 400
@@ -398,15 +507,19 @@ def tensor_plan(preset: Preset) -> list[tuple[str, tuple[int, ...]]]:
         plan.append((f"{p}.self_attn.o_proj.weight", (hidden, heads * head_dim)))
         if c.get("attention_bias", False):
             plan.append((f"{p}.self_attn.o_proj.bias", (hidden,)))
-        if c["model_type"] == "qwen3":
+        if c["model_type"] in ("qwen3", "qwen3_moe"):
             plan.append((f"{p}.self_attn.q_norm.weight", (head_dim,)))
             plan.append((f"{p}.self_attn.k_norm.weight", (head_dim,)))
-        if fused:
-            plan.append((f"{p}.mlp.gate_up_proj.weight", (2 * inter, hidden)))
+        experts = expert_tensors(c, layer)
+        if experts is not None:
+            plan += experts
         else:
-            plan.append((f"{p}.mlp.gate_proj.weight", (inter, hidden)))
-            plan.append((f"{p}.mlp.up_proj.weight", (inter, hidden)))
-        plan.append((f"{p}.mlp.down_proj.weight", (hidden, inter)))
+            if fused:
+                plan.append((f"{p}.mlp.gate_up_proj.weight", (2 * inter, hidden)))
+            else:
+                plan.append((f"{p}.mlp.gate_proj.weight", (inter, hidden)))
+                plan.append((f"{p}.mlp.up_proj.weight", (inter, hidden)))
+            plan.append((f"{p}.mlp.down_proj.weight", (hidden, inter)))
         plan.append((f"{p}.input_layernorm.weight", (hidden,)))
         plan.append((f"{p}.post_attention_layernorm.weight", (hidden,)))
     plan.append(("model.norm.weight", (hidden,)))

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::topology::ModelCosts;
 
 /// The `model_type`s of `config.json` the engine runs; [`ModelConfig::variant`] knows each.
-pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3"];
+pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral"];
 
 /// RoPE frequency scaling as `config.json`'s `rope_scaling` gives it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -113,6 +113,22 @@ pub struct ModelConfig {
     pub partial_rotary_factor: Option<f64>,
     /// Phi-3: each query sees only the last `sliding_window` positions (itself included).
     pub sliding_window: Option<usize>,
+    /// Mixture of experts: experts per sparse layer (`num_experts` of Qwen3-MoE,
+    /// `num_local_experts` of Mixtral).
+    #[serde(alias = "num_local_experts")]
+    pub num_experts: Option<usize>,
+    /// Mixture of experts: experts each token is routed to.
+    pub num_experts_per_tok: Option<usize>,
+    /// Mixture of experts: width of each expert's hidden layer (Qwen3-MoE; Mixtral's experts
+    /// use `intermediate_size`).
+    pub moe_intermediate_size: Option<usize>,
+    /// Mixture of experts: whether the chosen experts' weights are renormalised to sum to one
+    /// (Qwen3-MoE; Mixtral always renormalises).
+    pub norm_topk_prob: Option<bool>,
+    /// Qwen3-MoE: every `decoder_sparse_step`-th layer is sparse, the others dense.
+    pub decoder_sparse_step: Option<usize>,
+    /// Qwen3-MoE: layers with a dense MLP whatever `decoder_sparse_step` says.
+    pub mlp_only_layers: Option<Vec<usize>>,
 }
 
 /// The `quantization` (MLX) or `quantization_config` (other tools) entry of `config.json`.
@@ -192,6 +208,7 @@ impl ModelConfig {
         if self.num_hidden_layers == 0 || self.vocab_size == 0 || self.hidden_size == 0 {
             return Err("num_hidden_layers, vocab_size and hidden_size must be positive".into());
         }
+        super::moe::MoeSpec::of(self)?;
         Ok(())
     }
 
@@ -199,14 +216,14 @@ impl ModelConfig {
     pub fn variant(&self) -> std::result::Result<Variant, String> {
         let attention_bias = self.attention_bias.unwrap_or(false);
         match self.model_type.as_str() {
-            "llama" | "mistral" => Ok(Variant {
+            "llama" | "mistral" | "mixtral" => Ok(Variant {
                 qkv_bias: attention_bias,
                 o_bias: attention_bias,
                 mlp_bias: self.mlp_bias,
                 qk_norm: false,
             }),
             "qwen2" => Ok(Variant { qkv_bias: true, o_bias: false, mlp_bias: false, qk_norm: false }),
-            "qwen3" => Ok(Variant {
+            "qwen3" | "qwen3_moe" => Ok(Variant {
                 qkv_bias: attention_bias,
                 o_bias: attention_bias,
                 mlp_bias: false,
@@ -248,7 +265,10 @@ impl ModelConfig {
         let queries = self.num_attention_heads as f64 * head_dim;
         let keys_values = 2.0 * self.num_key_value_heads() as f64 * head_dim;
         let attention = hidden * (2.0 * queries + keys_values);
-        let mlp = 3.0 * hidden * self.intermediate_size as f64;
+        let mlp = match super::moe::MoeSpec::of(self).ok().flatten() {
+            Some(spec) => spec.mean_layer_cost(self),
+            None => 3.0 * hidden * self.intermediate_size as f64,
+        };
         ModelCosts { layer: attention + mlp, head: self.vocab_size as f64 * hidden }
     }
 }

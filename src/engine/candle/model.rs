@@ -11,6 +11,7 @@ use super::config::{ModelConfig, Variant};
 use super::decode_attention;
 use super::embedding::Embedding;
 use super::linear::Linear;
+use super::moe::{MoeSpec, Route, SparseMoe};
 use super::phi3;
 use super::rope::Rope;
 use super::tensors::{Checkpoint, ShardTensors};
@@ -46,6 +47,7 @@ impl TensorPlan {
             config.num_attention_heads * config.head_dim(),
             config.num_key_value_heads() * config.head_dim(),
         );
+        let moe = MoeSpec::of(config).ok().flatten();
         let mut entries = Vec::new();
         let mut add = |name: String, shape: Vec<usize>| entries.push((name, shape));
         if shard.is_first_layer() || (shard.is_last_layer() && tied) {
@@ -74,12 +76,18 @@ impl TensorPlan {
                 add(format!("{p}.self_attn.q_norm.weight"), vec![config.head_dim()]);
                 add(format!("{p}.self_attn.k_norm.weight"), vec![config.head_dim()]);
             }
-            let mut mlp =
-                vec![("gate_proj", inter, hidden), ("up_proj", inter, hidden), ("down_proj", hidden, inter)];
-            if fused {
-                mlp.drain(..2);
+            let sparse = moe.as_ref().filter(|spec| spec.is_sparse(layer as usize));
+            for (name, shape) in sparse.map(|spec| spec.tensors(layer as usize, hidden)).unwrap_or_default() {
+                add(name, shape);
             }
-            for (proj, out, input) in mlp {
+            let dense_mlp = if sparse.is_some() {
+                &[][..]
+            } else if fused {
+                &[("down_proj", hidden, inter)][..]
+            } else {
+                &[("gate_proj", inter, hidden), ("up_proj", inter, hidden), ("down_proj", hidden, inter)]
+            };
+            for &(proj, out, input) in dense_mlp {
                 add(format!("{p}.mlp.{proj}.weight"), vec![out, input]);
                 if variant.mlp_bias {
                     add(format!("{p}.mlp.{proj}.bias"), vec![out]);
@@ -302,7 +310,23 @@ struct Block {
     input_layernorm: RmsNorm,
     attention: Attention,
     post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
+    mlp: FeedForward,
+}
+
+/// A layer's MLP: dense, or a mixture of experts.
+#[derive(Debug, Clone)]
+enum FeedForward {
+    Dense(Mlp),
+    Sparse(SparseMoe),
+}
+
+impl FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(mlp) => mlp.forward(x),
+            Self::Sparse(moe) => moe.forward(x),
+        }
+    }
 }
 
 impl Block {
@@ -331,7 +355,18 @@ impl Block {
                 eps,
                 device,
             )?,
-            mlp: Mlp::load(weights, &format!("{p}.mlp"), config, variant.mlp_bias, device)?,
+            mlp: match MoeSpec::of(config).map_err(Error::InvalidModel)? {
+                Some(spec) if spec.is_sparse(layer as usize) => {
+                    FeedForward::Sparse(SparseMoe::load(weights, &spec, layer as usize, hidden, device)?)
+                }
+                _ => FeedForward::Dense(Mlp::load(
+                    weights,
+                    &format!("{p}.mlp"),
+                    config,
+                    variant.mlp_bias,
+                    device,
+                )?),
+            },
         })
     }
 
@@ -340,6 +375,23 @@ impl Block {
         let x = (x + attended)?;
         let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + mlp)?)
+    }
+
+    /// [`Self::forward`], also giving each row's chosen experts in a sparse layer.
+    fn forward_routed(
+        &self,
+        x: &Tensor,
+        parts: &mut [BatchPart],
+        rope: &Rope,
+        layer: usize,
+    ) -> Result<(Tensor, Option<Vec<Route>>)> {
+        let FeedForward::Sparse(moe) = &self.mlp else {
+            return Ok((self.forward(x, parts, rope, layer)?, None));
+        };
+        let attended = self.attention.forward(&self.input_layernorm.forward(x)?, parts, rope, layer)?;
+        let x = (x + attended)?;
+        let (mlp, routes) = moe.forward_routed(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok(((x + mlp)?, Some(routes)))
     }
 }
 
@@ -483,6 +535,28 @@ impl ShardModel {
         self.check_room(cache.position, hidden.dim(1)?)?;
         let mut outputs = self.forward_batch(vec![BatchStep { hidden, cache, wants_logits: true }])?;
         Ok(outputs.remove(0).expect("the one step wants its output"))
+    }
+
+    /// Runs the shard's layers on `input` for one request, as [`Self::forward`] does, and
+    /// returns each local layer's routes (each row's chosen experts; `None` for dense layers).
+    pub fn expert_routes(
+        &self,
+        input: ShardInput,
+        cache: &mut RequestCache,
+    ) -> Result<Vec<Option<Vec<Route>>>> {
+        let hidden = self.embed(input)?;
+        let (b, seq, width) = hidden.dims3()?;
+        self.check_room(cache.position, seq)?;
+        let mut x = hidden.reshape((1, b * seq, width))?;
+        let mut parts = [BatchPart { shape: (b, seq), cache, wants_logits: false }];
+        let mut routes = Vec::with_capacity(self.blocks.len());
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let (next, layer_routes) = block.forward_routed(&x, &mut parts, &self.rope, layer)?;
+            x = next;
+            routes.push(layer_routes);
+        }
+        parts[0].cache.position += seq;
+        Ok(routes)
     }
 
     /// Fails when `seq` more positions after `position` would pass the context.
