@@ -5,11 +5,12 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use super::gemma::GemmaFields;
 use crate::error::{Error, Result};
 use crate::topology::ModelCosts;
 
 /// The `model_type`s of `config.json` the engine runs; [`ModelConfig::variant`] knows each.
-pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"];
 
 /// RoPE frequency scaling as `config.json`'s `rope_scaling` gives it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -99,6 +100,9 @@ pub struct ModelConfig {
     pub quantization: Option<Quantization>,
     /// Another tool's quantization (mlx-lm repeats its own here).
     pub quantization_config: Option<Quantization>,
+    /// Gemma 2 and 3's own fields (soft-capping, sliding windows, ...).
+    #[serde(flatten)]
+    pub gemma: GemmaFields,
 }
 
 /// The `quantization` (MLX) or `quantization_config` (other tools) entry of `config.json`.
@@ -144,7 +148,9 @@ impl ModelConfig {
 
     fn validate(&self) -> std::result::Result<(), String> {
         self.variant()?;
-        if self.hidden_act != "silu" {
+        if self.is_gemma() {
+            self.gemma.validate(self.num_hidden_layers)?;
+        } else if self.hidden_act != "silu" {
             return Err(format!("hidden_act {:?} is not supported (only silu)", self.hidden_act));
         }
         for quantization in self.quantization.iter().chain(&self.quantization_config) {
@@ -158,7 +164,7 @@ impl ModelConfig {
             }
         }
         if let Some(scaling) = &self.rope_scaling {
-            if !matches!(scaling.rope_type.as_str(), "llama3" | "default") {
+            if !matches!(scaling.rope_type.as_str(), "llama3" | "linear" | "default") {
                 return Err(format!("rope_scaling type {:?} is not supported", scaling.rope_type));
             }
         }
@@ -196,8 +202,19 @@ impl ModelConfig {
                 mlp_bias: false,
                 qk_norm: true,
             }),
+            "gemma2" | "gemma3_text" => Ok(Variant {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                mlp_bias: false,
+                qk_norm: self.model_type == "gemma3_text",
+            }),
             other => Err(format!("model_type {other:?} is not supported ({})", MODEL_TYPES.join(", "))),
         }
+    }
+
+    /// Gemma 2 or Gemma 3 (text): the layout and arithmetic of [`super::gemma`].
+    pub fn is_gemma(&self) -> bool {
+        matches!(self.model_type.as_str(), "gemma2" | "gemma3_text")
     }
 
     /// Key/value heads.

@@ -285,6 +285,7 @@ impl GgufFile {
             },
             quantization: None,
             quantization_config: None,
+            gemma: Default::default(),
         };
         config.checked().map_err(|e| self.invalid(e))
     }

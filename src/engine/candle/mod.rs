@@ -8,6 +8,7 @@ mod decode_attention;
 mod device;
 mod embedding;
 mod footprint;
+mod gemma;
 mod gguf;
 mod linear;
 mod model;
