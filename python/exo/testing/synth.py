@@ -68,6 +68,17 @@ PHI3_TEMPLATE = (
 )
 
 
+# Gemma's turns: `user` and `model` (an assistant's turn), each closed by <end_of_turn>.
+GEMMA_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "{{- '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}"
+)
+
+
 @dataclass(frozen=True)
 class Family:
     """What a model family's tokenizer and chat format look like."""
@@ -111,6 +122,15 @@ PHI3 = Family(
     end_of_turn="<|end|>",
     chat_template=PHI3_TEMPLATE,
     adds_bos=False,
+)
+# Gemma's special tokens in its own order: <pad> 0, <eos> 1, <bos> 2.
+GEMMA = Family(
+    special_tokens=("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"),
+    bos="<bos>",
+    eos="<eos>",
+    end_of_turn="<end_of_turn>",
+    chat_template=GEMMA_TEMPLATE,
+    adds_bos=True,
 )
 
 
@@ -178,6 +198,23 @@ def _phi3_config(**overrides: Any) -> dict[str, Any]:
         "use_cache": True,
         "rms_norm_eps": 1e-5,
         "pad_token_id": None,
+    }
+    return base | overrides
+
+
+def _gemma_config(model_type: str, **overrides: Any) -> dict[str, Any]:
+    base = {
+        "tie_word_embeddings": True,
+        "architectures": ["Gemma2ForCausalLM" if model_type == "gemma2" else "Gemma3ForCausalLM"],
+        "model_type": model_type,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "rms_norm_eps": 1e-6,
+        "pad_token_id": 0,
     }
     return base | overrides
 
@@ -444,6 +481,51 @@ PRESETS: dict[str, Preset] = {
         )
         | {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"},
     ),
+    # Gemma 2's layout: local (even) and global (odd) layers, a window shorter than the golden prompt,
+    # head_dim and query_pre_attn_scalar apart from hidden_size / heads, and caps small enough to bend
+    # these random weights' scores and logits (the real ones are 50 and 30).
+    "tiny-gemma2": Preset(
+        GEMMA,
+        _gemma_config(
+            "gemma2",
+            **TINY,
+            num_key_value_heads=2,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            vocab_size=512,
+            rope_theta=10000.0,
+            max_position_embeddings=2048,
+            sliding_window=12,
+            attn_logit_softcapping=0.3,
+            final_logit_softcapping=0.5,
+            cache_implementation="hybrid",
+        ),
+    ),
+    # Gemma 3's: one global layer in `sliding_window_pattern` (6 in the real models), q/k norms, the
+    # local layers' own RoPE base and the global layers' linear RoPE scaling; no soft-capping.
+    "tiny-gemma3": Preset(
+        GEMMA,
+        _gemma_config(
+            "gemma3_text",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            query_pre_attn_scalar=256,
+            vocab_size=512,
+            rope_theta=1000000.0,
+            rope_local_base_freq=10000.0,
+            rope_scaling={"rope_type": "linear", "factor": 8.0},
+            max_position_embeddings=2048,
+            sliding_window=12,
+            sliding_window_pattern=3,
+            attn_logit_softcapping=None,
+            final_logit_softcapping=None,
+            cache_implementation="hybrid",
+        ),
+    ),
 }
 
 
@@ -507,7 +589,7 @@ def tensor_plan(preset: Preset) -> list[tuple[str, tuple[int, ...]]]:
         plan.append((f"{p}.self_attn.o_proj.weight", (hidden, heads * head_dim)))
         if c.get("attention_bias", False):
             plan.append((f"{p}.self_attn.o_proj.bias", (hidden,)))
-        if c["model_type"] in ("qwen3", "qwen3_moe"):
+        if c["model_type"] in ("qwen3", "qwen3_moe", "gemma3_text"):
             plan.append((f"{p}.self_attn.q_norm.weight", (head_dim,)))
             plan.append((f"{p}.self_attn.k_norm.weight", (head_dim,)))
         experts = expert_tensors(c, layer)
@@ -522,6 +604,9 @@ def tensor_plan(preset: Preset) -> list[tuple[str, tuple[int, ...]]]:
             plan.append((f"{p}.mlp.down_proj.weight", (hidden, inter)))
         plan.append((f"{p}.input_layernorm.weight", (hidden,)))
         plan.append((f"{p}.post_attention_layernorm.weight", (hidden,)))
+        if c["model_type"] in ("gemma2", "gemma3_text"):
+            plan.append((f"{p}.pre_feedforward_layernorm.weight", (hidden,)))
+            plan.append((f"{p}.post_feedforward_layernorm.weight", (hidden,)))
     plan.append(("model.norm.weight", (hidden,)))
     if not preset.tied:
         plan.append(("lm_head.weight", (vocab, hidden)))

@@ -5,11 +5,13 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use super::gemma::GemmaFields;
 use crate::error::{Error, Result};
 use crate::topology::ModelCosts;
 
 /// The `model_type`s of `config.json` the engine runs; [`ModelConfig::variant`] knows each.
-pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral"];
+pub const MODEL_TYPES: &[&str] =
+    &["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral", "gemma2", "gemma3_text"];
 
 /// RoPE frequency scaling as `config.json`'s `rope_scaling` gives it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -111,7 +113,8 @@ pub struct ModelConfig {
     pub original_max_position_embeddings: Option<usize>,
     /// Fraction of each head's width that is rotated (Phi-4-mini); the rest passes through.
     pub partial_rotary_factor: Option<f64>,
-    /// Phi-3: each query sees only the last `sliding_window` positions (itself included).
+    /// Positions a query sees, itself included: in every layer of Phi-3, in Gemma's local
+    /// layers (see [`super::sliding_window`]); other families ignore it.
     pub sliding_window: Option<usize>,
     /// Mixture of experts: experts per sparse layer (`num_experts` of Qwen3-MoE,
     /// `num_local_experts` of Mixtral).
@@ -129,6 +132,9 @@ pub struct ModelConfig {
     pub decoder_sparse_step: Option<usize>,
     /// Qwen3-MoE: layers with a dense MLP whatever `decoder_sparse_step` says.
     pub mlp_only_layers: Option<Vec<usize>>,
+    /// Gemma 2 and 3's own fields (soft-capping, sliding windows, ...).
+    #[serde(flatten)]
+    pub gemma: GemmaFields,
 }
 
 /// The `quantization` (MLX) or `quantization_config` (other tools) entry of `config.json`.
@@ -174,7 +180,9 @@ impl ModelConfig {
 
     fn validate(&self) -> std::result::Result<(), String> {
         self.variant()?;
-        if self.hidden_act != "silu" {
+        if self.is_gemma() {
+            self.gemma.validate(self.num_hidden_layers)?;
+        } else if self.hidden_act != "silu" {
             return Err(format!("hidden_act {:?} is not supported (only silu)", self.hidden_act));
         }
         for quantization in self.quantization.iter().chain(&self.quantization_config) {
@@ -187,10 +195,13 @@ impl ModelConfig {
                 return Err(format!("MLX quantization mode {mode:?} is not supported (only affine)"));
             }
         }
+        if self.sliding_window == Some(0) {
+            return Err("sliding_window must be positive".into());
+        }
         if self.model_type == "phi3" {
             super::phi3::validate_rope(self)?;
         } else if let Some(scaling) = &self.rope_scaling {
-            if !matches!(scaling.rope_type.as_str(), "llama3" | "default") {
+            if !matches!(scaling.rope_type.as_str(), "llama3" | "linear" | "default") {
                 return Err(format!("rope_scaling type {:?} is not supported", scaling.rope_type));
             }
         }
@@ -230,8 +241,19 @@ impl ModelConfig {
                 qk_norm: true,
             }),
             "phi3" => Ok(Variant { qkv_bias: false, o_bias: false, mlp_bias: false, qk_norm: false }),
+            "gemma2" | "gemma3_text" => Ok(Variant {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                mlp_bias: false,
+                qk_norm: self.model_type == "gemma3_text",
+            }),
             other => Err(format!("model_type {other:?} is not supported ({})", MODEL_TYPES.join(", "))),
         }
+    }
+
+    /// Gemma 2 or Gemma 3 (text): the layout and arithmetic of [`super::gemma`].
+    pub fn is_gemma(&self) -> bool {
+        matches!(self.model_type.as_str(), "gemma2" | "gemma3_text")
     }
 
     /// Key/value heads.

@@ -294,6 +294,7 @@ impl GgufFile {
             norm_topk_prob: None,
             decoder_sparse_step: None,
             mlp_only_layers: None,
+            gemma: Default::default(),
         };
         config.checked().map_err(|e| self.invalid(e))
     }

@@ -8,6 +8,7 @@ mod decode_attention;
 mod device;
 mod embedding;
 mod footprint;
+mod gemma;
 mod gguf;
 mod linear;
 mod model;
@@ -16,6 +17,7 @@ mod phi3;
 pub mod quant_type;
 mod quantize;
 mod rope;
+mod sliding_window;
 mod tensors;
 #[cfg(test)]
 mod tests;

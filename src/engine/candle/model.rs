@@ -10,10 +10,11 @@ use super::cache::RequestCache;
 use super::config::{ModelConfig, Variant};
 use super::decode_attention;
 use super::embedding::Embedding;
+use super::gemma::{self, Activation, Gemma};
 use super::linear::Linear;
 use super::moe::{MoeSpec, Route, SparseMoe};
-use super::phi3;
 use super::rope::Rope;
+use super::sliding_window;
 use super::tensors::{Checkpoint, ShardTensors};
 use crate::error::{Error, Result};
 use crate::shard::Shard;
@@ -28,6 +29,14 @@ struct RmsNorm {
 impl RmsNorm {
     fn load(weights: &ShardTensors, name: &str, size: usize, eps: f64, device: &Device) -> Result<Self> {
         Ok(Self { weight: weights.vector_f32(name, size, device)?, eps: eps as f32 })
+    }
+
+    /// Gemma's norm, `x_normed * (1 + w)`: the stored weight plus one when `plus_one`.
+    fn shifted(self, plus_one: bool) -> Result<Self> {
+        if !plus_one {
+            return Ok(self);
+        }
+        Ok(Self { weight: (self.weight + 1.0)?, eps: self.eps })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -95,6 +104,10 @@ impl TensorPlan {
             }
             add(format!("{p}.input_layernorm.weight"), vec![hidden]);
             add(format!("{p}.post_attention_layernorm.weight"), vec![hidden]);
+            if config.is_gemma() {
+                add(format!("{p}.pre_feedforward_layernorm.weight"), vec![hidden]);
+                add(format!("{p}.post_feedforward_layernorm.weight"), vec![hidden]);
+            }
         }
         if shard.is_last_layer() {
             add("model.norm.weight".into(), vec![hidden]);
@@ -126,7 +139,11 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
-    /// Each query sees only this many latest positions (Phi-3's sliding window), if set.
+    /// Factor of the scores: `1 / sqrt(head_dim)`, or Gemma's `query_pre_attn_scalar ** -0.5`.
+    scale: f64,
+    /// Gemma 2's cap of the scaled scores.
+    softcap: Option<f32>,
+    /// How many latest positions (itself included) a query sees, if the layer has a sliding window.
     window: Option<usize>,
 }
 
@@ -141,8 +158,10 @@ impl Attention {
         let (hidden, head_dim) = (config.hidden_size, config.head_dim());
         let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads());
         let norm = |name: &str| {
-            RmsNorm::load(weights, &format!("{prefix}.{name}.weight"), head_dim, config.rms_norm_eps, device)
+            RmsNorm::load(weights, &format!("{prefix}.{name}.weight"), head_dim, config.rms_norm_eps, device)?
+                .shifted(config.is_gemma())
         };
+        let gemma = Gemma::new(config);
         let (q_out, kv_out) = (heads * head_dim, kv_heads * head_dim);
         let qkv = [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)];
         let fused = [("qkv_proj", q_out + 2 * kv_out)];
@@ -155,7 +174,9 @@ impl Attention {
             heads,
             kv_heads,
             head_dim,
-            window: phi3::sliding_window(config),
+            scale: gemma.as_ref().map_or(1.0 / (head_dim as f64).sqrt(), |g| g.attention_scale),
+            softcap: gemma.and_then(|g| g.attention_softcap),
+            window: None,
         })
     }
 
@@ -210,17 +231,14 @@ impl Attention {
         let k = rope.apply_in_pass(&split(k, self.kv_heads, &self.k_norm)?, offset, end)?;
         let v = split(v, self.kv_heads, &None)?;
         let (k, v) = part.cache.append(layer, &k, &v)?;
-        // One query sees only the window's latest positions: the rest of the cache is left out.
+        // One new query sees only the window's last positions.
         let (k, v) = match self.window {
-            Some(window) if seq == 1 && k.dim(2)? > window => {
-                let len = k.dim(2)?;
-                (k.narrow(2, len - window, window)?, v.narrow(2, len - window, window)?)
-            }
+            Some(window) if seq == 1 => sliding_window::last_positions(k, v, window)?,
             _ => (k, v),
         };
         let total = k.dim(2)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        if let Some(out) = decode_attention::attend_one_position(&q, &k, &v, scale as f32)? {
+        let scale = self.scale;
+        if let Some(out) = decode_attention::attend_one_position(&q, &k, &v, scale as f32, self.softcap)? {
             return Ok(out);
         }
 
@@ -228,9 +246,13 @@ impl Attention {
         let group = self.heads / self.kv_heads;
         let q = q.reshape((b, self.kv_heads, group * seq, self.head_dim))?;
         let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match self.softcap {
+            Some(cap) => gemma::softcap(&scores, cap)?,
+            None => scores,
+        };
         let mask = match self.window {
             Some(window) if seq > 1 => {
-                Some(phi3::window_mask(seq, offset, total, window, group, q.device())?)
+                Some(sliding_window::mask(seq, offset, total, group, window, q.device())?)
             }
             _ => causal_mask(seq, offset, total, group, q.device())?,
         };
@@ -273,6 +295,8 @@ struct Mlp {
     gate_up_proj: Linear,
     down_proj: Linear,
     intermediate: usize,
+    /// SiLU, or Gemma's GELU.
+    activation: Activation,
 }
 
 impl Mlp {
@@ -291,6 +315,7 @@ impl Mlp {
             gate_up_proj: weights.linear(prefix, gate_up, hidden, bias, device)?,
             down_proj: weights.linear(prefix, &[("down_proj", hidden)], inter, bias, device)?,
             intermediate: inter,
+            activation: Activation::of(config),
         })
     }
 
@@ -300,7 +325,7 @@ impl Mlp {
             .forward_parts(x, &[self.intermediate, self.intermediate])?
             .try_into()
             .expect("two parts were asked for");
-        self.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        self.down_proj.forward(&(self.activation.apply(&gate)? * up)?)
     }
 }
 
@@ -311,6 +336,9 @@ struct Block {
     attention: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: FeedForward,
+    /// Gemma: norms around the MLP; `post_attention_layernorm` then norms the attention's
+    /// output instead of the MLP's input.
+    feedforward_norms: Option<(RmsNorm, RmsNorm)>,
 }
 
 /// A layer's MLP: dense, or a mixture of experts.
@@ -339,22 +367,16 @@ impl Block {
     ) -> Result<Self> {
         let p = format!("model.layers.{layer}");
         let (hidden, eps) = (config.hidden_size, config.rms_norm_eps);
+        let gemma = config.is_gemma();
+        let norm = |name: &str| {
+            RmsNorm::load(weights, &format!("{p}.{name}.weight"), hidden, eps, device)?.shifted(gemma)
+        };
+        let mut attention = Attention::load(weights, &format!("{p}.self_attn"), config, variant, device)?;
+        attention.window = sliding_window::of_layer(config, layer as usize);
         Ok(Self {
-            input_layernorm: RmsNorm::load(
-                weights,
-                &format!("{p}.input_layernorm.weight"),
-                hidden,
-                eps,
-                device,
-            )?,
-            attention: Attention::load(weights, &format!("{p}.self_attn"), config, variant, device)?,
-            post_attention_layernorm: RmsNorm::load(
-                weights,
-                &format!("{p}.post_attention_layernorm.weight"),
-                hidden,
-                eps,
-                device,
-            )?,
+            input_layernorm: norm("input_layernorm")?,
+            attention,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
             mlp: match MoeSpec::of(config).map_err(Error::InvalidModel)? {
                 Some(spec) if spec.is_sparse(layer as usize) => {
                     FeedForward::Sparse(SparseMoe::load(weights, &spec, layer as usize, hidden, device)?)
@@ -367,11 +389,21 @@ impl Block {
                     device,
                 )?),
             },
+            feedforward_norms: if gemma {
+                Some((norm("pre_feedforward_layernorm")?, norm("post_feedforward_layernorm")?))
+            } else {
+                None
+            },
         })
     }
 
     fn forward(&self, x: &Tensor, parts: &mut [BatchPart], rope: &Rope, layer: usize) -> Result<Tensor> {
         let attended = self.attention.forward(&self.input_layernorm.forward(x)?, parts, rope, layer)?;
+        if let Some((pre, post)) = &self.feedforward_norms {
+            let x = (x + self.post_attention_layernorm.forward(&attended)?)?;
+            let mlp = post.forward(&self.mlp.forward(&pre.forward(&x)?)?)?;
+            return Ok((x + mlp)?);
+        }
         let x = (x + attended)?;
         let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + mlp)?)
@@ -432,6 +464,10 @@ pub struct ShardModel {
     norm: Option<RmsNorm>,
     lm_head: Option<Linear>,
     rope: Rope,
+    /// Gemma 3: the RoPE of local layers (their own base).
+    local_rope: Option<Rope>,
+    /// Gemma's choices (embedding scale, logit cap, ...).
+    gemma: Option<Gemma>,
     max_context: usize,
     /// Where the layers compute.
     device: Device,
@@ -479,13 +515,19 @@ impl ShardModel {
             .collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if shard.is_last_layer() {
             let head = weights.head(vocab, hidden, tied, embed_tokens.as_ref(), device)?;
-            let norm = RmsNorm::load(&weights, "model.norm.weight", hidden, config.rms_norm_eps, device)?;
+            let norm = RmsNorm::load(&weights, "model.norm.weight", hidden, config.rms_norm_eps, device)?
+                .shifted(config.is_gemma())?;
             (Some(norm), Some(head))
         } else {
             (None, None)
         };
         let max_context = max_context.min(config.max_position_embeddings);
         let rope = Rope::new(&config, max_context, device)?;
+        let gemma = Gemma::new(&config);
+        let local_rope = match gemma.as_ref().and_then(|g| g.local_rope_config(&config)) {
+            Some(local) => Some(Rope::new(&local, max_context, device)?),
+            None => None,
+        };
         Ok(Self {
             shard: shard.clone(),
             config,
@@ -494,6 +536,8 @@ impl ShardModel {
             norm,
             lm_head,
             rope,
+            local_rope,
+            gemma,
             max_context,
             device: device.clone(),
             weights,
@@ -592,7 +636,11 @@ impl ShardModel {
         }
         let mut x = if rows.len() == 1 { rows.remove(0) } else { Tensor::cat(&rows, 1)? };
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, &mut parts, &self.rope, layer)?;
+            let rope = match (&self.local_rope, block.attention.window) {
+                (Some(local), Some(_)) => local,
+                _ => &self.rope,
+            };
+            x = block.forward(&x, &mut parts, rope, layer)?;
         }
         let mut outputs = Vec::with_capacity(parts.len());
         let mut row = 0;
@@ -615,6 +663,10 @@ impl ShardModel {
             .map(|&i| Ok(outputs[i].narrow(1, parts[i].shape.1 - 1, 1)?))
             .collect::<Result<Vec<_>>>()?;
         let logits = head.forward(&norm.forward(&Tensor::cat(&lasts, 0)?)?)?;
+        let logits = match self.gemma.as_ref().and_then(|g| g.final_softcap) {
+            Some(cap) => gemma::softcap(&logits, cap)?,
+            None => logits,
+        };
         let mut results = vec![None; parts.len()];
         let mut at = 0;
         for i in wanted {
@@ -641,7 +693,12 @@ impl ShardModel {
                         self.config.vocab_size
                     )));
                 }
-                Ok(table.lookup(&ids)?.reshape((b, seq, hidden))?.to_device(&self.device)?)
+                let rows = table.lookup(&ids)?.reshape((b, seq, hidden))?;
+                let rows = match &self.gemma {
+                    Some(gemma) => (rows * gemma.embed_scale as f64)?,
+                    None => rows,
+                };
+                Ok(rows.to_device(&self.device)?)
             }
             (ShardInput::Hidden(h), None) => {
                 let (_, seq, width) = h.dims3().map_err(|_| {

@@ -1,5 +1,5 @@
 //! Phi-3, Phi-3.5 and Phi-4 (`model_type` `phi3`): LongRoPE's short and long frequency
-//! factors, and the sliding window some of them attend over. Their fused `qkv_proj` and
+//! factors (their sliding window is [`super::sliding_window`]'s). Their fused `qkv_proj` and
 //! `gate_up_proj` load as the engine's stacked layers (see [`ModelConfig::fused_projections`]).
 //!
 //! LongRoPE as transformers runs it: within one forward pass every position uses the same
@@ -9,10 +9,7 @@
 //! `sqrt(1 + ln(factor) / ln(original))` (or the configured `attention_factor`), where the
 //! factor is `max_position_embeddings / original` unless the config gives one.
 
-use candle_core::{Device, Tensor};
-
 use super::config::ModelConfig;
-use crate::error::Result;
 
 /// Phi-3's pre-training context when its config names none (as transformers' `Phi3Config`).
 const DEFAULT_ORIGINAL_CONTEXT: usize = 4096;
@@ -105,31 +102,6 @@ pub fn validate_rope(config: &ModelConfig) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// The window of attention of a Phi-3 config's layers, if it sets one.
-pub fn sliding_window(config: &ModelConfig) -> Option<usize> {
-    config.sliding_window.filter(|_| config.model_type == "phi3")
-}
-
-/// `[group * seq, total]` additive mask for queries at `offset..offset + seq`: query `i` sees
-/// keys `j` with `offset + i - window < j <= offset + i`.
-pub fn window_mask(
-    seq: usize,
-    offset: usize,
-    total: usize,
-    window: usize,
-    group: usize,
-    device: &Device,
-) -> Result<Tensor> {
-    let row: Vec<f32> = (0..seq)
-        .flat_map(|i| {
-            let position = offset + i;
-            (0..total)
-                .map(move |j| if j > position || j + window <= position { f32::NEG_INFINITY } else { 0.0 })
-        })
-        .collect();
-    Ok(Tensor::from_vec(row, (seq, total), device)?.repeat((group, 1))?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,14 +155,5 @@ mod tests {
         assert!(err.contains("long_factor"), "{err}");
         // Without a longrope scaling there is nothing to switch.
         assert!(LongRope::from_config(&config("")).is_none());
-    }
-
-    #[test]
-    fn window_mask_keeps_the_last_positions() {
-        let mask = window_mask(2, 3, 5, 2, 1, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-        let seen = |row: &Vec<f32>| row.iter().map(|v| v.is_finite()).collect::<Vec<_>>();
-        assert_eq!(seen(&mask[0]), [false, false, true, true, false]);
-        assert_eq!(seen(&mask[1]), [false, false, false, true, true]);
-        assert_eq!(sliding_window(&config(", \"sliding_window\": 4")), Some(4));
     }
 }

@@ -74,7 +74,7 @@ fn tables(inv_freq: Vec<f32>, positions: usize, scale: f64, device: &Device) -> 
     Ok(((angles.cos()? * scale)?, (angles.sin()? * scale)?))
 }
 
-/// `1 / theta^(2i / d)` in f32 as transformers computes it, then Llama 3 scaling if configured
+/// `1 / theta^(2i / d)` in f32 as transformers computes it, then Llama 3 or linear scaling if configured
 /// (as `rope_scaling`, or as GGUF's per-frequency divisors).
 fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
     let dim = config.rotary_dim();
@@ -85,6 +85,8 @@ fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
     }
     match &config.rope_scaling {
         Some(scaling) if scaling.rope_type == "llama3" => plain.map(|f| llama3_scaled(f, scaling)).collect(),
+        // Positions divided by `factor` (Gemma 3's global layers).
+        Some(scaling) if scaling.rope_type == "linear" => plain.map(|f| f / scaling.factor as f32).collect(),
         _ => plain.collect(),
     }
 }
