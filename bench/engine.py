@@ -1,5 +1,6 @@
 """Single-node engine benchmark: prefill and decode speed, time to first token and peak RSS of
-the candle engine on the synthetic llama-3.2-1b, against Hugging Face transformers on the same
+the candle engine on the synthetic llama-3.2-1b (or other presets: `qwen3-moe-small` for a mixture of
+experts), against Hugging Face transformers on the same
 checkpoint in the same run when torch and transformers are installed (`pip install .[bench]`).
 
     python bench/engine.py [--dtype f32 bf16] [--threads 2] [--prompt-tokens 128] [--decode-tokens 128]
@@ -18,7 +19,7 @@ backends make an untimed first pass of 8 prompt tokens after loading ("first pas
 prompt (128 tokens by default) is timed (prefill, TTFT) and the decoded tokens after it.
 The decode ceiling is the memory bandwidth (a 512 MB f32 numpy matrix-vector product, best of
 5, measured just before and just after the engine's run; the higher counts) over the weight
-bytes one token reads.
+bytes one token reads (in a mixture of experts: the router and the chosen experts), printed per preset.
 """
 
 import argparse
@@ -169,10 +170,20 @@ def _timed(run: object) -> float:
 
 
 def _weight_bytes_per_token(model_dir: Path) -> int:
-    """Bytes of weights read to decode one token: every layer plus the LM head (embedding rows are negligible)."""
+    """Bytes of weights read to decode one token: every layer plus the LM head (embedding rows are negligible);
+    in a mixture of experts only the router and the chosen experts of each sparse layer."""
+    from exo.testing.synth import expert_tensors
+
     config = json.loads((model_dir / "config.json").read_text())
     total = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    embedding = config["vocab_size"] * config["hidden_size"] * (2 if config["torch_dtype"] != "float32" else 4)
+    width = 2 if config["torch_dtype"] != "float32" else 4
+    embedding = config["vocab_size"] * config["hidden_size"] * width
+    for layer in range(config["num_hidden_layers"]):
+        experts = expert_tensors(config, layer)
+        if experts is not None:
+            per_expert = sum(np.prod(shape) for _, shape in experts[1:4]) * width
+            unread = len(experts[1:]) // 3 - config["num_experts_per_tok"]
+            total -= unread * int(per_expert)
     return total if config.get("tie_word_embeddings") else total - embedding
 
 
@@ -193,6 +204,7 @@ def _report(preset: str, dtype: str, model_dir: Path, args: argparse.Namespace) 
             f"\n{preset} {dtype}  ({args.threads} threads; decode ceiling {ceiling:.2f} tok/s at {bandwidth:.1f}"
             f" GB/s, the higher of {before:.1f} and {after:.1f} GB/s just before and after the engine's run)"
         )
+    print(f"weights read per decoded token: {_weight_bytes_per_token(model_dir) / 1e6:.1f} MB (active experts only)")
     print(
         f"{'backend':<14}{'prefill tok/s':>15}{'decode tok/s':>14}{'TTFT ms':>10}{'peak RSS MB':>13}"
         f"{'load s':>8}{'first pass s':>14}" + (f"{'GPU MB':>9}" if on_gpu else "")

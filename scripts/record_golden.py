@@ -6,7 +6,9 @@ Run by hand (not in CI) in an environment with torch and transformers, from the 
 
 For each preset it writes `tests/golden/<preset>.json`: the chat-templated prompt's token ids,
 f32 logits of the last 3 prompt positions, 40 greedy tokens (EOS ignored), and the last-position
-logits of the bf16 checkpoint run in torch bf16. `tests/test_golden.py` checks the engine
+logits of the bf16 checkpoint run in torch bf16; for mixture-of-experts presets, each sparse
+layer's chosen experts at every prompt position of the f32 prefill (`expert_routes`, keyed by
+layer, best expert first). `tests/test_golden.py` checks the engine
 against them.
 """
 
@@ -51,6 +53,26 @@ def _bf16_last_logits(model_dir: Path, ids: list[int]) -> list[float]:
     return model(torch.tensor([ids])).logits[0, -1].float().tolist()
 
 
+@torch.inference_mode()
+def _expert_routes(model: torch.nn.Module, ids: list[int]) -> dict[str, list[list[int]]]:
+    """Each sparse layer's router's top-k expert indices per prompt position."""
+    routes: dict[str, list[list[int]]] = {}
+    hooks = []
+    for index, layer in enumerate(model.model.layers):
+        router = getattr(layer.mlp, "gate", None)
+        if router is None or not type(router).__name__.endswith("TopKRouter"):
+            continue
+
+        def keep(module: torch.nn.Module, args: object, output: tuple, index: int = index) -> None:
+            routes[str(index)] = output[2].tolist()
+
+        hooks.append(router.register_forward_hook(keep))
+    model(torch.tensor([ids]))
+    for hook in hooks:
+        hook.remove()
+    return routes
+
+
 def record(preset: str, out_dir: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         f32_dir = write_model(preset, Path(tmp) / "f32", dtype="f32", seed=0)
@@ -58,6 +80,7 @@ def record(preset: str, out_dir: Path) -> None:
         ids = _prompt_ids(f32_dir)
         model = AutoModelForCausalLM.from_pretrained(f32_dir, torch_dtype=torch.float32)
         last3, generated = _greedy(model, ids)
+        routes = _expert_routes(model, ids)
         golden = {
             "preset": preset,
             "seed": 0,
@@ -66,6 +89,7 @@ def record(preset: str, out_dir: Path) -> None:
             "logits_last3": last3,
             "greedy_tokens": generated,
             "bf16_last_logits": _bf16_last_logits(bf16_dir, ids),
+            **({"expert_routes": routes} if routes else {}),
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
         }

@@ -769,8 +769,20 @@ pub static MODEL_CARDS: &[ModelCard] = &[
             (MLX, "mlx-community/Llama-3.1-Nemotron-70B-Instruct-HF-bf16"),
         ],
     ),
-    card("gemma2-9b", 42, Some("Gemma2 9B"), "gemma2", &[(MLX, "mlx-community/gemma-2-9b-it-4bit")]),
-    card("gemma2-27b", 46, Some("Gemma2 27B"), "gemma2", &[(MLX, "mlx-community/gemma-2-27b-it-4bit")]),
+    card(
+        "gemma2-9b",
+        42,
+        Some("Gemma2 9B"),
+        "gemma2",
+        &[(CANDLE, "mlx-community/gemma-2-9b-it-4bit"), (MLX, "mlx-community/gemma-2-9b-it-4bit")],
+    ),
+    card(
+        "gemma2-27b",
+        46,
+        Some("Gemma2 27B"),
+        "gemma2",
+        &[(CANDLE, "mlx-community/gemma-2-27b-it-4bit"), (MLX, "mlx-community/gemma-2-27b-it-4bit")],
+    ),
     card(
         "stable-diffusion-2-1-base",
         31,
@@ -783,9 +795,18 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         32,
         Some("Phi-3.5 Mini"),
         "phi3",
-        &[(MLX, "mlx-community/Phi-3.5-mini-instruct-4bit")],
+        &[
+            (MLX, "mlx-community/Phi-3.5-mini-instruct-4bit"),
+            (CANDLE, "mlx-community/Phi-3.5-mini-instruct-4bit"),
+        ],
     ),
-    card("phi-4", 40, Some("Phi-4"), "phi3", &[(MLX, "mlx-community/phi-4-4bit")]),
+    card(
+        "phi-4",
+        40,
+        Some("Phi-4"),
+        "phi3",
+        &[(MLX, "mlx-community/phi-4-4bit"), (CANDLE, "mlx-community/phi-4-4bit")],
+    ),
     card("dummy", 8, None, "dummy", &[(DUMMY, "dummy")]),
 ];
 
@@ -957,7 +978,7 @@ mod tests {
         assert_eq!(
             reason,
             "The model 'deepseek-v3' is a deepseek_v3 model, and the candle engine (CandleInferenceEngine) runs \
-             only llama, mistral, qwen2, qwen3 models."
+             only llama, mistral, qwen2, qwen3, phi3, qwen3_moe, mixtral, gemma2, gemma3_text models."
         );
         let reason = unavailable_reason("no-such-model", CANDLE).unwrap();
         assert!(
@@ -969,9 +990,9 @@ mod tests {
             reason,
             "The model 'llama-3.2-1b' has no repository for the dummy engine (DummyInferenceEngine)."
         );
-        let err = require_repo("gemma2-9b", "candle").unwrap_err();
+        let err = require_repo("stable-diffusion-2-1-base", "candle").unwrap_err();
         assert!(
-            matches!(&err, Error::InvalidModel(m) if m.contains("'gemma2-9b' is a gemma2 model")),
+            matches!(&err, Error::InvalidModel(m) if m.contains("'stable-diffusion-2-1-base' is a stable_diffusion model")),
             "{err}"
         );
         assert_eq!(require_repo("dummy", "dummy").unwrap(), "dummy");
@@ -1021,9 +1042,9 @@ mod tests {
         assert_eq!(all.len(), MODEL_CARDS.len());
         let candle = get_supported_models(&[vec!["candle".into()]]);
         assert!(candle.contains(&"llama-3.2-1b") && candle.contains(&"llama-3.1-405b-8bit"));
-        for other in
-            ["deepseek-v3", "deepseek-coder-v2-lite", "llava-1.5-7b-hf", "gemma2-9b", "phi-4", "dummy"]
-        {
+        assert!(candle.contains(&"phi-3.5-mini") && candle.contains(&"phi-4"));
+        assert!(candle.contains(&"gemma2-9b") && candle.contains(&"gemma2-27b"));
+        for other in ["deepseek-v3", "deepseek-coder-v2-lite", "llava-1.5-7b-hf", "dummy"] {
             assert!(!candle.contains(&other), "{other}");
         }
         let both = get_supported_models(&[vec!["candle".into()], vec![MLX.into()]]);

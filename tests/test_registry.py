@@ -30,9 +30,13 @@ SAME_AS_CLASSIC = {
     "deepseek-r1-distill-llama-8b-3bit": "mlx-community/DeepSeek-R1-Distill-Llama-8B-3bit",
     "nemotron-70b": "mlx-community/nvidia_Llama-3.1-Nemotron-70B-Instruct-HF_4bit",
     "qwen-3-8b": "mlx-community/Qwen3-8B-4bit",
+    "phi-3.5-mini": "mlx-community/Phi-3.5-mini-instruct-4bit",
+    "phi-4": "mlx-community/phi-4-4bit",
+    "gemma2-9b": "mlx-community/gemma-2-9b-it-4bit",
+    "gemma2-27b": "mlx-community/gemma-2-27b-it-4bit",
 }
 # Registry ids of architectures candle does not run, with the architecture the error names.
-OTHER_ARCHITECTURES = {"deepseek-v3": "deepseek_v3", "deepseek-coder-v2-lite": "deepseek_v2", "phi-4": "phi3"}
+OTHER_ARCHITECTURES = {"deepseek-v3": "deepseek_v3", "deepseek-coder-v2-lite": "deepseek_v2"}
 
 
 def test_an_id_picks_the_weights_classic_picks() -> None:
@@ -55,7 +59,8 @@ def test_other_architectures_have_no_candle_repository(model_id: str) -> None:
     reason = models.unavailable_reason(model_id, CANDLE)
     assert reason == (
         f"The model '{model_id}' is a {OTHER_ARCHITECTURES[model_id]} model, and the candle engine "
-        "(CandleInferenceEngine) runs only llama, mistral, qwen2, qwen3 models."
+        "(CandleInferenceEngine) runs only llama, mistral, qwen2, qwen3, phi3, qwen3_moe, mixtral, gemma2, "
+        "gemma3_text models."
     )
 
 

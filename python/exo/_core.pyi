@@ -51,6 +51,7 @@ __all__ = [
     "device_capabilities",
     "downloads_dir",
     "exo_home",
+    "expert_routes",
     "get_pretty_name",
     "get_repo",
     "get_supported_models",
@@ -120,6 +121,11 @@ def mlx_quantized_matmul(
 ) -> bytes:
     """`x Wᵀ` by the engine's kernels (`x`: little-endian f32 rows of `cols`; `W` as in
     `mlx_dequantize`): little-endian f32, `rows` values per row of `x`."""
+
+def expert_routes(model_dir: str | os.PathLike[str], tokens: list[int]) -> list[list[list[int]] | None]:
+    """Each layer's chosen experts (indices, best first) at every position of `tokens` run as
+    one prompt through the whole mixture-of-experts model at `model_dir`; `None` for a dense
+    layer."""
 
 @final
 class DeviceFlops:

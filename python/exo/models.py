@@ -4,7 +4,7 @@
 classic, the id picks the weights: `CandleInferenceEngine` loads the same mlx-community repository
 as `MLXDynamicShardInferenceEngine` (`llama-3.2-1b` is the 4-bit quantization, `llama-3.2-1b-8bit`
 the 8-bit one, `-bf16` ids the unquantized model), for every model of an architecture it runs
-(llama, mistral, qwen2, qwen3); other ids have no candle repository, and `unavailable_reason` says
+(llama, mistral, qwen2, qwen3, qwen3_moe, mixtral); other ids have no candle repository, and `unavailable_reason` says
 so. `DummyInferenceEngine` runs the `dummy` model. Beyond the registry, a model id may be a Hugging
 Face repo id (`org/name`), a GGUF file in one (`org/name/file.gguf`) or a local model directory or
 GGUF file: `get_repo` returns it as is, and `build_base_shard` reads its layer count from its

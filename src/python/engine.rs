@@ -473,7 +473,20 @@ impl Engine for PythonEngine {
     }
 }
 
+/// Each layer's chosen experts (indices, best first) at every position of `tokens` run as one
+/// prompt through the whole model at `model_dir` (`None` for dense layers): for tests that
+/// compare the engine's routing with a reference.
+#[pyfunction]
+fn expert_routes(
+    py: Python<'_>,
+    model_dir: PathBuf,
+    tokens: Vec<u32>,
+) -> PyResult<Vec<Option<Vec<Vec<usize>>>>> {
+    Ok(py.detach(|| crate::engine::candle::expert_routes(&model_dir, &tokens))?)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(expert_routes, m)?)?;
     m.add_class::<PyEngine>()?;
     m.add_class::<PyDummyEngine>()?;
     m.add_class::<PyCandleEngine>()?;

@@ -60,6 +60,24 @@ QWEN_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+PHI3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
+)
+
+
+# Gemma's turns: `user` and `model` (an assistant's turn), each closed by <end_of_turn>.
+GEMMA_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "{{- '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}"
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -97,6 +115,23 @@ QWEN3 = Family(
     chat_template=QWEN_TEMPLATE.replace("default_system", "false"),
     adds_bos=False,
 )
+PHI3 = Family(
+    special_tokens=("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+    bos=None,
+    eos="<|endoftext|>",
+    end_of_turn="<|end|>",
+    chat_template=PHI3_TEMPLATE,
+    adds_bos=False,
+)
+# Gemma's special tokens in its own order: <pad> 0, <eos> 1, <bos> 2.
+GEMMA = Family(
+    special_tokens=("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"),
+    bos="<bos>",
+    eos="<eos>",
+    end_of_turn="<end_of_turn>",
+    chat_template=GEMMA_TEMPLATE,
+    adds_bos=True,
+)
 
 
 @dataclass(frozen=True)
@@ -130,10 +165,13 @@ def _llama_config(**overrides: Any) -> dict[str, Any]:
     return base | overrides
 
 
+QWEN_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
 def _qwen_config(model_type: str, **overrides: Any) -> dict[str, Any]:
     base = {
         "tie_word_embeddings": False,
-        "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "Qwen3ForCausalLM"],
+        "architectures": [QWEN_ARCHITECTURES[model_type]],
         "model_type": model_type,
         "hidden_act": "silu",
         "attention_dropout": 0.0,
@@ -146,12 +184,69 @@ def _qwen_config(model_type: str, **overrides: Any) -> dict[str, Any]:
     return base | overrides
 
 
+def _phi3_config(**overrides: Any) -> dict[str, Any]:
+    base = {
+        "tie_word_embeddings": False,
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "rms_norm_eps": 1e-5,
+        "pad_token_id": None,
+    }
+    return base | overrides
+
+
+def _gemma_config(model_type: str, **overrides: Any) -> dict[str, Any]:
+    base = {
+        "tie_word_embeddings": True,
+        "architectures": ["Gemma2ForCausalLM" if model_type == "gemma2" else "Gemma3ForCausalLM"],
+        "model_type": model_type,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "rms_norm_eps": 1e-6,
+        "pad_token_id": 0,
+    }
+    return base | overrides
+
+
+def _longrope(pairs: int, seed: int) -> dict[str, Any]:
+    """Phi-3.5's `longrope` scaling over `pairs` rotated pairs: short factors near 1, long ones
+    growing towards the low frequencies (as the real lists do, but from 2 so that a tiny model's
+    few positions feel them), fixed by `seed`."""
+    rng = np.random.default_rng(seed)
+    short = 1.0 + 0.1 * rng.random(pairs)
+    long = np.linspace(2.0, 40.0, pairs) * (1.0 + 0.1 * rng.random(pairs))
+    return {"type": "longrope", "short_factor": short.round(4).tolist(), "long_factor": long.round(4).tolist()}
+
+
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 32.0,
     "low_freq_factor": 1.0,
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
+}
+
+# Qwen3-30B-A3B's mixture of experts: 128 experts of width 768, 8 per token, renormalised.
+QWEN3_MOE = {
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "router_aux_loss_coef": 0.001,
+    "output_router_logits": False,
 }
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4}
@@ -295,7 +390,178 @@ PRESETS: dict[str, Preset] = {
             max_window_layers=4,
         ),
     ),
+    # Phi-3.5-mini's kind: fused qkv_proj and gate_up_proj, LongRoPE whose original context (20)
+    # the test prompt passes, so the long factors and the attention factor count, and a sliding
+    # window shorter than the prompt.
+    "tiny-phi3": Preset(
+        PHI3,
+        _phi3_config(
+            **TINY,
+            num_key_value_heads=2,
+            vocab_size=512,
+            rope_theta=10000.0,
+            rope_scaling=_longrope(8, seed=3),
+            max_position_embeddings=2048,
+            original_max_position_embeddings=20,
+            sliding_window=24,
+        ),
+    ),
+    # Phi-4-mini's kind: a partial rotary factor of 0.75, LongRoPE whose switch to
+    # the long factors comes during the greedy run (keys cached before it keep the short ones).
+    "tiny-phi3-partial": Preset(
+        PHI3,
+        _phi3_config(
+            **TINY,
+            num_key_value_heads=2,
+            vocab_size=512,
+            rope_theta=10000.0,
+            partial_rotary_factor=0.75,
+            rope_scaling=_longrope(6, seed=4),
+            max_position_embeddings=4096,
+            original_max_position_embeddings=40,
+            sliding_window=None,
+        ),
+    ),
+    # Qwen3-30B-A3B's shapes (experts, widths, heads, vocabulary) with 2 of its 48 layers: 3.7 GB in bf16,
+    # of which a token reads the router and 8 of 128 experts per layer (the engine benchmark's MoE preset).
+    "qwen3-moe-small": Preset(
+        QWEN3,
+        _qwen_config(
+            "qwen3_moe",
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=2,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            attention_bias=False,
+            vocab_size=151936,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            max_position_embeddings=40960,
+            max_window_layers=2,
+            **QWEN3_MOE,
+        ),
+    ),
+    # 8 experts, 2 per token; layer 2 is dense (`mlp_only_layers`), as Qwen3-MoE allows.
+    "tiny-qwen3-moe": Preset(
+        QWEN3,
+        _qwen_config(
+            "qwen3_moe",
+            **TINY,
+            num_key_value_heads=2,
+            head_dim=32,
+            attention_bias=False,
+            vocab_size=512,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            max_position_embeddings=2048,
+            max_window_layers=4,
+            **(
+                QWEN3_MOE
+                | {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "mlp_only_layers": [2]}
+            ),
+        ),
+    ),
+    # Mixtral's layout (`block_sparse_moe`, experts w1/w2/w3): 4 experts, 2 per token, in every layer.
+    "tiny-mixtral": Preset(
+        LLAMA3,
+        _llama_config(
+            **TINY,
+            num_key_value_heads=2,
+            vocab_size=512,
+            rope_theta=1000000.0,
+            max_position_embeddings=2048,
+            sliding_window=None,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            router_jitter_noise=0.0,
+            router_aux_loss_coef=0.02,
+            output_router_logits=False,
+        )
+        | {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"},
+    ),
+    # Gemma 2's layout: local (even) and global (odd) layers, a window shorter than the golden prompt,
+    # head_dim and query_pre_attn_scalar apart from hidden_size / heads, and caps small enough to bend
+    # these random weights' scores and logits (the real ones are 50 and 30).
+    "tiny-gemma2": Preset(
+        GEMMA,
+        _gemma_config(
+            "gemma2",
+            **TINY,
+            num_key_value_heads=2,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            vocab_size=512,
+            rope_theta=10000.0,
+            max_position_embeddings=2048,
+            sliding_window=12,
+            attn_logit_softcapping=0.3,
+            final_logit_softcapping=0.5,
+            cache_implementation="hybrid",
+        ),
+    ),
+    # Gemma 3's: one global layer in `sliding_window_pattern` (6 in the real models), q/k norms, the
+    # local layers' own RoPE base and the global layers' linear RoPE scaling; no soft-capping.
+    "tiny-gemma3": Preset(
+        GEMMA,
+        _gemma_config(
+            "gemma3_text",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            query_pre_attn_scalar=256,
+            vocab_size=512,
+            rope_theta=1000000.0,
+            rope_local_base_freq=10000.0,
+            rope_scaling={"rope_type": "linear", "factor": 8.0},
+            max_position_embeddings=2048,
+            sliding_window=12,
+            sliding_window_pattern=3,
+            attn_logit_softcapping=None,
+            final_logit_softcapping=None,
+            cache_implementation="hybrid",
+        ),
+    ),
 }
+
+
+def expert_tensors(config: dict[str, Any], layer: int) -> list[tuple[str, tuple[int, ...]]] | None:
+    """A sparse layer's router and experts as Hugging Face names them; `None` for a dense layer."""
+    hidden, model_type = config["hidden_size"], config["model_type"]
+    if model_type == "mixtral":
+        block, names, experts, inter = (
+            "block_sparse_moe",
+            ("w1", "w3", "w2"),
+            config["num_local_experts"],
+            config["intermediate_size"],
+        )
+    elif model_type == "qwen3_moe":
+        step, dense = config.get("decoder_sparse_step", 1), config.get("mlp_only_layers") or []
+        if layer in dense or (layer + 1) % step != 0:
+            return None
+        block, names, experts, inter = (
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            config["num_experts"],
+            config["moe_intermediate_size"],
+        )
+    else:
+        return None
+    p = f"model.layers.{layer}.{block}"
+    plan: list[tuple[str, tuple[int, ...]]] = [(f"{p}.gate.weight", (experts, hidden))]
+    for e in range(experts):
+        gate, up, down = names
+        plan += [
+            (f"{p}.experts.{e}.{gate}.weight", (inter, hidden)),
+            (f"{p}.experts.{e}.{up}.weight", (inter, hidden)),
+            (f"{p}.experts.{e}.{down}.weight", (hidden, inter)),
+        ]
+    return plan
+
 
 DTYPES = {"f32": ("F32", "float32"), "bf16": ("BF16", "bfloat16"), "f16": ("F16", "float16")}
 TOKENIZER_VOCAB = 400
@@ -309,27 +575,38 @@ def tensor_plan(preset: Preset) -> list[tuple[str, tuple[int, ...]]]:
     head_dim = c.get("head_dim", hidden // heads)
     qkv_bias = c["model_type"] == "qwen2" or c.get("attention_bias", False)
     plan: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    fused = c["model_type"] == "phi3"
     for layer in range(c["num_hidden_layers"]):
         p = f"model.layers.{layer}"
-        for proj, out in (
-            ("q_proj", heads * head_dim),
-            ("k_proj", kv_heads * head_dim),
-            ("v_proj", kv_heads * head_dim),
-        ):
+        qkv = [("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim), ("v_proj", kv_heads * head_dim)]
+        if fused:
+            plan.append((f"{p}.self_attn.qkv_proj.weight", ((heads + 2 * kv_heads) * head_dim, hidden)))
+            qkv = []
+        for proj, out in qkv:
             plan.append((f"{p}.self_attn.{proj}.weight", (out, hidden)))
             if qkv_bias:
                 plan.append((f"{p}.self_attn.{proj}.bias", (out,)))
         plan.append((f"{p}.self_attn.o_proj.weight", (hidden, heads * head_dim)))
         if c.get("attention_bias", False):
             plan.append((f"{p}.self_attn.o_proj.bias", (hidden,)))
-        if c["model_type"] == "qwen3":
+        if c["model_type"] in ("qwen3", "qwen3_moe", "gemma3_text"):
             plan.append((f"{p}.self_attn.q_norm.weight", (head_dim,)))
             plan.append((f"{p}.self_attn.k_norm.weight", (head_dim,)))
-        plan.append((f"{p}.mlp.gate_proj.weight", (inter, hidden)))
-        plan.append((f"{p}.mlp.up_proj.weight", (inter, hidden)))
-        plan.append((f"{p}.mlp.down_proj.weight", (hidden, inter)))
+        experts = expert_tensors(c, layer)
+        if experts is not None:
+            plan += experts
+        else:
+            if fused:
+                plan.append((f"{p}.mlp.gate_up_proj.weight", (2 * inter, hidden)))
+            else:
+                plan.append((f"{p}.mlp.gate_proj.weight", (inter, hidden)))
+                plan.append((f"{p}.mlp.up_proj.weight", (inter, hidden)))
+            plan.append((f"{p}.mlp.down_proj.weight", (hidden, inter)))
         plan.append((f"{p}.input_layernorm.weight", (hidden,)))
         plan.append((f"{p}.post_attention_layernorm.weight", (hidden,)))
+        if c["model_type"] in ("gemma2", "gemma3_text"):
+            plan.append((f"{p}.pre_feedforward_layernorm.weight", (hidden,)))
+            plan.append((f"{p}.post_feedforward_layernorm.weight", (hidden,)))
     plan.append(("model.norm.weight", (hidden,)))
     if not preset.tied:
         plan.append(("lm_head.weight", (vocab, hidden)))

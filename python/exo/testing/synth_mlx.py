@@ -113,10 +113,53 @@ def _raw(array: mx.array) -> bytes:
     return values.astype(values.dtype.newbyteorder("<")).tobytes()
 
 
+_MIXTRAL_PROJECTIONS = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+def _stacked_name(name: str) -> tuple[str, int] | None:
+    """mlx-lm's name for the stack holding the expert tensor `name` (`{block}.experts.{e}.{proj}.weight`,
+    Mixtral's w1/w2/w3 as gate/down/up), and the expert's index; `None` for other tensors."""
+    block, found, rest = name.partition(".experts.")
+    if not found:
+        return None
+    expert, proj, suffix = rest.split(".", 2)
+    return f"{block}.switch_mlp.{_MIXTRAL_PROJECTIONS.get(proj, proj)}.{suffix}", int(expert)
+
+
+Group = tuple[str, list[tuple[str, tuple[int, ...]]]]
+"""One stored tensor of an MLX checkpoint: its name and the plan's tensors it stacks (one, or a layer's experts)."""
+
+
+def _mlx_groups(plan: Plan) -> list[Group]:
+    """The plan as mlx-lm's `sanitize` leaves it: each layer's experts stacked per projection
+    (`switch_mlp.gate_proj`, ... `[experts, rows, cols]`), every other tensor as it is."""
+    groups: list[Group] = []
+    stacks: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for name, shape in plan:
+        stacked = _stacked_name(name)
+        if stacked is None:
+            groups.append((name, [(name, shape)]))
+        elif stacked[0] in stacks:
+            stacks[stacked[0]].append((name, shape))
+        else:
+            stacks[stacked[0]] = [(name, shape)]
+            groups.append((stacked[0], stacks[stacked[0]]))
+    return groups
+
+
 def _write_quantized_file(path: Path, plan: Plan, quant: MlxQuantization, seed: int) -> list[StoredTensor]:
-    layout = [stored for name, shape in plan for stored in quant.stored(name, shape)]
-    drawn = in_parallel(plan, lambda t: random_tensor(t[0], t[1], seed))
-    data = (_raw(part) for values in drawn for part in quant.quantize(values))
+    groups = _mlx_groups(plan)
+    layout: list[StoredTensor] = []
+    for name, members in groups:
+        experts = len(members) if _stacked_name(members[0][0]) else None
+        for part, dtype, shape in quant.stored(name, members[0][1]):
+            layout.append((part, dtype, shape if experts is None else (experts, *shape)))
+
+    def parts(group: Group) -> list[bytes]:
+        quantized = [quant.quantize(random_tensor(name, shape, seed)) for name, shape in group[1]]
+        return [b"".join(_raw(expert[i]) for expert in quantized) for i in range(len(quantized[0]))]
+
+    data = (part for group_parts in in_parallel(groups, parts) for part in group_parts)
     write_safetensors(path, layout, data, file_format="mlx")
     return layout
 

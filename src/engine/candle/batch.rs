@@ -261,7 +261,11 @@ fn run_round(round: Vec<(Job, usize)>) -> Vec<Job> {
             .iter_mut()
             .zip(chunks)
             .zip(&takes)
-            .map(|((job, hidden), take)| BatchStep {
+            .map(|((job, hidden), take)| {
+                job.cache.step_end = job.cache.position + job.seq() - job.done;
+                (job, hidden, take)
+            })
+            .map(|(job, hidden, take)| BatchStep {
                 wants_logits: job.done + take == job.seq(),
                 hidden,
                 cache: &mut job.cache,

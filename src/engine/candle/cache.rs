@@ -71,12 +71,15 @@ pub struct RequestCache {
     layers: Vec<Option<LayerCache>>,
     /// Position of the next token (tokens seen so far).
     pub position: usize,
+    /// While a step runs in chunks, the position after its last one (else 0): LongRoPE picks
+    /// its factors by where the whole step ends, as one pass would.
+    pub step_end: usize,
 }
 
 impl RequestCache {
     /// An empty cache for `layers` local layers.
     pub fn new(layers: usize) -> Self {
-        Self { layers: vec![None; layers], position: 0 }
+        Self { layers: vec![None; layers], position: 0, step_end: 0 }
     }
 
     /// Appends to local layer `layer` and returns its keys and values so far.

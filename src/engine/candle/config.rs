@@ -5,11 +5,13 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use super::gemma::GemmaFields;
 use crate::error::{Error, Result};
 use crate::topology::ModelCosts;
 
 /// The `model_type`s of `config.json` the engine runs; [`ModelConfig::variant`] knows each.
-pub const MODEL_TYPES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+pub const MODEL_TYPES: &[&str] =
+    &["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral", "gemma2", "gemma3_text"];
 
 /// RoPE frequency scaling as `config.json`'s `rope_scaling` gives it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -29,6 +31,14 @@ pub struct RopeScaling {
     /// Llama 3: context length the model was pre-trained with.
     #[serde(default = "original_context")]
     pub original_max_position_embeddings: f64,
+    /// LongRoPE (`longrope`, formerly `su`): per-frequency divisors within the original context.
+    pub short_factor: Option<Vec<f32>>,
+    /// LongRoPE: per-frequency divisors once a pass reaches past the original context.
+    pub long_factor: Option<Vec<f32>>,
+    /// LongRoPE: multiplier of cos and sin; derived from the context extension when absent.
+    pub attention_factor: Option<f64>,
+    /// Fraction of each head's width that is rotated (overrides the config's own).
+    pub partial_rotary_factor: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -99,6 +109,32 @@ pub struct ModelConfig {
     pub quantization: Option<Quantization>,
     /// Another tool's quantization (mlx-lm repeats its own here).
     pub quantization_config: Option<Quantization>,
+    /// Phi-3: context length of pre-training, past which LongRoPE's long factors apply.
+    pub original_max_position_embeddings: Option<usize>,
+    /// Fraction of each head's width that is rotated (Phi-4-mini); the rest passes through.
+    pub partial_rotary_factor: Option<f64>,
+    /// Positions a query sees, itself included: in every layer of Phi-3, in Gemma's local
+    /// layers (see [`super::sliding_window`]); other families ignore it.
+    pub sliding_window: Option<usize>,
+    /// Mixture of experts: experts per sparse layer (`num_experts` of Qwen3-MoE,
+    /// `num_local_experts` of Mixtral).
+    #[serde(alias = "num_local_experts")]
+    pub num_experts: Option<usize>,
+    /// Mixture of experts: experts each token is routed to.
+    pub num_experts_per_tok: Option<usize>,
+    /// Mixture of experts: width of each expert's hidden layer (Qwen3-MoE; Mixtral's experts
+    /// use `intermediate_size`).
+    pub moe_intermediate_size: Option<usize>,
+    /// Mixture of experts: whether the chosen experts' weights are renormalised to sum to one
+    /// (Qwen3-MoE; Mixtral always renormalises).
+    pub norm_topk_prob: Option<bool>,
+    /// Qwen3-MoE: every `decoder_sparse_step`-th layer is sparse, the others dense.
+    pub decoder_sparse_step: Option<usize>,
+    /// Qwen3-MoE: layers with a dense MLP whatever `decoder_sparse_step` says.
+    pub mlp_only_layers: Option<Vec<usize>>,
+    /// Gemma 2 and 3's own fields (soft-capping, sliding windows, ...).
+    #[serde(flatten)]
+    pub gemma: GemmaFields,
 }
 
 /// The `quantization` (MLX) or `quantization_config` (other tools) entry of `config.json`.
@@ -144,7 +180,9 @@ impl ModelConfig {
 
     fn validate(&self) -> std::result::Result<(), String> {
         self.variant()?;
-        if self.hidden_act != "silu" {
+        if self.is_gemma() {
+            self.gemma.validate(self.num_hidden_layers)?;
+        } else if self.hidden_act != "silu" {
             return Err(format!("hidden_act {:?} is not supported (only silu)", self.hidden_act));
         }
         for quantization in self.quantization.iter().chain(&self.quantization_config) {
@@ -157,8 +195,13 @@ impl ModelConfig {
                 return Err(format!("MLX quantization mode {mode:?} is not supported (only affine)"));
             }
         }
-        if let Some(scaling) = &self.rope_scaling {
-            if !matches!(scaling.rope_type.as_str(), "llama3" | "default") {
+        if self.sliding_window == Some(0) {
+            return Err("sliding_window must be positive".into());
+        }
+        if self.model_type == "phi3" {
+            super::phi3::validate_rope(self)?;
+        } else if let Some(scaling) = &self.rope_scaling {
+            if !matches!(scaling.rope_type.as_str(), "llama3" | "linear" | "default") {
                 return Err(format!("rope_scaling type {:?} is not supported", scaling.rope_type));
             }
         }
@@ -176,6 +219,7 @@ impl ModelConfig {
         if self.num_hidden_layers == 0 || self.vocab_size == 0 || self.hidden_size == 0 {
             return Err("num_hidden_layers, vocab_size and hidden_size must be positive".into());
         }
+        super::moe::MoeSpec::of(self)?;
         Ok(())
     }
 
@@ -183,21 +227,33 @@ impl ModelConfig {
     pub fn variant(&self) -> std::result::Result<Variant, String> {
         let attention_bias = self.attention_bias.unwrap_or(false);
         match self.model_type.as_str() {
-            "llama" | "mistral" => Ok(Variant {
+            "llama" | "mistral" | "mixtral" => Ok(Variant {
                 qkv_bias: attention_bias,
                 o_bias: attention_bias,
                 mlp_bias: self.mlp_bias,
                 qk_norm: false,
             }),
             "qwen2" => Ok(Variant { qkv_bias: true, o_bias: false, mlp_bias: false, qk_norm: false }),
-            "qwen3" => Ok(Variant {
+            "qwen3" | "qwen3_moe" => Ok(Variant {
                 qkv_bias: attention_bias,
                 o_bias: attention_bias,
                 mlp_bias: false,
                 qk_norm: true,
             }),
+            "phi3" => Ok(Variant { qkv_bias: false, o_bias: false, mlp_bias: false, qk_norm: false }),
+            "gemma2" | "gemma3_text" => Ok(Variant {
+                qkv_bias: attention_bias,
+                o_bias: attention_bias,
+                mlp_bias: false,
+                qk_norm: self.model_type == "gemma3_text",
+            }),
             other => Err(format!("model_type {other:?} is not supported ({})", MODEL_TYPES.join(", "))),
         }
+    }
+
+    /// Gemma 2 or Gemma 3 (text): the layout and arithmetic of [`super::gemma`].
+    pub fn is_gemma(&self) -> bool {
+        matches!(self.model_type.as_str(), "gemma2" | "gemma3_text")
     }
 
     /// Key/value heads.
@@ -210,6 +266,20 @@ impl ModelConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
+    /// Whether q/k/v and gate/up are stored fused, as `qkv_proj` and `gate_up_proj` (Phi-3).
+    pub fn fused_projections(&self) -> bool {
+        self.model_type == "phi3"
+    }
+
+    /// Leading width of each head that RoPE rotates (all of it unless a partial factor is set).
+    pub fn rotary_dim(&self) -> usize {
+        let factor = self.rope_scaling.as_ref().and_then(|s| s.partial_rotary_factor);
+        match factor.or(self.partial_rotary_factor) {
+            Some(factor) => (self.head_dim() as f64 * factor) as usize,
+            None => self.head_dim(),
+        }
+    }
+
     /// Weights read per token by one decoder layer (its projections) and by the LM head;
     /// norms and biases are too small to count.
     pub fn costs(&self) -> ModelCosts {
@@ -217,7 +287,10 @@ impl ModelConfig {
         let queries = self.num_attention_heads as f64 * head_dim;
         let keys_values = 2.0 * self.num_key_value_heads() as f64 * head_dim;
         let attention = hidden * (2.0 * queries + keys_values);
-        let mlp = 3.0 * hidden * self.intermediate_size as f64;
+        let mlp = match super::moe::MoeSpec::of(self).ok().flatten() {
+            Some(spec) => spec.mean_layer_cost(self),
+            None => 3.0 * hidden * self.intermediate_size as f64,
+        };
         ModelCosts { layer: attention + mlp, head: self.vocab_size as f64 * hidden }
     }
 }

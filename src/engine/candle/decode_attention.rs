@@ -12,7 +12,14 @@ use crate::error::Result;
 /// contiguous), query head `h` reading key/value head `h / (heads / kv_heads)`. Returns
 /// `[batch, 1, heads * head_dim]`, or `None` when the tensors are not f32 on the CPU in that
 /// layout (the caller then takes candle's general path).
-pub fn attend_one_position(q: &Tensor, keys: &Tensor, values: &Tensor, scale: f32) -> Result<Option<Tensor>> {
+/// The scaled scores are soft-capped to `tanh(s / cap) * cap` when `softcap` is given (Gemma 2).
+pub fn attend_one_position(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    scale: f32,
+    softcap: Option<f32>,
+) -> Result<Option<Tensor>> {
     let (batch, heads, seq, head_dim) = q.dims4()?;
     let (_, kv_heads, len, _) = keys.dims4()?;
     if seq != 1 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || values.dims4()? != keys.dims4()? {
@@ -48,6 +55,9 @@ pub fn attend_one_position(q: &Tensor, keys: &Tensor, values: &Tensor, scale: f3
             let query = &query[(b * heads + head) * head_dim..][..head_dim];
             for (t, weight) in weights.iter_mut().enumerate() {
                 *weight = dot(query, keys.row(b, kv_head, t)) * scale;
+            }
+            if let Some(cap) = softcap {
+                weights.iter_mut().for_each(|w| *w = (*w / cap).tanh() * cap);
             }
             softmax_in_place(&mut weights);
             for (t, &weight) in weights.iter().enumerate() {
@@ -148,7 +158,8 @@ mod tests {
         let keys = pseudo_random((batch, kv_heads, capacity, d), 2).narrow(2, 0, len).unwrap();
         let values = pseudo_random((batch, kv_heads, capacity, d), 3).narrow(2, 0, len).unwrap();
         let scale = 1.0 / (d as f64).sqrt();
-        let ours = attend_one_position(&q, &keys, &values, scale as f32).unwrap().expect("a CPU f32 cache");
+        let ours =
+            attend_one_position(&q, &keys, &values, scale as f32, None).unwrap().expect("a CPU f32 cache");
         let expected = reference(&q, &keys, &values, scale);
         let difference: f32 =
             (ours - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
@@ -156,14 +167,37 @@ mod tests {
     }
 
     #[test]
+    fn soft_capped_scores_over_a_window_of_the_cache_match_candle() {
+        let (batch, heads, kv_heads, d, capacity) = (1, 4, 2, 8, 10);
+        let q = (pseudo_random((batch, heads, 1, d), 4) * 6.0).unwrap();
+        // A local layer reads positions 3..9 of its cache: a view that starts mid-buffer.
+        let keys = pseudo_random((batch, kv_heads, capacity, d), 5).narrow(2, 3, 6).unwrap();
+        let values = pseudo_random((batch, kv_heads, capacity, d), 6).narrow(2, 3, 6).unwrap();
+        let (scale, cap) = (0.5, 1.5);
+        let ours = attend_one_position(&q, &keys, &values, scale, Some(cap)).unwrap().unwrap();
+        let (b, h, _, d) = q.dims4().unwrap();
+        let grouped = q.reshape((b, kv_heads, h / kv_heads, d)).unwrap();
+        let scores = (grouped.matmul(&keys.t().unwrap()).unwrap() * scale as f64).unwrap();
+        let capped = ((scores / cap as f64).unwrap().tanh().unwrap() * cap as f64).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&capped).unwrap();
+        let expected = probs.matmul(&values.contiguous().unwrap()).unwrap().reshape((b, 1, h * d)).unwrap();
+        let difference: f32 =
+            (&ours - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(difference < 1e-5, "largest difference {difference}");
+        let uncapped = attend_one_position(&q, &keys, &values, scale, None).unwrap().unwrap();
+        let moved: f32 = (ours - uncapped).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        assert!(moved > 1e-3, "the cap must change these scores ({moved})");
+    }
+
+    #[test]
     fn other_layouts_and_dtypes_are_left_to_candle() {
         let q = pseudo_random((1, 4, 1, 8), 1);
         let keys = pseudo_random((1, 2, 5, 8), 2);
         let transposed = pseudo_random((1, 2, 8, 5), 2).transpose(2, 3).unwrap();
-        assert!(attend_one_position(&q, &transposed, &keys, 1.0).unwrap().is_none());
+        assert!(attend_one_position(&q, &transposed, &keys, 1.0, None).unwrap().is_none());
         let half = keys.to_dtype(candle_core::DType::F16).unwrap();
-        assert!(attend_one_position(&q, &half, &half, 1.0).unwrap().is_none());
+        assert!(attend_one_position(&q, &half, &half, 1.0, None).unwrap().is_none());
         let two_positions = pseudo_random((1, 4, 2, 8), 1);
-        assert!(attend_one_position(&two_positions, &keys, &keys, 1.0).unwrap().is_none());
+        assert!(attend_one_position(&two_positions, &keys, &keys, 1.0, None).unwrap().is_none());
     }
 }

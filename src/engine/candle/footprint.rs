@@ -156,6 +156,19 @@ impl Storage {
             + 2 * self.matrix(inter, hidden, false)
             + self.matrix(hidden, inter, false)
             + vectors as u64 * VECTOR_ELEMENT_BYTES;
+        // A mixture of experts holds every expert of its sparse layers (dense layers as above).
+        let layer = match super::moe::MoeSpec::of(config).ok().flatten() {
+            Some(spec) => {
+                let dense_mlp = 2 * self.matrix(inter, hidden, false) + self.matrix(hidden, inter, false);
+                let expert = 2 * self.matrix(spec.intermediate, hidden, false)
+                    + self.matrix(hidden, spec.intermediate, false);
+                let sparse_mlp = spec.experts as u64 * expert + self.matrix(spec.experts, hidden, false);
+                let layers = config.num_hidden_layers.max(1) as u64;
+                let sparse = (0..config.num_hidden_layers).filter(|&l| spec.is_sparse(l)).count() as u64;
+                layer - dense_mlp + (sparse * sparse_mlp + (layers - sparse) * dense_mlp) / layers
+            }
+            None => layer,
+        };
         let embedding = self.matrix(vocab, hidden, true);
         let head = self.matrix(vocab, hidden, false) + hidden as u64 * VECTOR_ELEMENT_BYTES;
         // On the host, a tied head multiplies by the embedding table itself unless load-time

@@ -285,6 +285,16 @@ impl GgufFile {
             },
             quantization: None,
             quantization_config: None,
+            original_max_position_embeddings: None,
+            partial_rotary_factor: None,
+            sliding_window: None,
+            num_experts: self.integer(&key("expert_count"))?,
+            num_experts_per_tok: None,
+            moe_intermediate_size: None,
+            norm_topk_prob: None,
+            decoder_sparse_step: None,
+            mlp_only_layers: None,
+            gemma: Default::default(),
         };
         config.checked().map_err(|e| self.invalid(e))
     }

@@ -8,12 +8,16 @@ mod decode_attention;
 mod device;
 mod embedding;
 mod footprint;
+mod gemma;
 mod gguf;
 mod linear;
 mod model;
+mod moe;
+mod phi3;
 pub mod quant_type;
 mod quantize;
 mod rope;
+mod sliding_window;
 mod tensors;
 #[cfg(test)]
 mod tests;
@@ -346,4 +350,28 @@ pub fn reference_logits(dir: &Path, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
             Ok(model.forward(ShardInput::Tokens(ids), &mut cache)?.flatten_all()?.to_vec1()?)
         })
         .collect()
+}
+
+/// Each layer's chosen experts (indices, best first) for every position of `tokens` run as
+/// one prompt through all of `dir`'s layers in one shard (`None` for dense layers); used by
+/// tests that compare routing with a reference.
+pub fn expert_routes(dir: &Path, tokens: &[u32]) -> Result<Vec<Option<Vec<Vec<usize>>>>> {
+    let config = model_config(dir)?;
+    let n = config.num_hidden_layers as i32;
+    let model = ShardModel::load(
+        &Checkpoint::open(dir)?,
+        &Shard::new(dir.display().to_string(), 0, n - 1, n),
+        tokens.len() + 1,
+        &Device::Cpu,
+        None,
+    )?;
+    let mut cache = cache::RequestCache::new(model.layer_count());
+    let ids = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), &Device::Cpu)?;
+    let routes = model.expert_routes(ShardInput::Tokens(ids), &mut cache)?;
+    Ok(routes
+        .into_iter()
+        .map(|layer| {
+            layer.map(|rows| rows.into_iter().map(|r| r.into_iter().map(|(e, _)| e).collect()).collect())
+        })
+        .collect())
 }

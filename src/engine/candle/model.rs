@@ -10,8 +10,11 @@ use super::cache::RequestCache;
 use super::config::{ModelConfig, Variant};
 use super::decode_attention;
 use super::embedding::Embedding;
+use super::gemma::{self, Activation, Gemma};
 use super::linear::Linear;
+use super::moe::{MoeSpec, Route, SparseMoe};
 use super::rope::Rope;
+use super::sliding_window;
 use super::tensors::{Checkpoint, ShardTensors};
 use crate::error::{Error, Result};
 use crate::shard::Shard;
@@ -26,6 +29,14 @@ struct RmsNorm {
 impl RmsNorm {
     fn load(weights: &ShardTensors, name: &str, size: usize, eps: f64, device: &Device) -> Result<Self> {
         Ok(Self { weight: weights.vector_f32(name, size, device)?, eps: eps as f32 })
+    }
+
+    /// Gemma's norm, `x_normed * (1 + w)`: the stored weight plus one when `plus_one`.
+    fn shifted(self, plus_one: bool) -> Result<Self> {
+        if !plus_one {
+            return Ok(self);
+        }
+        Ok(Self { weight: (self.weight + 1.0)?, eps: self.eps })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -45,14 +56,22 @@ impl TensorPlan {
             config.num_attention_heads * config.head_dim(),
             config.num_key_value_heads() * config.head_dim(),
         );
+        let moe = MoeSpec::of(config).ok().flatten();
         let mut entries = Vec::new();
         let mut add = |name: String, shape: Vec<usize>| entries.push((name, shape));
         if shard.is_first_layer() || (shard.is_last_layer() && tied) {
             add("model.embed_tokens.weight".into(), vec![vocab, hidden]);
         }
+        let fused = config.fused_projections();
         for layer in shard.start_layer..=shard.end_layer {
             let p = format!("model.layers.{layer}");
-            for (proj, out) in [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] {
+            if fused {
+                add(format!("{p}.self_attn.qkv_proj.weight"), vec![q_out + 2 * kv_out, hidden]);
+                add(format!("{p}.mlp.gate_up_proj.weight"), vec![2 * inter, hidden]);
+            }
+            let qkv =
+                if fused { vec![] } else { vec![("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] };
+            for (proj, out) in qkv {
                 add(format!("{p}.self_attn.{proj}.weight"), vec![out, hidden]);
                 if variant.qkv_bias {
                     add(format!("{p}.self_attn.{proj}.bias"), vec![out]);
@@ -66,9 +85,18 @@ impl TensorPlan {
                 add(format!("{p}.self_attn.q_norm.weight"), vec![config.head_dim()]);
                 add(format!("{p}.self_attn.k_norm.weight"), vec![config.head_dim()]);
             }
-            for (proj, out, input) in
-                [("gate_proj", inter, hidden), ("up_proj", inter, hidden), ("down_proj", hidden, inter)]
-            {
+            let sparse = moe.as_ref().filter(|spec| spec.is_sparse(layer as usize));
+            for (name, shape) in sparse.map(|spec| spec.tensors(layer as usize, hidden)).unwrap_or_default() {
+                add(name, shape);
+            }
+            let dense_mlp = if sparse.is_some() {
+                &[][..]
+            } else if fused {
+                &[("down_proj", hidden, inter)][..]
+            } else {
+                &[("gate_proj", inter, hidden), ("up_proj", inter, hidden), ("down_proj", hidden, inter)]
+            };
+            for &(proj, out, input) in dense_mlp {
                 add(format!("{p}.mlp.{proj}.weight"), vec![out, input]);
                 if variant.mlp_bias {
                     add(format!("{p}.mlp.{proj}.bias"), vec![out]);
@@ -76,6 +104,10 @@ impl TensorPlan {
             }
             add(format!("{p}.input_layernorm.weight"), vec![hidden]);
             add(format!("{p}.post_attention_layernorm.weight"), vec![hidden]);
+            if config.is_gemma() {
+                add(format!("{p}.pre_feedforward_layernorm.weight"), vec![hidden]);
+                add(format!("{p}.post_feedforward_layernorm.weight"), vec![hidden]);
+            }
         }
         if shard.is_last_layer() {
             add("model.norm.weight".into(), vec![hidden]);
@@ -107,6 +139,12 @@ struct Attention {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// Factor of the scores: `1 / sqrt(head_dim)`, or Gemma's `query_pre_attn_scalar ** -0.5`.
+    scale: f64,
+    /// Gemma 2's cap of the scaled scores.
+    softcap: Option<f32>,
+    /// How many latest positions (itself included) a query sees, if the layer has a sliding window.
+    window: Option<usize>,
 }
 
 impl Attention {
@@ -120,18 +158,25 @@ impl Attention {
         let (hidden, head_dim) = (config.hidden_size, config.head_dim());
         let (heads, kv_heads) = (config.num_attention_heads, config.num_key_value_heads());
         let norm = |name: &str| {
-            RmsNorm::load(weights, &format!("{prefix}.{name}.weight"), head_dim, config.rms_norm_eps, device)
+            RmsNorm::load(weights, &format!("{prefix}.{name}.weight"), head_dim, config.rms_norm_eps, device)?
+                .shifted(config.is_gemma())
         };
+        let gemma = Gemma::new(config);
         let (q_out, kv_out) = (heads * head_dim, kv_heads * head_dim);
         let qkv = [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)];
+        let fused = [("qkv_proj", q_out + 2 * kv_out)];
+        let qkv: &[(&str, usize)] = if config.fused_projections() { &fused } else { &qkv };
         Ok(Self {
-            qkv_proj: weights.linear(prefix, &qkv, hidden, variant.qkv_bias, device)?,
+            qkv_proj: weights.linear(prefix, qkv, hidden, variant.qkv_bias, device)?,
             o_proj: weights.linear(prefix, &[("o_proj", hidden)], q_out, variant.o_bias, device)?,
             q_norm: if variant.qk_norm { Some(norm("q_norm")?) } else { None },
             k_norm: if variant.qk_norm { Some(norm("k_norm")?) } else { None },
             heads,
             kv_heads,
             head_dim,
+            scale: gemma.as_ref().map_or(1.0 / (head_dim as f64).sqrt(), |g| g.attention_scale),
+            softcap: gemma.and_then(|g| g.attention_softcap),
+            window: None,
         })
     }
 
@@ -181,13 +226,19 @@ impl Attention {
             };
             Ok(t.transpose(1, 2)?.contiguous()?)
         };
-        let q = rope.apply(&split(q, self.heads, &self.q_norm)?, offset)?;
-        let k = rope.apply(&split(k, self.kv_heads, &self.k_norm)?, offset)?;
+        let end = part.cache.step_end.max(offset + seq);
+        let q = rope.apply_in_pass(&split(q, self.heads, &self.q_norm)?, offset, end)?;
+        let k = rope.apply_in_pass(&split(k, self.kv_heads, &self.k_norm)?, offset, end)?;
         let v = split(v, self.kv_heads, &None)?;
         let (k, v) = part.cache.append(layer, &k, &v)?;
+        // One new query sees only the window's last positions.
+        let (k, v) = match self.window {
+            Some(window) if seq == 1 => sliding_window::last_positions(k, v, window)?,
+            _ => (k, v),
+        };
         let total = k.dim(2)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        if let Some(out) = decode_attention::attend_one_position(&q, &k, &v, scale as f32)? {
+        let scale = self.scale;
+        if let Some(out) = decode_attention::attend_one_position(&q, &k, &v, scale as f32, self.softcap)? {
             return Ok(out);
         }
 
@@ -195,7 +246,17 @@ impl Attention {
         let group = self.heads / self.kv_heads;
         let q = q.reshape((b, self.kv_heads, group * seq, self.head_dim))?;
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match causal_mask(seq, offset, total, group, q.device())? {
+        let scores = match self.softcap {
+            Some(cap) => gemma::softcap(&scores, cap)?,
+            None => scores,
+        };
+        let mask = match self.window {
+            Some(window) if seq > 1 => {
+                Some(sliding_window::mask(seq, offset, total, group, window, q.device())?)
+            }
+            _ => causal_mask(seq, offset, total, group, q.device())?,
+        };
+        let scores = match mask {
             Some(mask) => scores.broadcast_add(&mask)?,
             None => scores,
         };
@@ -234,6 +295,8 @@ struct Mlp {
     gate_up_proj: Linear,
     down_proj: Linear,
     intermediate: usize,
+    /// SiLU, or Gemma's GELU.
+    activation: Activation,
 }
 
 impl Mlp {
@@ -246,10 +309,13 @@ impl Mlp {
     ) -> Result<Self> {
         let (hidden, inter) = (config.hidden_size, config.intermediate_size);
         let gate_up = [("gate_proj", inter), ("up_proj", inter)];
+        let fused = [("gate_up_proj", 2 * inter)];
+        let gate_up: &[(&str, usize)] = if config.fused_projections() { &fused } else { &gate_up };
         Ok(Self {
-            gate_up_proj: weights.linear(prefix, &gate_up, hidden, bias, device)?,
+            gate_up_proj: weights.linear(prefix, gate_up, hidden, bias, device)?,
             down_proj: weights.linear(prefix, &[("down_proj", hidden)], inter, bias, device)?,
             intermediate: inter,
+            activation: Activation::of(config),
         })
     }
 
@@ -259,7 +325,7 @@ impl Mlp {
             .forward_parts(x, &[self.intermediate, self.intermediate])?
             .try_into()
             .expect("two parts were asked for");
-        self.down_proj.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        self.down_proj.forward(&(self.activation.apply(&gate)? * up)?)
     }
 }
 
@@ -269,7 +335,26 @@ struct Block {
     input_layernorm: RmsNorm,
     attention: Attention,
     post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
+    mlp: FeedForward,
+    /// Gemma: norms around the MLP; `post_attention_layernorm` then norms the attention's
+    /// output instead of the MLP's input.
+    feedforward_norms: Option<(RmsNorm, RmsNorm)>,
+}
+
+/// A layer's MLP: dense, or a mixture of experts.
+#[derive(Debug, Clone)]
+enum FeedForward {
+    Dense(Mlp),
+    Sparse(SparseMoe),
+}
+
+impl FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(mlp) => mlp.forward(x),
+            Self::Sparse(moe) => moe.forward(x),
+        }
+    }
 }
 
 impl Block {
@@ -282,31 +367,63 @@ impl Block {
     ) -> Result<Self> {
         let p = format!("model.layers.{layer}");
         let (hidden, eps) = (config.hidden_size, config.rms_norm_eps);
+        let gemma = config.is_gemma();
+        let norm = |name: &str| {
+            RmsNorm::load(weights, &format!("{p}.{name}.weight"), hidden, eps, device)?.shifted(gemma)
+        };
+        let mut attention = Attention::load(weights, &format!("{p}.self_attn"), config, variant, device)?;
+        attention.window = sliding_window::of_layer(config, layer as usize);
         Ok(Self {
-            input_layernorm: RmsNorm::load(
-                weights,
-                &format!("{p}.input_layernorm.weight"),
-                hidden,
-                eps,
-                device,
-            )?,
-            attention: Attention::load(weights, &format!("{p}.self_attn"), config, variant, device)?,
-            post_attention_layernorm: RmsNorm::load(
-                weights,
-                &format!("{p}.post_attention_layernorm.weight"),
-                hidden,
-                eps,
-                device,
-            )?,
-            mlp: Mlp::load(weights, &format!("{p}.mlp"), config, variant.mlp_bias, device)?,
+            input_layernorm: norm("input_layernorm")?,
+            attention,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            mlp: match MoeSpec::of(config).map_err(Error::InvalidModel)? {
+                Some(spec) if spec.is_sparse(layer as usize) => {
+                    FeedForward::Sparse(SparseMoe::load(weights, &spec, layer as usize, hidden, device)?)
+                }
+                _ => FeedForward::Dense(Mlp::load(
+                    weights,
+                    &format!("{p}.mlp"),
+                    config,
+                    variant.mlp_bias,
+                    device,
+                )?),
+            },
+            feedforward_norms: if gemma {
+                Some((norm("pre_feedforward_layernorm")?, norm("post_feedforward_layernorm")?))
+            } else {
+                None
+            },
         })
     }
 
     fn forward(&self, x: &Tensor, parts: &mut [BatchPart], rope: &Rope, layer: usize) -> Result<Tensor> {
         let attended = self.attention.forward(&self.input_layernorm.forward(x)?, parts, rope, layer)?;
+        if let Some((pre, post)) = &self.feedforward_norms {
+            let x = (x + self.post_attention_layernorm.forward(&attended)?)?;
+            let mlp = post.forward(&self.mlp.forward(&pre.forward(&x)?)?)?;
+            return Ok((x + mlp)?);
+        }
         let x = (x + attended)?;
         let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + mlp)?)
+    }
+
+    /// [`Self::forward`], also giving each row's chosen experts in a sparse layer.
+    fn forward_routed(
+        &self,
+        x: &Tensor,
+        parts: &mut [BatchPart],
+        rope: &Rope,
+        layer: usize,
+    ) -> Result<(Tensor, Option<Vec<Route>>)> {
+        let FeedForward::Sparse(moe) = &self.mlp else {
+            return Ok((self.forward(x, parts, rope, layer)?, None));
+        };
+        let attended = self.attention.forward(&self.input_layernorm.forward(x)?, parts, rope, layer)?;
+        let x = (x + attended)?;
+        let (mlp, routes) = moe.forward_routed(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok(((x + mlp)?, Some(routes)))
     }
 }
 
@@ -347,6 +464,10 @@ pub struct ShardModel {
     norm: Option<RmsNorm>,
     lm_head: Option<Linear>,
     rope: Rope,
+    /// Gemma 3: the RoPE of local layers (their own base).
+    local_rope: Option<Rope>,
+    /// Gemma's choices (embedding scale, logit cap, ...).
+    gemma: Option<Gemma>,
     max_context: usize,
     /// Where the layers compute.
     device: Device,
@@ -394,13 +515,19 @@ impl ShardModel {
             .collect::<Result<Vec<_>>>()?;
         let (norm, lm_head) = if shard.is_last_layer() {
             let head = weights.head(vocab, hidden, tied, embed_tokens.as_ref(), device)?;
-            let norm = RmsNorm::load(&weights, "model.norm.weight", hidden, config.rms_norm_eps, device)?;
+            let norm = RmsNorm::load(&weights, "model.norm.weight", hidden, config.rms_norm_eps, device)?
+                .shifted(config.is_gemma())?;
             (Some(norm), Some(head))
         } else {
             (None, None)
         };
         let max_context = max_context.min(config.max_position_embeddings);
         let rope = Rope::new(&config, max_context, device)?;
+        let gemma = Gemma::new(&config);
+        let local_rope = match gemma.as_ref().and_then(|g| g.local_rope_config(&config)) {
+            Some(local) => Some(Rope::new(&local, max_context, device)?),
+            None => None,
+        };
         Ok(Self {
             shard: shard.clone(),
             config,
@@ -409,6 +536,8 @@ impl ShardModel {
             norm,
             lm_head,
             rope,
+            local_rope,
+            gemma,
             max_context,
             device: device.clone(),
             weights,
@@ -452,6 +581,28 @@ impl ShardModel {
         Ok(outputs.remove(0).expect("the one step wants its output"))
     }
 
+    /// Runs the shard's layers on `input` for one request, as [`Self::forward`] does, and
+    /// returns each local layer's routes (each row's chosen experts; `None` for dense layers).
+    pub fn expert_routes(
+        &self,
+        input: ShardInput,
+        cache: &mut RequestCache,
+    ) -> Result<Vec<Option<Vec<Route>>>> {
+        let hidden = self.embed(input)?;
+        let (b, seq, width) = hidden.dims3()?;
+        self.check_room(cache.position, seq)?;
+        let mut x = hidden.reshape((1, b * seq, width))?;
+        let mut parts = [BatchPart { shape: (b, seq), cache, wants_logits: false }];
+        let mut routes = Vec::with_capacity(self.blocks.len());
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let (next, layer_routes) = block.forward_routed(&x, &mut parts, &self.rope, layer)?;
+            x = next;
+            routes.push(layer_routes);
+        }
+        parts[0].cache.position += seq;
+        Ok(routes)
+    }
+
     /// Fails when `seq` more positions after `position` would pass the context.
     pub fn check_room(&self, position: usize, seq: usize) -> Result<()> {
         if position + seq > self.max_context {
@@ -485,13 +636,18 @@ impl ShardModel {
         }
         let mut x = if rows.len() == 1 { rows.remove(0) } else { Tensor::cat(&rows, 1)? };
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, &mut parts, &self.rope, layer)?;
+            let rope = match (&self.local_rope, block.attention.window) {
+                (Some(local), Some(_)) => local,
+                _ => &self.rope,
+            };
+            x = block.forward(&x, &mut parts, rope, layer)?;
         }
         let mut outputs = Vec::with_capacity(parts.len());
         let mut row = 0;
         for part in parts.iter_mut() {
             let (b, seq) = part.shape;
             part.cache.position += seq;
+            part.cache.step_end = 0;
             outputs.push(x.narrow(1, row, b * seq)?.reshape((b, seq, width))?);
             row += b * seq;
         }
@@ -507,6 +663,10 @@ impl ShardModel {
             .map(|&i| Ok(outputs[i].narrow(1, parts[i].shape.1 - 1, 1)?))
             .collect::<Result<Vec<_>>>()?;
         let logits = head.forward(&norm.forward(&Tensor::cat(&lasts, 0)?)?)?;
+        let logits = match self.gemma.as_ref().and_then(|g| g.final_softcap) {
+            Some(cap) => gemma::softcap(&logits, cap)?,
+            None => logits,
+        };
         let mut results = vec![None; parts.len()];
         let mut at = 0;
         for i in wanted {
@@ -533,7 +693,12 @@ impl ShardModel {
                         self.config.vocab_size
                     )));
                 }
-                Ok(table.lookup(&ids)?.reshape((b, seq, hidden))?.to_device(&self.device)?)
+                let rows = table.lookup(&ids)?.reshape((b, seq, hidden))?;
+                let rows = match &self.gemma {
+                    Some(gemma) => (rows * gemma.embed_scale as f64)?,
+                    None => rows,
+                };
+                Ok(rows.to_device(&self.device)?)
             }
             (ShardInput::Hidden(h), None) => {
                 let (_, seq, width) = h.dims3().map_err(|_| {

@@ -1,43 +1,83 @@
 //! Rotary position embeddings: the per-position cos/sin tables, with Llama 3's
-//! frequency scaling, computed the way Hugging Face transformers computes them.
+//! frequency scaling or Phi-3's LongRoPE, computed the way Hugging Face transformers computes
+//! them; a partial rotary factor rotates only each head's leading dimensions.
 
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeScaling};
+use super::phi3::LongRope;
 use crate::error::Result;
 
-/// cos/sin tables `[positions, head_dim / 2]` for every position the model supports.
+/// cos/sin tables `[positions, rotary_dim / 2]` for every position the model supports.
 #[derive(Debug, Clone)]
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// LongRoPE's tables for passes that reach past the original context, and that context.
+    long: Option<(Tensor, Tensor, usize)>,
+    /// Leading width of each head that is rotated.
+    rotary_dim: usize,
 }
 
 impl Rope {
     /// Tables for `positions` positions of `config`'s head width.
     pub fn new(config: &ModelConfig, positions: usize, device: &Device) -> Result<Self> {
-        let inv_freq = inverse_frequencies(config);
-        let half = inv_freq.len();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-        let steps =
-            Tensor::arange(0u32, positions as u32, device)?.to_dtype(DType::F32)?.reshape((positions, 1))?;
-        let angles = steps.matmul(&inv_freq)?;
-        Ok(Self { cos: angles.cos()?, sin: angles.sin()? })
+        let rotary_dim = config.rotary_dim();
+        if let Some(longrope) = LongRope::from_config(config) {
+            let scale = f64::from(longrope.attention_factor);
+            let (cos, sin) = tables(longrope.short, positions, scale, device)?;
+            let (long_cos, long_sin) = tables(longrope.long, positions, scale, device)?;
+            return Ok(Self { cos, sin, long: Some((long_cos, long_sin, longrope.original)), rotary_dim });
+        }
+        let (cos, sin) = tables(inverse_frequencies(config), positions, 1.0, device)?;
+        Ok(Self { cos, sin, long: None, rotary_dim })
     }
 
     /// Rotates `x` (`[batch, heads, seq, head_dim]`) for positions `offset..offset + seq`.
+    #[cfg(test)]
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        self.apply_in_pass(x, offset, offset + x.dim(2)?)
+    }
+
+    /// As [`Rope::apply`], for part of a pass that ends before position `end`: with LongRoPE
+    /// the whole pass takes the long tables once it reaches past the original context, as
+    /// transformers chooses them per forward pass.
+    pub fn apply_in_pass(&self, x: &Tensor, offset: usize, end: usize) -> Result<Tensor> {
         let seq = x.dim(2)?;
-        let cos = self.cos.narrow(0, offset, seq)?;
-        let sin = self.sin.narrow(0, offset, seq)?;
-        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+        let (cos, sin) = match &self.long {
+            Some((cos, sin, original)) if end > *original => (cos, sin),
+            _ => (&self.cos, &self.sin),
+        };
+        let cos = cos.narrow(0, offset, seq)?;
+        let sin = sin.narrow(0, offset, seq)?;
+        let head_dim = x.dim(3)?;
+        if self.rotary_dim == head_dim {
+            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?);
+        }
+        let rotated =
+            candle_nn::rotary_emb::rope(&x.narrow(3, 0, self.rotary_dim)?.contiguous()?, &cos, &sin)?;
+        let kept = x.narrow(3, self.rotary_dim, head_dim - self.rotary_dim)?;
+        Ok(Tensor::cat(&[rotated, kept], 3)?)
     }
 }
 
-/// `1 / theta^(2i / d)` in f32 as transformers computes it, then Llama 3 scaling if configured
+/// cos and sin (each multiplied by `scale`) of every position's angles for `inv_freq`.
+fn tables(inv_freq: Vec<f32>, positions: usize, scale: f64, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let steps =
+        Tensor::arange(0u32, positions as u32, device)?.to_dtype(DType::F32)?.reshape((positions, 1))?;
+    let angles = steps.matmul(&inv_freq)?;
+    if scale == 1.0 {
+        return Ok((angles.cos()?, angles.sin()?));
+    }
+    Ok(((angles.cos()? * scale)?, (angles.sin()? * scale)?))
+}
+
+/// `1 / theta^(2i / d)` in f32 as transformers computes it, then Llama 3 or linear scaling if configured
 /// (as `rope_scaling`, or as GGUF's per-frequency divisors).
 fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
-    let dim = config.head_dim();
+    let dim = config.rotary_dim();
     let base = config.rope_theta as f32;
     let plain = (0..dim).step_by(2).map(|i| 1.0 / base.powf(i as f32 / dim as f32));
     if let Some(factors) = &config.rope_freq_factors {
@@ -45,6 +85,8 @@ fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
     }
     match &config.rope_scaling {
         Some(scaling) if scaling.rope_type == "llama3" => plain.map(|f| llama3_scaled(f, scaling)).collect(),
+        // Positions divided by `factor` (Gemma 3's global layers).
+        Some(scaling) if scaling.rope_type == "linear" => plain.map(|f| f / scaling.factor as f32).collect(),
         _ => plain.collect(),
     }
 }
@@ -79,6 +121,10 @@ mod tests {
             low_freq_factor: 1.0,
             high_freq_factor: 4.0,
             original_max_position_embeddings: 8192.0,
+            short_factor: None,
+            long_factor: None,
+            attention_factor: None,
+            partial_rotary_factor: None,
         }
     }
 

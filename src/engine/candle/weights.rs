@@ -58,13 +58,15 @@ impl WeightIndex {
             None => BTreeSet::from([self.dir.join(SINGLE_FILE)]),
             Some(map) => {
                 let mut files = BTreeSet::new();
+                // An expert's tensor may be stored stacked with its layer's other experts (MLX).
+                let lookup = |name: &str| map.get(name).or_else(|| map.get(&stacked_expert_name(name)?));
                 for name in names {
-                    let file = map.get(name).ok_or_else(|| {
+                    let file = lookup(name).ok_or_else(|| {
                         Error::InvalidModel(format!("tensor {name} is not in {INDEX_FILE}"))
                     })?;
                     files.insert(self.dir.join(file));
                     for suffix in ["scales", "biases"] {
-                        files.extend(map.get(&sibling(name, suffix)).map(|file| self.dir.join(file)));
+                        files.extend(lookup(&sibling(name, suffix)).map(|file| self.dir.join(file)));
                     }
                 }
                 files
@@ -110,9 +112,59 @@ fn map_file(path: &Path, tensors: &mut HashMap<String, StoredTensor>) -> Result<
             shape: view.shape().to_vec(),
             range: start..start + view.data().len(),
         };
+        if stored.shape.len() == 3 && name.contains(".switch_mlp.") {
+            add_expert_views(&name, &stored, tensors);
+        }
         tensors.insert(name, stored);
     }
     Ok(())
+}
+
+/// The name mlx-lm gives the stacked tensor that holds the expert tensor `name` (Hugging Face's
+/// `{block}.experts.{e}.{proj}.{suffix}`, Mixtral's `w1`/`w2`/`w3` as gate/down/up):
+/// `{block}.switch_mlp.{proj}.{suffix}`; `None` for other names.
+fn stacked_expert_name(name: &str) -> Option<String> {
+    let (block, rest) = name.split_once(".experts.")?;
+    let (expert, rest) = rest.split_once('.')?;
+    expert.parse::<usize>().ok()?;
+    let (proj, suffix) = rest.split_once('.')?;
+    let proj = match proj {
+        "w1" => "gate_proj",
+        "w2" => "down_proj",
+        "w3" => "up_proj",
+        other => other,
+    };
+    Some(format!("{block}.switch_mlp.{proj}.{suffix}"))
+}
+
+/// Registers each expert's slice of the stacked `[experts, rows, cols]` tensor `name` (mlx-lm's
+/// `switch_mlp` layout) under its Hugging Face name, so that experts load as if stored apart
+/// (no bytes are copied or read here).
+fn add_expert_views(name: &str, stacked: &StoredTensor, tensors: &mut HashMap<String, StoredTensor>) {
+    let Some((block, rest)) = name.split_once(".switch_mlp.") else { return };
+    let Some((proj, suffix)) = rest.split_once('.') else { return };
+    let proj = match (block.ends_with(".block_sparse_moe"), proj) {
+        (true, "gate_proj") => "w1",
+        (true, "down_proj") => "w2",
+        (true, "up_proj") => "w3",
+        (_, other) => other,
+    };
+    let experts = stacked.shape[0];
+    if experts == 0 {
+        return;
+    }
+    let each = stacked.range.len() / experts;
+    for expert in 0..experts {
+        let start = stacked.range.start + expert * each;
+        let view = StoredTensor {
+            map: stacked.map.clone(),
+            file: stacked.file.clone(),
+            dtype: stacked.dtype,
+            shape: stacked.shape[1..].to_vec(),
+            range: start..start + each,
+        };
+        tensors.insert(format!("{block}.experts.{expert}.{proj}.{suffix}"), view);
+    }
 }
 
 /// The bytes of `pieces` (a file and a byte range of it each), one after another, in
@@ -427,5 +479,23 @@ impl ShardWeights {
         let dtype = candle_dtype(name, stored.dtype)?;
         let bytes = &stored.map[stored.range.clone()];
         Ok(Tensor::from_raw_buffer(bytes, dtype, &[len], device)?.to_dtype(DType::F32)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expert_tensors_are_found_in_mlx_stacks() {
+        assert_eq!(
+            stacked_expert_name("model.layers.3.mlp.experts.17.down_proj.scales").as_deref(),
+            Some("model.layers.3.mlp.switch_mlp.down_proj.scales")
+        );
+        assert_eq!(
+            stacked_expert_name("model.layers.0.block_sparse_moe.experts.1.w3.weight").as_deref(),
+            Some("model.layers.0.block_sparse_moe.switch_mlp.up_proj.weight")
+        );
+        assert_eq!(stacked_expert_name("model.layers.0.mlp.down_proj.weight"), None);
     }
 }
