@@ -26,7 +26,6 @@ from exo.terminal import print_yellow_exo
 
 UNSUPPORTED_COMMANDS = {
     "train": "training (LoRA fine-tuning) ran on exo classic's MLX/tinygrad engines; this build has no training",
-    "eval": "evaluation on a dataset ran on exo classic's MLX/tinygrad engines; this build has no evaluation",
 }
 
 MODELS_HELP = (
@@ -43,15 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="exo", description="Run an exo node: a peer-to-peer LLM inference cluster.", epilog=MODELS_HELP
     )
-    p.add_argument("command", nargs="?", choices=["run", "eval", "train"], help="run: answer --prompt and exit")
-    p.add_argument("model_name", nargs="?", help="model for the run command (see MODEL below)")
+    p.add_argument(
+        "command",
+        nargs="?",
+        choices=["run", "eval", "train"],
+        help="run: answer --prompt and exit; eval: score --data's test.jsonl",
+    )
+    p.add_argument("model_name", nargs="?", help="model for the run and eval commands (see MODEL below)")
     p.add_argument(
         "--default-model", type=str, default=None, help="model used when a request names none (see MODEL below)"
     )
     p.add_argument("--iters", type=int, default=100, help="training iterations (train is not supported)")
     p.add_argument("--save-every", type=int, default=5, help="save every N iterations (train is not supported)")
-    p.add_argument("--data", type=str, default="exo/train/data/lora", help="training data (train is not supported)")
-    p.add_argument("--batch-size", type=int, default=1, help="minibatch size (train is not supported)")
+    p.add_argument(
+        "--data",
+        type=str,
+        default="exo/train/data/lora",
+        help='directory of train/valid/test.jsonl, one {"text": ...} a line',
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per batch (eval, train)")
     p.add_argument("--resume-checkpoint", type=str, default=None, help="checkpoint (train is not supported)")
     p.add_argument("--save-checkpoint-dir", type=str, default="checkpoints", help="(train is not supported)")
     p.add_argument("--node-id", type=str, default=None, help="this node's id (default: persisted random id)")

@@ -20,6 +20,7 @@ from exo.api.model_choice import resolve_model_async
 from exo.api.text_stream import TokenText
 from exo.app.cli_error import CliError
 from exo.app.engines import choose_engine
+from exo.app.evaluation import evaluate
 from exo.app.preloader import ShardPreloader
 from exo.app.progress import ProgressBroadcaster
 from exo.app.tui_feed import TuiFeed
@@ -189,7 +190,7 @@ class App:
 
     def _wants_topology_tui(self) -> bool:
         args = self.args
-        return not (args.disable_tui or args.chat_tui or args.command == "run" or args.run_model)
+        return not (args.disable_tui or args.chat_tui or args.command in ("run", "eval") or args.run_model)
 
     # ------------------------------------------------------------------ callbacks
 
@@ -250,6 +251,8 @@ class App:
         try:
             if args.command == "run" or args.run_model:
                 return await self._until_stopped(self.run_model(args.model_name or args.run_model, args.prompt))
+            if args.command == "eval":
+                return await self._until_stopped(evaluate(self, args.model_name, args.data, args.batch_size))
             await self.api.run(port=args.chatgpt_api_port)
             if self.tui_feed is not None:
                 self._schedule(self.tui_feed.refresh())

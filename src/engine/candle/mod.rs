@@ -10,6 +10,7 @@ mod embedding;
 mod footprint;
 mod gguf;
 mod linear;
+mod loss;
 mod model;
 pub mod quant_type;
 mod quantize;
@@ -36,6 +37,7 @@ use self::batch::Batcher;
 use self::cache::CacheStore;
 use self::model::{ShardInput, ShardModel};
 use self::tensors::Checkpoint;
+use super::example::{Example, ExampleLoss, ExampleOutput};
 use super::sampling::sample_token;
 use super::{Engine, InferenceState, ModelLocator, SamplingParams};
 use crate::error::{Error, Result};
@@ -255,6 +257,23 @@ impl Engine for CandleEngine {
         let output =
             self.batcher.run(loaded.model.clone(), request_id, hidden, cache, self.caches.clone()).await?;
         Ok((WireTensor::from_candle(&output)?, state))
+    }
+
+    async fn evaluate_example(&self, shard: &Shard, example: &Example) -> Result<ExampleOutput> {
+        let loaded = self.model_for(shard).await?;
+        let input = shard_input(&example.input, shard.is_first_layer())?;
+        let (targets, lengths, last) = (example.targets()?, example.lengths()?, shard.is_last_layer());
+        let run = move || -> Result<ExampleOutput> {
+            let output = loaded.model.forward_all_positions(input)?;
+            if !last {
+                return Ok(ExampleOutput::Hidden(WireTensor::from_candle(&output.to_device(&Device::Cpu)?)?));
+            }
+            let (loss, _) = loss::masked_cross_entropy(&output, &targets, &lengths)?;
+            Ok(ExampleOutput::Loss(ExampleLoss { loss: loss.to_scalar::<f32>()?, grads: None }))
+        };
+        tokio::task::spawn_blocking(run)
+            .await
+            .map_err(|e| Error::RequestFailed(format!("evaluating an example stopped: {e}")))?
     }
 
     async fn ensure_shard(&self, shard: &Shard) -> Result<()> {

@@ -452,6 +452,28 @@ impl ShardModel {
         Ok(outputs.remove(0).expect("the one step wants its output"))
     }
 
+    /// Runs the shard over whole sequences with no cache kept (an example, not a request):
+    /// hidden states `[batch, seq, hidden]` out, or on the last shard the logits of every
+    /// position `[batch, seq, vocab]`.
+    pub fn forward_all_positions(&self, input: ShardInput) -> Result<Tensor> {
+        let hidden = self.embed(input)?;
+        let (b, seq, width) = hidden.dims3()?;
+        self.check_room(0, seq)?;
+        let mut cache = RequestCache::new(self.layer_count());
+        let mut parts = [BatchPart { shape: (b, seq), cache: &mut cache, wants_logits: false }];
+        let x = rayon::scope(|_| -> Result<Tensor> {
+            let mut x = hidden.reshape((1, b * seq, width))?;
+            for (layer, block) in self.blocks.iter().enumerate() {
+                x = block.forward(&x, &mut parts, &self.rope, layer)?;
+            }
+            Ok(x.reshape((b, seq, width))?)
+        })?;
+        match (&self.norm, &self.lm_head) {
+            (Some(norm), Some(head)) => head.forward(&norm.forward(&x)?),
+            _ => Ok(x),
+        }
+    }
+
     /// Fails when `seq` more positions after `position` would pass the context.
     pub fn check_room(&self, position: usize, seq: usize) -> Result<()> {
         if position + seq > self.max_context {
