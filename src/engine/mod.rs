@@ -129,6 +129,30 @@ pub trait Engine: Send + Sync {
         Err(Error::InvalidArgument(format!("the {} engine does not evaluate examples", self.name())))
     }
 
+    /// The forward pass of a training example on `shard` for `request_id`: hidden states for
+    /// the next shard (the pass kept until [`Engine::backward_example`]), or on the last shard
+    /// the loss and the gradient for the shard's input, its adapters already stepped.
+    async fn train_example(
+        &self,
+        _request_id: &str,
+        _shard: &Shard,
+        _example: &Example,
+    ) -> Result<ExampleOutput> {
+        Err(Error::InvalidArgument(format!("the {} engine does not train", self.name())))
+    }
+
+    /// The backward pass of `request_id`'s training example given the gradient for `shard`'s
+    /// output: steps the adapters and returns the gradient for the shard's input (none on the
+    /// first shard, whose input is token ids).
+    async fn backward_example(
+        &self,
+        _request_id: &str,
+        _shard: &Shard,
+        _output_grad: WireTensor,
+    ) -> Result<Option<WireTensor>> {
+        Err(Error::InvalidArgument(format!("the {} engine does not train", self.name())))
+    }
+
     /// Starts `request_id` afresh from `prompt`: encodes it and runs the first shard on it.
     async fn infer_prompt(
         &self,

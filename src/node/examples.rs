@@ -1,7 +1,9 @@
 //! Examples on the ring (exo classic's `enqueue_example` / `process_example`): a batch enters
 //! at the node holding the model's first layer, each node runs its layers over the whole
 //! sequences and passes the hidden states on with `SendExample`, and the last shard's loss
-//! travels back as the answer to each call.
+//! travels back as the answer to each call. When training, each answer also carries the
+//! gradient for the caller's output: the node back-propagates it through its own layers,
+//! steps its adapters and answers with the gradient for its own input.
 
 use futures::future::BoxFuture;
 
@@ -36,22 +38,42 @@ impl Node {
         train: bool,
         request_id: &str,
     ) -> Result<ExampleLoss> {
-        if train {
-            return Err(Error::InvalidArgument("training examples are not supported yet".into()));
-        }
         let output = {
             let _turn =
                 self.compute.acquire().await.map_err(|_| Error::RequestFailed("the node stopped".into()))?;
-            self.engine.evaluate_example(shard, &example).await?
-        };
-        match output {
-            ExampleOutput::Loss(loss) => Ok(loss),
-            ExampleOutput::Hidden(hidden) => {
-                let (node_id, next) = self.example_stage(shard, shard.end_layer + 1)?;
-                self.run_example_on(node_id, next, example.with_input(hidden), train, request_id.to_string())
-                    .await
+            if train {
+                self.engine.train_example(request_id, shard, &example).await?
+            } else {
+                self.engine.evaluate_example(shard, &example).await?
             }
+        };
+        let hidden = match output {
+            ExampleOutput::Loss(loss) => return Ok(loss),
+            ExampleOutput::Hidden(hidden) => hidden,
+        };
+        let (node_id, next) = self.example_stage(shard, shard.end_layer + 1)?;
+        let reply = self
+            .run_example_on(node_id, next, example.with_input(hidden), train, request_id.to_string())
+            .await;
+        if !train {
+            return reply;
         }
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => {
+                self.engine.finish_request(request_id).await;
+                return Err(e);
+            }
+        };
+        let output_grad = reply.grads.ok_or_else(|| {
+            Error::Peer(format!("the shard after layer {} sent back no gradient", shard.end_layer))
+        })?;
+        let grads = {
+            let _turn =
+                self.compute.acquire().await.map_err(|_| Error::RequestFailed("the node stopped".into()))?;
+            self.engine.backward_example(request_id, shard, output_grad).await?
+        };
+        Ok(ExampleLoss { loss: reply.loss, grads })
     }
 
     /// The node and shard holding layer `layer` of `shard`'s model, by the ring's partition.

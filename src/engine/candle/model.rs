@@ -427,6 +427,33 @@ impl ShardModel {
         }
     }
 
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The rotary tables of the model.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// The float tensor `name` of `shape` widened to f32 on the host, for the training path
+    /// (safetensors checkpoints with float weights only).
+    pub fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let ShardTensors::Safetensors { weights, quantize: None } = &self.weights else {
+            return Err(Error::InvalidArgument(
+                "training needs a safetensors checkpoint loaded without --quantize".into(),
+            ));
+        };
+        match shape {
+            [len] => weights.vector_f32(name, *len, &Device::Cpu),
+            [rows, cols] => {
+                Ok(weights.device_matrix(&[(name, *rows)], *cols, &Device::Cpu)?.to_dtype(DType::F32)?)
+            }
+            _ => Err(Error::InvalidArgument(format!("{name}: tensors of shape {shape:?} are not weights"))),
+        }
+    }
+
     /// The shard this model holds.
     pub fn shard(&self) -> &Shard {
         &self.shard

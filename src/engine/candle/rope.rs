@@ -25,6 +25,11 @@ impl Rope {
         Ok(Self { cos: angles.cos()?, sin: angles.sin()? })
     }
 
+    /// The cos and sin tables `[seq, head_dim / 2]` of positions `0..seq`.
+    pub fn tables(&self, seq: usize) -> Result<(Tensor, Tensor)> {
+        Ok((self.cos.narrow(0, 0, seq)?, self.sin.narrow(0, 0, seq)?))
+    }
+
     /// Rotates `x` (`[batch, heads, seq, head_dim]`) for positions `offset..offset + seq`.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let seq = x.dim(2)?;
