@@ -125,14 +125,6 @@ def test_help_names_the_classic_engines() -> None:
     assert "TEMPERATURE" in text
 
 
-def test_train_says_it_is_unsupported() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "exo.main", "train", "llama-3.2-1b"], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 2
-    assert "'train' is not supported" in done.stderr
-
-
 def test_an_unknown_device_is_a_clear_error() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "exo.main", "--device", "tpu", "--disable-tui"],

@@ -326,9 +326,10 @@ impl PyCandleEngine {
         Ok(dict)
     }
 
-    /// Writes the adapters of the shard in training to the directory `path` in PEFT's layout
-    /// (`adapter_model.safetensors`, `adapter_config.json`).
-    fn save_adapters(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    /// Writes the adapters of the shard in training to `path/layers-{start}-{end}` in PEFT's
+    /// layout (`adapter_model.safetensors`, `adapter_config.json`); returns that directory, or
+    /// `None` when nothing has trained on this engine.
+    fn save_adapters(&self, py: Python<'_>, path: PathBuf) -> PyResult<Option<PathBuf>> {
         Ok(py.detach(|| self.engine.save_adapters(&path))?)
     }
 

@@ -115,6 +115,11 @@ fn peft_prefix(layer: i32, target: &str) -> String {
     format!("base_model.model.model.layers.{layer}.{}", module_of(target).expect("targets are checked"))
 }
 
+/// The subdirectory a shard's adapters are saved in: `layers-{start}-{end}`.
+pub fn shard_dir_name(shard: &Shard) -> String {
+    format!("layers-{}-{}", shard.start_layer, shard.end_layer)
+}
+
 /// One adapted projection's trainable pair.
 #[derive(Debug, Clone)]
 pub struct LoraPair {
@@ -152,8 +157,11 @@ impl Adapters {
         Ok(Self { config, pairs })
     }
 
-    /// The adapters of `shard`'s layers from a PEFT adapter directory.
+    /// The adapters of `shard`'s layers from a PEFT adapter directory, or from its
+    /// `layers-{start}-{end}` subdirectory (where a ring saves each shard's adapters).
     pub fn load(dir: &Path, shard: &Shard, model: &ModelConfig) -> Result<Self> {
+        let per_shard = dir.join(shard_dir_name(shard));
+        let dir = if dir.join(ADAPTER_CONFIG).is_file() { dir } else { per_shard.as_path() };
         let text = std::fs::read_to_string(dir.join(ADAPTER_CONFIG))
             .map_err(|e| Error::ConfigNotFound(format!("{}: {e}", dir.join(ADAPTER_CONFIG).display())))?;
         let json: serde_json::Value = serde_json::from_str(&text)

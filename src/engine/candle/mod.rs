@@ -168,13 +168,14 @@ impl CandleEngine {
             .collect()
     }
 
-    /// Writes the adapters of the shard in training to `dir` in PEFT's layout.
-    pub fn save_adapters(&self, dir: &Path) -> Result<()> {
+    /// Writes the adapters of the shard in training to `dir/layers-{start}-{end}` in PEFT's
+    /// layout; returns that directory, or `None` when nothing has trained here.
+    pub fn save_adapters(&self, dir: &Path) -> Result<Option<std::path::PathBuf>> {
         let training = self.training.lock().expect("training lock poisoned");
-        let training = training
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument("no adapters to save: nothing has trained yet".into()))?;
-        training.adapters().save(dir, &training.shard().model_id)
+        let Some(training) = training.as_ref() else { return Ok(None) };
+        let target = dir.join(lora::shard_dir_name(training.shard()));
+        training.adapters().save(&target, &training.shard().model_id)?;
+        Ok(Some(target))
     }
 
     /// Runs `work` on the training state of `loaded`'s shard, made first if need be, on a
@@ -324,19 +325,27 @@ impl Engine for CandleEngine {
         let loaded = self.model_for(shard).await?;
         let input = shard_input(&example.input, shard.is_first_layer())?;
         let (targets, lengths, last) = (example.targets()?, example.lengths()?, shard.is_last_layer());
-        let training = self.training.clone();
-        let run = move || -> Result<ExampleOutput> {
-            // With adapters in training, their layers score the example; else the fast path.
-            let output = match training.lock().expect("training lock poisoned").as_ref() {
-                Some(t) if t.shard() == loaded.model.shard() => t.evaluate(&loaded.model.embed(input)?)?,
-                _ => loaded.model.forward_all_positions(input)?,
-            };
+        let score = move |output: Tensor| -> Result<ExampleOutput> {
             if !last {
                 return Ok(ExampleOutput::Hidden(WireTensor::from_candle(&output.to_device(&Device::Cpu)?)?));
             }
             let (loss, _) = loss::masked_cross_entropy(&output, &targets, &lengths)?;
             Ok(ExampleOutput::Loss(ExampleLoss { loss: loss.to_scalar::<f32>()?, grads: None }))
         };
+        // With adapters (in training, or to start from) their layers score the example.
+        let adapted = self.train_options.lock().expect("train options lock poisoned").adapter.is_some()
+            || self
+                .training
+                .lock()
+                .expect("training lock poisoned")
+                .as_ref()
+                .is_some_and(|t| t.shard() == shard);
+        if adapted {
+            return self
+                .with_training(loaded, move |t, model| score(t.evaluate(&model.embed(input)?)?))
+                .await;
+        }
+        let run = move || score(loaded.model.forward_all_positions(input)?);
         tokio::task::spawn_blocking(run)
             .await
             .map_err(|e| Error::RequestFailed(format!("evaluating an example stopped: {e}")))?
