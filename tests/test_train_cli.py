@@ -1,6 +1,6 @@
 """`exo train` on the command line: LoRA steps lower the validation loss, adapters are saved per
-shard in PEFT's layout at each `--save-every` and at the end, and `--resume-checkpoint` starts from
-them (its validation loss before training is the first run's after)."""
+shard in PEFT's layout with the optimizer's state at each `--save-every` and at the end, and
+`--resume-checkpoint` starts from them (its validation loss before training is the first run's after)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,9 @@ def test_train_lowers_the_loss_saves_peft_adapters_and_resumes(model_dir: Path, 
         tensors = load_file(str(adapter / "adapter_model.safetensors"))
         assert len(tensors) == 4 * 2 * 2
         assert tensors["base_model.model.model.layers.3.self_attn.v_proj.lora_B.weight"].shape == (32, 8)
+        state = load_file(str(adapter / "optimizer.safetensors"))
+        assert state["step"].tolist() == [int(step)]
+        assert state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight.exp_avg_sq"].shape == (8, 64)
     resumed = run_solo(
         tmp_path, "train", str(model_dir), *common, "--iters", "1", "--save-every", "0",
         "--save-checkpoint-dir", str(tmp_path / "again"), "--resume-checkpoint", str(checkpoints / "000012"),

@@ -13,6 +13,7 @@ mod linear;
 mod lora;
 mod loss;
 mod model;
+mod optimizer;
 pub mod quant_type;
 mod quantize;
 mod rope;
@@ -169,12 +170,12 @@ impl CandleEngine {
     }
 
     /// Writes the adapters of the shard in training to `dir/layers-{start}-{end}` in PEFT's
-    /// layout; returns that directory, or `None` when nothing has trained here.
+    /// layout, with the optimizer's state; returns that directory, or `None` when nothing has trained here.
     pub fn save_adapters(&self, dir: &Path) -> Result<Option<std::path::PathBuf>> {
         let training = self.training.lock().expect("training lock poisoned");
         let Some(training) = training.as_ref() else { return Ok(None) };
         let target = dir.join(lora::shard_dir_name(training.shard()));
-        training.adapters().save(&target, &training.shard().model_id)?;
+        training.save(&target)?;
         Ok(Some(target))
     }
 

@@ -1,6 +1,7 @@
 //! A candle engine's fine-tuning state for its loaded shard: the LoRA adapters, the optimizer
 //! updating them, and each in-flight training example's graph between its forward pass and the
-//! gradient coming back from the next shard.
+//! gradient coming back from the next shard. Checkpoints hold the adapters and the optimizer's
+//! state, so training resumes where it stopped.
 //!
 //! Every shard steps its own optimizer once per example: the last shard as soon as it has the
 //! loss, the others when the gradient for their output arrives. What a shard sends back is the
@@ -12,11 +13,11 @@ use std::path::PathBuf;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW, SGD};
 
 use super::lora::{Adapters, LoraConfig};
 use super::loss::masked_cross_entropy;
 use super::model::ShardModel;
+use super::optimizer::Optimizer;
 use super::trainable::TrainableShard;
 use crate::engine::example::{ExampleLoss, ExampleOutput};
 use crate::error::{Error, Result};
@@ -61,35 +62,6 @@ impl Default for TrainOptions {
     }
 }
 
-enum Stepper {
-    Sgd(SGD),
-    AdamW(AdamW),
-}
-
-impl Stepper {
-    fn new(options: &TrainOptions, vars: Vec<Var>) -> Result<Self> {
-        Ok(match options.optimizer {
-            OptimizerKind::Sgd => Self::Sgd(SGD::new(vars, options.learning_rate)?),
-            OptimizerKind::AdamW => Self::AdamW(AdamW::new(
-                vars,
-                ParamsAdamW {
-                    lr: options.learning_rate,
-                    weight_decay: options.weight_decay,
-                    ..Default::default()
-                },
-            )?),
-        })
-    }
-
-    fn step(&mut self, grads: &GradStore) -> Result<()> {
-        match self {
-            Self::Sgd(o) => o.step(grads)?,
-            Self::AdamW(o) => o.step(grads)?,
-        }
-        Ok(())
-    }
-}
-
 /// An example between its forward pass and its gradient: the tracked input (none on the first
 /// shard, whose input is token ids) and the output whose gradient will arrive.
 struct Pending {
@@ -97,11 +69,21 @@ struct Pending {
     output: Tensor,
 }
 
+/// Where `shard`'s adapters are in the checkpoint `dir`: `dir` itself when it holds an adapter,
+/// else its `layers-{start}-{end}` subdirectory.
+fn adapters_dir(dir: &std::path::Path, shard: &Shard) -> std::path::PathBuf {
+    if dir.join(super::lora::ADAPTER_CONFIG).is_file() {
+        dir.to_path_buf()
+    } else {
+        dir.join(super::lora::shard_dir_name(shard))
+    }
+}
+
 /// Fine-tuning state of one shard.
 pub struct Training {
     model: TrainableShard,
     adapters: Adapters,
-    stepper: Stepper,
+    optimizer: Optimizer,
     pending: HashMap<String, Pending>,
     /// The adapters' gradients of the last step, by PEFT name.
     last_gradients: BTreeMap<String, Tensor>,
@@ -114,10 +96,21 @@ impl Training {
             Some(dir) => Adapters::load(dir, model.shard(), model.config())?,
             None => Adapters::new(options.lora.clone(), model.shard(), model.config(), options.seed)?,
         };
-        let vars = adapters.named_vars().into_iter().map(|(_, var)| var).collect();
+        let mut optimizer = match options.optimizer {
+            OptimizerKind::Sgd => Optimizer::Sgd { lr: options.learning_rate },
+            OptimizerKind::AdamW => Optimizer::AdamW {
+                lr: options.learning_rate,
+                weight_decay: options.weight_decay,
+                step: 0,
+                moments: HashMap::new(),
+            },
+        };
+        if let Some(dir) = &options.adapter {
+            optimizer.restore(&adapters_dir(dir, model.shard()))?;
+        }
         Ok(Self {
             model: TrainableShard::load(model)?,
-            stepper: Stepper::new(options, vars)?,
+            optimizer,
             adapters,
             pending: HashMap::new(),
             last_gradients: BTreeMap::new(),
@@ -129,9 +122,11 @@ impl Training {
         self.model.shard()
     }
 
-    /// The adapters.
-    pub fn adapters(&self) -> &Adapters {
-        &self.adapters
+    /// Writes the adapters and the optimizer's state to `dir` (PEFT's layout, plus
+    /// `optimizer.safetensors`).
+    pub fn save(&self, dir: &std::path::Path) -> Result<()> {
+        self.adapters.save(dir, &self.shard().model_id)?;
+        self.optimizer.save(dir)
     }
 
     /// The adapters' gradients of the last step, by PEFT name.
@@ -216,7 +211,7 @@ impl Training {
             .into_iter()
             .filter_map(|(name, var)| grads.get(var.as_tensor()).map(|g| (name, g.clone())))
             .collect();
-        self.stepper.step(&grads)?;
+        self.optimizer.step(&self.adapters.named_vars(), &grads)?;
         Ok(grads)
     }
 }
