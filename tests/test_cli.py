@@ -125,15 +125,6 @@ def test_help_names_the_classic_engines() -> None:
     assert "TEMPERATURE" in text
 
 
-@pytest.mark.parametrize("command", ["train", "eval"])
-def test_train_and_eval_say_they_are_unsupported(command: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "exo.main", command, "llama-3.2-1b"], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 2
-    assert f"'{command}' is not supported" in done.stderr
-
-
 def test_an_unknown_device_is_a_clear_error() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "exo.main", "--device", "tpu", "--disable-tui"],

@@ -278,6 +278,20 @@ class CandleInferenceEngine(NativeInferenceEngine):
         max_batch: int | None = None,
     ) -> CandleInferenceEngine: ...
     def cache_usage(self) -> tuple[int, int]: ...
+    def configure_training(
+        self,
+        *,
+        rank: int = 8,
+        alpha: float = 16.0,
+        targets: Sequence[str] = ...,
+        optimizer: str = "adamw",
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        adapter: str | os.PathLike[str] | None = None,
+        seed: int = 0,
+    ) -> None: ...
+    def adapter_gradients(self) -> dict[str, npt.NDArray[Any]]: ...
+    def save_adapters(self, path: str | os.PathLike[str]) -> Path | None: ...
     def load_checkpoint(self, shard: Shard, path: str | os.PathLike[str]) -> Awaitable[None]: ...
     def save_checkpoint(self, shard: Shard, path: str | os.PathLike[str]) -> Awaitable[None]: ...
 
@@ -338,8 +352,16 @@ class NativePeerHandle:
         request_id: str | None = None,
         inference_state: dict[str, Any] | None = None,
     ) -> Awaitable[None]: ...
-    def send_example(self, *args: Any, **kwargs: Any) -> None:
-        """Always raises: training and evaluation are not supported."""
+    def send_example(
+        self,
+        shard: Shard,
+        example: npt.ArrayLike,
+        target: npt.ArrayLike,
+        length: npt.ArrayLike,
+        train: bool = False,
+        request_id: str | None = None,
+    ) -> Awaitable[float | tuple[float, npt.NDArray[Any]]]:
+        """Runs an example on the peer's shard and the ring after it: the loss, with the input gradient if any."""
     def send_result(self, request_id: str, result: Sequence[int], is_finished: bool) -> Awaitable[None]: ...
     def send_opaque_status(self, request_id: str, status: str) -> Awaitable[None]: ...
     def collect_topology(self, visited: set[str], max_depth: int = 4) -> Awaitable[Topology]: ...
@@ -440,6 +462,26 @@ class NativeNode(NativeRequestHandler):
         request_id: str | None = None,
         inference_state: dict[str, Any] | None = None,
     ) -> Awaitable[None]: ...
+    def enqueue_example(
+        self,
+        base_shard: Shard,
+        example: npt.ArrayLike,
+        target: npt.ArrayLike,
+        length: npt.ArrayLike,
+        train: bool = False,
+        request_id: str | None = None,
+    ) -> Awaitable[float]:
+        """Runs one batch through the ring from the node holding the first layer: its mean loss."""
+    def process_example(
+        self,
+        shard: Shard,
+        example: npt.ArrayLike,
+        target: npt.ArrayLike,
+        length: npt.ArrayLike,
+        train: bool = False,
+        request_id: str | None = None,
+    ) -> Awaitable[float | tuple[float, npt.NDArray[Any]]]:
+        """Runs this node's shard over an example, then the ring after it: the loss (and input gradient)."""
     def generate(
         self,
         base_shard: Shard,

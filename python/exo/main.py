@@ -24,11 +24,6 @@ from exo.app.progress import ProgressBroadcastThrottle
 from exo.settings import DEBUG, DEBUG_DISCOVERY, VERBOSE, configure_logging
 from exo.terminal import print_yellow_exo
 
-UNSUPPORTED_COMMANDS = {
-    "train": "training (LoRA fine-tuning) ran on exo classic's MLX/tinygrad engines; this build has no training",
-    "eval": "evaluation on a dataset ran on exo classic's MLX/tinygrad engines; this build has no evaluation",
-}
-
 MODELS_HELP = (
     "MODEL is a registry id, and the id picks the weights as in exo classic: llama-3.2-1b is the 4-bit "
     "mlx-community quantization, llama-3.2-1b-8bit the 8-bit one, ids ending in -bf16 the unquantized model "
@@ -43,17 +38,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="exo", description="Run an exo node: a peer-to-peer LLM inference cluster.", epilog=MODELS_HELP
     )
-    p.add_argument("command", nargs="?", choices=["run", "eval", "train"], help="run: answer --prompt and exit")
-    p.add_argument("model_name", nargs="?", help="model for the run command (see MODEL below)")
+    p.add_argument(
+        "command",
+        nargs="?",
+        choices=["run", "eval", "train"],
+        help="run: answer --prompt and exit; eval: score --data's test.jsonl; train: fine-tune LoRA adapters on "
+        "its train.jsonl",
+    )
+    p.add_argument("model_name", nargs="?", help="model for the run, eval and train commands (see MODEL below)")
     p.add_argument(
         "--default-model", type=str, default=None, help="model used when a request names none (see MODEL below)"
     )
-    p.add_argument("--iters", type=int, default=100, help="training iterations (train is not supported)")
-    p.add_argument("--save-every", type=int, default=5, help="save every N iterations (train is not supported)")
-    p.add_argument("--data", type=str, default="exo/train/data/lora", help="training data (train is not supported)")
-    p.add_argument("--batch-size", type=int, default=1, help="minibatch size (train is not supported)")
-    p.add_argument("--resume-checkpoint", type=str, default=None, help="checkpoint (train is not supported)")
-    p.add_argument("--save-checkpoint-dir", type=str, default="checkpoints", help="(train is not supported)")
+    p.add_argument("--iters", type=int, default=100, help="training steps, one batch each (train)")
+    p.add_argument(
+        "--save-every", type=int, default=5, help="save the adapters every N steps (train; 0: only at the end)"
+    )
+    p.add_argument(
+        "--data",
+        type=str,
+        default="exo/train/data/lora",
+        help='directory of train/valid/test.jsonl, one {"text": ...} a line',
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per batch (eval, train)")
+    p.add_argument("--resume-checkpoint", type=str, default=None, help="adapter directory to start from (train, eval)")
+    p.add_argument("--save-checkpoint-dir", type=str, default="checkpoints", help="where train saves adapters")
+    p.add_argument("--learning-rate", type=float, default=1e-4, help="optimizer learning rate (train)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="optimizer (train)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="optimizer weight decay (train)")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (train)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; updates scale by alpha/rank (train)")
+    p.add_argument(
+        "--lora-targets", type=str, default="q_proj,v_proj", help="comma-separated projections to adapt (train)"
+    )
     p.add_argument("--node-id", type=str, default=None, help="this node's id (default: persisted random id)")
     p.add_argument("--node-host", type=str, default="0.0.0.0", help="gRPC server host")
     p.add_argument("--node-port", type=int, default=None, help="gRPC server port (default: a free port)")
@@ -150,9 +166,6 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m exo.main`, `exo` and `xot`."""
     args = build_parser().parse_args(argv)
     configure_logging(DEBUG, DEBUG_DISCOVERY, VERBOSE)
-    if args.command in UNSUPPORTED_COMMANDS:
-        print(f"exo: '{args.command}' is not supported: {UNSUPPORTED_COMMANDS[args.command]}.", file=sys.stderr)
-        return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     if args.device is not None:
         # The engine and the node's device report both read it.

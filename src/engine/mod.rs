@@ -3,6 +3,7 @@
 
 pub mod candle;
 pub mod dummy;
+pub mod example;
 pub mod kernels;
 pub mod sampling;
 
@@ -11,9 +12,10 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::shard::Shard;
 use crate::tensor::{DType, WireTensor};
+use example::{Example, ExampleOutput};
 
 /// Per-request data that travels with a tensor between nodes (exo classic's `inference_state`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -119,6 +121,36 @@ pub trait Engine: Send + Sync {
     /// weights; the node keeps every node's layers within that node's memory with it.
     async fn model_memory(&self, _base: &Shard) -> Option<crate::topology::ModelMemory> {
         None
+    }
+
+    /// Runs `shard`'s layers over a whole example with no cache kept (exo classic's
+    /// evaluation): hidden states for the next shard, or on the last shard the example's loss.
+    async fn evaluate_example(&self, _shard: &Shard, _example: &Example) -> Result<ExampleOutput> {
+        Err(Error::InvalidArgument(format!("the {} engine does not evaluate examples", self.name())))
+    }
+
+    /// The forward pass of a training example on `shard` for `request_id`: hidden states for
+    /// the next shard (the pass kept until [`Engine::backward_example`]), or on the last shard
+    /// the loss and the gradient for the shard's input, its adapters already stepped.
+    async fn train_example(
+        &self,
+        _request_id: &str,
+        _shard: &Shard,
+        _example: &Example,
+    ) -> Result<ExampleOutput> {
+        Err(Error::InvalidArgument(format!("the {} engine does not train", self.name())))
+    }
+
+    /// The backward pass of `request_id`'s training example given the gradient for `shard`'s
+    /// output: steps the adapters and returns the gradient for the shard's input (none on the
+    /// first shard, whose input is token ids).
+    async fn backward_example(
+        &self,
+        _request_id: &str,
+        _shard: &Shard,
+        _output_grad: WireTensor,
+    ) -> Result<Option<WireTensor>> {
+        Err(Error::InvalidArgument(format!("the {} engine does not train", self.name())))
     }
 
     /// Starts `request_id` afresh from `prompt`: encodes it and runs the first shard on it.

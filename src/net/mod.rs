@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::engine::example::{Example, ExampleLoss};
 use crate::engine::InferenceState;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::shard::Shard;
 use crate::tensor::WireTensor;
 use crate::topology::{DeviceCapabilities, Topology};
@@ -88,6 +89,18 @@ pub trait PeerHandle: Send + Sync {
         request_id: &str,
         state: Option<InferenceState>,
     ) -> Result<()>;
+    /// Runs `example` through the peer's shard `shard` and the rest of the ring after it
+    /// (`SendExample`); the batch's loss comes back, with the gradient for `shard`'s input
+    /// when training. Peers that cannot take examples say so.
+    async fn send_example(
+        &self,
+        _shard: &Shard,
+        _example: Example,
+        _train: bool,
+        _request_id: &str,
+    ) -> Result<ExampleLoss> {
+        Err(Error::Peer(format!("peer {} does not take examples", self.id())))
+    }
     /// Delivers tokens of a request to the peer's token listeners.
     async fn send_result(&self, request_id: &str, tokens: &[u32], is_finished: bool) -> Result<()>;
     /// Delivers a JSON status string to the peer's status listeners.
@@ -139,6 +152,17 @@ pub trait RequestHandler: Send + Sync {
         request_id: Option<String>,
         state: Option<InferenceState>,
     ) -> Result<()>;
+    /// A peer sent an example for this node's shard `shard` and the ring after it; answers
+    /// with its loss (and input gradient when training).
+    async fn handle_example(
+        &self,
+        _shard: Shard,
+        _example: Example,
+        _train: bool,
+        _request_id: Option<String>,
+    ) -> Result<ExampleLoss> {
+        Err(Error::InvalidArgument("this node does not take examples".into()))
+    }
     /// Tokens of a request arrived.
     async fn handle_result(&self, request_id: String, tokens: Vec<u32>, is_finished: bool);
     /// A status message arrived.

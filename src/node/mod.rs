@@ -3,6 +3,7 @@
 //! Lifecycle and cluster membership live here; the request path lives in `ring`, the node's
 //! state in owned parts: `membership` (peers, topology, partitions) and `table` (requests).
 
+mod examples;
 mod membership;
 mod outbox;
 mod request;

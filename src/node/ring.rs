@@ -15,6 +15,7 @@ use super::request::{
     CONTEXT_KEY,
 };
 use super::{GenerateOptions, Node, NodeEvent};
+use crate::engine::example::{Example, ExampleLoss};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
 use crate::net::RequestHandler;
@@ -510,6 +511,17 @@ impl RequestHandler for Node {
         let request_id = request_id.unwrap_or_else(new_request_id);
         let outcome = self.run_tensor(shard, tensor, &request_id, state).await;
         self.end_failed(&request_id, outcome).await
+    }
+
+    async fn handle_example(
+        &self,
+        shard: Shard,
+        example: Example,
+        train: bool,
+        request_id: Option<String>,
+    ) -> Result<ExampleLoss> {
+        let request_id = request_id.unwrap_or_else(new_request_id);
+        self.process_example(&shard, example, train, &request_id).await
     }
 
     async fn handle_result(&self, request_id: String, tokens: Vec<u32>, is_finished: bool) {

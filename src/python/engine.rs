@@ -16,7 +16,8 @@ use super::tensor::{ndarray_from_wire, wire_from_ndarray};
 use super::tokenizer::PyTokenizer;
 use crate::download::DownloaderLocator;
 use crate::engine::candle::{
-    block_type, block_type_from_env, BatchOptions, CandleEngine, ComputeDevice, EngineOptions,
+    block_type, block_type_from_env, BatchOptions, CandleEngine, ComputeDevice, EngineOptions, LoraConfig,
+    OptimizerKind, TrainOptions,
 };
 use crate::engine::dummy::DummyEngine;
 use crate::engine::{Engine, InferenceState, LocalDirectories, ModelLocator, SamplingParams};
@@ -286,6 +287,50 @@ impl PyCandleEngine {
         };
         let engine = Arc::new(CandleEngine::new(locator, options, device));
         Ok(PyClassInitializer::from(PyEngine { inner: engine.clone() }).add_subclass(Self { engine }))
+    }
+
+    /// Sets how this engine fine-tunes its shard: LoRA `rank`, `alpha` and `targets`, the
+    /// `optimizer` (`adamw` or `sgd`) with its `learning_rate` and `weight_decay`, and a PEFT
+    /// `adapter` directory to start from; adapters start afresh with the next training example.
+    #[pyo3(signature = (*, rank=8, alpha=16.0, targets=vec!["q_proj".to_string(), "v_proj".to_string()], optimizer="adamw", learning_rate=1e-4, weight_decay=0.0, adapter=None, seed=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn configure_training(
+        &self,
+        rank: usize,
+        alpha: f64,
+        targets: Vec<String>,
+        optimizer: &str,
+        learning_rate: f64,
+        weight_decay: f64,
+        adapter: Option<PathBuf>,
+        seed: u64,
+    ) -> PyResult<()> {
+        let optimizer = match optimizer.to_ascii_lowercase().as_str() {
+            "adamw" => OptimizerKind::AdamW,
+            "sgd" => OptimizerKind::Sgd,
+            other => {
+                return Err(Error::InvalidArgument(format!("unknown optimizer {other} (adamw or sgd)")).into())
+            }
+        };
+        let lora = LoraConfig { rank, alpha, targets };
+        let options = TrainOptions { lora, optimizer, learning_rate, weight_decay, adapter, seed };
+        Ok(self.engine.configure_training(options)?)
+    }
+
+    /// The adapters' gradients of the last training step, by PEFT name.
+    fn adapter_gradients<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let dict = pyo3::types::PyDict::new(py);
+        for (name, grad) in self.engine.adapter_gradients()? {
+            dict.set_item(name, ndarray_from_wire(py, grad)?)?;
+        }
+        Ok(dict)
+    }
+
+    /// Writes the adapters of the shard in training to `path/layers-{start}-{end}` in PEFT's
+    /// layout (`adapter_model.safetensors`, `adapter_config.json`); returns that directory, or
+    /// `None` when nothing has trained on this engine.
+    fn save_adapters(&self, py: Python<'_>, path: PathBuf) -> PyResult<Option<PathBuf>> {
+        Ok(py.detach(|| self.engine.save_adapters(&path))?)
     }
 
     /// `(requests, bytes)` of the KV caches the engine holds: running and idle requests'.

@@ -6,6 +6,7 @@ mod discovery;
 mod download;
 mod engine;
 mod errors;
+mod example;
 mod gc;
 mod models;
 mod node;

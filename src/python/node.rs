@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 use super::convert::state_from_py;
 use super::discovery::discovery_from_py;
 use super::engine::engine_from_py;
+use super::example::{example_from_py, LossReply};
 use super::gc::StandIns;
 use super::peer::PyPeerHandle;
 use super::server::{server_from_py, PyRequestHandler};
@@ -215,6 +216,47 @@ impl PyNode {
             (self.inner.clone(), wire_from_ndarray(tensor)?, state_from_py(inference_state)?);
         super::asyncio::future_into_py(py, async move {
             Ok(node.process_tensor(&base_shard.inner, tensor, request_id, state).await?)
+        })
+    }
+
+    /// Runs one batch of `base_shard`'s model through the ring from the node holding its first
+    /// layer; resolves to the batch's mean loss over the positions that count.
+    #[pyo3(signature = (base_shard, example, target, length, train=false, request_id=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_example<'py>(
+        &self,
+        py: Python<'py>,
+        base_shard: PyShard,
+        example: &Bound<'py, PyAny>,
+        target: &Bound<'py, PyAny>,
+        length: &Bound<'py, PyAny>,
+        train: bool,
+        request_id: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (node, example) = (self.inner.clone(), example_from_py(example, target, length)?);
+        super::asyncio::future_into_py(py, async move {
+            Ok(node.enqueue_example(&base_shard.inner, example, train, request_id).await?.loss)
+        })
+    }
+
+    /// Runs this node's `shard` over an example, then the ring after it; resolves to the loss,
+    /// or `(loss, grads)` when a gradient for the shard's input came back.
+    #[pyo3(signature = (shard, example, target, length, train=false, request_id=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn process_example<'py>(
+        &self,
+        py: Python<'py>,
+        shard: PyShard,
+        example: &Bound<'py, PyAny>,
+        target: &Bound<'py, PyAny>,
+        length: &Bound<'py, PyAny>,
+        train: bool,
+        request_id: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (node, example) = (self.inner.clone(), example_from_py(example, target, length)?);
+        let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        super::asyncio::future_into_py(py, async move {
+            Ok(LossReply(node.process_example(&shard.inner, example, train, &request_id).await?))
         })
     }
 

@@ -9,6 +9,7 @@ use pyo3::prelude::*;
 
 use super::asyncio::{call_coroutine, with_python};
 use super::convert::{prompt_args, state_from_py, tensor_args};
+use super::example::{example_from_py, LossReply};
 use super::shard::PyShard;
 use super::tensor::wire_from_ndarray;
 use super::topology::{PyDeviceCapabilities, PyTopology};
@@ -201,14 +202,25 @@ impl PyPeerHandle {
         })
     }
 
-    /// Training examples are not supported; says so instead of sending.
-    #[pyo3(signature = (*_args, **_kwargs))]
-    fn send_example(
+    /// Sends an example to the peer's `shard` and the ring after it (`SendExample`);
+    /// resolves to the loss, or `(loss, grads)` when a gradient came back.
+    #[pyo3(signature = (shard, example, target, length, train=false, request_id=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn send_example<'py>(
         &self,
-        _args: &Bound<'_, pyo3::types::PyTuple>,
-        _kwargs: Option<&Bound<'_, pyo3::types::PyDict>>,
-    ) -> PyResult<()> {
-        Err(Error::InvalidArgument("training and evaluation are not supported by xotorch-core".into()).into())
+        py: Python<'py>,
+        shard: PyShard,
+        example: &Bound<'py, PyAny>,
+        target: &Bound<'py, PyAny>,
+        length: &Bound<'py, PyAny>,
+        train: bool,
+        request_id: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (peer, example) = (self.inner.clone(), example_from_py(example, target, length)?);
+        let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        super::asyncio::future_into_py(py, async move {
+            Ok(LossReply(peer.send_example(&shard.inner, example, train, &request_id).await?))
+        })
     }
 
     fn send_result<'py>(

@@ -20,8 +20,10 @@ from exo.api.model_choice import resolve_model_async
 from exo.api.text_stream import TokenText
 from exo.app.cli_error import CliError
 from exo.app.engines import choose_engine
+from exo.app.evaluation import evaluate
 from exo.app.preloader import ShardPreloader
 from exo.app.progress import ProgressBroadcaster
+from exo.app.training import configure_engine, on_save_status, train
 from exo.app.tui_feed import TuiFeed
 from exo.download.new_shard_download import ensure_exo_home, new_shard_downloader, seed_models
 from exo.download.shard_download import NoopShardDownloader
@@ -141,6 +143,10 @@ class App:
         except InvalidArgumentError as e:  # a device this build or machine lacks, an unknown block type
             raise CliError(str(e)) from e
         self.engine_classname = type(engine).__name__
+        try:
+            configure_engine(engine, args)
+        except InvalidArgumentError as e:  # an unknown LoRA target, rank 0
+            raise CliError(str(e)) from e
         self._check_models()
         device = getattr(engine, "device", "cpu")
         print(f"Using inference engine: {self.engine_classname} ({self.engine_name}) on {device}")
@@ -189,7 +195,7 @@ class App:
 
     def _wants_topology_tui(self) -> bool:
         args = self.args
-        return not (args.disable_tui or args.chat_tui or args.command == "run" or args.run_model)
+        return not (args.disable_tui or args.chat_tui or args.command in ("run", "eval", "train") or args.run_model)
 
     # ------------------------------------------------------------------ callbacks
 
@@ -202,6 +208,10 @@ class App:
     def _register_callbacks(self) -> None:
         """Wires the TUI feed, the shard preloader and the progress broadcast to the node's callbacks."""
         node = self.node
+        engine = node.inference_engine
+        node.on_opaque_status.register("save_adapters").on_next(
+            lambda _request_id, status: on_save_status(engine, node.id, status)
+        )
         if self.topology_viz is not None:
             self.tui_feed = TuiFeed(self.topology_viz, node, self.engine_classname)
             self.tui_feed.register()
@@ -250,6 +260,10 @@ class App:
         try:
             if args.command == "run" or args.run_model:
                 return await self._until_stopped(self.run_model(args.model_name or args.run_model, args.prompt))
+            if args.command == "eval":
+                return await self._until_stopped(evaluate(self, args.model_name, args.data, args.batch_size))
+            if args.command == "train":
+                return await self._until_stopped(train(self, args.model_name))
             await self.api.run(port=args.chatgpt_api_port)
             if self.tui_feed is not None:
                 self._schedule(self.tui_feed.refresh())

@@ -188,6 +188,30 @@ class Node:
         """Runs this node's shard on `tensor` for a running request."""
         await self._core.process_tensor(base_shard, tensor, request_id, inference_state)
 
+    async def enqueue_example(
+        self,
+        base_shard: Shard,
+        example: np.ndarray,
+        target: np.ndarray,
+        length: np.ndarray,
+        train: bool = False,
+        request_id: str | None = None,
+    ) -> float:
+        """Runs one batch through the ring from the node holding the first layer; its mean loss."""
+        return await self._core.enqueue_example(base_shard, example, target, length, train, request_id)
+
+    async def process_example(
+        self,
+        shard: Shard,
+        example: np.ndarray,
+        target: np.ndarray,
+        length: np.ndarray,
+        train: bool = False,
+        request_id: str | None = None,
+    ) -> float | tuple[float, np.ndarray]:
+        """Runs this node's `shard` over an example, then the ring after it: the loss (and input gradient)."""
+        return await self._core.process_example(shard, example, target, length, train, request_id)
+
     def generate(
         self,
         base_shard: Shard,

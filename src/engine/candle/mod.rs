@@ -11,8 +11,11 @@ mod footprint;
 mod gemma;
 mod gguf;
 mod linear;
+mod lora;
+mod loss;
 mod model;
 mod moe;
+mod optimizer;
 mod phi3;
 pub mod quant_type;
 mod quantize;
@@ -21,13 +24,17 @@ mod sliding_window;
 mod tensors;
 #[cfg(test)]
 mod tests;
+mod trainable;
+mod training;
 mod weights;
 
 pub use batch::{BatchOptions, MAX_BATCH_ENV, PREFILL_CHUNK_ENV};
 pub use config::{ModelConfig, MODEL_TYPES};
 pub use device::{ComputeDevice, DEVICE_ENV};
 pub use gguf::{gguf_files, part_names as gguf_part_names, tensor_range as gguf_tensor_range};
+pub use lora::LoraConfig;
 pub use quantize::{block_type, block_type_from_env, QUANTIZE_ENV};
+pub use training::{OptimizerKind, TrainOptions};
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -40,6 +47,8 @@ use self::batch::Batcher;
 use self::cache::CacheStore;
 use self::model::{ShardInput, ShardModel};
 use self::tensors::Checkpoint;
+use self::training::Training;
+use super::example::{Example, ExampleLoss, ExampleOutput};
 use super::sampling::sample_token;
 use super::{Engine, InferenceState, ModelLocator, SamplingParams};
 use crate::error::{Error, Result};
@@ -97,6 +106,9 @@ pub struct CandleEngine {
     /// What each model asked about takes in memory (headers are read once per model: a GGUF's
     /// holds its whole vocabulary, and the TUI and `/topology` ask every second).
     footprints: Mutex<std::collections::HashMap<String, crate::topology::ModelMemory>>,
+    /// How fine-tuning runs, and its state once an example trained or adapters were loaded.
+    train_options: Mutex<TrainOptions>,
+    training: Arc<Mutex<Option<Training>>>,
 }
 
 impl CandleEngine {
@@ -112,6 +124,8 @@ impl CandleEngine {
             caches: Arc::new(Mutex::new(CacheStore::new(options.cache_budget_bytes))),
             batcher: Batcher::start(options.batch),
             footprints: Mutex::default(),
+            train_options: Mutex::default(),
+            training: Arc::default(),
         }
     }
 
@@ -137,6 +151,57 @@ impl CandleEngine {
         tokio::task::spawn_blocking(move || loaded.model.save(&path))
             .await
             .map_err(|e| Error::InvalidModel(format!("saving {} stopped: {e}", shard.model_id)))?
+    }
+
+    /// Sets how fine-tuning runs; adapters and optimizer state start afresh (or from
+    /// `options.adapter`) with the next training example.
+    pub fn configure_training(&self, options: TrainOptions) -> Result<()> {
+        options.lora.check()?;
+        *self.train_options.lock().expect("train options lock poisoned") = options;
+        *self.training.lock().expect("training lock poisoned") = None;
+        Ok(())
+    }
+
+    /// The adapters' gradients of the last training step, by PEFT name.
+    pub fn adapter_gradients(&self) -> Result<Vec<(String, WireTensor)>> {
+        let training = self.training.lock().expect("training lock poisoned");
+        let Some(training) = training.as_ref() else { return Ok(Vec::new()) };
+        training
+            .last_gradients()
+            .iter()
+            .map(|(name, g)| Ok((name.clone(), WireTensor::from_candle(g)?)))
+            .collect()
+    }
+
+    /// Writes the adapters of the shard in training to `dir/layers-{start}-{end}` in PEFT's
+    /// layout, with the optimizer's state; returns that directory, or `None` when nothing has trained here.
+    pub fn save_adapters(&self, dir: &Path) -> Result<Option<std::path::PathBuf>> {
+        let training = self.training.lock().expect("training lock poisoned");
+        let Some(training) = training.as_ref() else { return Ok(None) };
+        let target = dir.join(lora::shard_dir_name(training.shard()));
+        training.save(&target)?;
+        Ok(Some(target))
+    }
+
+    /// Runs `work` on the training state of `loaded`'s shard, made first if need be, on a
+    /// blocking thread.
+    async fn with_training<T: Send + 'static>(
+        &self,
+        loaded: Arc<Loaded>,
+        work: impl FnOnce(&mut Training, &ShardModel) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (training, options) =
+            (self.training.clone(), self.train_options.lock().expect("train options lock poisoned").clone());
+        let run = move || {
+            let mut guard = training.lock().expect("training lock poisoned");
+            if guard.as_ref().is_none_or(|t| t.shard() != loaded.model.shard()) {
+                *guard = Some(Training::new(&loaded.model, &options)?);
+            }
+            work(guard.as_mut().expect("just made"), &loaded.model)
+        };
+        tokio::task::spawn_blocking(run)
+            .await
+            .map_err(|e| Error::RequestFailed(format!("training stopped: {e}")))?
     }
 
     /// `(requests, bytes)` of the KV caches held, running and idle.
@@ -261,12 +326,73 @@ impl Engine for CandleEngine {
         Ok((WireTensor::from_candle(&output)?, state))
     }
 
+    async fn evaluate_example(&self, shard: &Shard, example: &Example) -> Result<ExampleOutput> {
+        let loaded = self.model_for(shard).await?;
+        let input = shard_input(&example.input, shard.is_first_layer())?;
+        let (targets, lengths, last) = (example.targets()?, example.lengths()?, shard.is_last_layer());
+        let score = move |output: Tensor| -> Result<ExampleOutput> {
+            if !last {
+                return Ok(ExampleOutput::Hidden(WireTensor::from_candle(&output.to_device(&Device::Cpu)?)?));
+            }
+            let (loss, _) = loss::masked_cross_entropy(&output, &targets, &lengths)?;
+            Ok(ExampleOutput::Loss(ExampleLoss { loss: loss.to_scalar::<f32>()?, grads: None }))
+        };
+        // With adapters (in training, or to start from) their layers score the example.
+        let adapted = self.train_options.lock().expect("train options lock poisoned").adapter.is_some()
+            || self
+                .training
+                .lock()
+                .expect("training lock poisoned")
+                .as_ref()
+                .is_some_and(|t| t.shard() == shard);
+        if adapted {
+            return self
+                .with_training(loaded, move |t, model| score(t.evaluate(&model.embed(input)?)?))
+                .await;
+        }
+        let run = move || score(loaded.model.forward_all_positions(input)?);
+        tokio::task::spawn_blocking(run)
+            .await
+            .map_err(|e| Error::RequestFailed(format!("evaluating an example stopped: {e}")))?
+    }
+
+    async fn train_example(
+        &self,
+        request_id: &str,
+        shard: &Shard,
+        example: &Example,
+    ) -> Result<ExampleOutput> {
+        let loaded = self.model_for(shard).await?;
+        let input = shard_input(&example.input, shard.is_first_layer())?;
+        let (targets, lengths, request_id) = (example.targets()?, example.lengths()?, request_id.to_string());
+        self.with_training(loaded, move |training, model| {
+            training.forward(&request_id, model.embed(input)?, &targets, &lengths)
+        })
+        .await
+    }
+
+    async fn backward_example(
+        &self,
+        request_id: &str,
+        shard: &Shard,
+        output_grad: WireTensor,
+    ) -> Result<Option<WireTensor>> {
+        let loaded = self.model_for(shard).await?;
+        let (grad, request_id) = (output_grad.to_candle(&Device::Cpu)?, request_id.to_string());
+        let input_grad =
+            self.with_training(loaded, move |training, _| training.backward(&request_id, &grad)).await?;
+        input_grad.map(|g| WireTensor::from_candle(&g)).transpose()
+    }
+
     async fn ensure_shard(&self, shard: &Shard) -> Result<()> {
         self.model_for(shard).await.map(|_| ())
     }
 
     async fn finish_request(&self, request_id: &str) {
         self.caches.lock().expect("cache lock poisoned").finish(request_id);
+        if let Some(training) = self.training.lock().expect("training lock poisoned").as_mut() {
+            training.forget(request_id);
+        }
     }
 
     async fn context_room(&self, shard: &Shard, request_id: &str) -> Option<usize> {

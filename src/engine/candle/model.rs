@@ -556,6 +556,33 @@ impl ShardModel {
         }
     }
 
+    /// The model's config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The rotary tables of the model.
+    pub fn rope(&self) -> &Rope {
+        &self.rope
+    }
+
+    /// The float tensor `name` of `shape` widened to f32 on the host, for the training path
+    /// (safetensors checkpoints with float weights only).
+    pub fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let ShardTensors::Safetensors { weights, quantize: None } = &self.weights else {
+            return Err(Error::InvalidArgument(
+                "training needs a safetensors checkpoint loaded without --quantize".into(),
+            ));
+        };
+        match shape {
+            [len] => weights.vector_f32(name, *len, &Device::Cpu),
+            [rows, cols] => {
+                Ok(weights.device_matrix(&[(name, *rows)], *cols, &Device::Cpu)?.to_dtype(DType::F32)?)
+            }
+            _ => Err(Error::InvalidArgument(format!("{name}: tensors of shape {shape:?} are not weights"))),
+        }
+    }
+
     /// The shard this model holds.
     pub fn shard(&self) -> &Shard {
         &self.shard
@@ -601,6 +628,37 @@ impl ShardModel {
         }
         parts[0].cache.position += seq;
         Ok(routes)
+    }
+
+    /// Runs the shard over whole sequences with no cache kept (an example, not a request):
+    /// hidden states `[batch, seq, hidden]` out, or on the last shard the logits of every
+    /// position `[batch, seq, vocab]`.
+    pub fn forward_all_positions(&self, input: ShardInput) -> Result<Tensor> {
+        let hidden = self.embed(input)?;
+        let (b, seq, width) = hidden.dims3()?;
+        self.check_room(0, seq)?;
+        let mut cache = RequestCache::new(self.layer_count());
+        let mut parts = [BatchPart { shape: (b, seq), cache: &mut cache, wants_logits: false }];
+        let x = rayon::scope(|_| -> Result<Tensor> {
+            let mut x = hidden.reshape((1, b * seq, width))?;
+            for (layer, block) in self.blocks.iter().enumerate() {
+                x = block.forward(&x, &mut parts, &self.rope, layer)?;
+            }
+            Ok(x.reshape((b, seq, width))?)
+        })?;
+        match (&self.norm, &self.lm_head) {
+            (Some(norm), Some(head)) => self.logits(norm, head, &x),
+            _ => Ok(x),
+        }
+    }
+
+    /// The last shard's logits of hidden states `x`: final norm, head, and Gemma's soft-cap.
+    fn logits(&self, norm: &RmsNorm, head: &Linear, x: &Tensor) -> Result<Tensor> {
+        let logits = head.forward(&norm.forward(x)?)?;
+        match self.gemma.as_ref().and_then(|g| g.final_softcap) {
+            Some(cap) => gemma::softcap(&logits, cap),
+            None => Ok(logits),
+        }
     }
 
     /// Fails when `seq` more positions after `position` would pass the context.
@@ -662,11 +720,7 @@ impl ShardModel {
             .iter()
             .map(|&i| Ok(outputs[i].narrow(1, parts[i].shape.1 - 1, 1)?))
             .collect::<Result<Vec<_>>>()?;
-        let logits = head.forward(&norm.forward(&Tensor::cat(&lasts, 0)?)?)?;
-        let logits = match self.gemma.as_ref().and_then(|g| g.final_softcap) {
-            Some(cap) => gemma::softcap(&logits, cap)?,
-            None => logits,
-        };
+        let logits = self.logits(norm, head, &Tensor::cat(&lasts, 0)?)?;
         let mut results = vec![None; parts.len()];
         let mut at = 0;
         for i in wanted {

@@ -33,6 +33,11 @@ impl Rope {
         Ok(Self { cos, sin, long: None, rotary_dim })
     }
 
+    /// The cos and sin tables `[seq, head_dim / 2]` of positions `0..seq`.
+    pub fn tables(&self, seq: usize) -> Result<(Tensor, Tensor)> {
+        Ok((self.cos.narrow(0, 0, seq)?, self.sin.narrow(0, 0, seq)?))
+    }
+
     /// Rotates `x` (`[batch, heads, seq, head_dim]`) for positions `offset..offset + seq`.
     #[cfg(test)]
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {

@@ -11,6 +11,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{state_to_proto, ERROR_KIND_KEY, MAX_MESSAGE_BYTES};
+use crate::engine::example::{Example, ExampleLoss};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
 use crate::net::{PeerHandle, PeerIdentity};
@@ -222,6 +223,28 @@ impl PeerHandle for GrpcPeer {
         };
         let mut client = self.client().await?;
         self.call("SendTensor", COMPUTE_TIMEOUT, client.send_tensor(request)).await.map(|_| ())
+    }
+
+    async fn send_example(
+        &self,
+        shard: &Shard,
+        example: Example,
+        train: bool,
+        request_id: &str,
+    ) -> Result<ExampleLoss> {
+        let request = proto::ExampleRequest {
+            shard: Some(shard.clone().into()),
+            example: Some(example.input.into_proto()?),
+            target: Some(example.target.into_proto()?),
+            length: Some(example.lengths.into_proto()?),
+            train,
+            request_id: Some(request_id.to_string()),
+        };
+        let mut client = self.client().await?;
+        let reply = self.call("SendExample", COMPUTE_TIMEOUT, client.send_example(request)).await?;
+        // Classic answers an empty tensor where it has no gradient.
+        let grads = reply.grads.filter(|g| !g.shape.is_empty()).map(WireTensor::from_proto).transpose()?;
+        Ok(ExampleLoss { loss: reply.loss, grads })
     }
 
     async fn send_result(&self, request_id: &str, tokens: &[u32], is_finished: bool) -> Result<()> {

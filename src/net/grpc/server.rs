@@ -13,6 +13,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use super::{state_from_proto, ERROR_KIND_KEY, MAX_MESSAGE_BYTES};
+use crate::engine::example::Example;
 use crate::error::{Error, Result};
 use crate::net::{RequestHandler, Server};
 use crate::proto;
@@ -200,9 +201,27 @@ impl NodeService for Service {
 
     async fn send_example(
         &self,
-        _request: Request<proto::ExampleRequest>,
+        request: Request<proto::ExampleRequest>,
     ) -> std::result::Result<Response<proto::Loss>, Status> {
-        Err(Status::unimplemented("training and evaluation are not supported by xotorch-core nodes"))
+        let message = request.into_inner();
+        let shard = shard(message.shard)?;
+        let tensor = |field: Option<proto::Tensor>, name: &str| {
+            let tensor =
+                field.ok_or_else(|| Status::invalid_argument(format!("the example has no {name} tensor")))?;
+            WireTensor::from_proto(tensor).map_err(status)
+        };
+        let example = Example {
+            input: tensor(message.example, "example")?,
+            target: tensor(message.target, "target")?,
+            lengths: tensor(message.length, "length")?,
+        };
+        let loss = self
+            .handler()?
+            .handle_example(shard, example, message.train, message.request_id)
+            .await
+            .map_err(status)?;
+        let grads = loss.grads.map(WireTensor::into_proto).transpose().map_err(status)?;
+        Ok(Response::new(proto::Loss { loss: loss.loss, grads }))
     }
 
     async fn collect_topology(

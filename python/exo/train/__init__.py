@@ -1,0 +1,1 @@
+"""Evaluation and fine-tuning data (exo classic's `exo.train`)."""
