@@ -60,11 +60,13 @@ def _expert_routes(model: torch.nn.Module, ids: list[int]) -> dict[str, list[lis
     hooks = []
     for index, layer in enumerate(model.model.layers):
         router = getattr(layer.mlp, "gate", None)
-        if router is None or not type(router).__name__.endswith("TopKRouter"):
+        if router is None or not type(router).__name__.lower().endswith("topkrouter"):
             continue
 
         def keep(module: torch.nn.Module, args: object, output: tuple, index: int = index) -> None:
-            routes[str(index)] = output[2].tolist()
+            # Best first: DeepSeek-V2's router leaves its top-k unsorted.
+            order = output[1].argsort(dim=-1, descending=True, stable=True)
+            routes[str(index)] = output[2].gather(-1, order).tolist()
 
         hooks.append(router.register_forward_hook(keep))
     model(torch.tensor([ids]))

@@ -233,14 +233,20 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         27,
         Some("Deepseek Coder V2 Lite"),
         "deepseek_v2",
-        &[(MLX, "mlx-community/DeepSeek-Coder-V2-Lite-Instruct-4bit-mlx")],
+        &[
+            (CANDLE, "mlx-community/DeepSeek-Coder-V2-Lite-Instruct-4bit-mlx"),
+            (MLX, "mlx-community/DeepSeek-Coder-V2-Lite-Instruct-4bit-mlx"),
+        ],
     ),
     card(
         "deepseek-coder-v2.5",
         60,
         Some("Deepseek Coder V2.5"),
         "deepseek_v2",
-        &[(MLX, "mlx-community/DeepSeek-V2.5-MLX-AQ4_1_64")],
+        &[
+            (CANDLE, "mlx-community/DeepSeek-V2.5-MLX-AQ4_1_64"),
+            (MLX, "mlx-community/DeepSeek-V2.5-MLX-AQ4_1_64"),
+        ],
     ),
     card(
         "deepseek-v3",
@@ -978,7 +984,8 @@ mod tests {
         assert_eq!(
             reason,
             "The model 'deepseek-v3' is a deepseek_v3 model, and the candle engine (CandleInferenceEngine) runs \
-             only llama, mistral, qwen2, qwen3, phi3, qwen3_moe, mixtral, gemma2, gemma3_text models."
+             only llama, mistral, qwen2, qwen3, phi3, qwen3_moe, mixtral, gemma2, gemma3_text, deepseek_v2 \
+             models."
         );
         let reason = unavailable_reason("no-such-model", CANDLE).unwrap();
         assert!(
@@ -1044,7 +1051,8 @@ mod tests {
         assert!(candle.contains(&"llama-3.2-1b") && candle.contains(&"llama-3.1-405b-8bit"));
         assert!(candle.contains(&"phi-3.5-mini") && candle.contains(&"phi-4"));
         assert!(candle.contains(&"gemma2-9b") && candle.contains(&"gemma2-27b"));
-        for other in ["deepseek-v3", "deepseek-coder-v2-lite", "llava-1.5-7b-hf", "dummy"] {
+        assert!(candle.contains(&"deepseek-coder-v2-lite") && candle.contains(&"deepseek-coder-v2.5"));
+        for other in ["deepseek-v3", "deepseek-r1", "llava-1.5-7b-hf", "dummy"] {
             assert!(!candle.contains(&other), "{other}");
         }
         let both = get_supported_models(&[vec!["candle".into()], vec![MLX.into()]]);

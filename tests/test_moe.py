@@ -1,4 +1,4 @@
-"""Mixture-of-experts models (Qwen3-MoE, Mixtral) on the candle engine.
+"""Mixture-of-experts models (Qwen3-MoE, Mixtral, DeepSeek-V2 and V2-Lite) on the candle engine.
 
 The logits and greedy tokens of the tiny presets are checked against transformers by
 `test_golden.py`; here: the experts the router chooses at every prompt position and layer are
@@ -21,7 +21,7 @@ from exo.inference.shard import Shard
 from exo.testing.synth import PRESETS, tensor_plan, write_model
 
 GOLDEN = Path(__file__).parent / "golden"
-MOE_PRESETS = ["tiny-qwen3-moe", "tiny-mixtral"]
+MOE_PRESETS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-deepseek-v2-lite", "tiny-deepseek-v2"]
 
 
 @pytest.fixture(scope="module", params=MOE_PRESETS)
@@ -54,6 +54,20 @@ def test_a_dense_layer_is_dense() -> None:
     assert config["mlp_only_layers"] == [2]
     golden = json.loads((GOLDEN / "tiny-qwen3-moe.json").read_text())
     assert "2" not in golden["expert_routes"]
+    for preset in ("tiny-deepseek-v2-lite", "tiny-deepseek-v2"):
+        assert PRESETS[preset].config["first_k_dense_replace"] == 1
+        assert sorted(json.loads((GOLDEN / f"{preset}.json").read_text())["expert_routes"]) == ["1", "2", "3"]
+
+
+def test_group_limited_routing_keeps_each_token_within_its_best_groups() -> None:
+    config = PRESETS["tiny-deepseek-v2"].config
+    size = config["n_routed_experts"] // config["n_group"]
+    routes = json.loads((GOLDEN / "tiny-deepseek-v2.json").read_text())["expert_routes"]
+    groups = [{e // size for e in experts} for chosen in routes.values() for experts in chosen]
+    assert config["num_experts_per_tok"] > config["topk_group"] and size > 1
+    assert all(len(g) <= config["topk_group"] for g in groups)
+    # Some token takes two experts of one group: the limit is what kept it from a third group.
+    assert any(len(g) < config["num_experts_per_tok"] for g in groups)
 
 
 async def _greedy(

@@ -219,6 +219,52 @@ def _gemma_config(model_type: str, **overrides: Any) -> dict[str, Any]:
     return base | overrides
 
 
+def _deepseek_config(**overrides: Any) -> dict[str, Any]:
+    """DeepSeek-V2-Lite's `config.json` (its YaRN scaling, routing and head widths), with `overrides`."""
+    base = {
+        "architectures": ["DeepseekV2ForCausalLM"],
+        "model_type": "deepseek_v2",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "aux_loss_alpha": 0.001,
+        "first_k_dense_replace": 1,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "kv_lora_rank": 512,
+        "max_position_embeddings": 163840,
+        "moe_layer_freq": 1,
+        "n_group": 1,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "norm_topk_prob": False,
+        "num_experts_per_tok": 6,
+        "pretraining_tp": 1,
+        "q_lora_rank": None,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "rms_norm_eps": 1e-6,
+        "rope_scaling": {
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "factor": 40,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+            "original_max_position_embeddings": 4096,
+            "type": "yarn",
+        },
+        "rope_theta": 10000,
+        "routed_scaling_factor": 1.0,
+        "scoring_func": "softmax",
+        "seq_aux": True,
+        "tie_word_embeddings": False,
+        "topk_group": 1,
+        "topk_method": "greedy",
+        "use_cache": True,
+        "v_head_dim": 128,
+    }
+    return base | overrides
+
+
 def _longrope(pairs: int, seed: int) -> dict[str, Any]:
     """Phi-3.5's `longrope` scaling over `pairs` rotated pairs: short factors near 1, long ones
     growing towards the low frequencies (as the real lists do, but from 2 so that a tiny model's
@@ -526,7 +572,67 @@ PRESETS: dict[str, Preset] = {
             cache_implementation="hybrid",
         ),
     ),
+    # DeepSeek-V2-Lite's layout: latent attention without a query bottleneck, YaRN, a dense first
+    # layer, 8 routed experts (2 per token) and 2 shared ones.
+    "tiny-deepseek-v2-lite": Preset(
+        LLAMA3,
+        _deepseek_config(
+            **TINY,
+            vocab_size=512,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+    ),
+    # DeepSeek-V2's: a query bottleneck (`q_lora_rank`), 3 experts chosen within the best 2 of 8 groups,
+    # their weights scaled by `routed_scaling_factor`.
+    "tiny-deepseek-v2": Preset(
+        LLAMA3,
+        _deepseek_config(
+            **TINY,
+            vocab_size=512,
+            q_lora_rank=24,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=16,
+            num_experts_per_tok=3,
+            moe_intermediate_size=32,
+            n_group=8,
+            topk_group=2,
+            topk_method="group_limited_greedy",
+            routed_scaling_factor=16.0,
+        ),
+    ),
 }
+
+
+def deepseek_attention_tensors(config: dict[str, Any], prefix: str) -> list[tuple[str, tuple[int, ...]]]:
+    """DeepSeek-V2's latent attention tensors under `prefix` (`model.layers.N.self_attn`)."""
+    hidden, heads, rank = config["hidden_size"], config["num_attention_heads"], config["kv_lora_rank"]
+    nope, rope, v = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
+    q_rank = config["q_lora_rank"]
+    plan: list[tuple[str, tuple[int, ...]]] = (
+        [(f"{prefix}.q_proj.weight", (heads * (nope + rope), hidden))]
+        if q_rank is None
+        else [
+            (f"{prefix}.q_a_proj.weight", (q_rank, hidden)),
+            (f"{prefix}.q_a_layernorm.weight", (q_rank,)),
+            (f"{prefix}.q_b_proj.weight", (heads * (nope + rope), q_rank)),
+        ]
+    )
+    return [
+        *plan,
+        (f"{prefix}.kv_a_proj_with_mqa.weight", (rank + rope, hidden)),
+        (f"{prefix}.kv_a_layernorm.weight", (rank,)),
+        (f"{prefix}.kv_b_proj.weight", (heads * (nope + v), rank)),
+        (f"{prefix}.o_proj.weight", (hidden, heads * v)),
+    ]
 
 
 def expert_tensors(config: dict[str, Any], layer: int) -> list[tuple[str, tuple[int, ...]]] | None:
@@ -549,6 +655,15 @@ def expert_tensors(config: dict[str, Any], layer: int) -> list[tuple[str, tuple[
             config["num_experts"],
             config["moe_intermediate_size"],
         )
+    elif model_type == "deepseek_v2":
+        if layer < config["first_k_dense_replace"]:
+            return None
+        block, names, experts, inter = (
+            "mlp",
+            ("gate_proj", "up_proj", "down_proj"),
+            config["n_routed_experts"],
+            config["moe_intermediate_size"],
+        )
     else:
         return None
     p = f"model.layers.{layer}.{block}"
@@ -559,6 +674,13 @@ def expert_tensors(config: dict[str, Any], layer: int) -> list[tuple[str, tuple[
             (f"{p}.experts.{e}.{gate}.weight", (inter, hidden)),
             (f"{p}.experts.{e}.{up}.weight", (inter, hidden)),
             (f"{p}.experts.{e}.{down}.weight", (hidden, inter)),
+        ]
+    if model_type == "deepseek_v2":
+        shared = config["n_shared_experts"] * inter
+        plan += [
+            (f"{p}.shared_experts.gate_proj.weight", (shared, hidden)),
+            (f"{p}.shared_experts.up_proj.weight", (shared, hidden)),
+            (f"{p}.shared_experts.down_proj.weight", (hidden, shared)),
         ]
     return plan
 
@@ -579,14 +701,18 @@ def tensor_plan(preset: Preset) -> list[tuple[str, tuple[int, ...]]]:
     for layer in range(c["num_hidden_layers"]):
         p = f"model.layers.{layer}"
         qkv = [("q_proj", heads * head_dim), ("k_proj", kv_heads * head_dim), ("v_proj", kv_heads * head_dim)]
-        if fused:
+        if c["model_type"] == "deepseek_v2":
+            plan += deepseek_attention_tensors(c, f"{p}.self_attn")
+            qkv = []
+        elif fused:
             plan.append((f"{p}.self_attn.qkv_proj.weight", ((heads + 2 * kv_heads) * head_dim, hidden)))
             qkv = []
         for proj, out in qkv:
             plan.append((f"{p}.self_attn.{proj}.weight", (out, hidden)))
             if qkv_bias:
                 plan.append((f"{p}.self_attn.{proj}.bias", (out,)))
-        plan.append((f"{p}.self_attn.o_proj.weight", (hidden, heads * head_dim)))
+        if c["model_type"] != "deepseek_v2":
+            plan.append((f"{p}.self_attn.o_proj.weight", (hidden, heads * head_dim)))
         if c.get("attention_bias", False):
             plan.append((f"{p}.self_attn.o_proj.bias", (hidden,)))
         if c["model_type"] in ("qwen3", "qwen3_moe", "gemma3_text"):

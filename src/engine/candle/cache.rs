@@ -8,7 +8,8 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 
-/// Keys and values of one layer, `[batch, kv_heads, capacity, head_dim]`, valid up to `len`.
+/// Keys and values of one layer, `[batch, kv_heads, capacity, width]` (keys and values may
+/// differ in width: DeepSeek's latent cache holds a rope key and a latent), valid up to `len`.
 #[derive(Debug, Clone)]
 pub struct LayerCache {
     keys: Tensor,
@@ -20,10 +21,11 @@ impl LayerCache {
     /// A cache holding `keys` and `values` (`[batch, kv_heads, seq, head_dim]`) as its first entries.
     fn with_capacity(keys: &Tensor, values: &Tensor, capacity: usize) -> Result<Self> {
         let (b, h, seq, d) = keys.dims4()?;
-        let shape = (b, h, capacity.max(seq), d);
+        let (vb, vh, _, vd) = values.dims4()?;
+        let capacity = capacity.max(seq);
         let cache = Self {
-            keys: Tensor::zeros(shape, keys.dtype(), keys.device())?,
-            values: Tensor::zeros(shape, values.dtype(), values.device())?,
+            keys: Tensor::zeros((b, h, capacity, d), keys.dtype(), keys.device())?,
+            values: Tensor::zeros((vb, vh, capacity, vd), values.dtype(), values.device())?,
             len: 0,
         };
         // A view of a part-filled cache (when it grows) is not contiguous; slice_set needs it so.
@@ -61,7 +63,8 @@ impl LayerCache {
 
     /// Bytes held by the buffers.
     pub fn bytes(&self) -> usize {
-        2 * self.keys.elem_count() * self.keys.dtype().size_in_bytes()
+        self.keys.elem_count() * self.keys.dtype().size_in_bytes()
+            + self.values.elem_count() * self.values.dtype().size_in_bytes()
     }
 }
 
@@ -213,6 +216,18 @@ mod tests {
         assert!(last.iter().all(|&x| x == 3.0));
         let first: f32 = k.narrow(2, 59, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
         assert_eq!(first, 1.0);
+    }
+
+    #[test]
+    fn keys_and_values_may_differ_in_width() {
+        let mut cache = RequestCache::new(1);
+        let latent = |seq| Tensor::full(2f32, (1, 1, seq, 32), &Device::Cpu).unwrap();
+        let rope_key = |seq| Tensor::full(1f32, (1, 1, seq, 8), &Device::Cpu).unwrap();
+        cache.append(0, &rope_key(3), &latent(3)).unwrap();
+        let (k, v) = cache.append(0, &rope_key(70), &latent(70)).unwrap();
+        assert_eq!((k.dims4().unwrap(), v.dims4().unwrap()), ((1, 1, 73, 8), (1, 1, 73, 32)));
+        // Room for 128 positions: 40 values each.
+        assert_eq!(cache.bytes(), 128 * 40 * 4);
     }
 
     #[test]

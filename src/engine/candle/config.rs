@@ -5,13 +5,24 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use super::deepseek::DeepseekFields;
 pub use super::gemma::GemmaFields;
 use crate::error::{Error, Result};
 use crate::topology::ModelCosts;
 
 /// The `model_type`s of `config.json` the engine runs; [`ModelConfig::variant`] knows each.
-pub const MODEL_TYPES: &[&str] =
-    &["llama", "mistral", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral", "gemma2", "gemma3_text"];
+pub const MODEL_TYPES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "qwen3_moe",
+    "mixtral",
+    "gemma2",
+    "gemma3_text",
+    "deepseek_v2",
+];
 
 /// RoPE frequency scaling as `config.json`'s `rope_scaling` gives it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -39,6 +50,16 @@ pub struct RopeScaling {
     pub attention_factor: Option<f64>,
     /// Fraction of each head's width that is rotated (overrides the config's own).
     pub partial_rotary_factor: Option<f64>,
+    /// YaRN: rotations over the original context below which a dimension is extrapolated (32).
+    pub beta_fast: Option<f64>,
+    /// YaRN: rotations over the original context above which a dimension is interpolated (1).
+    pub beta_slow: Option<f64>,
+    /// YaRN: the numerator's coefficient of the cos/sin factor.
+    pub mscale: Option<f64>,
+    /// YaRN: the denominator's coefficient, and DeepSeek's softmax scale's.
+    pub mscale_all_dim: Option<f64>,
+    /// YaRN: whether the ramp's ends are rounded to whole dimensions (true when absent).
+    pub truncate: Option<bool>,
 }
 
 fn one() -> f64 {
@@ -117,8 +138,8 @@ pub struct ModelConfig {
     /// layers (see [`super::sliding_window`]); other families ignore it.
     pub sliding_window: Option<usize>,
     /// Mixture of experts: experts per sparse layer (`num_experts` of Qwen3-MoE,
-    /// `num_local_experts` of Mixtral).
-    #[serde(alias = "num_local_experts")]
+    /// `num_local_experts` of Mixtral, `n_routed_experts` of DeepSeek-V2).
+    #[serde(alias = "num_local_experts", alias = "n_routed_experts")]
     pub num_experts: Option<usize>,
     /// Mixture of experts: experts each token is routed to.
     pub num_experts_per_tok: Option<usize>,
@@ -135,6 +156,9 @@ pub struct ModelConfig {
     /// Gemma 2 and 3's own fields (soft-capping, sliding windows, ...).
     #[serde(flatten)]
     pub gemma: GemmaFields,
+    /// DeepSeek-V2's own fields (latent attention, grouped routing, ...).
+    #[serde(flatten)]
+    pub deepseek: DeepseekFields,
 }
 
 /// The `quantization` (MLX) or `quantization_config` (other tools) entry of `config.json`.
@@ -200,6 +224,8 @@ impl ModelConfig {
         }
         if self.model_type == "phi3" {
             super::phi3::validate_rope(self)?;
+        } else if self.is_deepseek() {
+            self.deepseek.validate(self)?;
         } else if let Some(scaling) = &self.rope_scaling {
             if !matches!(scaling.rope_type.as_str(), "llama3" | "linear" | "default") {
                 return Err(format!("rope_scaling type {:?} is not supported", scaling.rope_type));
@@ -240,7 +266,9 @@ impl ModelConfig {
                 mlp_bias: false,
                 qk_norm: true,
             }),
-            "phi3" => Ok(Variant { qkv_bias: false, o_bias: false, mlp_bias: false, qk_norm: false }),
+            "phi3" | "deepseek_v2" => {
+                Ok(Variant { qkv_bias: false, o_bias: false, mlp_bias: false, qk_norm: false })
+            }
             "gemma2" | "gemma3_text" => Ok(Variant {
                 qkv_bias: attention_bias,
                 o_bias: attention_bias,
@@ -254,6 +282,20 @@ impl ModelConfig {
     /// Gemma 2 or Gemma 3 (text): the layout and arithmetic of [`super::gemma`].
     pub fn is_gemma(&self) -> bool {
         matches!(self.model_type.as_str(), "gemma2" | "gemma3_text")
+    }
+
+    /// DeepSeek-V2: multi-head latent attention and grouped routing ([`super::deepseek`]).
+    pub fn is_deepseek(&self) -> bool {
+        self.model_type == "deepseek_v2"
+    }
+
+    /// Values a request's cache holds per position and layer: keys and values of every
+    /// key/value head, or DeepSeek's compressed latent and shared rope key.
+    pub fn cache_values_per_position(&self) -> usize {
+        match super::deepseek::LatentShape::of(self) {
+            Some(shape) => shape.kv_lora_rank + shape.rope,
+            None => 2 * self.num_key_value_heads() * self.head_dim(),
+        }
     }
 
     /// Key/value heads.
@@ -273,6 +315,9 @@ impl ModelConfig {
 
     /// Leading width of each head that RoPE rotates (all of it unless a partial factor is set).
     pub fn rotary_dim(&self) -> usize {
+        if let Some(shape) = super::deepseek::LatentShape::of(self) {
+            return shape.rope;
+        }
         let factor = self.rope_scaling.as_ref().and_then(|s| s.partial_rotary_factor);
         match factor.or(self.partial_rotary_factor) {
             Some(factor) => (self.head_dim() as f64 * factor) as usize,
@@ -286,7 +331,10 @@ impl ModelConfig {
         let (hidden, head_dim) = (self.hidden_size as f64, self.head_dim() as f64);
         let queries = self.num_attention_heads as f64 * head_dim;
         let keys_values = 2.0 * self.num_key_value_heads() as f64 * head_dim;
-        let attention = hidden * (2.0 * queries + keys_values);
+        let attention = match super::deepseek::LatentShape::of(self) {
+            Some(shape) => shape.weights(self.hidden_size) as f64,
+            None => hidden * (2.0 * queries + keys_values),
+        };
         let mlp = match super::moe::MoeSpec::of(self).ok().flatten() {
             Some(spec) => spec.mean_layer_cost(self),
             None => 3.0 * hidden * self.intermediate_size as f64,
@@ -341,6 +389,13 @@ mod tests {
         assert!(qwen3.variant().unwrap().qk_norm);
         for model_type in MODEL_TYPES {
             let config = LLAMA.replace("\"llama\"", &format!("{model_type:?}"));
+            // DeepSeek-V2 takes YaRN, not Llama 3's scaling, and needs its experts per token.
+            let config = match *model_type {
+                "deepseek_v2" => config
+                    .replace("\"llama3\"", "\"yarn\"")
+                    .replace("\"vocab_size\": 100", "\"vocab_size\": 100, \"num_experts_per_tok\": 2"),
+                _ => config,
+            };
             assert!(parse(&config).is_ok_and(|c| c.variant().is_ok()), "{model_type}");
         }
     }

@@ -55,7 +55,7 @@ pub fn model_memory(path: &Path, options: &EngineOptions, on_host: bool) -> Resu
 /// Keys and values of one layer for one request of `context` tokens. A cache grows by
 /// doubling from a power of two, so at the full context it may hold the next power of two.
 fn kv_bytes_per_layer(config: &ModelConfig, context: usize) -> u64 {
-    let per_token = 2 * config.num_key_value_heads() as u64 * config.head_dim() as u64 * CACHE_ELEMENT_BYTES;
+    let per_token = config.cache_values_per_position() as u64 * CACHE_ELEMENT_BYTES;
     per_token * context.next_power_of_two() as u64
 }
 
@@ -150,9 +150,24 @@ impl Storage {
         if variant.qk_norm {
             vectors += 2 * head_dim;
         }
-        let layer = self.matrix(q_out, hidden, false)
-            + 2 * self.matrix(kv_out, hidden, false)
-            + self.matrix(hidden, q_out, false)
+        // DeepSeek's latent attention has projections of its own (`kv_b_proj` held decoded, in f32).
+        let attention = match super::deepseek::LatentShape::of(config) {
+            Some(shape) => shape
+                .tensors("", hidden)
+                .iter()
+                .map(|(name, dims)| match dims[..] {
+                    [rows, cols] if name.ends_with("kv_b_proj.weight") => (rows * cols * 4) as u64,
+                    [rows, cols] => self.matrix(rows, cols, false),
+                    _ => dims.iter().product::<usize>() as u64 * VECTOR_ELEMENT_BYTES,
+                })
+                .sum(),
+            None => {
+                self.matrix(q_out, hidden, false)
+                    + 2 * self.matrix(kv_out, hidden, false)
+                    + self.matrix(hidden, q_out, false)
+            }
+        };
+        let layer = attention
             + 2 * self.matrix(inter, hidden, false)
             + self.matrix(hidden, inter, false)
             + vectors as u64 * VECTOR_ELEMENT_BYTES;
@@ -162,7 +177,11 @@ impl Storage {
                 let dense_mlp = 2 * self.matrix(inter, hidden, false) + self.matrix(hidden, inter, false);
                 let expert = 2 * self.matrix(spec.intermediate, hidden, false)
                     + self.matrix(hidden, spec.intermediate, false);
-                let sparse_mlp = spec.experts as u64 * expert + self.matrix(spec.experts, hidden, false);
+                let shared = spec.shared_intermediate.map_or(0, |width| {
+                    2 * self.matrix(width, hidden, false) + self.matrix(hidden, width, false)
+                });
+                let sparse_mlp =
+                    spec.experts as u64 * expert + self.matrix(spec.experts, hidden, false) + shared;
                 let layers = config.num_hidden_layers.max(1) as u64;
                 let sparse = (0..config.num_hidden_layers).filter(|&l| spec.is_sparse(l)).count() as u64;
                 layer - dense_mlp + (sparse * sparse_mlp + (layers - sparse) * dense_mlp) / layers
@@ -246,6 +265,16 @@ mod tests {
     /// Weights of one layer of `LLAMA`, counted by hand: q, o 256x256; k, v 128x256 (2 heads
     /// of 64); gate, up 512x256; down 256x512; two norms of 256 in f32.
     const LAYER_WEIGHTS: u64 = 2 * 256 * 256 + 2 * 128 * 256 + 3 * 512 * 256;
+
+    #[test]
+    fn a_latent_cache_holds_the_latent_and_the_rope_key() {
+        let deepseek = LLAMA.replace("\"llama\"", "\"deepseek_v2\"").replace(
+            "\"vocab_size\": 1000",
+            "\"vocab_size\": 1000, \"kv_lora_rank\": 64, \"qk_rope_head_dim\": 16, \"num_experts_per_tok\": 2, \"n_routed_experts\": 4",
+        );
+        let memory = model_memory(dir_with_config(&deepseek).path(), &options(1000, None), true).unwrap();
+        assert_eq!(memory.kv_layer, (64 + 16) * 1024 * CACHE_ELEMENT_BYTES);
+    }
 
     #[test]
     fn bf16_weights_from_the_config_and_caches_at_the_context() {

@@ -295,6 +295,7 @@ impl GgufFile {
             decoder_sparse_step: None,
             mlp_only_layers: None,
             gemma: Default::default(),
+            deepseek: Default::default(),
         };
         config.checked().map_err(|e| self.invalid(e))
     }

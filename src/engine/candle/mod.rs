@@ -5,6 +5,7 @@ mod batch;
 mod cache;
 mod config;
 mod decode_attention;
+mod deepseek;
 mod device;
 mod embedding;
 mod footprint;
@@ -27,6 +28,7 @@ mod tests;
 mod trainable;
 mod training;
 mod weights;
+mod yarn;
 
 pub use batch::{BatchOptions, MAX_BATCH_ENV, PREFILL_CHUNK_ENV};
 pub use config::{ModelConfig, MODEL_TYPES};

@@ -9,6 +9,7 @@ use candle_core::quantized::GgmlDType;
 use super::cache::RequestCache;
 use super::config::{ModelConfig, Variant};
 use super::decode_attention;
+use super::deepseek::{LatentAttention, LatentShape};
 use super::embedding::Embedding;
 use super::gemma::{self, Activation, Gemma};
 use super::linear::Linear;
@@ -21,13 +22,19 @@ use crate::shard::Shard;
 
 /// RMS norm with an f32 weight.
 #[derive(Debug, Clone)]
-struct RmsNorm {
+pub(super) struct RmsNorm {
     weight: Tensor,
     eps: f32,
 }
 
 impl RmsNorm {
-    fn load(weights: &ShardTensors, name: &str, size: usize, eps: f64, device: &Device) -> Result<Self> {
+    pub(super) fn load(
+        weights: &ShardTensors,
+        name: &str,
+        size: usize,
+        eps: f64,
+        device: &Device,
+    ) -> Result<Self> {
         Ok(Self { weight: weights.vector_f32(name, size, device)?, eps: eps as f32 })
     }
 
@@ -39,7 +46,7 @@ impl RmsNorm {
         Ok(Self { weight: (self.weight + 1.0)?, eps: self.eps })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
     }
 }
@@ -63,21 +70,32 @@ impl TensorPlan {
             add("model.embed_tokens.weight".into(), vec![vocab, hidden]);
         }
         let fused = config.fused_projections();
+        let latent = LatentShape::of(config);
         for layer in shard.start_layer..=shard.end_layer {
             let p = format!("model.layers.{layer}");
+            if let Some(shape) = &latent {
+                for (name, dims) in shape.tensors(&format!("{p}.self_attn"), hidden) {
+                    add(name, dims);
+                }
+            }
             if fused {
                 add(format!("{p}.self_attn.qkv_proj.weight"), vec![q_out + 2 * kv_out, hidden]);
                 add(format!("{p}.mlp.gate_up_proj.weight"), vec![2 * inter, hidden]);
             }
-            let qkv =
-                if fused { vec![] } else { vec![("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] };
+            let qkv = if fused || latent.is_some() {
+                vec![]
+            } else {
+                vec![("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)]
+            };
             for (proj, out) in qkv {
                 add(format!("{p}.self_attn.{proj}.weight"), vec![out, hidden]);
                 if variant.qkv_bias {
                     add(format!("{p}.self_attn.{proj}.bias"), vec![out]);
                 }
             }
-            add(format!("{p}.self_attn.o_proj.weight"), vec![hidden, q_out]);
+            if latent.is_none() {
+                add(format!("{p}.self_attn.o_proj.weight"), vec![hidden, q_out]);
+            }
             if variant.o_bias {
                 add(format!("{p}.self_attn.o_proj.bias"), vec![hidden]);
             }
@@ -272,7 +290,7 @@ impl Attention {
 }
 
 /// `[group * seq, total]` additive mask hiding keys after each query's position; none for one query.
-fn causal_mask(
+pub(super) fn causal_mask(
     seq: usize,
     offset: usize,
     total: usize,
@@ -329,11 +347,36 @@ impl Mlp {
     }
 }
 
+/// A layer's attention: grouped-query heads, or DeepSeek's multi-head latent attention (both
+/// boxed: they differ much in size).
+#[derive(Debug, Clone)]
+enum SelfAttention {
+    Grouped(Box<Attention>),
+    Latent(Box<LatentAttention>),
+}
+
+impl SelfAttention {
+    fn forward(&self, x: &Tensor, parts: &mut [BatchPart], rope: &Rope, layer: usize) -> Result<Tensor> {
+        match self {
+            Self::Grouped(attention) => attention.forward(x, parts, rope, layer),
+            Self::Latent(attention) => attention.forward(x, parts, rope, layer),
+        }
+    }
+
+    /// How many latest positions a query sees, if the layer has a sliding window.
+    fn window(&self) -> Option<usize> {
+        match self {
+            Self::Grouped(attention) => attention.window,
+            Self::Latent(_) => None,
+        }
+    }
+}
+
 /// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
 #[derive(Debug, Clone)]
 struct Block {
     input_layernorm: RmsNorm,
-    attention: Attention,
+    attention: SelfAttention,
     post_attention_layernorm: RmsNorm,
     mlp: FeedForward,
     /// Gemma: norms around the MLP; `post_attention_layernorm` then norms the attention's
@@ -371,8 +414,14 @@ impl Block {
         let norm = |name: &str| {
             RmsNorm::load(weights, &format!("{p}.{name}.weight"), hidden, eps, device)?.shifted(gemma)
         };
-        let mut attention = Attention::load(weights, &format!("{p}.self_attn"), config, variant, device)?;
-        attention.window = sliding_window::of_layer(config, layer as usize);
+        let prefix = format!("{p}.self_attn");
+        let attention = if config.is_deepseek() {
+            SelfAttention::Latent(Box::new(LatentAttention::load(weights, &prefix, config, device)?))
+        } else {
+            let mut attention = Attention::load(weights, &prefix, config, variant, device)?;
+            attention.window = sliding_window::of_layer(config, layer as usize);
+            SelfAttention::Grouped(Box::new(attention))
+        };
         Ok(Self {
             input_layernorm: norm("input_layernorm")?,
             attention,
@@ -447,10 +496,11 @@ pub struct BatchStep<'a> {
 }
 
 /// A step's rows inside the packed pass: their shape and the request's cache.
-struct BatchPart<'a> {
+pub(super) struct BatchPart<'a> {
     /// `(batch, seq)`.
-    shape: (usize, usize),
-    cache: &'a mut RequestCache,
+    pub(super) shape: (usize, usize),
+    /// The request's cache, at the step's first position.
+    pub(super) cache: &'a mut RequestCache,
     wants_logits: bool,
 }
 
@@ -694,7 +744,7 @@ impl ShardModel {
         }
         let mut x = if rows.len() == 1 { rows.remove(0) } else { Tensor::cat(&rows, 1)? };
         for (layer, block) in self.blocks.iter().enumerate() {
-            let rope = match (&self.local_rope, block.attention.window) {
+            let rope = match (&self.local_rope, block.attention.window()) {
                 (Some(local), Some(_)) => local,
                 _ => &self.rope,
             };

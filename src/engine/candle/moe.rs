@@ -1,6 +1,7 @@
-//! Mixture-of-experts MLPs (Qwen3-MoE, Mixtral): a router picks each token's top-k experts
-//! from a softmax over its logits, and the token's output is the weighted sum of those
-//! experts' gated SiLU MLPs. Only routed experts are multiplied: the rows of a step are
+//! Mixture-of-experts MLPs (Qwen3-MoE, Mixtral, DeepSeek-V2): a router picks each token's
+//! top-k experts from a softmax over its logits (DeepSeek-V2: optionally only within its best
+//! groups of experts), and the token's output is the weighted sum of those experts' gated SiLU
+//! MLPs, plus DeepSeek's shared experts, which every token goes through. Only routed experts are multiplied: the rows of a step are
 //! grouped by expert, so each chosen expert's matrices stream once per step, and experts no
 //! row chose are never read (on the host, dense experts stay in place in the mapped file).
 
@@ -37,8 +38,23 @@ impl Naming {
     }
 }
 
+/// How a router chooses among the softmax of its logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selection {
+    /// The `top_k` largest of all experts (DeepSeek's `greedy`, Qwen's and Mixtral's way).
+    Greedy,
+    /// DeepSeek's `group_limited_greedy`: the experts fall into `groups` equal groups, each
+    /// scored by its best expert; the `top_k` largest are taken from the `top_groups` best.
+    GroupLimited {
+        /// Groups of consecutive experts.
+        groups: usize,
+        /// Groups a token's experts may come from.
+        top_groups: usize,
+    },
+}
+
 /// The mixture-of-experts settings of a config.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MoeSpec {
     /// Experts per sparse layer.
     pub experts: usize,
@@ -48,6 +64,12 @@ pub struct MoeSpec {
     pub intermediate: usize,
     /// Whether the top-k weights are renormalised to sum to one.
     pub renormalize: bool,
+    /// How the top-k are chosen.
+    pub selection: Selection,
+    /// Multiplier of the chosen experts' weights (DeepSeek's `routed_scaling_factor`).
+    pub scaling: f32,
+    /// Width of the shared experts' one MLP (DeepSeek), if any.
+    pub shared_intermediate: Option<usize>,
     naming: Naming,
     sparse_step: usize,
     dense_layers: Vec<usize>,
@@ -56,6 +78,9 @@ pub struct MoeSpec {
 impl MoeSpec {
     /// The config's experts: `None` for dense families, an error for inconsistent settings.
     pub fn of(config: &ModelConfig) -> std::result::Result<Option<Self>, String> {
+        if config.is_deepseek() {
+            return deepseek_spec(config).map(Some);
+        }
         let naming = match config.model_type.as_str() {
             "qwen3_moe" => Naming::Qwen,
             "mixtral" => Naming::Mixtral,
@@ -84,6 +109,9 @@ impl MoeSpec {
             top_k,
             intermediate,
             renormalize: naming == Naming::Mixtral || config.norm_topk_prob.unwrap_or(false),
+            selection: Selection::Greedy,
+            scaling: 1.0,
+            shared_intermediate: None,
             naming,
             sparse_step: if naming == Naming::Qwen { sparse_step } else { 1 },
             dense_layers: match naming {
@@ -94,6 +122,7 @@ impl MoeSpec {
     }
 
     /// Whether `layer` has experts (else a dense MLP of `intermediate_size`).
+    /// (DeepSeek's first dense layers are listed among the dense ones.)
     pub fn is_sparse(&self, layer: usize) -> bool {
         !self.dense_layers.contains(&layer) && (layer + 1).is_multiple_of(self.sparse_step)
     }
@@ -114,13 +143,19 @@ impl MoeSpec {
             entries.push((format!("{p}.experts.{e}.{up}.weight"), vec![inter, hidden]));
             entries.push((format!("{p}.experts.{e}.{down}.weight"), vec![hidden, inter]));
         }
+        if let Some(shared) = self.shared_intermediate {
+            entries.push((format!("{p}.shared_experts.gate_proj.weight"), vec![shared, hidden]));
+            entries.push((format!("{p}.shared_experts.up_proj.weight"), vec![shared, hidden]));
+            entries.push((format!("{p}.shared_experts.down_proj.weight"), vec![hidden, shared]));
+        }
         entries
     }
 
     /// Weights a token reads in a sparse layer's MLP: the router and its chosen experts.
     pub fn active_weights(&self, hidden: usize) -> f64 {
         let (hidden, inter) = (hidden as f64, self.intermediate as f64);
-        self.experts as f64 * hidden + self.top_k as f64 * 3.0 * hidden * inter
+        let shared = self.shared_intermediate.unwrap_or(0) as f64;
+        self.experts as f64 * hidden + (self.top_k as f64 * inter + shared) * 3.0 * hidden
     }
 
     /// Weights a token reads in the MLPs of an average layer (sparse and dense ones).
@@ -131,6 +166,53 @@ impl MoeSpec {
         let active = self.active_weights(config.hidden_size);
         (sparse * active + (layers as f64 - sparse) * dense) / layers as f64
     }
+}
+
+/// DeepSeek-V2's experts: `n_routed_experts` routed ones in every layer from
+/// `first_k_dense_replace` on, chosen by `topk_method`, and `n_shared_experts` shared ones.
+fn deepseek_spec(config: &ModelConfig) -> std::result::Result<MoeSpec, String> {
+    let fields = &config.deepseek;
+    let experts = config.num_experts.unwrap_or(64);
+    let top_k = config.num_experts_per_tok.ok_or("deepseek_v2 needs num_experts_per_tok")?;
+    if experts == 0 || top_k == 0 || top_k > experts {
+        return Err(format!("{top_k} experts per token cannot be chosen from {experts}"));
+    }
+    let selection = match fields.topk_method.as_deref().unwrap_or("greedy") {
+        "greedy" => Selection::Greedy,
+        "group_limited_greedy" => {
+            let (groups, top_groups) = (fields.n_group.unwrap_or(0), fields.topk_group.unwrap_or(0));
+            if groups == 0 || !experts.is_multiple_of(groups) || top_groups == 0 || top_groups > groups {
+                return Err(format!(
+                    "group_limited_greedy needs n_group dividing the {experts} experts and topk_group \
+                     between 1 and n_group (got {:?} and {:?})",
+                    fields.n_group, fields.topk_group
+                ));
+            }
+            if top_k > top_groups * (experts / groups) {
+                return Err(format!("{top_k} experts per token cannot come from {top_groups} groups"));
+            }
+            Selection::GroupLimited { groups, top_groups }
+        }
+        other => {
+            return Err(format!(
+                "topk_method {other:?} is not supported (greedy and group_limited_greedy are)"
+            ))
+        }
+    };
+    let intermediate = config.moe_intermediate_size.unwrap_or(1407);
+    let shared = fields.n_shared_experts.unwrap_or(2);
+    Ok(MoeSpec {
+        experts,
+        top_k,
+        intermediate,
+        renormalize: false,
+        selection,
+        scaling: fields.routed_scaling_factor.unwrap_or(1.0) as f32,
+        shared_intermediate: (shared > 0).then_some(shared * intermediate),
+        naming: Naming::Qwen,
+        sparse_step: 1,
+        dense_layers: (0..fields.first_k_dense_replace.unwrap_or(0)).collect(),
+    })
 }
 
 /// One expert: gate and up as one stacked (or split) layer, then down.
@@ -148,6 +230,10 @@ pub struct SparseMoe {
     top_k: usize,
     intermediate: usize,
     renormalize: bool,
+    selection: Selection,
+    scaling: f32,
+    /// DeepSeek's shared experts as one MLP, and its width (boxed: most layers have none).
+    shared: Option<Box<(Expert, usize)>>,
 }
 
 /// A token's chosen experts, best first, with their weights.
@@ -217,11 +303,33 @@ impl SparseMoe {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { router, experts, top_k: spec.top_k, intermediate: inter, renormalize: spec.renormalize })
+        let shared = match spec.shared_intermediate {
+            Some(width) => {
+                let prefix = format!("{p}.shared_experts");
+                let gate_up = [("gate_proj", width), ("up_proj", width)];
+                let expert = Expert {
+                    gate_up: weights.linear(&prefix, &gate_up, hidden, false, device)?,
+                    down: weights.linear(&prefix, &[("down_proj", hidden)], width, false, device)?,
+                };
+                Some(Box::new((expert, width)))
+            }
+            None => None,
+        };
+        Ok(Self {
+            router,
+            experts,
+            top_k: spec.top_k,
+            intermediate: inter,
+            renormalize: spec.renormalize,
+            selection: spec.selection,
+            scaling: spec.scaling,
+            shared,
+        })
     }
 
     /// Each row's chosen experts for `x` `[.., hidden]`: softmax over the router's logits, the
-    /// `top_k` largest probabilities (ties to the lower index), renormalised if configured.
+    /// `top_k` largest probabilities (ties to the lower index) among the experts the selection
+    /// allows, renormalised if configured, times the scaling factor.
     pub fn route(&self, x: &Tensor) -> Result<Vec<Route>> {
         let logits = self.router.forward(x)?;
         let experts = self.experts.len();
@@ -233,16 +341,36 @@ impl SparseMoe {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let exps: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
         let sum: f32 = exps.iter().sum();
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| exps[b].total_cmp(&exps[a]).then(a.cmp(&b)));
-        let mut chosen: Route = order[..self.top_k].iter().map(|&e| (e, exps[e] / sum)).collect();
+        let probs: Vec<f32> = exps.iter().map(|&e| e / sum).collect();
+        let mut order = self.candidates(&probs);
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        let mut chosen: Route = order[..self.top_k].iter().map(|&e| (e, probs[e])).collect();
         if self.renormalize {
             let total: f32 = chosen.iter().map(|&(_, w)| w).sum();
             for (_, w) in &mut chosen {
                 *w /= total;
             }
         }
+        if self.scaling != 1.0 {
+            for (_, w) in &mut chosen {
+                *w *= self.scaling;
+            }
+        }
         chosen
+    }
+
+    /// The experts a row may be routed to: all, or those of its best groups (each group
+    /// scored by its largest probability, ties to the lower group).
+    fn candidates(&self, probs: &[f32]) -> Vec<usize> {
+        let Selection::GroupLimited { groups, top_groups } = self.selection else {
+            return (0..probs.len()).collect();
+        };
+        let size = probs.len() / groups;
+        let best =
+            |g: usize| probs[g * size..(g + 1) * size].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut order: Vec<usize> = (0..groups).collect();
+        order.sort_by(|&a, &b| best(b).total_cmp(&best(a)).then(a.cmp(&b)));
+        order[..top_groups].iter().flat_map(|&g| g * size..(g + 1) * size).collect()
     }
 
     /// The layer's output for `x` `[.., hidden]`, and each row's route.
@@ -286,7 +414,12 @@ impl SparseMoe {
                 }
             }
         }
-        Ok((Tensor::from_vec(output, dims, x.device())?, routes))
+        let routed = Tensor::from_vec(output, dims, x.device())?;
+        let Some((shared, width)) = self.shared.as_deref() else { return Ok((routed, routes)) };
+        let [gate, up]: [Tensor; 2] =
+            shared.gate_up.forward_parts(x, &[*width, *width])?.try_into().expect("two parts were asked for");
+        let shared = shared.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+        Ok(((routed + shared.to_dtype(DType::F32)?)?, routes))
     }
 
     /// The layer's output for `x` `[.., hidden]`.
@@ -351,8 +484,16 @@ mod tests {
         let router =
             Linear::on_device(Tensor::zeros((4, 2), DType::F32, &Device::Cpu).unwrap(), None).unwrap();
         let expert = Expert { gate_up: router.clone(), down: router.clone() };
-        let mut moe =
-            SparseMoe { router, experts: vec![expert; 4], top_k: 2, intermediate: 1, renormalize: false };
+        let mut moe = SparseMoe {
+            router,
+            experts: vec![expert; 4],
+            top_k: 2,
+            intermediate: 1,
+            renormalize: false,
+            selection: Selection::Greedy,
+            scaling: 1.0,
+            shared: None,
+        };
         let route = moe.choose(&[0.0, 2.0, 1.0, 2.0]);
         assert_eq!(route.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 3], "ties go to the lower index");
         let z = 1.0 + 2.0 * 2f32.exp() + 1f32.exp();
@@ -362,5 +503,52 @@ mod tests {
         assert_eq!(route.iter().map(|r| r.0).collect::<Vec<_>>(), [3, 1]);
         assert!((route[0].1 + route[1].1 - 1.0).abs() < 1e-6);
         assert!((route[0].1 / route[1].1 - 1f32.exp()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn group_limited_choice_stays_in_the_best_groups_and_scales() {
+        let router =
+            Linear::on_device(Tensor::zeros((6, 2), DType::F32, &Device::Cpu).unwrap(), None).unwrap();
+        let expert = Expert { gate_up: router.clone(), down: router.clone() };
+        let moe = SparseMoe {
+            router,
+            experts: vec![expert; 6],
+            top_k: 2,
+            intermediate: 1,
+            renormalize: false,
+            selection: Selection::GroupLimited { groups: 3, top_groups: 1 },
+            scaling: 2.0,
+            shared: None,
+        };
+        // Groups {0, 1}, {2, 3}, {4, 5}: the best single expert (4) picks its group, so the
+        // second choice is 5 although 0 and 1 score higher.
+        let logits = [2.0, 2.5, 0.0, 0.0, 3.0, -1.0];
+        let route = moe.choose(&logits);
+        assert_eq!(route.iter().map(|r| r.0).collect::<Vec<_>>(), [4, 5]);
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        assert!((route[0].1 - 2.0 * 3f32.exp() / z).abs() < 1e-6, "weights are scaled, not renormalised");
+    }
+
+    #[test]
+    fn deepseek_layers_and_shared_experts() {
+        let json = r#"{"model_type": "deepseek_v2", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "vocab_size": 100, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 256, "n_routed_experts": 8, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 24, "n_shared_experts": 2, "first_k_dense_replace": 1,
+            "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+            "routed_scaling_factor": 16.0}"#;
+        let spec = MoeSpec::of(&config(json)).unwrap().unwrap();
+        assert_eq!((0..3).map(|l| spec.is_sparse(l)).collect::<Vec<_>>(), [false, true, true]);
+        assert_eq!(spec.selection, Selection::GroupLimited { groups: 4, top_groups: 2 });
+        assert_eq!((spec.scaling, spec.shared_intermediate), (16.0, Some(48)));
+        let names = spec.tensors(1, 64);
+        assert_eq!(
+            names.last().unwrap(),
+            &("model.layers.1.mlp.shared_experts.down_proj.weight".into(), vec![64, 48])
+        );
+        let err = MoeSpec::of(&config(&json.replace("group_limited_greedy", "noaux_tc"))).unwrap_err();
+        assert!(err.contains("noaux_tc"), "{err}");
+        let err = MoeSpec::of(&config(&json.replace("\"n_group\": 4", "\"n_group\": 3"))).unwrap_err();
+        assert!(err.contains("n_group"), "{err}");
     }
 }

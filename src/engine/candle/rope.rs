@@ -1,11 +1,14 @@
 //! Rotary position embeddings: the per-position cos/sin tables, with Llama 3's
-//! frequency scaling or Phi-3's LongRoPE, computed the way Hugging Face transformers computes
-//! them; a partial rotary factor rotates only each head's leading dimensions.
+//! frequency scaling, Phi-3's LongRoPE or YaRN, computed the way Hugging Face transformers
+//! computes them; a partial rotary factor rotates only each head's leading dimensions.
+//! Most families rotate the pairs `(i, i + d/2)`; DeepSeek-V2 rotates adjacent pairs
+//! `(2i, 2i + 1)` (transformers views them as complex numbers).
 
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, RopeScaling};
 use super::phi3::LongRope;
+use super::yarn;
 use crate::error::Result;
 
 /// cos/sin tables `[positions, rotary_dim / 2]` for every position the model supports.
@@ -17,20 +20,28 @@ pub struct Rope {
     long: Option<(Tensor, Tensor, usize)>,
     /// Leading width of each head that is rotated.
     rotary_dim: usize,
+    /// Whether adjacent pairs `(2i, 2i + 1)` are rotated, rather than `(i, i + d/2)`.
+    interleaved: bool,
 }
 
 impl Rope {
     /// Tables for `positions` positions of `config`'s head width.
     pub fn new(config: &ModelConfig, positions: usize, device: &Device) -> Result<Self> {
         let rotary_dim = config.rotary_dim();
+        let interleaved = config.is_deepseek();
         if let Some(longrope) = LongRope::from_config(config) {
             let scale = f64::from(longrope.attention_factor);
             let (cos, sin) = tables(longrope.short, positions, scale, device)?;
             let (long_cos, long_sin) = tables(longrope.long, positions, scale, device)?;
-            return Ok(Self { cos, sin, long: Some((long_cos, long_sin, longrope.original)), rotary_dim });
+            let long = Some((long_cos, long_sin, longrope.original));
+            return Ok(Self { cos, sin, long, rotary_dim, interleaved });
         }
-        let (cos, sin) = tables(inverse_frequencies(config), positions, 1.0, device)?;
-        Ok(Self { cos, sin, long: None, rotary_dim })
+        let scale = match &config.rope_scaling {
+            Some(scaling) if scaling.rope_type == "yarn" => yarn::attention_factor(scaling),
+            _ => 1.0,
+        };
+        let (cos, sin) = tables(inverse_frequencies(config), positions, scale, device)?;
+        Ok(Self { cos, sin, long: None, rotary_dim, interleaved })
     }
 
     /// The cos and sin tables `[seq, head_dim / 2]` of positions `0..seq`.
@@ -56,11 +67,17 @@ impl Rope {
         let cos = cos.narrow(0, offset, seq)?;
         let sin = sin.narrow(0, offset, seq)?;
         let head_dim = x.dim(3)?;
+        let rotate = |x: &Tensor| -> Result<Tensor> {
+            let x = x.contiguous()?;
+            if self.interleaved {
+                return Ok(candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?);
+            }
+            Ok(candle_nn::rotary_emb::rope(&x, &cos, &sin)?)
+        };
         if self.rotary_dim == head_dim {
-            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?);
+            return rotate(x);
         }
-        let rotated =
-            candle_nn::rotary_emb::rope(&x.narrow(3, 0, self.rotary_dim)?.contiguous()?, &cos, &sin)?;
+        let rotated = rotate(&x.narrow(3, 0, self.rotary_dim)?)?;
         let kept = x.narrow(3, self.rotary_dim, head_dim - self.rotary_dim)?;
         Ok(Tensor::cat(&[rotated, kept], 3)?)
     }
@@ -92,6 +109,9 @@ fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
         Some(scaling) if scaling.rope_type == "llama3" => plain.map(|f| llama3_scaled(f, scaling)).collect(),
         // Positions divided by `factor` (Gemma 3's global layers).
         Some(scaling) if scaling.rope_type == "linear" => plain.map(|f| f / scaling.factor as f32).collect(),
+        Some(scaling) if scaling.rope_type == "yarn" => {
+            yarn::inverse_frequencies(dim, config.rope_theta, scaling)
+        }
         _ => plain.collect(),
     }
 }
@@ -130,6 +150,11 @@ mod tests {
             long_factor: None,
             attention_factor: None,
             partial_rotary_factor: None,
+            beta_fast: None,
+            beta_slow: None,
+            mscale: None,
+            mscale_all_dim: None,
+            truncate: None,
         }
     }
 
