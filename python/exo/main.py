@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chatgpt-api-response-timeout", type=int, default=900, help="API response timeout, seconds")
     p.add_argument("--max-generate-tokens", type=int, default=10000, help="max tokens generated per request")
     p.add_argument(
+        "--api-key",
+        type=str,
+        default=os.environ.get("EXO_API_KEY") or None,
+        help="the HTTP API answers only requests with `Authorization: Bearer KEY` (default: EXO_API_KEY)",
+    )
+    p.add_argument(
         "--inference-engine",
         type=str,
         default=None,

@@ -189,6 +189,7 @@ class App:
             system_prompt=args.system_prompt,
             max_concurrent_requests=args.max_concurrent_requests,
             max_queued_requests=args.max_queued_requests,
+            api_key=args.api_key,
         )
         self.api.on_quit = self.request_stop
         self._register_callbacks()
@@ -270,7 +271,9 @@ class App:
             if args.chat_tui:
                 from exo.viz.chat_tui import ChatTUI
 
-                tui = ChatTUI(f"http://127.0.0.1:{args.chatgpt_api_port}", model=self.api.default_model)
+                tui = ChatTUI(
+                    f"http://127.0.0.1:{args.chatgpt_api_port}", model=self.api.default_model, api_key=args.api_key
+                )
                 return await self._until_stopped(tui.run())
             await self.stopping.wait()
             return 0
