@@ -501,3 +501,25 @@ async def test_an_api_key_guards_every_route_but_the_web_chat_and_health(model_d
             async with session.options(s.url + "/v1/chat/completions") as r:
                 assert r.status == 204
     assert len(node.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [(errors.HubConnectionError, 503, "download_failed"), (errors.ModelNotFoundError, 404, "model_not_found")],
+)
+async def test_a_tokenizer_that_cannot_be_fetched_fails_that_request_alone(
+    served: Served, monkeypatch: pytest.MonkeyPatch, failure: type[Exception], status: int, code: str
+) -> None:
+    tokenizer_for = served.api.tokenizer_for
+
+    async def unreachable(model: object) -> object:
+        raise failure("https://hf.example: does not answer")
+
+    monkeypatch.setattr(served.api, "tokenizer_for", unreachable)
+    body = json.dumps({"messages": [{"role": "user", "content": "x"}]})
+    answered, reply = await served.post("/v1/chat/completions", body)
+    assert answered == status
+    assert reply["error"]["code"] == code and "hf.example" in reply["error"]["message"]
+    monkeypatch.setattr(served.api, "tokenizer_for", tokenizer_for)
+    answered, reply = await served.post("/v1/chat/completions", body)
+    assert answered == 200 and reply["choices"][0]["message"]["content"] == REPLY
