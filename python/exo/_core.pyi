@@ -276,6 +276,23 @@ class CandleInferenceEngine(NativeInferenceEngine):
     def save_checkpoint(self, shard: Shard, path: str | os.PathLike[str]) -> Awaitable[None]: ...
 
 @final
+class RKLLMInferenceEngine(NativeInferenceEngine):
+    """Whole models on a Rockchip NPU through an RKLLAMA server, answered token by token.
+    `host`, `port` and `timeout` override `RKLLM_SERVER_HOST`, `RKLLM_SERVER_PORT` and
+    `RKLLM_TIMEOUT`."""
+
+    def __new__(
+        cls,
+        shard_downloader: Any = None,
+        host: str | None = None,
+        port: int | None = None,
+        timeout: float | None = None,
+    ) -> RKLLMInferenceEngine: ...
+    @property
+    def server(self) -> str: ...
+    def health_check(self) -> Awaitable[None]: ...
+
+@final
 class Tokenizer:
     """A Hugging Face tokenizer with its chat template, special tokens and EOS ids."""
 

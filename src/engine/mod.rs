@@ -4,6 +4,7 @@
 pub mod candle;
 pub mod dummy;
 pub mod kernels;
+pub mod rkllm;
 pub mod sampling;
 
 use std::collections::BTreeMap;
