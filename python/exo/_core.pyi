@@ -36,6 +36,7 @@ __all__ = [
     "Partition",
     "PeerConfig",
     "PeerConnection",
+    "RKLLMInferenceEngine",
     "RingMemoryWeightedPartitioningStrategy",
     "Shard",
     "TailscaleDiscovery",

@@ -89,7 +89,7 @@ def engine_name_for(requested: str, *, mlx_built: bool = False) -> str | None:
 
 
 def get_inference_engine(inference_engine_name: str, shard_downloader: Any) -> InferenceEngine:
-    """The engine called `inference_engine_name`: `candle`, `rkllm` (an RKLLAMA server) or `dummy`, or a name of exo classic or xotorch that
+    """The engine called `inference_engine_name`: `candle`, `rkllm` or `dummy`, or a name of exo classic or xotorch that
     candle stands in for (`tinygrad`, `torch`, `TinygradDynamicShardInferenceEngine`, ...)."""
     name = engine_name_for(inference_engine_name)
     # The native engines are `InferenceEngine`s by `InferenceEngine.register`, which type checkers do not follow.
