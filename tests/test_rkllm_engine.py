@@ -98,6 +98,30 @@ async def test_concurrent_requests_take_turns_on_the_server(node: str, fake: Fak
     assert fake.most_running == 1
 
 
+async def test_a_client_that_leaves_stops_the_generation_on_the_server(node: str, fake: FakeRkllama) -> None:
+    fake.mode = "slow"
+    fake.delay = 0.05
+    left = fake.disconnected
+    body = {"messages": MESSAGES, "stream": True}
+    async with aiohttp.ClientSession() as session, session.post(f"{node}/v1/chat/completions", json=body) as response:
+        assert response.status == 200
+        seen = ""
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                seen += streamed_text(line.decode())
+            if seen.count("tick") >= 3:
+                break
+    # The node cancels the request, drops its answer and so closes the server's stream, which frees the server.
+    for _ in range(100):
+        if fake.disconnected > left and fake.running == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert fake.disconnected > left and fake.running == 0, (fake.disconnected, fake.running)
+    fake.mode = "ok"
+    status, answer = await chat(node)
+    assert status == 200 and answer["choices"][0]["message"]["content"] == fake.answer
+
+
 @pytest.mark.parametrize(
     ("mode", "says"),
     [
