@@ -745,6 +745,22 @@ mod tests {
         assert_eq!(roles(chat_messages("plain text")), [s("user", "plain text")]);
     }
 
+    #[tokio::test]
+    async fn a_layer_range_is_refused_before_the_server_is_asked() {
+        // Nothing listens on the discard port: a refusal that reached the server would say so.
+        let options =
+            ServerOptions { base_url: "http://127.0.0.1:9".into(), timeout: Duration::from_secs(1) };
+        let engine = RkllmEngine::new(options, Arc::new(super::super::LocalDirectories)).unwrap();
+        let part = Shard::new("qwen2.5-1.5b-rkllm", 0, 13, 28);
+        let err = engine.ensure_shard(&part).await.unwrap_err();
+        assert!(matches!(err, Error::InvalidShard(_)), "{err}");
+        let err = err.to_string();
+        assert!(err.contains("whole models") && err.contains("layers 0..=13"), "{err}");
+        let tail = Shard::new("qwen2.5-1.5b-rkllm", 14, 27, 28);
+        assert!(matches!(engine.ensure_shard(&tail).await, Err(Error::InvalidShard(_))));
+        assert!(engine.current_shard().is_none());
+    }
+
     #[test]
     fn server_names_come_from_the_registry() {
         assert_eq!(server_model_name("deepseek-r1-1.5b-rkllm").unwrap(), "DeepSeek-R1-1.5B");
