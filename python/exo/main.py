@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--inference-engine",
         type=str,
         default=None,
-        help="candle (the default; or EXO_ENGINE), mlx (macOS build) or dummy; exo classic's and xotorch's engine "
+        help="candle (the default; or EXO_ENGINE), mlx (macOS build), rkllm (an RKLLAMA server on a Rockchip board, at "
+        "RKLLM_SERVER_HOST:RKLLM_SERVER_PORT) or dummy; exo classic's and xotorch's engine "
         "names (tinygrad, torch, pytorch, cpu, and mlx without an MLX build) and class names run candle",
     )
     p.add_argument("--disable-tui", action=argparse.BooleanOptionalAction, help="no Rich topology TUI")

@@ -45,6 +45,8 @@ def error_from_exception(e: BaseException) -> ApiError:
         return ApiError(404, f"The model's files were not found: {e}", "model_not_found")
     if isinstance(e, errors.DownloadError):
         return ApiError(503, f"The model's files could not be fetched; try again: {e}", "download_failed")
+    if isinstance(e, errors.InferenceServerError):
+        return ApiError(502, f"The inference server failed: {e}", "inference_server_error")
     if isinstance(e, errors.ExoError):
         return ApiError(500, f"The request failed in the cluster: {e}", "request_failed")
     return ApiError(500, f"Internal error: {type(e).__name__}: {e}", "internal_error")

@@ -27,7 +27,7 @@ from exo.app.training import configure_engine, on_save_status, train
 from exo.app.tui_feed import TuiFeed
 from exo.download.new_shard_download import ensure_exo_home, new_shard_downloader, seed_models
 from exo.download.shard_download import NoopShardDownloader
-from exo.errors import InvalidArgumentError
+from exo.errors import InferenceServerError, InvalidArgumentError
 from exo.inference.inference_engine import get_inference_engine
 from exo.models import unavailable_reason
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
@@ -71,6 +71,7 @@ class App:
         self.api: Any = None
         self.shard_downloader: Any = None
         self.engine_classname = ""
+        self.engine: Any = None
         self.tui_feed: TuiFeed | None = None
         self._tasks: set[concurrent.futures.Future[Any]] = set()
 
@@ -142,6 +143,7 @@ class App:
             engine = get_inference_engine(self.engine_name, self.shard_downloader)
         except InvalidArgumentError as e:  # a device this build or machine lacks, an unknown block type
             raise CliError(str(e)) from e
+        self.engine = engine
         self.engine_classname = type(engine).__name__
         try:
             configure_engine(engine, args)
@@ -252,10 +254,24 @@ class App:
             except Exception as e:
                 print(f"Error seeding models: {e}")
 
+    async def check_engine_server(self) -> None:
+        """Says whether the server an engine relies on (RKLLAMA for rkllm) answers; the node starts either way, and
+        its requests fail with the reason until the server answers."""
+        health_check = getattr(self.engine, "health_check", None)
+        if health_check is None:
+            return
+        try:
+            await health_check()
+        except InferenceServerError as e:
+            print(f"Warning: {e}. Requests fail until it answers.")
+            return
+        print(f"Inference server at {self.engine.server} answers")
+
     async def serve(self) -> int:
         """Start everything, run the chosen mode, stop everything; the process's exit status."""
         args = self.args
         await self.prepare_home()
+        await self.check_engine_server()
         self.install_signal_handlers()
         await self.node.start(wait_for_peers=args.wait_for_peers)
         try:
