@@ -925,6 +925,19 @@ pub fn hub_gguf_file(id: &str) -> Option<(&str, &str)> {
 
 pub use crate::engine::is_local_model;
 
+/// A model's name on the RKLLAMA server: the registry's, or for a model id the registry does not
+/// list (a repo id or a directory), the last part of it.
+pub fn rkllm_server_name(model_id: &str) -> Result<String> {
+    match model_card(model_id) {
+        Some(card) => card.rkllm_name.map(str::to_string).ok_or_else(|| {
+            Error::InvalidModel(format!(
+                "The model '{model_id}' has no RKLLM build; the rkllm engine runs the -rkllm ids"
+            ))
+        }),
+        None => Ok(model_id.rsplit('/').next().unwrap_or(model_id).to_string()),
+    }
+}
+
 /// Whether an engine class loads models from repositories (so takes any repo id); RKLLM takes
 /// its tokenizer from one, and the repository's or directory's name is the model's on the server.
 fn engine_takes_repos(engine_class: &str) -> bool {
@@ -1006,6 +1019,14 @@ pub fn get_supported_models(engine_lists: &[Vec<String>]) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rkllm_server_names_come_from_the_registry() {
+        assert_eq!(rkllm_server_name("deepseek-r1-1.5b-rkllm").unwrap(), "DeepSeek-R1-1.5B");
+        assert_eq!(rkllm_server_name("qwen2.5-1.5b-instruct-rkllm").unwrap(), "Qwen2.5-1.5B-Instruct");
+        assert!(rkllm_server_name("llama-3.2-1b").is_err());
+        assert_eq!(rkllm_server_name("Qwen/My-Model").unwrap(), "My-Model");
+    }
 
     #[test]
     fn registry_ids_are_unique_and_every_model_has_layers() {

@@ -451,10 +451,14 @@ struct Loaded {
     tokenizer: Arc<Tokenizer>,
 }
 
+/// A model id's name on the RKLLAMA server (the registry knows it; the engine does not).
+pub type ServerNames = Arc<dyn Fn(&str) -> Result<String> + Send + Sync>;
+
 /// exo's `RKLLMInferenceEngine`: whole models on an RKLLAMA server, token by token.
 pub struct RkllmEngine {
     client: RkllamaClient,
     locator: Arc<dyn ModelLocator>,
+    server_names: ServerNames,
     loaded: Mutex<Option<Loaded>>,
     loading: tokio::sync::Mutex<()>,
     turn: Arc<tokio::sync::Mutex<()>>,
@@ -462,11 +466,17 @@ pub struct RkllmEngine {
 }
 
 impl RkllmEngine {
-    /// An engine for the server `options` names; `locator` fetches each model's tokenizer.
-    pub fn new(options: ServerOptions, locator: Arc<dyn ModelLocator>) -> Result<Self> {
+    /// An engine for the server `options` names; `locator` fetches each model's tokenizer and
+    /// `server_names` names each model on the server.
+    pub fn new(
+        options: ServerOptions,
+        locator: Arc<dyn ModelLocator>,
+        server_names: ServerNames,
+    ) -> Result<Self> {
         Ok(Self {
             client: RkllamaClient::new(options)?,
             locator,
+            server_names,
             loaded: Mutex::new(None),
             loading: tokio::sync::Mutex::new(()),
             turn: Arc::new(tokio::sync::Mutex::new(())),
@@ -635,7 +645,7 @@ impl Engine for RkllmEngine {
         if self.loaded().is_some_and(|l| l.shard == *shard) {
             return Ok(());
         }
-        let name = server_model_name(&shard.model_id)?;
+        let name = (self.server_names)(&shard.model_id)?;
         let dir = self.locator.locate(shard).await?;
         let tokenizer = Arc::new(load_tokenizer(dir).await?);
         {
@@ -660,19 +670,6 @@ async fn load_tokenizer(dir: std::path::PathBuf) -> Result<Tokenizer> {
     tokio::task::spawn_blocking(move || Tokenizer::from_dir(Path::new(&dir)))
         .await
         .map_err(|e| Error::InvalidModel(format!("loading the tokenizer stopped: {e}")))?
-}
-
-/// The model's name on the RKLLAMA server: the registry's, or for a model id the registry
-/// does not list, the id itself.
-pub fn server_model_name(model_id: &str) -> Result<String> {
-    match crate::models::model_card(model_id) {
-        Some(card) => card.rkllm_name.map(str::to_string).ok_or_else(|| {
-            Error::InvalidModel(format!(
-                "The model '{model_id}' has no RKLLM build; the rkllm engine runs the -rkllm ids"
-            ))
-        }),
-        None => Ok(model_id.rsplit('/').next().unwrap_or(model_id).to_string()),
-    }
 }
 
 #[cfg(test)]
@@ -750,7 +747,12 @@ mod tests {
         // Nothing listens on the discard port: a refusal that reached the server would say so.
         let options =
             ServerOptions { base_url: "http://127.0.0.1:9".into(), timeout: Duration::from_secs(1) };
-        let engine = RkllmEngine::new(options, Arc::new(super::super::LocalDirectories)).unwrap();
+        let engine = RkllmEngine::new(
+            options,
+            Arc::new(super::super::LocalDirectories),
+            Arc::new(|id| Ok(id.to_string())),
+        )
+        .unwrap();
         let part = Shard::new("qwen2.5-1.5b-rkllm", 0, 13, 28);
         let err = engine.ensure_shard(&part).await.unwrap_err();
         assert!(matches!(err, Error::InvalidShard(_)), "{err}");
@@ -759,13 +761,5 @@ mod tests {
         let tail = Shard::new("qwen2.5-1.5b-rkllm", 14, 27, 28);
         assert!(matches!(engine.ensure_shard(&tail).await, Err(Error::InvalidShard(_))));
         assert!(engine.current_shard().is_none());
-    }
-
-    #[test]
-    fn server_names_come_from_the_registry() {
-        assert_eq!(server_model_name("deepseek-r1-1.5b-rkllm").unwrap(), "DeepSeek-R1-1.5B");
-        assert_eq!(server_model_name("qwen2.5-1.5b-instruct-rkllm").unwrap(), "Qwen2.5-1.5B-Instruct");
-        assert!(server_model_name("llama-3.2-1b").is_err());
-        assert_eq!(server_model_name("My-Model").unwrap(), "My-Model");
     }
 }

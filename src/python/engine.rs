@@ -413,7 +413,8 @@ impl PyRkllmEngine {
             options.timeout = std::time::Duration::from_secs_f64(seconds);
         }
         let locator = locator_from_py(py, shard_downloader, crate::models::RKLLM);
-        let engine = Arc::new(RkllmEngine::new(options, locator)?);
+        let engine =
+            Arc::new(RkllmEngine::new(options, locator, Arc::new(crate::models::rkllm_server_name))?);
         Ok(PyClassInitializer::from(PyEngine { inner: engine.clone() }).add_subclass(Self { engine }))
     }
 
