@@ -61,6 +61,10 @@ pub enum Error {
     /// Any other download failure: an unexpected HTTP status or answer, a local file error.
     #[error("download failed: {0}")]
     Download(String),
+    /// An inference server an engine relies on (RKLLAMA) is down, timed out, lacks the model,
+    /// failed to load it or answered with something unreadable; the message names the server.
+    #[error("inference server: {0}")]
+    InferenceServer(String),
     /// A failure inside the tensor library.
     #[error("tensor backend: {0}")]
     Backend(#[from] candle_core::Error),
@@ -91,6 +95,7 @@ impl Error {
             Error::Integrity(_) => "integrity",
             Error::Offline(_) => "offline",
             Error::Download(_) => "download",
+            Error::InferenceServer(_) => "inference_server",
             Error::Backend(_) => "backend",
         }
     }
@@ -124,6 +129,7 @@ impl Error {
             "integrity" => Error::Integrity,
             "offline" => Error::Offline,
             "download" => Error::Download,
+            "inference_server" => Error::InferenceServer,
             "backend" => |message| Error::Backend(candle_core::Error::Msg(message)),
             _ => Error::RequestFailed,
         };
@@ -163,6 +169,7 @@ mod tests {
             Error::Integrity(m()),
             Error::Offline(m()),
             Error::Download(m()),
+            Error::InferenceServer(m()),
             Error::Backend(candle_core::Error::Msg(m())),
         ]
     }

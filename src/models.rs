@@ -15,6 +15,9 @@ pub const TINYGRAD: &str = "TinygradDynamicShardInferenceEngine";
 /// Engine class name of xotorch's PyTorch engine; its repositories are tinygrad's (the
 /// original Hugging Face checkpoints), as in xotorch's registry.
 pub const TORCH: &str = "TorchDynamicShardInferenceEngine";
+/// Engine class name of the RKLLM engine (exo's RKLLM fork); its repositories hold only the
+/// tokenizer, as the weights are `.rkllm` files on the RKLLAMA server.
+pub const RKLLM: &str = "RKLLMInferenceEngine";
 /// Engine class name of the deterministic test engine.
 pub const DUMMY: &str = "DummyInferenceEngine";
 
@@ -31,6 +34,9 @@ pub struct ModelCard {
     pub architecture: &'static str,
     /// (engine class name, repository) pairs.
     pub repos: &'static [(&'static str, &'static str)],
+    /// The model's name on an RKLLAMA server (its directory in `~/RKLLAMA/models`), for the
+    /// RKLLM builds.
+    pub rkllm_name: Option<&'static str>,
 }
 
 impl ModelCard {
@@ -48,7 +54,26 @@ const fn card(
     architecture: &'static str,
     repos: &'static [(&'static str, &'static str)],
 ) -> ModelCard {
-    ModelCard { id, layers, pretty_name, architecture, repos }
+    ModelCard { id, layers, pretty_name, architecture, repos, rkllm_name: None }
+}
+
+/// An RKLLM build of exo's RKLLM fork: its tokenizer's repository and its name on the server.
+const fn rkllm_card(
+    id: &'static str,
+    layers: i32,
+    pretty_name: &'static str,
+    architecture: &'static str,
+    repos: &'static [(&'static str, &'static str)],
+    server_name: &'static str,
+) -> ModelCard {
+    ModelCard {
+        id,
+        layers,
+        pretty_name: Some(pretty_name),
+        architecture,
+        repos,
+        rkllm_name: Some(server_name),
+    }
 }
 
 /// Every registry entry, in exo classic's order, with classic's MLX and tinygrad repositories
@@ -813,12 +838,61 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         "phi3",
         &[(MLX, "mlx-community/phi-4-4bit"), (CANDLE, "mlx-community/phi-4-4bit")],
     ),
+    // exo's RKLLM fork's ids; `qwen2.5-7b-rkllm` has the server name the fork derives from the id.
+    rkllm_card(
+        "deepseek-r1-1.5b-rkllm",
+        28,
+        "DeepSeek R1 1.5B (RKLLM)",
+        "qwen2",
+        &[(RKLLM, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")],
+        "DeepSeek-R1-1.5B",
+    ),
+    rkllm_card(
+        "qwen2.5-1.5b-rkllm",
+        28,
+        "Qwen 2.5 1.5B (RKLLM)",
+        "qwen2",
+        &[(RKLLM, "Qwen/Qwen2.5-1.5B-Instruct")],
+        "Qwen2.5-1.5B",
+    ),
+    rkllm_card(
+        "qwen2.5-1.5b-instruct-rkllm",
+        28,
+        "Qwen 2.5 1.5B Instruct (RKLLM)",
+        "qwen2",
+        &[(RKLLM, "Qwen/Qwen2.5-1.5B-Instruct")],
+        "Qwen2.5-1.5B-Instruct",
+    ),
+    rkllm_card(
+        "qwen2.5-3b-rkllm",
+        36,
+        "Qwen 2.5 3B (RKLLM)",
+        "qwen2",
+        &[(RKLLM, "Qwen/Qwen2.5-3B-Instruct")],
+        "Qwen2.5-3B",
+    ),
+    rkllm_card(
+        "qwen2.5-7b-rkllm",
+        28,
+        "Qwen 2.5 7B (RKLLM)",
+        "qwen2",
+        &[(RKLLM, "Qwen/Qwen2.5-7B-Instruct")],
+        "Qwen2.5-7b",
+    ),
+    rkllm_card(
+        "phi-3-mini-rkllm",
+        32,
+        "Phi-3 Mini (RKLLM)",
+        "phi3",
+        &[(RKLLM, "microsoft/Phi-3-mini-4k-instruct")],
+        "Phi-3-mini",
+    ),
     card("dummy", 8, None, "dummy", &[(DUMMY, "dummy")]),
 ];
 
 /// Short engine names (`--inference-engine`) and the class names they stand for.
 pub const ENGINE_CLASSES: &[(&str, &str)] =
-    &[("candle", CANDLE), ("mlx", MLX), ("tinygrad", TINYGRAD), ("dummy", DUMMY)];
+    &[("candle", CANDLE), ("mlx", MLX), ("tinygrad", TINYGRAD), ("rkllm", RKLLM), ("dummy", DUMMY)];
 
 /// The registry entry of `model_id`.
 pub fn model_card(model_id: &str) -> Option<&'static ModelCard> {
@@ -857,9 +931,23 @@ pub fn hub_gguf_file(id: &str) -> Option<(&str, &str)> {
 
 pub use crate::engine::is_local_model;
 
-/// Whether an engine class loads weights from model repositories (so takes any repo id).
+/// A model's name on the RKLLAMA server: the registry's, or for a model id the registry does not
+/// list (a repo id or a directory), the last part of it.
+pub fn rkllm_server_name(model_id: &str) -> Result<String> {
+    match model_card(model_id) {
+        Some(card) => card.rkllm_name.map(str::to_string).ok_or_else(|| {
+            Error::InvalidModel(format!(
+                "The model '{model_id}' has no RKLLM build; the rkllm engine runs the -rkllm ids"
+            ))
+        }),
+        None => Ok(model_id.rsplit('/').next().unwrap_or(model_id).to_string()),
+    }
+}
+
+/// Whether an engine class loads models from repositories (so takes any repo id); RKLLM takes
+/// its tokenizer from one, and the repository's or directory's name is the model's on the server.
 fn engine_takes_repos(engine_class: &str) -> bool {
-    matches!(engine_class, CANDLE | MLX | TINYGRAD | TORCH)
+    matches!(engine_class, CANDLE | MLX | TINYGRAD | TORCH | RKLLM)
 }
 
 /// The repository of `model_id` for `engine_class` (classic's `get_repo`): the registry's, or
@@ -939,6 +1027,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rkllm_server_names_come_from_the_registry() {
+        assert_eq!(rkllm_server_name("deepseek-r1-1.5b-rkllm").unwrap(), "DeepSeek-R1-1.5B");
+        assert_eq!(rkllm_server_name("qwen2.5-1.5b-instruct-rkllm").unwrap(), "Qwen2.5-1.5B-Instruct");
+        assert!(rkllm_server_name("llama-3.2-1b").is_err());
+        assert_eq!(rkllm_server_name("Qwen/My-Model").unwrap(), "My-Model");
+    }
+
+    #[test]
     fn registry_ids_are_unique_and_every_model_has_layers() {
         let mut ids: Vec<_> = MODEL_CARDS.iter().map(|c| c.id).collect();
         ids.sort_unstable();
@@ -952,7 +1048,10 @@ mod tests {
     fn candle_loads_classic_mlx_weights_of_every_architecture_it_runs() {
         for card in MODEL_CARDS {
             let (candle, mlx) = (card.repo(CANDLE), card.repo(MLX));
-            if MODEL_TYPES.contains(&card.architecture) {
+            if card.rkllm_name.is_some() {
+                // An RKLLM build's weights are `.rkllm` files on its server: only the rkllm engine runs it.
+                assert_eq!((candle, mlx), (None, None), "{}", card.id);
+            } else if MODEL_TYPES.contains(&card.architecture) {
                 assert!(candle.is_some() && candle == mlx, "{}: candle {candle:?}, mlx {mlx:?}", card.id);
             } else {
                 assert_eq!(candle, None, "{}", card.id);

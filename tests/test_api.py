@@ -476,3 +476,50 @@ async def _fill_the_queue_and_drain_it(served: Served) -> None:
         for response in [await running[1], await waiting]:
             response.close()
     await wait_until(lambda: admission.active == 0)
+
+
+async def test_an_api_key_guards_every_route_but_the_web_chat_and_health(model_dir: Path, tokenizer: Tokenizer) -> None:
+    node = FakeNode(reply_tokens(tokenizer))
+    async for s in serve(node, model_dir, tokenizer, api_key="sk-cluster"):
+        messages = [{"role": "user", "content": "Hi"}]
+        keyed = openai.AsyncOpenAI(base_url=f"{s.url}/v1", api_key="sk-cluster", max_retries=0)
+        reply = await keyed.chat.completions.create(model=s.api.default_model, messages=messages)
+        assert reply.choices[0].message.content == REPLY
+        with pytest.raises(openai.AuthenticationError, match="Incorrect API key"):
+            await s.client().chat.completions.create(model=s.api.default_model, messages=messages)
+        async with aiohttp.ClientSession() as session:
+            for method, path in [("GET", "/v1/models"), ("GET", "/topology"), ("POST", "/quit"), ("POST", "/download")]:
+                async with session.request(method, s.url + path) as r:
+                    assert r.status == 401, path
+                    assert r.headers["WWW-Authenticate"] == "Bearer"
+                    error = (await r.json())["error"]
+                    assert error["code"] == "invalid_api_key" and "--api-key" in error["message"], path
+            for path in ("/", "/chat.js", "/healthcheck"):
+                async with session.get(s.url + path) as r:
+                    assert r.status == 200, path
+            # A browser's preflight carries no key; it must pass for the real request to be sent.
+            async with session.options(s.url + "/v1/chat/completions") as r:
+                assert r.status == 204
+    assert len(node.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code"),
+    [(errors.HubConnectionError, 503, "download_failed"), (errors.ModelNotFoundError, 404, "model_not_found")],
+)
+async def test_a_tokenizer_that_cannot_be_fetched_fails_that_request_alone(
+    served: Served, monkeypatch: pytest.MonkeyPatch, failure: type[Exception], status: int, code: str
+) -> None:
+    tokenizer_for = served.api.tokenizer_for
+
+    async def unreachable(model: object) -> object:
+        raise failure("https://hf.example: does not answer")
+
+    monkeypatch.setattr(served.api, "tokenizer_for", unreachable)
+    body = json.dumps({"messages": [{"role": "user", "content": "x"}]})
+    answered, reply = await served.post("/v1/chat/completions", body)
+    assert answered == status
+    assert reply["error"]["code"] == code and "hf.example" in reply["error"]["message"]
+    monkeypatch.setattr(served.api, "tokenizer_for", tokenizer_for)
+    answered, reply = await served.post("/v1/chat/completions", body)
+    assert answered == 200 and reply["choices"][0]["message"]["content"] == REPLY

@@ -50,7 +50,11 @@ def test_engine_choice() -> None:
     assert cli.choose_engine("CandleInferenceEngine", {}) == EngineChoice("candle")
     assert cli.choose_engine("DummyInferenceEngine", {}) == EngineChoice("dummy")
     assert cli.choose_engine("candle", {}).notice() is None
-    with pytest.raises(cli.CliError, match="unknown inference engine 'jax'; choose one of: candle, mlx, dummy, cpu"):
+    assert cli.choose_engine(None, {"EXO_ENGINE": "rkllm"}) == EngineChoice("rkllm")
+    assert cli.choose_engine("RKLLMInferenceEngine", {}) == EngineChoice("rkllm")
+    with pytest.raises(
+        cli.CliError, match="unknown inference engine 'jax'; choose one of: candle, mlx, rkllm, dummy, cpu"
+    ):
         cli.choose_engine("jax", {})
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from playwright.async_api import async_playwright
+from playwright.async_api import Dialog, async_playwright
 
-from support.app_harness import REPLY, Served
+from exo.inference.tokenizers import Tokenizer
+from support.app_harness import REPLY, Served, reply_tokens, serve
+from support.fake_node import FakeNode
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -73,6 +75,36 @@ async def test_server_errors_are_shown(served: Served) -> None:
             assert "went away" in await page.text_content("#error")
         finally:
             await browser.close()
+
+
+async def test_a_node_with_an_api_key_asks_for_it_once(model_dir: Path, tokenizer: Tokenizer) -> None:
+    node = FakeNode(reply_tokens(tokenizer))
+    asked: list[str] = []
+
+    async def answer(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.accept("sk-cluster")
+
+    async for s in serve(node, model_dir, tokenizer, api_key="sk-cluster"):
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+            try:
+                page = await browser.new_page()
+                page.on("dialog", answer)
+                await page.goto(s.url + "/")
+                await page.wait_for_function("document.querySelectorAll('#model-select option').length > 0")
+                await page.fill("#prompt", "Hi")
+                await page.keyboard.press("Enter")
+                await page.wait_for_selector(".message.assistant .meta:not(:empty)")
+                assert await page.text_content(".message.assistant .body") == REPLY
+                # Asked once, although the page's first requests all met a 401; kept across a reload.
+                assert len(asked) == 1 and "API key" in asked[0]
+                await page.reload()
+                await page.wait_for_function("document.querySelectorAll('#model-select option').length > 0")
+                assert len(asked) == 1
+            finally:
+                await browser.close()
+    assert len(node.calls) == 1
 
 
 async def test_web_chat_on_a_real_two_node_ring(model_dir: Path, tmp_path: Path) -> None:

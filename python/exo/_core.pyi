@@ -36,6 +36,7 @@ __all__ = [
     "Partition",
     "PeerConfig",
     "PeerConnection",
+    "RKLLMInferenceEngine",
     "RingMemoryWeightedPartitioningStrategy",
     "Shard",
     "TailscaleDiscovery",
@@ -294,6 +295,23 @@ class CandleInferenceEngine(NativeInferenceEngine):
     def save_adapters(self, path: str | os.PathLike[str]) -> Path | None: ...
     def load_checkpoint(self, shard: Shard, path: str | os.PathLike[str]) -> Awaitable[None]: ...
     def save_checkpoint(self, shard: Shard, path: str | os.PathLike[str]) -> Awaitable[None]: ...
+
+@final
+class RKLLMInferenceEngine(NativeInferenceEngine):
+    """Whole models on a Rockchip NPU through an RKLLAMA server, answered token by token.
+    `host`, `port` and `timeout` override `RKLLM_SERVER_HOST`, `RKLLM_SERVER_PORT` and
+    `RKLLM_TIMEOUT`."""
+
+    def __new__(
+        cls,
+        shard_downloader: Any = None,
+        host: str | None = None,
+        port: int | None = None,
+        timeout: float | None = None,
+    ) -> RKLLMInferenceEngine: ...
+    @property
+    def server(self) -> str: ...
+    def health_check(self) -> Awaitable[None]: ...
 
 @final
 class Tokenizer:

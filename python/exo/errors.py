@@ -39,6 +39,11 @@ class BackendError(ExoError, RuntimeError):
     """A failure inside the tensor library."""
 
 
+class InferenceServerError(ExoError, RuntimeError):
+    """An inference server an engine relies on (RKLLAMA) is down, timed out, lacks the model, failed to load it or
+    answered with something unreadable; the message names the server."""
+
+
 class PeerError(ExoError, ConnectionError):
     """A peer could not be reached, timed out, or answered with an error."""
 
@@ -96,6 +101,7 @@ __all__ = [
     "DownloadError",
     "ExoError",
     "HubConnectionError",
+    "InferenceServerError",
     "InsufficientMemoryError",
     "IntegrityError",
     "InvalidArgumentError",

@@ -86,10 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chatgpt-api-response-timeout", type=int, default=900, help="API response timeout, seconds")
     p.add_argument("--max-generate-tokens", type=int, default=10000, help="max tokens generated per request")
     p.add_argument(
+        "--api-key",
+        type=str,
+        default=os.environ.get("EXO_API_KEY") or None,
+        help="the HTTP API answers only requests with `Authorization: Bearer KEY` (default: EXO_API_KEY)",
+    )
+    p.add_argument(
         "--inference-engine",
         type=str,
         default=None,
-        help="candle (the default; or EXO_ENGINE), mlx (macOS build) or dummy; exo classic's and xotorch's engine "
+        help="candle (the default; or EXO_ENGINE), mlx (macOS build), rkllm (an RKLLAMA server on a Rockchip board, at "
+        "RKLLM_SERVER_HOST:RKLLM_SERVER_PORT) or dummy; exo classic's and xotorch's engine "
         "names (tinygrad, torch, pytorch, cpu, and mlx without an MLX build) and class names run candle",
     )
     p.add_argument("--disable-tui", action=argparse.BooleanOptionalAction, help="no Rich topology TUI")

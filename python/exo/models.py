@@ -1,16 +1,16 @@
 """The model registry (exo classic's `exo.models`), kept in Rust.
 
-`model_cards` maps a model id to its number of layers and a repository per engine class. As in
-classic, the id picks the weights: `CandleInferenceEngine` loads the same mlx-community repository
-as `MLXDynamicShardInferenceEngine` (`llama-3.2-1b` is the 4-bit quantization, `llama-3.2-1b-8bit`
-the 8-bit one, `-bf16` ids the unquantized model), for every model of an architecture it runs
-(llama, mistral, qwen2, qwen3, qwen3_moe, mixtral); other ids have no candle repository, and `unavailable_reason` says
-so. `DummyInferenceEngine` runs the `dummy` model. Beyond the registry, a model id may be a Hugging
-Face repo id (`org/name`), a GGUF file in one (`org/name/file.gguf`) or a local model directory or
-GGUF file: `get_repo` returns it as is, and `build_base_shard` reads its layer count from its
-`config.json` (or GGUF header) when that is on disk (the directory itself, `EXO_HOME` or the
-Hugging Face cache). `build_base_shard_async` also fetches the `config.json` (or the GGUF's
-header) of a repo id that is not on disk yet.
+`model_cards` maps a model id to its number of layers and a repository per engine class. As in classic, the id
+picks the weights: `CandleInferenceEngine` loads the same mlx-community repository as
+`MLXDynamicShardInferenceEngine` (`llama-3.2-1b` is the 4-bit quantization, `llama-3.2-1b-8bit` the 8-bit one,
+`-bf16` ids the unquantized model), for every model of an architecture it runs (llama, mistral, qwen2, qwen3,
+phi3, qwen3_moe, mixtral, gemma2, gemma3_text); other ids have no candle repository, and `unavailable_reason`
+says so. `RKLLMInferenceEngine` runs the `-rkllm` ids on an RKLLAMA server; `DummyInferenceEngine` runs the
+`dummy` model. Beyond the registry, a model id may be a Hugging Face repo id (`org/name`), a GGUF file in one
+(`org/name/file.gguf`) or a local model directory or GGUF file: `get_repo` returns it as is, and
+`build_base_shard` reads its layer count from its `config.json` (or GGUF header) when that is on disk (the
+directory itself, `EXO_HOME` or the Hugging Face cache). `build_base_shard_async` also fetches the
+`config.json` (or the GGUF's header) of a repo id that is not on disk yet.
 """
 
 from __future__ import annotations

@@ -140,8 +140,10 @@ fn cached_copy_matches(cached: &Path, file: &RemoteFile) -> bool {
 }
 
 /// The metadata files and every weights file of a listing: what a whole model needs.
-fn whole_model_files(listing: &RepoListing) -> Vec<RemoteFile> {
-    listing.files.iter().filter(|f| is_metadata_file(&f.path) || is_weights_file(&f.path)).cloned().collect()
+fn whole_model_files(listing: &RepoListing, engine: &str) -> Vec<RemoteFile> {
+    // RKLLM's weights are on its server: the node fetches only the tokenizer and config.
+    let weights = |path: &str| engine != models::RKLLM && is_weights_file(path);
+    listing.files.iter().filter(|f| is_metadata_file(&f.path) || weights(&f.path)).cloned().collect()
 }
 
 /// Where the listing of `repo_id` is cached.
@@ -201,6 +203,10 @@ impl HfDownloader {
         let repo = require_repo(&shard.model_id, engine)?;
         if is_local_model(&repo) {
             return Ok(PathBuf::from(repo));
+        }
+        if engine == models::RKLLM {
+            // The weights are on the RKLLAMA server; the node needs only the tokenizer.
+            return self.ensure_repo_metadata(&repo).await;
         }
         let key = (engine.to_string(), shard.clone());
         let _one_at_a_time = self.shard_locks.lock(&key).await;
@@ -445,13 +451,18 @@ impl HfDownloader {
         if let Some(gguf) = GgufRef::parse(&repo) {
             return self.ensure_gguf(&gguf, None).await;
         }
-        let target = self.repo_dir(&repo);
+        self.ensure_repo_metadata(&repo).await
+    }
+
+    /// Makes the configuration and tokenizer files of the hub repository `repo` present.
+    async fn ensure_repo_metadata(&self, repo: &str) -> Result<PathBuf> {
+        let target = self.repo_dir(repo);
         let has_metadata =
             |dir: &Path| dir.join(CONFIG_FILE).is_file() && dir.join("tokenizer.json").is_file();
         if has_metadata(&target) {
             return Ok(target);
         }
-        if let Some(snapshot) = hf_cache_snapshot(&repo, REVISION).filter(|s| has_metadata(s)) {
+        if let Some(snapshot) = hf_cache_snapshot(repo, REVISION).filter(|s| has_metadata(s)) {
             for file in top_level_files(&snapshot).into_iter().filter(|f| is_metadata_file(f)) {
                 if !target.join(&file).is_file() {
                     link_or_copy(&snapshot.join(&file), &target.join(&file))?;
@@ -460,9 +471,9 @@ impl HfDownloader {
             return Ok(target);
         }
         let settings = HubSettings::from_env();
-        let Some(listing) = self.listing(&settings, &repo).await? else {
+        let Some(listing) = self.listing(&settings, repo).await? else {
             let missing = if target.join(CONFIG_FILE).is_file() { "tokenizer.json" } else { CONFIG_FILE };
-            return Err(self.offline_error(&repo, missing));
+            return Err(self.offline_error(repo, missing));
         };
         for file in listing.files.iter().filter(|f| is_metadata_file(&f.path)) {
             self.ensure_file(&settings, &listing, file, &target, None).await?;
@@ -504,7 +515,7 @@ impl HfDownloader {
         let listing = if local { None } else { self.listing(&settings, repo_id).await? };
         let files: Vec<(String, u64, u64)> = match (&gguf, &listing) {
             (Some(gguf), _) => self.gguf_status(gguf, listing.as_ref())?,
-            (None, Some(listing)) => whole_model_files(listing)
+            (None, Some(listing)) => whole_model_files(listing, engine)
                 .into_iter()
                 .map(|f| {
                     let present = present_bytes(&target.join(&f.path));

@@ -5,6 +5,7 @@ pub mod candle;
 pub mod dummy;
 pub mod example;
 pub mod kernels;
+pub mod rkllm;
 pub mod sampling;
 
 use std::collections::BTreeMap;

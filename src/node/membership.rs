@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use crate::net::PeerHandle;
 use crate::topology::{DeviceCapabilities, Partition, PartitioningStrategy, Topology};
@@ -107,5 +108,29 @@ impl Membership {
         } else if topology.active_node_id.as_deref() == Some(node_id) {
             topology.active_node_id = None;
         }
+    }
+}
+
+/// How long a node waits for a peer it has heard from to show up in its own discovery: a peer's
+/// first request can arrive before this node's discovery has found the peer.
+pub const DISCOVERY_GRACE: Duration = Duration::from_secs(10);
+
+/// How often [`discovered`] looks again.
+const DISCOVERY_POLL: Duration = Duration::from_millis(100);
+
+/// The peer `find` returns, looking again until it returns one or `grace` has passed.
+pub async fn discovered(
+    find: impl Fn() -> Option<Arc<dyn PeerHandle>>,
+    grace: Duration,
+) -> Option<Arc<dyn PeerHandle>> {
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        if let Some(peer) = find() {
+            return Some(peer);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(DISCOVERY_POLL).await;
     }
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::mpsc;
 
+use super::membership::{discovered, DISCOVERY_GRACE};
 use crate::net::PeerHandle;
 
 /// One notification for a peer.
@@ -87,7 +88,12 @@ async fn deliver<L: PeerLookup>(
                 }
             }
         }
-        let Some(peer) = lookup.upgrade().and_then(|l| l.peer(&peer_id)) else { continue };
+        // The origin of a request may not be in this node's discovery yet: wait for it a while.
+        let find = || lookup.upgrade().and_then(|l| l.peer(&peer_id));
+        let Some(peer) = discovered(find, DISCOVERY_GRACE).await else {
+            log::warn!("{peer_id} is not among this node's peers: a message to it is dropped");
+            continue;
+        };
         let outcome = match &message {
             Message::Result { request_id, tokens, is_finished } => {
                 peer.send_result(request_id, tokens, *is_finished).await
@@ -213,5 +219,55 @@ mod tests {
                 ("q".to_string(), vec![9], true),
             ]
         );
+    }
+
+    /// Knows its peer only once `known` is set, as a node whose discovery has not found it yet.
+    struct Late {
+        peer: Arc<Recorder>,
+        known: std::sync::atomic::AtomicBool,
+    }
+
+    impl PeerLookup for Late {
+        fn peer(&self, _: &str) -> Option<Arc<dyn PeerHandle>> {
+            let known = self.known.load(std::sync::atomic::Ordering::SeqCst);
+            known.then(|| self.peer.clone() as Arc<dyn PeerHandle>)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_result_waits_for_its_peer_to_be_discovered_then_arrives() {
+        let recorder = Arc::new(Recorder {
+            identity: PeerIdentity::new("p", "p:1", ""),
+            calls: Mutex::new(vec![]),
+            gate: tokio::sync::Semaphore::new(10),
+        });
+        let lookup = Arc::new(Late { peer: recorder.clone(), known: false.into() });
+        let weak = Arc::downgrade(&lookup);
+        let outbox = Outbox::new();
+        outbox.send(&weak, "p", result("r", &[1], false));
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        assert!(recorder.calls.lock().unwrap().is_empty());
+        lookup.known.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(recorder.calls.lock().unwrap().clone(), [("r".to_string(), vec![1], false)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_for_a_peer_never_discovered_is_dropped_after_the_grace() {
+        let recorder = Arc::new(Recorder {
+            identity: PeerIdentity::new("p", "p:1", ""),
+            calls: Mutex::new(vec![]),
+            gate: tokio::sync::Semaphore::new(10),
+        });
+        let lookup = Arc::new(Late { peer: recorder.clone(), known: false.into() });
+        let weak = Arc::downgrade(&lookup);
+        let outbox = Outbox::new();
+        outbox.send(&weak, "p", result("lost", &[1], true));
+        outbox.send(&weak, "p", result("next", &[2], true));
+        tokio::time::sleep(DISCOVERY_GRACE + std::time::Duration::from_millis(500)).await;
+        // The first was dropped after the grace; the second found the peer once it appeared.
+        lookup.known.store(true, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(recorder.calls.lock().unwrap().clone(), [("next".to_string(), vec![2], true)]);
     }
 }

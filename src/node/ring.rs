@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
+use super::membership::{discovered, DISCOVERY_GRACE};
 use super::outbox::{Message, PeerLookup};
 use super::request::{
     failed_status, failure_from_status, planned_shards, Phase, Request, RequestContext, StreamEvent,
@@ -18,7 +19,7 @@ use super::{GenerateOptions, Node, NodeEvent};
 use crate::engine::example::{Example, ExampleLoss};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
-use crate::net::RequestHandler;
+use crate::net::{PeerHandle, RequestHandler};
 use crate::shard::Shard;
 use crate::tensor::{DType, WireTensor};
 use crate::topology::Topology;
@@ -378,7 +379,7 @@ impl Node {
                 Ok(Some((target, next))) if target == self.id => {
                     self.run_tensor(next, tensor, &request_id, state).await
                 }
-                Ok(Some((target, next))) => match self.peer(&target) {
+                Ok(Some((target, next))) => match self.next_peer(&request_id, &target).await {
                     None => {
                         Err(Error::Peer(format!("peer {target} holding layer {next_layer} is not connected")))
                     }
@@ -395,6 +396,15 @@ impl Node {
                 self.fail_request(&request_id, e).await;
             }
         })
+    }
+
+    /// The peer `target` that a step of `request_id` goes to. The request's origin sent this
+    /// node work moments ago, so it is waited for until discovery finds it; any other peer
+    /// missing now has left the ring.
+    async fn next_peer(&self, request_id: &str, target: &str) -> Option<Arc<dyn PeerHandle>> {
+        let from_origin = self.requests.with(request_id, |r| r.is_origin(target)).unwrap_or(false);
+        let grace = if from_origin { DISCOVERY_GRACE } else { Duration::ZERO };
+        discovered(|| self.peer(target), grace).await
     }
 
     /// Hands a token sampled here to the listeners: the origin at once, bystanders in

@@ -20,6 +20,7 @@ use crate::engine::candle::{
     OptimizerKind, TrainOptions,
 };
 use crate::engine::dummy::DummyEngine;
+use crate::engine::rkllm::{RkllmEngine, ServerOptions};
 use crate::engine::{Engine, InferenceState, LocalDirectories, ModelLocator, SamplingParams};
 use crate::error::{Error, Result};
 use crate::shard::Shard;
@@ -199,6 +200,8 @@ impl PyDummyEngine {
 /// using a model id that is itself a local model directory as is.
 struct PythonDownloader {
     downloader: Option<Py<PyAny>>,
+    /// The engine class the downloader is asked to fetch for.
+    engine: &'static str,
 }
 
 #[async_trait]
@@ -210,8 +213,7 @@ impl ModelLocator for PythonDownloader {
         let Some(downloader) = &self.downloader else { return LocalDirectories.locate(shard).await };
         let download = super::asyncio::with_python(|py| {
             let shard = PyShard { inner: shard.clone() };
-            let coroutine =
-                downloader.bind(py).call_method1("ensure_shard", (shard, "CandleInferenceEngine"))?;
+            let coroutine = downloader.bind(py).call_method1("ensure_shard", (shard, self.engine))?;
             super::asyncio::await_python(coroutine)
         })
         .map_err(|e| Error::InvalidModel(format!("cannot start the download of {}: {e}", shard.model_id)))?;
@@ -277,14 +279,7 @@ impl PyCandleEngine {
             quantize,
             batch: BatchOptions::new(prefill_chunk, max_batch)?,
         };
-        let native = shard_downloader.as_ref().and_then(|d| d.bind(py).cast::<PyHfShardDownloader>().ok());
-        let locator: Arc<dyn ModelLocator> = match native {
-            Some(native) => Arc::new(DownloaderLocator {
-                downloader: native.get().inner.clone(),
-                engine: crate::models::CANDLE.to_string(),
-            }),
-            None => Arc::new(PythonDownloader { downloader: shard_downloader }),
-        };
+        let locator = locator_from_py(py, shard_downloader, crate::models::CANDLE);
         let engine = Arc::new(CandleEngine::new(locator, options, device));
         Ok(PyClassInitializer::from(PyEngine { inner: engine.clone() }).add_subclass(Self { engine }))
     }
@@ -362,6 +357,78 @@ impl PyCandleEngine {
     ) -> PyResult<Bound<'py, PyAny>> {
         let engine = self.engine.clone();
         super::asyncio::future_into_py(py, async move { Ok(engine.load_from(&shard.inner, &path).await?) })
+    }
+}
+
+/// Where an engine finds a shard's files: exo's `HfShardDownloader` in Rust, any other
+/// downloader object through its Python `ensure_shard`, for engine class `engine`.
+fn locator_from_py(
+    py: Python<'_>,
+    downloader: Option<Py<PyAny>>,
+    engine: &'static str,
+) -> Arc<dyn ModelLocator> {
+    let native = downloader.as_ref().and_then(|d| d.bind(py).cast::<PyHfShardDownloader>().ok());
+    match native {
+        Some(native) => {
+            Arc::new(DownloaderLocator { downloader: native.get().inner.clone(), engine: engine.to_string() })
+        }
+        None => Arc::new(PythonDownloader { downloader, engine }),
+    }
+}
+
+/// exo's `RKLLMInferenceEngine`: whole models on a Rockchip NPU through an RKLLAMA server,
+/// answered token by token; the tokenizer comes from the model's Hugging Face repository.
+#[pyclass(name = "RKLLMInferenceEngine", module = "exo.inference.rkllm", extends = PyEngine, frozen)]
+pub struct PyRkllmEngine {
+    engine: Arc<RkllmEngine>,
+}
+
+#[pymethods]
+impl PyRkllmEngine {
+    /// `host`, `port` and `timeout` (seconds) override `RKLLM_SERVER_HOST` (`localhost`),
+    /// `RKLLM_SERVER_PORT` (8080) and `RKLLM_TIMEOUT` (300).
+    #[new]
+    #[pyo3(signature = (shard_downloader=None, host=None, port=None, timeout=None))]
+    fn new(
+        py: Python<'_>,
+        shard_downloader: Option<Py<PyAny>>,
+        host: Option<String>,
+        port: Option<u16>,
+        timeout: Option<f64>,
+    ) -> PyResult<PyClassInitializer<Self>> {
+        let mut options = ServerOptions::from_env()?;
+        if host.is_some() || port.is_some() {
+            let from_env = ServerOptions::from_env_address()?;
+            let host = host.unwrap_or(from_env.0);
+            let port = port.unwrap_or(from_env.1);
+            options.base_url = format!("http://{host}:{port}");
+        }
+        if let Some(seconds) = timeout {
+            if !(seconds > 0.0 && seconds.is_finite()) {
+                return Err(Error::InvalidArgument(format!(
+                    "timeout must be positive seconds, not {seconds}"
+                ))
+                .into());
+            }
+            options.timeout = std::time::Duration::from_secs_f64(seconds);
+        }
+        let locator = locator_from_py(py, shard_downloader, crate::models::RKLLM);
+        let engine =
+            Arc::new(RkllmEngine::new(options, locator, Arc::new(crate::models::rkllm_server_name))?);
+        Ok(PyClassInitializer::from(PyEngine { inner: engine.clone() }).add_subclass(Self { engine }))
+    }
+
+    /// The server's address (`http://host:port`).
+    #[getter]
+    fn server(&self) -> String {
+        self.engine.client().base_url().to_string()
+    }
+
+    /// Whether the server answers `GET /`: resolves to None, or raises `InferenceServerError`
+    /// saying why not.
+    fn health_check<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let engine = self.engine.clone();
+        super::asyncio::future_into_py(py, async move { Ok(engine.client().health().await?) })
     }
 }
 
@@ -535,5 +602,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add_class::<PyDummyEngine>()?;
     m.add_class::<PyCandleEngine>()?;
+    m.add_class::<PyRkllmEngine>()?;
     Ok(())
 }

@@ -24,6 +24,7 @@ pyo3::import_exception!(exo.errors, UnauthorizedError);
 pyo3::import_exception!(exo.errors, HubConnectionError);
 pyo3::import_exception!(exo.errors, IntegrityError);
 pyo3::import_exception!(exo.errors, OfflineError);
+pyo3::import_exception!(exo.errors, InferenceServerError);
 
 impl From<Error> for PyErr {
     fn from(error: Error) -> Self {
@@ -49,6 +50,7 @@ impl From<&Error> for PyErr {
             Error::Offline(_) => OfflineError::new_err(message),
             Error::Download(_) => DownloadError::new_err(message),
             Error::Backend(_) => BackendError::new_err(message),
+            Error::InferenceServer(_) => InferenceServerError::new_err(message),
             Error::Peer(_) => PeerError::new_err(message),
             Error::RequestFailed(_) => RequestFailedError::new_err(message),
             Error::StandIn(_) => StandInError::new_err(message),

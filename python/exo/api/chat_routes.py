@@ -91,7 +91,10 @@ class ChatRoutes(ApiServer):
         chat = parse_chat_request(parse_json_object(await request.read()))
         model = await asyncio.wait_for(self._model_for(chat), self.response_timeout)
         chat.model = model.model_id
-        tokenizer = await asyncio.wait_for(self.tokenizer_for(model), self.response_timeout)
+        try:
+            tokenizer = await asyncio.wait_for(self.tokenizer_for(model), self.response_timeout)
+        except errors.ExoError as e:
+            raise error_from_exception(e) from e
         prompt = self._render_prompt(tokenizer, self._messages(chat), chat.tools)
         return chat, model, tokenizer, prompt
 

@@ -35,7 +35,8 @@ LAYER_PLAN_TIMEOUT_S = 2.0
 
 
 class ChatGPTAPI(ModelRoutes, ChatRoutes):
-    """exo classic's HTTP API over a node. `await run(host, port)` starts serving; `await stop()` ends it."""
+    """exo classic's HTTP API over a node. `await run(host, port)` starts serving; `await stop()` ends it. With
+    `api_key`, only the web chat's files and the health check answer without `Authorization: Bearer KEY`."""
 
     def __init__(
         self,
@@ -47,8 +48,9 @@ class ChatGPTAPI(ModelRoutes, ChatRoutes):
         system_prompt: str | None = None,
         max_concurrent_requests: int = 32,
         max_queued_requests: int = 128,
+        api_key: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(api_key)
         self.node = node
         self.inference_engine_classname = inference_engine_classname
         self.response_timeout = response_timeout
@@ -78,10 +80,10 @@ class ChatGPTAPI(ModelRoutes, ChatRoutes):
         router.add_delete("/models/{model_name:.+}", self.handle_delete_model)
         router.add_get("/initial_models", self.handle_get_initial_models)
         router.add_get("/modelpool", self.handle_model_pool)
-        router.add_get("/healthcheck", self.handle_healthcheck)
+        router.add_get("/healthcheck", self.handle_healthcheck, name="healthcheck")
         router.add_post("/quit", self.handle_quit)
-        router.add_get("/", self.handle_root)
-        router.add_get("/{path:.+}", self.handle_static)
+        router.add_get("/", self.handle_root, name="web_chat")
+        router.add_get("/{path:.+}", self.handle_static, name="web_chat_file")
 
     async def handle_root(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC_DIR / "index.html")

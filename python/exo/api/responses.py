@@ -41,6 +41,12 @@ def error_from_exception(e: BaseException) -> ApiError:
         return ApiError(503, f"The cluster has too little memory for the model: {e}", "insufficient_memory")
     if isinstance(e, errors.PeerError):
         return ApiError(503, f"A node of the cluster is unavailable; try again: {e}", "peer_unavailable")
+    if isinstance(e, errors.ModelNotFoundError):
+        return ApiError(404, f"The model's files were not found: {e}", "model_not_found")
+    if isinstance(e, errors.DownloadError):
+        return ApiError(503, f"The model's files could not be fetched; try again: {e}", "download_failed")
+    if isinstance(e, errors.InferenceServerError):
+        return ApiError(502, f"The inference server failed: {e}", "inference_server_error")
     if isinstance(e, errors.ExoError):
         return ApiError(500, f"The request failed in the cluster: {e}", "request_failed")
     return ApiError(500, f"Internal error: {type(e).__name__}: {e}", "internal_error")

@@ -4,6 +4,7 @@ background tasks (downloads, quitting) that outlive the request which started th
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,11 +24,19 @@ CORS_HEADERS = {
 }
 
 
+# Routes anyone may fetch when the API has a key: the web chat's files (a browser cannot send a header to load a
+# page) and the health check.
+PUBLIC_ROUTES = frozenset({"web_chat", "web_chat_file", "healthcheck"})
+
+
 class ApiServer:
     """An aiohttp application (`self.app`) with CORS and JSON errors. `await run(host, port)` starts serving;
-    `await stop()` cancels running requests and ends it. Subclasses add the routes."""
+    `await stop()` cancels running requests and ends it. Subclasses add the routes, naming the public ones.
 
-    def __init__(self) -> None:
+    With an `api_key`, every other route answers 401 unless the request carries `Authorization: Bearer KEY`."""
+
+    def __init__(self, api_key: str | None = None) -> None:
+        self.api_key = api_key or None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
@@ -38,6 +47,10 @@ class ApiServer:
     async def _cors_middleware(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
         if request.method == "OPTIONS":
             return web.Response(status=204)
+        if self.api_key is not None and request.match_info.route.name not in PUBLIC_ROUTES:
+            refused = _refuse_without_key(request, self.api_key)
+            if refused is not None:
+                return refused
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
@@ -85,3 +98,17 @@ class ApiServer:
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _refuse_without_key(request: web.Request, key: str) -> web.Response | None:
+    """OpenAI's 401 when `request` lacks the API key or carries another; `None` when it carries the key."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode()):
+        return None
+    if not given:
+        message = "Missing API key: this node was started with --api-key; send `Authorization: Bearer KEY`."
+    else:
+        message = "Incorrect API key provided."
+    response = error_response(ApiError(401, message, "invalid_api_key"))
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response

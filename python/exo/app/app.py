@@ -27,7 +27,7 @@ from exo.app.training import configure_engine, on_save_status, train
 from exo.app.tui_feed import TuiFeed
 from exo.download.new_shard_download import ensure_exo_home, new_shard_downloader, seed_models
 from exo.download.shard_download import NoopShardDownloader
-from exo.errors import InvalidArgumentError
+from exo.errors import InferenceServerError, InvalidArgumentError
 from exo.inference.inference_engine import get_inference_engine
 from exo.models import unavailable_reason
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
@@ -71,6 +71,7 @@ class App:
         self.api: Any = None
         self.shard_downloader: Any = None
         self.engine_classname = ""
+        self.engine: Any = None
         self.tui_feed: TuiFeed | None = None
         self._tasks: set[concurrent.futures.Future[Any]] = set()
 
@@ -142,6 +143,7 @@ class App:
             engine = get_inference_engine(self.engine_name, self.shard_downloader)
         except InvalidArgumentError as e:  # a device this build or machine lacks, an unknown block type
             raise CliError(str(e)) from e
+        self.engine = engine
         self.engine_classname = type(engine).__name__
         try:
             configure_engine(engine, args)
@@ -189,6 +191,7 @@ class App:
             system_prompt=args.system_prompt,
             max_concurrent_requests=args.max_concurrent_requests,
             max_queued_requests=args.max_queued_requests,
+            api_key=args.api_key,
         )
         self.api.on_quit = self.request_stop
         self._register_callbacks()
@@ -251,10 +254,24 @@ class App:
             except Exception as e:
                 print(f"Error seeding models: {e}")
 
+    async def check_engine_server(self) -> None:
+        """Says whether the server an engine relies on (RKLLAMA for rkllm) answers; the node starts either way, and
+        its requests fail with the reason until the server answers."""
+        health_check = getattr(self.engine, "health_check", None)
+        if health_check is None:
+            return
+        try:
+            await health_check()
+        except InferenceServerError as e:
+            print(f"Warning: {e}. Requests fail until it answers.")
+            return
+        print(f"Inference server at {self.engine.server} answers")
+
     async def serve(self) -> int:
         """Start everything, run the chosen mode, stop everything; the process's exit status."""
         args = self.args
         await self.prepare_home()
+        await self.check_engine_server()
         self.install_signal_handlers()
         await self.node.start(wait_for_peers=args.wait_for_peers)
         try:
@@ -270,7 +287,9 @@ class App:
             if args.chat_tui:
                 from exo.viz.chat_tui import ChatTUI
 
-                tui = ChatTUI(f"http://127.0.0.1:{args.chatgpt_api_port}", model=self.api.default_model)
+                tui = ChatTUI(
+                    f"http://127.0.0.1:{args.chatgpt_api_port}", model=self.api.default_model, api_key=args.api_key
+                )
                 return await self._until_stopped(tui.run())
             await self.stopping.wait()
             return 0

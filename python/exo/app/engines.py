@@ -14,7 +14,7 @@ from exo import _core
 from exo.app.cli_error import CliError
 from exo.inference.inference_engine import CLASSIC_ENGINES, engine_name_for, inference_engine_classes
 
-ENGINES = ("candle", "mlx", "dummy")
+ENGINES = ("candle", "mlx", "rkllm", "dummy")
 
 
 def mlx_available() -> bool:
@@ -24,7 +24,7 @@ def mlx_available() -> bool:
 
 @dataclass(frozen=True)
 class EngineChoice:
-    """The engine a node runs (`candle`, `mlx` or `dummy`), and the other project's engine it stands in for."""
+    """The engine a node runs (`candle`, `mlx`, `rkllm` or `dummy`), and the other project's engine it stands in for."""
 
     name: str
     stands_in_for: str | None = None

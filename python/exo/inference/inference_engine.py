@@ -1,7 +1,7 @@
 """Inference engines (exo classic's `exo.inference.inference_engine`).
 
 `InferenceEngine` is the abstract interface a Python engine implements; the Rust engines
-(`CandleInferenceEngine`, `DummyInferenceEngine`) are registered as its subclasses.
+(`CandleInferenceEngine`, `RKLLMInferenceEngine`, `DummyInferenceEngine`) are registered as its subclasses.
 """
 
 from abc import ABC, abstractmethod
@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from exo._core import CandleInferenceEngine, DummyInferenceEngine, NativeInferenceEngine
+from exo._core import CandleInferenceEngine, DummyInferenceEngine, NativeInferenceEngine, RKLLMInferenceEngine
 from exo.errors import InvalidArgumentError
 from exo.inference.shard import Shard
 
@@ -53,7 +53,11 @@ class InferenceEngine(ABC):
 
 InferenceEngine.register(NativeInferenceEngine)
 
-inference_engine_classes = {"candle": "CandleInferenceEngine", "dummy": "DummyInferenceEngine"}
+inference_engine_classes = {
+    "candle": "CandleInferenceEngine",
+    "rkllm": "RKLLMInferenceEngine",
+    "dummy": "DummyInferenceEngine",
+}
 
 #: The engines of exo classic and xotorch, by short name and class name (lower case), and what they were; candle runs
 #: in their place (mlx only where this build has no MLX engine).
@@ -75,7 +79,7 @@ _OWN_ENGINES = {name: name for name in inference_engine_classes} | {
 
 def engine_name_for(requested: str, *, mlx_built: bool = False) -> str | None:
     """The engine this build runs for an engine name or class name of this project, exo classic or xotorch (any
-    case): `candle`, `dummy`, or `mlx` where the build has it; None for a name no project gave an engine."""
+    case): `candle`, `rkllm`, `dummy`, or `mlx` where the build has it; None for a name no project gave an engine."""
     key = requested.strip().lower()
     if key in _OWN_ENGINES:
         return _OWN_ENGINES[key]
@@ -85,12 +89,14 @@ def engine_name_for(requested: str, *, mlx_built: bool = False) -> str | None:
 
 
 def get_inference_engine(inference_engine_name: str, shard_downloader: Any) -> InferenceEngine:
-    """The engine called `inference_engine_name`: `candle` or `dummy`, or a name of exo classic or xotorch that
+    """The engine called `inference_engine_name`: `candle`, `rkllm` or `dummy`, or a name of exo classic or xotorch that
     candle stands in for (`tinygrad`, `torch`, `TinygradDynamicShardInferenceEngine`, ...)."""
     name = engine_name_for(inference_engine_name)
     # The native engines are `InferenceEngine`s by `InferenceEngine.register`, which type checkers do not follow.
     if name == "candle":
         return cast(InferenceEngine, CandleInferenceEngine(shard_downloader))
+    if name == "rkllm":
+        return cast(InferenceEngine, RKLLMInferenceEngine(shard_downloader))
     if name == "dummy":
         return cast(InferenceEngine, DummyInferenceEngine())
     known = ", ".join(sorted(inference_engine_classes))
@@ -103,6 +109,7 @@ __all__ = [
     "DummyInferenceEngine",
     "InferenceEngine",
     "NativeInferenceEngine",
+    "RKLLMInferenceEngine",
     "engine_name_for",
     "get_inference_engine",
     "inference_engine_classes",

@@ -43,6 +43,34 @@
     localStorage.setItem(STORAGE_KEY, JSON.stringify(state));
   }
 
+  // ---------------------------------------------------------------- the API, with its key when it has one
+
+  // A node started with --api-key answers 401 without the key: ask for it once and keep it in this browser.
+  const KEY_STORAGE = "exo-api-key";
+  let keyDeclined = false;
+
+  async function apiFetch(path, init = {}) {
+    const sent = localStorage.getItem(KEY_STORAGE);
+    const withKey = (key) => {
+      const headers = { ...(init.headers || {}) };
+      if (key) headers.Authorization = `Bearer ${key}`;
+      return fetch(`${api}${path}`, { ...init, headers });
+    };
+    const response = await withKey(sent);
+    if (response.status !== 401) return response;
+    // Another request may have asked already; only ask when the key this one sent is still the stored one.
+    if (localStorage.getItem(KEY_STORAGE) === sent) {
+      if (keyDeclined) return response;
+      const entered = window.prompt("This node asks for its API key (--api-key):");
+      if (!entered) {
+        keyDeclined = true;
+        return response;
+      }
+      localStorage.setItem(KEY_STORAGE, entered.trim());
+    }
+    return withKey(localStorage.getItem(KEY_STORAGE));
+  }
+
   // ---------------------------------------------------------------- helpers
 
   function formatBytes(n) {
@@ -159,7 +187,7 @@
     let usage = null;
     let finish = null;
     try {
-      const response = await fetch(`${api}/v1/chat/completions`, {
+      const response = await apiFetch("/v1/chat/completions", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify({
@@ -216,7 +244,7 @@
 
   async function loadModels() {
     try {
-      const response = await fetch(`${api}/v1/models`);
+      const response = await apiFetch("/v1/models");
       if (!response.ok) throw new Error(await errorText(response));
       const { data } = await response.json();
       els.model.replaceChildren();
@@ -237,7 +265,7 @@
 
   async function refreshModelPool() {
     try {
-      const response = await fetch(`${api}/modelpool`);
+      const response = await apiFetch("/modelpool");
       if (!response.ok) return;
       for await (const data of sseEvents(response)) {
         if (data === "[DONE]") break;
@@ -295,7 +323,7 @@
 
   async function refreshTopology() {
     try {
-      const response = await fetch(`${api}/topology`);
+      const response = await apiFetch("/topology");
       if (!response.ok) return;
       const topology = await response.json();
       const nodes = Object.entries(topology.nodes || {});
@@ -319,7 +347,7 @@
 
   async function refreshDownloads() {
     try {
-      const response = await fetch(`${api}/v1/download/progress`);
+      const response = await apiFetch("/v1/download/progress");
       if (!response.ok) return;
       const progress = Object.entries(await response.json());
       els.downloadsSection.hidden = progress.length === 0;

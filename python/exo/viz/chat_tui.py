@@ -94,10 +94,12 @@ class ChatTUI:
         api_url: str,
         model: str | None = None,
         *,
+        api_key: str | None = None,
         console: Console | None = None,
         read_line: Callable[[str], Awaitable[str | None]] = _read_line,
     ) -> None:
         self.api_url = api_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.model = model
         self.console = console or Console()
         self.read_line = read_line
@@ -119,7 +121,7 @@ class ChatTUI:
     async def run(self) -> None:
         """Reads messages and commands until `exit` or end of input."""
         self.console.print(self.header())
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers=self.headers) as session:
             while True:
                 line = await self.read_line("you> ")
                 if line is None:

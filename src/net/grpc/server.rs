@@ -145,7 +145,9 @@ fn status_code(error: Error) -> Status {
         | Error::ConfigNotFound(_)
         | Error::InvalidConfig(_) => Status::failed_precondition(message),
         Error::CacheEvicted(_) | Error::RequestFailed(_) => Status::aborted(message),
-        Error::Peer(_) | Error::Connection(_) | Error::Discovery(_) => Status::unavailable(message),
+        Error::Peer(_) | Error::Connection(_) | Error::Discovery(_) | Error::InferenceServer(_) => {
+            Status::unavailable(message)
+        }
         Error::InsufficientMemory(_) => Status::resource_exhausted(message),
         Error::NotFound(_) => Status::not_found(message),
         Error::Unauthorized(_) => Status::permission_denied(message),
