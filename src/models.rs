@@ -1,7 +1,10 @@
 //! The model registry (exo classic's `model_cards`): model id → number of layers, the
 //! architecture of its weights, a repository per inference engine class, a pretty name. Hugging
 //! Face repo ids (`org/name`), GGUF files in them and local models work beside the registry
-//! without being listed in it.
+//! without being listed in it. Cards set at run time ([`set_model_card`], from `exo.models.model_cards`
+//! edits) add ids or shadow built-in ones; [`remove_model_card`] hides an id.
+
+use std::sync::RwLock;
 
 use crate::engine::candle::MODEL_TYPES;
 use crate::error::{Error, Result};
@@ -30,8 +33,9 @@ pub struct ModelCard {
     pub layers: i32,
     /// Display name, where the registry has one.
     pub pretty_name: Option<&'static str>,
-    /// The `model_type` of the weights' `config.json` (`llama`, `qwen2`, `deepseek_v3`, ...).
-    pub architecture: &'static str,
+    /// The `model_type` of the weights' `config.json` (`llama`, `qwen2`, `deepseek_v3`, ...); None for a
+    /// card set at run time, whose weights' `config.json` decides.
+    pub architecture: Option<&'static str>,
     /// (engine class name, repository) pairs.
     pub repos: &'static [(&'static str, &'static str)],
     /// The model's name on an RKLLAMA server (its directory in `~/RKLLAMA/models`), for the
@@ -54,7 +58,7 @@ const fn card(
     architecture: &'static str,
     repos: &'static [(&'static str, &'static str)],
 ) -> ModelCard {
-    ModelCard { id, layers, pretty_name, architecture, repos, rkllm_name: None }
+    ModelCard { id, layers, pretty_name, architecture: Some(architecture), repos, rkllm_name: None }
 }
 
 /// An RKLLM build of exo's RKLLM fork: its tokenizer's repository and its name on the server.
@@ -70,7 +74,7 @@ const fn rkllm_card(
         id,
         layers,
         pretty_name: Some(pretty_name),
-        architecture,
+        architecture: Some(architecture),
         repos,
         rkllm_name: Some(server_name),
     }
@@ -894,9 +898,142 @@ pub static MODEL_CARDS: &[ModelCard] = &[
 pub const ENGINE_CLASSES: &[(&str, &str)] =
     &[("candle", CANDLE), ("mlx", MLX), ("tinygrad", TINYGRAD), ("rkllm", RKLLM), ("dummy", DUMMY)];
 
-/// The registry entry of `model_id`.
+/// Edits of the table made at run time, in the order they were made: `Some` adds an id or replaces a
+/// built-in card, `None` hides an id.
+struct Edits(Vec<(&'static str, Option<&'static ModelCard>)>);
+
+impl Edits {
+    /// Records the card of `model_id` (`None`: hidden).
+    fn set(&mut self, model_id: &str, card: Option<&'static ModelCard>) {
+        match self.0.iter_mut().find(|(id, _)| *id == model_id) {
+            Some(entry) => entry.1 = card,
+            None => self.0.push((card.map_or_else(|| leak(model_id), |c| c.id), card)),
+        }
+    }
+
+    /// The card of `model_id`: the edited one, else the built-in one.
+    fn card(&self, model_id: &str) -> Option<&'static ModelCard> {
+        match self.0.iter().find(|(id, _)| *id == model_id) {
+            Some((_, card)) => *card,
+            None => MODEL_CARDS.iter().find(|c| c.id == model_id),
+        }
+    }
+
+    /// The built-in cards in their order (as edited, hidden ones left out), then the added ids in
+    /// the order they were added.
+    fn table(&self) -> Vec<&'static ModelCard> {
+        let built_in = MODEL_CARDS.iter().filter_map(|card| self.card(card.id));
+        let is_built_in = |id: &str| MODEL_CARDS.iter().any(|c| c.id == id);
+        let added = self.0.iter().filter(|(id, _)| !is_built_in(id)).filter_map(|(_, card)| *card);
+        built_in.chain(added).collect()
+    }
+}
+
+static EDITS: RwLock<Edits> = RwLock::new(Edits(Vec::new()));
+
+fn edits() -> std::sync::RwLockReadGuard<'static, Edits> {
+    EDITS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn edits_mut() -> std::sync::RwLockWriteGuard<'static, Edits> {
+    EDITS.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn leak(text: &str) -> &'static str {
+    Box::leak(text.to_string().into_boxed_str())
+}
+
+/// A card set at run time (see [`set_model_card`]), checked; it is never freed.
+fn user_card(
+    model_id: &str,
+    layers: i32,
+    repos: &[(String, String)],
+    pretty_name: Option<&str>,
+) -> Result<&'static ModelCard> {
+    let invalid = |what: String| Err(Error::InvalidConfig(format!("model card '{model_id}': {what}")));
+    if model_id.is_empty() {
+        return Err(Error::InvalidConfig("a model card's id must not be empty".into()));
+    }
+    if layers < 1 {
+        return invalid(format!("layers must be a positive number, not {layers}"));
+    }
+    if repos.is_empty() {
+        return invalid("repo must name a repository for at least one engine class".into());
+    }
+    if let Some((class, _)) = repos.iter().find(|(class, repo)| class.is_empty() || repo.is_empty()) {
+        return invalid(format!(
+            "repo has an empty engine class name or repository (engine class '{class}')"
+        ));
+    }
+    let mut pairs: Vec<(&'static str, &'static str)> =
+        repos.iter().map(|(class, repo)| (leak(class), leak(repo))).collect();
+    fn listed(pairs: &[(&'static str, &'static str)], class: &str) -> Option<&'static str> {
+        pairs.iter().find(|(c, _)| *c == class).map(|(_, repo)| *repo)
+    }
+    // A built-in id set again with its own repositories keeps its architecture.
+    let architecture = MODEL_CARDS
+        .iter()
+        .find(|c| c.id == model_id)
+        .filter(|built_in| repos.iter().all(|(_, repo)| built_in.repos.iter().any(|(_, r)| r == repo)))
+        .and_then(|built_in| built_in.architecture);
+    let candle_runs = architecture.is_none_or(|a| MODEL_TYPES.contains(&a));
+    if candle_runs && listed(&pairs, CANDLE).is_none() {
+        if let Some(repo) = listed(&pairs, MLX).or_else(|| listed(&pairs, TINYGRAD)) {
+            pairs.push((CANDLE, repo));
+        }
+    }
+    Ok(Box::leak(Box::new(ModelCard {
+        id: leak(model_id),
+        layers,
+        pretty_name: pretty_name.map(leak),
+        architecture,
+        repos: Box::leak(pairs.into_boxed_slice()),
+        rkllm_name: None,
+    })))
+}
+
+/// Adds `model_id` to the table, or replaces its card (a built-in one included), as classic's
+/// `model_cards[model_id] = {"layers": layers, "repo": repos}` does. `repos` are (engine class name,
+/// repository) pairs; class names the registry does not know are kept, as classic keeps them. Without
+/// a `CandleInferenceEngine` repository, the candle engine loads the MLX one (else tinygrad's), as
+/// for built-in cards; the weights' `config.json` decides the architecture. A card is never freed
+/// (the table hands out `&'static` cards), so edits are meant to be few, made before the node starts.
+pub fn set_model_card(
+    model_id: &str,
+    layers: i32,
+    repos: &[(String, String)],
+    pretty_name: Option<&str>,
+) -> Result<()> {
+    let card = user_card(model_id, layers, repos, pretty_name)?;
+    edits_mut().set(model_id, Some(card));
+    Ok(())
+}
+
+/// Removes `model_id` from the table (classic's `del model_cards[model_id]`), a built-in id
+/// included; false when the table did not have it.
+pub fn remove_model_card(model_id: &str) -> bool {
+    let mut edits = edits_mut();
+    let present = edits.card(model_id).is_some();
+    if present {
+        edits.set(model_id, None);
+    }
+    present
+}
+
+/// Drops every edit made at run time: the table is the built-in one again.
+pub fn reset_model_cards() {
+    edits_mut().0.clear();
+}
+
+/// The registry entry of `model_id`: the one set at run time, else the built-in one.
 pub fn model_card(model_id: &str) -> Option<&'static ModelCard> {
-    MODEL_CARDS.iter().find(|c| c.id == model_id)
+    edits().card(model_id)
+}
+
+/// Every card of the table: the built-in ones in their order (as replaced at run time, removed ones
+/// left out), then the ids added at run time in the order they were added.
+pub fn model_table() -> Vec<&'static ModelCard> {
+    edits().table()
 }
 
 /// The class name an engine name stands for (`candle` → `CandleInferenceEngine`); other names
@@ -981,11 +1118,10 @@ fn missing_repo_reason(model_id: &str, class: &str) -> String {
              repo id (org/name), a GGUF file in one (org/name/file.gguf) nor a local model directory or GGUF file."
         );
     };
-    if class == CANDLE && !MODEL_TYPES.contains(&card.architecture) {
+    if let Some(architecture) = card.architecture.filter(|a| class == CANDLE && !MODEL_TYPES.contains(a)) {
         let runs = MODEL_TYPES.join(", ");
         return format!(
-            "The model '{model_id}' is a {} model, and {label} runs only {runs} models.",
-            card.architecture
+            "The model '{model_id}' is a {architecture} model, and {label} runs only {runs} models."
         );
     }
     format!("The model '{model_id}' has no repository for {label}.")
@@ -1015,8 +1151,8 @@ pub fn get_pretty_name(model_id: &str) -> Option<&'static str> {
 pub fn get_supported_models(engine_lists: &[Vec<String>]) -> Vec<&'static str> {
     let has_any =
         |card: &ModelCard, list: &[String]| list.iter().any(|e| card.repo(engine_class(e)).is_some());
-    MODEL_CARDS
-        .iter()
+    model_table()
+        .into_iter()
         .filter(|card| engine_lists.iter().all(|list| has_any(card, list)))
         .map(|card| card.id)
         .collect()
@@ -1051,7 +1187,7 @@ mod tests {
             if card.rkllm_name.is_some() {
                 // An RKLLM build's weights are `.rkllm` files on its server: only the rkllm engine runs it.
                 assert_eq!((candle, mlx), (None, None), "{}", card.id);
-            } else if MODEL_TYPES.contains(&card.architecture) {
+            } else if card.architecture.is_some_and(|a| MODEL_TYPES.contains(&a)) {
                 assert!(candle.is_some() && candle == mlx, "{}: candle {candle:?}, mlx {mlx:?}", card.id);
             } else {
                 assert_eq!(candle, None, "{}", card.id);
@@ -1145,7 +1281,7 @@ mod tests {
     #[test]
     fn supported_models_match_every_engine_list() {
         let all = get_supported_models(&[]);
-        assert_eq!(all.len(), MODEL_CARDS.len());
+        assert!(MODEL_CARDS.iter().all(|card| all.contains(&card.id)));
         let candle = get_supported_models(&[vec!["candle".into()]]);
         assert!(candle.contains(&"llama-3.2-1b") && candle.contains(&"llama-3.1-405b-8bit"));
         assert!(candle.contains(&"phi-3.5-mini") && candle.contains(&"phi-4"));
@@ -1158,5 +1294,88 @@ mod tests {
         assert!(both.contains(&"qwen-2.5-7b") && !both.contains(&"dummy"));
         assert_eq!(get_supported_models(&[vec!["dummy".into()]]), ["dummy"]);
         assert!(get_supported_models(&[vec!["unknown".into()]]).is_empty());
+    }
+
+    fn repos(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(class, repo)| (class.to_string(), repo.to_string())).collect()
+    }
+
+    #[test]
+    fn a_malformed_card_is_refused_naming_the_id_and_the_field() {
+        let message = |id, layers, pairs: &[(&str, &str)]| match user_card(id, layers, &repos(pairs), None) {
+            Err(Error::InvalidConfig(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            message("m", 0, &[(MLX, "org/m")]),
+            "model card 'm': layers must be a positive number, not 0"
+        );
+        assert!(message("m", 4, &[]).starts_with("model card 'm': repo must name"));
+        assert!(message("m", 4, &[(MLX, "")]).contains("engine class 'MLXDynamicShardInferenceEngine'"));
+        assert!(message("", 4, &[(MLX, "org/m")]).contains("id must not be empty"));
+    }
+
+    #[test]
+    fn a_card_set_at_run_time_gives_candle_the_mlx_or_tinygrad_repository() {
+        let card =
+            user_card("m", 4, &repos(&[(TINYGRAD, "org/full"), (MLX, "org/4bit")]), Some("M")).unwrap();
+        assert_eq!(
+            (card.repo(CANDLE), card.repo(TORCH), card.pretty_name),
+            (Some("org/4bit"), Some("org/full"), Some("M"))
+        );
+        assert_eq!(card.architecture, None);
+        let card = user_card("m", 4, &repos(&[(TINYGRAD, "org/full")]), None).unwrap();
+        assert_eq!(card.repo(CANDLE), Some("org/full"));
+        let card =
+            user_card("m", 4, &repos(&[(CANDLE, "org/c"), (MLX, "org/4bit"), ("MyEngine", "x")]), None)
+                .unwrap();
+        assert_eq!((card.repo(CANDLE), card.repo("MyEngine")), (Some("org/c"), Some("x")));
+        assert_eq!(user_card("m", 4, &repos(&[(DUMMY, "dummy")]), None).unwrap().repo(CANDLE), None);
+        let deepseek = repos(&[(MLX, "mlx-community/DeepSeek-V3-4bit")]);
+        let card = user_card("deepseek-v3", 61, &deepseek, Some("DS")).unwrap();
+        assert_eq!((card.architecture, card.repo(CANDLE)), (Some("deepseek_v3"), None));
+        let card = user_card("deepseek-v3", 61, &repos(&[(MLX, "org/elsewhere")]), None).unwrap();
+        assert_eq!((card.architecture, card.repo(CANDLE)), (None, Some("org/elsewhere")));
+    }
+
+    #[test]
+    fn edits_add_replace_and_hide_ids() {
+        let mut edits = Edits(Vec::new());
+        let added = user_card("my-model", 4, &repos(&[(MLX, "org/my")]), None).unwrap();
+        let replaced = user_card("llama-3.2-1b", 20, &repos(&[(CANDLE, "org/other")]), None).unwrap();
+        edits.set("my-model", Some(added));
+        edits.set("llama-3.2-1b", Some(replaced));
+        edits.set("deepseek-v3", None);
+        assert_eq!(edits.card("my-model").map(|c| c.layers), Some(4));
+        assert_eq!(edits.card("llama-3.2-1b").and_then(|c| c.repo(CANDLE)), Some("org/other"));
+        assert_eq!(edits.card("llama-3.2-1b").and_then(|c| c.repo(MLX)), None);
+        assert_eq!(edits.card("deepseek-v3"), None);
+        assert_eq!(edits.card("llama-3.2-3b").map(|c| c.layers), Some(28));
+        let ids: Vec<&str> = edits.table().iter().map(|c| c.id).collect();
+        assert_eq!(ids.len(), MODEL_CARDS.len());
+        assert_eq!(ids.last(), Some(&"my-model"));
+        assert_eq!(ids.iter().position(|id| *id == "llama-3.2-1b"), Some(1));
+        assert!(!ids.contains(&"deepseek-v3"));
+        edits.set("my-model", None);
+        edits.set("deepseek-v3", Some(MODEL_CARDS.iter().find(|c| c.id == "deepseek-v3").unwrap()));
+        let ids: Vec<&str> = edits.table().iter().map(|c| c.id).collect();
+        assert!(!ids.contains(&"my-model") && ids.contains(&"deepseek-v3"));
+    }
+
+    #[test]
+    fn the_registry_consults_cards_set_at_run_time() {
+        let id = "test-run-time-card";
+        set_model_card(id, 6, &repos(&[(MLX, "org/run-time-4bit")]), Some("Run Time")).unwrap();
+        assert_eq!(get_repo(id, CANDLE).as_deref(), Some("org/run-time-4bit"));
+        assert_eq!(unavailable_reason(id, "candle"), None);
+        assert_eq!(get_pretty_name(id), Some("Run Time"));
+        assert!(get_supported_models(&[vec!["candle".into()]]).contains(&id));
+        assert!(!get_supported_models(&[vec!["dummy".into()]]).contains(&id));
+        assert!(matches!(set_model_card(id, -1, &repos(&[(MLX, "x")]), None), Err(Error::InvalidConfig(_))));
+        assert_eq!(model_card(id).map(|c| c.layers), Some(6));
+        assert!(remove_model_card(id));
+        assert!(!remove_model_card(id));
+        assert_eq!(get_repo(id, CANDLE), None);
+        assert!(unavailable_reason(id, "candle").unwrap().contains("does not exist"));
     }
 }

@@ -64,7 +64,10 @@ __all__ = [
     "ndarray_to_wire",
     "pretty_names",
     "quantize",
+    "remove_model_card",
+    "reset_model_cards",
     "seed_models",
+    "set_model_card",
     "shards_overlap",
     "unavailable_reason",
 ]
@@ -638,6 +641,15 @@ def model_cards() -> dict[str, dict[str, Any]]:
 
 def pretty_names() -> dict[str, str]:
     """`{model_id: display name}`."""
+
+def set_model_card(model_id: str, layers: int, repos: list[tuple[str, str]], pretty_name: str | None = None) -> None:
+    """Adds `model_id` to the table or replaces its card; `InvalidConfigError` names the id and the bad field."""
+
+def remove_model_card(model_id: str) -> bool:
+    """Removes `model_id` from the table (a built-in id included); False when it was not there."""
+
+def reset_model_cards() -> None:
+    """Drops every edit of the table."""
 
 def get_repo(model_id: str, inference_engine_classname: str) -> str | None: ...
 def get_pretty_name(model_id: str) -> str | None: ...

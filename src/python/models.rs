@@ -8,14 +8,14 @@ use crate::download::layout::{downloads_dir, hf_cache_snapshot, repo_dir_name};
 use crate::download::selection::{config_layers, CONFIG_FILE};
 use crate::download::REVISION;
 use crate::engine::candle::model_config;
-use crate::models::{self, MODEL_CARDS};
+use crate::models;
 use crate::shard::Shard;
 
-/// Classic's `model_cards`: `{model_id: {"layers": n, "repo": {engine_class: repo}}}`.
+/// Classic's `model_cards`: `{model_id: {"layers": n, "repo": {engine_class: repo}}}`, as edited.
 #[pyfunction]
 fn model_cards(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let cards = PyDict::new(py);
-    for card in MODEL_CARDS {
+    for card in models::model_table() {
         let repos = PyDict::new(py);
         for (engine, repo) in card.repos {
             repos.set_item(engine, repo)?;
@@ -32,12 +32,37 @@ fn model_cards(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 #[pyfunction]
 fn pretty_names(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let names = PyDict::new(py);
-    for card in MODEL_CARDS {
+    for card in models::model_table() {
         if let Some(name) = card.pretty_name {
             names.set_item(card.id, name)?;
         }
     }
     Ok(names)
+}
+
+/// Adds `model_id` to the table or replaces its card: `layers` decoder layers, `repos` an
+/// `{engine_class: repository}` dict. Raises `InvalidConfigError` naming the id and the bad field.
+#[pyfunction]
+#[pyo3(signature = (model_id, layers, repos, pretty_name=None))]
+fn set_model_card(
+    model_id: &str,
+    layers: i32,
+    repos: Vec<(String, String)>,
+    pretty_name: Option<&str>,
+) -> PyResult<()> {
+    Ok(models::set_model_card(model_id, layers, &repos, pretty_name)?)
+}
+
+/// Removes `model_id` from the table (a built-in id included); false when it was not there.
+#[pyfunction]
+fn remove_model_card(model_id: &str) -> bool {
+    models::remove_model_card(model_id)
+}
+
+/// Drops every edit of the table: the built-in cards again.
+#[pyfunction]
+fn reset_model_cards() {
+    models::reset_model_cards()
 }
 
 /// The repository of `model_id` for an engine class, or None.
@@ -107,6 +132,9 @@ fn build_full_shard(model_id: &str, inference_engine_classname: &str) -> Option<
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(model_cards, m)?)?;
     m.add_function(wrap_pyfunction!(pretty_names, m)?)?;
+    m.add_function(wrap_pyfunction!(set_model_card, m)?)?;
+    m.add_function(wrap_pyfunction!(remove_model_card, m)?)?;
+    m.add_function(wrap_pyfunction!(reset_model_cards, m)?)?;
     m.add_function(wrap_pyfunction!(get_repo, m)?)?;
     m.add_function(wrap_pyfunction!(get_pretty_name, m)?)?;
     m.add_function(wrap_pyfunction!(unavailable_reason, m)?)?;
