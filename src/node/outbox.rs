@@ -227,6 +227,18 @@ mod tests {
         known: std::sync::atomic::AtomicBool,
     }
 
+    impl Late {
+        /// A lookup whose one peer, `p`, is not discovered yet; its first call is not held back.
+        fn unknown() -> Arc<Self> {
+            let peer = Arc::new(Recorder {
+                identity: PeerIdentity::new("p", "p:1", ""),
+                calls: Mutex::new(vec![]),
+                gate: tokio::sync::Semaphore::new(10),
+            });
+            Arc::new(Self { peer, known: false.into() })
+        }
+    }
+
     impl PeerLookup for Late {
         fn peer(&self, _: &str) -> Option<Arc<dyn PeerHandle>> {
             let known = self.known.load(std::sync::atomic::Ordering::SeqCst);
@@ -236,12 +248,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_result_waits_for_its_peer_to_be_discovered_then_arrives() {
-        let recorder = Arc::new(Recorder {
-            identity: PeerIdentity::new("p", "p:1", ""),
-            calls: Mutex::new(vec![]),
-            gate: tokio::sync::Semaphore::new(10),
-        });
-        let lookup = Arc::new(Late { peer: recorder.clone(), known: false.into() });
+        let lookup = Late::unknown();
+        let recorder = lookup.peer.clone();
         let weak = Arc::downgrade(&lookup);
         let outbox = Outbox::new();
         outbox.send(&weak, "p", result("r", &[1], false));
@@ -254,12 +262,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_message_for_a_peer_never_discovered_is_dropped_after_the_grace() {
-        let recorder = Arc::new(Recorder {
-            identity: PeerIdentity::new("p", "p:1", ""),
-            calls: Mutex::new(vec![]),
-            gate: tokio::sync::Semaphore::new(10),
-        });
-        let lookup = Arc::new(Late { peer: recorder.clone(), known: false.into() });
+        let lookup = Late::unknown();
+        let recorder = lookup.peer.clone();
         let weak = Arc::downgrade(&lookup);
         let outbox = Outbox::new();
         outbox.send(&weak, "p", result("lost", &[1], true));

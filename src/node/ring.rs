@@ -402,8 +402,8 @@ impl Node {
     /// node work moments ago, so it is waited for until discovery finds it; any other peer
     /// missing now has left the ring.
     async fn next_peer(&self, request_id: &str, target: &str) -> Option<Arc<dyn PeerHandle>> {
-        let from_origin = self.requests.with(request_id, |r| r.is_origin(target)).unwrap_or(false);
-        let grace = if from_origin { DISCOVERY_GRACE } else { Duration::ZERO };
+        let to_origin = self.requests.with(request_id, |r| r.is_origin(target)).unwrap_or(false);
+        let grace = if to_origin { DISCOVERY_GRACE } else { Duration::ZERO };
         discovered(|| self.peer(target), grace).await
     }
 

@@ -458,18 +458,17 @@ pub fn model_config(path: &Path) -> Result<ModelConfig> {
     Checkpoint::open(path)?.config()
 }
 
+/// All of `dir`'s layers in one shard on the CPU, with room for `positions` positions.
+fn whole_model_on_cpu(dir: &Path, positions: usize) -> Result<ShardModel> {
+    let n = model_config(dir)?.num_hidden_layers as i32;
+    let shard = Shard::new(dir.display().to_string(), 0, n - 1, n);
+    ShardModel::load(&Checkpoint::open(dir)?, &shard, positions, &Device::Cpu, None)
+}
+
 /// Logits `[vocab]` for every position of `tokens`, running all of `dir`'s layers in one
 /// shard; used by tests that compare with reference logits.
 pub fn reference_logits(dir: &Path, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-    let config = model_config(dir)?;
-    let n = config.num_hidden_layers as i32;
-    let model = ShardModel::load(
-        &Checkpoint::open(dir)?,
-        &Shard::new(dir.display().to_string(), 0, n - 1, n),
-        tokens.len() + 1,
-        &Device::Cpu,
-        None,
-    )?;
+    let model = whole_model_on_cpu(dir, tokens.len() + 1)?;
     let mut cache = cache::RequestCache::new(model.layer_count());
     tokens
         .iter()
@@ -484,15 +483,7 @@ pub fn reference_logits(dir: &Path, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
 /// one prompt through all of `dir`'s layers in one shard (`None` for dense layers); used by
 /// tests that compare routing with a reference.
 pub fn expert_routes(dir: &Path, tokens: &[u32]) -> Result<Vec<Option<Vec<Vec<usize>>>>> {
-    let config = model_config(dir)?;
-    let n = config.num_hidden_layers as i32;
-    let model = ShardModel::load(
-        &Checkpoint::open(dir)?,
-        &Shard::new(dir.display().to_string(), 0, n - 1, n),
-        tokens.len() + 1,
-        &Device::Cpu,
-        None,
-    )?;
+    let model = whole_model_on_cpu(dir, tokens.len() + 1)?;
     let mut cache = cache::RequestCache::new(model.layer_count());
     let ids = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), &Device::Cpu)?;
     let routes = model.expert_routes(ShardInput::Tokens(ids), &mut cache)?;
