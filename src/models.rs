@@ -1068,16 +1068,20 @@ pub fn hub_gguf_file(id: &str) -> Option<(&str, &str)> {
 
 pub use crate::engine::is_local_model;
 
-/// A model's name on the RKLLAMA server: the registry's, or for a model id the registry does not
-/// list (a repo id or a directory), the last part of it.
+/// A model's name on the RKLLAMA server: the registry's; for a card added at run time, the last
+/// part of its RKLLM repository; for a model id the registry does not list (a repo id or a
+/// directory), the last part of the id.
 pub fn rkllm_server_name(model_id: &str) -> Result<String> {
+    let last_part = |id: &str| id.trim_end_matches('/').rsplit('/').next().unwrap_or(id).to_string();
     match model_card(model_id) {
-        Some(card) => card.rkllm_name.map(str::to_string).ok_or_else(|| {
-            Error::InvalidModel(format!(
-                "The model '{model_id}' has no RKLLM build; the rkllm engine runs the -rkllm ids"
-            ))
-        }),
-        None => Ok(model_id.rsplit('/').next().unwrap_or(model_id).to_string()),
+        Some(card) => {
+            card.rkllm_name.map(str::to_string).or_else(|| card.repo(RKLLM).map(last_part)).ok_or_else(|| {
+                Error::InvalidModel(format!(
+                    "The model '{model_id}' has no RKLLM build; the rkllm engine runs the -rkllm ids"
+                ))
+            })
+        }
+        None => Ok(last_part(model_id)),
     }
 }
 
@@ -1377,5 +1381,14 @@ mod tests {
         assert!(!remove_model_card(id));
         assert_eq!(get_repo(id, CANDLE), None);
         assert!(unavailable_reason(id, "candle").unwrap().contains("does not exist"));
+    }
+
+    #[test]
+    fn a_card_added_for_rkllm_takes_its_server_name_from_its_repository() {
+        let id = "test-run-time-rkllm-card";
+        set_model_card(id, 4, &repos(&[(RKLLM, "/boards/models/My-Npu-Model/")]), None).unwrap();
+        assert_eq!(rkllm_server_name(id).unwrap(), "My-Npu-Model");
+        assert_eq!(get_repo(id, CANDLE), None);
+        assert!(remove_model_card(id));
     }
 }

@@ -181,6 +181,11 @@ pub trait ModelLocator: Send + Sync {
     async fn locate_config(&self, model_id: &str) -> Option<PathBuf>;
 }
 
+/// Whether the engine named `engine_name` runs only whole models (RKLLM), never a layer range.
+pub fn loads_whole_models(engine_name: &str) -> bool {
+    engine_name == rkllm::NAME
+}
+
 /// Whether `id` names a local model: a directory with a `config.json`, or a GGUF file (a
 /// `.gguf` path, or a directory holding one).
 pub fn is_local_model(id: &str) -> bool {

@@ -541,6 +541,9 @@ impl RkllmEngine {
     }
 }
 
+/// The engine's name, as `--inference-engine` and peers' health checks give it.
+pub const NAME: &str = "rkllm";
+
 /// A token as the `[1, 1]` int64 tensor `sample` reads back.
 fn token_output(token: u32) -> Result<WireTensor> {
     WireTensor::new(DType::I64, vec![1, 1], i64::from(token).to_le_bytes().to_vec())
@@ -549,7 +552,7 @@ fn token_output(token: u32) -> Result<WireTensor> {
 #[async_trait]
 impl Engine for RkllmEngine {
     fn name(&self) -> &str {
-        "rkllm"
+        NAME
     }
 
     fn device(&self) -> &str {

@@ -21,6 +21,10 @@ use crate::topology::{DeviceCapabilities, Topology};
 /// send none. Peers that send it follow the layer plan a request carries.
 pub const XOTORCH_CORE_HEADER: &str = "x-xotorch-core";
 
+/// Response header of a xotorch-core node's health check naming the engine it runs (`candle`,
+/// `rkllm`, ...), so that peers place on it only the models and layers it can run.
+pub const XOTORCH_ENGINE_HEADER: &str = "x-xotorch-engine";
+
 /// Who a peer is: what exo classic's peer handles take in their constructor and hand back
 /// from `id()`, `addr()` and `description()`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -71,6 +75,11 @@ pub trait PeerHandle: Send + Sync {
     /// Whether the peer's last health check came from a xotorch-core node.
     fn runs_xotorch_core(&self) -> bool {
         false
+    }
+    /// The engine the peer's node runs, as its last health check named it; `None` for classic
+    /// peers and before the first check.
+    fn engine(&self) -> Option<String> {
+        None
     }
 
     /// Hands a prompt to the peer's node (`process_prompt`).
@@ -169,4 +178,8 @@ pub trait RequestHandler: Send + Sync {
     async fn handle_opaque_status(&self, request_id: String, status: String);
     /// This node's view of the cluster, walking peers not in `visited`.
     async fn handle_collect_topology(&self, visited: BTreeSet<String>, max_depth: i32) -> Result<Topology>;
+    /// The engine this node runs, told to peers with its health checks.
+    fn engine_name(&self) -> Option<String> {
+        None
+    }
 }

@@ -6,6 +6,7 @@
 mod examples;
 mod membership;
 mod outbox;
+mod placement;
 mod request;
 mod ring;
 mod table;
@@ -29,6 +30,7 @@ use crate::topology::{
 };
 use membership::Membership;
 use outbox::{Message, Outbox, PeerLookup};
+use placement::Placement;
 use request::planned_shards;
 use table::RequestTable;
 
@@ -202,6 +204,18 @@ impl Node {
         self.membership.topology()
     }
 
+    /// The engines the cluster's nodes run, as far as they are known: this node's first, then
+    /// each other one named by a xotorch-core peer.
+    pub fn engines(&self) -> Vec<String> {
+        let mut engines = vec![self.engine.name().to_string()];
+        for engine in self.peers().iter().filter_map(|peer| peer.engine()) {
+            if !engines.contains(&engine) {
+                engines.push(engine);
+            }
+        }
+        engines
+    }
+
     /// The partitions of the current topology, in ring order.
     pub fn partitions(&self) -> Vec<Partition> {
         self.membership.partitions()
@@ -266,34 +280,52 @@ impl Node {
     /// xotorch-core peer (they follow the plan the request carries). `None` leaves the request
     /// to classic's partition, which classic nodes derive for themselves. Either way, a model
     /// whose layers do not fit the nodes' memory is refused (`Error::InsufficientMemory`).
+    /// Where the nodes' engines differ, the plan holds only the nodes that can run the model
+    /// (`placement`).
     async fn balanced_plan(&self, base: &Shard) -> Result<Option<Vec<LayerRange>>> {
-        let partitions = self.partitions();
-        let fit = self.memory_fit(base, &partitions).await;
+        let ring = self.partitions();
         let peers = self.peers();
         let follows_plans = |id: &str| peers.iter().any(|peer| peer.id() == id && peer.runs_xotorch_core());
+        let engine_of = |id: &str| match id == self.id {
+            true => Some(self.engine.name().to_string()),
+            false => peers.iter().find(|peer| peer.id() == id).and_then(|peer| peer.engine()),
+        };
+        let (partitions, must_plan) = match placement::place(&ring, engine_of, &base.model_id)? {
+            Placement::Ring => (ring, false),
+            Placement::Whole(node_id) => {
+                let whole = LayerRange { node_id, start_layer: 0, end_layer: base.n_layers - 1 };
+                return Ok(Some(vec![whole]));
+            }
+            Placement::Among(kept) => {
+                if let Some(classic) =
+                    ring.iter().find(|p| p.node_id != self.id && !follows_plans(&p.node_id))
+                {
+                    return Err(Error::InvalidModel(format!(
+                        "some nodes' engines cannot run {}, and the classic peer {} cannot follow a plan that \
+                         leaves them out",
+                        base.model_id, classic.node_id
+                    )));
+                }
+                (kept, true)
+            }
+        };
+        let fit = self.memory_fit(base, &partitions).await;
         let balancing = self.membership.strategy().allows_balancing()
             && partitions.len() >= 2
             && partitions.iter().all(|p| p.node_id == self.id || follows_plans(&p.node_id));
-        if !balancing {
+        let costs = if balancing { self.engine.model_costs(base).await } else { None };
+        if !balancing || (costs.is_none() && fit.is_none()) {
+            let layers = assign_layers(&partitions, base.n_layers, &base.model_id);
             if let Some(fit) = &fit {
                 let ids: Vec<&str> = partitions.iter().map(|p| p.node_id.as_str()).collect();
-                fit.check(&ids, &assign_layers(&partitions, base.n_layers, &base.model_id))?;
+                fit.check(&ids, &layers)?;
             }
-            return Ok(None);
-        }
-        let costs = self.engine.model_costs(base).await;
-        if costs.is_none() && fit.is_none() {
-            return Ok(None);
+            return Ok(must_plan.then(|| plan_of(layers)));
         }
         // Without costs, the memory alone shapes the split (balancing counts layers alike).
         let costs = costs.unwrap_or(ModelCosts { layer: f64::NAN, head: 0.0 });
         let balanced = balance_layers(&partitions, base.n_layers, &base.model_id, costs, fit.as_ref())?;
-        let plan = balanced.into_iter().map(|(node_id, shard)| LayerRange {
-            node_id: node_id.to_string(),
-            start_layer: shard.start_layer,
-            end_layer: shard.end_layer,
-        });
-        Ok(Some(plan.collect()))
+        Ok(Some(plan_of(balanced)))
     }
 
     /// The layers each node would hold of `base`'s model (any shard of it) for a request
@@ -549,6 +581,16 @@ impl Node {
 }
 
 /// Refreshes peers and the topology every `TOPOLOGY_INTERVAL` while the node lives.
+/// A request's layer plan from the shards its nodes hold.
+fn plan_of(layers: Vec<(&str, Shard)>) -> Vec<LayerRange> {
+    let range = |(node_id, shard): (&str, Shard)| LayerRange {
+        node_id: node_id.to_string(),
+        start_layer: shard.start_layer,
+        end_layer: shard.end_layer,
+    };
+    layers.into_iter().map(range).collect()
+}
+
 async fn refresh_periodically(node: Weak<Node>) {
     loop {
         tokio::time::sleep(TOPOLOGY_INTERVAL).await;

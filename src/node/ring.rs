@@ -575,4 +575,8 @@ impl RequestHandler for Node {
     async fn handle_collect_topology(&self, visited: BTreeSet<String>, max_depth: i32) -> Result<Topology> {
         Ok(self.walk_topology(visited, max_depth).await)
     }
+
+    fn engine_name(&self) -> Option<String> {
+        Some(self.engine.name().to_string())
+    }
 }

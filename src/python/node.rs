@@ -132,6 +132,11 @@ impl PyNode {
         PyTopology { inner: self.inner.topology() }
     }
 
+    /// The engines the cluster's nodes run, as far as they are known: this node's first.
+    fn engines(&self) -> Vec<String> {
+        self.inner.engines()
+    }
+
     /// The partitions of the current topology, in ring order.
     fn partitions(&self) -> Vec<PyPartition> {
         self.inner.partitions().into_iter().map(|inner| PyPartition { inner }).collect()

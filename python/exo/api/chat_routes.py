@@ -21,7 +21,7 @@ from exo import errors
 from exo.api.admission import Admission
 from exo.api.chat_request import ApiError, ChatRequest, bad_request, parse_chat_request, parse_json_object
 from exo.api.generation import GenerationTimeout, Outcome, generate_text
-from exo.api.model_choice import ResolvedModel, resolve_model_async
+from exo.api.model_choice import ResolvedModel, cluster_engine_classnames, resolve_in_cluster
 from exo.api.responses import SSE_HEADERS, error_from_exception, sse
 from exo.api.server import ApiServer
 from exo.api.text_stream import count_tokens
@@ -60,7 +60,7 @@ class ChatRoutes(ApiServer):
                 tokenizer = await resolve_tokenizer(source)
             except errors.InvalidModelError:
                 shard = self.node.get_current_shard(model.base_shard)
-                await self.node.shard_downloader.ensure_shard(shard, self.inference_engine_classname)
+                await self.node.shard_downloader.ensure_shard(shard, model.engine_classname)
                 tokenizer = await resolve_tokenizer(source)
             self._tokenizers[source] = tokenizer
             return tokenizer
@@ -70,7 +70,8 @@ class ChatRoutes(ApiServer):
         if name.startswith("gpt-"):
             name = self.default_model
         downloader = getattr(self.node, "shard_downloader", None)
-        return await resolve_model_async(name, self.inference_engine_classname, downloader)
+        engines = cluster_engine_classnames(self.node, self.inference_engine_classname)
+        return await resolve_in_cluster(name, engines, downloader)
 
     def _messages(self, chat: ChatRequest) -> list[dict[str, str]]:
         if self.system_prompt and not any(m["role"] == "system" for m in chat.messages):

@@ -10,6 +10,7 @@ from typing import Any
 
 from exo import models
 from exo.api.chat_request import ApiError
+from exo.inference.inference_engine import inference_engine_classes
 from exo.inference.shard import Shard
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,8 @@ class ResolvedModel:
     base_shard: Shard
     tokenizer_source: str
     n_layers: int
+    #: The engine class whose build of the model this is (another node's, in a cluster of mixed engines).
+    engine_classname: str
 
 
 def local_model_layers(path: str) -> int | None:
@@ -44,6 +47,13 @@ def supported_model_ids(engine_classname: str) -> list[str]:
     return list(models.get_supported_models([[engine_classname]]))
 
 
+def cluster_engine_classnames(node: Any, own_classname: str) -> list[str]:
+    """`own_classname` first, then the engine classes the cluster's other nodes run, as far as `node` knows them."""
+    engines = getattr(node, "engines", None)
+    names = engines() if callable(engines) else []
+    return list(dict.fromkeys([own_classname, *(inference_engine_classes.get(name, name) for name in names)]))
+
+
 def pretty_name(model_id: str) -> str:
     """The registry's display name of `model_id`, else the id itself."""
     return models.get_pretty_name(model_id) or model_id
@@ -55,10 +65,10 @@ def resolve_model(model_id: str, engine_classname: str) -> ResolvedModel:
     shard = models.build_base_shard(model_id, engine_classname)
     if shard is not None:
         repo = models.get_repo(model_id, engine_classname) or model_id
-        return ResolvedModel(model_id, shard, repo, shard.n_layers)
+        return ResolvedModel(model_id, shard, repo, shard.n_layers, engine_classname)
     layers = local_model_layers(model_id)
     if layers is not None:
-        return ResolvedModel(model_id, Shard(model_id, 0, 0, layers), model_id, layers)
+        return ResolvedModel(model_id, Shard(model_id, 0, 0, layers), model_id, layers, engine_classname)
     reason = models.unavailable_reason(model_id, engine_classname) or (
         f"The model '{model_id}' has no config.json on this node yet, so its layers are not known."
     )
@@ -81,4 +91,23 @@ async def resolve_model_async(model_id: str, engine_classname: str, shard_downlo
         if shard is None:
             raise
         repo = models.get_repo(model_id, engine_classname) or model_id
-        return ResolvedModel(model_id, shard, repo, shard.n_layers)
+        return ResolvedModel(model_id, shard, repo, shard.n_layers, engine_classname)
+
+
+async def resolve_in_cluster(
+    model_id: str, engine_classnames: list[str], shard_downloader: Any = None
+) -> ResolvedModel:
+    """`resolve_model_async` on the first engine class of `engine_classnames` (this node's first, as
+    `cluster_engine_classnames` lists them) that has a build of `model_id`; this node's engine's 404 when none has."""
+    own, *others = engine_classnames
+    try:
+        return await resolve_model_async(model_id, own, shard_downloader)
+    except ApiError as not_here:
+        for classname in others:
+            if models.get_repo(model_id, classname) is None:
+                continue
+            try:
+                return await resolve_model_async(model_id, classname, shard_downloader)
+            except ApiError:
+                continue
+        raise not_here

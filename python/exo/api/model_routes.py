@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from exo.api.chat_request import ApiError, bad_request, parse_json_object
-from exo.api.model_choice import pretty_name, resolve_model, supported_model_ids
+from exo.api.model_choice import cluster_engine_classnames, pretty_name, resolve_model, supported_model_ids
 from exo.api.responses import SSE_HEADERS, sse
 from exo.api.server import ApiServer
 from exo.download.new_shard_download import delete_model
@@ -29,7 +29,8 @@ class ModelRoutes(ApiServer):
     created: int
 
     def _listed_models(self) -> list[str]:
-        ids = supported_model_ids(self.inference_engine_classname)
+        engines = cluster_engine_classnames(self.node, self.inference_engine_classname)
+        ids = list(dict.fromkeys(model_id for engine in engines for model_id in supported_model_ids(engine)))
         if self.default_model not in ids:
             try:
                 resolve_model(self.default_model, self.inference_engine_classname)

@@ -254,6 +254,10 @@ class Node:
     def get_current_shard(self, base_shard: Shard, index: int | None = None) -> Shard:
         return self._core.get_current_shard(base_shard, index)
 
+    def engines(self) -> list[str]:
+        """The engines the cluster's nodes run (`candle`, `rkllm`, ...), as far as they are known: this node's first."""
+        return self._core.engines()
+
     def partitions(self) -> list[Partition]:
         """The partitions of the current topology, in ring order."""
         return self._core.partitions()

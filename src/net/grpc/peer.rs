@@ -37,6 +37,8 @@ pub struct GrpcPeer {
     client: Mutex<Option<NodeServiceClient<Channel>>>,
     /// Whether the last health check's answer carried `XOTORCH_CORE_HEADER`.
     xotorch_core: AtomicBool,
+    /// The engine the last health check's answer named (`XOTORCH_ENGINE_HEADER`).
+    engine: Mutex<Option<String>>,
 }
 
 impl GrpcPeer {
@@ -47,6 +49,7 @@ impl GrpcPeer {
             capabilities,
             client: Mutex::new(None),
             xotorch_core: AtomicBool::new(false),
+            engine: Mutex::new(None),
         }
     }
 
@@ -184,11 +187,18 @@ impl PeerHandle for GrpcPeer {
         let Ok(Ok(response)) = tokio::time::timeout(HEALTH_TIMEOUT, check).await else { return false };
         let core = response.metadata().contains_key(crate::net::XOTORCH_CORE_HEADER);
         self.xotorch_core.store(core, Ordering::Relaxed);
+        let engine = response.metadata().get(crate::net::XOTORCH_ENGINE_HEADER);
+        *self.engine.lock().expect("engine lock poisoned") =
+            engine.and_then(|name| name.to_str().ok()).map(str::to_string);
         response.into_inner().is_healthy
     }
 
     fn runs_xotorch_core(&self) -> bool {
         self.xotorch_core.load(Ordering::Relaxed)
+    }
+
+    fn engine(&self) -> Option<String> {
+        self.engine.lock().expect("engine lock poisoned").clone()
     }
 
     async fn send_prompt(

@@ -266,10 +266,14 @@ impl NodeService for Service {
         &self,
         _request: Request<proto::HealthCheckRequest>,
     ) -> std::result::Result<Response<proto::HealthCheckResponse>, Status> {
-        let is_healthy = self.handler.upgrade().is_some();
-        let mut response = Response::new(proto::HealthCheckResponse { is_healthy });
+        let handler = self.handler.upgrade();
+        let mut response = Response::new(proto::HealthCheckResponse { is_healthy: handler.is_some() });
         let version = tonic::metadata::MetadataValue::from_static(env!("CARGO_PKG_VERSION"));
         response.metadata_mut().insert(crate::net::XOTORCH_CORE_HEADER, version);
+        let engine = handler.and_then(|h| h.engine_name()).and_then(|name| name.parse().ok());
+        if let Some(engine) = engine {
+            response.metadata_mut().insert(crate::net::XOTORCH_ENGINE_HEADER, engine);
+        }
         Ok(response)
     }
 }
