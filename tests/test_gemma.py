@@ -10,6 +10,8 @@ local layers see only part of each request's cache.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import os
 import random
 import subprocess
@@ -23,6 +25,7 @@ import pytest
 from exo.inference.candle import CandleInferenceEngine
 from exo.orchestration.node import Node
 from exo.testing.synth import PRESETS, cached_model
+from exo.train.dataset import batches
 from support.cluster import running_cluster, wait_for_ring, whole_model
 from support.engine_runs import (
     PROMPT,
@@ -122,18 +125,20 @@ async def _tokens(node: Node, base: Any, request: dict[str, Any], request_id: st
     return [t async for t in node.generate(base, request_id=request_id, **request)]
 
 
-@pytest.mark.parametrize(
-    "preset",
-    [
-        "tiny-gemma2",
-        pytest.param(
-            "tiny-gemma3",
-            marks=pytest.mark.xfail(strict=True, reason="open: a batched Gemma 3 request's tokens change"),
-        ),
-    ],
-)
+def _eos_ids(model_dir: Path) -> set[int]:
+    """The end-of-sequence ids of `config.json` and `generation_config.json`."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        path = model_dir / name
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return ids
+
+
+@pytest.mark.parametrize("preset", GEMMA)
 async def test_concurrent_requests_past_the_window_equal_their_solo_runs(root: Path, preset: str) -> None:
     base = whole_model(cached_model(preset, root))
+    eos = _eos_ids(cached_model(preset, root))
     requests = _requests(8)
 
     def engine() -> CandleInferenceEngine:
@@ -145,7 +150,27 @@ async def test_concurrent_requests_past_the_window_equal_their_solo_runs(root: P
         together = await asyncio.gather(*(_tokens(nodes[0], base, r, f"together-{i}") for i, r in enumerate(requests)))
     for i, (a, b) in enumerate(zip(alone, together, strict=True)):
         assert a == b, f"request {i} changed when batched"
-        assert len(a) == requests[i]["max_tokens"]
+        # Each ran to its limit, or (sampled) drew an end-of-sequence token before it.
+        assert len(a) == requests[i]["max_tokens"] or (len(a) < requests[i]["max_tokens"] and a[-1] in eos), a
+
+
+@pytest.mark.parametrize("preset", GEMMA)
+async def test_evaluation_scores_with_the_logits_generation_computes(root: Path, preset: str) -> None:
+    # Longer than the window, so the local layers (with Gemma 3's own rope) see part of the sequence.
+    sequence = [*PROMPT, *range(100, 100 + 2 * WINDOW)]
+    base = whole_model(cached_model(preset, root))
+    engine = CandleInferenceEngine()
+    # Generation's logits, one token at a time (checked against transformers in tests/test_golden.py).
+    losses = []
+    for token, target in itertools.pairwise(sequence):
+        logits, _ = await engine.infer_tensor("fed", base, np.array([[token]]))
+        row = np.asarray(logits, dtype=np.float64).reshape(-1)
+        log_total = np.log(np.exp(row - row.max()).sum()) + row.max()
+        losses.append(log_total - row[target])
+    [batch] = batches([sequence], 1)
+    async with running_cluster(["a"], CandleInferenceEngine) as nodes:
+        loss = await nodes[0].enqueue_example(base, batch.inputs, batch.targets, batch.lengths)
+    assert abs(loss - np.mean(losses)) <= 1e-4 * abs(np.mean(losses)), (loss, np.mean(losses))
 
 
 @pytest.mark.parametrize("preset", GEMMA)

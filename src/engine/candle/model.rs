@@ -616,6 +616,14 @@ impl ShardModel {
         &self.rope
     }
 
+    /// The rotary tables `block` attends with: Gemma 3's local ones on its sliding-window layers.
+    fn rope_of(&self, block: &Block) -> &Rope {
+        match (&self.local_rope, block.attention.window()) {
+            (Some(local), Some(_)) => local,
+            _ => &self.rope,
+        }
+    }
+
     /// The float tensor `name` of `shape` widened to f32 on the host, for the training path
     /// (safetensors checkpoints with float weights only).
     pub fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -672,7 +680,7 @@ impl ShardModel {
         let mut parts = [BatchPart { shape: (b, seq), cache, wants_logits: false }];
         let mut routes = Vec::with_capacity(self.blocks.len());
         for (layer, block) in self.blocks.iter().enumerate() {
-            let (next, layer_routes) = block.forward_routed(&x, &mut parts, &self.rope, layer)?;
+            let (next, layer_routes) = block.forward_routed(&x, &mut parts, self.rope_of(block), layer)?;
             x = next;
             routes.push(layer_routes);
         }
@@ -692,7 +700,7 @@ impl ShardModel {
         let x = rayon::scope(|_| -> Result<Tensor> {
             let mut x = hidden.reshape((1, b * seq, width))?;
             for (layer, block) in self.blocks.iter().enumerate() {
-                x = block.forward(&x, &mut parts, &self.rope, layer)?;
+                x = block.forward(&x, &mut parts, self.rope_of(block), layer)?;
             }
             Ok(x.reshape((b, seq, width))?)
         })?;
@@ -744,11 +752,7 @@ impl ShardModel {
         }
         let mut x = if rows.len() == 1 { rows.remove(0) } else { Tensor::cat(&rows, 1)? };
         for (layer, block) in self.blocks.iter().enumerate() {
-            let rope = match (&self.local_rope, block.attention.window()) {
-                (Some(local), Some(_)) => local,
-                _ => &self.rope,
-            };
-            x = block.forward(&x, &mut parts, rope, layer)?;
+            x = block.forward(&x, &mut parts, self.rope_of(block), layer)?;
         }
         let mut outputs = Vec::with_capacity(parts.len());
         let mut row = 0;
