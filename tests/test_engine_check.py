@@ -61,3 +61,11 @@ def test_a_failed_check_exits_1(monkeypatch: pytest.MonkeyPatch, caplog: pytest.
     monkeypatch.setattr(engine_check, "CandleInferenceEngine", SeamEngine)
     assert engine_check.main() == 1
     assert "engine check failed: the prompt's logits differ" in caplog.text
+
+
+def test_without_the_test_extra_the_command_says_what_it_needs(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    assert engine_check.main() == 1
+    assert "engine check needs the test extra (pip install 'xotorch-core[test]')" in caplog.text
