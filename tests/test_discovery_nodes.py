@@ -72,6 +72,7 @@ async def test_nodes_found_by_udp_discovery_form_a_ring() -> None:
     async with running_nodes(["udp-a", "udp-b"], ports, udp, wait_for_peers=1) as (a, b):
         assert [peer.id() for peer in a.peers] == ["udp-b"]
         assert [peer.addr() for peer in b.peers] == [f"127.0.0.1:{ports[0]}"]
+        assert [await peer.is_connected() for peer in a.peers + b.peers] == [True, True], "the nodes connect them"
         assert len(a.partitions()) == 2
         assert await generate(a) == DUMMY_TOKENS
         assert await generate(b) == DUMMY_TOKENS
@@ -88,6 +89,7 @@ async def test_nodes_found_by_manual_discovery_follow_config_edits(tmp_path: Pat
 
     async with running_nodes(["man-a", "man-b"], ports[:2], manual, wait_for_peers=1) as (a, _):
         assert [(peer.id(), peer.description()) for peer in a.peers] == [("man-b", "MAN")]
+        assert await a.peers[0].is_connected(), "the node connects the peers discovery found"
         assert await generate(a) == DUMMY_TOKENS
 
         # A third node joins: it is started, then added to the config.

@@ -109,6 +109,8 @@ def _handle(port: int) -> GRPCPeerHandle:
 async def test_every_call_reaches_a_classic_server_intact(classic_server: ClassicServer) -> None:
     peer = _handle(classic_server.port)
     assert await peer.health_check()
+    assert not await peer.is_connected(), "a health check does not connect the peer"
+    await peer.connect()
     assert await peer.is_connected()
 
     shard = Shard("llama-3.2-1b", 8, 15, 16)

@@ -35,6 +35,10 @@ pub struct GrpcPeer {
     identity: PeerIdentity,
     capabilities: DeviceCapabilities,
     client: Mutex<Option<NodeServiceClient<Channel>>>,
+    /// Whether `connect()` or a call opened the connection, and `disconnect()` has not closed
+    /// it since. A health check alone reuses or opens the connection without connecting the
+    /// peer: classic's contract is that a discovered peer is connected only once asked to be.
+    connected: AtomicBool,
     /// Whether the last health check's answer carried `XOTORCH_CORE_HEADER`.
     xotorch_core: AtomicBool,
     /// The engine the last health check's answer named (`XOTORCH_ENGINE_HEADER`).
@@ -48,6 +52,7 @@ impl GrpcPeer {
             identity: PeerIdentity::new(id, address, description),
             capabilities,
             client: Mutex::new(None),
+            connected: AtomicBool::new(false),
             xotorch_core: AtomicBool::new(false),
             engine: Mutex::new(None),
         }
@@ -66,8 +71,15 @@ impl GrpcPeer {
             .keep_alive_while_idle(true))
     }
 
-    /// The connected client, connecting first when there is none.
+    /// The client for a call to the peer, which leaves the peer connected.
     async fn client(&self) -> Result<NodeServiceClient<Channel>> {
+        let client = self.open().await?;
+        self.connected.store(true, Ordering::Relaxed);
+        Ok(client)
+    }
+
+    /// The client on the open connection, opening one first when there is none.
+    async fn open(&self) -> Result<NodeServiceClient<Channel>> {
         if let Some(client) = self.client.lock().expect("client lock poisoned").clone() {
             return Ok(client);
         }
@@ -160,10 +172,13 @@ impl PeerHandle for GrpcPeer {
         self.client().await.map(|_| ())
     }
 
-    /// True when a connection was opened and the peer answers on it (a health check): classic
-    /// asks gRPC whether the channel is READY, a state tonic does not expose. So a peer whose
-    /// server stopped reads as not connected, as it does in classic.
+    /// True when the peer was connected and answers on its connection (a health check):
+    /// classic asks gRPC whether the channel is READY, a state tonic does not expose. So a peer
+    /// never connected, or whose server stopped, reads as not connected, as it does in classic.
     async fn is_connected(&self) -> bool {
+        if !self.connected.load(Ordering::Relaxed) {
+            return false;
+        }
         let Some(mut client) = self.client.lock().expect("client lock poisoned").clone() else {
             return false;
         };
@@ -172,13 +187,14 @@ impl PeerHandle for GrpcPeer {
     }
 
     async fn disconnect(&self) -> Result<()> {
+        self.connected.store(false, Ordering::Relaxed);
         self.client.lock().expect("client lock poisoned").take();
         Ok(())
     }
 
     async fn health_check(&self) -> bool {
         let check = async {
-            let mut client = self.client().await?;
+            let mut client = self.open().await?;
             client
                 .health_check(proto::HealthCheckRequest {})
                 .await
