@@ -206,9 +206,10 @@ impl ProofChecker {
     }
 
     /// Accepts `proof` (its text form, `None` when absent) for `payload` once, now.
-    pub fn check(&self, proof: Option<&str>, purpose: Purpose, payload: &[u8]) -> Rejected<()> {
+    pub fn check(&self, proof: Option<&str>, purpose: Purpose, payload: &[u8]) -> Rejected<Proof> {
         let proof: Proof = proof.ok_or(Rejection::Missing)?.parse()?;
-        self.check_at(&proof, purpose, payload, unix_now())
+        self.check_at(&proof, purpose, payload, unix_now())?;
+        Ok(proof)
     }
 
     fn check_at(&self, proof: &Proof, purpose: Purpose, payload: &[u8], now: u64) -> Rejected<()> {
@@ -245,7 +246,7 @@ impl Strangers {
 }
 
 /// Seconds since the Unix epoch (0 for a clock set before it).
-fn unix_now() -> u64 {
+pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -337,7 +338,7 @@ mod tests {
                 other => panic!("{bad}: {other:?}"),
             }
         }
-        assert_eq!(checker().check(None, Purpose::Call, b""), Err(Rejection::Missing));
+        assert_eq!(checker().check(None, Purpose::Call, b"").unwrap_err(), Rejection::Missing);
     }
 
     #[test]

@@ -303,7 +303,7 @@ fn proves_cluster_key(shared: &Shared, message: &PresenceMessage, from: SocketAd
     let Some(proofs) = &shared.proofs else { return true };
     let rejection =
         match proofs.check(message.xot_auth.as_deref(), Purpose::Announcement, &message.proven_bytes()) {
-            Ok(()) => return true,
+            Ok(_) => return true,
             Err(rejection) => rejection,
         };
     let stranger = format!("node {} at {}", message.node_id, from.ip());
