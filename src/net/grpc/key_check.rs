@@ -89,6 +89,11 @@ impl CallSigner {
         Self { key }
     }
 
+    /// Whether it has a key to prove.
+    pub fn is_keyed(&self) -> bool {
+        self.key.is_some()
+    }
+
     /// A health check request, with the proof its answer must bind to (with a key).
     pub fn health_check<T>(&self, message: T) -> (Request<T>, Option<Proof>) {
         let mut request = Request::new(message);

@@ -150,8 +150,9 @@ impl GrpcPeer {
         }
     }
 
-    /// A health check on `client` whose answer, with a cluster key, must prove it too; a peer
-    /// that refuses this node's proof or gives none is logged once.
+    /// A health check on `client` whose answer, with a cluster key, must prove it too. With a
+    /// key, a peer that refuses this node's proof or gives none is logged once; without one, a
+    /// keyed peer's refusal is a failed check like any other (the keyed side logs it).
     async fn proven_health_check(
         &self,
         client: &mut Client,
@@ -162,7 +163,7 @@ impl GrpcPeer {
                 Ok(()) => return Ok(answer),
                 Err(rejection) => format!("its answer has {rejection}"),
             },
-            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+            Err(status) if status.code() == tonic::Code::Unauthenticated && self.signer.is_keyed() => {
                 format!("it refuses this node's calls: {}", status.message())
             }
             Err(status) => return Err(self.status_error("HealthCheck", &status)),
