@@ -56,7 +56,9 @@ class NodeProcess:
 
 
 @contextmanager
-def node(tmp_path: Path, node_id: str, udp_port: int, model: Path, *args: str, env: dict[str, str] | None = None):
+def node(
+    tmp_path: Path, node_id: str, udp_port: int, model: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[NodeProcess]:
     """One node process with UDP discovery on loopback; stopped with SIGTERM after, its output kept."""
     grpc_port, api_port = find_available_port("127.0.0.1"), find_available_port("127.0.0.1")
     command = [
@@ -105,7 +107,8 @@ def refused_by_grpcio(stubs: tuple[ModuleType, ModuleType], grpc_port: int) -> l
     codes = []
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         stub = pb_grpc.NodeServiceStub(channel)
-        for call, request in ((stub.HealthCheck, pb.HealthCheckRequest()), (stub.CollectTopology, pb.CollectTopologyRequest())):
+        calls = ((stub.HealthCheck, pb.HealthCheckRequest()), (stub.CollectTopology, pb.CollectTopologyRequest()))
+        for call, request in calls:
             with pytest.raises(grpc.RpcError) as refused:
                 call(request, timeout=5)
             codes.append(refused.value.code())
@@ -117,7 +120,10 @@ def test_only_nodes_with_the_key_join_its_ring(
 ) -> None:
     udp_port = free_udp_port()
     with ExitStack() as stack:
-        start = lambda node_id, *args, **kw: stack.enter_context(node(tmp_path, node_id, udp_port, model_dir, *args, **kw))  # noqa: E731
+
+        def start(node_id: str, *args: str, env: dict[str, str] | None = None) -> NodeProcess:
+            return stack.enter_context(node(tmp_path, node_id, udp_port, model_dir, *args, env=env))
+
         a = start("a", env={"EXO_CLUSTER_KEY": KEY})
         b = start("b", "--cluster-key", KEY)
         c = start("c", "--cluster-key", OTHER_KEY)

@@ -7,7 +7,7 @@
 //! The key guards who may join and call, not what travels: traffic stays unencrypted, and a
 //! proof does not cover a gRPC message's body (SECURITY.md).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -234,10 +234,15 @@ impl ProofChecker {
 /// Senders refused for want of the key, so that each is logged once, not per message.
 #[derive(Debug, Default)]
 pub struct Strangers {
-    named: Mutex<HashSet<String>>,
+    named: Mutex<BTreeSet<String>>,
 }
 
 impl Strangers {
+    /// None named yet.
+    pub const fn new() -> Self {
+        Self { named: Mutex::new(BTreeSet::new()) }
+    }
+
     /// True the first time `who` is refused (while fewer than a bound are named).
     pub fn first_refusal(&self, who: &str) -> bool {
         let mut named = self.named.lock().unwrap_or_else(|p| p.into_inner());

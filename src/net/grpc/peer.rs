@@ -16,7 +16,7 @@ use super::{state_to_proto, ERROR_KIND_KEY, MAX_MESSAGE_BYTES};
 use crate::engine::example::{Example, ExampleLoss};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
-use crate::net::cluster_key::ClusterKey;
+use crate::net::cluster_key::{ClusterKey, Strangers};
 use crate::net::{PeerHandle, PeerIdentity};
 use crate::proto;
 use crate::proto::node_service_client::NodeServiceClient;
@@ -33,6 +33,10 @@ const SHORT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Deadline of prompt and tensor calls, which wait for the peer's layers to run.
 const COMPUTE_TIMEOUT: Duration = Duration::from_secs(900);
 
+/// Peers that did not prove the cluster key, each logged once in this process: discovery makes
+/// a fresh handle each time it sees a peer it has not admitted, so a handle cannot remember.
+static STRANGE_PEERS: Strangers = Strangers::new();
+
 /// A client whose calls carry a proof of the cluster key (when there is one).
 type Client = NodeServiceClient<InterceptedService<Channel, CallSigner>>;
 
@@ -46,8 +50,6 @@ pub struct GrpcPeer {
     /// The engine the last health check's answer named (`XOTORCH_ENGINE_HEADER`).
     engine: Mutex<Option<String>>,
     signer: CallSigner,
-    /// Whether this peer was logged as not sharing the cluster key (it is logged once).
-    logged_stranger: AtomicBool,
 }
 
 impl GrpcPeer {
@@ -60,7 +62,6 @@ impl GrpcPeer {
             xotorch_core: AtomicBool::new(false),
             engine: Mutex::new(None),
             signer: CallSigner::default(),
-            logged_stranger: AtomicBool::new(false),
         }
     }
 
@@ -169,12 +170,9 @@ impl GrpcPeer {
             Err(status) => return Err(self.status_error("HealthCheck", &status)),
         };
         let refused = format!("not the same cluster key: {refused}");
-        if !self.logged_stranger.swap(true, Ordering::Relaxed) {
-            log::warn!(
-                "ignoring peer {} at {}: {refused} (logged once)",
-                self.identity.id,
-                self.identity.addr
-            );
+        let peer = format!("peer {} at {}", self.identity.id, self.identity.addr);
+        if STRANGE_PEERS.first_refusal(&peer) {
+            log::warn!("ignoring {peer}: {refused} (logged once)");
         }
         Err(self.error("HealthCheck", refused))
     }
