@@ -389,9 +389,17 @@ class NativePeerHandle:
 
 @final
 class GRPCPeerHandle(NativePeerHandle):
-    """exo classic's gRPC peer: one reused connection to `address` (`host:port`)."""
+    """exo classic's gRPC peer: one reused connection to `address` (`host:port`). With a `cluster_key`, every
+    call proves it, and a peer whose health check does not prove it back counts as unhealthy."""
 
-    def __new__(cls, _id: str, address: str, desc: str, device_capabilities: DeviceCapabilities) -> GRPCPeerHandle: ...
+    def __new__(
+        cls,
+        _id: str,
+        address: str,
+        desc: str,
+        device_capabilities: DeviceCapabilities,
+        cluster_key: str | None = None,
+    ) -> GRPCPeerHandle: ...
     def measure_round_trip(self, hidden_size: int, calls: int = 200) -> Awaitable[float]: ...
 
 @disjoint_base
@@ -409,9 +417,10 @@ class NativeRequestHandler:
 @final
 class GRPCServer:
     """Serves a node's `NodeService` on `host:port` (port 0 picks a free one); `node` is a `Node`
-    or any object with classic's node methods (`process_prompt`, `process_tensor`, ...)."""
+    or any object with classic's node methods (`process_prompt`, `process_tensor`, ...). With a `cluster_key`, calls
+    that do not prove it are refused with UNAUTHENTICATED."""
 
-    def __new__(cls, node: Any, host: str, port: int) -> GRPCServer: ...
+    def __new__(cls, node: Any, host: str, port: int, cluster_key: str | None = None) -> GRPCServer: ...
     def start(self) -> Awaitable[None]: ...
     def stop(self) -> Awaitable[None]: ...
     @property
@@ -531,7 +540,8 @@ class _CreatePeerHandle(Protocol):
 
 @final
 class UDPDiscovery(NativeDiscovery):
-    """UDP broadcast discovery with exo classic's messages; `allowed_interface_types` also limits where it announces."""
+    """UDP broadcast discovery with exo classic's messages; `allowed_interface_types` also limits where it announces.
+    With a `cluster_key`, announcements carry a proof of it and only those proving it are heard."""
 
     def __new__(
         cls,
@@ -545,6 +555,7 @@ class UDPDiscovery(NativeDiscovery):
         device_capabilities: DeviceCapabilities | None = None,
         allowed_node_ids: list[str] | None = None,
         allowed_interface_types: list[str] | None = None,
+        cluster_key: str | None = None,
     ) -> UDPDiscovery: ...
     @property
     def node_id(self) -> str: ...

@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the HTTP API answers only requests with `Authorization: Bearer KEY` (default: EXO_API_KEY)",
     )
     p.add_argument(
+        "--cluster-key",
+        type=str,
+        default=os.environ.get("EXO_CLUSTER_KEY") or None,
+        help="only nodes started with the same key (16+ characters) join this node's cluster: discovery announcements "
+        "and gRPC calls prove it, and exo classic peers cannot join (default: EXO_CLUSTER_KEY)",
+    )
+    p.add_argument(
         "--inference-engine",
         type=str,
         default=None,

@@ -1,6 +1,8 @@
 //! Networking seams: how a node reaches its peers (`PeerHandle`), finds them (`Discovery`)
-//! and serves them (`Server`, handing calls to a `RequestHandler`). gRPC lives in `grpc`.
+//! and serves them (`Server`, handing calls to a `RequestHandler`). gRPC lives in `grpc`; the
+//! optional key that keeps strangers out of a cluster in `cluster_key`.
 
+pub mod cluster_key;
 pub mod grpc;
 
 pub mod discovery;

@@ -443,3 +443,35 @@ async fn a_malformed_layer_plan_fails_its_request_alone() {
     assert_eq!(drain(stream).await, (DUMMY_TOKENS.to_vec(), None));
     node.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_key_keeps_out_peers_without_it() {
+    use crate::net::cluster_key::ClusterKey;
+    let nodes = cluster(&["a"], dummy).await;
+    let key = |text: &str| Some(ClusterKey::new(text).unwrap());
+    let handler: Arc<dyn RequestHandler> = nodes[0].node.clone();
+    let keyed = GrpcServer::new(Arc::downgrade(&handler), "127.0.0.1", 0)
+        .with_cluster_key(key("a cluster key of ours"));
+    keyed.start().await.unwrap();
+    let peer = |port: u16, key: Option<ClusterKey>| {
+        GrpcPeer::new("a".into(), format!("127.0.0.1:{port}"), String::new(), DeviceCapabilities::unknown())
+            .with_cluster_key(key)
+    };
+
+    let friend = peer(keyed.port(), key("a cluster key of ours"));
+    assert!(friend.health_check().await);
+    assert!(friend.is_connected().await);
+    assert!(friend.collect_topology(&BTreeSet::new(), 1).await.unwrap().nodes.contains_key("a"));
+    for stranger in [peer(keyed.port(), None), peer(keyed.port(), key("somebody else's key"))] {
+        assert!(!stranger.health_check().await);
+        let error = stranger.collect_topology(&BTreeSet::new(), 1).await.unwrap_err().to_string();
+        assert!(error.contains("Unauthenticated"), "{error}");
+    }
+    // A server without the key cannot prove it, so a keyed node finds it unhealthy; to a
+    // keyless peer it answers as before.
+    let open = nodes[0].server.port();
+    assert!(!peer(open, key("a cluster key of ours")).health_check().await);
+    assert!(peer(open, None).health_check().await);
+    keyed.stop().await.unwrap();
+    nodes[0].node.stop().await.unwrap();
+}

@@ -17,6 +17,7 @@ use super::peer::{peer_from_py, PyPeerHandle};
 use super::topology::PyDeviceCapabilities;
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
+use crate::net::cluster_key::ClusterKey;
 use crate::net::discovery::{
     ManualDiscovery, NetworkTopology, PeerConfig, TailscaleConfig, TailscaleDiscovery, UdpConfig,
     UdpDiscovery,
@@ -204,7 +205,8 @@ impl PyUdpDiscovery {
     #[new]
     #[pyo3(signature = (
         node_id, node_port, listen_port, broadcast_port, create_peer_handle, broadcast_interval=2.5,
-        discovery_timeout=30.0, device_capabilities=None, allowed_node_ids=None, allowed_interface_types=None
+        discovery_timeout=30.0, device_capabilities=None, allowed_node_ids=None, allowed_interface_types=None,
+        cluster_key=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -218,6 +220,7 @@ impl PyUdpDiscovery {
         device_capabilities: Option<PyRef<'_, PyDeviceCapabilities>>,
         allowed_node_ids: Option<Vec<String>>,
         allowed_interface_types: Option<Vec<String>>,
+        cluster_key: Option<&str>,
     ) -> PyResult<PyClassInitializer<Self>> {
         let mut config = UdpConfig::new(
             node_id,
@@ -230,6 +233,7 @@ impl PyUdpDiscovery {
         config.device_capabilities = announced_capabilities(device_capabilities);
         config.allowed_node_ids = allowed_node_ids.filter(|ids| !ids.is_empty());
         config.allowed_interface_types = allowed_interface_types.filter(|types| !types.is_empty());
+        config.cluster_key = cluster_key.map(ClusterKey::new).transpose()?;
         let discovery = Arc::new(UdpDiscovery::new(config, factory_from_py(create_peer_handle)));
         Ok(PyClassInitializer::from(PyDiscovery { inner: discovery.clone() })
             .add_subclass(Self { discovery }))

@@ -15,6 +15,7 @@ use super::tensor::wire_from_ndarray;
 use super::topology::{PyDeviceCapabilities, PyTopology};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
+use crate::net::cluster_key::ClusterKey;
 use crate::net::grpc::GrpcPeer;
 use crate::net::{PeerHandle, PeerIdentity};
 use crate::shard::Shard;
@@ -267,7 +268,8 @@ impl PyPeerHandle {
     }
 }
 
-/// exo classic's `GRPCPeerHandle(_id, address, desc, device_capabilities)`.
+/// exo classic's `GRPCPeerHandle(_id, address, desc, device_capabilities)`; with a
+/// `cluster_key`, its calls prove the key and the peer must prove it back.
 #[pyclass(name = "GRPCPeerHandle", module = "exo.networking.grpc.grpc_peer_handle", extends = PyPeerHandle, frozen)]
 pub struct PyGrpcPeerHandle {
     peer: Arc<GrpcPeer>,
@@ -276,14 +278,18 @@ pub struct PyGrpcPeerHandle {
 #[pymethods]
 impl PyGrpcPeerHandle {
     #[new]
+    #[pyo3(signature = (_id, address, desc, device_capabilities, cluster_key=None))]
     fn new(
         _id: String,
         address: String,
         desc: String,
         device_capabilities: PyDeviceCapabilities,
-    ) -> PyClassInitializer<Self> {
-        let peer = Arc::new(GrpcPeer::new(_id, address, desc, device_capabilities.inner));
-        PyClassInitializer::from(PyPeerHandle { inner: peer.clone() }).add_subclass(Self { peer })
+        cluster_key: Option<&str>,
+    ) -> PyResult<PyClassInitializer<Self>> {
+        let key = cluster_key.map(ClusterKey::new).transpose()?;
+        let peer =
+            Arc::new(GrpcPeer::new(_id, address, desc, device_capabilities.inner).with_cluster_key(key));
+        Ok(PyClassInitializer::from(PyPeerHandle { inner: peer.clone() }).add_subclass(Self { peer }))
     }
 
     /// Median seconds of `calls` SendTensor round trips carrying `[1, 1, hidden_size]` f32

@@ -12,6 +12,7 @@ use super::asyncio::call_coroutine;
 use super::gc::{FromPy, HoldsPython, StandIns};
 use super::node_stand_in::PythonNode;
 use crate::error::{Error, Result};
+use crate::net::cluster_key::ClusterKey;
 use crate::net::grpc::GrpcServer;
 use crate::net::{RequestHandler, Server};
 
@@ -22,7 +23,8 @@ pub struct PyRequestHandler {
     pub inner: Arc<dyn RequestHandler>,
 }
 
-/// exo classic's `GRPCServer(node, host, port)`: serves the node's `NodeService`.
+/// exo classic's `GRPCServer(node, host, port)`: serves the node's `NodeService`; with a
+/// `cluster_key`, only to calls that prove it.
 #[pyclass(name = "GRPCServer", module = "exo.networking.grpc.grpc_server", frozen)]
 pub struct PyGrpcServer {
     pub inner: Arc<GrpcServer>,
@@ -37,7 +39,9 @@ impl PyGrpcServer {
     /// `exo.orchestration.node.Node`), or any object with classic's node methods (a test's
     /// mock node); port 0 picks a free one.
     #[new]
-    fn new(node: &Bound<'_, PyAny>, host: String, port: u16) -> PyResult<Self> {
+    #[pyo3(signature = (node, host, port, cluster_key=None))]
+    fn new(node: &Bound<'_, PyAny>, host: String, port: u16, cluster_key: Option<&str>) -> PyResult<Self> {
+        let key = cluster_key.map(ClusterKey::new).transpose()?;
         let native = node
             .cast::<PyRequestHandler>()
             .ok()
@@ -50,7 +54,7 @@ impl PyGrpcServer {
                 (stand_in.clone(), Some(stand_in))
             }
         };
-        let inner = Arc::new(GrpcServer::new(Arc::downgrade(&handler), host, port));
+        let inner = Arc::new(GrpcServer::new(Arc::downgrade(&handler), host, port).with_cluster_key(key));
         let stand_ins = StandIns::default();
         stand_ins.set("node", stand_in.map(|node| node as Arc<dyn HoldsPython>));
         Ok(Self { inner, stand_ins })

@@ -49,7 +49,7 @@ class FakeClusterNode(EngineNode):
 
 
 class FakeServer:
-    def __init__(self, node: Any, host: str, port: int) -> None:
+    def __init__(self, node: Any, host: str, port: int, cluster_key: str | None = None) -> None:
         self.address = f"{host}:{port}"
 
     async def start(self) -> None:

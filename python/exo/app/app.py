@@ -83,10 +83,11 @@ class App:
         return new_shard_downloader(self.args.max_parallel_downloads)
 
     def _discovery(self, node_id: str, port: int) -> Any:
-        def peer(peer_id: str, address: str, description: str, caps: Any) -> Any:
-            return GRPCPeerHandle(peer_id, address, description, caps)
-
         args = self.args
+
+        def peer(peer_id: str, address: str, description: str, caps: Any) -> Any:
+            return GRPCPeerHandle(peer_id, address, description, caps, cluster_key=args.cluster_key)
+
         allowed_ids = args.node_id_filter.split(",") if args.node_id_filter else None
         allowed_types = args.interface_type_filter.split(",") if args.interface_type_filter else None
         if args.discovery_module == "manual":
@@ -118,6 +119,7 @@ class App:
             discovery_timeout=args.discovery_timeout,
             allowed_node_ids=allowed_ids,
             allowed_interface_types=allowed_types,
+            cluster_key=args.cluster_key,
         )
 
     def _check_models(self) -> None:
@@ -165,7 +167,10 @@ class App:
         print("ChatGPT API endpoint served at:")
         for url in api_urls:
             print(f" - {terminal_link(url)}")
-        discovery = self._discovery(node_id, args.node_port)
+        try:
+            discovery = self._discovery(node_id, args.node_port)
+        except InvalidArgumentError as e:  # a cluster key too short to use
+            raise CliError(str(e)) from e
         if self._wants_topology_tui():
             from exo.viz.topology_viz import TopologyViz
 
@@ -181,7 +186,10 @@ class App:
             default_sample_temperature=self.default_temp,
             topology_viz=self.topology_viz,
         )
-        self.node.server = GRPCServer(self.node, args.node_host, args.node_port)
+        try:
+            self.node.server = GRPCServer(self.node, args.node_host, args.node_port, cluster_key=args.cluster_key)
+        except InvalidArgumentError as e:  # the same, found here when discovery took no key
+            raise CliError(str(e)) from e
         self.api = ChatGPTAPI(
             self.node,
             self.engine_classname,

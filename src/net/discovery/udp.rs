@@ -1,5 +1,7 @@
 //! UDP broadcast discovery, wire-compatible with exo classic: every node announces itself
-//! from each IPv4 address and listens for the announcements of others.
+//! from each IPv4 address and listens for the announcements of others. With a cluster key,
+//! announcements carry a proof of it (`xot_auth`, which classic ignores), and only those with
+//! a valid, fresh, unreplayed proof are heard.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
@@ -16,6 +18,7 @@ use super::interfaces::{local_ipv4_interfaces, NetworkInterface};
 use super::known_peers::{healthy, KnownPeer, KnownPeers, Sighting};
 use super::{own_capabilities, BackgroundTasks, CapabilitiesJson};
 use crate::error::{Error, Result};
+use crate::net::cluster_key::{ClusterKey, ProofChecker, Purpose, Rejection, Strangers};
 use crate::net::{Discovery, PeerFactory, PeerHandle};
 use crate::topology::DeviceCapabilities;
 
@@ -42,6 +45,9 @@ pub struct PresenceMessage {
     pub interface_name: String,
     /// Type of that interface (`"Ethernet"`, `"Loopback"`, ...).
     pub interface_type: String,
+    /// Proof of the cluster key over the rest of the message, when the sender has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xot_auth: Option<String>,
 }
 
 impl PresenceMessage {
@@ -62,6 +68,11 @@ impl PresenceMessage {
     /// The datagram: compact JSON.
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a presence message always serializes")
+    }
+
+    /// What a proof of the cluster key covers: the datagram without the proof.
+    fn proven_bytes(&self) -> Vec<u8> {
+        Self { xot_auth: None, ..self.clone() }.to_bytes()
     }
 }
 
@@ -87,6 +98,8 @@ pub struct UdpConfig {
     /// When set, only announcements sent over these interface types are accepted, and this
     /// node announces itself only on interfaces of these types.
     pub allowed_interface_types: Option<Vec<String>>,
+    /// When set, announcements are signed with it and only those proving it are accepted.
+    pub cluster_key: Option<ClusterKey>,
 }
 
 impl UdpConfig {
@@ -102,6 +115,7 @@ impl UdpConfig {
             device_capabilities: None,
             allowed_node_ids: None,
             allowed_interface_types: None,
+            cluster_key: None,
         }
     }
 
@@ -140,6 +154,10 @@ struct Shared {
     capabilities: Mutex<Option<DeviceCapabilities>>,
     /// Health checks of newly seen peers in flight; aborted when stopping.
     checks: Mutex<JoinSet<()>>,
+    /// Checks announcements' proofs of the cluster key, when there is one.
+    proofs: Option<ProofChecker>,
+    /// Senders refused for want of the key, each logged once.
+    strangers: Strangers,
 }
 
 /// A claim on checking one peer at one address, released when the check ends or is aborted.
@@ -160,11 +178,13 @@ impl UdpDiscovery {
     /// `start`.
     pub fn new(config: UdpConfig, factory: PeerFactory) -> Self {
         let shared = Shared {
+            proofs: config.cluster_key.clone().map(ProofChecker::new),
             config,
             factory,
             peers: KnownPeers::new(),
             capabilities: Mutex::new(None),
             checks: Mutex::default(),
+            strangers: Strangers::default(),
         };
         Self { shared: Arc::new(shared), tasks: BackgroundTasks::default() }
     }
@@ -259,6 +279,9 @@ fn on_presence(shared: &Arc<Shared>, message: PresenceMessage, from: SocketAddr)
         log::trace!("ignoring announcement from {from}: {reason}");
         return;
     }
+    if !proves_cluster_key(shared, &message, from) {
+        return;
+    }
     let addr = format!("{}:{}", from.ip(), message.grpc_port);
     match shared.peers.sighted(&message.node_id, &addr, message.priority) {
         Sighting::Refreshed => return,
@@ -272,6 +295,24 @@ fn on_presence(shared: &Arc<Shared>, message: PresenceMessage, from: SocketAddr)
     let mut checks = shared.checks.lock().unwrap_or_else(|p| p.into_inner());
     while checks.try_join_next().is_some() {}
     checks.spawn(admit(claim, message));
+}
+
+/// Whether an announcement proves the cluster key (always, without one). A sender without the
+/// key is logged once; a replay (or the same datagram twice, by two routes) is dropped quietly.
+fn proves_cluster_key(shared: &Shared, message: &PresenceMessage, from: SocketAddr) -> bool {
+    let Some(proofs) = &shared.proofs else { return true };
+    let rejection =
+        match proofs.check(message.xot_auth.as_deref(), Purpose::Announcement, &message.proven_bytes()) {
+            Ok(_) => return true,
+            Err(rejection) => rejection,
+        };
+    let stranger = format!("node {} at {}", message.node_id, from.ip());
+    if rejection == Rejection::Replayed || !shared.strangers.first_refusal(&stranger) {
+        log::trace!("ignoring announcement of {stranger}: {rejection}");
+    } else {
+        log::warn!("ignoring announcements of {stranger}: {rejection} (logged once)");
+    }
+    false
 }
 
 /// Makes a handle for a newly seen peer and adds it if its health check passes.
@@ -318,7 +359,7 @@ async fn announce_on(
     interface: &NetworkInterface,
 ) -> std::io::Result<()> {
     let kind = interface.kind();
-    let message = PresenceMessage {
+    let mut message = PresenceMessage {
         kind: MESSAGE_TYPE.into(),
         node_id: config.node_id.clone(),
         grpc_port: config.node_port,
@@ -326,7 +367,11 @@ async fn announce_on(
         priority: kind.priority(),
         interface_name: interface.name.clone(),
         interface_type: kind.as_str().into(),
+        xot_auth: None,
     };
+    if let Some(key) = &config.cluster_key {
+        message.xot_auth = Some(key.prove(Purpose::Announcement, &message.proven_bytes()).to_string());
+    }
     let datagram = message.to_bytes();
     let socket = bind_sender(interface.ip)?;
     for target in interface.broadcast_targets() {
@@ -365,6 +410,7 @@ mod tests {
             priority,
             interface_name: "eth0".into(),
             interface_type: interface_type.into(),
+            xot_auth: None,
         }
     }
 
@@ -520,6 +566,90 @@ mod tests {
         assert!(!waiting.is_finished());
         on_presence(&discovery.shared, message("b", 4, "Ethernet"), from([10, 0, 0, 3]));
         assert_eq!(waiting.await.unwrap(), 2);
+    }
+
+    fn keyed(text: &str) -> Option<ClusterKey> {
+        Some(ClusterKey::new(text).unwrap())
+    }
+
+    fn signed(message: PresenceMessage, key: &str) -> PresenceMessage {
+        let proof = keyed(key).unwrap().prove(Purpose::Announcement, &message.proven_bytes());
+        PresenceMessage { xot_auth: Some(proof.to_string()), ..message }
+    }
+
+    #[test]
+    fn a_signed_announcement_is_classic_json_with_one_more_field() {
+        let message = signed(message("a", 4, "Ethernet"), "a cluster key of ours");
+        let json: serde_json::Value = serde_json::from_slice(&message.to_bytes()).unwrap();
+        let fields: Vec<_> = json.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(fields.last().map(String::as_str), Some("xot_auth"));
+        assert_eq!(PresenceMessage::parse(&message.to_bytes()).unwrap(), message);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_key_only_fresh_proven_announcements_are_heard() {
+        let fakes = FakeFactory::new();
+        let mut config = UdpConfig::new("me", 1, 2, 3);
+        config.cluster_key = keyed("a cluster key of ours");
+        let discovery = UdpDiscovery::new(config, fakes.factory());
+        let shared = &discovery.shared;
+        let stranger = from([10, 0, 0, 9]);
+
+        assert!(!proves_cluster_key(shared, &message("plain", 4, "Ethernet"), stranger));
+        let wrong_key = signed(message("wrong", 4, "Ethernet"), "somebody else's key");
+        assert!(!proves_cluster_key(shared, &wrong_key, stranger));
+        let mut altered = signed(message("altered", 4, "Ethernet"), "a cluster key of ours");
+        altered.grpc_port += 1;
+        assert!(!proves_cluster_key(shared, &altered, stranger));
+        assert!(shared.strangers.first_refusal("node other at 10.0.0.9"));
+        assert!(!shared.strangers.first_refusal("node plain at 10.0.0.9"), "refused once, named once");
+
+        let friend = signed(message("friend", 4, "Ethernet"), "a cluster key of ours");
+        assert!(proves_cluster_key(shared, &friend, from([10, 0, 0, 2])));
+        assert!(!proves_cluster_key(shared, &friend, from([10, 0, 0, 2])), "a replay is refused");
+
+        on_presence(shared, message("plain", 4, "Ethernet"), stranger);
+        on_presence(shared, wrong_key, stranger);
+        on_presence(
+            shared,
+            signed(message("friend", 4, "Ethernet"), "a cluster key of ours"),
+            from([10, 0, 0, 2]),
+        );
+        settle().await;
+        let peers = discovery.discover_peers(0).await.unwrap();
+        assert_eq!(peers.iter().map(|p| p.id()).collect::<Vec<_>>(), ["friend"]);
+        assert_eq!(fakes.made.lock().unwrap().len(), 1, "no handle is made for a stranger");
+    }
+
+    #[tokio::test]
+    async fn keyed_discoveries_on_loopback_hear_only_each_other() {
+        let port = free_udp_port();
+        let config = |id: &str, node_port: u16, key: &str| {
+            let mut config = loopback_config(id, node_port, port, port);
+            config.cluster_key = keyed(key);
+            config
+        };
+        let fakes: Vec<_> = (0..3).map(|_| FakeFactory::new()).collect();
+        let discoveries = [
+            UdpDiscovery::new(config("a", 50001, "a cluster key of ours"), fakes[0].factory()),
+            UdpDiscovery::new(config("b", 50002, "a cluster key of ours"), fakes[1].factory()),
+            UdpDiscovery::new(config("c", 50003, "somebody else's key"), fakes[2].factory()),
+        ];
+        for discovery in &discoveries {
+            discovery.start().await.unwrap();
+        }
+        let wait = Duration::from_secs(20);
+        let found = tokio::time::timeout(wait, discoveries[0].discover_peers(1)).await.expect("a finds b");
+        assert_eq!(found.unwrap()[0].id(), "b");
+        // Ten more announcements of each node.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut heard = Vec::new();
+        for discovery in &discoveries {
+            let peers = discovery.discover_peers(0).await.unwrap();
+            heard.push(peers.iter().map(|p| p.id()).collect::<Vec<_>>());
+            discovery.stop().await.unwrap();
+        }
+        assert_eq!(heard, [vec!["b".to_string()], vec!["a".to_string()], vec![]]);
     }
 
     fn loopback_config(id: &str, node_port: u16, listen: u16, broadcast: u16) -> UdpConfig {

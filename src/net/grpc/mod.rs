@@ -1,6 +1,7 @@
-//! exo classic's `node_service` gRPC protocol over tonic: the peer client, the server, and
-//! conversions between protobuf messages and the core types.
+//! exo classic's `node_service` gRPC protocol over tonic: the peer client, the server, the
+//! cluster key's check on calls, and conversions between protobuf messages and the core types.
 
+mod key_check;
 mod peer;
 mod server;
 

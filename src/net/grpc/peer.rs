@@ -8,12 +8,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tonic::codec::CompressionEncoding;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use super::key_check::CallSigner;
 use super::{state_to_proto, ERROR_KIND_KEY, MAX_MESSAGE_BYTES};
 use crate::engine::example::{Example, ExampleLoss};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
+use crate::net::cluster_key::{ClusterKey, Strangers};
 use crate::net::{PeerHandle, PeerIdentity};
 use crate::proto;
 use crate::proto::node_service_client::NodeServiceClient;
@@ -30,11 +33,18 @@ const SHORT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Deadline of prompt and tensor calls, which wait for the peer's layers to run.
 const COMPUTE_TIMEOUT: Duration = Duration::from_secs(900);
 
+/// Peers that did not prove the cluster key, each logged once in this process: discovery makes
+/// a fresh handle each time it sees a peer it has not admitted, so a handle cannot remember.
+static STRANGE_PEERS: Strangers = Strangers::new();
+
+/// A client whose calls carry a proof of the cluster key (when there is one).
+type Client = NodeServiceClient<InterceptedService<Channel, CallSigner>>;
+
 /// A peer reached over gRPC at `address` (`host:port`).
 pub struct GrpcPeer {
     identity: PeerIdentity,
     capabilities: DeviceCapabilities,
-    client: Mutex<Option<NodeServiceClient<Channel>>>,
+    client: Mutex<Option<Client>>,
     /// Whether `connect()` or a call opened the connection, and `disconnect()` has not closed
     /// it since. A health check alone reuses or opens the connection without connecting the
     /// peer: classic's contract is that a discovered peer is connected only once asked to be.
@@ -43,6 +53,7 @@ pub struct GrpcPeer {
     xotorch_core: AtomicBool,
     /// The engine the last health check's answer named (`XOTORCH_ENGINE_HEADER`).
     engine: Mutex<Option<String>>,
+    signer: CallSigner,
 }
 
 impl GrpcPeer {
@@ -55,7 +66,14 @@ impl GrpcPeer {
             connected: AtomicBool::new(false),
             xotorch_core: AtomicBool::new(false),
             engine: Mutex::new(None),
+            signer: CallSigner::default(),
         }
+    }
+
+    /// The same handle, proving `key` on every call and expecting the peer to prove it back
+    /// (when given).
+    pub fn with_cluster_key(self, key: Option<ClusterKey>) -> Self {
+        Self { signer: CallSigner::new(key), ..self }
     }
 
     fn endpoint(&self) -> Result<Endpoint> {
@@ -72,14 +90,14 @@ impl GrpcPeer {
     }
 
     /// The client for a call to the peer, which leaves the peer connected.
-    async fn client(&self) -> Result<NodeServiceClient<Channel>> {
+    async fn client(&self) -> Result<Client> {
         let client = self.open().await?;
         self.connected.store(true, Ordering::Relaxed);
         Ok(client)
     }
 
     /// The client on the open connection, opening one first when there is none.
-    async fn open(&self) -> Result<NodeServiceClient<Channel>> {
+    async fn open(&self) -> Result<Client> {
         if let Some(client) = self.client.lock().expect("client lock poisoned").clone() {
             return Ok(client);
         }
@@ -87,7 +105,7 @@ impl GrpcPeer {
             .await
             .map_err(|_| self.error("connect", "timed out"))?
             .map_err(|e| self.error("connect", e))?;
-        let client = NodeServiceClient::new(channel)
+        let client = NodeServiceClient::with_interceptor(channel, self.signer.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
             .accept_compressed(CompressionEncoding::Gzip);
@@ -145,6 +163,32 @@ impl GrpcPeer {
         }
     }
 
+    /// A health check on `client` whose answer, with a cluster key, must prove it too. With a
+    /// key, a peer that refuses this node's proof or gives none is logged once; without one, a
+    /// keyed peer's refusal is a failed check like any other (the keyed side logs it).
+    async fn proven_health_check(
+        &self,
+        client: &mut Client,
+    ) -> Result<tonic::Response<proto::HealthCheckResponse>> {
+        let (request, proof) = self.signer.health_check(proto::HealthCheckRequest {});
+        let refused = match client.health_check(request).await {
+            Ok(answer) => match self.signer.check_answer(proof.as_ref(), answer.metadata()) {
+                Ok(()) => return Ok(answer),
+                Err(rejection) => format!("its answer has {rejection}"),
+            },
+            Err(status) if status.code() == tonic::Code::Unauthenticated && self.signer.is_keyed() => {
+                format!("it refuses this node's calls: {}", status.message())
+            }
+            Err(status) => return Err(self.status_error("HealthCheck", &status)),
+        };
+        let refused = format!("not the same cluster key: {refused}");
+        let peer = format!("peer {} at {}", self.identity.id, self.identity.addr);
+        if STRANGE_PEERS.first_refusal(&peer) {
+            log::warn!("ignoring {peer}: {refused} (logged once)");
+        }
+        Err(self.error("HealthCheck", refused))
+    }
+
     /// Runs one call with a deadline, naming the call and the peer in any error.
     async fn call<T, F>(&self, name: &str, timeout: Duration, call: F) -> Result<T>
     where
@@ -182,7 +226,7 @@ impl PeerHandle for GrpcPeer {
         let Some(mut client) = self.client.lock().expect("client lock poisoned").clone() else {
             return false;
         };
-        let probe = client.health_check(proto::HealthCheckRequest {});
+        let probe = self.proven_health_check(&mut client);
         matches!(tokio::time::timeout(HEALTH_TIMEOUT, probe).await, Ok(Ok(_)))
     }
 
@@ -195,10 +239,7 @@ impl PeerHandle for GrpcPeer {
     async fn health_check(&self) -> bool {
         let check = async {
             let mut client = self.open().await?;
-            client
-                .health_check(proto::HealthCheckRequest {})
-                .await
-                .map_err(|s| self.status_error("HealthCheck", &s))
+            self.proven_health_check(&mut client).await
         };
         let Ok(Ok(response)) = tokio::time::timeout(HEALTH_TIMEOUT, check).await else { return false };
         let core = response.metadata().contains_key(crate::net::XOTORCH_CORE_HEADER);

@@ -9,12 +9,15 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::codec::CompressionEncoding;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
+use super::key_check::CallGate;
 use super::{state_from_proto, ERROR_KIND_KEY, MAX_MESSAGE_BYTES};
 use crate::engine::example::Example;
 use crate::error::{Error, Result};
+use crate::net::cluster_key::ClusterKey;
 use crate::net::{RequestHandler, Server};
 use crate::proto;
 use crate::proto::node_service_server::{NodeService, NodeServiceServer};
@@ -34,12 +37,19 @@ pub struct GrpcServer {
     host: String,
     port: u16,
     running: Mutex<Option<Running>>,
+    /// Refuses calls without the cluster key, when there is one.
+    gate: CallGate,
 }
 
 impl GrpcServer {
     /// A server that hands calls to `handler`; it holds it weakly so a node can own its server.
     pub fn new(handler: Weak<dyn RequestHandler>, host: impl Into<String>, port: u16) -> Self {
-        Self { handler, host: host.into(), port, running: Mutex::new(None) }
+        Self { handler, host: host.into(), port, running: Mutex::new(None), gate: CallGate::default() }
+    }
+
+    /// The same server, taking only calls that prove `key` (when given).
+    pub fn with_cluster_key(self, key: Option<ClusterKey>) -> Self {
+        Self { gate: CallGate::new(key), ..self }
     }
 
     /// The host it was asked to listen on.
@@ -79,10 +89,12 @@ impl Server for GrpcServer {
         }
         let listener = self.bind().await?;
         let address = listener.local_addr().map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let service = NodeServiceServer::new(Service { handler: self.handler.clone() })
-            .accept_compressed(CompressionEncoding::Gzip)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let service =
+            NodeServiceServer::new(Service { handler: self.handler.clone(), gate: self.gate.clone() })
+                .accept_compressed(CompressionEncoding::Gzip)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let service = InterceptedService::new(service, self.gate.clone());
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (shutdown, signal) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
@@ -117,6 +129,7 @@ impl Server for GrpcServer {
 /// The tonic service: decodes and validates, then delegates to the handler.
 struct Service {
     handler: Weak<dyn RequestHandler>,
+    gate: CallGate,
 }
 
 impl Service {
@@ -264,7 +277,7 @@ impl NodeService for Service {
 
     async fn health_check(
         &self,
-        _request: Request<proto::HealthCheckRequest>,
+        request: Request<proto::HealthCheckRequest>,
     ) -> std::result::Result<Response<proto::HealthCheckResponse>, Status> {
         let handler = self.handler.upgrade();
         let mut response = Response::new(proto::HealthCheckResponse { is_healthy: handler.is_some() });
@@ -274,6 +287,7 @@ impl NodeService for Service {
         if let Some(engine) = engine {
             response.metadata_mut().insert(crate::net::XOTORCH_ENGINE_HEADER, engine);
         }
+        self.gate.prove_answer(&request, &mut response);
         Ok(response)
     }
 }
