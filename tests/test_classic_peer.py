@@ -114,7 +114,7 @@ async def test_a_loading_classic_peer_is_not_called_dead_within_the_grace(
 async def test_a_peer_silent_past_the_grace_is_called_dead_and_rejoins(stubs: tuple[ModuleType, ModuleType]) -> None:
     async with mixed_ring(stubs, progress_deadline=2, loading_grace=0.5) as (node, stand_in):
         stand_in.loading_seconds = 5
-        with pytest.raises(PeerError, match="classic .* stopped answering"):
+        with pytest.raises(PeerError, match=r"classic .* stopped answering"):
             await asyncio.wait_for(generate(node), 30)
         for _ in range(100):
             if [peer.id() for peer in node.peers] == ["classic"] and len(node.partitions()) == 2:
@@ -134,7 +134,7 @@ def test_the_deadline_and_the_grace_come_from_flags_or_the_environment(monkeypat
     monkeypatch.setenv("EXO_LOADING_GRACE", "30")
     assert seconds_setting(args.progress_deadline, "EXO_PROGRESS_DEADLINE") == 5.0  # the flag wins
     assert seconds_setting(args.loading_grace, "EXO_LOADING_GRACE") == 30.0
-    with pytest.raises(cli.CliError, match="--loading-grace must be a number of seconds above 0, not 0.0"):
+    with pytest.raises(cli.CliError, match=r"--loading-grace must be a number of seconds above 0, not 0\.0"):
         seconds_setting(0.0, "EXO_LOADING_GRACE")
     node = Node("n", None, DummyInferenceEngine(), FixedDiscovery([]), None)
     assert (node.progress_deadline, node.loading_grace) == (60.0, 120.0)

@@ -20,7 +20,6 @@ from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
 from support.classic_stand_in import CLASSIC_SERVER_OPTIONS
 
 
-
 @dataclass
 class ClassicServer:
     """A classic-style server on loopback and the requests it received, by RPC name."""

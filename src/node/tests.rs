@@ -515,7 +515,8 @@ async fn a_peer_that_may_be_loading_keeps_its_place_for_the_loading_grace_while_
     // It stops answering and discovery loses it (UDP discovery drops peers that fail health checks).
     silent.answers.store(false, SeqCst);
     nodes[0].discovery.0.lock().unwrap().clear();
-    let progress = r#"{"type": "download_progress", "node_id": "classic", "progress": {"status": "complete"}}"#;
+    let progress =
+        r#"{"type": "download_progress", "node_id": "classic", "progress": {"status": "complete"}}"#;
     a.handle_opaque_status(String::new(), progress.into()).await;
     a.update_peers(0).await.unwrap();
     assert_eq!(peer_ids(), ["classic"], "within the grace, with its port open, it stays");

@@ -32,8 +32,10 @@ const EVENT_BATCH: usize = 256;
 /// number above 0.
 fn positive_seconds(name: &str, seconds: f64) -> PyResult<std::time::Duration> {
     std::time::Duration::try_from_secs_f64(seconds).ok().filter(|d| !d.is_zero()).ok_or_else(|| {
-        crate::error::Error::InvalidArgument(format!("{name} must be a number of seconds above 0, not {seconds}"))
-            .into()
+        crate::error::Error::InvalidArgument(format!(
+            "{name} must be a number of seconds above 0, not {seconds}"
+        ))
+        .into()
     })
 }
 

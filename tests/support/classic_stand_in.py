@@ -68,6 +68,14 @@ class ClassicStandIn:
     #: Why each dropped request was dropped.
     dropped: list[str] = field(default_factory=list)
     statuses: list[dict[str, Any]] = field(default_factory=list)
+    #: The forwarding tasks under way (classic keeps no reference; here they are kept so none is collected).
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def step_done(self, shard: Any, tokens: Any, request_id: str, state: Any) -> None:
+        """What classic does after its step: forwards the result in a task nobody awaits."""
+        task = asyncio.create_task(self.forward(shard, tokens, request_id, state))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def forward(self, shard: Any, tokens: Any, request_id: str, state: Any) -> None:
         """Classic's `forward_tensor` task: hands the step's result to the next node, or drops it as classic does."""
@@ -79,7 +87,10 @@ class ClassicStandIn:
             self.dropped.append(f"{request_id}: forwarding failed")
             return
         next_shard = self.pb.Shard(
-            model_id=shard.model_id, start_layer=shard.end_layer + 1, end_layer=shard.n_layers - 1, n_layers=shard.n_layers
+            model_id=shard.model_id,
+            start_layer=shard.end_layer + 1,
+            end_layer=shard.n_layers - 1,
+            n_layers=shard.n_layers,
         )
         request = self.pb.TensorRequest(
             shard=next_shard, tensor=tokens, request_id=request_id, inference_state=self.pb.InferenceState()
@@ -94,12 +105,12 @@ class ClassicStandIn:
             async def SendPrompt(self, request: Any, context: Any) -> Any:
                 stand_in.states.append(request.inference_state)
                 prompt_token = pb.Tensor(tensor_data=(1).to_bytes(8, "little"), shape=[1, 1], dtype="int64")
-                asyncio.create_task(stand_in.forward(request.shard, prompt_token, request.request_id, request.inference_state))
+                stand_in.step_done(request.shard, prompt_token, request.request_id, request.inference_state)
                 return pb.Tensor()
 
             async def SendTensor(self, request: Any, context: Any) -> Any:
                 stand_in.states.append(request.inference_state)
-                asyncio.create_task(stand_in.forward(request.shard, request.tensor, request.request_id, request.inference_state))
+                stand_in.step_done(request.shard, request.tensor, request.request_id, request.inference_state)
                 return pb.Tensor()
 
             async def SendOpaqueStatus(self, request: Any, context: Any) -> Any:
@@ -107,7 +118,7 @@ class ClassicStandIn:
                 stand_in.statuses.append(status)
                 if status.get("status") == "start_process_prompt" and stand_in.loading_seconds > 0:
                     seconds, stand_in.loading_seconds = stand_in.loading_seconds, 0.0
-                    time.sleep(seconds)  # the event loop is held, as tinygrad's load holds classic's
+                    time.sleep(seconds)  # noqa: ASYNC251 -- the event loop is held, as tinygrad's load holds classic's
                 return pb.Empty()
 
             async def SendResult(self, request: Any, context: Any) -> Any:
@@ -115,7 +126,9 @@ class ClassicStandIn:
 
             async def CollectTopology(self, request: Any, context: Any) -> Any:
                 flops = pb.DeviceFlops(fp32=1.0, fp16=1.0, int8=1.0)
-                capabilities = pb.DeviceCapabilities(model="Classic Box", chip="CPU", memory=stand_in.memory_mb, flops=flops)
+                capabilities = pb.DeviceCapabilities(
+                    model="Classic Box", chip="CPU", memory=stand_in.memory_mb, flops=flops
+                )
                 return pb.Topology(nodes={stand_in.node_id: capabilities})
 
             async def HealthCheck(self, request: Any, context: Any) -> Any:
