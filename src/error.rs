@@ -31,6 +31,10 @@ pub enum Error {
     /// A request was cancelled, or failed on some node of the ring.
     #[error("request failed: {0}")]
     RequestFailed(String),
+    /// A request's next token did not arrive within the progress deadline (a node of the ring
+    /// dropped it without a word, as an exo classic node does when forwarding fails).
+    #[error("request stalled: {0}")]
+    Stalled(String),
     /// A Python object standing in for an engine, peer, discovery or server raised an error.
     #[error("Python stand-in: {0}")]
     StandIn(String),
@@ -85,6 +89,7 @@ impl Error {
             Error::InsufficientMemory(_) => "insufficient_memory",
             Error::Peer(_) => "peer_unavailable",
             Error::RequestFailed(_) => "request_failed",
+            Error::Stalled(_) => "request_stalled",
             Error::StandIn(_) => "stand_in",
             Error::ConfigNotFound(_) => "config_not_found",
             Error::InvalidConfig(_) => "invalid_config",
@@ -119,6 +124,7 @@ impl Error {
             "cache_evicted" => Error::CacheEvicted,
             "insufficient_memory" => Error::InsufficientMemory,
             "peer_unavailable" => Error::Peer,
+            "request_stalled" => Error::Stalled,
             "stand_in" => Error::StandIn,
             "config_not_found" => Error::ConfigNotFound,
             "invalid_config" => Error::InvalidConfig,
@@ -159,6 +165,7 @@ mod tests {
             Error::InsufficientMemory(m()),
             Error::Peer(m()),
             Error::RequestFailed(m()),
+            Error::Stalled(m()),
             Error::StandIn(m()),
             Error::ConfigNotFound(m()),
             Error::InvalidConfig(m()),

@@ -239,6 +239,7 @@ async def test_topology_shows_each_nodes_layers_and_their_memory(served: Served)
     [
         (errors.RequestFailedError, 500, "request_failed"),
         (errors.PeerError, 503, "peer_unavailable"),
+        (errors.RequestStalledError, 504, "request_stalled"),
         (errors.CacheEvictedError, 503, "cache_evicted"),
         (errors.InsufficientMemoryError, 503, "insufficient_memory"),
     ],

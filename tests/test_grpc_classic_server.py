@@ -17,21 +17,7 @@ from exo.errors import PeerError
 from exo.inference.shard import Shard
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.topology.device_capabilities import UNKNOWN_DEVICE_CAPABILITIES
-
-# exo classic's server options (exo/networking/grpc/grpc_server.py).
-CLASSIC_SERVER_OPTIONS = [
-    ("grpc.max_metadata_size", 32 * 1024 * 1024),
-    ("grpc.max_send_message_length", 256 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 10000),
-    ("grpc.keepalive_timeout_ms", 5000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.min_time_between_pings_ms", 10000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-    ("grpc.max_concurrent_streams", 100),
-    ("grpc.tcp_nodelay", 1),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
+from support.classic_stand_in import CLASSIC_SERVER_OPTIONS
 
 
 @dataclass

@@ -52,6 +52,11 @@ class RequestFailedError(ExoError, RuntimeError):
     """A request was cancelled, or failed on some node of the ring (e.g. a peer died)."""
 
 
+class RequestStalledError(ExoError, TimeoutError):
+    """A request's next token did not arrive within the node's progress deadline: a node of the ring dropped it
+    without a word (an exo classic node does when forwarding fails) or is still busy past the deadline."""
+
+
 class StandInError(ExoError, RuntimeError):
     """A Python object standing in for an engine, peer, discovery or server raised an error."""
 
@@ -113,6 +118,7 @@ __all__ = [
     "OfflineError",
     "PeerError",
     "RequestFailedError",
+    "RequestStalledError",
     "StandInError",
     "UnauthorizedError",
 ]

@@ -86,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chatgpt-api-response-timeout", type=int, default=900, help="API response timeout, seconds")
     p.add_argument("--max-generate-tokens", type=int, default=10000, help="max tokens generated per request")
     p.add_argument(
+        "--progress-deadline",
+        type=float,
+        default=None,
+        help="seconds a request may wait on other nodes with no sign of progress before it fails with HTTP 504 "
+        "(default: EXO_PROGRESS_DEADLINE, else 60)",
+    )
+    p.add_argument(
+        "--loading-grace",
+        type=float,
+        default=None,
+        help="seconds a peer that may be loading a model (a request just started, it reported download progress) "
+        "may not answer before it counts as dead (default: EXO_LOADING_GRACE, else 120)",
+    )
+    p.add_argument(
         "--api-key",
         type=str,
         default=os.environ.get("EXO_API_KEY") or None,

@@ -8,6 +8,7 @@ reports.
 - `DEBUG_DISCOVERY` (0-9): the same scale for peer discovery alone (UDP, manual, Tailscale).
 - `VERBOSE=1`: tokenizer detail: what each tokenizer loaded is, and every generated token with its text.
 - `TEMPERATURE`: the default sampling temperature (`--default-temp` overrides it).
+- `EXO_PROGRESS_DEADLINE`, `EXO_LOADING_GRACE`: seconds, as `--progress-deadline` and `--loading-grace` set them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,21 @@ def env_temperature(environ: Mapping[str, str] = os.environ) -> float | None:
         value = math.nan
     if not value >= 0.0:  # false for nan: words and "nan" alike
         raise ValueError(f"TEMPERATURE must be a number at or above 0, not {raw!r}")
+    return value
+
+
+def env_seconds(name: str, environ: Mapping[str, str] = os.environ) -> float | None:
+    """The seconds environment variable `name` gives; None when unset or empty. Raises `ValueError` for a value that
+    is not a number above 0."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < math.inf:  # false for nan too
+        raise ValueError(f"{name} must be a number of seconds above 0, not {raw!r}")
     return value
 
 

@@ -74,6 +74,11 @@ pub trait PeerHandle: Send + Sync {
     async fn disconnect(&self) -> Result<()>;
     /// Whether the peer answers its health check in time.
     async fn health_check(&self) -> bool;
+    /// Whether the peer's process is still there though it may not answer, as one busy loading
+    /// a model is (for gRPC: its port takes connections); false where a handle cannot tell.
+    async fn is_reachable(&self) -> bool {
+        false
+    }
     /// Whether the peer's last health check came from a xotorch-core node.
     fn runs_xotorch_core(&self) -> bool {
         false

@@ -1,9 +1,9 @@
-//! Membership: the peers a node uses, the cluster topology as last collected, and the
-//! partitions the node's strategy derives from it.
+//! Membership: the peers a node uses, the cluster topology as last collected, the
+//! partitions the node's strategy derives from it, and which peers may be loading a model.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::net::PeerHandle;
 use crate::topology::{DeviceCapabilities, Partition, PartitioningStrategy, Topology};
@@ -14,6 +14,8 @@ pub struct Membership {
     peers: RwLock<Vec<Arc<dyn PeerHandle>>>,
     topology: RwLock<Topology>,
     partitions: RwLock<Vec<Partition>>,
+    /// When each node last showed signs of loading a model.
+    loading: RwLock<HashMap<String, Instant>>,
 }
 
 impl Membership {
@@ -27,6 +29,7 @@ impl Membership {
             peers: RwLock::new(Vec::new()),
             topology: RwLock::new(topology),
             partitions: RwLock::new(partitions),
+            loading: RwLock::new(HashMap::new()),
         }
     }
 
@@ -108,6 +111,23 @@ impl Membership {
         } else if topology.active_node_id.as_deref() == Some(node_id) {
             topology.active_node_id = None;
         }
+    }
+
+    /// Records that the nodes `node_ids` may be loading a model from now on: a request started
+    /// on the ring (an exo classic node loads its shard when it sees one start, and its event
+    /// loop answers nothing while tinygrad loads), or the node reported download progress.
+    pub fn mark_loading<'a>(&self, node_ids: impl IntoIterator<Item = &'a str>) {
+        let now = Instant::now();
+        let mut loading = self.loading.write().expect("loading lock poisoned");
+        for id in node_ids {
+            loading.insert(id.to_string(), now);
+        }
+    }
+
+    /// Whether `node_id` showed signs of loading a model within the last `grace`.
+    pub fn may_be_loading(&self, node_id: &str, grace: Duration) -> bool {
+        let loading = self.loading.read().expect("loading lock poisoned");
+        loading.get(node_id).is_some_and(|since| since.elapsed() < grace)
     }
 }
 

@@ -45,6 +45,14 @@ const COLLECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests idle this long are forgotten (their messages were lost).
 const IDLE_REQUEST: Duration = Duration::from_secs(600);
 
+/// Default of [`NodeSettings::progress_deadline`]: a decode step of a large model on a slow
+/// CPU takes seconds, so a minute without any sign of progress means the request was lost.
+pub const PROGRESS_DEADLINE: Duration = Duration::from_secs(60);
+/// Default of [`NodeSettings::loading_grace`]: exo classic's tinygrad engine loads a 1B model
+/// in about 20 s on a 2-core CPU with its event loop blocked; larger models and slower disks
+/// take a few times that.
+pub const LOADING_GRACE: Duration = Duration::from_secs(120);
+
 /// Settings callers may change while the node runs.
 #[derive(Debug, Clone, Copy)]
 pub struct NodeSettings {
@@ -52,11 +60,23 @@ pub struct NodeSettings {
     pub max_generate_tokens: usize,
     /// Sampling temperature for requests that name none.
     pub default_temperature: f32,
+    /// How long a request started here may wait on other nodes with no sign of progress (a
+    /// token, a status of it, an answer from the next node) before it fails as stalled.
+    pub progress_deadline: Duration,
+    /// How long after a sign that a peer may be loading a model (a request starting, its
+    /// download progress) the peer may not answer before it counts as dead; requests waiting on
+    /// it wait as long.
+    pub loading_grace: Duration,
 }
 
 impl Default for NodeSettings {
     fn default() -> Self {
-        Self { max_generate_tokens: 1024, default_temperature: 0.0 }
+        Self {
+            max_generate_tokens: 1024,
+            default_temperature: 0.0,
+            progress_deadline: PROGRESS_DEADLINE,
+            loading_grace: LOADING_GRACE,
+        }
     }
 }
 
@@ -421,7 +441,8 @@ impl Node {
 
     /// Takes the peers discovery knows now (waiting for `wait_for_peers`) that answer a health
     /// check, connecting new ones; a peer that does not answer stays out until it does, and one
-    /// that left is taken out of the topology at once. True if the peers changed.
+    /// that left is taken out of the topology at once, unless it may be loading a model (within
+    /// the loading grace). True if the peers changed.
     pub async fn update_peers(&self, wait_for_peers: usize) -> Result<bool> {
         let discovered = self.discovery.discover_peers(wait_for_peers).await?;
         let checks = discovered.into_iter().map(|peer| async move {
@@ -441,7 +462,13 @@ impl Node {
             }
             Some(peer)
         });
-        let next: Vec<_> = futures::future::join_all(checks).await.into_iter().flatten().collect();
+        let mut next: Vec<_> = futures::future::join_all(checks).await.into_iter().flatten().collect();
+        // A peer that may be loading a model keeps its place while it does not answer.
+        for peer in self.peers() {
+            if !next.iter().any(|p| p.id() == peer.id()) && self.may_be_loading(peer.as_ref()).await {
+                next.push(peer);
+            }
+        }
         let Some(departed) = self.membership.replace_peers(next) else { return Ok(false) };
         // A departed peer leaves the partitions now, not at the next walk.
         for peer_id in departed {
@@ -524,37 +551,56 @@ impl Node {
         }
     }
 
-    /// Applies what a status says to this node's state, then tells the listeners.
+    /// Applies what a status says to this node's state (the active node, the peers that may be
+    /// loading a model), then tells the listeners.
     fn observe_status(&self, request_id: &str, status: &str) {
         if let Ok(serde_json::Value::Object(message)) = serde_json::from_str::<serde_json::Value>(status) {
             let field = |name: &str| message.get(name).and_then(|v| v.as_str()).unwrap_or_default();
-            if field("type") == "node_status" {
-                if field("status").starts_with("start_") {
+            match field("type") {
+                "node_status" if field("status").starts_with("start_") => {
                     self.membership.mark_active(field("node_id"), true);
-                } else if field("status").starts_with("end_") {
+                    if field("status") == "start_process_prompt" {
+                        let peers = self.peers();
+                        self.membership.mark_loading(peers.iter().map(|p| p.identity().id.as_str()));
+                    }
+                }
+                "node_status" if field("status").starts_with("end_") => {
                     self.membership.mark_active(field("node_id"), false);
                 }
+                "download_progress" => self.membership.mark_loading([field("node_id")]),
+                _ => {}
             }
         }
         self.emit(NodeEvent::Status { request_id: request_id.to_string(), status: status.to_string() });
     }
 
+    /// Whether `peer`, which does not answer, may be busy loading a model: it showed signs of
+    /// loading within the loading grace and its process is still there.
+    async fn may_be_loading(&self, peer: &dyn PeerHandle) -> bool {
+        let loading = self.membership.may_be_loading(&peer.id(), self.settings().loading_grace)
+            && peer.is_reachable().await;
+        if loading {
+            log::debug!("peer {}@{} does not answer while it may be loading a model", peer.id(), peer.addr());
+        }
+        loading
+    }
+
     /// Health-checks the peers that running requests started here depend on; a peer that
-    /// fails leaves the ring and its requests fail at once.
+    /// fails leaves the ring and its requests fail at once, unless it may be loading a model.
     async fn watch_running_requests(&self) {
         let watched = self.requests.members_of_started(&self.id);
         if watched.is_empty() {
             return;
         }
         let checks = watched.into_iter().map(|id| async move {
-            let healthy = match self.peer(&id) {
-                Some(peer) => peer.health_check().await,
+            let alive = match self.peer(&id) {
+                Some(peer) => peer.health_check().await || self.may_be_loading(peer.as_ref()).await,
                 None => false,
             };
-            (id, healthy)
+            (id, alive)
         });
-        for (peer_id, healthy) in futures::future::join_all(checks).await {
-            if !healthy {
+        for (peer_id, alive) in futures::future::join_all(checks).await {
+            if !alive {
                 self.peer_failed(&peer_id).await;
             }
         }
@@ -566,6 +612,26 @@ impl Node {
         self.drop_peer(peer_id);
         for request_id in self.requests.running_on(peer_id) {
             let error = Error::Peer(format!("{peer_id} ({address}) stopped answering during the request"));
+            self.fail_request(&request_id, error).await;
+        }
+    }
+
+    /// Fails the requests started here that waited on other nodes past the progress deadline
+    /// with no sign of progress, unless a node they run on may be loading a model.
+    async fn fail_stalled_requests(&self) {
+        let deadline = self.settings().progress_deadline;
+        for (request_id, members) in self.requests.stalled(&self.id, deadline) {
+            let others: Vec<String> = members.into_iter().filter(|id| *id != self.id).collect();
+            let grace = self.settings().loading_grace;
+            if others.iter().any(|id| self.membership.may_be_loading(id, grace)) {
+                continue;
+            }
+            let error = Error::Stalled(format!(
+                "request {request_id} made no progress for {} s (the progress deadline) while it waited on {}",
+                deadline.as_secs_f64(),
+                others.join(", ")
+            ));
+            log::warn!("{error}");
             self.fail_request(&request_id, error).await;
         }
     }
@@ -603,12 +669,14 @@ async fn refresh_periodically(node: Weak<Node>) {
     }
 }
 
-/// Watches the peers of running requests every `WATCH_INTERVAL` while the node lives.
+/// Watches the peers and the progress of running requests every `WATCH_INTERVAL` while the
+/// node lives.
 async fn watch_requests(node: Weak<Node>) {
     loop {
         tokio::time::sleep(WATCH_INTERVAL).await;
         let Some(node) = node.upgrade() else { return };
         node.watch_running_requests().await;
+        node.fail_stalled_requests().await;
     }
 }
 

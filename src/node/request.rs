@@ -181,6 +181,9 @@ pub struct Request {
     pub last_flush: Instant,
     /// When the request last made progress here.
     pub last_active: Instant,
+    /// Calls handing the request to the next node that are open now: that node runs its layers
+    /// while its call is open, so the progress deadline waits for the call.
+    pub handed_off: usize,
     /// On the origin: the request's token stream, if someone listens to it.
     pub stream: Option<mpsc::UnboundedSender<StreamEvent>>,
     /// On the origin: the nodes of the ring when it started, watched for failures.
@@ -198,6 +201,7 @@ impl Request {
             unsent: Vec::new(),
             last_flush: now,
             last_active: now,
+            handed_off: 0,
             stream: None,
             members: Vec::new(),
         }

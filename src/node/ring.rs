@@ -37,6 +37,17 @@ fn whole_model(shard: &Shard) -> Shard {
     Shard::new(shard.model_id.clone(), 0, shard.n_layers - 1, shard.n_layers)
 }
 
+/// What a step's `state` becomes on its way to `peer`: all of it for a xotorch-core peer, and
+/// for an exo classic peer the empty state classic itself sends on Linux: classic's peer handle
+/// cannot serialize any entry of a state without MLX, and drops the request without a word.
+fn state_for(peer: &dyn PeerHandle, state: Option<InferenceState>) -> Option<InferenceState> {
+    if peer.runs_xotorch_core() {
+        state
+    } else {
+        Some(InferenceState::default())
+    }
+}
+
 /// A token as the `[1, 1]` int64 tensor the first shard takes.
 fn token_tensor(token: u32) -> WireTensor {
     WireTensor::new(DType::I64, vec![1, 1], i64::from(token).to_le_bytes().to_vec())
@@ -270,7 +281,8 @@ impl Node {
         let peer = self
             .peer(&target)
             .ok_or_else(|| Error::Peer(format!("peer {target} holding the first layer is not connected")))?;
-        peer.send_prompt(&first, prompt, request_id, state).await
+        let _call = self.requests.hand_off(request_id);
+        peer.send_prompt(&first, prompt, request_id, state_for(peer.as_ref(), state)).await
     }
 
     /// Runs this node's layers on a tensor of a running request.
@@ -384,7 +396,10 @@ impl Node {
                         Err(Error::Peer(format!("peer {target} holding layer {next_layer} is not connected")))
                     }
                     Some(peer) => {
+                        let call = self.requests.hand_off(&request_id);
+                        let state = state_for(peer.as_ref(), state);
                         let sent = peer.send_tensor(&next, tensor, &request_id, state).await;
+                        drop(call);
                         if matches!(sent, Err(Error::Peer(_))) && !peer.health_check().await {
                             self.drop_peer(&target);
                         }
@@ -557,6 +572,8 @@ impl RequestHandler for Node {
     }
 
     async fn handle_opaque_status(&self, request_id: String, status: String) {
+        // A node telling about a request is working on it.
+        self.requests.touch(&request_id);
         let message: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
         let field = |name: &str| message.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_string();
         match field("type").as_str() {

@@ -70,6 +70,31 @@ impl RequestTable {
         });
     }
 
+    /// Records that a request made progress here now (a token or status arrived for it).
+    pub fn touch(&self, request_id: &str) {
+        self.with(request_id, |request| request.last_active = Instant::now());
+    }
+
+    /// Counts a call handing `request_id` to the next node as open until the guard drops; the
+    /// call's answer counts as progress.
+    pub fn hand_off(&self, request_id: &str) -> HandOff<'_> {
+        self.with(request_id, |request| request.handed_off += 1);
+        HandOff { table: self, request_id: request_id.to_string() }
+    }
+
+    /// Requests started by `node_id` that wait on other nodes with no call to them open and
+    /// made no progress for longer than `deadline`, with the nodes each runs on.
+    pub fn stalled(&self, node_id: &str, deadline: Duration) -> Vec<(String, Vec<String>)> {
+        let state = self.state();
+        let stalled = state.running.iter().filter(|(_, r)| {
+            r.is_origin(node_id)
+                && r.phase == Phase::Waiting
+                && r.handed_off == 0
+                && r.last_active.elapsed() > deadline
+        });
+        stalled.map(|(id, r)| (id.clone(), r.members.clone())).collect()
+    }
+
     /// Takes a request out of the table; a `failed` one is remembered as ended.
     pub fn end(&self, request_id: &str, failed: bool) -> Option<Request> {
         let mut state = self.state();
@@ -116,6 +141,21 @@ impl RequestTable {
     }
 }
 
+/// An open call handing a request to the next node (see [`RequestTable::hand_off`]).
+pub struct HandOff<'a> {
+    table: &'a RequestTable,
+    request_id: String,
+}
+
+impl Drop for HandOff<'_> {
+    fn drop(&mut self) {
+        self.table.with(&self.request_id, |request| {
+            request.handed_off = request.handed_off.saturating_sub(1);
+            request.last_active = Instant::now();
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +190,26 @@ mod tests {
         let mut idle = table.idle_for(Duration::ZERO);
         idle.sort();
         assert_eq!(idle, ["mine", "theirs"]);
+    }
+
+    #[test]
+    fn a_waiting_request_with_no_open_call_stalls_after_the_deadline() {
+        let table = RequestTable::default();
+        let mut started = Request::new(Some(RequestContext { origin: "a".into(), ..Default::default() }));
+        started.members = vec!["a".into(), "b".into()];
+        table.start("mine", started);
+        assert!(table.register("theirs", None));
+        table.set_phase("theirs", Phase::Waiting);
+        // Running its own layers, the origin is not stalled.
+        assert!(table.stalled("a", Duration::ZERO).is_empty());
+        table.set_phase("mine", Phase::Waiting);
+        assert_eq!(table.stalled("a", Duration::ZERO), [("mine".to_string(), vec!["a".into(), "b".into()])]);
+        assert!(table.stalled("a", Duration::from_secs(60)).is_empty(), "progress was just made");
+        let call = table.hand_off("mine");
+        assert!(table.stalled("a", Duration::ZERO).is_empty(), "the next node has the request");
+        drop(call);
+        assert_eq!(table.with("mine", |r| r.handed_off), Some(0));
+        assert!(table.stalled("a", Duration::from_secs(60)).is_empty(), "the answer counts as progress");
+        assert_eq!(table.stalled("a", Duration::ZERO).len(), 1);
     }
 }

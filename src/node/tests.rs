@@ -15,7 +15,7 @@ use crate::net::{Discovery, PeerHandle, RequestHandler, Server};
 use crate::shard::Shard;
 use crate::tensor::{DType, WireTensor};
 use crate::topology::{
-    DeviceCapabilities, DeviceFlops, ModelCosts, ModelMemory, RingMemoryWeightedPartitioning,
+    DeviceCapabilities, DeviceFlops, ModelCosts, ModelMemory, RingMemoryWeightedPartitioning, Topology,
 };
 
 /// The dummy engine's tokens for any prompt: 2..=10, then EOS (69).
@@ -474,4 +474,97 @@ async fn a_cluster_key_keeps_out_peers_without_it() {
     assert!(peer(open, None).health_check().await);
     keyed.stop().await.unwrap();
     nodes[0].node.stop().await.unwrap();
+}
+
+/// A peer that may stop answering while its port stays open (an exo classic node loading its
+/// weights) or go away altogether; it takes no requests.
+struct SilentPeer {
+    identity: crate::net::PeerIdentity,
+    answers: std::sync::atomic::AtomicBool,
+    reachable: std::sync::atomic::AtomicBool,
+}
+
+impl SilentPeer {
+    fn new(id: &str) -> Arc<Self> {
+        Arc::new(Self {
+            identity: crate::net::PeerIdentity::new(id, "127.0.0.1:1", "test"),
+            answers: true.into(),
+            reachable: true.into(),
+        })
+    }
+}
+
+#[async_trait]
+impl PeerHandle for SilentPeer {
+    fn identity(&self) -> &crate::net::PeerIdentity {
+        &self.identity
+    }
+    fn device_capabilities(&self) -> DeviceCapabilities {
+        DeviceCapabilities::unknown()
+    }
+    async fn connect(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn is_connected(&self) -> bool {
+        true
+    }
+    async fn disconnect(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn health_check(&self) -> bool {
+        self.answers.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    async fn is_reachable(&self) -> bool {
+        self.reachable.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    async fn send_prompt(&self, _: &Shard, _: &str, _: &str, _: Option<InferenceState>) -> Result<()> {
+        Err(crate::error::Error::Peer("a silent peer takes no prompts".into()))
+    }
+    async fn send_tensor(&self, _: &Shard, _: WireTensor, _: &str, _: Option<InferenceState>) -> Result<()> {
+        Err(crate::error::Error::Peer("a silent peer takes no tensors".into()))
+    }
+    async fn send_result(&self, _: &str, _: &[u32], _: bool) -> Result<()> {
+        Ok(())
+    }
+    async fn send_opaque_status(&self, _: &str, _: &str) -> Result<()> {
+        Ok(())
+    }
+    async fn collect_topology(&self, _: &BTreeSet<String>, _: i32) -> Result<Topology> {
+        Ok(Topology::new())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_may_be_loading_keeps_its_place_for_the_loading_grace_while_its_port_is_open() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let nodes = cluster(&["a"], dummy).await;
+    let a = &nodes[0].node;
+    a.set_settings(NodeSettings { loading_grace: Duration::from_millis(500), ..a.settings() });
+    let silent = SilentPeer::new("classic");
+    *nodes[0].discovery.0.lock().unwrap() = vec![silent.clone()];
+    a.update_peers(0).await.unwrap();
+    let peer_ids = || a.peers().iter().map(|p| p.id()).collect::<Vec<_>>();
+    // It stops answering and discovery loses it (UDP discovery drops peers that fail health checks).
+    silent.answers.store(false, SeqCst);
+    nodes[0].discovery.0.lock().unwrap().clear();
+    let progress =
+        r#"{"type": "download_progress", "node_id": "classic", "progress": {"status": "complete"}}"#;
+    a.handle_opaque_status(String::new(), progress.into()).await;
+    a.update_peers(0).await.unwrap();
+    assert_eq!(peer_ids(), ["classic"], "within the grace, with its port open, it stays");
+    // Its port closed: the process is gone, grace or not.
+    silent.reachable.store(false, SeqCst);
+    a.update_peers(0).await.unwrap();
+    assert!(peer_ids().is_empty());
+    // Port open again but the grace over: gone as well.
+    *nodes[0].discovery.0.lock().unwrap() = vec![silent.clone()];
+    silent.answers.store(true, SeqCst);
+    silent.reachable.store(true, SeqCst);
+    a.update_peers(0).await.unwrap();
+    assert_eq!(peer_ids(), ["classic"]);
+    silent.answers.store(false, SeqCst);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    a.update_peers(0).await.unwrap();
+    assert!(peer_ids().is_empty());
+    a.stop().await.unwrap();
 }

@@ -14,6 +14,7 @@ pyo3::import_exception!(exo.errors, InsufficientMemoryError);
 pyo3::import_exception!(exo.errors, BackendError);
 pyo3::import_exception!(exo.errors, PeerError);
 pyo3::import_exception!(exo.errors, RequestFailedError);
+pyo3::import_exception!(exo.errors, RequestStalledError);
 pyo3::import_exception!(exo.errors, StandInError);
 pyo3::import_exception!(exo.errors, ConfigNotFoundError);
 pyo3::import_exception!(exo.errors, InvalidConfigError);
@@ -53,6 +54,7 @@ impl From<&Error> for PyErr {
             Error::InferenceServer(_) => InferenceServerError::new_err(message),
             Error::Peer(_) => PeerError::new_err(message),
             Error::RequestFailed(_) => RequestFailedError::new_err(message),
+            Error::Stalled(_) => RequestStalledError::new_err(message),
             Error::StandIn(_) => StandInError::new_err(message),
             Error::ConfigNotFound(_) => ConfigNotFoundError::new_err(message),
             Error::InvalidConfig(_) => InvalidConfigError::new_err(message),

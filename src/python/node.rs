@@ -28,6 +28,17 @@ use crate::node::{GenerateOptions, Node, NodeEvent, NodeSettings, StreamEvent};
 /// Most events handed to Python in one `next_events` call.
 const EVENT_BATCH: usize = 256;
 
+/// `seconds` as a duration; an `InvalidArgumentError` naming `name` unless it is a finite
+/// number above 0.
+fn positive_seconds(name: &str, seconds: f64) -> PyResult<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(seconds).ok().filter(|d| !d.is_zero()).ok_or_else(|| {
+        crate::error::Error::InvalidArgument(format!(
+            "{name} must be a number of seconds above 0, not {seconds}"
+        ))
+        .into()
+    })
+}
+
 /// The Rust node behind `exo.orchestration.node.Node`: ring, peers, topology, requests. As a
 /// native request handler, a `GRPCServer` serves it directly.
 #[pyclass(name = "NativeNode", module = "exo.orchestration.node", extends = PyRequestHandler, frozen)]
@@ -51,7 +62,11 @@ impl PyNode {
         max_generate_tokens: usize,
         default_sample_temperature: f32,
     ) -> PyResult<PyClassInitializer<Self>> {
-        let settings = NodeSettings { max_generate_tokens, default_temperature: default_sample_temperature };
+        let settings = NodeSettings {
+            max_generate_tokens,
+            default_temperature: default_sample_temperature,
+            ..NodeSettings::default()
+        };
         let (engine, discovery) = (engine_from_py(inference_engine)?, discovery_from_py(discovery)?);
         let strategy = strategy_from_py(partitioning_strategy)?;
         let stand_ins = StandIns::default();
@@ -107,6 +122,34 @@ impl PyNode {
     #[setter]
     fn set_default_sample_temperature(&self, value: f32) {
         self.inner.set_settings(NodeSettings { default_temperature: value, ..self.inner.settings() });
+    }
+
+    /// Seconds a request started here may wait on other nodes with no sign of progress before
+    /// it fails with `RequestStalledError`.
+    #[getter]
+    fn progress_deadline(&self) -> f64 {
+        self.inner.settings().progress_deadline.as_secs_f64()
+    }
+
+    #[setter]
+    fn set_progress_deadline(&self, seconds: f64) -> PyResult<()> {
+        let progress_deadline = positive_seconds("progress_deadline", seconds)?;
+        self.inner.set_settings(NodeSettings { progress_deadline, ..self.inner.settings() });
+        Ok(())
+    }
+
+    /// Seconds after a sign that a peer may be loading a model (a request starting, its
+    /// download progress) during which it may not answer before it counts as dead.
+    #[getter]
+    fn loading_grace(&self) -> f64 {
+        self.inner.settings().loading_grace.as_secs_f64()
+    }
+
+    #[setter]
+    fn set_loading_grace(&self, seconds: f64) -> PyResult<()> {
+        let loading_grace = positive_seconds("loading_grace", seconds)?;
+        self.inner.set_settings(NodeSettings { loading_grace, ..self.inner.settings() });
+        Ok(())
     }
 
     /// This node's device (detected at start).

@@ -39,6 +39,8 @@ def error_from_exception(e: BaseException) -> ApiError:
         return ApiError(503, f"The cluster dropped the request's cache; try again: {e}", "cache_evicted")
     if isinstance(e, errors.InsufficientMemoryError):
         return ApiError(503, f"The cluster has too little memory for the model: {e}", "insufficient_memory")
+    if isinstance(e, errors.RequestStalledError):
+        return ApiError(504, f"The cluster stopped answering the request: {e}", "request_stalled")
     if isinstance(e, errors.PeerError):
         return ApiError(503, f"A node of the cluster is unavailable; try again: {e}", "peer_unavailable")
     if isinstance(e, errors.ModelNotFoundError):

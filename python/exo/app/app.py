@@ -36,7 +36,7 @@ from exo.networking.interfaces import get_all_ip_addresses_and_interfaces
 from exo.networking.ports import find_available_port
 from exo.node_id import get_or_create_node_id
 from exo.orchestration.node import Node
-from exo.settings import debug_level, env_temperature
+from exo.settings import debug_level, env_seconds, env_temperature
 from exo.system import get_system_info
 from exo.terminal import terminal_link
 from exo.topology.ring_memory_weighted_partitioning_strategy import RingMemoryWeightedPartitioningStrategy
@@ -56,6 +56,20 @@ def default_temperature(args: argparse.Namespace) -> float:
     return 0.0 if from_env is None else from_env
 
 
+def seconds_setting(flag: float | None, env_name: str) -> float | None:
+    """A duration flag, else its environment variable, else None (the node's default). Raises `CliError` for a value
+    that is not a number of seconds above 0."""
+    if flag is not None:
+        if not 0.0 < flag < float("inf"):
+            option = "--" + env_name.removeprefix("EXO_").lower().replace("_", "-")
+            raise CliError(f"{option} must be a number of seconds above 0, not {flag}")
+        return flag
+    try:
+        return env_seconds(env_name)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+
+
 class App:
     """One node with its API and views, wired the way exo classic's main wires them."""
 
@@ -66,6 +80,8 @@ class App:
         self.engine_choice = choose_engine(args.inference_engine)
         self.engine_name = self.engine_choice.name
         self.default_temp = default_temperature(args)
+        self.progress_deadline = seconds_setting(args.progress_deadline, "EXO_PROGRESS_DEADLINE")
+        self.loading_grace = seconds_setting(args.loading_grace, "EXO_LOADING_GRACE")
         self.topology_viz: Any = None
         self.node: Any = None
         self.api: Any = None
@@ -186,6 +202,10 @@ class App:
             default_sample_temperature=self.default_temp,
             topology_viz=self.topology_viz,
         )
+        if self.progress_deadline is not None:
+            self.node.progress_deadline = self.progress_deadline
+        if self.loading_grace is not None:
+            self.node.loading_grace = self.loading_grace
         try:
             self.node.server = GRPCServer(self.node, args.node_host, args.node_port, cluster_key=args.cluster_key)
         except InvalidArgumentError as e:  # the same, found here when discovery took no key

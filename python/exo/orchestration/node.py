@@ -97,6 +97,26 @@ class Node:
         self._core.default_sample_temperature = value
 
     @property
+    def progress_deadline(self) -> float:
+        """Seconds a request started here may wait on other nodes with no sign of progress before it fails with
+        `RequestStalledError`."""
+        return self._core.progress_deadline
+
+    @progress_deadline.setter
+    def progress_deadline(self, seconds: float) -> None:
+        self._core.progress_deadline = seconds
+
+    @property
+    def loading_grace(self) -> float:
+        """Seconds after a sign that a peer may be loading a model during which it may not answer before it counts
+        as dead."""
+        return self._core.loading_grace
+
+    @loading_grace.setter
+    def loading_grace(self, seconds: float) -> None:
+        self._core.loading_grace = seconds
+
+    @property
     def device_capabilities(self) -> DeviceCapabilities:
         return self._core.device_capabilities
 

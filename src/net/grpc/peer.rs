@@ -250,6 +250,13 @@ impl PeerHandle for GrpcPeer {
         response.into_inner().is_healthy
     }
 
+    /// True when the peer's port takes a TCP connection: an exo classic node whose event loop
+    /// is blocked loading weights still does (the kernel accepts for it), a stopped one does not.
+    async fn is_reachable(&self) -> bool {
+        let connect = tokio::net::TcpStream::connect(self.identity.addr.as_str());
+        matches!(tokio::time::timeout(HEALTH_TIMEOUT, connect).await, Ok(Ok(_)))
+    }
+
     fn runs_xotorch_core(&self) -> bool {
         self.xotorch_core.load(Ordering::Relaxed)
     }

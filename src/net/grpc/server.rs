@@ -158,6 +158,7 @@ fn status_code(error: Error) -> Status {
         | Error::ConfigNotFound(_)
         | Error::InvalidConfig(_) => Status::failed_precondition(message),
         Error::CacheEvicted(_) | Error::RequestFailed(_) => Status::aborted(message),
+        Error::Stalled(_) => Status::deadline_exceeded(message),
         Error::Peer(_) | Error::Connection(_) | Error::Discovery(_) | Error::InferenceServer(_) => {
             Status::unavailable(message)
         }
