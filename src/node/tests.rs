@@ -460,6 +460,7 @@ async fn a_cluster_key_keeps_out_peers_without_it() {
 
     let friend = peer(keyed.port(), key("a cluster key of ours"));
     assert!(friend.health_check().await);
+    friend.connect().await.unwrap();
     assert!(friend.is_connected().await);
     assert!(friend.collect_topology(&BTreeSet::new(), 1).await.unwrap().nodes.contains_key("a"));
     for stranger in [peer(keyed.port(), None), peer(keyed.port(), key("somebody else's key"))] {
