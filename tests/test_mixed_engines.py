@@ -21,7 +21,7 @@ import pytest
 from exo.helpers import find_available_port
 from exo.testing.synth import write_model
 from support.fake_rkllama import FakeRkllama
-from support.solo_cli import UNSET
+from support.solo_cli import UNSET, wait_until_healthy
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 NPU_MODEL = "my-npu-model"
@@ -65,15 +65,7 @@ def serving(tmp: Path, node_id: str, ports: dict[str, int], api_port: int, env: 
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=environ)
     url = f"http://127.0.0.1:{api_port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, (tmp / f"{node_id}.log").read_text()
-            assert time.monotonic() < deadline, "the API never became healthy"
-            try:
-                with urllib.request.urlopen(f"{url}/healthcheck", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.2)
+        wait_until_healthy(url, process, (tmp / f"{node_id}.log").read_text, 90)
         yield url
     finally:
         process.send_signal(signal.SIGTERM)

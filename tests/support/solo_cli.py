@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,6 +61,19 @@ def run_solo(
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environ)
 
 
+def wait_until_healthy(url: str, process: subprocess.Popen[str], output: Callable[[], str], limit: float) -> None:
+    """Waits for the API at `url` to answer its health check; fails with the node's `output` if `process` exits."""
+    deadline = time.monotonic() + limit
+    while True:
+        assert process.poll() is None, output()
+        assert time.monotonic() < deadline, "the API never became healthy"
+        try:
+            with urllib.request.urlopen(f"{url}/healthcheck", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+
+
 @contextmanager
 def serving_solo(
     tmp_path: Path, *args: str, env: Mapping[str, str] | None = None, limit: float = 90
@@ -70,15 +83,7 @@ def serving_solo(
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ)
     url = f"http://127.0.0.1:{api_port}"
     try:
-        deadline = time.monotonic() + limit
-        while True:
-            assert process.poll() is None, process.communicate()[0]
-            assert time.monotonic() < deadline, "the API never became healthy"
-            try:
-                with urllib.request.urlopen(f"{url}/healthcheck", timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.2)
+        wait_until_healthy(url, process, lambda: process.communicate()[0], limit)
         yield url, process
     finally:
         if process.poll() is None:
