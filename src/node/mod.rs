@@ -12,6 +12,7 @@ mod ring;
 mod table;
 
 pub use request::{LayerRange, NodeEvent, RequestContext, StreamEvent, CONTEXT_KEY};
+pub use table::RequestSummary;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -28,7 +29,7 @@ use crate::topology::{
     assign_layers, balance_layers, DeviceCapabilities, MemoryFit, ModelCosts, Partition,
     PartitioningStrategy, Topology,
 };
-use membership::Membership;
+use membership::{Membership, DISCOVERY_GRACE};
 use outbox::{Message, Outbox, PeerLookup};
 use placement::Placement;
 use request::planned_shards;
@@ -246,6 +247,11 @@ impl Node {
         self.requests.outstanding()
     }
 
+    /// The requests running here now, with their origin, tokens and nodes, ordered by id.
+    pub fn running_requests(&self) -> Vec<RequestSummary> {
+        self.requests.summaries()
+    }
+
     /// A channel of everything this node tells its listeners, from now on.
     pub fn subscribe(&self) -> mpsc::UnboundedReceiver<NodeEvent> {
         let (sender, receiver) = mpsc::unbounded_channel();
@@ -426,9 +432,11 @@ impl Node {
         for task in self.tasks.lock().expect("tasks lock poisoned").drain(..) {
             task.abort();
         }
+        // Peers learn at once that this node will not answer (the origin fails the request as
+        // it would for a dead peer), before the outbox closes.
         for request_id in self.requests.ids() {
-            let error = Error::RequestFailed(format!("node {} stopped", self.id));
-            self.end_request(&request_id, Some(error)).await;
+            let error = Error::Peer(format!("node {} is stopping", self.id));
+            self.fail_request(&request_id, error).await;
         }
         self.outbox.close();
         let discovery = self.discovery.stop().await;
@@ -636,6 +644,18 @@ impl Node {
         }
     }
 
+    /// Ends the requests started by a node that left the ring: nobody is left to ask for their
+    /// tokens, and their caches would otherwise stay until the idle limit.
+    async fn end_orphaned_requests(&self) {
+        let present = |id: &str| self.membership.peer(id).is_some();
+        for (request_id, origin) in self.requests.orphaned(&self.id, present, DISCOVERY_GRACE) {
+            let error =
+                Error::Peer(format!("node {origin}, which started request {request_id}, left the ring"));
+            log::info!("{error}");
+            self.end_request(&request_id, Some(error)).await;
+        }
+    }
+
     /// Forgets requests whose messages were lost, and old records of ended ones.
     async fn forget_idle_requests(&self) {
         for request_id in self.requests.idle_for(IDLE_REQUEST) {
@@ -646,7 +666,6 @@ impl Node {
     }
 }
 
-/// Refreshes peers and the topology every `TOPOLOGY_INTERVAL` while the node lives.
 /// A request's layer plan from the shards its nodes hold.
 fn plan_of(layers: Vec<(&str, Shard)>) -> Vec<LayerRange> {
     let range = |(node_id, shard): (&str, Shard)| LayerRange {
@@ -657,6 +676,7 @@ fn plan_of(layers: Vec<(&str, Shard)>) -> Vec<LayerRange> {
     layers.into_iter().map(range).collect()
 }
 
+/// Refreshes peers and the topology every `TOPOLOGY_INTERVAL` while the node lives.
 async fn refresh_periodically(node: Weak<Node>) {
     loop {
         tokio::time::sleep(TOPOLOGY_INTERVAL).await;
@@ -677,6 +697,7 @@ async fn watch_requests(node: Weak<Node>) {
         let Some(node) = node.upgrade() else { return };
         node.watch_running_requests().await;
         node.fail_stalled_requests().await;
+        node.end_orphaned_requests().await;
     }
 }
 

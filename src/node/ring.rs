@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use super::membership::{discovered, DISCOVERY_GRACE};
 use super::outbox::{Message, PeerLookup};
 use super::request::{
-    failed_status, failure_from_status, planned_shards, Phase, Request, RequestContext, StreamEvent,
-    CONTEXT_KEY,
+    failed_status, failure_from_status, planned_shards, LayerRange, Phase, Request, RequestContext,
+    StreamEvent, CONTEXT_KEY,
 };
 use super::{GenerateOptions, Node, NodeEvent};
 use crate::engine::example::{Example, ExampleLoss};
@@ -162,7 +162,10 @@ impl Node {
         mut context: RequestContext,
     ) -> Result<(Option<Shard>, RequestContext)> {
         if context.layers.is_none() && context.origin == self.id {
-            context.layers = self.balanced_plan(base).await?;
+            context.layers = match self.balanced_plan(base).await? {
+                Some(plan) => Some(plan),
+                None => self.pinned_plan(base),
+            };
         }
         let layers = match &context.layers {
             Some(plan) => planned_shards(plan, base)?,
@@ -174,6 +177,19 @@ impl Node {
         });
         let shard = layers.into_iter().find(|(id, _)| *id == self.id).map(|(_, shard)| shard);
         Ok((shard, context))
+    }
+
+    /// The current partition of `base`'s model as a plan the request keeps, when every node in
+    /// it follows plans: a node joining or leaving later changes the partitions, and a request
+    /// that derived its layers anew at each step would move them from under its caches.
+    /// `None` when a classic peer holds layers (it derives them from its own partitions).
+    fn pinned_plan(&self, base: &Shard) -> Option<Vec<LayerRange>> {
+        let layers = self.assignments(base);
+        let peers = self.peers();
+        let follows = |id: &str| id == self.id || peers.iter().any(|p| p.id() == id && p.runs_xotorch_core());
+        let pinned = layers.iter().all(|(id, _)| follows(id));
+        pinned
+            .then(|| super::plan_of(layers.iter().map(|(id, shard)| (id.as_str(), shard.clone())).collect()))
     }
 
     /// Records a request started here: its settings, its stream and the nodes it runs on.
@@ -294,8 +310,7 @@ impl Node {
         state: Option<InferenceState>,
     ) -> Result<()> {
         if !self.requests.register(request_id, RequestContext::from_state(state.as_ref())) {
-            self.engine.finish_request(request_id).await;
-            return Ok(());
+            return Err(self.refuse_ended(request_id).await);
         }
         self.requests.set_phase(request_id, Phase::Processing);
         let (output, returned) = {
@@ -304,10 +319,17 @@ impl Node {
         };
         if self.requests.has_ended(request_id) {
             // Ended while this step ran: the step's cache goes too.
-            self.engine.finish_request(request_id).await;
-            return Ok(());
+            return Err(self.refuse_ended(request_id).await);
         }
         self.after_step(&shard, output, request_id, self.keep_context(request_id, returned.or(state))).await
+    }
+
+    /// The error a late step of an ended request gets, after freeing whatever the step left in
+    /// the engine: the sender learns the request is over instead of waiting on it.
+    async fn refuse_ended(&self, request_id: &str) -> Error {
+        self.engine.finish_request(request_id).await;
+        let why = self.requests.ended_because(request_id).unwrap_or_else(|| "it ended".into());
+        Error::RequestFailed(format!("request {request_id} has ended on node {}: {why}", self.id))
     }
 
     /// `state` with the request's context in it, whatever the engine did with it.
@@ -487,7 +509,7 @@ impl Node {
     /// Forgets a request here and frees its cache; with an error, its stream and the
     /// listeners learn why, and late messages for it are dropped.
     pub(super) async fn end_request(&self, request_id: &str, error: Option<Error>) {
-        let request = self.requests.end(request_id, error.is_some());
+        let request = self.requests.end(request_id, error.as_ref().map(ToString::to_string));
         if let Some(error) = error.map(Arc::new) {
             if let Some(stream) = request.as_ref().and_then(|r| r.stream.as_ref()) {
                 let _ = stream.send(StreamEvent::Failed(error.clone()));
@@ -520,7 +542,7 @@ impl RequestHandler for Node {
     ) -> Result<()> {
         let request_id = request_id.unwrap_or_else(new_request_id);
         if !self.requests.register(&request_id, RequestContext::from_state(state.as_ref())) {
-            return Err(Error::RequestFailed(format!("request {request_id} has ended")));
+            return Err(self.refuse_ended(&request_id).await);
         }
         let outcome = self.run_prompt(&whole_model(&shard), Some(shard), &prompt, &request_id, state).await;
         self.end_failed(&request_id, outcome).await

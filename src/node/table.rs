@@ -16,8 +16,30 @@ pub struct RequestTable {
 #[derive(Default)]
 struct State {
     running: HashMap<String, Request>,
-    /// Cancelled or failed requests and when they ended, so late messages for them are dropped.
-    ended: HashMap<String, Instant>,
+    /// Cancelled or failed requests, when and why they ended, so late messages for them are
+    /// refused.
+    ended: HashMap<String, Ended>,
+}
+
+/// A request that was cancelled or failed here.
+struct Ended {
+    at: Instant,
+    why: String,
+}
+
+/// What `GET /v1/requests` shows of a running request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestSummary {
+    /// The request's id.
+    pub request_id: String,
+    /// Where it stands here (`processing` or `waiting`).
+    pub phase: &'static str,
+    /// The node that started it, when known.
+    pub origin: Option<String>,
+    /// Tokens sampled here so far.
+    pub tokens: usize,
+    /// The nodes it runs on, in ring order, when this node planned it.
+    pub nodes: Vec<String>,
 }
 
 impl RequestTable {
@@ -33,6 +55,11 @@ impl RequestTable {
     /// Whether `request_id` was cancelled or failed here.
     pub fn has_ended(&self, request_id: &str) -> bool {
         self.state().ended.contains_key(request_id)
+    }
+
+    /// Why `request_id` was cancelled or failed here, if it was.
+    pub fn ended_because(&self, request_id: &str) -> Option<String> {
+        self.state().ended.get(request_id).map(|ended| ended.why.clone())
     }
 
     /// Records a request started here, replacing any earlier record under its id.
@@ -95,11 +122,13 @@ impl RequestTable {
         stalled.map(|(id, r)| (id.clone(), r.members.clone())).collect()
     }
 
-    /// Takes a request out of the table; a `failed` one is remembered as ended.
-    pub fn end(&self, request_id: &str, failed: bool) -> Option<Request> {
+    /// Takes a request out of the table; one that failed (`why` it did) is remembered as ended.
+    /// A request restarted under the same id (`start`) forgets its earlier end.
+    pub fn end(&self, request_id: &str, failed: Option<String>) -> Option<Request> {
         let mut state = self.state();
-        if failed {
-            state.ended.insert(request_id.to_string(), Instant::now());
+        if let Some(why) = failed {
+            // The first reason stays: a refusal of a late step names the failure behind it.
+            state.ended.entry(request_id.to_string()).or_insert(Ended { at: Instant::now(), why });
         }
         state.running.remove(request_id)
     }
@@ -112,6 +141,41 @@ impl RequestTable {
     /// The running requests' ids and where each stands.
     pub fn outstanding(&self) -> Vec<(String, &'static str)> {
         self.state().running.iter().map(|(id, r)| (id.clone(), r.phase.as_str())).collect()
+    }
+
+    /// The running requests, as `GET /v1/requests` shows them, ordered by id.
+    pub fn summaries(&self) -> Vec<RequestSummary> {
+        let state = self.state();
+        let mut summaries: Vec<RequestSummary> = state
+            .running
+            .iter()
+            .map(|(id, r)| RequestSummary {
+                request_id: id.clone(),
+                phase: r.phase.as_str(),
+                origin: r.context.as_ref().map(|c| c.origin.clone()),
+                tokens: r.generated.len(),
+                nodes: r.members.clone(),
+            })
+            .collect();
+        summaries.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+        summaries
+    }
+
+    /// Requests started by another node than `node_id` whose origin `is_present` no longer
+    /// finds, idle for longer than `grace` (the origin may not have been discovered yet).
+    pub fn orphaned(
+        &self,
+        node_id: &str,
+        is_present: impl Fn(&str) -> bool,
+        grace: Duration,
+    ) -> Vec<(String, String)> {
+        let state = self.state();
+        let orphans = state.running.iter().filter_map(|(id, r)| {
+            let origin = &r.context.as_ref()?.origin;
+            let orphaned = origin != node_id && !is_present(origin) && r.last_active.elapsed() > grace;
+            orphaned.then(|| (id.clone(), origin.clone()))
+        });
+        orphans.collect()
     }
 
     /// The other nodes that requests started by `node_id` run on.
@@ -137,7 +201,7 @@ impl RequestTable {
 
     /// Forgets the ended requests older than `age`.
     pub fn forget_ended(&self, age: Duration) {
-        self.state().ended.retain(|_, at| at.elapsed() < age);
+        self.state().ended.retain(|_, ended| ended.at.elapsed() < age);
     }
 }
 
@@ -165,13 +229,14 @@ mod tests {
         let table = RequestTable::default();
         assert!(table.register("r", None));
         assert_eq!(table.outstanding(), [("r".to_string(), "processing")]);
-        assert!(table.end("r", true).is_some());
+        assert!(table.end("r", Some("it was cancelled".into())).is_some());
         assert!(table.has_ended("r") && !table.contains("r"));
+        assert_eq!(table.ended_because("r").as_deref(), Some("it was cancelled"));
         assert!(!table.register("r", None));
         table.start("r", Request::new(None));
         assert!(!table.has_ended("r") && table.contains("r"));
         table.forget_ended(Duration::ZERO);
-        assert!(table.end("r", false).is_some() && !table.has_ended("r"));
+        assert!(table.end("r", None).is_some() && !table.has_ended("r"));
     }
 
     #[test]
@@ -211,5 +276,41 @@ mod tests {
         assert_eq!(table.with("mine", |r| r.handed_off), Some(0));
         assert!(table.stalled("a", Duration::from_secs(60)).is_empty(), "the answer counts as progress");
         assert_eq!(table.stalled("a", Duration::ZERO).len(), 1);
+    }
+
+    #[test]
+    fn summaries_show_each_running_request() {
+        let table = RequestTable::default();
+        let mut started = Request::new(Some(RequestContext { origin: "a".into(), ..Default::default() }));
+        started.members = vec!["a".into(), "b".into()];
+        started.generated = vec![5, 6];
+        table.start("r2", started);
+        assert!(table.register("r1", None));
+        let summaries = table.summaries();
+        assert_eq!(summaries.len(), 2);
+        assert_eq!(
+            summaries[0],
+            RequestSummary {
+                request_id: "r1".into(),
+                phase: "processing",
+                origin: None,
+                tokens: 0,
+                nodes: vec![],
+            }
+        );
+        assert_eq!((summaries[1].origin.as_deref(), summaries[1].tokens), (Some("a"), 2));
+        assert_eq!(summaries[1].nodes, ["a", "b"]);
+    }
+
+    #[test]
+    fn a_request_whose_origin_is_gone_is_orphaned_after_the_grace() {
+        let table = RequestTable::default();
+        assert!(table.register("theirs", Some(RequestContext { origin: "b".into(), ..Default::default() })));
+        assert!(table.register("unknown", None));
+        table.start("mine", Request::new(Some(RequestContext { origin: "a".into(), ..Default::default() })));
+        let orphans = |present: bool, grace| table.orphaned("a", |_| present, grace);
+        assert!(orphans(true, Duration::ZERO).is_empty(), "its origin is still there");
+        assert!(orphans(false, Duration::from_secs(60)).is_empty(), "within the grace");
+        assert_eq!(orphans(false, Duration::ZERO), [("theirs".to_string(), "b".to_string())]);
     }
 }

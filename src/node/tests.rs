@@ -478,11 +478,13 @@ async fn a_cluster_key_keeps_out_peers_without_it() {
 }
 
 /// A peer that may stop answering while its port stays open (an exo classic node loading its
-/// weights) or go away altogether; it takes no requests.
+/// weights) or go away altogether; it refuses requests, or with `swallows` takes tensors and
+/// never answers them (a node that dies with a request in hand).
 struct SilentPeer {
     identity: crate::net::PeerIdentity,
     answers: std::sync::atomic::AtomicBool,
     reachable: std::sync::atomic::AtomicBool,
+    swallows: std::sync::atomic::AtomicBool,
 }
 
 impl SilentPeer {
@@ -491,6 +493,7 @@ impl SilentPeer {
             identity: crate::net::PeerIdentity::new(id, "127.0.0.1:1", "test"),
             answers: true.into(),
             reachable: true.into(),
+            swallows: false.into(),
         })
     }
 }
@@ -522,6 +525,9 @@ impl PeerHandle for SilentPeer {
         Err(crate::error::Error::Peer("a silent peer takes no prompts".into()))
     }
     async fn send_tensor(&self, _: &Shard, _: WireTensor, _: &str, _: Option<InferenceState>) -> Result<()> {
+        if self.swallows.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
         Err(crate::error::Error::Peer("a silent peer takes no tensors".into()))
     }
     async fn send_result(&self, _: &str, _: &[u32], _: bool) -> Result<()> {
@@ -568,4 +574,143 @@ async fn a_peer_that_may_be_loading_keeps_its_place_for_the_loading_grace_while_
     a.update_peers(0).await.unwrap();
     assert!(peer_ids().is_empty());
     a.stop().await.unwrap();
+}
+
+/// A context started by `origin` with the plan `layers` (node, first layer, last layer).
+fn planned(origin: &str, layers: &[(&str, i32, i32)]) -> Option<InferenceState> {
+    let plan = layers
+        .iter()
+        .map(|&(node_id, start_layer, end_layer)| super::LayerRange {
+            node_id: node_id.into(),
+            start_layer,
+            end_layer,
+        })
+        .collect();
+    super::RequestContext { origin: origin.into(), layers: Some(plan), ..Default::default() }.attach(None)
+}
+
+fn token(value: i64) -> WireTensor {
+    WireTensor::new(DType::I64, vec![1, 1], value.to_le_bytes().to_vec()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_step_of_an_ended_request_is_refused_with_why_it_ended() {
+    let nodes = cluster(&["a"], dummy).await;
+    let a = &nodes[0].node;
+    a.cancel_request("r").await;
+    let state = planned("b", &[("a", 0, 7)]);
+    let error = a.handle_tensor(base(), token(5), Some("r".into()), state.clone()).await.unwrap_err();
+    assert_eq!(error.kind(), "request_failed");
+    let text = error.to_string();
+    assert!(
+        text.contains("request r has ended on node a: request failed: request r was cancelled"),
+        "{text}"
+    );
+    assert!(a.outstanding_requests().is_empty(), "the step did not start it again");
+    // Through gRPC, the sender gets the same error.
+    let peer = GrpcPeer::new(
+        "a".into(),
+        format!("127.0.0.1:{}", nodes[0].server.port()),
+        String::new(),
+        DeviceCapabilities::unknown(),
+    );
+    let error = peer.send_tensor(&base(), token(5), "r", state).await.unwrap_err();
+    assert!(error.to_string().contains("request r has ended on node a"), "{error}");
+    assert!(a.outstanding_requests().is_empty());
+    a.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_origin_left_the_ring_is_ended_here() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let nodes = cluster(&["b"], dummy).await;
+    let b = &nodes[0].node;
+    let mut events = b.subscribe();
+    let origin = SilentPeer::new("a");
+    origin.swallows.store(true, SeqCst);
+    *nodes[0].discovery.0.lock().unwrap() = vec![origin.clone()];
+    b.update_peers(0).await.unwrap();
+    // b runs its layers and hands the request to a, which takes it and dies.
+    let state = planned("a", &[("b", 0, 3), ("a", 4, 7)]);
+    b.handle_tensor(base(), token(5), Some("r".into()), state).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.outstanding_requests(), [("r".to_string(), "waiting")]);
+    origin.answers.store(false, SeqCst);
+    origin.reachable.store(false, SeqCst);
+    nodes[0].discovery.0.lock().unwrap().clear();
+    b.update_peers(0).await.unwrap();
+    // Past the grace given to an origin discovery has not found yet, b's watch ends it.
+    let ended = tokio::time::timeout(super::DISCOVERY_GRACE + Duration::from_secs(5), async {
+        loop {
+            if let Some(super::NodeEvent::Failed { request_id, error }) = events.recv().await {
+                return (request_id, error.to_string());
+            }
+        }
+    })
+    .await
+    .expect("the orphaned request ends");
+    assert_eq!(ended.0, "r");
+    assert!(ended.1.contains("node a, which started request r, left the ring"), "{}", ended.1);
+    assert!(b.outstanding_requests().is_empty());
+    b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_nodes_request_keeps_its_layers_when_a_node_joins() {
+    let engines: Arc<Mutex<Vec<Arc<TestDummy>>>> = Arc::default();
+    let made = engines.clone();
+    let nodes = cluster(&["a", "b"], move || {
+        let engine = Arc::new(TestDummy { step: Duration::from_millis(100), ..Default::default() });
+        made.lock().unwrap().push(engine.clone());
+        engine as Arc<dyn Engine>
+    })
+    .await;
+    // a starts alone: its discovery does not list b yet.
+    let everyone = std::mem::take(&mut *nodes[0].discovery.0.lock().unwrap());
+    nodes[0].node.update_peers(0).await.unwrap();
+    assert_eq!(nodes[0].node.partitions().len(), 1);
+    let (_, mut stream) = nodes[0].node.generate(&base(), "hi", None, GenerateOptions::default()).unwrap();
+    assert!(matches!(stream.recv().await, Some(StreamEvent::Token(2))));
+    // b joins mid-request: the ring is re-partitioned, the running request keeps its layers.
+    *nodes[0].discovery.0.lock().unwrap() = everyone;
+    nodes[0].node.update_peers(0).await.unwrap();
+    nodes[0].node.collect_topology(BTreeSet::new(), 4).await;
+    assert_eq!(nodes[0].node.partitions().len(), 2);
+    let (tokens, error) = tokio::time::timeout(Duration::from_secs(10), drain(stream)).await.unwrap();
+    assert_eq!((tokens, error), (DUMMY_TOKENS[1..].to_vec(), None));
+    let ran: Vec<_> = engines.lock().unwrap().iter().map(|e| e.ran.lock().unwrap().clone()).collect();
+    assert_eq!(ran, [BTreeSet::from([(0, 7)]), BTreeSet::new()], "b ran nothing of a's request");
+    // The next request uses both nodes.
+    let (_, stream) = nodes[0].node.generate(&base(), "hi", None, GenerateOptions::default()).unwrap();
+    let (tokens, error) = tokio::time::timeout(Duration::from_secs(10), drain(stream)).await.unwrap();
+    assert_eq!((tokens, error), (DUMMY_TOKENS.to_vec(), None));
+    assert!(!engines.lock().unwrap()[1].ran.lock().unwrap().is_empty());
+    for test in &nodes {
+        test.node.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_fails_its_requests_as_an_unavailable_peer() {
+    let nodes = cluster(&["a", "b"], || TestDummy::slow(Duration::from_millis(200))).await;
+    let (_, mut stream) = nodes[0].node.generate(&base(), "hi", None, GenerateOptions::default()).unwrap();
+    assert!(matches!(stream.recv().await, Some(StreamEvent::Token(2))));
+    assert_eq!(nodes[1].node.outstanding_requests().len(), 1);
+    let stopped = std::time::Instant::now();
+    nodes[1].node.stop().await.unwrap();
+    let failure = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.recv().await {
+                Some(StreamEvent::Failed(error)) => return error,
+                Some(StreamEvent::Token(_)) => {}
+                other => panic!("the request should fail, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the origin learns at once");
+    assert_eq!(failure.kind(), "peer_unavailable", "{failure}");
+    assert!(failure.to_string().contains("node b is stopping"), "{failure}");
+    assert!(stopped.elapsed() < Duration::from_secs(2), "took {:?}", stopped.elapsed());
+    nodes[0].node.stop().await.unwrap();
 }

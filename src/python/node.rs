@@ -195,6 +195,23 @@ impl PyNode {
         Ok(dict)
     }
 
+    /// The requests running here: one dict each with `request_id`, `phase`, `origin` (or
+    /// `None`), `tokens` (sampled here) and `nodes` (ring order, when planned here).
+    #[getter]
+    fn running_requests<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        for summary in self.inner.running_requests() {
+            let dict = PyDict::new(py);
+            dict.set_item("request_id", summary.request_id)?;
+            dict.set_item("phase", summary.phase)?;
+            dict.set_item("origin", summary.origin)?;
+            dict.set_item("tokens", summary.tokens)?;
+            dict.set_item("nodes", summary.nodes)?;
+            list.append(dict)?;
+        }
+        Ok(list)
+    }
+
     #[pyo3(signature = (wait_for_peers=0))]
     fn start<'py>(&self, py: Python<'py>, wait_for_peers: usize) -> PyResult<Bound<'py, PyAny>> {
         super::asyncio::remember_running_loop(py);

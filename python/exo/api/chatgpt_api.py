@@ -1,9 +1,9 @@
 """`ChatGPTAPI`: the ChatGPT-compatible HTTP API of a node (exo classic's routes), and the web chat it serves
 at `/`.
 
-The route table is here, with the small routes (web chat files, health, topology, quit). The handlers of the
-model routes are in `exo.api.model_routes`, those of the chat routes in `exo.api.chat_routes`, the server
-under both (CORS, JSON errors, start and stop) in `exo.api.server`.
+The route table is here, with the small routes (web chat files, health, topology, running requests, quit). The
+handlers of the model routes are in `exo.api.model_routes`, those of the chat routes in `exo.api.chat_routes`, the
+server under both (CORS, JSON errors, start and stop) in `exo.api.server`.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class ChatGPTAPI(ModelRoutes, ChatRoutes):
             router.add_post(f"{prefix}/chat/completions", self.handle_post_chat_completions)
             router.add_post(f"{prefix}/chat/token/encode", self.handle_post_chat_token_encode)
             router.add_get(f"{prefix}/topology", self.handle_get_topology)
+            router.add_get(f"{prefix}/requests", self.handle_get_requests)
         router.add_get("/v1/download/progress", self.handle_get_download_progress)
         router.add_post("/download", self.handle_post_download)
         router.add_delete("/models/{model_name:.+}", self.handle_delete_model)
@@ -108,6 +109,14 @@ class ChatGPTAPI(ModelRoutes, ChatRoutes):
         if layers is not None:
             body["layers"] = layers
         return web.json_response(body)
+
+    async def handle_get_requests(self, request: web.Request) -> web.Response:
+        """The requests running on this node now (`{"node_id": ..., "requests": [...]}`); each names its id, its
+        phase here, the node that started it, the tokens sampled here and the nodes it runs on."""
+        running = getattr(self.node, "running_requests", None)
+        if running is None:
+            raise ApiError(501, "This node does not list its running requests.", "not_implemented")
+        return web.json_response({"node_id": self.node.id, "requests": list(running)})
 
     async def _layer_plan(self, model_id: str) -> dict[str, Any] | None:
         """`model_id`'s layers per node for `/topology`; `None` when the node cannot tell or the model is unknown."""

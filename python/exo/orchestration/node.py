@@ -144,6 +144,12 @@ class Node:
         return self._core.outstanding_requests
 
     @property
+    def running_requests(self) -> list[dict[str, Any]]:
+        """The requests running on this node: `request_id`, `phase`, `origin`, `tokens` (sampled here) and
+        `nodes` (those it runs on, when this node planned it)."""
+        return self._core.running_requests
+
+    @property
     def on_token(self) -> AsyncCallbackSystem[str, tuple[str, list[int], bool]]:
         """Callbacks called with `(request_id, new_tokens, is_finished)`."""
         return self._on_token
