@@ -1,0 +1,54 @@
+"""The chaos suite's repeat count and its summary: each scenario runs `CHAOS_RUNS` times (default 1; the issue's
+figure is 20), each run with its own timing, and the end of the session prints scenario by runs by outcomes."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+#: Outcomes per scenario, in the order they ran: (outcome, seconds).
+RESULTS: dict[str, list[tuple[str, float]]] = defaultdict(list)
+
+
+def chaos_runs() -> int:
+    """How often each scenario runs (`CHAOS_RUNS`, at least 1)."""
+    value = os.environ.get("CHAOS_RUNS", "1")
+    try:
+        runs = int(value)
+    except ValueError as e:
+        raise pytest.UsageError(f"CHAOS_RUNS must be a whole number, not {value!r}") from e
+    if runs < 1:
+        raise pytest.UsageError(f"CHAOS_RUNS must be at least 1, not {runs}")
+    return runs
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "run" in metafunc.fixturenames:
+        metafunc.parametrize("run", range(chaos_runs()), ids=lambda i: f"run{i}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
+    outcome = yield
+    report = outcome.get_result()
+    if "run" not in getattr(item, "fixturenames", ()):
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        scenario = item.name.split("[")[0].removeprefix("test_")
+        RESULTS[scenario].append((report.outcome, report.duration))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not RESULTS:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("chaos: scenario by runs by outcomes")
+    write(f"{'scenario':<40} {'runs':>5} {'passed':>7} {'failed':>7} {'slowest s':>10}")
+    for scenario, results in RESULTS.items():
+        passed = sum(1 for outcome, _ in results if outcome == "passed")
+        slowest = max(seconds for _, seconds in results)
+        write(f"{scenario:<40} {len(results):>5} {passed:>7} {len(results) - passed:>7} {slowest:>10.1f}")
