@@ -206,6 +206,29 @@ async def test_timeout_mid_stream_sends_error_event(served: Served) -> None:
     assert served.node.calls[-1]["request_id"] in served.node.cancelled
 
 
+async def test_requests_lists_a_running_request_until_its_client_hangs_up(served: Served) -> None:
+    served.node.hang_after = 2
+    body = {"messages": [{"role": "user", "content": "x"}], "stream": True}
+
+    async def running() -> list[dict[str, object]]:
+        async with aiohttp.ClientSession() as session, session.get(f"{served.url}/v1/requests") as response:
+            assert response.status == 200
+            reply = await response.json()
+        assert reply["node_id"] == "fake-node"
+        return reply["requests"]
+
+    assert await running() == []
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{served.url}/v1/chat/completions", data=json.dumps(body)) as response:
+            await response.content.readline()
+            listed = await running()
+            assert [(r["request_id"], r["origin"]) for r in listed] == [
+                (served.node.calls[-1]["request_id"], "fake-node")
+            ]
+    await wait_until(lambda: served.node.calls[-1]["request_id"] in served.node.cancelled)
+    assert await running() == []
+
+
 async def test_topology_shows_each_nodes_layers_and_their_memory(served: Served) -> None:
     asked: list[Shard] = []
 

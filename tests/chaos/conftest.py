@@ -11,6 +11,15 @@ import pytest
 
 #: Outcomes per scenario, in the order they ran: (outcome, seconds).
 RESULTS: dict[str, list[tuple[str, float]]] = defaultdict(list)
+#: Seconds from each run's fault to what the scenario waits for (the error, the answer), per scenario.
+RECOVERIES: dict[str, list[float]] = defaultdict(list)
+
+
+@pytest.fixture
+def recovery(request: pytest.FixtureRequest) -> Any:
+    """`recovery(seconds)` records how long the run took from its fault to the outcome it checks."""
+    scenario = request.node.name.split("[")[0].removeprefix("test_")
+    return RECOVERIES[scenario].append
 
 
 def chaos_runs() -> int:
@@ -47,8 +56,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     write = terminalreporter.write_line
     write("")
     write("chaos: scenario by runs by outcomes")
-    write(f"{'scenario':<40} {'runs':>5} {'passed':>7} {'failed':>7} {'slowest s':>10}")
+    write(f"{'scenario':<40} {'runs':>5} {'passed':>7} {'failed':>7} {'slowest s':>10} {'fault to outcome s':>19}")
     for scenario, results in RESULTS.items():
         passed = sum(1 for outcome, _ in results if outcome == "passed")
         slowest = max(seconds for _, seconds in results)
-        write(f"{scenario:<40} {len(results):>5} {passed:>7} {len(results) - passed:>7} {slowest:>10.1f}")
+        recoveries = RECOVERIES.get(scenario)
+        spread = f"{min(recoveries):.1f}-{max(recoveries):.1f}" if recoveries else "-"
+        write(f"{scenario:<40} {len(results):>5} {passed:>7} {len(results) - passed:>7} {slowest:>10.1f} {spread:>19}")

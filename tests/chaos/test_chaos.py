@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,9 @@ def wait_until(condition: Any, what: str, limit: float) -> None:
         time.sleep(0.2)
 
 
-def test_peer_killed_mid_generation(ring: UdpRing, model_dir: Path, solo_answer: str, run: int) -> None:
+def test_peer_killed_mid_generation(
+    ring: UdpRing, model_dir: Path, solo_answer: str, run: int, recovery: Callable[[float], None]
+) -> None:
     a, b = two_nodes(ring)
     stream = Stream(a, model_dir)
     stream.read_text(faults_after(run))
@@ -138,12 +140,15 @@ def test_peer_killed_mid_generation(ring: UdpRing, model_dir: Path, solo_answer:
     killed_at = time.monotonic()
     error, ended_at = stream.outcome()
     assert "unavailable" in error or "stopped answering" in error, error
+    recovery(ended_at - killed_at)
     assert ended_at - killed_at < KILL_DEADLINE, f"the request failed {ended_at - killed_at:.1f} s after the kill"
     ring.wait_for_ring([a])
     assert answer(a, model_dir) == solo_answer
 
 
-def test_peer_frozen_then_resumed(ring: UdpRing, model_dir: Path, solo_answer: str, run: int) -> None:
+def test_peer_frozen_then_resumed(
+    ring: UdpRing, model_dir: Path, solo_answer: str, run: int, recovery: Callable[[float], None]
+) -> None:
     a, b = two_nodes(ring)
     stream = Stream(a, model_dir)
     stream.read_text(faults_after(run))
@@ -151,6 +156,7 @@ def test_peer_frozen_then_resumed(ring: UdpRing, model_dir: Path, solo_answer: s
     frozen_at = time.monotonic()
     error, ended_at = stream.outcome()
     assert error != "done" and "closed" not in error, error
+    recovery(ended_at - frozen_at)
     assert ended_at - frozen_at < API_TIMEOUT, f"the request failed {ended_at - frozen_at:.1f} s after the freeze"
     b.resume()
     ring.wait_for_ring([a, b])
@@ -197,15 +203,19 @@ def test_node_joins_mid_generation(ring: UdpRing, model_dir: Path, solo_answer: 
     assert answer(a, model_dir) == solo_answer
 
 
-def test_client_hangs_up_mid_stream(ring: UdpRing, model_dir: Path, run: int) -> None:
+def test_client_hangs_up_mid_stream(
+    ring: UdpRing, model_dir: Path, run: int, recovery: Callable[[float], None]
+) -> None:
     a, b = two_nodes(ring)
     stream = Stream(a, model_dir)
     stream.read_text(faults_after(run))
     running = a.requests()
     assert len(running) == 1 and sorted(running[0]["nodes"]) == ["a", "b"], running
     stream.close()
+    closed_at = time.monotonic()
     for node in (a, b):
         wait_until(lambda n=node: n.requests() == [], f"no request left on node {node.node_id}", 10)
+    recovery(time.monotonic() - closed_at)
 
 
 def test_model_files_damaged_under_a_running_node(tmp_path: Path, model_dir: Path, solo_answer: str, run: int) -> None:
@@ -237,7 +247,9 @@ def test_model_files_damaged_under_a_running_node(tmp_path: Path, model_dir: Pat
         assert answer(a, model_dir) == solo_answer
 
 
-def test_fresh_ring_right_after_a_frozen_one(ring: UdpRing, model_dir: Path, solo_answer: str, run: int) -> None:
+def test_fresh_ring_right_after_a_frozen_one(
+    ring: UdpRing, model_dir: Path, solo_answer: str, run: int, recovery: Callable[[float], None]
+) -> None:
     """The issue's sequence: a ring whose second node is frozen mid-stream, then resumed and killed together with
     the first; right after, two new nodes on fresh ports form a ring and their first request must be answered."""
     a, b = two_nodes(ring)
@@ -251,6 +263,8 @@ def test_fresh_ring_right_after_a_frozen_one(ring: UdpRing, model_dir: Path, sol
     stream.close()
     c, d = ring.start("c", *API_ARGS), ring.start("d", *API_ARGS)
     ring.wait_for_ring([c, d])
+    asked_at = time.monotonic()
     status, body = complete(c, model_dir, timeout=API_TIMEOUT + 10)
+    recovery(time.monotonic() - asked_at)
     assert status == 200, body
     assert body["choices"][0]["message"]["content"] == solo_answer

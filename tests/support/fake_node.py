@@ -177,6 +177,22 @@ class FakeNode:
     async def cancel_request(self, request_id: str) -> None:
         self.cancelled.append(request_id)
 
+    @property
+    def running_requests(self) -> list[dict[str, Any]]:
+        """The requests started and neither finished, closed nor cancelled, as the real node lists them."""
+        ended = set(self.finished) | set(self.closed) | set(self.cancelled)
+        running = [call["request_id"] for call in self.calls if call["request_id"] not in ended]
+        return [
+            {
+                "request_id": r,
+                "phase": "processing",
+                "origin": self.id,
+                "tokens": self.produced.get(r, 0),
+                "nodes": [self.id],
+            }
+            for r in running
+        ]
+
     async def broadcast_opaque_status(self, request_id: str, status: str) -> None:
         self.broadcasts.append((request_id, status))
 
