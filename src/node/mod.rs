@@ -585,12 +585,20 @@ impl Node {
     /// Whether `peer`, which does not answer, may be busy loading a model: it showed signs of
     /// loading within the loading grace and its process is still there.
     async fn may_be_loading(&self, peer: &dyn PeerHandle) -> bool {
-        let loading = self.membership.may_be_loading(&peer.id(), self.settings().loading_grace)
-            && peer.is_reachable().await;
+        let loading = self.showed_loading(&peer.id()) && peer.is_reachable().await;
         if loading {
             log::debug!("peer {}@{} does not answer while it may be loading a model", peer.id(), peer.addr());
         }
         loading
+    }
+
+    /// Whether node `node_id` showed signs of loading a model within the loading grace and is
+    /// not a xotorch-core peer: only an exo classic node stops answering while it loads (its
+    /// event loop blocks); a xotorch-core node answers health checks from its own threads, so
+    /// one that does not is frozen or gone, whatever it was doing.
+    fn showed_loading(&self, node_id: &str) -> bool {
+        let xotorch = self.peer(node_id).is_some_and(|peer| peer.runs_xotorch_core());
+        !xotorch && self.membership.may_be_loading(node_id, self.settings().loading_grace)
     }
 
     /// Health-checks the peers that running requests started here depend on; a peer that
@@ -630,8 +638,7 @@ impl Node {
         let deadline = self.settings().progress_deadline;
         for (request_id, members) in self.requests.stalled(&self.id, deadline) {
             let others: Vec<String> = members.into_iter().filter(|id| *id != self.id).collect();
-            let grace = self.settings().loading_grace;
-            if others.iter().any(|id| self.membership.may_be_loading(id, grace)) {
+            if others.iter().any(|id| self.showed_loading(id)) {
                 continue;
             }
             let error = Error::Stalled(format!(

@@ -485,6 +485,7 @@ struct SilentPeer {
     answers: std::sync::atomic::AtomicBool,
     reachable: std::sync::atomic::AtomicBool,
     swallows: std::sync::atomic::AtomicBool,
+    xotorch: std::sync::atomic::AtomicBool,
 }
 
 impl SilentPeer {
@@ -494,6 +495,7 @@ impl SilentPeer {
             answers: true.into(),
             reachable: true.into(),
             swallows: false.into(),
+            xotorch: false.into(),
         })
     }
 }
@@ -520,6 +522,9 @@ impl PeerHandle for SilentPeer {
     }
     async fn is_reachable(&self) -> bool {
         self.reachable.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn runs_xotorch_core(&self) -> bool {
+        self.xotorch.load(std::sync::atomic::Ordering::SeqCst)
     }
     async fn send_prompt(&self, _: &Shard, _: &str, _: &str, _: Option<InferenceState>) -> Result<()> {
         Err(crate::error::Error::Peer("a silent peer takes no prompts".into()))
@@ -713,4 +718,23 @@ async fn a_stopping_node_fails_its_requests_as_an_unavailable_peer() {
     assert!(failure.to_string().contains("node b is stopping"), "{failure}");
     assert!(stopped.elapsed() < Duration::from_secs(2), "took {:?}", stopped.elapsed());
     nodes[0].node.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_xotorch_peer_gets_no_loading_grace() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let nodes = cluster(&["a"], dummy).await;
+    let a = &nodes[0].node;
+    let frozen = SilentPeer::new("b");
+    frozen.xotorch.store(true, SeqCst);
+    *nodes[0].discovery.0.lock().unwrap() = vec![frozen.clone()];
+    a.update_peers(0).await.unwrap();
+    // A request started on the ring marks every peer as maybe loading; b then stops answering
+    // with its port open, as a process under SIGSTOP does.
+    let start = r#"{"type": "node_status", "node_id": "a", "status": "start_process_prompt"}"#;
+    a.handle_opaque_status("r".into(), start.into()).await;
+    frozen.answers.store(false, SeqCst);
+    a.update_peers(0).await.unwrap();
+    assert!(a.peers().is_empty(), "a xotorch-core peer that does not answer leaves at once");
+    a.stop().await.unwrap();
 }
