@@ -22,7 +22,15 @@ from exo.main import build_parser
 from support.app_harness import REPLY, Served
 
 ROOT = Path(__file__).parent.parent
-DOCUMENTS = ["README.md", "bench/README.md", "docs/architecture.md", "docs/compatibility.md"]
+DOCUMENTS = [
+    "README.md",
+    "bench/README.md",
+    "docs/architecture.md",
+    "docs/compatibility.md",
+    "docs/models.md",
+    "docs/rockchip.md",
+    "docs/training.md",
+]
 # The model directory and the API address the documents use; tests put their own in their place.
 MODEL = "/tmp/tiny-llama"
 API = "http://localhost:52415"
