@@ -22,7 +22,7 @@ from exo.main import build_parser
 from support.app_harness import REPLY, Served
 
 ROOT = Path(__file__).parent.parent
-DOCUMENTS = ["README.md", "bench/README.md", "docs/architecture.md", "docs/compatibility.md"]
+DOCUMENTS = ["README.md", "bench/README.md", "docs/architecture.md", "docs/compatibility.md", "docs/packaging.md"]
 # The model directory and the API address the documents use; tests put their own in their place.
 MODEL = "/tmp/tiny-llama"
 API = "http://localhost:52415"
@@ -117,7 +117,11 @@ def test_every_command_names_real_things(command: list[str]) -> None:
     elif command[0] == "curl":
         assert any(word.startswith("localhost:52415/") for word in command), command
     else:
-        assert len(command) == 1 and os.access(ROOT / command[0], os.X_OK), f"unknown command {command}"
+        # A script of the repository; any flag it is given is one the script names.
+        assert os.access(ROOT / command[0], os.X_OK), f"unknown command {command}"
+        script = (ROOT / command[0]).read_text()
+        for flag in (a for a in command[1:] if a.startswith("-")):
+            assert flag in script, f"{command[0]} does not mention {flag}"
 
 
 @pytest.mark.parametrize(
