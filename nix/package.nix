@@ -9,6 +9,9 @@
   stdenv,
   numpy,
   psutil,
+  aiohttp,
+  rich,
+  uvloop,
 }:
 
 let
@@ -49,10 +52,13 @@ buildPythonPackage {
   # build.rs uses $PROTOC when set instead of the protoc-bin-vendored binary.
   env.PROTOC = lib.getExe' protobuf "protoc";
 
-  # Mirrors [project].dependencies in pyproject.toml; keep the two in step.
+  # Mirrors [project].dependencies in pyproject.toml; tests/test_packaging.py checks the two agree.
   dependencies = [
     numpy
     psutil
+    aiohttp
+    rich
+    uvloop
   ];
 
   pythonImportsCheck = [

@@ -1,5 +1,5 @@
 # Development shell for xotorch-core: Rust toolchain, Python 3.11 with the test
-# tools, maturin and protoc; call it with pkgs.callPackage.
+# tools and the package's runtime dependencies, maturin and protoc; call it with pkgs.callPackage.
 {
   lib,
   mkShell,
@@ -26,6 +26,9 @@ let
     ps.pytest-timeout
     ps.numpy
     ps.psutil
+    ps.aiohttp
+    ps.rich
+    ps.uvloop
   ]);
 in
 mkShell {

@@ -60,9 +60,10 @@ async def test_seeded_sampling_is_reproducible(model: Path) -> None:
 
 
 async def test_limits_and_bad_shards_fail_clearly(model: Path) -> None:
-    engine = CandleInferenceEngine(max_context=8, cache_budget_mb=1)
+    engine = CandleInferenceEngine(max_context=8, max_kv_cache_gb=1 / 1024)
     shard = _shard(model)
-    with pytest.raises(ContextOverflowError, match="context of 8 tokens"):
+    overflow = r"context of 8 tokens \(raise it with --max-context or EXO_MAX_CONTEXT\)"
+    with pytest.raises(ContextOverflowError, match=overflow):
         await engine.infer_tensor("long", shard, np.ones((1, 9), dtype=np.int64))
     with pytest.raises(InvalidShardError):
         await engine.infer_tensor("r", Shard(str(model), 2, 9, 4), np.ones((1, 1), dtype=np.int64))
@@ -73,9 +74,46 @@ async def test_limits_and_bad_shards_fail_clearly(model: Path) -> None:
     assert out.shape == (1, 1, 512)
 
 
+async def test_limits_come_from_arguments_then_the_environment(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXO_MAX_CONTEXT", "64")
+    monkeypatch.setenv("EXO_MAX_KV_CACHE_GB", "0.25")
+    assert CandleInferenceEngine(max_context=100, max_kv_cache_gb=0.5).limits == {
+        "max_context": 100,
+        "max_kv_cache_gb": 0.5,
+    }
+    from_env = CandleInferenceEngine()
+    assert from_env.limits == {"max_context": 64, "max_kv_cache_gb": 0.25}
+    with pytest.raises(ContextOverflowError, match="context of 64 tokens"):
+        await from_env.infer_tensor("long", _shard(model), np.ones((1, 65), dtype=np.int64))
+    monkeypatch.setenv("EXO_MAX_CONTEXT", "lots")
+    with pytest.raises(InvalidArgumentError, match='EXO_MAX_CONTEXT="lots"'):
+        CandleInferenceEngine()
+    with pytest.raises(InvalidArgumentError, match="--max-kv-cache-gb"):
+        CandleInferenceEngine(max_context=8, max_kv_cache_gb=0)
+
+
+async def test_the_default_context_is_what_the_cache_budget_holds(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EXO_MAX_CONTEXT", raising=False)
+    monkeypatch.delenv("EXO_MAX_KV_CACHE_GB", raising=False)
+    config = json.loads((model / "config.json").read_text())
+    per_position = (
+        4
+        * config["num_hidden_layers"]
+        * 2
+        * config["num_key_value_heads"]
+        * (config["hidden_size"] // config["num_attention_heads"])
+    )
+    # A budget of 100 positions: caches grow by doubling, so a request gets 64.
+    engine = CandleInferenceEngine(max_kv_cache_gb=100 * per_position / 2**30)
+    assert engine.limits["max_context"] is None  # derived from the model once it loads
+    await engine.infer_tensor("r", _shard(model), np.array([[1, 2]]))
+    assert engine.limits["max_context"] == min(64, config["max_position_embeddings"])
+    assert CandleInferenceEngine().limits["max_kv_cache_gb"] > 0
+
+
 async def test_least_recently_used_cache_is_evicted(model: Path) -> None:
     # Each tiny request holds 4 layers x 2 x (1 x 2 x 64 x 16) f32 = 64 KiB of cache: 16 fit in 1 MiB.
-    engine, shard = CandleInferenceEngine(cache_budget_mb=1), _shard(model)
+    engine, shard = CandleInferenceEngine(max_kv_cache_gb=1 / 1024), _shard(model)
     for i in range(20):
         await engine.infer_tensor(f"r{i}", shard, np.array([[1, 2]]))
     with pytest.raises(CacheEvictedError, match="r0"):

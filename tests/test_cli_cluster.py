@@ -86,6 +86,16 @@ def test_two_node_processes_form_a_cluster(model_dir: Path) -> None:
     try:
         for process, port in ((a, api_a), (b, api_b)):
             wait_for(lambda p=port: len(get_json(f"http://127.0.0.1:{p}/topology")["nodes"]) == 2, process, "2 nodes")
+        # Each node announces its limits to the other, and `/topology` shows them under the peer.
+        for process, port, peer in ((a, api_a, "b"), (b, api_b, "a")):
+            wait_for(
+                lambda p=port, n=peer: (
+                    get_json(f"http://127.0.0.1:{p}/topology")["nodes"][n].get("limits", {}).get("max_kv_cache_gb", 0)
+                    > 0
+                ),
+                process,
+                f"{peer}'s limits",
+            )
         assert ask(api_a, model_dir) == expected
         assert ask(api_b, model_dir, stream=False) == expected
     finally:

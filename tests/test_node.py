@@ -154,6 +154,25 @@ async def test_classic_callbacks_and_process_prompt() -> None:
         assert second.outstanding_requests == {}
 
 
+async def test_limits_reach_peers_and_broadcasts_work_off_the_runtime(model: Path) -> None:
+    """A node announces its limits to its peers; a broadcast from a thread of neither the node nor its runtime (the
+    test's own and a fresh one, before any message went to the peer) reaches the peer instead of panicking."""
+
+    def engine() -> CandleInferenceEngine:
+        return CandleInferenceEngine(max_context=128, max_kv_cache_gb=0.5)
+
+    async with running_cluster(["a", "b"], engine) as (first, second):
+        await asyncio.to_thread(lambda: asyncio.run(first.broadcast_result("r", [1], False)))
+        await first.broadcast_limits()
+        expected = {"max_context": 128, "max_kv_cache_gb": 0.5}
+        for _ in range(100):
+            if "a" in second.limits_by_node():
+                break
+            await asyncio.sleep(0.05)
+        assert second.limits_by_node() == {"a": expected, "b": expected}
+        assert first.limits_by_node() == {"a": expected}
+
+
 async def test_max_tokens_temperature_and_seed_are_per_request(model: Path) -> None:
     prompt = await _prompt(model)
     async with running_cluster(["a", "b"], CandleInferenceEngine) as (node, _):

@@ -28,6 +28,7 @@ DOCUMENTS = [
     "docs/architecture.md",
     "docs/compatibility.md",
     "docs/models.md",
+    "docs/packaging.md",
     "docs/rockchip.md",
     "docs/training.md",
 ]
@@ -125,7 +126,11 @@ def test_every_command_names_real_things(command: list[str]) -> None:
     elif command[0] == "curl":
         assert any(word.startswith("localhost:52415/") for word in command), command
     else:
-        assert len(command) == 1 and os.access(ROOT / command[0], os.X_OK), f"unknown command {command}"
+        # A script of the repository; any flag it is given is one the script names.
+        assert os.access(ROOT / command[0], os.X_OK), f"unknown command {command}"
+        script = (ROOT / command[0]).read_text()
+        for flag in (a for a in command[1:] if a.startswith("-")):
+            assert flag in script, f"{command[0]} does not mention {flag}"
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,16 @@ def test_gpu_bar_moves_with_compute() -> None:
     assert marker_column(render(poor)) < marker_column(render(rich_))
 
 
+def test_each_node_shows_its_limits() -> None:
+    viz = make_viz()
+    viz.update_visualization(*two_nodes())
+    a, b = {"max_context": 4096, "max_kv_cache_gb": 8.0}, {"max_context": None, "max_kv_cache_gb": 2.5}
+    viz.update_limits({"node-a": a, "node-b": b})
+    text = render(viz)
+    assert "ctx 4096 KV 8.0GB" in text
+    assert "ctx auto KV 2.5GB" in text
+
+
 def test_prompt_panel_shows_running_requests() -> None:
     viz = make_viz()
     viz.update_visualization(*two_nodes())

@@ -269,18 +269,22 @@ class CandleInferenceEngine(NativeInferenceEngine):
     `EXO_QUANTIZE`, the block type safetensors weights are quantized to as they load.
     Concurrent `infer_tensor` calls run batched: `prefill_chunk` (else `EXO_PREFILL_CHUNK`,
     256) bounds the prompt positions of one pass, `max_batch` (else `EXO_MAX_BATCH`, 64) the
-    requests' steps it takes."""
+    requests' steps it takes. `max_kv_cache_gb` (else `EXO_MAX_KV_CACHE_GB`, else a quarter of
+    memory) bounds all requests' KV caches together; `max_context` (else `EXO_MAX_CONTEXT`,
+    else what that budget holds of each model, up to the model's limit) one request's tokens."""
 
     def __new__(
         cls,
         shard_downloader: Any = None,
-        max_context: int = 16384,
-        cache_budget_mb: int = 2048,
+        max_context: int | None = None,
+        max_kv_cache_gb: float | None = None,
         device: str | None = None,
         quantize: str | None = None,
         prefill_chunk: int | None = None,
         max_batch: int | None = None,
     ) -> CandleInferenceEngine: ...
+    @property
+    def limits(self) -> dict[str, Any]: ...
     def cache_usage(self) -> tuple[int, int]: ...
     def configure_training(
         self,

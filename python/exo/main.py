@@ -33,6 +33,28 @@ MODELS_HELP = (
 )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """exo classic's flags, with its defaults, plus `--chat-tui`."""
     p = argparse.ArgumentParser(
@@ -162,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="most requests' steps candle runs as one batched pass (sets EXO_MAX_BATCH, 64)",
     )
+    p.add_argument(
+        "--max-kv-cache-gb",
+        type=positive_float,
+        default=None,
+        help="GB all requests' KV caches may hold together on this node (sets EXO_MAX_KV_CACHE_GB; default: a "
+        "quarter of the machine's memory)",
+    )
+    p.add_argument(
+        "--max-context",
+        type=positive_int,
+        default=None,
+        help="most tokens (prompt and answer) of one request (sets EXO_MAX_CONTEXT; default: the model's own limit, "
+        "cut to what the KV cache budget holds of the model)",
+    )
     return p
 
 
@@ -204,6 +240,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         os.environ["EXO_PREFILL_CHUNK"] = str(args.prefill_chunk)
     if args.max_batch is not None:
         os.environ["EXO_MAX_BATCH"] = str(args.max_batch)
+    if args.max_kv_cache_gb is not None:
+        os.environ["EXO_MAX_KV_CACHE_GB"] = str(args.max_kv_cache_gb)
+    if args.max_context is not None:
+        os.environ["EXO_MAX_CONTEXT"] = str(args.max_context)
     raise_open_files_limit()
     loop = new_event_loop()
     asyncio.set_event_loop(loop)

@@ -16,8 +16,8 @@ use super::tensor::{ndarray_from_wire, wire_from_ndarray};
 use super::tokenizer::PyTokenizer;
 use crate::download::DownloaderLocator;
 use crate::engine::candle::{
-    block_type, block_type_from_env, BatchOptions, CandleEngine, ComputeDevice, EngineOptions, LoraConfig,
-    OptimizerKind, TrainOptions,
+    block_type, block_type_from_env, BatchOptions, CandleEngine, ComputeDevice, EngineOptions, Limits,
+    LoraConfig, OptimizerKind, TrainOptions,
 };
 use crate::engine::dummy::DummyEngine;
 use crate::engine::rkllm::{RkllmEngine, ServerOptions};
@@ -248,18 +248,21 @@ impl PyCandleEngine {
     /// `quantize` (`q8_0`, `q4_0`, `q4_k`, ... or `none`) overrides `EXO_QUANTIZE`: the block
     /// type safetensors weights are quantized to as they load. `prefill_chunk` and
     /// `max_batch` (else `EXO_PREFILL_CHUNK`, `EXO_MAX_BATCH`) bound one batched pass: the
-    /// prompt positions it runs, and the requests' steps it takes.
+    /// prompt positions it runs, and the requests' steps it takes. `max_kv_cache_gb` (else
+    /// `EXO_MAX_KV_CACHE_GB`, else a quarter of memory) bounds all requests' KV caches together,
+    /// and `max_context` (else `EXO_MAX_CONTEXT`, else what that budget holds of each model, up
+    /// to the model's own limit) one request's tokens.
     #[new]
     #[pyo3(signature = (
-        shard_downloader=None, max_context=16_384, cache_budget_mb=2048, device=None, quantize=None,
+        shard_downloader=None, max_context=None, max_kv_cache_gb=None, device=None, quantize=None,
         prefill_chunk=None, max_batch=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         shard_downloader: Option<Py<PyAny>>,
-        max_context: usize,
-        cache_budget_mb: usize,
+        max_context: Option<usize>,
+        max_kv_cache_gb: Option<f64>,
         device: Option<String>,
         quantize: Option<String>,
         prefill_chunk: Option<usize>,
@@ -274,14 +277,23 @@ impl PyCandleEngine {
             None => block_type_from_env()?,
         };
         let options = EngineOptions {
-            max_context,
-            cache_budget_bytes: cache_budget_mb << 20,
+            limits: Limits::resolve(max_context, max_kv_cache_gb)?,
             quantize,
             batch: BatchOptions::new(prefill_chunk, max_batch)?,
         };
         let locator = locator_from_py(py, shard_downloader, crate::models::CANDLE);
         let engine = Arc::new(CandleEngine::new(locator, options, device));
         Ok(PyClassInitializer::from(PyEngine { inner: engine.clone() }).add_subclass(Self { engine }))
+    }
+
+    /// `{"max_context": ..., "max_kv_cache_gb": ...}`: the context of one request (the loaded
+    /// model's; before a model loads the one set, else `None`) and the KV cache budget in GB.
+    #[getter]
+    fn limits<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let dict = pyo3::types::PyDict::new(py);
+        dict.set_item("max_context", self.engine.context())?;
+        dict.set_item("max_kv_cache_gb", self.engine.limits().kv_cache_gb())?;
+        Ok(dict)
     }
 
     /// Sets how this engine fine-tunes its shard: LoRA `rank`, `alpha` and `targets`, the

@@ -22,7 +22,12 @@ mod topology;
 use pyo3::prelude::*;
 
 /// Registers every class and function of `exo._core`.
-#[pymodule(name = "_core")]
+///
+/// `gil_used = false`: on a free-threaded CPython the module keeps the GIL off. No shared state
+/// here counts on the GIL: statics are atomics, `OnceLock`s or behind a `Mutex`/`RwLock` (the
+/// asyncio bridge's loop and exit flags, the model table's edits, the logged strangers), the
+/// classes' Rust state is behind locks or frozen, and Python objects are held as `Py<T>`.
+#[pymodule(name = "_core", gil_used = false)]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // The core's `log` records go to Python's `logging` (logger names follow the Rust modules).

@@ -389,6 +389,9 @@ impl PyNode {
         request_id: String,
         status: String,
     ) -> PyResult<Bound<'py, PyAny>> {
+        // The first message to a peer starts its delivery task, which needs the runtime; the
+        // caller is a Python thread outside it.
+        let _runtime = pyo3_async_runtimes::tokio::get_runtime().enter();
         self.inner.broadcast_opaque_status(&request_id, &status);
         super::asyncio::future_into_py(py, async { Ok(()) })
     }
@@ -401,6 +404,7 @@ impl PyNode {
         result: Vec<u32>,
         is_finished: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let _runtime = pyo3_async_runtimes::tokio::get_runtime().enter();
         self.inner.broadcast_result(&request_id, &result, is_finished);
         super::asyncio::future_into_py(py, async { Ok(()) })
     }

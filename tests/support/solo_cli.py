@@ -18,7 +18,7 @@ from exo.helpers import find_available_port
 
 NODE_ID = "solo"
 #: Variables a test sets itself; the environment the tests run in does not pass them on.
-UNSET = ("EXO_ENGINE", "DEBUG", "DEBUG_DISCOVERY", "VERBOSE", "TEMPERATURE")
+UNSET = ("EXO_ENGINE", "DEBUG", "DEBUG_DISCOVERY", "VERBOSE", "TEMPERATURE", "EXO_MAX_CONTEXT", "EXO_MAX_KV_CACHE_GB")
 
 
 def manual_config(path: Path, node_port: int, others: Mapping[str, int] | None = None) -> Path:

@@ -101,10 +101,17 @@ class ChatGPTAPI(ModelRoutes, ChatRoutes):
         return web.json_response({"status": "ok"})
 
     async def handle_get_topology(self, request: web.Request) -> web.Response:
-        """Classic's topology JSON, plus `layers`: the layers each node would hold of the model `?model=` (the
-        default model otherwise) and the memory they need there, or why the model does not fit."""
+        """Classic's topology JSON, plus each node's `limits` (`max_context`, `max_kv_cache_gb`) where known, and
+        `layers`: the layers each node would hold of the model `?model=` (the default model otherwise) and the memory
+        they need there, or why the model does not fit."""
         topology = self.node.current_topology
         body = topology.to_json() if topology is not None else {}
+        limits_by_node = getattr(self.node, "limits_by_node", None)
+        if limits_by_node is not None:
+            nodes = body.get("nodes", {})
+            for node_id, limits in limits_by_node().items():
+                if node_id in nodes:
+                    nodes[node_id]["limits"] = limits
         layers = await self._layer_plan(request.query.get("model") or self.default_model)
         if layers is not None:
             body["layers"] = layers

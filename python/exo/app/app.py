@@ -21,6 +21,7 @@ from exo.api.text_stream import TokenText
 from exo.app.cli_error import CliError
 from exo.app.engines import choose_engine
 from exo.app.evaluation import evaluate
+from exo.app.limits import announce_limits
 from exo.app.preloader import ShardPreloader
 from exo.app.progress import ProgressBroadcaster
 from exo.app.training import configure_engine, on_save_status, train
@@ -310,6 +311,7 @@ class App:
             if args.command == "train":
                 return await self._until_stopped(train(self, args.model_name))
             await self.api.run(port=args.chatgpt_api_port)
+            self._schedule(announce_limits(self.node))
             if self.tui_feed is not None:
                 self._schedule(self.tui_feed.refresh())
             if args.chat_tui:

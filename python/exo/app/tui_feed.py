@@ -101,6 +101,8 @@ class TuiFeed:
                 self.viz.update_visualization(
                     self.node.topology, partitions, self.node.id, self.node.node_download_progress
                 )
+                if hasattr(self.node, "limits_by_node"):
+                    self.viz.update_limits(self.node.limits_by_node())
                 if self._shard is not None and hasattr(self.node, "layer_plan"):
                     self.viz.update_layer_plan(await self._layer_plan())
             except Exception as e:

@@ -55,6 +55,8 @@ class Node:
             self.server = server
         self.node_download_progress: dict[str, Any] = {}
         self.topology_inference_engines_pool: list[list[str]] = []
+        # Other nodes' limits as they last announced them (`node_limits` statuses).
+        self.node_limits: dict[str, dict[str, Any]] = {}
         self._on_token: AsyncCallbackSystem[str, tuple[str, list[int], bool]] = AsyncCallbackSystem()
         self._on_opaque_status: AsyncCallbackSystem[str, tuple[str, str]] = AsyncCallbackSystem()
         self._on_request_failed: AsyncCallbackSystem[str, tuple[str, str]] = AsyncCallbackSystem()
@@ -319,6 +321,27 @@ class Node:
     def get_topology_inference_engines(self) -> list[list[str]]:
         return self.topology_inference_engines_pool
 
+    @property
+    def limits(self) -> dict[str, Any] | None:
+        """This node's effective limits, `{"max_context": ..., "max_kv_cache_gb": ...}` (`max_context` is `None` until
+        a model loads when it is derived from the model); `None` for an engine without such limits."""
+        limits = getattr(self.inference_engine, "limits", None)
+        return dict(limits) if limits is not None else None
+
+    def limits_by_node(self) -> dict[str, dict[str, Any]]:
+        """Each node's limits as far as they are known: this node's as they are now, the others' as announced."""
+        known = dict(self.node_limits)
+        own = self.limits
+        if own is not None:
+            known[self.id] = own
+        return known
+
+    async def broadcast_limits(self) -> None:
+        """Tells every peer this node's limits (a `node_limits` status); nothing for an engine without them."""
+        own = self.limits
+        if own is not None:
+            await self.broadcast_opaque_status("", json.dumps({"type": "node_limits", "node_id": self.id, **own}))
+
     # --- status handling, as classic ---
 
     def on_node_status(self, request_id: str, opaque_status: str) -> None:
@@ -335,6 +358,8 @@ class Node:
             self.topology_inference_engines_pool.append(list(status.get("engines", [])))
         elif kind == "download_progress":
             self._record_download_progress(status)
+        elif kind == "node_limits":
+            self._record_limits(status)
         self._update_viz()
 
     def _record_download_progress(self, status: dict[str, Any]) -> None:
@@ -342,6 +367,15 @@ class Node:
             self.node_download_progress[status.get("node_id", "")] = RepoProgressEvent.from_dict(status["progress"])
         except (KeyError, TypeError, ValueError) as e:
             logger.debug("ignoring malformed download progress: %s", e)
+
+    def _record_limits(self, status: dict[str, Any]) -> None:
+        node_id, context, budget = status.get("node_id"), status.get("max_context"), status.get("max_kv_cache_gb")
+        if not isinstance(node_id, str) or node_id == self.id:
+            return
+        if not (context is None or isinstance(context, int)) or not isinstance(budget, (int, float)):
+            logger.debug("ignoring malformed node limits: %r", status)
+            return
+        self.node_limits[node_id] = {"max_context": context, "max_kv_cache_gb": budget}
 
     def _update_viz(self) -> None:
         if self.topology_viz is None:

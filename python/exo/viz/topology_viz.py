@@ -113,6 +113,8 @@ class TopologyViz:
         self.model: tuple[str, int] | None = None
         # The model's layers per node as the node would split it, with the memory they need.
         self.layer_plan: list[dict[str, Any]] | None = None
+        # Each node's `max_context` and `max_kv_cache_gb` (`Node.limits_by_node`).
+        self.limits: dict[str, dict[str, Any]] = {}
         self.console = console or Console()
         self._lock = threading.RLock()
         self._live: Live | None = None
@@ -176,6 +178,11 @@ class TopologyViz:
         `None` falls back to the partitions' layer ranges."""
         with self._lock:
             self.layer_plan = list(plan) if plan is not None else None
+
+    def update_limits(self, limits: dict[str, dict[str, Any]]) -> None:
+        """Each node's limits (`Node.limits_by_node`), shown under its device."""
+        with self._lock:
+            self.limits = dict(limits)
 
     def stop(self) -> None:
         """Ends the live display (the last frame stays on screen)."""
@@ -264,6 +271,10 @@ class TopologyViz:
     def _node_lines(self, node_id: str, partition: Partition | None, layers: dict[str, str]) -> list[str]:
         device = self._device(node_id)
         lines = [f"{device.model} {device.memory // 1024}GB", f"{device.flops.fp16:.2f} TFLOPS"]
+        limits = self.limits.get(node_id)
+        if limits is not None:
+            context = limits.get("max_context")
+            lines.append(f"ctx {context if context is not None else 'auto'} KV {limits['max_kv_cache_gb']:.1f}GB")
         if partition is not None:
             share = f"[{partition.start:.2f}-{partition.end:.2f}]"
             layer = layers.get(node_id)

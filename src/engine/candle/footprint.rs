@@ -26,9 +26,9 @@ const VECTOR_ELEMENT_BYTES: u64 = 4;
 pub fn model_memory(path: &Path, options: &EngineOptions, on_host: bool) -> Result<ModelMemory> {
     let checkpoint = Checkpoint::open(path)?;
     let config = checkpoint.config()?;
-    let context = options.max_context.min(config.max_position_embeddings);
+    let context = options.limits.context_for(&config);
     let kv_layer = kv_bytes_per_layer(&config, context);
-    let kv_budget = options.cache_budget_bytes as u64;
+    let kv_budget = options.limits.kv_cache_bytes;
     let parts = match &checkpoint {
         Checkpoint::Safetensors { .. } => {
             let storage = Storage::of_dir(path, options.quantize)?;
@@ -246,6 +246,7 @@ fn gguf_parts(file: &GgufFile, config: &ModelConfig) -> Result<Parts> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::candle::Limits;
 
     const LLAMA: &str = r#"{"model_type": "llama", "hidden_size": 256, "intermediate_size": 512,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
@@ -253,7 +254,8 @@ mod tests {
         "torch_dtype": "bfloat16"}"#;
 
     fn options(max_context: usize, quantize: Option<GgmlDType>) -> EngineOptions {
-        EngineOptions { max_context, cache_budget_bytes: 1 << 30, quantize, ..EngineOptions::default() }
+        let limits = Limits { kv_cache_bytes: 1 << 30, max_context: Some(max_context) };
+        EngineOptions { limits, quantize, ..EngineOptions::default() }
     }
 
     fn dir_with_config(config: &str) -> tempfile::TempDir {

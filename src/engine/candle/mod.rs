@@ -11,6 +11,7 @@ mod embedding;
 mod footprint;
 mod gemma;
 mod gguf;
+mod limits;
 mod linear;
 mod lora;
 mod loss;
@@ -34,11 +35,13 @@ pub use batch::{BatchOptions, MAX_BATCH_ENV, PREFILL_CHUNK_ENV};
 pub use config::{ModelConfig, MODEL_TYPES};
 pub use device::{ComputeDevice, DEVICE_ENV};
 pub use gguf::{gguf_files, part_names as gguf_part_names, tensor_range as gguf_tensor_range};
+pub use limits::{Limits, MAX_CONTEXT_ENV, MAX_KV_CACHE_GB_ENV};
 pub use lora::LoraConfig;
 pub use quantize::{block_type, block_type_from_env, QUANTIZE_ENV};
 pub use training::{OptimizerKind, TrainOptions};
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -59,27 +62,14 @@ use crate::tensor::{DType, WireTensor};
 use crate::tokenizer::Tokenizer;
 
 /// Limits of a candle engine.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct EngineOptions {
-    /// Longest context (prompt + generated tokens) of one request.
-    pub max_context: usize,
-    /// Bytes all requests' KV caches may hold together.
-    pub cache_budget_bytes: usize,
+    /// The KV cache budget and the context of one request (prompt + generated tokens).
+    pub limits: Limits,
     /// Block type safetensors weights are quantized to as they load (GGUF weights stay as stored).
     pub quantize: Option<GgmlDType>,
     /// How concurrent requests' steps are batched.
     pub batch: BatchOptions,
-}
-
-impl Default for EngineOptions {
-    fn default() -> Self {
-        Self {
-            max_context: 16_384,
-            cache_budget_bytes: 2 << 30,
-            quantize: None,
-            batch: BatchOptions::default(),
-        }
-    }
 }
 
 /// A loaded shard with its model's tokenizer.
@@ -91,7 +81,8 @@ struct Loaded {
 impl Loaded {
     fn load(path: &Path, shard: &Shard, options: EngineOptions, device: &Device) -> Result<Self> {
         let checkpoint = Checkpoint::open(path)?;
-        let model = ShardModel::load(&checkpoint, shard, options.max_context, device, options.quantize)?;
+        let context = options.limits.context_for(&checkpoint.config()?);
+        let model = ShardModel::load(&checkpoint, shard, context, device, options.quantize)?;
         Ok(Self { model: Arc::new(model), tokenizer: Arc::new(checkpoint.tokenizer()?) })
     }
 }
@@ -103,6 +94,8 @@ pub struct CandleEngine {
     device: ComputeDevice,
     loaded: tokio::sync::Mutex<Option<Arc<Loaded>>>,
     current: Mutex<Option<Shard>>,
+    /// The loaded model's context (0 before a model loads), readable without waiting on a load.
+    loaded_context: AtomicUsize,
     caches: Arc<Mutex<CacheStore>>,
     batcher: Batcher,
     /// What each model asked about takes in memory (headers are read once per model: a GGUF's
@@ -123,11 +116,26 @@ impl CandleEngine {
             device,
             loaded: tokio::sync::Mutex::new(None),
             current: Mutex::new(None),
-            caches: Arc::new(Mutex::new(CacheStore::new(options.cache_budget_bytes))),
+            loaded_context: AtomicUsize::new(0),
+            caches: Arc::new(Mutex::new(CacheStore::new(options.limits.kv_cache_bytes as usize))),
             batcher: Batcher::start(options.batch),
             footprints: Mutex::default(),
             train_options: Mutex::default(),
             training: Arc::default(),
+        }
+    }
+
+    /// The limits this engine was given.
+    pub fn limits(&self) -> Limits {
+        self.options.limits
+    }
+
+    /// The context of one request now: the loaded model's, else the one set, else `None` (it
+    /// is derived from each model as it loads).
+    pub fn context(&self) -> Option<usize> {
+        match self.loaded_context.load(Ordering::Relaxed) {
+            0 => self.options.limits.max_context,
+            tokens => Some(tokens),
         }
     }
 
@@ -139,9 +147,11 @@ impl CandleEngine {
         let fresh = tokio::task::spawn_blocking(move || Loaded::load(&dir, &shard_owned, options, &device))
             .await
             .map_err(|e| Error::InvalidModel(format!("loading {} stopped: {e}", shard.model_id)))??;
+        self.loaded_context.store(fresh.model.max_context(), Ordering::Relaxed);
         *loaded = Some(Arc::new(fresh));
         *self.current.lock().expect("shard lock poisoned") = Some(shard.clone());
-        *self.caches.lock().expect("cache lock poisoned") = CacheStore::new(self.options.cache_budget_bytes);
+        *self.caches.lock().expect("cache lock poisoned") =
+            CacheStore::new(self.options.limits.kv_cache_bytes as usize);
         Ok(())
     }
 

@@ -723,9 +723,10 @@ impl ShardModel {
     pub fn check_room(&self, position: usize, seq: usize) -> Result<()> {
         if position + seq > self.max_context {
             return Err(Error::ContextOverflow(format!(
-                "{} tokens exceed the context of {} tokens",
+                "{} tokens exceed the context of {} tokens (raise it with --max-context or {})",
                 position + seq,
-                self.max_context
+                self.max_context,
+                super::MAX_CONTEXT_ENV
             )));
         }
         Ok(())
