@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{self, Content, Value};
+use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel;
 use tokenizers::decoders::fuse::Fuse;
@@ -378,7 +378,7 @@ impl Tokenizer {
         let invalid =
             |e: &dyn std::fmt::Display| Error::InvalidModel(format!("cannot read {}: {e}", path.display()));
         let mut reader = std::io::BufReader::new(std::fs::File::open(&path).map_err(|e| invalid(&e))?);
-        let content = gguf_file::Content::read(&mut reader).map_err(|e| invalid(&e))?;
+        let content = crate::gguf_header::read_gguf_header(&mut reader).map_err(|e| invalid(&e))?;
         Self::from_gguf_content(&content, &path)
     }
 
@@ -455,7 +455,7 @@ mod tests {
         let path = dir.join(name);
         let mut file = std::fs::File::create(&path).unwrap();
         let entries: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-        gguf_file::write(&mut file, &entries, &[]).unwrap();
+        candle_core::quantized::gguf_file::write(&mut file, &entries, &[]).unwrap();
         path
     }
 
