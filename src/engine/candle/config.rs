@@ -282,6 +282,8 @@ impl ModelConfig {
             ("qk_rope_head_dim", deepseek.qk_rope_head_dim),
             ("v_head_dim", deepseek.v_head_dim),
             ("n_group", deepseek.n_group),
+            ("topk_group", deepseek.topk_group),
+            ("first_k_dense_replace", deepseek.first_k_dense_replace),
         ];
         let too_big = |fields: &[(&str, Option<usize>)], limit: usize| {
             fields.iter().find_map(|&(name, value)| {
@@ -419,6 +421,12 @@ mod tests {
                 "kv_lora_rank",
             ),
             ("\"hidden_size\": 64", "\"hidden_size\": 18446744073709551615", "hidden_size"),
+            // Found by fuzz_model_config: DeepSeek's dense layers were listed before any check.
+            (
+                "\"vocab_size\": 100",
+                "\"vocab_size\": 100, \"first_k_dense_replace\": 8223599152488741280",
+                "first_k_dense_replace",
+            ),
             (
                 "\"vocab_size\": 100",
                 "\"vocab_size\": 100, \"partial_rotary_factor\": 1e300",
