@@ -24,6 +24,7 @@ let
     ps.pytest
     ps.pytest-asyncio
     ps.pytest-timeout
+    ps.hypothesis
     ps.numpy
     ps.psutil
     ps.aiohttp

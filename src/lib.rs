@@ -7,6 +7,10 @@ pub mod accelerator;
 pub mod download;
 pub mod engine;
 pub mod error;
+pub mod file_limits;
+#[cfg(test)]
+mod fuzz;
+pub mod gguf_header;
 pub mod models;
 pub mod net;
 pub mod node;

@@ -223,11 +223,14 @@ impl WireTensor {
     }
 }
 
-/// Number of elements in `shape` (1 for a scalar), or an error if it overflows.
+/// Number of elements in `shape` (1 for a scalar), or an error if it overflows. The strides
+/// must fit too: an empty tensor's other dimensions still multiply into them (candle's
+/// strides overflowed on `[0, 5, 2^31-1, 2^31-1]`, found by fuzz_wire_tensor).
 fn element_count(shape: &[usize]) -> Result<usize> {
-    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
-        Error::InvalidTensor(format!("shape {shape:?} has more elements than the address space holds"))
-    })
+    let overflow =
+        || Error::InvalidTensor(format!("shape {shape:?} has more elements than the address space holds"));
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d.max(1))).ok_or_else(overflow)?;
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(overflow)
 }
 
 #[cfg(test)]
@@ -300,6 +303,7 @@ mod tests {
     #[test]
     fn element_count_overflow_is_an_error() {
         assert!(element_count(&[usize::MAX, 2]).is_err());
-        assert_eq!(element_count(&[usize::MAX, 0]).unwrap(), 0);
+        assert_eq!(element_count(&[1 << 20, 0]).unwrap(), 0);
+        assert!(element_count(&[0, 5, i32::MAX as usize, i32::MAX as usize]).is_err());
     }
 }

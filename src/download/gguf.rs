@@ -23,6 +23,7 @@ use super::sparse::{present_bytes, record_path, recorded_ranges, LocalFile};
 use super::{cached_copy_matches, HfDownloader, REVISION};
 use crate::engine::candle::{gguf_part_names, gguf_tensor_range};
 use crate::error::{Error, Result};
+use crate::gguf_header::read_gguf_header;
 use crate::models::hub_gguf_file;
 use crate::shard::Shard;
 
@@ -94,9 +95,9 @@ impl Seek for PrefixReader<'_> {
 
 /// The header of a GGUF file of `size` bytes from its first bytes `prefix`; `None` when the
 /// header runs past them.
-fn parse_header(prefix: &[u8], size: u64, what: &str) -> Result<Option<Content>> {
+pub(crate) fn parse_header(prefix: &[u8], size: u64, what: &str) -> Result<Option<Content>> {
     let mut reader = PrefixReader { bytes: prefix, size, position: 0, ran_out: false };
-    match Content::read(&mut reader) {
+    match read_gguf_header(&mut reader) {
         Ok(content) if content.tensor_data_offset <= size => Ok(Some(content)),
         Ok(content) => Err(Error::InvalidModel(format!(
             "{what}: its tensor data would start at byte {}, past its {size} bytes",
@@ -132,7 +133,7 @@ fn needs_tensor(shard: Option<&Shard>, name: &str, tied: bool) -> bool {
 
 /// The bytes of a part that a download needs: its header and the tensors of [`needs_tensor`].
 /// Every tensor of the header must lie inside the part's `size` bytes.
-fn needed_ranges(
+pub(crate) fn needed_ranges(
     content: &Content,
     shard: Option<&Shard>,
     tied: bool,
@@ -142,7 +143,7 @@ fn needed_ranges(
     let mut needed = ByteRanges::default();
     needed.insert(0..content.tensor_data_offset);
     for (name, info) in &content.tensor_infos {
-        let range = gguf_tensor_range(content, info);
+        let range = gguf_tensor_range(content, name, info)?;
         if range.end > size {
             return Err(Error::InvalidModel(format!(
                 "{what}: tensor {name} (bytes {}..{}) lies past the end of the {size}-byte file",
@@ -451,7 +452,7 @@ async fn read_local_header(path: &Path) -> Result<Content> {
     tokio::task::spawn_blocking(move || {
         let mut file = std::fs::File::open(&path)
             .map_err(|e| Error::InvalidModel(format!("cannot open {}: {e}", path.display())))?;
-        Content::read(&mut file)
+        read_gguf_header(&mut file)
             .map_err(|e| Error::InvalidModel(format!("{} is not a readable GGUF file: {e}", path.display())))
     })
     .await
@@ -520,7 +521,7 @@ mod tests {
         let bytes = write_gguf(4, false);
         let size = bytes.len() as u64;
         let content = parse_header(&bytes, size, "m").unwrap().unwrap();
-        let range = |name: &str| gguf_tensor_range(&content, &content.tensor_infos[name]);
+        let range = |name: &str| gguf_tensor_range(&content, name, &content.tensor_infos[name]).unwrap();
         let needed = |shard: Option<&Shard>| needed_ranges(&content, shard, true, size, "m").unwrap();
         let last = needed(Some(&Shard::new("m", 2, 3, 4)));
         for name in

@@ -86,7 +86,12 @@ impl Engine for DummyEngine {
             return Ok((input, state));
         }
         let shape = input.shape().to_vec();
-        let plus_one: Vec<i64> = integer_values(&input)?.into_iter().map(|v| v + 1).collect();
+        let plus_one = integer_values(&input)?
+            .into_iter()
+            .map(|v| {
+                v.checked_add(1).ok_or_else(|| Error::InvalidTensor(format!("value {v} has no successor")))
+            })
+            .collect::<Result<Vec<i64>>>()?;
         let output = WireTensor::new(DType::I64, shape, bytemuck::cast_slice(&plus_one).to_vec())?;
         Ok((output, state))
     }
@@ -121,6 +126,9 @@ mod tests {
         let first = Shard::new("dummy", 0, 0, 2);
         let (out, _) = engine.infer_tensor("r", &first, tokens(&[5], vec![1, 1]), None).await.unwrap();
         assert_eq!(integer_values(&out).unwrap(), [5]);
+        // Found by fuzz_rpc_messages: a peer's i64::MAX once overflowed the addition.
+        let error = engine.infer_tensor("r", &last, tokens(&[i64::MAX], vec![1, 1]), None).await.unwrap_err();
+        assert!(error.to_string().contains("has no successor"), "{error}");
     }
 
     #[tokio::test]

@@ -1,11 +1,13 @@
 //! Chat templates: Hugging Face's Jinja templates rendered with minijinja, with the
 //! settings and globals transformers gives them.
 
+use std::fmt::Write;
 use std::path::Path;
 
 use minijinja::{Environment, ErrorKind};
 
 use crate::error::{Error, Result};
+use crate::file_limits::{read_limited, CONFIG_FILE_LIMIT};
 
 /// A compiled chat template.
 pub struct ChatTemplate {
@@ -19,7 +21,7 @@ impl ChatTemplate {
     /// (a string, or a list of `{name, template}` whose `default` entry is used).
     pub fn from_model_dir(dir: &Path, config: &serde_json::Value) -> Result<Option<Self>> {
         let file = dir.join("chat_template.jinja");
-        if let Ok(source) = std::fs::read_to_string(&file) {
+        if let Ok(source) = read_limited(&file, CONFIG_FILE_LIMIT) {
             return Self::new(source).map(Some);
         }
         let source = match config.get("chat_template") {
@@ -56,7 +58,17 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
             },
         );
-        env.add_function("strftime_now", |format: String| chrono::Local::now().format(&format).to_string());
+        env.add_function("strftime_now", |format: String| -> std::result::Result<String, minijinja::Error> {
+            // chrono's `to_string` panics on a bad format; writing reports it instead.
+            let mut text = String::new();
+            write!(text, "{}", chrono::Local::now().format(&format)).map_err(|_| {
+                minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("strftime_now: {format:?} is not a valid date format"),
+                )
+            })?;
+            Ok(text)
+        });
         env.add_template_owned(NAME, source)
             .map_err(|e| Error::InvalidModel(format!("invalid chat template: {e:#}")))?;
         Ok(Self { env })
@@ -151,6 +163,9 @@ mod tests {
         let year = render("{{ strftime_now('%Y') }}", json!([])).unwrap();
         assert_eq!(year.len(), 4);
         assert!(year.starts_with("20"));
+        // A format chrono cannot write is the template's error, not a panic (found by fuzzing).
+        let err = render("{{ strftime_now('%Q') }}", json!([])).unwrap_err();
+        assert!(err.to_string().contains("not a valid date format"), "{err}");
     }
 
     #[test]

@@ -15,10 +15,10 @@
 //! `llama-bpe` (Llama 3's name) or Llama 3's whole-word rule, puts a space before GPT-2 texts,
 //! and falls back to GPT-2's regex for names it does not know.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{self, Content, Value};
+use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel;
 use tokenizers::decoders::fuse::Fuse;
@@ -186,13 +186,20 @@ impl ByteLevelRule {
     }
 }
 
-/// The merges of `tokenizer.ggml.merges`, each two tokens joined by a space.
-fn stored_merges(meta: &Metadata) -> Result<Vec<(String, String)>> {
+/// The merges of `tokenizer.ggml.merges`, each two tokens joined by a space; both tokens and
+/// their merge must be in `tokens` (the tokenizers crate panics on a merge longer than every
+/// token of the vocabulary).
+fn stored_merges(meta: &Metadata, tokens: &[String]) -> Result<Vec<(String, String)>> {
     const MERGES: &str = "tokenizer.ggml.merges";
+    let known: HashSet<&str> = tokens.iter().map(String::as_str).collect();
     meta.strings(MERGES)?
         .into_iter()
         .map(|m| match m.split_once(' ') {
-            Some((a, b)) => Ok((a.to_string(), b.to_string())),
+            Some((a, b)) if [a, b, &format!("{a}{b}")].iter().all(|t| known.contains(t)) => {
+                Ok((a.to_string(), b.to_string()))
+            }
+            Some(_) => Err(meta
+                .invalid(MERGES, &format!("holds {m:?}, whose tokens or merge are not in the vocabulary"))),
             None => Err(meta.invalid(MERGES, &format!("holds {m:?}, which is not two tokens"))),
         })
         .collect()
@@ -211,7 +218,7 @@ fn byte_level_bpe(meta: &Metadata, tokens: &[String]) -> Result<(tokenizers::Tok
             ),
         )
     })?;
-    let merges = stored_merges(meta)?;
+    let merges = stored_merges(meta, tokens)?;
     let bpe = BPE::builder()
         .vocab_and_merges(vocab(tokens), merges)
         .ignore_merges(rule.whole_words)
@@ -259,7 +266,7 @@ fn sentencepiece_bpe(
     };
     // Merges stored with the vocabulary (a conversion from tokenizer.json) are used as they are.
     let merges = match meta.get("tokenizer.ggml.merges") {
-        Some(_) => stored_merges(meta)?,
+        Some(_) => stored_merges(meta, tokens)?,
         None => merges_by_score(tokens, &scores),
     };
     let mut builder =
@@ -378,7 +385,7 @@ impl Tokenizer {
         let invalid =
             |e: &dyn std::fmt::Display| Error::InvalidModel(format!("cannot read {}: {e}", path.display()));
         let mut reader = std::io::BufReader::new(std::fs::File::open(&path).map_err(|e| invalid(&e))?);
-        let content = gguf_file::Content::read(&mut reader).map_err(|e| invalid(&e))?;
+        let content = crate::gguf_header::read_gguf_header(&mut reader).map_err(|e| invalid(&e))?;
         Self::from_gguf_content(&content, &path)
     }
 
@@ -455,7 +462,7 @@ mod tests {
         let path = dir.join(name);
         let mut file = std::fs::File::create(&path).unwrap();
         let entries: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-        gguf_file::write(&mut file, &entries, &[]).unwrap();
+        candle_core::quantized::gguf_file::write(&mut file, &entries, &[]).unwrap();
         path
     }
 
@@ -656,6 +663,18 @@ mod tests {
         metadata.push(("tokenizer.ggml.merges", strings(&["h e", "▁ he"])));
         let tokenizer = Tokenizer::from_gguf(&write_gguf(dir.path(), "m.gguf", &metadata)).unwrap();
         assert_eq!(tokenizer.encode("hello", false).unwrap(), token_ids(&tokenizer, &["▁he", "l", "l", "o"]));
+    }
+
+    #[test]
+    fn merges_outside_the_vocabulary_are_named() {
+        // Found by fuzz_gguf_header: the tokenizers crate panicked on a merge longer than every token.
+        for merges in [["h e", "▁h ello"], ["h e", "zz q"]] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut metadata = sentencepiece_metadata();
+            metadata.push(("tokenizer.ggml.merges", strings(&merges)));
+            let error = Tokenizer::from_gguf(&write_gguf(dir.path(), "m.gguf", &metadata)).err().unwrap();
+            assert!(error.to_string().contains("not in the vocabulary"), "{error}");
+        }
     }
 
     #[test]

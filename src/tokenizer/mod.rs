@@ -12,6 +12,7 @@ pub use stream::IncrementalDetokenizer;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::file_limits::{read_limited, CONFIG_FILE_LIMIT, TOKENIZER_FILE_LIMIT};
 
 /// Text ↔ token ids and chat formatting for one model.
 pub struct Tokenizer {
@@ -25,7 +26,7 @@ pub struct Tokenizer {
 /// Reads a JSON file of a model directory; `None` when the file does not exist.
 fn read_json(dir: &Path, file: &str) -> Result<Option<serde_json::Value>> {
     let path = dir.join(file);
-    let text = match std::fs::read_to_string(&path) {
+    let text = match read_limited(&path, CONFIG_FILE_LIMIT) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::InvalidModel(format!("cannot read {}: {e}", path.display()))),
@@ -57,8 +58,10 @@ impl Tokenizer {
     /// Loads the tokenizer of the model directory `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::InvalidModel(format!("cannot load {}: {e}", path.display())))?;
+        let load =
+            |e: &dyn std::fmt::Display| Error::InvalidModel(format!("cannot load {}: {e}", path.display()));
+        let text = read_limited(&path, TOKENIZER_FILE_LIMIT).map_err(|e| load(&e))?;
+        let inner: tokenizers::Tokenizer = text.parse().map_err(|e| load(&e))?;
         let config = read_json(dir, "tokenizer_config.json")?.unwrap_or_default();
         let bos_token = config.get("bos_token").and_then(token_text);
         let eos_token = config.get("eos_token").and_then(token_text);

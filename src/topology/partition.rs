@@ -38,7 +38,9 @@ impl PartitioningStrategy for RingMemoryWeightedPartitioning {
     fn partition(&self, topology: &Topology) -> Vec<Partition> {
         let mut nodes: Vec<(&String, u64)> = topology.nodes.iter().map(|(id, c)| (id, c.memory)).collect();
         nodes.sort_by(|a, b| (b.1, b.0).cmp(&(a.1, a.0)));
-        let total: u64 = nodes.iter().map(|n| n.1).sum();
+        // Summed in 128 bits: peers announce their memory, and a few claiming u64::MAX MB
+        // would overflow 64.
+        let total: u128 = nodes.iter().map(|n| u128::from(n.1)).sum();
         let weight =
             |memory: u64| if total == 0 { 1.0 / nodes.len() as f64 } else { memory as f64 / total as f64 };
         let mut start = 0.0;
@@ -160,6 +162,13 @@ mod tests {
         assert_eq!(got, expected);
         let tiny = [partition("a", 0.0, 0.1), partition("b", 0.1, 1.0)];
         assert_eq!(map_partitions_to_shards(&tiny, 2, "m"), [Shard::new("m", 0, 1, 2)]);
+    }
+
+    #[test]
+    fn memories_summing_past_64_bits_still_partition() {
+        // Peers announce their memory; two claiming u64::MAX MB once overflowed the sum.
+        let parts = RingMemoryWeightedPartitioning.partition(&topology(&[("a", u64::MAX), ("b", u64::MAX)]));
+        assert_eq!((parts[0].end, parts[1].end), (0.5, 1.0));
     }
 
     proptest::proptest! {

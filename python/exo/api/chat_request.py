@@ -10,8 +10,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from exo.api.limits import MAX_CONTEXT_ENV, MAX_MESSAGES_ENV, ApiLimits
+
 ROLES = ("system", "user", "assistant", "developer")
 MAX_STOP_SEQUENCES = 16
+# Most likely tokens `top_k` may keep: above every vocabulary, below what the core's integers hold.
+MAX_TOP_K = 1 << 20
+# The most `max_tokens` a request may ask for when no context is set (past any model's context).
+MAX_TOKENS = 1 << 24
 
 
 class ApiError(Exception):
@@ -91,14 +97,15 @@ def _optional_number(data: dict[str, Any], name: str, low: float, high: float) -
     return float(value)
 
 
-def _optional_int(data: dict[str, Any], name: str, low: int) -> int | None:
+def _optional_int(data: dict[str, Any], name: str, low: int, high: int, limit: str = "") -> int | None:
+    """The integer field `name` in [low, high], or None; `limit` names what sets `high` in the error."""
     value = data.get(name)
     if value is None:
         return None
     if not _is_int(value):
         raise bad_request(f"'{name}' must be an integer, got {json.dumps(value)}.", "invalid_type")
-    if value < low:
-        raise bad_request(f"'{name}' must be at least {low}, got {value}.", "invalid_value")
+    if not low <= value <= high:
+        raise bad_request(f"'{name}' must be between {low} and {high}{limit}, got {value}.", "invalid_value")
     return value
 
 
@@ -139,14 +146,19 @@ def _content_text(content: Any, where: str) -> str:
     return "".join(texts)
 
 
-def parse_messages(value: Any) -> list[dict[str, str]]:
-    """The `messages` list as `{"role", "content"}` dicts with text content."""
+def parse_messages(value: Any, max_messages: int = ApiLimits.max_messages) -> list[dict[str, str]]:
+    """The `messages` list as `{"role", "content"}` dicts with text content, at most `max_messages` of them."""
     if value is None:
         raise bad_request("'messages' is required.", "missing_field")
     if not isinstance(value, list):
         raise bad_request("'messages' must be a list of messages.", "invalid_type")
     if not value:
         raise bad_request("'messages' must contain at least one message.", "empty_messages")
+    if len(value) > max_messages:
+        raise bad_request(
+            f"'messages' holds {len(value)} messages, over the limit of {max_messages} ({MAX_MESSAGES_ENV}).",
+            "too_many_messages",
+        )
     messages = []
     for i, message in enumerate(value):
         where = f"messages[{i}]"
@@ -185,12 +197,14 @@ def _parse_seed(value: Any) -> int | None:
     return value
 
 
-def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
-    """A validated `ChatRequest` from a decoded JSON body; `ApiError` 400 names the first bad field."""
+def parse_chat_request(data: dict[str, Any], limits: ApiLimits | None = None) -> ChatRequest:
+    """A validated `ChatRequest` from a decoded JSON body within `limits` (the defaults when None); `ApiError` 400
+    names the first bad field."""
+    limits = limits or ApiLimits()
     model = data.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise bad_request("'model' must be a non-empty string.", "invalid_type")
-    messages = parse_messages(data.get("messages"))
+    messages = parse_messages(data.get("messages"), limits.max_messages)
     n = data.get("n")
     if n is not None and n != 1:
         raise bad_request("Only 'n' = 1 is supported.", "invalid_value")
@@ -198,9 +212,11 @@ def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
     if options is not None and not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object.", "invalid_type")
     include_usage = _optional_bool(options or {}, "include_usage")
-    max_tokens = _optional_int(data, "max_completion_tokens", 1)
+    most = limits.max_context or MAX_TOKENS
+    context = f" (the context, {MAX_CONTEXT_ENV})" if limits.max_context else ""
+    max_tokens = _optional_int(data, "max_completion_tokens", 1, most, context)
     if max_tokens is None:
-        max_tokens = _optional_int(data, "max_tokens", 1)
+        max_tokens = _optional_int(data, "max_tokens", 1, most, context)
     tools = data.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise bad_request("'tools' must be a list.", "invalid_type")
@@ -211,7 +227,7 @@ def parse_chat_request(data: dict[str, Any]) -> ChatRequest:
         include_usage=include_usage,
         temperature=_optional_number(data, "temperature", 0.0, 2.0),
         top_p=_optional_number(data, "top_p", 0.0, 1.0),
-        top_k=_optional_int(data, "top_k", 0),
+        top_k=_optional_int(data, "top_k", 0, MAX_TOP_K),
         max_tokens=max_tokens,
         seed=_parse_seed(data.get("seed")),
         stop=_parse_stop(data.get("stop")),

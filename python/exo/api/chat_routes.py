@@ -21,6 +21,7 @@ from exo import errors
 from exo.api.admission import Admission
 from exo.api.chat_request import ApiError, ChatRequest, bad_request, parse_chat_request, parse_json_object
 from exo.api.generation import GenerationTimeout, Outcome, generate_text
+from exo.api.limits import MAX_CONTEXT_ENV
 from exo.api.model_choice import ResolvedModel, cluster_engine_classnames, resolve_in_cluster
 from exo.api.responses import SSE_HEADERS, error_from_exception, sse
 from exo.api.server import ApiServer
@@ -89,7 +90,7 @@ class ChatRoutes(ApiServer):
             raise bad_request(f"The messages do not fit the model's chat template: {e}", "invalid_messages") from e
 
     async def _prepare(self, request: web.Request) -> tuple[ChatRequest, ResolvedModel, Any, str]:
-        chat = parse_chat_request(parse_json_object(await request.read()))
+        chat = parse_chat_request(parse_json_object(await self.read_body(request)), self.limits)
         model = await asyncio.wait_for(self._model_for(chat), self.response_timeout)
         chat.model = model.model_id
         try:
@@ -114,6 +115,7 @@ class ChatRoutes(ApiServer):
             chat, model, tokenizer, prompt = await self._prepare(request)
         except asyncio.TimeoutError as e:
             raise ApiError(408, "Loading the model timed out.", "timeout") from e
+        self._check_context(chat, tokenizer, prompt)
         async with self.admission.turn():
             request_id = str(uuid.uuid4())
             self._notify_listener(request_id, chat, prompt)
@@ -123,6 +125,22 @@ class ChatRoutes(ApiServer):
             if chat.stream:
                 return await self._stream_completion(request, chat, tokenizer, prompt, request_id, generation)
             return await self._complete(chat, tokenizer, prompt, request_id, generation)
+
+    def _check_context(self, chat: ChatRequest, tokenizer: Any, prompt: str) -> None:
+        """OpenAI's 400 `context_length_exceeded` when the prompt and `max_tokens` together pass the context set by
+        `EXO_MAX_CONTEXT`; without it the engine holds the request to the model's context."""
+        context = self.limits.max_context
+        if context is None:
+            return
+        prompt_tokens = len(tokenizer.encode(prompt))
+        wanted = prompt_tokens + (chat.max_tokens or 0)
+        if wanted > context:
+            raise ApiError(
+                400,
+                f"This request spans {wanted} tokens ({prompt_tokens} of prompt, {chat.max_tokens or 0} of "
+                f"max_tokens), over the context of {context} tokens ({MAX_CONTEXT_ENV}).",
+                "context_length_exceeded",
+            )
 
     def _notify_listener(self, request_id: str, chat: ChatRequest, prompt: str) -> None:
         if self.on_chat_completion_request is None:

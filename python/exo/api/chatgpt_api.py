@@ -22,6 +22,7 @@ from exo import errors
 from exo.api.admission import Admission
 from exo.api.chat_request import ApiError
 from exo.api.chat_routes import ChatRequestListener, ChatRoutes
+from exo.api.limits import ApiLimits
 from exo.api.model_choice import resolve_model
 from exo.api.model_routes import ModelRoutes
 from exo.shutdown import shutdown
@@ -36,7 +37,8 @@ LAYER_PLAN_TIMEOUT_S = 2.0
 
 class ChatGPTAPI(ModelRoutes, ChatRoutes):
     """exo classic's HTTP API over a node. `await run(host, port)` starts serving; `await stop()` ends it. With
-    `api_key`, only the web chat's files and the health check answer without `Authorization: Bearer KEY`."""
+    `api_key`, only the web chat's files and the health check answer without `Authorization: Bearer KEY`; `limits`
+    (else the environment's) bound what one request may ask."""
 
     def __init__(
         self,
@@ -49,8 +51,9 @@ class ChatGPTAPI(ModelRoutes, ChatRoutes):
         max_concurrent_requests: int = 32,
         max_queued_requests: int = 128,
         api_key: str | None = None,
+        limits: ApiLimits | None = None,
     ) -> None:
-        super().__init__(api_key)
+        super().__init__(api_key, limits)
         self.node = node
         self.inference_engine_classname = inference_engine_classname
         self.response_timeout = response_timeout

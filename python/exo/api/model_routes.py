@@ -100,7 +100,7 @@ class ModelRoutes(ApiServer):
         return response
 
     async def handle_post_download(self, request: web.Request) -> web.Response:
-        data = parse_json_object(await request.read())
+        data = parse_json_object(await self.read_body(request))
         model_id = data.get("model")
         if not isinstance(model_id, str) or not model_id:
             raise bad_request("'model' (a model id) is required.", "missing_field")

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from exo.api.chat_request import ApiError
+from exo.api.limits import MAX_BODY_BYTES_ENV, REQUEST_READ_TIMEOUT_ENV, ApiLimits
 from exo.api.responses import error_response
 
 logger = logging.getLogger(__name__)
@@ -33,14 +34,16 @@ class ApiServer:
     """An aiohttp application (`self.app`) with CORS and JSON errors. `await run(host, port)` starts serving;
     `await stop()` cancels running requests and ends it. Subclasses add the routes, naming the public ones.
 
-    With an `api_key`, every other route answers 401 unless the request carries `Authorization: Bearer KEY`."""
+    With an `api_key`, every other route answers 401 unless the request carries `Authorization: Bearer KEY`.
+    `limits` (else the environment's) bound what one request may ask; see `exo.api.limits`."""
 
-    def __init__(self, api_key: str | None = None) -> None:
+    def __init__(self, api_key: str | None = None, limits: ApiLimits | None = None) -> None:
         self.api_key = api_key or None
+        self.limits = limits or ApiLimits.from_env()
         self._handlers: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
-        self.app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[self._cors_middleware])
+        self.app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._cors_middleware])
         self.app.on_response_prepare.append(self._add_cors_headers)
 
     @web.middleware
@@ -56,6 +59,10 @@ class ApiServer:
             self._handlers.add(task)
         try:
             return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            limit = self.limits.max_body_bytes
+            message = f"The request body exceeds the limit of {limit} bytes ({MAX_BODY_BYTES_ENV})."
+            return error_response(ApiError(413, message, "request_too_large"))
         except web.HTTPException as e:
             if e.status < 400:
                 raise
@@ -63,7 +70,11 @@ class ApiServer:
             message = f"{request.method} {request.path}: {e.reason}"
             return error_response(ApiError(e.status, message, code))
         except ApiError as e:
-            return error_response(e)
+            response = error_response(e)
+            if e.status == 408:
+                # The client may still be sending: the connection is not kept for another request.
+                response.force_close()
+            return response
         finally:
             if task is not None:
                 self._handlers.discard(task)
@@ -92,6 +103,16 @@ class ApiServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The request's body; 408 (and the connection closed) when it does not arrive within the read timeout,
+        so that a slow client cannot hold a handler."""
+        timeout = self.limits.request_read_timeout
+        try:
+            return await asyncio.wait_for(request.read(), timeout)
+        except asyncio.TimeoutError as e:
+            message = f"The request body did not arrive within {timeout:g} s ({REQUEST_READ_TIMEOUT_ENV})."
+            raise ApiError(408, message, "request_timeout") from e
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         """Run `coroutine` in the background until it ends or the server stops."""

@@ -8,6 +8,7 @@ use serde::Deserialize;
 pub use super::deepseek::DeepseekFields;
 pub use super::gemma::GemmaFields;
 use crate::error::{Error, Result};
+use crate::file_limits::{read_limited, CONFIG_FILE_LIMIT};
 use crate::topology::ModelCosts;
 
 /// The `model_type`s of `config.json` the engine runs; [`ModelConfig::variant`] knows each.
@@ -23,6 +24,13 @@ pub const MODEL_TYPES: &[&str] = &[
     "gemma3_text",
     "deepseek_v2",
 ];
+
+/// Largest width, vocabulary or rank a config may give (released models stay below 300,000).
+const MAX_WIDTH: usize = 1 << 20;
+/// Largest count of layers, heads, experts or per-head width a config may give (released
+/// models stay below 1,000). With [`MAX_WIDTH`] this keeps every weight's byte count, and the
+/// memory estimates summed from them, far inside 64 bits.
+const MAX_COUNT: usize = 1 << 12;
 
 /// RoPE frequency scaling as `config.json`'s `rope_scaling` gives it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -188,7 +196,7 @@ impl ModelConfig {
     /// Reads and checks `config.json` from a model directory.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
+        let text = read_limited(&path, CONFIG_FILE_LIMIT)
             .map_err(|e| Error::InvalidModel(format!("cannot read {}: {e}", path.display())))?;
         let config: Self = serde_json::from_str(&text).map_err(|e| {
             Error::InvalidModel(format!("{} is not a valid model config: {e}", path.display()))
@@ -204,6 +212,7 @@ impl ModelConfig {
 
     fn validate(&self) -> std::result::Result<(), String> {
         self.variant()?;
+        self.validate_sizes()?;
         if self.is_gemma() {
             self.gemma.validate(self.num_hidden_layers)?;
         } else if self.hidden_act != "silu" {
@@ -246,6 +255,49 @@ impl ModelConfig {
             return Err("num_hidden_layers, vocab_size and hidden_size must be positive".into());
         }
         super::moe::MoeSpec::of(self)?;
+        Ok(())
+    }
+
+    /// Every size within [`MAX_WIDTH`] or [`MAX_COUNT`], so a crafted config cannot make the
+    /// engine allocate or multiply past what any machine holds.
+    fn validate_sizes(&self) -> std::result::Result<(), String> {
+        let deepseek = &self.deepseek;
+        let widths = [
+            ("hidden_size", Some(self.hidden_size)),
+            ("intermediate_size", Some(self.intermediate_size)),
+            ("vocab_size", Some(self.vocab_size)),
+            ("moe_intermediate_size", self.moe_intermediate_size),
+            ("kv_lora_rank", deepseek.kv_lora_rank),
+            ("q_lora_rank", deepseek.q_lora_rank.flatten()),
+        ];
+        let counts = [
+            ("num_hidden_layers", Some(self.num_hidden_layers)),
+            ("num_attention_heads", Some(self.num_attention_heads)),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", Some(self.head_dim())),
+            ("num_experts", self.num_experts),
+            ("num_experts_per_tok", self.num_experts_per_tok),
+            ("n_shared_experts", deepseek.n_shared_experts),
+            ("qk_nope_head_dim", deepseek.qk_nope_head_dim),
+            ("qk_rope_head_dim", deepseek.qk_rope_head_dim),
+            ("v_head_dim", deepseek.v_head_dim),
+            ("n_group", deepseek.n_group),
+            ("topk_group", deepseek.topk_group),
+            ("first_k_dense_replace", deepseek.first_k_dense_replace),
+        ];
+        let too_big = |fields: &[(&str, Option<usize>)], limit: usize| {
+            fields.iter().find_map(|&(name, value)| {
+                value.filter(|&v| v > limit).map(|v| format!("{name} {v} exceeds the limit of {limit}"))
+            })
+        };
+        if let Some(error) = too_big(&widths, MAX_WIDTH).or_else(|| too_big(&counts, MAX_COUNT)) {
+            return Err(error);
+        }
+        let rotated =
+            self.rope_scaling.as_ref().and_then(|s| s.partial_rotary_factor).or(self.partial_rotary_factor);
+        if let Some(factor) = rotated.filter(|f| !(*f > 0.0 && *f <= 1.0)) {
+            return Err(format!("partial_rotary_factor {factor} must be in (0, 1]"));
+        }
         Ok(())
     }
 
@@ -358,6 +410,34 @@ mod tests {
         "rms_norm_eps": 1e-5, "max_position_embeddings": 256,
         "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}"#;
+
+    #[test]
+    fn sizes_past_the_limits_are_named() {
+        let cases = [
+            ("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 1000000000000", "num_hidden_layers"),
+            (
+                "\"vocab_size\": 100",
+                "\"vocab_size\": 100, \"kv_lora_rank\": 4611686018427387904",
+                "kv_lora_rank",
+            ),
+            ("\"hidden_size\": 64", "\"hidden_size\": 18446744073709551615", "hidden_size"),
+            // Found by fuzz_model_config: DeepSeek's dense layers were listed before any check.
+            (
+                "\"vocab_size\": 100",
+                "\"vocab_size\": 100, \"first_k_dense_replace\": 8223599152488741280",
+                "first_k_dense_replace",
+            ),
+            (
+                "\"vocab_size\": 100",
+                "\"vocab_size\": 100, \"partial_rotary_factor\": 1e300",
+                "partial_rotary_factor",
+            ),
+        ];
+        for (field, bent, name) in cases {
+            let error = parse(&LLAMA.replace(field, bent)).unwrap_err();
+            assert!(error.contains(name), "{error}");
+        }
+    }
 
     #[test]
     fn llama_defaults() {

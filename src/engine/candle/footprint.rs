@@ -13,6 +13,7 @@ use super::gguf::{find_gguf, GgufFile};
 use super::tensors::Checkpoint;
 use super::EngineOptions;
 use crate::error::{Error, Result};
+use crate::file_limits::{read_limited, CONFIG_FILE_LIMIT};
 use crate::topology::ModelMemory;
 
 /// Bytes of one key or value entry: the caches hold f32.
@@ -86,7 +87,7 @@ impl Storage {
     /// here yet), quantized to `quantize` if given.
     fn of_dir(dir: &Path, quantize: Option<GgmlDType>) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
+        let text = read_limited(&path, CONFIG_FILE_LIMIT)
             .map_err(|e| Error::InvalidModel(format!("cannot read {}: {e}", path.display())))?;
         let raw: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::InvalidModel(format!("{} is not valid JSON: {e}", path.display())))?;
@@ -95,6 +96,13 @@ impl Storage {
         let quantization = raw.get("quantization").or_else(|| raw.get("quantization_config"));
         let mlx = quantization.and_then(|q| Some((q.get("bits")?.as_u64()?, q.get("group_size")?.as_u64()?)));
         if let Some((bits, group_size)) = mlx.filter(|&(bits, group)| bits > 0 && group > 0) {
+            if bits > 8 || group_size > 1 << 20 {
+                return Err(Error::InvalidModel(format!(
+                    "{}: MLX quantization of {bits} bits in groups of {group_size} is not supported \
+                     (at most 8 bits, groups of at most 2^20)",
+                    path.display()
+                )));
+            }
             let scale_bytes = stored("model.layers.0.mlp.down_proj.scales").or(torch_dtype).unwrap_or(2);
             return Ok(Self::Mlx { bits, group_size, scale_bytes });
         }
@@ -182,9 +190,11 @@ impl Storage {
                 });
                 let sparse_mlp =
                     spec.experts as u64 * expert + self.matrix(spec.experts, hidden, false) + shared;
-                let layers = config.num_hidden_layers.max(1) as u64;
-                let sparse = (0..config.num_hidden_layers).filter(|&l| spec.is_sparse(l)).count() as u64;
-                layer - dense_mlp + (sparse * sparse_mlp + (layers - sparse) * dense_mlp) / layers
+                let layers = config.num_hidden_layers.max(1) as u128;
+                let sparse = (0..config.num_hidden_layers).filter(|&l| spec.is_sparse(l)).count() as u128;
+                // The mean over layers, summed in 128 bits: experts × layers can pass 64.
+                let mean = (sparse * sparse_mlp as u128 + (layers - sparse) * dense_mlp as u128) / layers;
+                layer - dense_mlp + u64::try_from(mean).unwrap_or(u64::MAX)
             }
             None => layer,
         };
@@ -330,6 +340,17 @@ mod tests {
         assert_eq!(memory.layers[0], packed + 2 * 256 * 4);
         assert_eq!(memory.embedding, 1000 * 256 / 2 + 2 * 1000 * 4 * 2);
         assert!(memory.head_shares_embedding);
+    }
+
+    #[test]
+    fn absurd_mlx_quantization_is_an_error() {
+        // 2^62 bits a weight once overflowed the byte count.
+        let config = LLAMA.replace(
+            "\"torch_dtype\": \"bfloat16\"",
+            "\"torch_dtype\": \"float16\", \"quantization\": {\"group_size\": 64, \"bits\": 4611686018427387904}",
+        );
+        let error = model_memory(dir_with_config(&config).path(), &options(1000, None), true).unwrap_err();
+        assert!(error.to_string().contains("MLX quantization of 4611686018427387904 bits"), "{error}");
     }
 
     #[test]

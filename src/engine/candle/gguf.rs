@@ -17,6 +17,7 @@ use super::config::{ModelConfig, RopeScaling};
 use super::quant_type::ggml_dtype_name;
 use super::weights::read_exact_at;
 use crate::error::{Error, Result};
+use crate::gguf_header::read_gguf_header;
 
 /// File extension of GGUF checkpoints.
 const EXTENSION: &str = "gguf";
@@ -105,12 +106,19 @@ fn part_paths(first: &Path) -> Result<Vec<PathBuf>> {
         .collect()
 }
 
-/// Where the bytes of the tensor `info` of a GGUF whose header is `content` lie in its file.
-pub fn tensor_range(content: &Content, info: &TensorInfo) -> Range<u64> {
-    let elems: usize = info.shape.dims().iter().product();
-    let bytes = (elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
-    let start = content.tensor_data_offset + info.offset;
-    start..start + bytes
+/// Where the bytes of the tensor `name` (`info`) of a GGUF whose header is `content` lie in
+/// its file; an error when its shape or offset overflows the 64-bit file positions.
+pub fn tensor_range(content: &Content, name: &str, info: &TensorInfo) -> Result<Range<u64>> {
+    let dims = info.shape.dims();
+    let overflow = || {
+        Error::InvalidModel(format!("GGUF tensor {name} (shape {dims:?}, offset {}) overflows", info.offset))
+    };
+    let elems = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64)).ok_or_else(overflow)?;
+    let dtype = info.ggml_dtype;
+    let bytes =
+        (elems / dtype.block_size() as u64).checked_mul(dtype.type_size() as u64).ok_or_else(overflow)?;
+    let start = content.tensor_data_offset.checked_add(info.offset).ok_or_else(overflow)?;
+    Ok(start..start.checked_add(bytes).ok_or_else(overflow)?)
 }
 
 /// Where one tensor's bytes lie.
@@ -142,7 +150,7 @@ impl GgufFile {
         for path in part_paths(first)? {
             let mut file = File::open(&path)
                 .map_err(|e| Error::InvalidModel(format!("cannot open {}: {e}", path.display())))?;
-            let content = Content::read(&mut file).map_err(|e| {
+            let content = read_gguf_header(&mut file).map_err(|e| {
                 Error::InvalidModel(format!("{} is not a readable GGUF file: {e}", path.display()))
             })?;
             // SAFETY: mapped read-only; as for safetensors, the file must not be truncated while
@@ -152,7 +160,7 @@ impl GgufFile {
             let (file, map) = (Arc::new(file), Arc::new(map));
             for (name, info) in &content.tensor_infos {
                 let dims = info.shape.dims().to_vec();
-                let range = tensor_range(&content, info);
+                let range = tensor_range(&content, name, info)?;
                 if range.end > map.len() as u64 {
                     return Err(Error::InvalidModel(format!(
                         "{}: tensor {name} ({}, {dims:?}) runs past the end of the file",
@@ -365,6 +373,23 @@ mod tests {
         );
         assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
         assert!(gguf_name("model.layers.1.mlp.experts.weight").is_none());
+    }
+
+    #[test]
+    fn tensor_ranges_past_64_bits_are_errors() {
+        let content = Content {
+            magic: candle_core::quantized::gguf_file::VersionedMagic::GgufV3,
+            metadata: HashMap::new(),
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 64,
+        };
+        let info =
+            |dims: Vec<usize>, offset| TensorInfo { ggml_dtype: GgmlDType::F32, shape: dims.into(), offset };
+        assert_eq!(tensor_range(&content, "t", &info(vec![2, 3], 8)).unwrap(), 72..96);
+        for (dims, offset) in [(vec![1 << 40, 1 << 40], 0), (vec![1 << 62], 0), (vec![4], u64::MAX)] {
+            let error = tensor_range(&content, "t", &info(dims, offset)).unwrap_err().to_string();
+            assert!(error.contains("GGUF tensor t") && error.contains("overflows"), "{error}");
+        }
     }
 
     #[test]

@@ -34,11 +34,15 @@ mod yarn;
 pub use batch::{BatchOptions, MAX_BATCH_ENV, PREFILL_CHUNK_ENV};
 pub use config::{ModelConfig, MODEL_TYPES};
 pub use device::{ComputeDevice, DEVICE_ENV};
+#[cfg(test)]
+pub(crate) use gguf::GgufFile;
 pub use gguf::{gguf_files, part_names as gguf_part_names, tensor_range as gguf_tensor_range};
 pub use limits::{Limits, MAX_CONTEXT_ENV, MAX_KV_CACHE_GB_ENV};
 pub use lora::LoraConfig;
 pub use quantize::{block_type, block_type_from_env, QUANTIZE_ENV};
 pub use training::{OptimizerKind, TrainOptions};
+#[cfg(test)]
+pub(crate) use weights::WeightIndex;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -270,6 +274,24 @@ fn shard_input(input: &WireTensor, first: bool) -> Result<ShardInput> {
     Ok(ShardInput::Tokens(ids.to_dtype(CandleDType::U32)?))
 }
 
+/// Refuses an input bigger than one request can be for `model`, before it is converted: at
+/// most its context of positions, each a token id (on the first shard) or a hidden state of
+/// the model's width. A peer's tensor is otherwise bounded only by the gRPC message limit.
+fn check_input_size(input: &WireTensor, model: &ShardModel) -> Result<()> {
+    let width = if model.shard().is_first_layer() { 1 } else { model.config().hidden_size };
+    let limit = model.max_context().saturating_mul(width);
+    let elements: usize = input.shape().iter().product();
+    if elements > limit {
+        return Err(Error::ContextOverflow(format!(
+            "an input of {elements} elements (shape {:?}) exceeds this model's limit of {limit} \
+             ({} positions of {width})",
+            input.shape(),
+            model.max_context()
+        )));
+    }
+    Ok(())
+}
+
 /// The last row of logits shaped `[.., vocab]`, as f32.
 fn last_logits(logits: &WireTensor) -> Result<Vec<f32>> {
     let vocab = *logits
@@ -326,6 +348,7 @@ impl Engine for CandleEngine {
         state: Option<InferenceState>,
     ) -> Result<(WireTensor, Option<InferenceState>)> {
         let loaded = self.model_for(shard).await?;
+        check_input_size(&input, &loaded.model)?;
         let hidden = loaded.model.embed(shard_input(&input, shard.is_first_layer())?)?;
         let layers = loaded.model.layer_count();
         let cache = self.caches.lock().expect("cache lock poisoned").check_out(request_id, layers)?;

@@ -195,11 +195,16 @@ async fn bad_inputs_fail_the_request_only() {
     let err =
         engine.infer_tensor("r", &Shard::new(model.clone(), 0, 3, 3), tokens(&[1]), None).await.unwrap_err();
     assert!(matches!(err, Error::InvalidShard(_)), "{err}");
-    let err = engine.infer_tensor("r", &Shard::new(model, 0, 1, 4), tokens(&[1]), None).await.unwrap_err();
+    let err =
+        engine.infer_tensor("r", &Shard::new(model.clone(), 0, 1, 4), tokens(&[1]), None).await.unwrap_err();
     assert!(err.to_string().contains("4 layers"), "{err}");
     let long: Vec<i64> = vec![1; 129];
     let err = engine.infer_tensor("r", &whole, tokens(&long), None).await.unwrap_err();
     assert!(matches!(err, Error::ContextOverflow(_)), "{err}");
+    // Hidden states are sized from the model before they are converted: its context × its width.
+    let huge = WireTensor::new(DType::F32, vec![1, 129, HIDDEN], vec![0; 129 * HIDDEN * 4]).unwrap();
+    let err = engine.infer_tensor("r", &Shard::new(model.clone(), 1, 2, 3), huge, None).await.unwrap_err();
+    assert!(err.to_string().contains("limit of 4096 (128 positions of 32)"), "{err}");
     // The engine still serves.
     assert!(engine.infer_tensor("ok", &whole, tokens(&[1, 2]), None).await.is_ok());
     assert_eq!(engine.encode(&whole, "hello tiny world").await.unwrap(), [1, 4, 3]);

@@ -15,6 +15,7 @@ use safetensors::SafeTensors;
 
 use crate::engine::kernels::{AffineMatrix, WeightDType, WeightMatrix};
 use crate::error::{Error, Result};
+use crate::file_limits::{read_limited, CONFIG_FILE_LIMIT};
 
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -34,7 +35,7 @@ impl WeightIndex {
         if !index_path.exists() {
             return Ok(Self { dir: dir.to_path_buf(), weight_map: None });
         }
-        let text = std::fs::read_to_string(&index_path)
+        let text = read_limited(&index_path, CONFIG_FILE_LIMIT)
             .map_err(|e| Error::InvalidModel(format!("cannot read {}: {e}", index_path.display())))?;
         let index: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::InvalidModel(format!("{} is not valid JSON: {e}", index_path.display())))?;

@@ -13,6 +13,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::known_peers::{healthy, KnownPeer, KnownPeers};
 use super::{BackgroundTasks, CapabilitiesJson};
 use crate::error::{Error, Result};
+use crate::file_limits::{read_limited, CONFIG_FILE_LIMIT};
 use crate::net::{Discovery, PeerFactory, PeerHandle};
 use crate::topology::DeviceCapabilities;
 
@@ -62,7 +63,7 @@ impl NetworkTopology {
     /// both naming the file.
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|error| match error.kind() {
+        let text = read_limited(path, CONFIG_FILE_LIMIT).map_err(|error| match error.kind() {
             std::io::ErrorKind::NotFound => Error::ConfigNotFound(path.display().to_string()),
             _ => Error::InvalidConfig(format!("cannot read {}: {error}", path.display())),
         })?;

@@ -2,6 +2,7 @@
 //! (`manual`) and Tailscale's devices API (`tailscale`). Each health-checks what it finds
 //! and hands the node `PeerHandle`s made by the node's `PeerFactory`.
 
+pub mod datagram_gate;
 pub mod interfaces;
 mod known_peers;
 pub mod manual;

@@ -14,6 +14,7 @@ use tokio::net::UdpSocket;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use super::datagram_gate::DatagramGate;
 use super::interfaces::{local_ipv4_interfaces, NetworkInterface};
 use super::known_peers::{healthy, KnownPeer, KnownPeers, Sighting};
 use super::{own_capabilities, BackgroundTasks, CapabilitiesJson};
@@ -24,7 +25,8 @@ use crate::topology::DeviceCapabilities;
 
 /// The `type` every presence message carries.
 const MESSAGE_TYPE: &str = "discovery";
-/// Largest datagram read; presence messages are a few hundred bytes.
+/// Largest datagram read (UDP's own limit), so that a datagram over the gate's limit is seen
+/// whole and dropped rather than parsed cut short.
 const MAX_DATAGRAM: usize = 64 * 1024;
 
 /// The presence message, field for field (and in order) as exo classic sends it.
@@ -253,9 +255,11 @@ fn bind_sender(ip: Ipv4Addr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-/// Receives presence messages until stopped; bad datagrams are logged and skipped.
+/// Receives presence messages until stopped; datagrams the gate drops are not parsed, bad ones
+/// are logged and skipped.
 async fn listen(shared: Arc<Shared>, socket: UdpSocket) {
     let mut buffer = vec![0u8; MAX_DATAGRAM];
+    let mut gate = DatagramGate::default();
     loop {
         let (len, from) = match socket.recv_from(&mut buffer).await {
             Ok(received) => received,
@@ -265,6 +269,9 @@ async fn listen(shared: Arc<Shared>, socket: UdpSocket) {
                 continue;
             }
         };
+        if gate.admit(from.ip(), len, std::time::Instant::now()).is_err() {
+            continue;
+        }
         match PresenceMessage::parse(&buffer[..len]) {
             Ok(message) => on_presence(&shared, message, from),
             Err(reason) => log::debug!("ignoring datagram from {from}: {reason}"),

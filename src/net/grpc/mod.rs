@@ -7,6 +7,8 @@ mod server;
 
 pub use peer::GrpcPeer;
 pub use server::GrpcServer;
+#[cfg(test)]
+pub(crate) use server::Service;
 
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
@@ -14,8 +16,37 @@ use crate::proto;
 use crate::tensor::WireTensor;
 use crate::topology::{DeviceCapabilities, DeviceFlops, Topology};
 
-/// The largest message either side accepts (exo classic's limit).
-pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+/// The environment variable that sets the largest gRPC message either side accepts, in bytes.
+pub const MAX_MESSAGE_BYTES_ENV: &str = "EXO_GRPC_MAX_MESSAGE_BYTES";
+/// The largest message either side accepts by default (exo classic's limit).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+/// The smallest limit accepted: every control message must still fit.
+const MIN_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// The largest message either side accepts: `EXO_GRPC_MAX_MESSAGE_BYTES`, else 256 MiB.
+pub fn max_message_bytes() -> Result<usize> {
+    parse_max_message_bytes(std::env::var(MAX_MESSAGE_BYTES_ENV).ok().as_deref())
+}
+
+fn parse_max_message_bytes(value: Option<&str>) -> Result<usize> {
+    let Some(text) = value.map(str::trim).filter(|t| !t.is_empty()) else {
+        return Ok(DEFAULT_MAX_MESSAGE_BYTES);
+    };
+    match text.parse::<usize>() {
+        Ok(bytes) if bytes >= MIN_MAX_MESSAGE_BYTES => Ok(bytes),
+        _ => Err(Error::InvalidConfig(format!(
+            "{MAX_MESSAGE_BYTES_ENV} must be a number of bytes of at least {MIN_MAX_MESSAGE_BYTES}, got {text:?}"
+        ))),
+    }
+}
+
+/// The hint a call refused for its size carries: which limit, and how to raise it.
+fn message_size_hint(status: &tonic::Status) -> Option<String> {
+    let too_large =
+        status.code() == tonic::Code::OutOfRange && status.message().contains("message length too large");
+    too_large
+        .then(|| format!("the gRPC message limit; set {MAX_MESSAGE_BYTES_ENV} on both nodes to raise it"))
+}
 
 /// Metadata key of an error status that names the error's kind ([`Error::kind`]); classic
 /// peers ignore it, xotorch-core peers rebuild an error of that kind.
@@ -137,6 +168,21 @@ pub fn state_from_proto(message: proto::InferenceState) -> Result<InferenceState
 mod tests {
     use super::*;
     use crate::tensor::DType;
+
+    #[test]
+    fn the_message_limit_comes_from_the_environment_and_is_checked() {
+        assert_eq!(parse_max_message_bytes(None).unwrap(), DEFAULT_MAX_MESSAGE_BYTES);
+        assert_eq!(parse_max_message_bytes(Some(" 1048576 ")).unwrap(), 1 << 20);
+        for bad in ["-1", "lots", "1024"] {
+            let error = parse_max_message_bytes(Some(bad)).unwrap_err().to_string();
+            assert!(error.contains(MAX_MESSAGE_BYTES_ENV) && error.contains(bad), "{error}");
+        }
+        let refused = tonic::Status::out_of_range(
+            "decoded message length too large: found 9 bytes, the limit is: 8 bytes",
+        );
+        assert!(message_size_hint(&refused).unwrap().contains(MAX_MESSAGE_BYTES_ENV));
+        assert!(message_size_hint(&tonic::Status::out_of_range("other")).is_none());
+    }
 
     #[test]
     fn state_round_trips_through_protobuf() {

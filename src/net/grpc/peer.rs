@@ -12,7 +12,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use super::key_check::CallSigner;
-use super::{state_to_proto, ERROR_KIND_KEY, MAX_MESSAGE_BYTES};
+use super::{max_message_bytes, message_size_hint, state_to_proto, ERROR_KIND_KEY};
 use crate::engine::example::{Example, ExampleLoss};
 use crate::engine::InferenceState;
 use crate::error::{Error, Result};
@@ -105,9 +105,10 @@ impl GrpcPeer {
             .await
             .map_err(|_| self.error("connect", "timed out"))?
             .map_err(|e| self.error("connect", e))?;
+        let limit = max_message_bytes()?;
         let client = NodeServiceClient::with_interceptor(channel, self.signer.clone())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit)
             .accept_compressed(CompressionEncoding::Gzip);
         *self.client.lock().expect("client lock poisoned") = Some(client.clone());
         Ok(client)
@@ -117,10 +118,10 @@ impl GrpcPeer {
     /// for a shard the peer rejects (its first layer after its last): what one hop's message
     /// costs on the wire, without the receiver's layers. Fails if the peer cannot be reached.
     pub async fn tensor_round_trips(&self, hidden: usize, calls: usize) -> Result<Vec<Duration>> {
-        if hidden == 0 || calls == 0 || hidden > MAX_MESSAGE_BYTES / 8 {
+        let largest = max_message_bytes()? / 8;
+        if hidden == 0 || calls == 0 || hidden > largest {
             return Err(Error::InvalidArgument(format!(
-                "a round-trip probe needs calls > 0 and 0 < hidden size <= {} (got {calls} calls of {hidden})",
-                MAX_MESSAGE_BYTES / 8
+                "a round-trip probe needs calls > 0 and 0 < hidden size <= {largest} (got {calls} calls of {hidden})"
             )));
         }
         let tensor = WireTensor::new(crate::tensor::DType::F32, vec![1, 1, hidden], vec![0; hidden * 4])?;
@@ -159,7 +160,10 @@ impl GrpcPeer {
     fn status_error(&self, call: &str, status: &tonic::Status) -> Error {
         match status.metadata().get(ERROR_KIND_KEY).and_then(|kind| kind.to_str().ok()) {
             Some(kind) => Error::from_kind(kind, &format!("{} (on node {})", status.message(), self.id())),
-            None => self.error(call, format!("{} ({:?})", status.message(), status.code())),
+            None => match message_size_hint(status) {
+                Some(hint) => self.error(call, format!("{} ({hint})", status.message())),
+                None => self.error(call, format!("{} ({:?})", status.message(), status.code())),
+            },
         }
     }
 

@@ -14,7 +14,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use super::key_check::CallGate;
-use super::{state_from_proto, ERROR_KIND_KEY, MAX_MESSAGE_BYTES};
+use super::{max_message_bytes, state_from_proto, ERROR_KIND_KEY};
 use crate::engine::example::Example;
 use crate::error::{Error, Result};
 use crate::net::cluster_key::ClusterKey;
@@ -87,13 +87,14 @@ impl Server for GrpcServer {
         if self.running.lock().expect("server lock poisoned").is_some() {
             return Ok(());
         }
+        let limit = max_message_bytes()?;
         let listener = self.bind().await?;
         let address = listener.local_addr().map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let service =
             NodeServiceServer::new(Service { handler: self.handler.clone(), gate: self.gate.clone() })
                 .accept_compressed(CompressionEncoding::Gzip)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit);
         let service = InterceptedService::new(service, self.gate.clone());
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (shutdown, signal) = oneshot::channel::<()>();
@@ -127,12 +128,19 @@ impl Server for GrpcServer {
 }
 
 /// The tonic service: decodes and validates, then delegates to the handler.
-struct Service {
+pub(crate) struct Service {
     handler: Weak<dyn RequestHandler>,
     gate: CallGate,
 }
 
 impl Service {
+    /// The service in front of `handler`, without a cluster key (the fuzz targets call it
+    /// directly, message by message).
+    #[cfg(test)]
+    pub(crate) fn new(handler: Weak<dyn RequestHandler>) -> Self {
+        Self { handler, gate: CallGate::default() }
+    }
+
     fn handler(&self) -> std::result::Result<std::sync::Arc<dyn RequestHandler>, Status> {
         self.handler.upgrade().ok_or_else(|| Status::unavailable("the node is shutting down"))
     }
