@@ -5,7 +5,7 @@
 use proptest::prelude::*;
 
 use super::{assert_clear, bent_object, edge_u64};
-use crate::engine::candle::{model_memory, EngineOptions, ModelConfig};
+use crate::engine::candle::{model_memory, EngineOptions, Limits, ModelConfig};
 
 fn families() -> Vec<serde_json::Value> {
     let llama = serde_json::json!({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
@@ -54,7 +54,7 @@ proptest! {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("config.json"), config.to_string())?;
         let checked = ModelConfig::from_dir(dir.path());
-        let options = EngineOptions { max_context: 512, ..EngineOptions::default() };
+        let options = EngineOptions { limits: Limits { kv_cache_bytes: 1 << 30, max_context: Some(512) }, ..EngineOptions::default() };
         let memory = model_memory(dir.path(), &options, true);
         match checked {
             Ok(config) => {

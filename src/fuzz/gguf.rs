@@ -7,7 +7,7 @@ use proptest::prelude::*;
 
 use super::{assert_clear, edge_u64};
 use crate::download::gguf::{needed_ranges, parse_header};
-use crate::engine::candle::{model_memory, EngineOptions, GgufFile};
+use crate::engine::candle::{model_memory, EngineOptions, GgufFile, Limits};
 use crate::shard::Shard;
 use crate::tokenizer::Tokenizer;
 
@@ -214,7 +214,7 @@ proptest! {
         std::fs::write(&path, &file)?;
         match GgufFile::open(&path).and_then(|gguf| gguf.config()) {
             Ok(_) => {
-                let options = EngineOptions { max_context: 64, ..EngineOptions::default() };
+                let options = EngineOptions { limits: Limits { kv_cache_bytes: 1 << 30, max_context: Some(64) }, ..EngineOptions::default() };
                 if let Err(error) = model_memory(&path, &options, true) {
                     assert_clear(&error)?;
                 }
