@@ -310,7 +310,7 @@ impl Node {
         state: Option<InferenceState>,
     ) -> Result<()> {
         if !self.requests.register(request_id, RequestContext::from_state(state.as_ref())) {
-            return Err(self.refuse_ended(request_id).await);
+            return self.refuse_ended(request_id, state.as_ref()).await;
         }
         self.requests.set_phase(request_id, Phase::Processing);
         let (output, returned) = {
@@ -319,17 +319,23 @@ impl Node {
         };
         if self.requests.has_ended(request_id) {
             // Ended while this step ran: the step's cache goes too.
-            return Err(self.refuse_ended(request_id).await);
+            return self.refuse_ended(request_id, state.as_ref()).await;
         }
         self.after_step(&shard, output, request_id, self.keep_context(request_id, returned.or(state))).await
     }
 
-    /// The error a late step of an ended request gets, after freeing whatever the step left in
-    /// the engine: the sender learns the request is over instead of waiting on it.
-    async fn refuse_ended(&self, request_id: &str) -> Error {
+    /// Answers a late step of an ended request, after freeing whatever the step left in the
+    /// engine. A xotorch-core sender (its step carries the request's context) gets an error
+    /// naming why the request ended, so it stops waiting on it; an exo classic sender, which
+    /// sends one step past the end of every request and only logs a failure, is answered as
+    /// classic answers it, and the step is dropped.
+    async fn refuse_ended(&self, request_id: &str, state: Option<&InferenceState>) -> Result<()> {
         self.engine.finish_request(request_id).await;
+        if RequestContext::from_state(state).is_none() {
+            return Ok(());
+        }
         let why = self.requests.ended_because(request_id).unwrap_or_else(|| "it ended".into());
-        Error::RequestFailed(format!("request {request_id} has ended on node {}: {why}", self.id))
+        Err(Error::RequestFailed(format!("request {request_id} has ended on node {}: {why}", self.id)))
     }
 
     /// `state` with the request's context in it, whatever the engine did with it.
@@ -542,7 +548,7 @@ impl RequestHandler for Node {
     ) -> Result<()> {
         let request_id = request_id.unwrap_or_else(new_request_id);
         if !self.requests.register(&request_id, RequestContext::from_state(state.as_ref())) {
-            return Err(self.refuse_ended(&request_id).await);
+            return self.refuse_ended(&request_id, state.as_ref()).await;
         }
         let outcome = self.run_prompt(&whole_model(&shard), Some(shard), &prompt, &request_id, state).await;
         self.end_failed(&request_id, outcome).await

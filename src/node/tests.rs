@@ -622,6 +622,11 @@ async fn a_late_step_of_an_ended_request_is_refused_with_why_it_ended() {
     let error = peer.send_tensor(&base(), token(5), "r", state).await.unwrap_err();
     assert!(error.to_string().contains("request r has ended on node a"), "{error}");
     assert!(a.outstanding_requests().is_empty());
+    // An exo classic sender's step (no context: classic sends one step past every request's
+    // end) is answered as classic answers it, and dropped.
+    a.handle_tensor(base(), token(5), Some("r".into()), None).await.unwrap();
+    peer.send_tensor(&base(), token(5), "r", None).await.unwrap();
+    assert!(a.outstanding_requests().is_empty(), "the classic step did not start it again");
     a.stop().await.unwrap();
 }
 
