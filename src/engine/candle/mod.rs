@@ -283,8 +283,9 @@ fn check_input_size(input: &WireTensor, model: &ShardModel) -> Result<()> {
     let elements: usize = input.shape().iter().product();
     if elements > limit {
         return Err(Error::ContextOverflow(format!(
-            "an input of {elements} elements (shape {:?}) exceeds this model's limit of {limit} \
-             ({} positions of {width})",
+            "an input of {} positions ({elements} elements, shape {:?}) exceeds the context of {} \
+             tokens (raise it with --max-context or {MAX_CONTEXT_ENV})",
+            elements.div_ceil(width),
             input.shape(),
             model.max_context()
         )));
