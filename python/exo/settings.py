@@ -67,6 +67,21 @@ def env_seconds(name: str, environ: Mapping[str, str] = os.environ) -> float | N
     return value
 
 
+def env_count(name: str, environ: Mapping[str, str] = os.environ) -> int | None:
+    """The whole number above 0 environment variable `name` gives; None when unset or empty. Raises `ValueError`
+    for anything else."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name} must be a whole number above 0, not {raw!r}")
+    return value
+
+
 def debug_level(level: int) -> int:
     """The `logging` level of a message classic prints from `DEBUG >= level` on: 1 is INFO, 2 DEBUG, and each level
     above 2 one step below DEBUG, so that `DEBUG=n` shows exactly the messages of levels 1 to n."""

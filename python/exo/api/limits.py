@@ -5,8 +5,10 @@ enforces it names both the limit and the variable."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from exo.settings import env_count, env_seconds
 
 MAX_BODY_BYTES_ENV = "EXO_MAX_BODY_BYTES"
 MAX_MESSAGES_ENV = "EXO_MAX_MESSAGES"
@@ -33,28 +35,12 @@ class ApiLimits:
         """The limits the environment sets, the defaults for the others; `ValueError` names a bad variable."""
         env = os.environ if environ is None else environ
         defaults = cls()
+        body = env_count(MAX_BODY_BYTES_ENV, env)
+        messages = env_count(MAX_MESSAGES_ENV, env)
+        timeout = env_seconds(REQUEST_READ_TIMEOUT_ENV, env)
         return cls(
-            max_body_bytes=int(_positive(env, MAX_BODY_BYTES_ENV, defaults.max_body_bytes, int)),
-            max_messages=int(_positive(env, MAX_MESSAGES_ENV, defaults.max_messages, int)),
-            max_context=_optional_positive_int(env, MAX_CONTEXT_ENV),
-            request_read_timeout=_positive(env, REQUEST_READ_TIMEOUT_ENV, defaults.request_read_timeout, float),
+            max_body_bytes=defaults.max_body_bytes if body is None else body,
+            max_messages=defaults.max_messages if messages is None else messages,
+            max_context=env_count(MAX_CONTEXT_ENV, env),
+            request_read_timeout=defaults.request_read_timeout if timeout is None else timeout,
         )
-
-
-def _positive(env: Mapping[str, str], name: str, default: float, kind: Callable[[str], float]) -> float:
-    """The positive number the variable `name` holds (parsed by `kind`), else `default`."""
-    text = env.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = kind(text)
-    except ValueError:
-        value = 0
-    if not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {text!r}")
-    return value
-
-
-def _optional_positive_int(env: Mapping[str, str], name: str) -> int | None:
-    """The positive integer the variable `name` holds, or None when it is unset."""
-    return int(_positive(env, name, 0, int)) if env.get(name, "").strip() else None
