@@ -477,6 +477,85 @@ async fn a_cluster_key_keeps_out_peers_without_it() {
     nodes[0].node.stop().await.unwrap();
 }
 
+/// A raw TCP connection to `address`; with `preface`, it opens HTTP/2 as a gRPC client would (the
+/// preface and an empty SETTINGS frame) and then neither sends nor acknowledges anything.
+async fn raw_connection(address: &str, preface: bool) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    if preface {
+        stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+    }
+    stream
+}
+
+/// Whether the server closes `stream` within `limit` (what it sends meanwhile is read and dropped).
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buffer = [0u8; 1024];
+    let until_closed = async { while matches!(stream.read(&mut buffer).await, Ok(read) if read > 0) {} };
+    tokio::time::timeout(limit, until_closed).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_drops_silent_and_stuck_connections_and_refuses_those_over_its_limit() {
+    use crate::net::grpc::ConnectionPolicy;
+    let nodes = cluster(&["a"], dummy).await;
+    let handler: Arc<dyn RequestHandler> = nodes[0].node.clone();
+    let serve = |policy: ConnectionPolicy| async {
+        let server = GrpcServer::new(Arc::downgrade(&handler), "127.0.0.1", 0).with_connection_policy(policy);
+        server.start().await.unwrap();
+        let address = format!("127.0.0.1:{}", server.port());
+        (server, address)
+    };
+    let peer = |address: &str| {
+        GrpcPeer::new("a".into(), address.to_string(), String::new(), DeviceCapabilities::unknown())
+    };
+    let patient =
+        ConnectionPolicy { preface_deadline: Duration::from_secs(30), ..ConnectionPolicy::default() };
+
+    // A connection that sends nothing is closed once the preface deadline passes.
+    let quick_preface = ConnectionPolicy { preface_deadline: Duration::from_millis(200), ..patient.clone() };
+    let (server, address) = serve(quick_preface).await;
+    assert!(closed_within(&mut raw_connection(&address, false).await, Duration::from_secs(10)).await);
+    server.stop().await.unwrap();
+
+    // One that opened HTTP/2 but stopped reading never answers the server's pings and is dropped;
+    // a peer that answers them is served on.
+    let quick_pings = ConnectionPolicy {
+        keepalive_interval: Duration::from_millis(500),
+        keepalive_timeout: Duration::from_millis(500),
+        ..patient.clone()
+    };
+    let (server, address) = serve(quick_pings).await;
+    let mut stuck = raw_connection(&address, true).await;
+    assert!(!closed_within(&mut stuck, Duration::from_millis(300)).await, "closed before its first ping");
+    assert!(closed_within(&mut stuck, Duration::from_secs(20)).await);
+    let live = peer(&address);
+    assert!(live.health_check().await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(live.health_check().await);
+    server.stop().await.unwrap();
+
+    // Past the limit a connection is closed as it is accepted, a peer's included; a freed slot
+    // serves again.
+    let (server, address) = serve(ConnectionPolicy { max_connections: 2, ..patient }).await;
+    let held = [raw_connection(&address, true).await, raw_connection(&address, true).await];
+    assert!(closed_within(&mut raw_connection(&address, false).await, Duration::from_secs(5)).await);
+    assert!(!peer(&address).health_check().await);
+    drop(held);
+    let mut served = false;
+    for _ in 0..50 {
+        served = peer(&address).health_check().await;
+        if served {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served, "a freed slot takes a peer again");
+    server.stop().await.unwrap();
+    nodes[0].node.stop().await.unwrap();
+}
+
 /// A peer that may stop answering while its port stays open (an exo classic node loading its
 /// weights) or go away altogether; it refuses requests, or with `swallows` takes tensors and
 /// never answers them (a node that dies with a request in hand).

@@ -21,7 +21,7 @@ from exo import errors
 from exo.api.admission import Admission
 from exo.api.chat_request import ApiError, ChatRequest, bad_request, parse_chat_request, parse_json_object
 from exo.api.generation import GenerationTimeout, Outcome, generate_text
-from exo.api.limits import MAX_CONTEXT_ENV
+from exo.api.limits import MAX_CONTEXT_ENV, RESPONSE_WRITE_TIMEOUT_ENV
 from exo.api.model_choice import ResolvedModel, cluster_engine_classnames, resolve_in_cluster
 from exo.api.responses import SSE_HEADERS, error_from_exception, sse
 from exo.api.server import ApiServer
@@ -32,6 +32,10 @@ from exo.settings import VERSION, debug_level
 logger = logging.getLogger(__name__)
 
 ChatRequestListener = Callable[[str, ChatRequest, str], Any]
+
+
+class ClientStoppedReadingError(ConnectionError):
+    """A streaming client took no data for the write timeout: it is treated as gone."""
 
 
 class ChatRoutes(ApiServer):
@@ -260,12 +264,23 @@ class ChatRoutes(ApiServer):
                 body["usage"] = None
             return body
 
+        write_timeout = self.limits.response_write_timeout
+
+        async def write(data: bytes, *, eof: bool = False) -> None:
+            # A client that stops reading fills the socket's buffers and would hold the request forever.
+            try:
+                await asyncio.wait_for(response.write_eof(data) if eof else response.write(data), write_timeout)
+            except asyncio.TimeoutError as e:
+                response.force_close()
+                message = f"The client took nothing for {write_timeout:g} s ({RESPONSE_WRITE_TIMEOUT_ENV})."
+                raise ClientStoppedReadingError(message) from e
+
         async def send(text: str) -> None:
             # Headers go out with the first text, so failures before it still get a proper HTTP status.
             if not response.prepared:
                 await response.prepare(request)
-                await response.write(sse(chunk({"role": "assistant", "content": ""})))
-            await response.write(sse(chunk({"content": text})))
+                await write(sse(chunk({"role": "assistant", "content": ""})))
+            await write(sse(chunk({"content": text})))
 
         outcome: Outcome | None = None
         try:
@@ -276,8 +291,7 @@ class ChatRoutes(ApiServer):
             error = ApiError(408, f"No token within {self.response_timeout} s.", "timeout")
             if not response.prepared:
                 raise error from e
-            await response.write(sse(error.to_dict()))
-            await response.write_eof()
+            await write(sse(error.to_dict()), eof=True)
             return response
         except (ApiError, asyncio.CancelledError):
             raise
@@ -288,20 +302,18 @@ class ChatRoutes(ApiServer):
             error = error_from_exception(e)
             if not response.prepared:
                 raise error from e
-            await response.write(sse(error.to_dict()))
-            await response.write_eof()
+            await write(sse(error.to_dict()), eof=True)
             return response
         finally:
             await asyncio.shield(self._close(generation, request_id, outcome))
         if not response.prepared:
             await response.prepare(request)
-            await response.write(sse(chunk({"role": "assistant", "content": ""})))
-        await response.write(sse(chunk({}, outcome.finish_reason)))
+            await write(sse(chunk({"role": "assistant", "content": ""})))
+        await write(sse(chunk({}, outcome.finish_reason)))
         if chat.include_usage:
             usage_chunk = dict(base)
             usage_chunk["choices"] = []
             usage_chunk["usage"] = self._usage(tokenizer, prompt, outcome.completion_tokens)
-            await response.write(sse(usage_chunk))
-        await response.write(sse("[DONE]"))
-        await response.write_eof()
+            await write(sse(usage_chunk))
+        await write(sse("[DONE]"), eof=True)
         return response

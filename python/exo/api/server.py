@@ -1,5 +1,6 @@
-"""The aiohttp server under the API: CORS, errors answered as JSON, request handlers cancelled on stop, and
-background tasks (downloads, quitting) that outlive the request which started them."""
+"""The aiohttp server under the API: CORS, errors answered as JSON, request handlers cancelled on stop, slow or
+surplus connections refused, and background tasks (downloads, quitting) that outlive the request which started
+them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from exo.api.chat_request import ApiError
+from exo.api.connections import ConnectionCap
 from exo.api.limits import MAX_BODY_BYTES_ENV, REQUEST_READ_TIMEOUT_ENV, ApiLimits
 from exo.api.responses import error_response
 
@@ -43,6 +45,7 @@ class ApiServer:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self.app = web.Application(client_max_size=self.limits.max_body_bytes, middlewares=[self._cors_middleware])
         self.app.on_response_prepare.append(self._add_cors_headers)
 
@@ -84,11 +87,23 @@ class ApiServer:
         response.headers.update(CORS_HEADERS)
 
     async def run(self, host: str = "0.0.0.0", port: int = 52415) -> None:
-        """Start serving on `host:port`; returns once the socket listens."""
-        runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=5.0, access_log=None)
+        """Start serving on `host:port`; returns once the socket listens.
+
+        A connection must send each request's head within the head timeout of opening or of its previous response
+        (aiohttp's keep-alive timeout, which also closes a connection that has sent nothing), and at most
+        `max_connections` are open at once."""
+        runner = web.AppRunner(
+            self.app,
+            handler_cancellation=True,
+            shutdown_timeout=5.0,
+            access_log=None,
+            keepalive_timeout=self.limits.request_head_timeout,
+        )
         await runner.setup()
         self._runner = runner
-        await web.TCPSite(runner, host, port).start()
+        assert runner.server is not None
+        cap = ConnectionCap(runner.server, self.limits.max_connections)
+        self._listener = await asyncio.get_running_loop().create_server(cap, host, port)
         logger.info("ChatGPT API listening on http://%s:%d", host, port)
 
     async def stop(self) -> None:
@@ -100,6 +115,9 @@ class ApiServer:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()

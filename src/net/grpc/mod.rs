@@ -1,10 +1,13 @@
-//! exo classic's `node_service` gRPC protocol over tonic: the peer client, the server, the
-//! cluster key's check on calls, and conversions between protobuf messages and the core types.
+//! exo classic's `node_service` gRPC protocol over tonic: the peer client, the server and the
+//! bounds on its connections, the cluster key's check on calls, and conversions between protobuf
+//! messages and the core types.
 
+mod connections;
 mod key_check;
 mod peer;
 mod server;
 
+pub use connections::{ConnectionPolicy, MAX_CONNECTIONS_ENV};
 pub use peer::GrpcPeer;
 pub use server::GrpcServer;
 #[cfg(test)]

@@ -10,9 +10,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::codec::CompressionEncoding;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
+use super::connections::{bounded_incoming, ConnectionPolicy};
 use super::key_check::CallGate;
 use super::{max_message_bytes, state_from_proto, ERROR_KIND_KEY};
 use crate::engine::example::Example;
@@ -39,17 +39,31 @@ pub struct GrpcServer {
     running: Mutex<Option<Running>>,
     /// Refuses calls without the cluster key, when there is one.
     gate: CallGate,
+    /// How connections are bounded; the environment's policy when not set.
+    policy: Option<ConnectionPolicy>,
 }
 
 impl GrpcServer {
     /// A server that hands calls to `handler`; it holds it weakly so a node can own its server.
     pub fn new(handler: Weak<dyn RequestHandler>, host: impl Into<String>, port: u16) -> Self {
-        Self { handler, host: host.into(), port, running: Mutex::new(None), gate: CallGate::default() }
+        Self {
+            handler,
+            host: host.into(),
+            port,
+            running: Mutex::new(None),
+            gate: CallGate::default(),
+            policy: None,
+        }
     }
 
     /// The same server, taking only calls that prove `key` (when given).
     pub fn with_cluster_key(self, key: Option<ClusterKey>) -> Self {
         Self { gate: CallGate::new(key), ..self }
+    }
+
+    /// The same server, bounding its connections by `policy` instead of the environment's.
+    pub fn with_connection_policy(self, policy: ConnectionPolicy) -> Self {
+        Self { policy: Some(policy), ..self }
     }
 
     /// The host it was asked to listen on.
@@ -88,6 +102,10 @@ impl Server for GrpcServer {
             return Ok(());
         }
         let limit = max_message_bytes()?;
+        let policy = match &self.policy {
+            Some(policy) => policy.clone(),
+            None => ConnectionPolicy::from_env()?,
+        };
         let listener = self.bind().await?;
         let address = listener.local_addr().map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let service =
@@ -96,11 +114,11 @@ impl Server for GrpcServer {
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit);
         let service = InterceptedService::new(service, self.gate.clone());
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = bounded_incoming(listener, &policy);
         let (shutdown, signal) = oneshot::channel::<()>();
         let server = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+            .http2_keepalive_interval(Some(policy.keepalive_interval))
+            .http2_keepalive_timeout(Some(policy.keepalive_timeout))
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = signal.await;
