@@ -88,7 +88,7 @@ impl LoraConfig {
 }
 
 /// The module path of a projection inside a layer (`q_proj` -> `self_attn.q_proj`).
-fn module_of(target: &str) -> Option<String> {
+pub(super) fn module_of(target: &str) -> Option<String> {
     match target {
         "q_proj" | "k_proj" | "v_proj" | "o_proj" => Some(format!("self_attn.{target}")),
         "gate_proj" | "up_proj" | "down_proj" => Some(format!("mlp.{target}")),
@@ -111,7 +111,7 @@ fn features(target: &str, config: &ModelConfig) -> (usize, usize) {
 }
 
 /// PEFT's name prefix of `target` in layer `layer`.
-fn peft_prefix(layer: i32, target: &str) -> String {
+pub(super) fn peft_prefix(layer: i32, target: &str) -> String {
     format!("base_model.model.model.layers.{layer}.{}", module_of(target).expect("targets are checked"))
 }
 
