@@ -26,9 +26,12 @@ from exo.inference.shard import Shard
 from exo.inference.tokenizers import resolve_tokenizer
 from exo.testing.synth import write_model
 from exo.testing.synth_gguf import write_gguf
+from exo.train.dataset import batches, load_texts, tokenize
+from support.cluster import running_cluster, wait_for_ring, whole_model
 from support.solo_cli import run_solo
 
 GOLDEN = Path(__file__).parent / "golden" / "adapter"
+DATA = Path(__file__).parent / "data" / "lora"
 PRESETS = sorted(p.name for p in GOLDEN.iterdir() if (p / "golden.json").is_file())
 TOLERANCE = 1e-4
 
@@ -127,6 +130,31 @@ async def test_run_adapter_answers_with_peft_greedy_text(model: tuple[str, dict,
     assert adapted.returncode == 0 and base.returncode == 0, adapted.stderr + base.stderr
     assert answer.strip() and answer in adapted.stdout, adapted.stdout
     assert answer not in base.stdout, base.stdout
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+async def test_scoring_merged_equals_scoring_with_lora(model: tuple[str, dict, Path], nodes: int) -> None:
+    """A ring whose every node merges the adapter into its own layers scores the test data as the training path
+    does with the adapter applied as LoRA (held to PEFT by tests/test_lora.py); the training path on a node with
+    the adapter merged starts its fresh adapters (B zero) from the merged weights, so its first loss is the same."""
+    preset, _, model_dir = model
+    adapter, shard = _adapter(preset, "peft"), whole_model(model_dir)
+    tokenizer = await resolve_tokenizer(model_dir)
+    batch = next(batches(tokenize(load_texts(DATA, "test"), tokenizer.encode), 3))
+    example = (batch.inputs, batch.targets, batch.lengths)
+    async with running_cluster(["a", "b"][:nodes], lambda: CandleInferenceEngine(adapter=adapter)) as ring:
+        if nodes > 1:
+            await wait_for_ring(ring[0], nodes)
+            assert len(ring[0].partitions()) == 2
+        merged = await ring[0].enqueue_example(shard, *example)
+        ring[0].inference_engine.configure_training()
+        ring[-1].inference_engine.configure_training()
+        fresh_on_merged = await ring[0].enqueue_example(shard, *example, train=True)
+    async with running_cluster(["a"], CandleInferenceEngine) as (node,):
+        node.inference_engine.configure_training(adapter=str(adapter))
+        as_lora = await node.enqueue_example(shard, *example)
+    assert abs(merged - as_lora) <= 1e-4 * as_lora, (merged, as_lora)
+    assert abs(fresh_on_merged - as_lora) <= 1e-4 * as_lora, (fresh_on_merged, as_lora)
 
 
 def _broken_copy(source: Path, out: Path, config: dict | None = None, drop: str | None = None) -> Path:

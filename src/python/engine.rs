@@ -328,7 +328,7 @@ impl PyCandleEngine {
                 return Err(Error::InvalidArgument(format!("unknown optimizer {other} (adamw or sgd)")).into())
             }
         };
-        let lora = LoraConfig { rank, alpha, targets };
+        let lora = LoraConfig { rank, alpha, targets, ..LoraConfig::default() };
         let options = TrainOptions { lora, optimizer, learning_rate, weight_decay, adapter, seed };
         Ok(self.engine.configure_training(options)?)
     }

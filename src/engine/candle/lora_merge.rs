@@ -14,135 +14,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
-use serde_json::Value;
 
 use super::lora::{module_of, peft_prefix, LoraConfig, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
 use crate::error::{Error, Result};
-use crate::file_limits::{read_limited, CONFIG_FILE_LIMIT};
 use crate::shard::Shard;
 
 /// The variable naming the adapter a candle engine merges when it is given none.
 pub const ADAPTER_ENV: &str = "EXO_ADAPTER";
-
-/// `adapter_config.json` fields that do not change what a merge computes.
-const INERT_FIELDS: [&str; 12] = [
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "lora_dropout",
-    "auto_mapping",
-    "peft_version",
-    "runtime_config",
-    "megatron_core",
-    "qalora_group_size",
-    "ensure_weight_tying",
-    "layers_pattern",
-];
-
-/// Fields read by [`MergeConfig::from_peft_json`]; any other field must be unset.
-const READ_FIELDS: [&str; 8] = [
-    "peft_type",
-    "r",
-    "lora_alpha",
-    "target_modules",
-    "use_rslora",
-    "layers_to_transform",
-    "bias",
-    "init_lora_weights",
-];
-
-/// `init_lora_weights` values that leave the base weights as they are (PiSSA, OLoRA, CorDA and
-/// LoftQ rewrite the base weights the adapter was trained against).
-const PLAIN_INITS: [&str; 3] = ["gaussian", "eva", "orthogonal"];
-
-/// What one PEFT adapter's config says about merging it.
-#[derive(Debug, Clone, PartialEq)]
-struct MergeConfig {
-    lora: LoraConfig,
-    /// What `B A` is multiplied by.
-    scaling: f64,
-    /// The adapted layers (`layers_to_transform`); `None`: every layer.
-    layers: Option<Vec<i32>>,
-}
-
-impl MergeConfig {
-    /// The config of PEFT's `adapter_config.json`, refusing every field that would make the
-    /// merge differ from `W + s · B A` (DoRA, `fan_in_fan_out`, bias terms, per-module ranks,
-    /// extra trained modules, ...).
-    fn from_peft_json(json: &Value) -> std::result::Result<Self, String> {
-        let fields = json.as_object().ok_or("not a JSON object")?;
-        for (field, value) in fields {
-            if !INERT_FIELDS.contains(&field.as_str())
-                && !READ_FIELDS.contains(&field.as_str())
-                && is_set(value)
-            {
-                return Err(format!("{field} is {value}; merging supports plain LoRA adapters without it"));
-            }
-        }
-        if let Some(kind) = json.get("peft_type").filter(|t| t.as_str() != Some("LORA")) {
-            return Err(format!("peft_type is {kind}; only LORA adapters merge"));
-        }
-        if let Some(bias) = json.get("bias").filter(|b| !b.is_null() && b.as_str() != Some("none")) {
-            return Err(format!("bias is {bias}; adapters with bias terms do not merge yet"));
-        }
-        match json.get("init_lora_weights") {
-            None | Some(Value::Null | Value::Bool(_)) => {}
-            Some(Value::String(init)) if PLAIN_INITS.contains(&init.as_str()) => {}
-            Some(init) => {
-                return Err(format!("init_lora_weights is {init}, which rewrites the base weights"));
-            }
-        }
-        let lora = LoraConfig::from_peft_json(json).map_err(|e| e.to_string())?;
-        let scaling = match json.get("use_rslora").and_then(Value::as_bool) {
-            Some(true) => lora.alpha / (lora.rank as f64).sqrt(),
-            _ => lora.scaling(),
-        };
-        let layers = match json.get("layers_to_transform") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(layer)) => Some(vec![layer_index(layer)?]),
-            Some(Value::Array(layers)) => Some(
-                layers
-                    .iter()
-                    .map(|l| {
-                        l.as_number().ok_or(format!("layers_to_transform holds {l}")).and_then(layer_index)
-                    })
-                    .collect::<std::result::Result<_, _>>()?,
-            ),
-            Some(other) => return Err(format!("layers_to_transform is {other}")),
-        };
-        if layers.is_some() {
-            let pattern = json.get("layers_pattern").unwrap_or(&Value::Null);
-            let plain = [Value::Null, Value::from("layers"), serde_json::json!(["layers"])];
-            if !plain.contains(pattern) {
-                return Err(format!("layers_pattern is {pattern}; the models' layers are `layers`"));
-            }
-        }
-        Ok(Self { lora, scaling, layers })
-    }
-
-    /// Whether the config adapts `layer`.
-    fn adapts(&self, layer: i32) -> bool {
-        self.layers.as_ref().is_none_or(|layers| layers.contains(&layer))
-    }
-}
-
-/// A layer index of `layers_to_transform`.
-fn layer_index(number: &serde_json::Number) -> std::result::Result<i32, String> {
-    number.as_u64().and_then(|n| i32::try_from(n).ok()).ok_or(format!("layers_to_transform holds {number}"))
-}
-
-/// Whether a config value asks for something: not null, false, zero or empty.
-fn is_set(value: &Value) -> bool {
-    match value {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::Number(n) => n.as_f64() != Some(0.0),
-        Value::String(s) => !s.is_empty(),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-    }
-}
 
 /// One adapted projection's factors, in f32.
 struct Delta {
@@ -180,7 +58,7 @@ impl LoraMerge {
             Layout::Plain => vec![path.to_path_buf()],
             Layout::Split(dirs) => dirs.into_iter().map(|(dir, _)| dir).collect(),
         };
-        dirs.iter().try_for_each(|dir| read_config(dir).map(drop))
+        dirs.iter().try_for_each(|dir| LoraConfig::read(dir).map(drop))
     }
 
     /// Whether any of the weights `names` (name and rows of each) is adapted.
@@ -288,24 +166,15 @@ fn adapter_dirs(path: &Path, shard: &Shard) -> Result<Vec<(PathBuf, Vec<i32>)>> 
     Ok(taken)
 }
 
-/// The merge config of the PEFT adapter in `dir`.
-fn read_config(dir: &Path) -> Result<MergeConfig> {
-    let path = dir.join(ADAPTER_CONFIG);
-    let bad = |what: String| Error::InvalidModel(format!("adapter {}: {what}", path.display()));
-    let text = read_limited(&path, CONFIG_FILE_LIMIT).map_err(|e| bad(e.to_string()))?;
-    let json: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    MergeConfig::from_peft_json(&json).map_err(bad)
-}
-
 /// Adds the deltas of `layers` from the PEFT adapter in `dir` to `deltas`.
 fn read_deltas(dir: &Path, layers: &[i32], deltas: &mut BTreeMap<String, Delta>) -> Result<()> {
-    let config = read_config(dir)?;
+    let config = LoraConfig::read(dir)?;
     let file = dir.join(ADAPTER_WEIGHTS);
     let stored = candle_core::safetensors::load(&file, &Device::Cpu)
         .map_err(|e| Error::InvalidModel(format!("adapter {}: {e}", file.display())))?;
-    let rank = config.lora.rank;
+    let rank = config.rank;
     for &layer in layers.iter().filter(|&&layer| config.adapts(layer)) {
-        for target in &config.lora.targets {
+        for target in &config.targets {
             let prefix = peft_prefix(layer, target);
             let factor = |part: &str| -> Result<Tensor> {
                 let name = format!("{prefix}.lora_{part}.weight");
@@ -323,7 +192,7 @@ fn read_deltas(dir: &Path, layers: &[i32], deltas: &mut BTreeMap<String, Delta>)
                 }
                 Ok(tensor.to_dtype(DType::F32)?)
             };
-            let delta = Delta { a: factor("A")?, b: factor("B")?, scaling: config.scaling, name: prefix };
+            let delta = Delta { a: factor("A")?, b: factor("B")?, scaling: config.scaling(), name: prefix };
             let module = module_of(target).expect("targets are checked");
             deltas.insert(format!("model.layers.{layer}.{module}.weight"), delta);
         }
@@ -334,53 +203,6 @@ fn read_deltas(dir: &Path, layers: &[i32], deltas: &mut BTreeMap<String, Delta>)
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn config(extra: Value) -> std::result::Result<MergeConfig, String> {
-        let mut json = serde_json::json!({
-            "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"],
-            "fan_in_fan_out": false, "use_dora": false, "bias": "none", "modules_to_save": null,
-            "rank_pattern": {}, "alpha_pattern": {}, "loftq_config": {}, "init_lora_weights": true,
-            "megatron_core": "megatron.core", "qalora_group_size": 16, "lora_dropout": 0.05,
-        });
-        json.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-        MergeConfig::from_peft_json(&json)
-    }
-
-    #[test]
-    fn a_plain_config_gives_alpha_over_r_and_rslora_alpha_over_its_root() {
-        let plain = config(serde_json::json!({})).unwrap();
-        assert_eq!((plain.scaling, plain.layers.clone()), (2.0, None));
-        assert_eq!(plain.lora.targets, ["q_proj", "down_proj"]);
-        assert_eq!(config(serde_json::json!({"use_rslora": true})).unwrap().scaling, 4.0);
-        let some =
-            config(serde_json::json!({"layers_to_transform": [1, 3], "layers_pattern": "layers"})).unwrap();
-        assert!(some.adapts(3) && !some.adapts(2));
-        assert_eq!(config(serde_json::json!({"layers_to_transform": 2})).unwrap().layers, Some(vec![2]));
-    }
-
-    #[test]
-    fn fields_that_change_the_merge_are_refused_by_name() {
-        for (field, value) in [
-            ("fan_in_fan_out", serde_json::json!(true)),
-            ("use_dora", serde_json::json!(true)),
-            ("rank_pattern", serde_json::json!({"q_proj": 8})),
-            ("modules_to_save", serde_json::json!(["lm_head"])),
-            ("bias", serde_json::json!("all")),
-            ("init_lora_weights", serde_json::json!("pissa")),
-            ("peft_type", serde_json::json!("IA3")),
-            ("layers_pattern", serde_json::json!("h")),
-            ("some_future_option", serde_json::json!(1)),
-        ] {
-            let mut extra = serde_json::json!({ field: value });
-            if field == "layers_pattern" {
-                extra["layers_to_transform"] = serde_json::json!([0]);
-            }
-            let message = config(extra).unwrap_err();
-            assert!(message.starts_with(field), "{field}: {message}");
-        }
-        let unknown = config(serde_json::json!({"target_modules": ["lm_head"]})).unwrap_err();
-        assert!(unknown.contains("unknown LoRA target lm_head"), "{unknown}");
-    }
 
     /// A checkpoint split over two training shards merges as the whole-model adapter does,
     /// for a shard that straddles them; a layer no directory covers is named.
