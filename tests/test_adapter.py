@@ -34,6 +34,7 @@ GOLDEN = Path(__file__).parent / "golden" / "adapter"
 DATA = Path(__file__).parent / "data" / "lora"
 PRESETS = sorted(p.name for p in GOLDEN.iterdir() if (p / "golden.json").is_file())
 TOLERANCE = 1e-4
+HALF_TOLERANCE = 0.02
 
 
 def _adapter(preset: str, which: str) -> Path:
@@ -101,6 +102,21 @@ async def test_without_the_adapter_the_numbers_differ(model: tuple[str, dict, Pa
     assert greedy != golden["adapters"]["peft"]["greedy"]
     for which, expected in golden["adapters"].items():
         assert np.abs(last3[-1] - np.array(expected["last3"][-1])).max() > 100 * TOLERANCE, which
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+async def test_half_precision_checkpoints_store_the_merged_weights_in_their_dtype(
+    model: tuple[str, dict, Path], tmp_path: Path, dtype: str
+) -> None:
+    """Merged in f32 and rounded to the checkpoint's dtype: near PEFT's f32 logits, the same greedy tokens."""
+    preset, golden, _ = model
+    model_dir = write_model(preset, tmp_path / dtype, dtype=dtype, seed=0)
+    expected = golden["adapters"]["peft"]
+    last3, tokens = await Ring(model_dir, 2, _adapter(preset, "peft")).last3_and_greedy(
+        golden["prompt_ids"], len(expected["greedy"])
+    )
+    assert np.abs(last3[-1] - np.array(expected["last3"][-1])).max() <= HALF_TOLERANCE
+    assert tokens == expected["greedy"]
 
 
 async def test_quantized_loading_merges_before_quantizing(model: tuple[str, dict, Path]) -> None:
@@ -220,6 +236,15 @@ async def test_broken_adapters_name_what_is_wrong(model: tuple[str, dict, Path],
         CandleInferenceEngine(adapter=tmp_path / "nowhere")
     gguf = write_gguf(preset, tmp_path / "model.gguf", "f32")[0]
     assert "is a GGUF file" in await _load_error(gguf, source)
+
+
+async def test_mlx_quantized_checkpoints_are_refused(model: tuple[str, dict, Path], tmp_path: Path) -> None:
+    pytest.importorskip("mlx.core")
+    from exo.testing.synth_mlx import write_mlx_model
+
+    preset, _, _ = model
+    quantized = write_mlx_model(preset, tmp_path / "mlx", bits=4, group_size=32)
+    assert "is MLX-quantized" in await _load_error(quantized, _adapter(preset, "peft"))
 
 
 def test_run_with_a_missing_adapter_fails_clearly(model: tuple[str, dict, Path], tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ use super::gguf::{find_gguf, gguf_name, GgufFile, StoredTensor};
 use super::linear::Linear;
 use super::lora_merge::LoraMerge;
 use super::quant_type::ggml_dtype_name;
-use super::weights::{read_exact_at, read_to_huge_pages, ShardWeights, WeightIndex};
+use super::weights::{copy_to_huge_pages, read_exact_at, read_to_huge_pages, ShardWeights, WeightIndex};
 use crate::engine::kernels::{
     block_kernels_accelerated, dequantize_affine_row, AffineMatrix, BlockMatrix, BlockType, WeightDType,
     WeightMatrix,
@@ -392,7 +392,8 @@ fn gguf_layer(
 }
 
 /// A layer over the float weight `dense` (`[rows, cols]`, on the host): quantized to
-/// `quantize` if given, else kept in its dtype.
+/// `quantize` if given, else kept in its dtype (on the host, on huge pages as the stored
+/// weights are: the kernels stream it whole every token).
 fn dense_layer(
     dense: Tensor,
     quantize: Option<GgmlDType>,
@@ -415,8 +416,10 @@ fn dense_layer(
             return Err(Error::InvalidModel(format!("weights of dtype {other:?} are not float weights")))
         }
     };
-    let len = bytes.len();
-    Linear::new(WeightMatrix::new(Arc::new(bytes), 0..len, rows, cols, dtype)?, host_bias(bias)?)
+    let copy =
+        copy_to_huge_pages(&bytes).map_err(|e| Error::InvalidModel(format!("cannot hold a weight: {e}")))?;
+    let len = copy.len();
+    Linear::new(WeightMatrix::new(Arc::new(copy), 0..len, rows, cols, dtype)?, host_bias(bias)?)
 }
 
 /// A layer over the f32 weight `dense` (`[rows, cols]`, on the host) quantized to
