@@ -40,6 +40,8 @@ pub(crate) use gguf::GgufFile;
 pub use gguf::{gguf_files, part_names as gguf_part_names, tensor_range as gguf_tensor_range};
 pub use limits::{Limits, MAX_CONTEXT_ENV, MAX_KV_CACHE_GB_ENV};
 pub use lora::LoraConfig;
+#[cfg(test)]
+pub(crate) use lora_merge::LoraMerge;
 pub use lora_merge::ADAPTER_ENV;
 pub use quantize::{block_type, block_type_from_env, QUANTIZE_ENV};
 pub use training::{OptimizerKind, TrainOptions};
