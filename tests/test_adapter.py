@@ -3,8 +3,10 @@
 Checked against transformers with PEFT's `PeftModel` on the same synthetic checkpoint and adapter (f32), for an
 adapter PEFT wrote itself (all seven projections, rsLoRA) and for one `exo train` wrote (read from its
 checkpoint directory of `layers-*` directories): logits at the last 3 prompt positions within 1e-4 and 20 greedy
-tokens, with the layers on 1, 2 and 3 shards; `run --adapter` answers with PEFT's greedy text and differs from
-the base model's answer; bad adapters fail with an error naming what is wrong.
+tokens, with the layers on 1, 2 and 3 shards. Also: a two-node ring, each node merging its own layers, scores data
+as the training path does with the adapter as LoRA; bf16 and f16 checkpoints and `--quantize` stay near PEFT's
+logits; `run --adapter` answers with PEFT's greedy text, unlike the base model; bad adapters fail with an error
+naming what is wrong.
 
 The adapters and golden values come from `scripts/record_adapter_golden.py`.
 """
