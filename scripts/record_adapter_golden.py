@@ -1,13 +1,14 @@
 """Records transformers + PEFT references for LoRA adapters merged at load, for `tests/test_adapter.py`.
 
 Run by hand (not in CI) from the repository root in an environment with torch, transformers and peft,
-after `exo train` has written the trained adapter (in the project's own environment):
+after `exo train` has written each preset's trained adapter (in the project's own environment; optimizer.safetensors
+removed from it, as the tests do not read it):
 
-    python -m exo.testing.synth --preset tiny-llama --out /tmp/tiny-llama
-    python -m exo.main train /tmp/tiny-llama --data tests/data/lora --iters 6 --batch-size 2 \\
+    python -m exo.testing.synth --preset PRESET --out /tmp/PRESET
+    python -m exo.main train /tmp/PRESET --data tests/data/lora --iters 6 --batch-size 2 \\
         --learning-rate 1e-2 --lora-rank 4 --lora-alpha 8 --lora-targets q_proj,v_proj,o_proj,down_proj \\
-        --save-every 0 --save-checkpoint-dir tests/golden/adapter/tiny-llama/trained --disable-tui
-    PYTHONPATH=python python scripts/record_adapter_golden.py [--presets tiny-llama ...]
+        --save-every 0 --save-checkpoint-dir tests/golden/adapter/PRESET/trained --disable-tui
+    PYTHONPATH=python python scripts/record_adapter_golden.py [--presets tiny-llama tiny-qwen2 ...]
 
 For each preset it writes, under `tests/golden/adapter/<preset>/`:
 - `peft/`: an adapter written by PEFT itself (`get_peft_model`, `save_pretrained`) on all seven projections
@@ -94,7 +95,7 @@ def record(preset: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["tiny-llama"])
+    parser.add_argument("--presets", nargs="+", default=["tiny-llama", "tiny-qwen2"])
     for preset in parser.parse_args().presets:
         record(preset)
 
