@@ -249,8 +249,11 @@ async def test_mlx_quantized_checkpoints_are_refused(model: tuple[str, dict, Pat
     assert "is MLX-quantized" in await _load_error(quantized, _adapter(preset, "peft"))
 
 
-def test_run_with_a_missing_adapter_fails_clearly(model: tuple[str, dict, Path], tmp_path: Path) -> None:
+def test_a_missing_adapter_or_another_engine_fails_clearly(model: tuple[str, dict, Path], tmp_path: Path) -> None:
     _, _, model_dir = model
     done = run_solo(tmp_path, "run", str(model_dir), "--adapter", str(tmp_path / "nowhere"))
     assert done.returncode == 2
     assert "--adapter:" in done.stderr and "nowhere" in done.stderr, done.stderr
+    dummy = run_solo(tmp_path, "run", str(model_dir), "--inference-engine", "dummy", "--adapter", str(tmp_path))
+    assert dummy.returncode == 2
+    assert "--adapter: LoRA adapters merge into the candle engine's weights, not dummy's" in dummy.stderr
