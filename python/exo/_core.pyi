@@ -271,7 +271,9 @@ class CandleInferenceEngine(NativeInferenceEngine):
     256) bounds the prompt positions of one pass, `max_batch` (else `EXO_MAX_BATCH`, 64) the
     requests' steps it takes. `max_kv_cache_gb` (else `EXO_MAX_KV_CACHE_GB`, else a quarter of
     memory) bounds all requests' KV caches together; `max_context` (else `EXO_MAX_CONTEXT`,
-    else what that budget holds of each model, up to the model's limit) one request's tokens."""
+    else what that budget holds of each model, up to the model's limit) one request's tokens.
+    `adapter` (else `EXO_ADAPTER`) is a LoRA adapter merged into the weights of every shard
+    loaded: a PEFT directory, or a `train` checkpoint of `layers-*` directories."""
 
     def __new__(
         cls,
@@ -282,6 +284,7 @@ class CandleInferenceEngine(NativeInferenceEngine):
         quantize: str | None = None,
         prefill_chunk: int | None = None,
         max_batch: int | None = None,
+        adapter: str | os.PathLike[str] | None = None,
     ) -> CandleInferenceEngine: ...
     @property
     def limits(self) -> dict[str, Any]: ...

@@ -164,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize safetensors weights as they load: q8_0, q4_0, q4_k, ... or none (sets EXO_QUANTIZE)",
     )
     p.add_argument(
+        "--adapter",
+        type=str,
+        default=None,
+        help="a LoRA adapter merged into the weights this node loads: a PEFT directory, or a train checkpoint "
+        "(DIR/NNNNNN); each node of a cluster takes its own (sets EXO_ADAPTER)",
+    )
+    p.add_argument(
         "--max-concurrent-requests",
         type=int,
         default=32,
@@ -236,6 +243,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         os.environ["EXO_DEVICE"] = args.device
     if args.quantize is not None:
         os.environ["EXO_QUANTIZE"] = args.quantize
+    if args.adapter is not None:
+        os.environ["EXO_ADAPTER"] = args.adapter
     if args.prefill_chunk is not None:
         os.environ["EXO_PREFILL_CHUNK"] = str(args.prefill_chunk)
     if args.max_batch is not None:

@@ -5,6 +5,7 @@
 //! hang. Inputs mix raw bytes with structured ones (a valid message with one field bent), so
 //! the cases reach past the first syntax check.
 
+mod adapter;
 mod config;
 mod discovery;
 mod gguf;

@@ -17,7 +17,7 @@ use super::tokenizer::PyTokenizer;
 use crate::download::DownloaderLocator;
 use crate::engine::candle::{
     block_type, block_type_from_env, BatchOptions, CandleEngine, ComputeDevice, EngineOptions, Limits,
-    LoraConfig, OptimizerKind, TrainOptions,
+    LoraConfig, OptimizerKind, TrainOptions, ADAPTER_ENV,
 };
 use crate::engine::dummy::DummyEngine;
 use crate::engine::rkllm::{RkllmEngine, ServerOptions};
@@ -251,11 +251,13 @@ impl PyCandleEngine {
     /// prompt positions it runs, and the requests' steps it takes. `max_kv_cache_gb` (else
     /// `EXO_MAX_KV_CACHE_GB`, else a quarter of memory) bounds all requests' KV caches together,
     /// and `max_context` (else `EXO_MAX_CONTEXT`, else what that budget holds of each model, up
-    /// to the model's own limit) one request's tokens.
+    /// to the model's own limit) one request's tokens. `adapter` (else `EXO_ADAPTER`) is a LoRA
+    /// adapter merged into the weights of every shard loaded: a PEFT directory, or a `train`
+    /// checkpoint of `layers-*` directories.
     #[new]
     #[pyo3(signature = (
         shard_downloader=None, max_context=None, max_kv_cache_gb=None, device=None, quantize=None,
-        prefill_chunk=None, max_batch=None
+        prefill_chunk=None, max_batch=None, adapter=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -267,6 +269,7 @@ impl PyCandleEngine {
         quantize: Option<String>,
         prefill_chunk: Option<usize>,
         max_batch: Option<usize>,
+        adapter: Option<PathBuf>,
     ) -> PyResult<PyClassInitializer<Self>> {
         let device = match device {
             Some(name) => ComputeDevice::named(&name)?,
@@ -282,7 +285,13 @@ impl PyCandleEngine {
             batch: BatchOptions::new(prefill_chunk, max_batch)?,
         };
         let locator = locator_from_py(py, shard_downloader, crate::models::CANDLE);
-        let engine = Arc::new(CandleEngine::new(locator, options, device));
+        let mut engine = CandleEngine::new(locator, options, device);
+        let adapter =
+            adapter.or_else(|| std::env::var_os(ADAPTER_ENV).filter(|v| !v.is_empty()).map(PathBuf::from));
+        if let Some(adapter) = adapter {
+            engine = engine.with_adapter(adapter)?;
+        }
+        let engine = Arc::new(engine);
         Ok(PyClassInitializer::from(PyEngine { inner: engine.clone() }).add_subclass(Self { engine }))
     }
 
@@ -319,7 +328,7 @@ impl PyCandleEngine {
                 return Err(Error::InvalidArgument(format!("unknown optimizer {other} (adamw or sgd)")).into())
             }
         };
-        let lora = LoraConfig { rank, alpha, targets };
+        let lora = LoraConfig { rank, alpha, targets, ..LoraConfig::default() };
         let options = TrainOptions { lora, optimizer, learning_rate, weight_decay, adapter, seed };
         Ok(self.engine.configure_training(options)?)
     }

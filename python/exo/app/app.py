@@ -28,7 +28,7 @@ from exo.app.training import configure_engine, on_save_status, train
 from exo.app.tui_feed import TuiFeed
 from exo.download.new_shard_download import ensure_exo_home, new_shard_downloader, seed_models
 from exo.download.shard_download import NoopShardDownloader
-from exo.errors import InferenceServerError, InvalidArgumentError
+from exo.errors import InferenceServerError, InvalidArgumentError, InvalidModelError
 from exo.inference.inference_engine import get_inference_engine
 from exo.models import unavailable_reason
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
@@ -158,10 +158,14 @@ class App:
         if self.engine_choice.device and not os.environ.get("EXO_DEVICE"):
             os.environ["EXO_DEVICE"] = self.engine_choice.device  # the engine and the device report read it
         self.shard_downloader = self._shard_downloader()
+        if args.adapter is not None and self.engine_name != "candle":
+            raise CliError(f"--adapter: LoRA adapters merge into the candle engine's weights, not {self.engine_name}'s")
         try:
             engine = get_inference_engine(self.engine_name, self.shard_downloader)
         except InvalidArgumentError as e:  # a device this build or machine lacks, an unknown block type
             raise CliError(str(e)) from e
+        except InvalidModelError as e:  # an --adapter that is missing or that cannot merge
+            raise CliError(f"--adapter: {e}") from e
         self.engine = engine
         self.engine_classname = type(engine).__name__
         try:

@@ -14,6 +14,7 @@ mod gguf;
 mod limits;
 mod linear;
 mod lora;
+mod lora_merge;
 mod loss;
 mod model;
 mod moe;
@@ -39,12 +40,15 @@ pub(crate) use gguf::GgufFile;
 pub use gguf::{gguf_files, part_names as gguf_part_names, tensor_range as gguf_tensor_range};
 pub use limits::{Limits, MAX_CONTEXT_ENV, MAX_KV_CACHE_GB_ENV};
 pub use lora::LoraConfig;
+#[cfg(test)]
+pub(crate) use lora_merge::LoraMerge;
+pub use lora_merge::ADAPTER_ENV;
 pub use quantize::{block_type, block_type_from_env, QUANTIZE_ENV};
 pub use training::{OptimizerKind, TrainOptions};
 #[cfg(test)]
 pub(crate) use weights::WeightIndex;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -83,10 +87,16 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn load(path: &Path, shard: &Shard, options: EngineOptions, device: &Device) -> Result<Self> {
+    fn load(
+        path: &Path,
+        shard: &Shard,
+        options: EngineOptions,
+        adapter: Option<&Path>,
+        device: &Device,
+    ) -> Result<Self> {
         let checkpoint = Checkpoint::open(path)?;
         let context = options.limits.context_for(&checkpoint.config()?);
-        let model = ShardModel::load(&checkpoint, shard, context, device, options.quantize)?;
+        let model = ShardModel::load(&checkpoint, shard, context, device, options.quantize, adapter)?;
         Ok(Self { model: Arc::new(model), tokenizer: Arc::new(checkpoint.tokenizer()?) })
     }
 }
@@ -95,6 +105,8 @@ impl Loaded {
 pub struct CandleEngine {
     locator: Arc<dyn ModelLocator>,
     options: EngineOptions,
+    /// The LoRA adapter merged into every shard this engine loads, if any.
+    adapter: Option<PathBuf>,
     device: ComputeDevice,
     loaded: tokio::sync::Mutex<Option<Arc<Loaded>>>,
     current: Mutex<Option<Shard>>,
@@ -117,6 +129,7 @@ impl CandleEngine {
         Self {
             locator,
             options,
+            adapter: None,
             device,
             loaded: tokio::sync::Mutex::new(None),
             current: Mutex::new(None),
@@ -127,6 +140,15 @@ impl CandleEngine {
             train_options: Mutex::default(),
             training: Arc::default(),
         }
+    }
+
+    /// This engine with the LoRA adapter at `adapter` (a PEFT directory, or a `train`
+    /// checkpoint of `layers-*` directories) merged into the weights of every shard it loads;
+    /// its configs are read now, so a bad one fails here.
+    pub fn with_adapter(mut self, adapter: PathBuf) -> Result<Self> {
+        lora_merge::LoraMerge::check(&adapter)?;
+        self.adapter = Some(adapter);
+        Ok(self)
     }
 
     /// The limits this engine was given.
@@ -147,10 +169,12 @@ impl CandleEngine {
     pub async fn load_from(&self, shard: &Shard, dir: &Path) -> Result<()> {
         let mut loaded = self.loaded.lock().await;
         let (dir, shard_owned, options) = (dir.to_path_buf(), shard.clone(), self.options);
-        let device = self.device.device().clone();
-        let fresh = tokio::task::spawn_blocking(move || Loaded::load(&dir, &shard_owned, options, &device))
-            .await
-            .map_err(|e| Error::InvalidModel(format!("loading {} stopped: {e}", shard.model_id)))??;
+        let (adapter, device) = (self.adapter.clone(), self.device.device().clone());
+        let fresh = tokio::task::spawn_blocking(move || {
+            Loaded::load(&dir, &shard_owned, options, adapter.as_deref(), &device)
+        })
+        .await
+        .map_err(|e| Error::InvalidModel(format!("loading {} stopped: {e}", shard.model_id)))??;
         self.loaded_context.store(fresh.model.max_context(), Ordering::Relaxed);
         *loaded = Some(Arc::new(fresh));
         *self.current.lock().expect("shard lock poisoned") = Some(shard.clone());
@@ -496,7 +520,7 @@ pub fn model_config(path: &Path) -> Result<ModelConfig> {
 fn whole_model_on_cpu(dir: &Path, positions: usize) -> Result<ShardModel> {
     let n = model_config(dir)?.num_hidden_layers as i32;
     let shard = Shard::new(dir.display().to_string(), 0, n - 1, n);
-    ShardModel::load(&Checkpoint::open(dir)?, &shard, positions, &Device::Cpu, None)
+    ShardModel::load(&Checkpoint::open(dir)?, &shard, positions, &Device::Cpu, None, None)
 }
 
 /// Logits `[vocab]` for every position of `tokens`, running all of `dir`'s layers in one

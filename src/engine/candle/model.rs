@@ -1,6 +1,9 @@
 //! The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3, built for one
 //! shard: embeddings only on the first shard, final norm and LM head only on the last.
 
+use std::path::Path;
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
@@ -13,6 +16,7 @@ use super::deepseek::{LatentAttention, LatentShape};
 use super::embedding::Embedding;
 use super::gemma::{self, Activation, Gemma};
 use super::linear::Linear;
+use super::lora_merge::LoraMerge;
 use super::moe::{MoeSpec, Route, SparseMoe};
 use super::rope::Rope;
 use super::sliding_window;
@@ -528,13 +532,15 @@ pub struct ShardModel {
 
 impl ShardModel {
     /// Loads `shard`'s layers from `checkpoint`, with room for `max_context` positions;
-    /// safetensors weights are quantized to `quantize` as they load, if given.
+    /// safetensors weights have the LoRA adapter at `adapter` merged into them and are
+    /// quantized to `quantize` as they load, if given.
     pub fn load(
         checkpoint: &Checkpoint,
         shard: &Shard,
         max_context: usize,
         device: &Device,
         quantize: Option<GgmlDType>,
+        adapter: Option<&Path>,
     ) -> Result<Self> {
         shard.validate()?;
         let config = checkpoint.config()?;
@@ -548,7 +554,8 @@ impl ShardModel {
         let tied = head_is_tied(&config, checkpoint);
         let plan = TensorPlan::new(&config, shard, variant, tied);
         let tensor_names = plan.names();
-        let weights = checkpoint.open_shard(&tensor_names, &config, quantize)?;
+        let adapter = adapter.map(|path| LoraMerge::load(path, shard).map(Arc::new)).transpose()?;
+        let weights = checkpoint.open_shard(&tensor_names, &config, quantize, adapter.clone())?;
         let (vocab, hidden) = (config.vocab_size, config.hidden_size);
         // Looking tokens up reads a row each; as the LM head on the host the embedding streams
         // whole, on an accelerator the head is a device tensor of its own.
@@ -563,6 +570,9 @@ impl ShardModel {
             .into_par_iter()
             .map(|layer| Block::load(&weights, layer, &config, variant, device))
             .collect::<Result<Vec<_>>>()?;
+        if let Some(adapter) = &adapter {
+            adapter.check_all_merged()?;
+        }
         let (norm, lm_head) = if shard.is_last_layer() {
             let head = weights.head(vocab, hidden, tied, embed_tokens.as_ref(), device)?;
             let norm = RmsNorm::load(&weights, "model.norm.weight", hidden, config.rms_norm_eps, device)?
@@ -624,10 +634,11 @@ impl ShardModel {
         }
     }
 
-    /// The float tensor `name` of `shape` widened to f32 on the host, for the training path
-    /// (safetensors checkpoints with float weights only).
+    /// The float tensor `name` of `shape` widened to f32 on the host, with the inference
+    /// adapter merged if one was given, for the training path (safetensors checkpoints with
+    /// float weights only).
     pub fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let ShardTensors::Safetensors { weights, quantize: None } = &self.weights else {
+        let ShardTensors::Safetensors { weights, quantize: None, adapter } = &self.weights else {
             return Err(Error::InvalidArgument(
                 "training needs a safetensors checkpoint loaded without --quantize".into(),
             ));
@@ -635,7 +646,13 @@ impl ShardModel {
         match shape {
             [len] => weights.vector_f32(name, *len, &Device::Cpu),
             [rows, cols] => {
-                Ok(weights.device_matrix(&[(name, *rows)], *cols, &Device::Cpu)?.to_dtype(DType::F32)?)
+                let names = [(name.to_string(), *rows)];
+                let stored = weights.device_matrix(&names, *cols, &Device::Cpu)?;
+                let merged = match adapter {
+                    Some(adapter) if adapter.adapts(&names) => adapter.merge(&names, &stored)?,
+                    _ => stored,
+                };
+                Ok(merged.to_dtype(DType::F32)?)
             }
             _ => Err(Error::InvalidArgument(format!("{name}: tensors of shape {shape:?} are not weights"))),
         }

@@ -276,7 +276,7 @@ impl SparseMoe {
                 let prefix = format!("{p}.experts.{e}");
                 let name = |proj: &str| format!("{prefix}.{proj}.weight");
                 match weights {
-                    ShardTensors::Safetensors { weights: stored, quantize: None }
+                    ShardTensors::Safetensors { weights: stored, quantize: None, .. }
                         if device.is_cpu() && !stored.is_affine(&name(gate)) =>
                     {
                         let in_place = |proj: &str, rows, cols| -> Result<Linear> {

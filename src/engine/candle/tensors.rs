@@ -2,7 +2,7 @@
 //! a safetensors model directory (names as stored) or a GGUF file (names translated, llama's
 //! interleaved q/k rows put back in Hugging Face's order, quantized blocks kept as stored).
 //! Each weight becomes the layer that multiplies it best on the compute device; safetensors
-//! weights may be quantized as they load.
+//! weights may be quantized as they load, and have a LoRA adapter merged into them.
 
 use std::borrow::Cow;
 use std::fs::File;
@@ -17,8 +17,9 @@ use super::config::ModelConfig;
 use super::embedding::Embedding;
 use super::gguf::{find_gguf, gguf_name, GgufFile, StoredTensor};
 use super::linear::Linear;
+use super::lora_merge::LoraMerge;
 use super::quant_type::ggml_dtype_name;
-use super::weights::{read_exact_at, read_to_huge_pages, ShardWeights, WeightIndex};
+use super::weights::{copy_to_huge_pages, read_exact_at, read_to_huge_pages, ShardWeights, WeightIndex};
 use crate::engine::kernels::{
     block_kernels_accelerated, dequantize_affine_row, AffineMatrix, BlockMatrix, BlockType, WeightDType,
     WeightMatrix,
@@ -69,18 +70,23 @@ impl Checkpoint {
         }
     }
 
-    /// The tensors `names` of one shard; safetensors weights are quantized to `quantize`
-    /// as they load, if given (GGUF weights stay as stored).
+    /// The tensors `names` of one shard; safetensors weights have `adapter` merged into them
+    /// and are quantized to `quantize` as they load, if given (GGUF weights stay as stored).
     pub fn open_shard(
         &self,
         names: &[String],
         config: &ModelConfig,
         quantize: Option<GgmlDType>,
+        adapter: Option<Arc<LoraMerge>>,
     ) -> Result<ShardTensors> {
         match self {
             Self::Safetensors { index, .. } => {
-                Ok(ShardTensors::Safetensors { weights: index.open(names)?, quantize })
+                Ok(ShardTensors::Safetensors { weights: index.open(names)?, quantize, adapter })
             }
+            Self::Gguf(file) if adapter.is_some() => Err(Error::InvalidModel(format!(
+                "a LoRA adapter merges into float safetensors weights; {} is a GGUF file",
+                file.path().display()
+            ))),
             Self::Gguf(file) => {
                 let heads = (config.num_attention_heads, config.num_key_value_heads());
                 let interleaved = file.interleaves_query_key_rows()?.then_some(heads);
@@ -107,8 +113,9 @@ impl Checkpoint {
 
 /// The opened tensors of one shard.
 pub enum ShardTensors {
-    /// Mapped safetensors files, and the block type to quantize weights to, if any.
-    Safetensors { weights: ShardWeights, quantize: Option<GgmlDType> },
+    /// Mapped safetensors files, the block type to quantize weights to and the adapter to
+    /// merge into them, if any.
+    Safetensors { weights: ShardWeights, quantize: Option<GgmlDType>, adapter: Option<Arc<LoraMerge>> },
     /// A GGUF file.
     Gguf(GgufShard),
 }
@@ -211,8 +218,15 @@ impl ShardTensors {
         device: &Device,
     ) -> Result<Linear> {
         match self {
-            Self::Safetensors { weights, quantize } => {
+            Self::Safetensors { weights, quantize, adapter } => {
                 let affine = names.iter().filter(|(name, _)| weights.is_affine(name)).count();
+                let adapter = adapter.as_deref().filter(|a| a.adapts(names));
+                if let (Some(_), true) = (adapter, affine > 0) {
+                    return Err(Error::InvalidModel(format!(
+                        "a LoRA adapter merges into float weights; {} is MLX-quantized",
+                        names[0].0
+                    )));
+                }
                 if affine == names.len() {
                     return match weights.affine_matrix(names, cols, false)? {
                         Some(matrix) => affine_layer(matrix, bias, device),
@@ -222,16 +236,14 @@ impl ShardTensors {
                 if affine > 0 {
                     return self.split_layer(names, cols, bias, device);
                 }
-                if let Some(block_type) = quantize.filter(|t| cols.is_multiple_of(t.block_size())) {
+                let quantize = quantize.filter(|t| cols.is_multiple_of(t.block_size()));
+                if let Some(adapter) = adapter {
+                    let merged = adapter.merge(names, &weights.device_matrix(names, cols, &Device::Cpu)?)?;
+                    return dense_layer(merged, quantize, bias, device);
+                }
+                if let Some(block_type) = quantize {
                     let dense = weights.device_matrix(names, cols, &Device::Cpu)?.to_dtype(DType::F32)?;
-                    let weight = QTensor::quantize_onto(&dense, block_type, device)?;
-                    if let (true, Some(host_type)) = (device.is_cpu(), host_blocks(block_type)) {
-                        let bytes = weight.data()?.into_owned();
-                        let (rows, len) = (dense.dim(0)?, bytes.len());
-                        let matrix = BlockMatrix::new(Arc::new(bytes), 0..len, rows, cols, host_type)?;
-                        return Linear::new(matrix, host_bias(bias)?);
-                    }
-                    return Linear::quantized(Arc::new(weight), bias);
+                    return quantized_layer(&dense, block_type, bias, device);
                 }
                 if !device.is_cpu() {
                     return Linear::on_device(weights.device_matrix(names, cols, device)?, bias);
@@ -377,6 +389,56 @@ fn gguf_layer(
             Linear::quantized(Arc::new(quantized_tensor(&bytes, dtype, (rows, cols), device)?), bias)
         }
     }
+}
+
+/// A layer over the float weight `dense` (`[rows, cols]`, on the host): quantized to
+/// `quantize` if given, else kept in its dtype (on the host, on huge pages as the stored
+/// weights are: the kernels stream it whole every token).
+fn dense_layer(
+    dense: Tensor,
+    quantize: Option<GgmlDType>,
+    bias: Option<Tensor>,
+    device: &Device,
+) -> Result<Linear> {
+    if let Some(block_type) = quantize {
+        return quantized_layer(&dense.to_dtype(DType::F32)?, block_type, bias, device);
+    }
+    if !device.is_cpu() {
+        return Linear::on_device(dense.to_device(device)?, bias);
+    }
+    let (rows, cols) = dense.dims2()?;
+    let flat = dense.flatten_all()?;
+    let (bytes, dtype): (Vec<u8>, WeightDType) = match dense.dtype() {
+        DType::F32 => (bytemuck::cast_slice(&flat.to_vec1::<f32>()?).to_vec(), WeightDType::F32),
+        DType::BF16 => (bytemuck::cast_slice(&flat.to_vec1::<half::bf16>()?).to_vec(), WeightDType::BF16),
+        DType::F16 => (bytemuck::cast_slice(&flat.to_vec1::<half::f16>()?).to_vec(), WeightDType::F16),
+        other => {
+            return Err(Error::InvalidModel(format!("weights of dtype {other:?} are not float weights")))
+        }
+    };
+    let copy =
+        copy_to_huge_pages(&bytes).map_err(|e| Error::InvalidModel(format!("cannot hold a weight: {e}")))?;
+    let len = copy.len();
+    Linear::new(WeightMatrix::new(Arc::new(copy), 0..len, rows, cols, dtype)?, host_bias(bias)?)
+}
+
+/// A layer over the f32 weight `dense` (`[rows, cols]`, on the host) quantized to
+/// `block_type` as it loads: read by the host block kernels where they multiply that type,
+/// else by candle's quantized product.
+fn quantized_layer(
+    dense: &Tensor,
+    block_type: GgmlDType,
+    bias: Option<Tensor>,
+    device: &Device,
+) -> Result<Linear> {
+    let weight = QTensor::quantize_onto(dense, block_type, device)?;
+    if let (true, Some(host_type)) = (device.is_cpu(), host_blocks(block_type)) {
+        let bytes = weight.data()?.into_owned();
+        let ((rows, cols), len) = (dense.dims2()?, bytes.len());
+        let matrix = BlockMatrix::new(Arc::new(bytes), 0..len, rows, cols, host_type)?;
+        return Linear::new(matrix, host_bias(bias)?);
+    }
+    Linear::quantized(Arc::new(weight), bias)
 }
 
 /// An MLX-quantized layer: read in place by the host kernels, or dequantized to the dtype of

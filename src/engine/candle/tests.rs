@@ -311,8 +311,8 @@ fn batched_steps_match_steps_alone() {
     for model_type in ["llama", "qwen2", "qwen3"] {
         let dir = write_tiny_model(model_type);
         let shard = Shard::new(dir.display().to_string(), 0, LAYERS as i32 - 1, LAYERS as i32);
-        let model =
-            ShardModel::load(&Checkpoint::open(&dir).unwrap(), &shard, 128, &Device::Cpu, None).unwrap();
+        let model = ShardModel::load(&Checkpoint::open(&dir).unwrap(), &shard, 128, &Device::Cpu, None, None)
+            .unwrap();
         let prompts: [&[u32]; 3] = [&[1, 5, 9, 33, 2, 60, 7], &[40, 41], &[3]];
         let steps = 10;
         let alone: Vec<_> = prompts.iter().map(|p| run_alone(&model, p, steps)).collect();

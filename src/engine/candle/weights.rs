@@ -176,11 +176,7 @@ fn add_expert_views(name: &str, stacked: &StoredTensor, tensors: &mut HashMap<St
 /// file's pages are never mapped here as well.
 pub(super) fn read_to_huge_pages(pieces: &[(&File, Range<u64>)]) -> std::io::Result<Mmap> {
     let len = pieces.iter().map(|(_, range)| (range.end - range.start) as usize).sum();
-    let mut copy = memmap2::MmapOptions::new().len(len).map_anon()?;
-    #[cfg(target_os = "linux")]
-    if let Err(e) = copy.advise(memmap2::Advice::HugePage) {
-        log::debug!("no huge pages for a weight copy: {e}");
-    }
+    let mut copy = huge_page_buffer(len)?;
     let mut at = 0;
     for (file, range) in pieces {
         let bytes = (range.end - range.start) as usize;
@@ -188,6 +184,24 @@ pub(super) fn read_to_huge_pages(pieces: &[(&File, Range<u64>)]) -> std::io::Res
         at += bytes;
     }
     copy.make_read_only()
+}
+
+/// `bytes` copied into memory on huge pages, as [`read_to_huge_pages`] copies from files (for
+/// weights computed at load, such as those with an adapter merged).
+pub(super) fn copy_to_huge_pages(bytes: &[u8]) -> std::io::Result<Mmap> {
+    let mut copy = huge_page_buffer(bytes.len())?;
+    copy.copy_from_slice(bytes);
+    copy.make_read_only()
+}
+
+/// `len` bytes of anonymous memory advised onto transparent huge pages where the system has them.
+fn huge_page_buffer(len: usize) -> std::io::Result<memmap2::MmapMut> {
+    let copy = memmap2::MmapOptions::new().len(len).map_anon()?;
+    #[cfg(target_os = "linux")]
+    if let Err(e) = copy.advise(memmap2::Advice::HugePage) {
+        log::debug!("no huge pages for a weight copy: {e}");
+    }
+    Ok(copy)
 }
 
 #[cfg(unix)]
