@@ -14,7 +14,7 @@ mod table;
 pub use request::{LayerRange, NodeEvent, RequestContext, StreamEvent, CONTEXT_KEY};
 pub use table::RequestSummary;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -477,10 +477,14 @@ impl Node {
                 next.push(peer);
             }
         }
+        let addresses: BTreeMap<String, String> = self.peers().iter().map(|p| (p.id(), p.addr())).collect();
         let Some(departed) = self.membership.replace_peers(next) else { return Ok(false) };
-        // A departed peer leaves the partitions now, not at the next walk.
+        // A departed peer leaves the partitions now, not at the next walk, and the requests
+        // through it fail now, naming it, not at the watch's next pass.
         for peer_id in departed {
             self.membership.forget_node(&peer_id);
+            let address = addresses.get(&peer_id).map_or("", String::as_str);
+            self.fail_requests_through(&peer_id, address).await;
         }
         Ok(true)
     }
@@ -626,6 +630,11 @@ impl Node {
     async fn peer_failed(&self, peer_id: &str) {
         let address = self.peer(peer_id).map(|p| p.addr()).unwrap_or_default();
         self.drop_peer(peer_id);
+        self.fail_requests_through(peer_id, &address).await;
+    }
+
+    /// Fails every request that runs through `peer_id` (at `address`), which left the ring.
+    async fn fail_requests_through(&self, peer_id: &str, address: &str) {
         for request_id in self.requests.running_on(peer_id) {
             let error = Error::Peer(format!("{peer_id} ({address}) stopped answering during the request"));
             self.fail_request(&request_id, error).await;

@@ -209,6 +209,28 @@ async fn max_tokens_and_concurrent_requests_stay_per_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_the_refresh_leaves_out_fails_the_requests_through_it_at_once_naming_its_address() {
+    let nodes = cluster(&["a", "b"], || TestDummy::slow(Duration::from_millis(300))).await;
+    let (_, mut stream) = nodes[0].node.generate(&base(), "hi", None, GenerateOptions::default()).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Node b is no longer discovered (a partition, say): the next refresh leaves it out.
+    nodes[0].discovery.0.lock().unwrap().clear();
+    nodes[0].node.update_peers(0).await.unwrap();
+    let mut failure = None;
+    while let Ok(event) = stream.try_recv() {
+        if let StreamEvent::Failed(e) = event {
+            failure = Some(e.to_string());
+        }
+    }
+    let failure = failure.expect("the request failed within the refresh");
+    let address = format!("127.0.0.1:{}", nodes[1].server.port());
+    assert!(failure.contains(&format!("b ({address}) stopped answering")), "{failure}");
+    for test in &nodes {
+        test.node.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_dies_mid_request_fails_it_within_seconds_and_leaves_the_ring() {
     let nodes = cluster(&["a", "b"], || TestDummy::slow(Duration::from_millis(300))).await;
     let (_, stream) = nodes[0].node.generate(&base(), "hi", None, GenerateOptions::default()).unwrap();

@@ -1,7 +1,8 @@
 """Faults on real node processes (`python -m exo.main`, the candle engine, the tiny synthetic model, UDP discovery
 on loopback): a peer killed, frozen, restarted or joining mid-generation, the API client hanging up, the model's
-files damaged under a running node, and a fresh ring right after a frozen one. Every scenario runs `CHAOS_RUNS`
-times (see conftest.py), each run faulting after a different number of tokens; every wait is bounded."""
+files damaged under a running node, a fresh ring right after a frozen one, and (between two network namespaces) a
+partition that heals. Every scenario runs `CHAOS_RUNS` times (see conftest.py), each run faulting after a
+different number of tokens; every wait is bounded."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from support.netns import CUTS, NamespacePair, NamespacesUnavailable, namespace_pair
 from support.udp_nodes import NodeProcess, UdpRing, udp_ring
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
@@ -27,6 +30,9 @@ LONG = 1500
 API_TIMEOUT = 30
 #: The issue's bound on how long a request may take to fail once a peer is killed.
 KILL_DEADLINE = 5.0
+#: Most seconds a node keeps a request whose origin it cannot reach: the node's grace for a vanished origin (10 s
+#: since the request's last step), with room for a busy CPU.
+ORPHAN_LIMIT = 30.0
 
 
 def faults_after(run: int) -> int:
@@ -117,10 +123,27 @@ def ring(tmp_path: Path, model_dir: Path) -> Iterator[UdpRing]:
         yield ring
 
 
+@pytest.fixture
+def network() -> Iterator[NamespacePair]:
+    """Two network namespaces joined by a link the test can cut; the test is skipped where they cannot be made."""
+    with ExitStack() as stack:
+        try:
+            pair = stack.enter_context(namespace_pair())
+        except NamespacesUnavailable as e:
+            pytest.skip(f"cannot make network namespaces: {e}")
+        yield pair
+
+
 def two_nodes(ring: UdpRing) -> tuple[NodeProcess, NodeProcess]:
     a, b = ring.start("a", *API_ARGS), ring.start("b", *API_ARGS)
     ring.wait_for_ring([a, b])
     return a, b
+
+
+def assert_spans_both(a: NodeProcess) -> None:
+    """Node `a` runs one request, and it runs on nodes a and b."""
+    running = a.requests()
+    assert len(running) == 1 and sorted(running[0]["nodes"]) == ["a", "b"], running
 
 
 def wait_until(condition: Any, what: str, limit: float) -> None:
@@ -209,8 +232,7 @@ def test_client_hangs_up_mid_stream(
     a, b = two_nodes(ring)
     stream = Stream(a, model_dir)
     stream.read_text(faults_after(run))
-    running = a.requests()
-    assert len(running) == 1 and sorted(running[0]["nodes"]) == ["a", "b"], running
+    assert_spans_both(a)
     stream.close()
     closed_at = time.monotonic()
     for node in (a, b):
@@ -268,3 +290,51 @@ def test_fresh_ring_right_after_a_frozen_one(
     recovery(time.monotonic() - asked_at)
     assert status == 200, body
     assert body["choices"][0]["message"]["content"] == solo_answer
+
+
+def test_partition_healed(
+    network: NamespacePair,
+    ring: UdpRing,
+    model_dir: Path,
+    solo_answer: str,
+    run: int,
+    recovery: Callable[[float], None],
+    reformed: Callable[[float], None],
+) -> None:
+    """Node a in one network namespace and b in another, joined by a veth pair that is cut mid-generation and
+    joined again. The cut alternates by run between the two ways a link fails (see `support.netns.CUTS`): every
+    packet dropped at both ends, so that neither host is told and connections go silent, as when a switch fails;
+    and both ends taken down, so that each host knows at once, as when a cable is pulled. Half the partitions heal
+    as soon as each side runs alone, half once b has ended a's request on its own. The test reaches each node's
+    API through a relay into its namespace, which the cut does not touch."""
+    a = ring.start("a", *API_ARGS, host=network.a)
+    b = ring.start("b", *API_ARGS, host=network.b)
+    ring.wait_for_ring([a, b])
+    stream = Stream(a, model_dir)
+    stream.read_text(faults_after(run))
+    assert_spans_both(a)
+    network.cut(sorted(CUTS)[run % len(CUTS)])
+    cut_at = time.monotonic()
+    error, ended_at = stream.outcome()
+    assert "unavailable" in error, error
+    recovery(ended_at - cut_at)
+    assert ended_at - cut_at < API_TIMEOUT, f"the request failed {ended_at - cut_at:.1f} s after the cut"
+    # Each side goes on as a ring of one.
+    for node in (a, b):
+        ring.wait_for_ring([node])
+        assert answer(node, model_dir) == solo_answer
+    if run % 4 >= 2:
+        # A partition that outlasts b's grace for a vanished origin: b ends a's request on its own.
+        wait_until(lambda: b.requests() == [], "b ending the request of the unreachable a", ORPHAN_LIMIT)
+    network.heal()
+    healed_at = time.monotonic()
+    ring.wait_for_ring([a, b])
+    reformed(time.monotonic() - healed_at)
+    spanning = Stream(a, model_dir)
+    spanning.read_text(1)
+    assert_spans_both(a)
+    spanning.close()
+    assert answer(a, model_dir) == solo_answer
+    for node in (a, b):
+        wait_until(lambda n=node: n.requests() == [], f"no request left on node {node.node_id}", 10)
+        assert node.alive(), node.output()

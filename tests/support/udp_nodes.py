@@ -1,7 +1,8 @@
-"""Real `python -m exo.main` node processes on loopback that find each other by UDP discovery, as a user would run
-them: each node with its own gRPC and API ports and a private `EXO_HOME`, every ring with a UDP port of its own
-(so rings of different tests never meet). Signals (SIGKILL, SIGSTOP, SIGCONT) go to one node; leaving the
-`udp_ring` block kills every process it started, frozen ones included."""
+"""Real `python -m exo.main` node processes that find each other by UDP discovery, as a user would run them: each
+node with its own gRPC and API ports and a private `EXO_HOME`, every ring with a UDP port of its own (so rings of
+different tests never meet). Nodes run on loopback unless a test places one on another `Host` (a network namespace,
+see `support.netns`). Signals (SIGKILL, SIGSTOP, SIGCONT) go to one node; leaving the `udp_ring` block kills every
+process it started, frozen ones included."""
 
 from __future__ import annotations
 
@@ -26,8 +27,30 @@ from support.solo_cli import UNSET
 START_LIMIT = 90.0
 
 
+class Host:
+    """Where a node runs: here, on loopback, in the test's own network namespace."""
+
+    def __init__(self, address: str = "127.0.0.1", interface_type: str = "Loopback") -> None:
+        #: The address its gRPC server binds, which its peers reach.
+        self.address = address
+        #: The interfaces its UDP discovery announces on and listens to.
+        self.interface_type = interface_type
+
+    def command(self, argv: list[str]) -> list[str]:
+        """The command line that runs `argv` on this host."""
+        return argv
+
+    def reach(self, port: int) -> int:
+        """The port on the test's loopback that reaches `port` on this host."""
+        return port
+
+
+LOOPBACK = Host()
+
+
 class NodeProcess:
-    """One node process; its output goes to `log` (a pipe would fill and stall it)."""
+    """One node process; its output goes to `log` (a pipe would fill and stall it). `api_port` is where the test
+    reaches its API, on the test's loopback."""
 
     def __init__(self, node_id: str, process: subprocess.Popen[bytes], api_port: int, grpc_port: int, log: Path):
         self.node_id = node_id
@@ -87,25 +110,26 @@ class UdpRing:
         self.udp_port = free_udp_port()
         self.nodes: list[NodeProcess] = []
 
-    def start(self, node_id: str, *args: str, grpc_port: int | None = None) -> NodeProcess:
-        """Starts node `node_id` (on `grpc_port`, else a free one) and waits until its API answers."""
+    def start(self, node_id: str, *args: str, grpc_port: int | None = None, host: Host = LOOPBACK) -> NodeProcess:
+        """Starts node `node_id` on `host` (on `grpc_port`, else a free one) and waits until its API answers."""
         grpc_port = grpc_port or find_available_port("127.0.0.1")
         api_port = find_available_port("127.0.0.1")
         home = self.directory / f"home-{node_id}"
         home.mkdir(parents=True, exist_ok=True)
         log = self.directory / f"{node_id}-{len(self.nodes)}.log"
         command = [
-            sys.executable, "-m", "exo.main", "--node-id", node_id, "--node-host", "127.0.0.1",
+            sys.executable, "-m", "exo.main", "--node-id", node_id, "--node-host", host.address,
             "--node-port", str(grpc_port), "--chatgpt-api-port", str(api_port),
             "--listen-port", str(self.udp_port), "--broadcast-port", str(self.udp_port),
-            "--interface-type-filter", "Loopback", "--discovery-timeout", "5",
+            "--interface-type-filter", host.interface_type, "--discovery-timeout", "5",
             "--default-model", str(self.model), "--disable-tui", *args,
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in UNSET}
         env.update({"EXO_HOME": str(home), "EXO_ENGINE": "candle"})
+        reached_at = host.reach(api_port)
         with log.open("wb") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        node = NodeProcess(node_id, process, api_port, grpc_port, log)
+            process = subprocess.Popen(host.command(command), stdout=out, stderr=subprocess.STDOUT, env=env)
+        node = NodeProcess(node_id, process, reached_at, grpc_port, log)
         self.nodes.append(node)
         self._wait(lambda: _answers(node), node, "its API", START_LIMIT)
         return node
