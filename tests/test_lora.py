@@ -1,6 +1,7 @@
 """LoRA fine-tuning on the ring: the candle engine's loss, adapter gradients and input-hidden-state
 gradients equal torch autograd with PEFT's LoRA on the same weights, adapter and batch, and 20
-AdamW steps give torch's loss curve, on one node and across two real nodes over gRPC.
+AdamW steps give torch's loss curve, on one node and across two and three real nodes over gRPC (every
+preset here has 4 layers, so each of three nodes holds at least one).
 
 Golden values come from `scripts/record_lora_golden.py` (torch + transformers + peft, f32).
 """
@@ -26,6 +27,7 @@ DATA = Path(__file__).parent / "data" / "lora"
 GOLDEN = Path(__file__).parent / "golden" / "lora"
 PRESETS = sorted(p.stem for p in GOLDEN.glob("*.json"))
 RELATIVE = 1e-4
+NODE_IDS = ["a", "b", "c"]
 
 
 @pytest.fixture(scope="module", params=PRESETS)
@@ -50,23 +52,23 @@ def _assert_close(got: np.ndarray, expected: np.ndarray, what: str) -> None:
     assert worst <= RELATIVE * scale, f"{what}: off by {worst:.3g} at scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("nodes", [1, 2])
+@pytest.mark.parametrize("nodes", [1, 2, 3])
 async def test_adapter_gradients_match_peft(model: tuple[dict, Path, Path], nodes: int) -> None:
     golden, model_dir, adapter = model
     batch = await _first_batch(model_dir)
-    ids = ["a", "b"][:nodes]
-    async with running_cluster(ids, CandleInferenceEngine) as ring:
+    async with running_cluster(NODE_IDS[:nodes], CandleInferenceEngine) as ring:
         if nodes > 1:
             await wait_for_ring(ring[0], nodes)
-            assert len(ring[0].partitions()) == 2
+            assert len(ring[0].partitions()) == nodes
         for node in ring:
             node.inference_engine.configure_training(adapter=str(adapter))
         loss = await ring[-1].enqueue_example(
             whole_model(model_dir), batch.inputs, batch.targets, batch.lengths, train=True
         )
-        gradients: dict[str, np.ndarray] = {}
-        for node in ring:
-            gradients.update(node.inference_engine.adapter_gradients())
+        per_node = [node.inference_engine.adapter_gradients() for node in ring]
+    # Every node trained a shard of its own: the layers were split `nodes` ways.
+    assert all(per_node), [sorted(g) for g in per_node]
+    gradients = {name: grad for grads in per_node for name, grad in grads.items()}
     assert abs(loss - golden["loss"]) <= RELATIVE * golden["loss"]
     assert sorted(gradients) == sorted(golden["gradients"])
     for name, expected in golden["gradients"].items():
@@ -86,13 +88,12 @@ async def test_a_shard_returns_the_gradient_for_its_input_hidden_states(model: t
     _assert_close(grads, np.array(golden["hidden_grad"], dtype=np.float32), "input gradient")
 
 
-@pytest.mark.parametrize("nodes", [1, 2])
+@pytest.mark.parametrize("nodes", [1, 2, 3])
 async def test_adamw_steps_follow_torch(model: tuple[dict, Path, Path], nodes: int) -> None:
     golden, model_dir, adapter = model
     expected = golden["adamw"]["losses"]
     batch = await _first_batch(model_dir)
-    ids = ["a", "b"][:nodes]
-    async with running_cluster(ids, CandleInferenceEngine) as ring:
+    async with running_cluster(NODE_IDS[:nodes], CandleInferenceEngine) as ring:
         if nodes > 1:
             await wait_for_ring(ring[0], nodes)
         for node in ring:
