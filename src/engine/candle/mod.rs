@@ -9,6 +9,7 @@ mod deepseek;
 mod device;
 mod embedding;
 mod footprint;
+mod frozen_product;
 mod gemma;
 mod gguf;
 mod limits;

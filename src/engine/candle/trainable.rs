@@ -7,6 +7,7 @@
 use candle_core::{Device, Tensor, D};
 
 use super::config::ModelConfig;
+use super::frozen_product::FrozenProduct;
 use super::lora::Adapters;
 use super::model::ShardModel;
 use crate::error::Result;
@@ -14,7 +15,7 @@ use crate::shard::Shard;
 
 /// A frozen projection `[out, in]` with an optional bias `[out]`.
 struct Frozen {
-    weight: Tensor,
+    weight: FrozenProduct,
     bias: Option<Tensor>,
 }
 
@@ -40,7 +41,7 @@ pub struct TrainableShard {
     config: ModelConfig,
     blocks: Vec<DenseBlock>,
     norm: Option<Tensor>,
-    head: Option<Tensor>,
+    head: Option<FrozenProduct>,
     cos: Tensor,
     sin: Tensor,
 }
@@ -80,7 +81,7 @@ impl TrainableShard {
                 let prefix = format!("{p}.{module}.{name}");
                 let weight = model.dense(&format!("{prefix}.weight"), &[out, input])?;
                 let bias = if bias { Some(model.dense(&format!("{prefix}.bias"), &[out])?) } else { None };
-                projections.push((name, Frozen { weight, bias }));
+                projections.push((name, Frozen { weight: FrozenProduct::new(weight), bias }));
             }
             let norm = |name: &str, len: usize| model.dense(&format!("{p}.{name}.weight"), &[len]);
             blocks.push(DenseBlock {
@@ -102,7 +103,7 @@ impl TrainableShard {
             };
             (
                 Some(model.dense("model.norm.weight", &[hidden])?),
-                Some(model.dense(head_name, &[config.vocab_size, hidden])?),
+                Some(FrozenProduct::new(model.dense(head_name, &[config.vocab_size, hidden])?)),
             )
         } else {
             (None, None)
@@ -125,9 +126,7 @@ impl TrainableShard {
             x = self.block(&x, block, adapters)?;
         }
         match (&self.norm, &self.head) {
-            (Some(norm), Some(head)) => {
-                Ok(rms_norm(&x, norm, self.config.rms_norm_eps)?.broadcast_matmul(&head.t()?)?)
-            }
+            (Some(norm), Some(head)) => head.apply(&rms_norm(&x, norm, self.config.rms_norm_eps)?),
             _ => Ok(x),
         }
     }
@@ -202,7 +201,7 @@ impl TrainableShard {
 
 /// `x Wᵀ + b`, plus the adapter's `scaling · x Aᵀ Bᵀ` where `name` of `layer` is adapted.
 fn project(x: &Tensor, frozen: &Frozen, adapters: &Adapters, layer: i32, name: &str) -> Result<Tensor> {
-    let mut y = x.broadcast_matmul(&frozen.weight.t()?)?;
+    let mut y = frozen.weight.apply(x)?;
     if let Some(bias) = &frozen.bias {
         y = y.broadcast_add(bias)?;
     }
