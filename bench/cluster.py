@@ -130,18 +130,17 @@ async def _transport_round_trip_ms(name: str, port: int, hidden: int, calls: int
 
 
 @contextlib.asynccontextmanager
-async def _ring(names: list[str], driver_name: str = "driver", first_core: int = 0) -> AsyncIterator[tuple[Any, dict]]:
-    """Worker processes `names`, the i-th pinned to core `first_core + i`, and an in-process
-    driver node that holds no layers; yields the driver, once every worker holds layers, and
-    the ports."""
-    from exo.helpers import find_available_port
+async def driver_over(
+    workers: list[subprocess.Popen], ports: dict[str, int], driver_name: str = "driver"
+) -> AsyncIterator[Any]:
+    """An in-process driver node that holds no layers, over the worker processes listening on
+    `ports`; yields it once every worker holds layers and all agree on the ring, and kills the
+    workers at the end."""
     from exo.inference.candle import CandleInferenceEngine
     from exo.networking.grpc.grpc_server import GRPCServer
     from exo.orchestration.node import Node
     from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 
-    ports = {name: find_available_port("127.0.0.1") for name in [*names, driver_name]}
-    workers = [_spawn(name, first_core + i, ports) for i, name in enumerate(names)]
     peers = FixedDiscovery(_peer_handles(ports, driver_name))
     driver = Node(driver_name, None, CandleInferenceEngine(), peers, None)
     driver.device_capabilities = DeviceCapabilities("driver", "none", 0, DeviceFlops(0, 0, 0))
@@ -149,17 +148,30 @@ async def _ring(names: list[str], driver_name: str = "driver", first_core: int =
     driver.server = GRPCServer(driver, "127.0.0.1", ports[driver_name])
     try:
         await driver.start()
-        while len([p for p in driver.partitions() if p.end > p.start]) != len(names):
+        while len([p for p in driver.partitions() if p.end > p.start]) != len(workers):
             await asyncio.sleep(0.5)
             await driver.update_peers()
             await driver.collect_topology(set())
         await asyncio.sleep(2.5)  # one refresh on every worker, so all agree on the ring
-        yield driver, ports
+        yield driver
     finally:
         await driver.stop()
         for worker in workers:
             worker.kill()
             worker.wait()
+
+
+@contextlib.asynccontextmanager
+async def _ring(names: list[str], driver_name: str = "driver", first_core: int = 0) -> AsyncIterator[tuple[Any, dict]]:
+    """Worker processes `names`, the i-th pinned to core `first_core + i`, and an in-process
+    driver node that holds no layers; yields the driver, once every worker holds layers, and
+    the ports."""
+    from exo.helpers import find_available_port
+
+    ports = {name: find_available_port("127.0.0.1") for name in [*names, driver_name]}
+    workers = [_spawn(name, first_core + i, ports) for i, name in enumerate(names)]
+    async with driver_over(workers, ports, driver_name) as driver:
+        yield driver, ports
 
 
 def _base(model_dir: Path) -> Any:

@@ -120,32 +120,14 @@ def _spawn_node(name: str, ports: dict[str, int], adapter_dir: Path, threads: in
 async def _ring(size: int, adapter_dir: Path, threads: int) -> AsyncIterator[tuple[Any, list[subprocess.Popen]]]:
     """`size` node processes and a driver node here that holds no layers; yields the driver and
     the processes once every node holds layers and all agree on the ring."""
-    from cluster import FixedDiscovery, _peer_handles
+    from cluster import driver_over
     from exo.helpers import find_available_port
-    from exo.inference.candle import CandleInferenceEngine
-    from exo.networking.grpc.grpc_server import GRPCServer
-    from exo.orchestration.node import Node
-    from exo.topology.device_capabilities import DeviceCapabilities, DeviceFlops
 
     names = [f"n{i}" for i in range(size)]
     ports = {name: find_available_port("127.0.0.1") for name in [*names, "driver"]}
     processes = [_spawn_node(name, ports, adapter_dir, threads) for name in names]
-    driver = Node("driver", None, CandleInferenceEngine(), FixedDiscovery(_peer_handles(ports, "driver")), None)
-    driver.device_capabilities = DeviceCapabilities("driver", "none", 0, DeviceFlops(0, 0, 0))
-    driver.server = GRPCServer(driver, "127.0.0.1", ports["driver"])
-    try:
-        await driver.start()
-        while len([p for p in driver.partitions() if p.end > p.start]) != size:
-            await asyncio.sleep(0.5)
-            await driver.update_peers()
-            await driver.collect_topology(set())
-        await asyncio.sleep(2.5)  # one refresh on every node, so all agree on the ring
+    async with driver_over(processes, ports) as driver:
         yield driver, processes
-    finally:
-        await driver.stop()
-        for process in processes:
-            process.kill()
-            process.wait()
 
 
 async def _run_ours(size: int, model_dir: Path, adapter_dir: Path, tokens: np.ndarray, threads: int) -> dict[str, Any]:
