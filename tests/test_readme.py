@@ -27,6 +27,7 @@ DOCUMENTS = [
     "bench/README.md",
     "docs/architecture.md",
     "docs/compatibility.md",
+    "docs/configuration.md",
     "docs/models.md",
     "docs/packaging.md",
     "docs/rockchip.md",
