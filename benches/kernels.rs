@@ -4,13 +4,22 @@
 //! `KERNEL_BENCH_MIB` MiB (default 512) so every read comes from RAM; "cache" reads one
 //! matrix over and over. Each runs on one thread and on rayon's default pool.
 //!
-//! `cargo bench --bench kernels` (add `-- --quick` for a short run).
+//! "blocks" times the GGUF block kernels on a prompt's worth of input rows (`KERNEL_BENCH_ROWS`,
+//! default 128) at the MLP's shapes (8192x2048 and 2048x8192), one thread, weights quantized by candle from random values:
+//! criterion reports multiply-adds per second.
+//!
+//! `cargo bench --bench kernels` (add `-- --quick` for a short run, a filter such as `blocks`
+//! for one group).
 
 use std::hint::black_box;
 use std::sync::Arc;
 
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use xotorch_core::engine::kernels::{linear, WeightDType, WeightMatrix};
+use xotorch_core::engine::kernels::{
+    linear, linear_blocks, BlockMatrix, BlockType, WeightDType, WeightMatrix,
+};
 
 /// Llama-3.2-1B's MLP (up/gate) and attention (q/o) weights, `[rows, cols]`.
 const SHAPES: [(usize, usize); 2] = [(8192, 2048), (2048, 2048)];
@@ -72,5 +81,49 @@ fn matrix_vector(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, matrix_vector);
+/// Input rows of the block products, from `KERNEL_BENCH_ROWS`.
+fn block_rows() -> usize {
+    std::env::var("KERNEL_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(128)
+}
+
+/// A `[rows, cols]` matrix of `ggml` blocks quantized from small pseudo-random values.
+fn block_matrix(rows: usize, cols: usize, block_type: BlockType, ggml: GgmlDType) -> BlockMatrix {
+    let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1021) as f32 - 510.0) / 4096.0).collect();
+    let tensor = Tensor::from_vec(values, (rows, cols), &Device::Cpu).expect("a tensor");
+    let bytes = QTensor::quantize(&tensor, ggml).expect("quantized").data().expect("bytes").into_owned();
+    let len = bytes.len();
+    BlockMatrix::new(Arc::new(bytes), 0..len, rows, cols, block_type).expect("sizes agree")
+}
+
+fn block_products(c: &mut Criterion) {
+    let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a thread pool");
+    let m = block_rows();
+    let types = [
+        (BlockType::Q4K, GgmlDType::Q4K),
+        (BlockType::Q6K, GgmlDType::Q6K),
+        (BlockType::Q8_0, GgmlDType::Q8_0),
+    ];
+    let mut group = c.benchmark_group("blocks");
+    for (block_type, ggml) in types {
+        // The MLP's up/gate and down products.
+        for (rows, cols) in [(8192, 2048), (2048, 8192)] {
+            let w = block_matrix(rows, cols, block_type, ggml);
+            let x: Vec<f32> = (0..m * cols).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+            let mut out = vec![0.0f32; m * rows];
+            group.throughput(Throughput::Elements((m * rows * cols) as u64));
+            let id = BenchmarkId::new(format!("{block_type:?}/rows_{m}"), format!("{rows}x{cols}"));
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    one_thread
+                        .install(|| linear_blocks(black_box(&x), &w, None, &mut out))
+                        .expect("shapes agree");
+                    black_box(&out);
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, matrix_vector, block_products);
 criterion_main!(benches);

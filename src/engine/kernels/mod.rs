@@ -8,7 +8,8 @@
 //! `mod.rs` chooses the path; [`avx2`] cuts work for AVX2, [`x86`] holds the x86-64 SIMD
 //! kernels and [`portable`] the plain-Rust fallback. Block-quantized (GGUF) weights have
 //! their own: [`blocks`] decodes the formats, [`quantized`] runs the products and
-//! [`x86_blocks`] holds their AVX-512 VNNI kernels; MLX's affine-quantized weights have
+//! [`x86_blocks`] holds their AVX-512 VNNI kernels and [`x86_prompt_blocks`] the K formats'
+//! kernel for many input rows; MLX's affine-quantized weights have
 //! [`affine`] and [`x86_affine`]. [`linear`], [`Isa`] and the matrix types
 //! are public for `benches/kernels.rs`.
 
@@ -27,6 +28,8 @@ mod x86;
 mod x86_affine;
 #[cfg(target_arch = "x86_64")]
 mod x86_blocks;
+#[cfg(target_arch = "x86_64")]
+mod x86_prompt_blocks;
 
 use std::sync::OnceLock;
 

@@ -9,7 +9,9 @@
 //! value; a dot product's error is then bounded by `Σ_blocks max|x_block| / 254 · Σ|w_block|`.
 //! (Quantizing per 256 values instead, as llama.cpp's Q8_K does for the K formats, lets a
 //! whole weight block be summed in integers, but moved the greedy tokens of the Q5_K test
-//! model away from its dequantized weights' in `tests/test_gguf_engine.py`.)
+//! model away from its dequantized weights' in `tests/test_gguf_engine.py`.) A product of a
+//! K format with many input rows (a prompt) on AVX-512 VNNI takes
+//! [`super::x86_prompt_blocks`] instead: 14-bit codes per 256 values, finer than these.
 
 use rayon::prelude::*;
 
@@ -105,8 +107,14 @@ pub fn linear_blocks_with(
     let (n, k) = (w.rows(), w.cols());
     check_product(isa, x, (n, k), bias, out)?;
     let m = x.len() / k;
-    let input = QuantizedInput::new(x, k, w.block_type());
     let vnni = matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && vnni_available();
+    #[cfg(target_arch = "x86_64")]
+    if vnni && m >= super::x86_prompt_blocks::MIN_ROWS && w.block_type().block_weights() == 256 {
+        // SAFETY: AVX-512F/BW/VNNI were checked, and the shapes by `check_product`.
+        unsafe { super::x86_prompt_blocks::linear(x, w, bias, out) };
+        return Ok(());
+    }
+    let input = QuantizedInput::new(x, k, w.block_type());
     let row_bytes = w.block_type().row_bytes(k);
     let data = w.data();
     let out_ptr = OutPtr(out.as_mut_ptr());

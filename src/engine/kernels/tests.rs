@@ -140,14 +140,28 @@ fn block_decoding_matches_candle() {
     }
 }
 
+/// The error bound of a product whose activations are rounded to codes of at most `code_max`
+/// with one scale per `block` values: half a step of each block's largest magnitude per value.
+fn rounding_bound(x: &[f32], w: &[f32], block: usize, code_max: f32) -> f32 {
+    x.chunks(block)
+        .zip(w.chunks(block))
+        .map(|(xb, wb)| {
+            let max = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            max / (2.0 * code_max) * wb.iter().map(|w| w.abs()).sum::<f32>()
+        })
+        .sum()
+}
+
 /// Every instruction set's block product is within the activation rounding's bound of the
-/// f32 product with the decoded weights, and the paths agree with each other.
+/// f32 product with the decoded weights, and the paths that round alike agree with each
+/// other. Many input rows of a K format take the 14-bit path on AVX-512 VNNI, held to its
+/// own, tighter bound.
 #[test]
 fn block_products_match_the_decoded_weights() {
     for (block_type, _) in BLOCK_TYPES {
         let shapes: &[(usize, usize, usize)] = match block_type {
             BlockType::Q8_0 | BlockType::Q4_0 => &[(1, 5, 96), (3, 17, 256), (11, 9, 2048), (1, 70, 64)],
-            _ => &[(1, 5, 256), (3, 17, 512), (11, 9, 2048), (1, 70, 256)],
+            _ => &[(1, 5, 256), (3, 17, 512), (11, 9, 2048), (1, 70, 256), (37, 70, 2304), (16, 3, 256)],
         };
         for &(m, n, k) in shapes {
             let bytes = random_blocks(block_type, n, k, (m * n + k) as u32);
@@ -161,29 +175,35 @@ fn block_products_match_the_decoded_weights() {
             let bias: Vec<f32> = (0..n).map(|j| j as f32 / 8.0).collect();
             let mut outputs = Vec::new();
             for isa in [Isa::Avx512, Isa::Portable].into_iter().filter(|i| i.available()) {
+                #[cfg(target_arch = "x86_64")]
+                let wide = isa == Isa::Avx512
+                    && quantized::vnni_available()
+                    && block_type.block_weights() == 256
+                    && m >= x86_prompt_blocks::MIN_ROWS;
+                #[cfg(not(target_arch = "x86_64"))]
+                let wide = false;
                 let mut out = vec![0f32; m * n];
                 linear_blocks_with(isa, &x, &matrix, Some(&bias), &mut out).unwrap();
                 for i in 0..m {
                     for j in 0..n {
                         let (xs, ws) = (&x[i * k..(i + 1) * k], &weights[j * k..(j + 1) * k]);
                         let exact: f32 = xs.iter().zip(ws).map(|(a, b)| a * b).sum::<f32>() + bias[j];
-                        let bound: f32 = xs
-                            .chunks(32)
-                            .zip(ws.chunks(32))
-                            .map(|(xb, wb)| {
-                                let max = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-                                max / 254.0 * wb.iter().map(|w| w.abs()).sum::<f32>()
-                            })
-                            .sum::<f32>()
-                            + 1e-4 * (1.0 + exact.abs());
+                        let rounding = if wide {
+                            rounding_bound(xs, ws, 256, 8191.0)
+                        } else {
+                            rounding_bound(xs, ws, 32, 127.0)
+                        };
+                        let bound = rounding + 1e-4 * (1.0 + exact.abs());
                         let got = out[i * n + j];
                         assert!(
                             (got - exact).abs() <= bound,
-                            "{block_type:?} {isa:?} ({m},{n},{k}) [{i},{j}]: {got} vs {exact} (bound {bound})"
+                            "{block_type:?} {isa:?} wide {wide} ({m},{n},{k}) [{i},{j}]: {got} vs {exact} (bound {bound})"
                         );
                     }
                 }
-                outputs.push(out);
+                if !wide {
+                    outputs.push(out);
+                }
             }
             for pair in outputs.windows(2) {
                 for (a, b) in pair[0].iter().zip(&pair[1]) {

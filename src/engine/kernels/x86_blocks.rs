@@ -50,7 +50,7 @@ const fn lane_groups(lanes_per_group: usize) -> [[i32; 16]; 4] {
 /// The f16 at `bytes` (two readable bytes) as f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
 #[inline]
-unsafe fn half_at(bytes: *const u8) -> f32 {
+pub(super) unsafe fn half_at(bytes: *const u8) -> f32 {
     let bits = std::ptr::read_unaligned(bytes as *const u16);
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
@@ -135,30 +135,36 @@ unsafe fn k_blocks(block_type: BlockType, weights: &[u8], k: usize, rows: &Rows,
 /// in lanes 0-7) and its 16 per-group-of-16 offsets.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
 #[inline]
-unsafe fn k_parameters(block_type: BlockType, block: *const u8) -> (__m512, __m512) {
+pub(super) unsafe fn k_parameters(block_type: BlockType, block: *const u8) -> (__m512, __m512) {
     if block_type == BlockType::Q6K {
         let scales =
             _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(192) as *const __m128i)));
         let d = half_at(block.add(208));
         return (_mm512_mul_ps(scales, _mm512_set1_ps(d)), _mm512_mul_ps(scales, _mm512_set1_ps(-32.0 * d)));
     }
-    // The 6-bit scales and mins of the 12 packed bytes, as 8 bytes each (see `scale_min_k4`).
-    let packed = block.add(4);
-    let words = std::ptr::read_unaligned(packed as *const [u32; 3]);
-    let (w0, w1, w2) = (words[0], words[1], words[2]);
-    let (low6, low4, top2) = (0x3f3f_3f3f_u32, 0x0f0f_0f0f_u32, 0x0303_0303_u32);
-    let scales = (w0 & low6) as u64 | ((((w2 & low4) | (((w0 >> 6) & top2) << 4)) as u64) << 32);
-    let mins = (w1 & low6) as u64 | (((((w2 >> 4) & low4) | (((w1 >> 6) & top2) << 4)) as u64) << 32);
+    let (scales, mins) = k_scale_and_min_bytes(block);
     let values = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(mins as i64, scales as i64)));
     let (d, dmin) = (half_at(block), half_at(block.add(2)));
     let mins = _mm512_permutexvar_ps(_mm512_loadu_si512(MIN_OF_GROUP.as_ptr() as *const _), values);
     (_mm512_mul_ps(values, _mm512_set1_ps(d)), _mm512_mul_ps(mins, _mm512_set1_ps(-dmin)))
 }
 
+/// A Q4_K/Q5_K block's 8 six-bit scales and 8 mins, a byte each (see `scale_min_k4`).
+#[inline]
+pub(super) fn k_scale_and_min_bytes(block: *const u8) -> (u64, u64) {
+    // SAFETY: a Q4_K/Q5_K block holds its 12 packed bytes after the two f16 scales.
+    let words = unsafe { std::ptr::read_unaligned(block.add(4) as *const [u32; 3]) };
+    let (w0, w1, w2) = (words[0], words[1], words[2]);
+    let (low6, low4, top2) = (0x3f3f_3f3f_u32, 0x0f0f_0f0f_u32, 0x0303_0303_u32);
+    let scales = (w0 & low6) as u64 | ((((w2 & low4) | (((w0 >> 6) & top2) << 4)) as u64) << 32);
+    let mins = (w1 & low6) as u64 | (((((w2 >> 4) & low4) | (((w1 >> 6) & top2) << 4)) as u64) << 32);
+    (scales, mins)
+}
+
 /// The 64 codes of chunk `part` (of 4) of a K-format block at `block`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
 #[inline]
-unsafe fn k_codes(block_type: BlockType, block: *const u8, part: usize) -> __m512i {
+pub(super) unsafe fn k_codes(block_type: BlockType, block: *const u8, part: usize) -> __m512i {
     let nibbles = _mm256_set1_epi8(0x0f);
     match block_type {
         BlockType::Q4K => {
