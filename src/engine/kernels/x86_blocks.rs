@@ -149,11 +149,12 @@ pub(super) unsafe fn k_parameters(block_type: BlockType, block: *const u8) -> (_
     (_mm512_mul_ps(values, _mm512_set1_ps(d)), _mm512_mul_ps(mins, _mm512_set1_ps(-dmin)))
 }
 
-/// A Q4_K/Q5_K block's 8 six-bit scales and 8 mins, a byte each (see `scale_min_k4`).
+/// A Q4_K/Q5_K block's 8 six-bit scales and 8 mins, a byte each (see `scale_min_k4`);
+/// `block` must point at a whole block.
 #[inline]
-pub(super) fn k_scale_and_min_bytes(block: *const u8) -> (u64, u64) {
-    // SAFETY: a Q4_K/Q5_K block holds its 12 packed bytes after the two f16 scales.
-    let words = unsafe { std::ptr::read_unaligned(block.add(4) as *const [u32; 3]) };
+pub(super) unsafe fn k_scale_and_min_bytes(block: *const u8) -> (u64, u64) {
+    // The 12 packed bytes follow the two f16 scales.
+    let words = std::ptr::read_unaligned(block.add(4) as *const [u32; 3]);
     let (w0, w1, w2) = (words[0], words[1], words[2]);
     let (low6, low4, top2) = (0x3f3f_3f3f_u32, 0x0f0f_0f0f_u32, 0x0303_0303_u32);
     let scales = (w0 & low6) as u64 | ((((w2 & low4) | (((w0 >> 6) & top2) << 4)) as u64) << 32);
