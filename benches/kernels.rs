@@ -5,8 +5,8 @@
 //! matrix over and over. Each runs on one thread and on rayon's default pool.
 //!
 //! "blocks" times the GGUF block kernels on a prompt's worth of input rows (`KERNEL_BENCH_ROWS`,
-//! default 128) at the MLP's shapes (8192x2048 and 2048x8192), one thread, weights quantized by candle from random values:
-//! criterion reports multiply-adds per second.
+//! default 128) at the MLP's shapes (8192x2048 and 2048x8192), one thread, with weights that
+//! candle quantized from pseudo-random values: criterion reports multiply-adds per second.
 //!
 //! `cargo bench --bench kernels` (add `-- --quick` for a short run, a filter such as `blocks`
 //! for one group).

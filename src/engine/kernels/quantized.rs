@@ -109,7 +109,7 @@ pub fn linear_blocks_with(
     let m = x.len() / k;
     let vnni = matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && vnni_available();
     #[cfg(target_arch = "x86_64")]
-    if vnni && m >= super::x86_prompt_blocks::MIN_ROWS && w.block_type().block_weights() == 256 {
+    if takes_prompt_kernel(isa, w.block_type(), m) {
         // SAFETY: AVX-512F/BW/VNNI were checked, and the shapes by `check_product`.
         unsafe { super::x86_prompt_blocks::linear(x, w, bias, out) };
         return Ok(());
@@ -136,6 +136,23 @@ pub fn linear_blocks_with(
         }
     });
     Ok(())
+}
+
+/// Whether a product of `rows` input rows with `block_type` weights on `isa` takes the K
+/// formats' prompt kernel (x86-64 with AVX-512 VNNI only).
+pub(super) fn takes_prompt_kernel(isa: Isa, block_type: BlockType, rows: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        matches!(isa, Isa::Avx512 | Isa::Avx512Bf16)
+            && vnni_available()
+            && block_type.block_weights() == 256
+            && rows >= super::x86_prompt_blocks::MIN_ROWS
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, block_type, rows);
+        false
+    }
 }
 
 /// Input rows dotted with one weight row at a time (each decoded weight block is reused

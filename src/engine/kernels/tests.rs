@@ -175,13 +175,7 @@ fn block_products_match_the_decoded_weights() {
             let bias: Vec<f32> = (0..n).map(|j| j as f32 / 8.0).collect();
             let mut outputs = Vec::new();
             for isa in [Isa::Avx512, Isa::Portable].into_iter().filter(|i| i.available()) {
-                #[cfg(target_arch = "x86_64")]
-                let wide = isa == Isa::Avx512
-                    && quantized::vnni_available()
-                    && block_type.block_weights() == 256
-                    && m >= x86_prompt_blocks::MIN_ROWS;
-                #[cfg(not(target_arch = "x86_64"))]
-                let wide = false;
+                let wide = quantized::takes_prompt_kernel(isa, block_type, m);
                 let mut out = vec![0f32; m * n];
                 linear_blocks_with(isa, &x, &matrix, Some(&bias), &mut out).unwrap();
                 for i in 0..m {

@@ -37,6 +37,8 @@ const TILE_ROWS: usize = 3;
 const TILE_WEIGHTS: usize = 4;
 /// Columns decoded at a time (a task's buffer of 256 KB stays in L2).
 const TILE_COLS: usize = 2048;
+/// Blocks of a row decoded at a time.
+const TILE_BLOCKS: usize = TILE_COLS / BLOCK;
 /// Input rows from which a product takes this path: with fewer, decoding each block costs more
 /// than the products gain (measured with `benches/kernels.rs`).
 pub const MIN_ROWS: usize = 16;
@@ -104,21 +106,17 @@ struct DecodedTile {
     codes: Vec<__m512i>,
     scales: Vec<f32>,
     offsets: Vec<__m512>,
-    /// Blocks per row.
-    blocks: usize,
 }
 
 impl DecodedTile {
     /// A buffer for a task's rows.
     fn new() -> Self {
-        let blocks = TILE_COLS / BLOCK;
         // SAFETY: the vector types are plain bits, for which zeros are a value.
         let (codes, offsets) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
         Self {
-            codes: vec![codes; ROWS_PER_TASK * blocks * 8],
-            scales: vec![0.0; ROWS_PER_TASK * blocks],
-            offsets: vec![offsets; ROWS_PER_TASK * blocks],
-            blocks,
+            codes: vec![codes; ROWS_PER_TASK * TILE_BLOCKS * 8],
+            scales: vec![0.0; ROWS_PER_TASK * TILE_BLOCKS],
+            offsets: vec![offsets; ROWS_PER_TASK * TILE_BLOCKS],
         }
     }
 
@@ -127,7 +125,7 @@ impl DecodedTile {
     unsafe fn fill(&mut self, block_type: BlockType, rows: &[u8], row_bytes: usize, blocks: Range<usize>) {
         for (w, row) in rows.chunks_exact(row_bytes).enumerate() {
             for (i, b) in blocks.clone().enumerate() {
-                let at = w * self.blocks + i;
+                let at = w * TILE_BLOCKS + i;
                 let (codes, d, offsets) =
                     wide_block(block_type, row.as_ptr().add(b * block_type.block_bytes()));
                 self.codes[8 * at..8 * at + 8].copy_from_slice(&codes);
@@ -229,7 +227,7 @@ unsafe fn tile_of<const W: usize, const R: usize>(
 ) {
     let mut acc = [[_mm512_setzero_ps(); R]; W];
     for (i, b) in blocks.enumerate() {
-        let at: [usize; W] = std::array::from_fn(|w| (group + w) * decoded.blocks + i);
+        let at: [usize; W] = std::array::from_fn(|w| (group + w) * TILE_BLOCKS + i);
         // Per input row: its codes of block `b`, and the index of the block's scale.
         let x: [*const i16; R] =
             std::array::from_fn(|r| input.codes.as_ptr().add((first + r) * input.stride + BLOCK * b));
