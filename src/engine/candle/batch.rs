@@ -157,17 +157,25 @@ impl Batcher {
     }
 }
 
-/// How long a round waits for the next steps of the requests the last two rounds answered:
-/// their callers sample and send them back within moments of each other, and a round started
-/// on the first of them would leave the rest for a round of their own (two rounds, so that
-/// requests that fell out of step come back into one).
+/// How long a round waits for more steps after the last one arrived, while the requests the
+/// last two rounds answered have not all queued their next. Their callers sample and send
+/// them back one after another (about half a millisecond each for a large vocabulary), and a
+/// round started on the first of them would leave the rest for a round of their own, which
+/// costs nearly a whole pass over the weights (two rounds, so that requests that fell out of
+/// step come back into one).
 const GATHER: Duration = Duration::from_millis(3);
+
+/// The longest a round waits in all, as a fraction of the last round's time: stragglers that
+/// take longer (a step that went round a ring of nodes) run in the next round.
+const GATHER_SHARE: u32 = 8;
 
 /// The worker: rounds of batched steps until every handle is gone.
 fn work(receiver: mpsc::Receiver<Job>, options: BatchOptions) {
     let mut waiting: VecDeque<Job> = VecDeque::new();
     // The requests answered by the last round and the one before.
     let mut answered: [HashSet<String>; 2] = Default::default();
+    // How long the last round ran.
+    let mut last_round = Duration::ZERO;
     loop {
         if waiting.is_empty() {
             match receiver.recv() {
@@ -176,15 +184,24 @@ fn work(receiver: mpsc::Receiver<Job>, options: BatchOptions) {
             }
         }
         let expected = answered[0].union(&answered[1]).count();
-        let deadline = Instant::now() + GATHER;
+        let limit = Instant::now() + GATHER.max(last_round / GATHER_SHARE);
+        let mut quiet_until = Instant::now() + GATHER;
         loop {
+            let arrived = waiting.len();
             waiting.extend(receiver.try_iter());
-            let left = deadline.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            if waiting.len() > arrived {
+                quiet_until = now + GATHER;
+            }
+            let left = quiet_until.min(limit).saturating_duration_since(now);
             if waiting.len() >= expected || left.is_zero() {
                 break;
             }
             match receiver.recv_timeout(left) {
-                Ok(job) => waiting.push_back(job),
+                Ok(job) => {
+                    waiting.push_back(job);
+                    quiet_until = Instant::now() + GATHER;
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => break,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
@@ -201,7 +218,9 @@ fn work(receiver: mpsc::Receiver<Job>, options: BatchOptions) {
             continue;
         }
         let mut ids: HashSet<String> = round.iter().map(|(job, _)| job.request_id.clone()).collect();
+        let started = Instant::now();
         let unfinished = run_round(round);
+        last_round = started.elapsed();
         for job in &unfinished {
             ids.remove(&job.request_id);
         }

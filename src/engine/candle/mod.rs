@@ -324,11 +324,16 @@ fn last_logits(logits: &WireTensor) -> Result<Vec<f32>> {
         .shape()
         .last()
         .ok_or_else(|| Error::InvalidTensor("logits must have a vocabulary axis".into()))?;
-    let values: Vec<f32> =
-        logits.to_candle(&Device::Cpu)?.to_dtype(CandleDType::F32)?.flatten_all()?.to_vec1()?;
-    if vocab == 0 || values.is_empty() {
+    if vocab == 0 || logits.shape().contains(&0) {
         return Err(Error::InvalidTensor("cannot sample from empty logits".into()));
     }
+    if logits.dtype() == DType::F32 {
+        // The last row's bytes, read once (the logits of a large vocabulary are half a MB).
+        let data = logits.data();
+        return Ok(bytemuck::pod_collect_to_vec(&data[data.len() - 4 * vocab..]));
+    }
+    let values: Vec<f32> =
+        logits.to_candle(&Device::Cpu)?.to_dtype(CandleDType::F32)?.flatten_all()?.to_vec1()?;
     Ok(values[values.len() - vocab..].to_vec())
 }
 
