@@ -7,6 +7,9 @@
 //! "blocks" times the GGUF block kernels on a prompt's worth of input rows (`KERNEL_BENCH_ROWS`,
 //! default 128) at the MLP's shapes (8192x2048 and 2048x8192), one thread, with weights that
 //! candle quantized from pseudo-random values: criterion reports multiply-adds per second.
+//! "rows" times bf16 weights at the same shapes against `KERNEL_BENCH_ROWS` input rows too
+//! (16, say: a decode step of 16 requests batched), one thread, with the instruction set the
+//! dispatch picks and, where the CPU has it, plain AVX-512 FMAs beside it.
 //!
 //! `cargo bench --bench kernels` (add `-- --quick` for a short run, a filter such as `blocks`
 //! for one group).
@@ -18,7 +21,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use xotorch_core::engine::kernels::{
-    linear, linear_blocks, BlockMatrix, BlockType, WeightDType, WeightMatrix,
+    linear, linear_blocks, linear_with, BlockMatrix, BlockType, Isa, WeightDType, WeightMatrix,
 };
 
 /// Llama-3.2-1B's MLP (up/gate) and attention (q/o) weights, `[rows, cols]`.
@@ -40,8 +43,9 @@ fn matrices(rows: usize, cols: usize, dtype: WeightDType, count: usize) -> Vec<W
                     state ^= state << 13;
                     state ^= state >> 17;
                     state ^= state << 5;
-                    // Small magnitudes in every dtype: the top byte of each element stays low.
-                    (state >> 24) as u8 & 0x3b
+                    // Small normal numbers in every dtype: the top byte of each element is
+                    // 0x38..=0x3b (a denormal would cost each FMA a microcode assist).
+                    0x38 | (state >> 24) as u8 & 0x03
                 })
                 .collect();
             WeightMatrix::new(Arc::new(bytes), 0..len, rows, cols, dtype).expect("sizes agree")
@@ -125,5 +129,31 @@ fn block_products(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matrix_vector, block_products);
+fn row_products(c: &mut Criterion) {
+    let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a thread pool");
+    let m = block_rows();
+    let mut group = c.benchmark_group("rows");
+    for (rows, cols) in [(8192, 2048), (2048, 8192)] {
+        let w = matrices(rows, cols, WeightDType::BF16, 1).remove(0);
+        let x: Vec<f32> = (0..m * cols).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+        let mut out = vec![0.0f32; m * rows];
+        group.throughput(Throughput::Elements((m * rows * cols) as u64));
+        let mut isas = vec![Isa::detect()];
+        isas.extend([Isa::Avx512].into_iter().filter(|isa| isa.available() && *isa != Isa::detect()));
+        for isa in isas {
+            let id = BenchmarkId::new(format!("bf16/{isa:?}/rows_{m}"), format!("{rows}x{cols}"));
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    one_thread
+                        .install(|| linear_with(isa, black_box(&x), &w, None, &mut out))
+                        .expect("shapes agree");
+                    black_box(&out);
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, matrix_vector, block_products, row_products);
 criterion_main!(benches);
