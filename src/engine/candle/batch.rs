@@ -4,7 +4,7 @@
 //!
 //! Calls queue their steps to one worker thread. Each round the worker takes every waiting
 //! decode step (up to `max_batch`) and adds prompt chunks, first come first served, within a
-//! budget of `prefill_chunk` positions (an eighth of it when decode steps share the round),
+//! budget of `prefill_chunk` positions (a sixteenth of it when decode steps share the round),
 //! then answers the steps that are complete.
 
 use std::collections::{HashSet, VecDeque};
@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy)]
 pub struct BatchOptions {
     /// Most prompt positions one round runs (a longer prompt runs in chunks of about this, or
-    /// of an eighth of it while other requests decode).
+    /// of a sixteenth of it while other requests decode).
     pub prefill_chunk: usize,
     /// Most requests' steps one round runs.
     pub max_batch: usize,
@@ -157,17 +157,19 @@ impl Batcher {
     }
 }
 
-/// How long a round waits for more steps after the last one arrived, while the requests the
-/// last two rounds answered have not all queued their next. Their callers sample and send
-/// them back one after another (about half a millisecond each for a large vocabulary), and a
-/// round started on the first of them would leave the rest for a round of their own, which
-/// costs nearly a whole pass over the weights (two rounds, so that requests that fell out of
-/// step come back into one).
+/// How long a round waits for more steps after the last one arrived (at least), while the
+/// requests the last two rounds answered have not all queued their next. Their callers sample
+/// and send them back one after another (about half a millisecond each for a large
+/// vocabulary, more while the API starts new streams), and a round started on the first of
+/// them would leave the rest for a round of their own, which costs nearly a whole pass over
+/// the weights (two rounds, so that requests that fell out of step come back into one).
 const GATHER: Duration = Duration::from_millis(3);
 
-/// The longest a round waits in all, as a fraction of the last round's time: stragglers that
-/// take longer (a step that went round a ring of nodes) run in the next round.
-const GATHER_SHARE: u32 = 8;
+/// The quiet wait grows to this fraction of the last round's time, and the whole wait stops at
+/// `GATHER_SHARE` times that: stragglers slower still (a step that went round a ring of nodes,
+/// a request that ended) are not waited for.
+const QUIET_SHARE: u32 = 32;
+const GATHER_SHARE: u32 = 4;
 
 /// The worker: rounds of batched steps until every handle is gone.
 fn work(receiver: mpsc::Receiver<Job>, options: BatchOptions) {
@@ -183,29 +185,27 @@ fn work(receiver: mpsc::Receiver<Job>, options: BatchOptions) {
                 Err(_) => return,
             }
         }
-        let expected = answered[0].union(&answered[1]).count();
-        let limit = Instant::now() + GATHER.max(last_round / GATHER_SHARE);
-        let mut quiet_until = Instant::now() + GATHER;
-        loop {
-            let arrived = waiting.len();
-            waiting.extend(receiver.try_iter());
-            let now = Instant::now();
-            if waiting.len() > arrived {
-                quiet_until = now + GATHER;
-            }
-            let left = quiet_until.min(limit).saturating_duration_since(now);
-            if waiting.len() >= expected || left.is_zero() {
-                break;
-            }
+        // The answered requests whose next step has not arrived (queued prompts do not count).
+        let mut expected: HashSet<&String> = answered[0].union(&answered[1]).collect();
+        for job in &waiting {
+            expected.remove(&job.request_id);
+        }
+        let quiet = GATHER.max(last_round / QUIET_SHARE);
+        let limit = Instant::now() + quiet * GATHER_SHARE;
+        let mut quiet_until = Instant::now() + quiet;
+        while !expected.is_empty() {
+            let left = quiet_until.min(limit).saturating_duration_since(Instant::now());
             match receiver.recv_timeout(left) {
                 Ok(job) => {
+                    expected.remove(&job.request_id);
                     waiting.push_back(job);
-                    quiet_until = Instant::now() + GATHER;
+                    quiet_until = Instant::now() + quiet;
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => break,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
+        waiting.extend(receiver.try_iter());
         // Steps whose callers went away are not run.
         let (gone, live): (Vec<Job>, Vec<Job>) = waiting.drain(..).partition(|job| job.reply.is_closed());
         waiting.extend(live);
@@ -240,8 +240,9 @@ fn take_round(waiting: &mut VecDeque<Job>, options: BatchOptions) -> Vec<(Job, u
     let decodes = waiting.iter().filter(|job| same_model(job) && job.remaining() == 1).count();
     let decodes = decodes.min(options.max_batch);
     // Beside decoding requests a prompt runs in smaller chunks, so that their next tokens are
-    // not held up long; alone it takes the whole chunk.
-    let mut budget = if decodes == 0 { options.prefill_chunk } else { (options.prefill_chunk / 8).max(1) };
+    // not held up long (on a CPU each row costs about as much as a decode step's); alone it
+    // takes the whole chunk.
+    let mut budget = if decodes == 0 { options.prefill_chunk } else { (options.prefill_chunk / 16).max(1) };
     let mut slots = options.max_batch;
     let mut round = Vec::new();
     let mut rest = VecDeque::with_capacity(waiting.len());
