@@ -165,11 +165,12 @@ impl Batcher {
 /// the weights (two rounds, so that requests that fell out of step come back into one).
 const GATHER: Duration = Duration::from_millis(3);
 
-/// The quiet wait grows to this fraction of the last round's time, and the whole wait stops at
-/// `GATHER_SHARE` times that: stragglers slower still (a step that went round a ring of nodes,
-/// a request that ended) are not waited for.
+/// The quiet wait grows to this fraction of the last round's time.
 const QUIET_SHARE: u32 = 32;
-const GATHER_SHARE: u32 = 4;
+
+/// The whole wait stops after this many quiet waits: stragglers slower still (a step that went
+/// round a ring of nodes, a request that ended) are not waited for.
+const MAX_QUIET_WAITS: u32 = 4;
 
 /// The worker: rounds of batched steps until every handle is gone.
 fn work(receiver: mpsc::Receiver<Job>, options: BatchOptions) {
@@ -191,7 +192,7 @@ fn work(receiver: mpsc::Receiver<Job>, options: BatchOptions) {
             expected.remove(&job.request_id);
         }
         let quiet = GATHER.max(last_round / QUIET_SHARE);
-        let limit = Instant::now() + quiet * GATHER_SHARE;
+        let limit = Instant::now() + quiet * MAX_QUIET_WAITS;
         let mut quiet_until = Instant::now() + quiet;
         while !expected.is_empty() {
             let left = quiet_until.min(limit).saturating_duration_since(Instant::now());
