@@ -100,7 +100,7 @@ async def test_a_quantized_gguf_gives_its_dequantized_weights_logits(
         assert await greedy(str(file), layers, 32) == await greedy(str(reference_dir), layers, 32)
 
 
-# A prompt long enough for the K formats' prompt kernel (16 rows or more on AVX-512 VNNI).
+# A prompt long enough for the K formats' prompt kernel (12 rows or more on AVX-512 VNNI).
 LONG_PROMPT = [(7 * i + 3) % 500 for i in range(40)]
 
 
