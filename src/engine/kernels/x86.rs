@@ -35,7 +35,9 @@ pub unsafe fn dot_rows_avx512(
     let (w, x) = (weights.as_ptr(), inputs.as_ptr());
     let mut acc = [[_mm512_setzero_ps(); 2]; ROW_BLOCK];
     let mut i = 0;
+    let size = dtype.size();
     while i + 32 <= k {
+        super::prefetch_ahead(w.add(i * size), 32 * size);
         let w0 = load16(dtype, w, i);
         let w1 = load16(dtype, w, i + 16);
         for (r, pair) in acc.iter_mut().enumerate().take(rows) {

@@ -77,6 +77,7 @@ pub unsafe fn dot_rows(
             _mm256_permutevar8x32_ps(group_values(scales, dtype, first_group, groups), group_of_block);
         let block_biases =
             _mm256_permutevar8x32_ps(group_values(biases, dtype, first_group, groups), group_of_block);
+        super::prefetch_ahead(codes.as_ptr().add(SPAN * span * bits / 8), SPAN * bits / 8);
         let mut q = [_mm512_setzero_si512(); 4];
         for (p, chunk) in q.iter_mut().enumerate().take(valid.div_ceil(2)) {
             let weights = (32 * valid - CHUNK * p).min(CHUNK);

@@ -16,6 +16,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::blocks::{decode_small_block, BlockType};
+use super::prefetch_ahead;
 use super::quantized::{QuantizedInput, CHUNK, ROW_BLOCK};
 
 /// The input rows' pointers: codes, scales, sums.
@@ -105,6 +106,7 @@ unsafe fn k_blocks(block_type: BlockType, weights: &[u8], k: usize, rows: &Rows,
     }
     for block in 0..k / 256 {
         let at = weights.as_ptr().add(block * block_type.block_bytes());
+        prefetch_ahead(at, block_type.block_bytes());
         let (group_scales, offsets) = k_parameters(block_type, at);
         let mut q = [_mm512_setzero_si512(); 4];
         for (part, codes) in q.iter_mut().enumerate() {
@@ -250,6 +252,8 @@ unsafe fn small_chunks<const G: usize>(
     let mut start = [_mm512_setzero_si512(); G];
     let mut index = [_mm512_setzero_si512(); G];
     let mut d = [0f32; 8];
+    let block_bytes = block_type.block_bytes();
+    prefetch_ahead(weights.as_ptr().add(2 * first * block_bytes), 2 * G * block_bytes);
     for p in 0..G {
         (q[p], d[2 * p], d[2 * p + 1]) = small_chunk(block_type, weights, k, first + p);
         // -128·Σq per lane: `vpdpbusd` then adds Σ (x + 128)·q.
