@@ -9,7 +9,8 @@
 //! candle quantized from pseudo-random values: criterion reports multiply-adds per second.
 //! "rows" times bf16 weights at the same shapes against `KERNEL_BENCH_ROWS` input rows too
 //! (16, say: a decode step of 16 requests batched), one thread, with the instruction set the
-//! dispatch picks and, where the CPU has it, plain AVX-512 FMAs beside it.
+//! dispatch picks and, where the CPU has them, AVX-512 BF16 dot products and plain AVX-512 FMAs
+//! beside it.
 //!
 //! `cargo bench --bench kernels` (add `-- --quick` for a short run, a filter such as `blocks`
 //! for one group).
@@ -139,7 +140,9 @@ fn row_products(c: &mut Criterion) {
         let mut out = vec![0.0f32; m * rows];
         group.throughput(Throughput::Elements((m * rows * cols) as u64));
         let mut isas = vec![Isa::detect()];
-        isas.extend([Isa::Avx512].into_iter().filter(|isa| isa.available() && *isa != Isa::detect()));
+        isas.extend(
+            [Isa::Avx512Bf16, Isa::Avx512].into_iter().filter(|isa| isa.available() && *isa != Isa::detect()),
+        );
         for isa in isas {
             let id = BenchmarkId::new(format!("bf16/{isa:?}/rows_{m}"), format!("{rows}x{cols}"));
             group.bench_function(id, |b| {

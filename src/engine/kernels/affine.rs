@@ -241,7 +241,7 @@ pub fn linear_affine_with(
     check_product(isa, x, (n, k), bias, out)?;
     let m = x.len() / k;
     let input = AffineInput::new(x, k, w.bits);
-    let simd = matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && accelerated(w);
+    let simd = isa.has_avx512() && accelerated(w);
     let out_ptr = OutPtr(out.as_mut_ptr());
     let tasks = n.div_ceil(ROWS_PER_TASK);
     (0..tasks).into_par_iter().for_each(|task| {

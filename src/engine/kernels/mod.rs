@@ -9,7 +9,8 @@
 //! kernels and [`portable`] the plain-Rust fallback. Block-quantized (GGUF) weights have
 //! their own: [`blocks`] decodes the formats, [`quantized`] runs the products and
 //! [`x86_blocks`] holds their AVX-512 VNNI kernels and [`x86_prompt_blocks`] the K formats'
-//! kernel for many input rows; MLX's affine-quantized weights have
+//! kernel for many input rows; [`x86_amx`] multiplies bf16 weights by many input rows on AMX
+//! tiles; MLX's affine-quantized weights have
 //! [`affine`] and [`x86_affine`]. [`linear`], [`Isa`] and the matrix types
 //! are public for `benches/kernels.rs`.
 
@@ -26,6 +27,8 @@ mod tests;
 mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86_affine;
+#[cfg(target_arch = "x86_64")]
+mod x86_amx;
 #[cfg(target_arch = "x86_64")]
 mod x86_blocks;
 #[cfg(target_arch = "x86_64")]
@@ -45,6 +48,8 @@ use crate::error::{Error, Result};
 /// Instruction sets the kernels can use, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX-512 BF16 plus AMX tiles, which multiply bf16 weights by many input rows at once.
+    Amx,
     /// AVX-512 plus BF16 dot products: bf16 weights meet activations rounded to bf16
     /// (as bf16 inference in transformers does) when several rows are computed at once.
     Avx512Bf16,
@@ -61,7 +66,7 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             {
                 if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16") {
-                    return Isa::Avx512Bf16;
+                    return if x86_amx::usable() { Isa::Amx } else { Isa::Avx512Bf16 };
                 }
                 if is_x86_feature_detected!("avx512f") {
                     return Isa::Avx512;
@@ -77,13 +82,24 @@ impl Isa {
         })
     }
 
+    /// Whether `self` includes AVX-512 (F, BW and the rest of the x86-64-v4 set).
+    pub fn has_avx512(self) -> bool {
+        matches!(self, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx)
+    }
+
+    /// Whether `self` includes AVX-512 BF16's dot products.
+    fn has_bf16_dots(self) -> bool {
+        matches!(self, Isa::Avx512Bf16 | Isa::Amx)
+    }
+
     /// Whether this CPU can run kernels for `self`.
     pub fn available(self) -> bool {
         match (self, Isa::detect()) {
             (Isa::Portable, _) => true,
             (Isa::Avx2, best) => best != Isa::Portable,
-            (Isa::Avx512, best) => matches!(best, Isa::Avx512 | Isa::Avx512Bf16),
-            (Isa::Avx512Bf16, best) => best == Isa::Avx512Bf16,
+            (Isa::Avx512, best) => best.has_avx512(),
+            (Isa::Avx512Bf16, best) => matches!(best, Isa::Avx512Bf16 | Isa::Amx),
+            (Isa::Amx, best) => best == Isa::Amx,
         }
     }
 }
@@ -146,16 +162,23 @@ pub fn linear_with(
 ) -> Result<()> {
     let (n, k) = (w.rows(), w.cols());
     check_product(isa, x, (n, k), bias, out)?;
+    let m = x.len() / k;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Amx && w.dtype() == WeightDType::BF16 && m >= x86_amx::MIN_ROWS && x86_amx::fits(n, k) {
+        // SAFETY: `Isa::Amx` is available (checked), so the tiles are usable; `fits` checked
+        // the shape and `check_product` the slices.
+        unsafe { x86_amx::linear(x, w, bias, out) };
+        return Ok(());
+    }
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
         avx2::linear_avx2(x, w, bias, out);
         return Ok(());
     }
-    let m = x.len() / k;
     let data = w.data();
     let row_bytes = k * w.dtype().size();
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let x_bf16: Vec<u16> = if isa == Isa::Avx512Bf16 && w.dtype() == WeightDType::BF16 && m > 1 {
+    let x_bf16: Vec<u16> = if isa.has_bf16_dots() && w.dtype() == WeightDType::BF16 && m > 1 {
         x.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect()
     } else {
         Vec::new()
@@ -233,7 +256,7 @@ fn dot_tile(
     #[cfg(target_arch = "x86_64")]
     // Decoding (one input row) streams one weight row at a time: fewer concurrent streams
     // keep the prefetchers at full bandwidth.
-    if matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && weight_rows == WEIGHT_BLOCK && rows > 1 {
+    if isa.has_avx512() && weight_rows == WEIGHT_BLOCK && rows > 1 {
         // SAFETY: AVX-512 availability was checked by the caller; `weights` holds WEIGHT_BLOCK
         // rows of k elements and `inputs` holds `rows` rows of k.
         return unsafe { x86::dot_tile_avx512(dtype, weights, inputs, k, rows, tile) };
@@ -251,7 +274,7 @@ fn dot_rows(isa: Isa, dtype: WeightDType, weights: &[u8], inputs: &[f32], k: usi
         // SAFETY: `isa.available()` was checked by the caller; slices have the lengths the
         // kernels index (weights: k elements, inputs: dots.len() rows of k).
         match isa {
-            Isa::Avx512 | Isa::Avx512Bf16 => {
+            Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx => {
                 return unsafe { x86::dot_rows_avx512(dtype, weights, inputs, k, dots) }
             }
             Isa::Avx2 | Isa::Portable => {}

@@ -107,7 +107,7 @@ pub fn linear_blocks_with(
     let (n, k) = (w.rows(), w.cols());
     check_product(isa, x, (n, k), bias, out)?;
     let m = x.len() / k;
-    let vnni = matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && vnni_available();
+    let vnni = isa.has_avx512() && vnni_available();
     #[cfg(target_arch = "x86_64")]
     if takes_prompt_kernel(isa, w.block_type(), m) {
         // SAFETY: AVX-512F/BW/VNNI were checked, and the shapes by `check_product`.
@@ -143,7 +143,7 @@ pub fn linear_blocks_with(
 pub(super) fn takes_prompt_kernel(isa: Isa, block_type: BlockType, rows: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        matches!(isa, Isa::Avx512 | Isa::Avx512Bf16)
+        isa.has_avx512()
             && vnni_available()
             && block_type.block_weights() == 256
             && rows >= super::x86_prompt_blocks::MIN_ROWS

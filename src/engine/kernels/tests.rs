@@ -29,7 +29,9 @@ fn pseudo_random(count: usize, seed: u32) -> Vec<f32> {
 
 #[test]
 fn every_isa_and_dtype_matches_a_reference() {
-    for isa in [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable].into_iter().filter(|i| i.available())
+    for isa in [Isa::Amx, Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Portable]
+        .into_iter()
+        .filter(|i| i.available())
     {
         for dtype in [WeightDType::F32, WeightDType::BF16, WeightDType::F16] {
             for (m, n, k) in [
@@ -41,6 +43,8 @@ fn every_isa_and_dtype_matches_a_reference() {
                 (5, 11, 1100),
                 (7, 70, 300),
                 (13, 33, 600),
+                (40, 64, 96),
+                (16, 96, 2048),
             ] {
                 let values = pseudo_random(n * k, (m * n * k) as u32);
                 let bytes = encode(&values, dtype);
@@ -61,8 +65,10 @@ fn every_isa_and_dtype_matches_a_reference() {
                                 expected += f64::from(bias[c]);
                             }
                             let got = f64::from(out[r * n + c]);
-                            // The BF16 dot-product path rounds activations to bf16 (8 bits).
-                            let rounded = isa == Isa::Avx512Bf16 && dtype == WeightDType::BF16 && m > 1;
+                            // The BF16 dot-product and AMX paths round activations to bf16 (8 bits).
+                            let rounded = matches!(isa, Isa::Avx512Bf16 | Isa::Amx)
+                                && dtype == WeightDType::BF16
+                                && m > 1;
                             let tolerance = (if rounded { 4e-3 } else { 1e-4 }) * (k as f64).sqrt();
                             assert!(
                                 (got - expected).abs() < tolerance,
