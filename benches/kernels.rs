@@ -22,7 +22,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use xotorch_core::engine::kernels::{
-    linear, linear_blocks, linear_with, BlockMatrix, BlockType, Isa, WeightDType, WeightMatrix,
+    linear, linear_blocks_with, linear_with, BlockMatrix, BlockType, Isa, WeightDType, WeightMatrix,
 };
 
 /// Llama-3.2-1B's MLP (up/gate) and attention (q/o) weights, `[rows, cols]`.
@@ -116,15 +116,20 @@ fn block_products(c: &mut Criterion) {
             let x: Vec<f32> = (0..m * cols).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
             let mut out = vec![0.0f32; m * rows];
             group.throughput(Throughput::Elements((m * rows * cols) as u64));
-            let id = BenchmarkId::new(format!("{block_type:?}/rows_{m}"), format!("{rows}x{cols}"));
-            group.bench_function(id, |b| {
-                b.iter(|| {
-                    one_thread
-                        .install(|| linear_blocks(black_box(&x), &w, None, &mut out))
-                        .expect("shapes agree");
-                    black_box(&out);
-                })
-            });
+            let mut isas = vec![Isa::detect()];
+            isas.extend([Isa::Avx512].into_iter().filter(|isa| isa.available() && *isa != Isa::detect()));
+            for isa in isas {
+                let id =
+                    BenchmarkId::new(format!("{block_type:?}/{isa:?}/rows_{m}"), format!("{rows}x{cols}"));
+                group.bench_function(id, |b| {
+                    b.iter(|| {
+                        one_thread
+                            .install(|| linear_blocks_with(isa, black_box(&x), &w, None, &mut out))
+                            .expect("shapes agree");
+                        black_box(&out);
+                    })
+                });
+            }
         }
     }
     group.finish();

@@ -9,8 +9,8 @@
 //! kernels and [`portable`] the plain-Rust fallback. Block-quantized (GGUF) weights have
 //! their own: [`blocks`] decodes the formats, [`quantized`] runs the products and
 //! [`x86_blocks`] holds their AVX-512 VNNI kernels and [`x86_prompt_blocks`] the K formats'
-//! kernel for many input rows; [`x86_amx`] multiplies bf16 weights by many input rows on AMX
-//! tiles; MLX's affine-quantized weights have
+//! kernel for many input rows; [`x86_amx`] multiplies bf16 weights and K-format blocks by many
+//! input rows on AMX tiles; MLX's affine-quantized weights have
 //! [`affine`] and [`x86_affine`]. [`linear`], [`Isa`] and the matrix types
 //! are public for `benches/kernels.rs`.
 

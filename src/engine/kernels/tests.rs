@@ -167,7 +167,16 @@ fn block_products_match_the_decoded_weights() {
     for (block_type, _) in BLOCK_TYPES {
         let shapes: &[(usize, usize, usize)] = match block_type {
             BlockType::Q8_0 | BlockType::Q4_0 => &[(1, 5, 96), (3, 17, 256), (11, 9, 2048), (1, 70, 64)],
-            _ => &[(1, 5, 256), (3, 17, 512), (11, 9, 2048), (1, 70, 256), (37, 70, 2304), (16, 3, 256)],
+            _ => &[
+                (1, 5, 256),
+                (3, 17, 512),
+                (11, 9, 2048),
+                (1, 70, 256),
+                (37, 70, 2304),
+                (16, 3, 256),
+                (40, 64, 512),
+                (24, 32, 2048),
+            ],
         };
         for &(m, n, k) in shapes {
             let bytes = random_blocks(block_type, n, k, (m * n + k) as u32);
@@ -180,15 +189,19 @@ fn block_products_match_the_decoded_weights() {
             let x: Vec<f32> = pseudo_random(m * k, 9).iter().map(|v| v * 4.0).collect();
             let bias: Vec<f32> = (0..n).map(|j| j as f32 / 8.0).collect();
             let mut outputs = Vec::new();
-            for isa in [Isa::Avx512, Isa::Portable].into_iter().filter(|i| i.available()) {
-                let wide = quantized::takes_prompt_kernel(isa, block_type, m);
+            for isa in [Isa::Amx, Isa::Avx512, Isa::Portable].into_iter().filter(|i| i.available()) {
+                let amx = quantized::takes_amx(isa, block_type, m, n, k);
+                let wide = !amx && quantized::takes_prompt_kernel(isa, block_type, m);
                 let mut out = vec![0f32; m * n];
                 linear_blocks_with(isa, &x, &matrix, Some(&bias), &mut out).unwrap();
                 for i in 0..m {
                     for j in 0..n {
                         let (xs, ws) = (&x[i * k..(i + 1) * k], &weights[j * k..(j + 1) * k]);
                         let exact: f32 = xs.iter().zip(ws).map(|(a, b)| a * b).sum::<f32>() + bias[j];
-                        let rounding = if wide {
+                        let rounding = if amx {
+                            // Weights and activations each rounded to bf16 (8 significant bits).
+                            xs.iter().zip(ws).map(|(a, b)| (a * b).abs()).sum::<f32>() * 2f32.powi(-8)
+                        } else if wide {
                             rounding_bound(xs, ws, 256, 8191.0)
                         } else {
                             rounding_bound(xs, ws, 32, 127.0)
@@ -197,11 +210,11 @@ fn block_products_match_the_decoded_weights() {
                         let got = out[i * n + j];
                         assert!(
                             (got - exact).abs() <= bound,
-                            "{block_type:?} {isa:?} wide {wide} ({m},{n},{k}) [{i},{j}]: {got} vs {exact} (bound {bound})"
+                            "{block_type:?} {isa:?} amx {amx} wide {wide} ({m},{n},{k}) [{i},{j}]: {got} vs {exact} (bound {bound})"
                         );
                     }
                 }
-                if !wide {
+                if !wide && !amx {
                     outputs.push(out);
                 }
             }

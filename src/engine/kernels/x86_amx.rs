@@ -1,7 +1,8 @@
 //! Products of bf16 weights with many input rows on AMX (Intel's tile registers, Sapphire
 //! Rapids and later): one `tdpbf16ps` multiplies a 16×32 tile of weights by 32×16 of
 //! activations into a 16×16 tile of f32 sums, 8192 multiply-adds where an AVX-512 BF16
-//! instruction does 32.
+//! instruction does 32. K-format blocks (Q4_K, Q5_K, Q6_K) take the same path once each
+//! task has decoded its rows to bf16: every weight rounded once, as a bf16 checkpoint's are.
 //!
 //! The weight tiles load straight from the matrix, 16 rows at its row stride. The activations
 //! are rounded to bf16 once per call and packed as the instruction takes its second operand:
@@ -14,11 +15,14 @@
 //! AMX-TILE and AMX-BF16 granted; the caller checks.
 
 use std::arch::asm;
+use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::blocks::{BlockMatrix, BlockType};
 use super::matrix::WeightMatrix;
+use super::x86_blocks::{k_codes, k_parameters};
 use super::OutPtr;
 
 /// Rows of every tile, and input rows per activation tile.
@@ -32,12 +36,17 @@ const TASK_ROWS: usize = 2 * TILE;
 /// weights/s times the input rows, against 33-36 G multiply-adds/s on AVX-512 BF16's
 /// dot products): 4 rows ran 25% slower, 8 rows 45% faster, 16 rows 2.5 times as fast.
 pub const MIN_ROWS: usize = 8;
+/// Input rows from which a K-format product takes this path: decoding the blocks to bf16
+/// costs more than the tiles gain below it (one thread, weights in cache, Q4_K and Q6_K
+/// against `x86_prompt_blocks`: 12 rows ran 14-37% slower, 24 rows 19-49% faster, 128 rows
+/// 3-3.7 times as fast).
+pub const MIN_BLOCK_ROWS: usize = 24;
 
 /// Whether this CPU has AMX with bf16 products and the kernel let this process use them.
 pub fn usable() -> bool {
     static USABLE: OnceLock<bool> = OnceLock::new();
     *USABLE.get_or_init(|| {
-        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let leaf7 = __cpuid_count(7, 0);
         let (tile, bf16) = (leaf7.edx & (1 << 24) != 0, leaf7.edx & (1 << 22) != 0);
         tile && bf16 && request_tile_state()
     })
@@ -128,16 +137,48 @@ impl PackedInput {
 /// `out[m, n] = x[m, k] · Wᵀ (+ bias)` for bf16 `w` that [`fits`]; the caller checked the
 /// shapes and [`usable`].
 pub unsafe fn linear(x: &[f32], w: &WeightMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
-    let (n, k) = (w.rows(), w.cols());
+    let k = w.cols();
+    let data = w.data();
+    for_each_task(x, w.rows(), k, bias, out, |task, _| data[task * TASK_ROWS * 2 * k..].as_ptr());
+}
+
+/// `out[m, n] = x[m, k] · Wᵀ (+ bias)` for K-format blocks (Q4_K, Q5_K, Q6_K) that [`fits`]:
+/// each task decodes its 32 weight rows to bf16 once, then multiplies them as [`linear`]
+/// does. The caller checked the shapes, [`usable`] and AVX-512 VNNI.
+pub unsafe fn linear_blocks(x: &[f32], w: &BlockMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
+    let (k, block_type) = (w.cols(), w.block_type());
+    let row_bytes = block_type.row_bytes(k);
+    let data = w.data();
+    for_each_task(x, w.rows(), k, bias, out, |task, decoded| {
+        decoded.resize(TASK_ROWS * k, 0);
+        let rows = &data[task * TASK_ROWS * row_bytes..(task + 1) * TASK_ROWS * row_bytes];
+        for (row, values) in rows.chunks_exact(row_bytes).zip(decoded.chunks_exact_mut(k)) {
+            // SAFETY: the caller checked the CPU; `row` holds whole blocks of `k` weights.
+            unsafe { decode_k_row(block_type, row, values) };
+        }
+        decoded.as_ptr() as *const u8
+    });
+}
+
+/// Runs the products of every task of [`TASK_ROWS`] weight rows with all input rows of `x`;
+/// `rows_of(task, buffer)` gives the task's weights as bf16 rows of `k` (in place, or
+/// decoded into the task's buffer).
+unsafe fn for_each_task(
+    x: &[f32],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    rows_of: impl Fn(usize, &mut Vec<u16>) -> *const u8 + Sync,
+) {
     let m = x.len() / k;
     let input = PackedInput::new(x, k);
-    let data = w.data();
     let row_bytes = 2 * k;
     let out_ptr = OutPtr(out.as_mut_ptr());
-    (0..n / TASK_ROWS).into_par_iter().for_each(|task| {
+    (0..n / TASK_ROWS).into_par_iter().for_each_init(Vec::new, |buffer, task| {
         let config = TileConfig::uniform();
         let mut sums = [[0f32; TILE * TILE]; 4];
-        let weights = data[task * TASK_ROWS * row_bytes..].as_ptr();
+        let weights = rows_of(task, buffer);
         // SAFETY: the caller checked AMX; the configuration is loaded before any tile is used.
         unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
         for pair in (0..input.groups).step_by(2) {
@@ -162,6 +203,35 @@ pub unsafe fn linear(x: &[f32], w: &WeightMatrix, bias: Option<&[f32]>, out: &mu
         // SAFETY: returns the tile state this thread configured.
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     });
+}
+
+/// A row of K blocks decoded to bf16 weights (`d·s·q + offset`, rounded once).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512bf16,f16c")]
+unsafe fn decode_k_row(block_type: BlockType, row: &[u8], out: &mut [u16]) {
+    // Q6_K has a scale per 16 weights, Q4_K/Q5_K per 32 (lanes 0-7 of the scales).
+    let groups_of_16_per_scale = if block_type == BlockType::Q6K { 1 } else { 2 };
+    for (b, values) in out.chunks_exact_mut(256).enumerate() {
+        let block = row.as_ptr().add(b * block_type.block_bytes());
+        let (scales, offsets) = k_parameters(block_type, block);
+        for part in 0..4 {
+            let mut codes = [0u8; 64];
+            _mm512_storeu_si512(codes.as_mut_ptr() as *mut _, k_codes(block_type, block, part));
+            for quarter in 0..4 {
+                let group = 4 * part + quarter;
+                let q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    codes.as_ptr().add(16 * quarter) as *const __m128i,
+                )));
+                let scale =
+                    _mm512_permutexvar_ps(_mm512_set1_epi32((group / groups_of_16_per_scale) as i32), scales);
+                let offset = _mm512_permutexvar_ps(_mm512_set1_epi32(group as i32), offsets);
+                let weights = _mm512_cvtneps_pbh(_mm512_fmadd_ps(q, scale, offset));
+                _mm256_storeu_si256(
+                    values.as_mut_ptr().add(16 * group) as *mut __m256i,
+                    std::mem::transmute::<__m256bh, __m256i>(weights),
+                );
+            }
+        }
+    }
 }
 
 /// The sums of weight tiles 0 and 1 (rows `0..16`, `16..32` at `weights`) with activation
