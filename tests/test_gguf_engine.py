@@ -104,11 +104,19 @@ async def test_a_quantized_gguf_gives_its_dequantized_weights_logits(
 LONG_PROMPT = [(7 * i + 3) % 500 for i in range(40)]
 
 
+def _cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    return set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+
+
 def _has_vnni() -> bool:
     """Whether this CPU runs the block kernels' AVX-512 VNNI paths."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-    return {"avx512bw", "avx512_vnni"} <= flags
+    return {"avx512bw", "avx512_vnni"} <= _cpu_flags()
+
+
+def _has_amx() -> bool:
+    """Whether this CPU may run K-format prompts on AMX tiles (bf16 weights and activations)."""
+    return {"amx_tile", "amx_bf16"} <= _cpu_flags()
 
 
 @pytest.mark.parametrize("ggml_type", ["q4_k", "q5_k", "q6_k", "q4_k_m"])
@@ -128,9 +136,11 @@ async def test_a_long_prompt_gives_the_dequantized_weights_logits(root: Path, tm
     # most 1/16382 of the block's largest value per term, some 60 times less than 8 bits per
     # 32); the LM head, on the last position alone, keeps the 8-bit rounding. Measured: 0.5%
     # of the logits' range, against 0.9-1.4% when the same prompt is one row short of the
-    # kernel. Without AVX-512 VNNI the 8-bit bound of the test above holds.
+    # kernel. On AMX (24 rows or more) weights and activations are each rounded to bf16, a
+    # relative 2^-9 per factor: measured 0.74-0.94%. Without AVX-512 VNNI the 8-bit bound of
+    # the test above holds.
     scale = np.abs(reference).max()
-    bound = 0.01 if _has_vnni() else 0.03
+    bound = 0.015 if _has_amx() else 0.01 if _has_vnni() else 0.03
     assert np.abs(ours - reference).max() <= bound * scale, (np.abs(ours - reference).max(), scale)
 
 
