@@ -11,9 +11,9 @@
 //! whole weight block be summed in integers, but moved the greedy tokens of the Q5_K test
 //! model away from its dequantized weights' in `tests/test_gguf_engine.py`.) A product of a
 //! K format with many input rows (a prompt) on AVX-512 VNNI takes
-//! [`super::x86_prompt_blocks`] instead: 14-bit codes per 256 values, finer than these; on a
-//! CPU with AMX, from [`super::x86_amx::MIN_BLOCK_ROWS`] rows, [`super::x86_amx`] (weights
-//! decoded to bf16, activations rounded to bf16).
+//! [`super::x86_prompt_blocks`] instead: 14-bit codes per 256 values, finer than these. On a
+//! CPU with AMX, a product of any block format with [`super::x86_amx::MIN_BLOCK_ROWS`] rows
+//! or more takes [`super::x86_amx`] (weights decoded to bf16, activations rounded to bf16).
 
 use rayon::prelude::*;
 
@@ -111,7 +111,7 @@ pub fn linear_blocks_with(
     let m = x.len() / k;
     let vnni = isa.has_avx512() && vnni_available();
     #[cfg(target_arch = "x86_64")]
-    if takes_amx(isa, w.block_type(), m, n, k) {
+    if takes_amx(isa, m, n, k) {
         // SAFETY: AMX was granted (`Isa::Amx` is available) and VNNI checked; `fits` checked
         // the shape and `check_product` the slices.
         unsafe { super::x86_amx::linear_blocks(x, w, bias, out) };
@@ -147,20 +147,19 @@ pub fn linear_blocks_with(
     Ok(())
 }
 
-/// Whether a product of `rows` input rows with `[n, k]` weights of `block_type` on `isa`
-/// takes AMX tiles (x86-64 K formats only).
-pub(super) fn takes_amx(isa: Isa, block_type: BlockType, rows: usize, n: usize, k: usize) -> bool {
+/// Whether a product of `rows` input rows with `[n, k]` block weights on `isa` takes AMX
+/// tiles (x86-64 only).
+pub(super) fn takes_amx(isa: Isa, rows: usize, n: usize, k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         isa == Isa::Amx
             && vnni_available()
-            && block_type.block_weights() == 256
             && rows >= super::x86_amx::MIN_BLOCK_ROWS
             && super::x86_amx::fits(n, k)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (isa, block_type, rows, n, k);
+        let _ = (isa, rows, n, k);
         false
     }
 }

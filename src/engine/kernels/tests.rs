@@ -166,7 +166,9 @@ fn rounding_bound(x: &[f32], w: &[f32], block: usize, code_max: f32) -> f32 {
 fn block_products_match_the_decoded_weights() {
     for (block_type, _) in BLOCK_TYPES {
         let shapes: &[(usize, usize, usize)] = match block_type {
-            BlockType::Q8_0 | BlockType::Q4_0 => &[(1, 5, 96), (3, 17, 256), (11, 9, 2048), (1, 70, 64)],
+            BlockType::Q8_0 | BlockType::Q4_0 => {
+                &[(1, 5, 96), (3, 17, 256), (11, 9, 2048), (1, 70, 64), (40, 64, 512), (24, 32, 2048)]
+            }
             _ => &[
                 (1, 5, 256),
                 (3, 17, 512),
@@ -190,7 +192,7 @@ fn block_products_match_the_decoded_weights() {
             let bias: Vec<f32> = (0..n).map(|j| j as f32 / 8.0).collect();
             let mut outputs = Vec::new();
             for isa in [Isa::Amx, Isa::Avx512, Isa::Portable].into_iter().filter(|i| i.available()) {
-                let amx = quantized::takes_amx(isa, block_type, m, n, k);
+                let amx = quantized::takes_amx(isa, m, n, k);
                 let wide = !amx && quantized::takes_prompt_kernel(isa, block_type, m);
                 let mut out = vec![0f32; m * n];
                 linear_blocks_with(isa, &x, &matrix, Some(&bias), &mut out).unwrap();

@@ -1,8 +1,9 @@
 //! Products of bf16 weights with many input rows on AMX (Intel's tile registers, Sapphire
 //! Rapids and later): one `tdpbf16ps` multiplies a 16×32 tile of weights by 32×16 of
 //! activations into a 16×16 tile of f32 sums, 8192 multiply-adds where an AVX-512 BF16
-//! instruction does 32. K-format blocks (Q4_K, Q5_K, Q6_K) take the same path once each
-//! task has decoded its rows to bf16: every weight rounded once, as a bf16 checkpoint's are.
+//! instruction does 32. GGUF blocks (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) take the same path once
+//! each task has decoded its rows to bf16: every weight rounded once, as a bf16 checkpoint's
+//! are.
 //!
 //! The weight tiles load straight from the matrix, 16 rows at its row stride. The activations
 //! are rounded to bf16 once per call and packed as the instruction takes its second operand:
@@ -22,7 +23,7 @@ use rayon::prelude::*;
 
 use super::blocks::{BlockMatrix, BlockType};
 use super::matrix::WeightMatrix;
-use super::x86_blocks::{k_codes, k_parameters};
+use super::x86_blocks::{half_at, k_codes, k_parameters};
 use super::OutPtr;
 
 /// Rows of every tile, and input rows per activation tile.
@@ -36,7 +37,7 @@ const TASK_ROWS: usize = 2 * TILE;
 /// weights/s times the input rows, against 33-36 G multiply-adds/s on AVX-512 BF16's
 /// dot products): 4 rows ran 25% slower, 8 rows 45% faster, 16 rows 2.5 times as fast.
 pub const MIN_ROWS: usize = 8;
-/// Input rows from which a K-format product takes this path: decoding the blocks to bf16
+/// Input rows from which a product of GGUF blocks takes this path: decoding the blocks to bf16
 /// costs more than the tiles gain below it (one thread, weights in cache, Q4_K and Q6_K
 /// against `x86_prompt_blocks`: 12 rows ran 14-37% slower, 24 rows 19-49% faster, 128 rows
 /// 3-3.7 times as fast).
@@ -142,9 +143,9 @@ pub unsafe fn linear(x: &[f32], w: &WeightMatrix, bias: Option<&[f32]>, out: &mu
     for_each_task(x, w.rows(), k, bias, out, |task, _| data[task * TASK_ROWS * 2 * k..].as_ptr());
 }
 
-/// `out[m, n] = x[m, k] · Wᵀ (+ bias)` for K-format blocks (Q4_K, Q5_K, Q6_K) that [`fits`]:
-/// each task decodes its 32 weight rows to bf16 once, then multiplies them as [`linear`]
-/// does. The caller checked the shapes, [`usable`] and AVX-512 VNNI.
+/// `out[m, n] = x[m, k] · Wᵀ (+ bias)` for GGUF blocks that [`fits`]: each task decodes its
+/// 32 weight rows to bf16 once, then multiplies them as [`linear`] does. The caller checked
+/// the shapes, [`usable`] and AVX-512 VNNI.
 pub unsafe fn linear_blocks(x: &[f32], w: &BlockMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
     let (k, block_type) = (w.cols(), w.block_type());
     let row_bytes = block_type.row_bytes(k);
@@ -154,10 +155,44 @@ pub unsafe fn linear_blocks(x: &[f32], w: &BlockMatrix, bias: Option<&[f32]>, ou
         let rows = &data[task * TASK_ROWS * row_bytes..(task + 1) * TASK_ROWS * row_bytes];
         for (row, values) in rows.chunks_exact(row_bytes).zip(decoded.chunks_exact_mut(k)) {
             // SAFETY: the caller checked the CPU; `row` holds whole blocks of `k` weights.
-            unsafe { decode_k_row(block_type, row, values) };
+            unsafe {
+                if block_type.block_weights() == 256 {
+                    decode_k_row(block_type, row, values)
+                } else {
+                    decode_small_row(block_type, row, values)
+                }
+            };
         }
         decoded.as_ptr() as *const u8
     });
+}
+
+/// A row of Q8_0/Q4_0 blocks decoded to bf16 weights (`d·q`, rounded once).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512bf16,f16c")]
+unsafe fn decode_small_row(block_type: BlockType, row: &[u8], out: &mut [u16]) {
+    for (b, values) in out.chunks_exact_mut(32).enumerate() {
+        let block = row.as_ptr().add(b * block_type.block_bytes());
+        let d = _mm512_set1_ps(half_at(block));
+        let codes = if block_type == BlockType::Q8_0 {
+            _mm256_loadu_si256(block.add(2) as *const __m256i)
+        } else {
+            // Q4_0: the low nibbles are weights 0-15, the high ones 16-31, both offset by 8.
+            let packed = _mm_loadu_si128(block.add(2) as *const __m128i);
+            let nibbles = _mm_set1_epi8(0x0f);
+            let low = _mm_and_si128(packed, nibbles);
+            let high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibbles);
+            _mm256_sub_epi8(_mm256_set_m128i(high, low), _mm256_set1_epi8(8))
+        };
+        let halves = [_mm256_castsi256_si128(codes), _mm256_extracti128_si256::<1>(codes)];
+        for (half, codes) in halves.into_iter().enumerate() {
+            let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+            let weights = _mm512_cvtneps_pbh(_mm512_mul_ps(q, d));
+            _mm256_storeu_si256(
+                values.as_mut_ptr().add(16 * half) as *mut __m256i,
+                std::mem::transmute::<__m256bh, __m256i>(weights),
+            );
+        }
+    }
 }
 
 /// Runs the products of every task of [`TASK_ROWS`] weight rows with all input rows of `x`;
