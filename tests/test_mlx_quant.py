@@ -86,6 +86,28 @@ def test_products_match_mx_quantized_matmul(bits: int, group_size: int, rows_of_
     assert np.abs(ours - reference).max() <= 0.01 * np.abs(reference).max()
 
 
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_prompt_products_match_mx_quantized_matmul(bits: int) -> None:
+    """A prompt's product (32 input rows, 96 weight rows): on a CPU with AMX it decodes the
+    weights to bf16 and rounds the activations to bf16, elsewhere it takes the 8-bit path."""
+    rows, cols, rows_of_x, group_size = 96, 640, 32, 64
+    codes, scales, biases = _quantized(rows, cols, bits, group_size, "bf16", 11 * bits)
+    x = mx.random.normal((rows_of_x, cols), key=mx.random.key(3))
+    ours = mlx_quantized_matmul(_raw(x), _raw(codes), _raw(scales), _raw(biases), rows, cols, bits, group_size, "bf16")
+    ours = np.frombuffer(ours, np.float32).reshape(rows_of_x, rows)
+    wide = (scales.astype(mx.float32), biases.astype(mx.float32))
+    reference = np.array(mx.quantized_matmul(x, codes, *wide, transpose=True, group_size=group_size, bits=bits))
+    weights = np.array(mx.dequantize(codes, *wide, group_size=group_size, bits=bits))
+    x_blocks = np.abs(np.array(x)).reshape(rows_of_x, cols // 32, 32).max(axis=2) / 254
+    w_blocks = np.abs(weights).reshape(rows, cols // 32, 32).sum(axis=2)
+    eight_bit = x_blocks @ w_blocks.T
+    # bf16 keeps 8 significant bits: each of the two roundings moves a product by 2^-9 of it.
+    bf16 = np.abs(np.array(x)) @ np.abs(weights).T * 2.0**-8
+    bound = np.maximum(eight_bit, bf16) + 1e-4 * (1 + np.abs(reference))
+    assert np.all(np.abs(ours - reference) <= bound), np.abs(ours - reference).max()
+    assert np.abs(ours - reference).max() <= 0.01 * np.abs(reference).max()
+
+
 @pytest.mark.parametrize(
     ("preset", "bits", "dtype"),
     [("tiny-llama-k", 4, "bf16"), ("tiny-llama-k", 8, "f32"), ("tiny-qwen2", 4, "f16"), ("tiny-qwen3", 8, "bf16")],

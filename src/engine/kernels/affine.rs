@@ -9,6 +9,9 @@
 //!
 //! 4- and 8-bit weights with groups of 32, 64 or 128 have AVX-512 VNNI kernels
 //! ([`super::x86_affine`]); other widths (2, 3, 5, 6 bits) and CPUs take the portable path.
+//! On a CPU with AMX, a product with [`super::x86_amx::MIN_BLOCK_ROWS`] input rows or more
+//! (a prompt) of any width takes [`super::x86_amx`] instead: weights decoded to bf16,
+//! activations rounded to bf16.
 //! For 4 bits, each 64 input codes are stored even positions first, then odd ones, so that a
 //! byte's low nibbles meet the first half and its high nibbles the second without shuffles.
 
@@ -240,6 +243,13 @@ pub fn linear_affine_with(
     let (n, k) = (w.rows(), w.cols());
     check_product(isa, x, (n, k), bias, out)?;
     let m = x.len() / k;
+    #[cfg(target_arch = "x86_64")]
+    if super::quantized::takes_amx(isa, m, n, k) {
+        // SAFETY: AMX was granted (`Isa::Amx` is available) with AVX-512 BF16; `fits` checked
+        // the shape and `check_product` the slices.
+        unsafe { super::x86_amx::linear_affine(x, w, bias, out) };
+        return Ok(());
+    }
     let input = AffineInput::new(x, k, w.bits);
     let simd = isa.has_avx512() && accelerated(w);
     let out_ptr = OutPtr(out.as_mut_ptr());

@@ -147,8 +147,8 @@ pub fn linear_blocks_with(
     Ok(())
 }
 
-/// Whether a product of `rows` input rows with `[n, k]` block weights on `isa` takes AMX
-/// tiles (x86-64 only).
+/// Whether a product of `rows` input rows with `[n, k]` block or affine weights on `isa`
+/// takes AMX tiles (x86-64 only).
 pub(super) fn takes_amx(isa: Isa, rows: usize, n: usize, k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {

@@ -1,9 +1,9 @@
 //! Products of bf16 weights with many input rows on AMX (Intel's tile registers, Sapphire
 //! Rapids and later): one `tdpbf16ps` multiplies a 16×32 tile of weights by 32×16 of
 //! activations into a 16×16 tile of f32 sums, 8192 multiply-adds where an AVX-512 BF16
-//! instruction does 32. GGUF blocks (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) take the same path once
-//! each task has decoded its rows to bf16: every weight rounded once, as a bf16 checkpoint's
-//! are.
+//! instruction does 32. GGUF blocks (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) and MLX's affine weights
+//! take the same path once each task has decoded its rows to bf16: every weight rounded once,
+//! as a bf16 checkpoint's are.
 //!
 //! The weight tiles load straight from the matrix, 16 rows at its row stride. The activations
 //! are rounded to bf16 once per call and packed as the instruction takes its second operand:
@@ -21,8 +21,9 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::affine::{dequantize_affine_row, AffineMatrix};
 use super::blocks::{BlockMatrix, BlockType};
-use super::matrix::WeightMatrix;
+use super::matrix::{element, WeightMatrix};
 use super::x86_blocks::{half_at, k_codes, k_parameters};
 use super::OutPtr;
 
@@ -37,7 +38,8 @@ const TASK_ROWS: usize = 2 * TILE;
 /// weights/s times the input rows, against 33-36 G multiply-adds/s on AVX-512 BF16's
 /// dot products): 4 rows ran 25% slower, 8 rows 45% faster, 16 rows 2.5 times as fast.
 pub const MIN_ROWS: usize = 8;
-/// Input rows from which a product of GGUF blocks takes this path: decoding the blocks to bf16
+/// Input rows from which a product of GGUF blocks or MLX affine weights takes this path:
+/// decoding the weights to bf16
 /// costs more than the tiles gain below it (one thread, weights in cache, Q4_K and Q6_K
 /// against `x86_prompt_blocks`: 12 rows ran 14-37% slower, 24 rows 19-49% faster, 128 rows
 /// 3-3.7 times as fast).
@@ -167,6 +169,56 @@ pub unsafe fn linear_blocks(x: &[f32], w: &BlockMatrix, bias: Option<&[f32]>, ou
     });
 }
 
+/// `out[m, n] = x[m, k] · Wᵀ (+ bias)` for MLX affine weights that [`fits`]: each task decodes
+/// its 32 weight rows to bf16 once (`scale·q + bias`), then multiplies them as [`linear`]
+/// does. The caller checked the shapes, [`usable`] and AVX-512 BF16.
+pub unsafe fn linear_affine(x: &[f32], w: &AffineMatrix, bias: Option<&[f32]>, out: &mut [f32]) {
+    let k = w.cols();
+    for_each_task(x, w.rows(), k, bias, out, |task, decoded| {
+        decoded.resize(TASK_ROWS * k, 0);
+        for (r, values) in decoded.chunks_exact_mut(k).enumerate() {
+            // SAFETY: the caller checked the CPU; `values` holds the row's `k` weights.
+            unsafe { decode_affine_row(w, task * TASK_ROWS + r, values) };
+        }
+        decoded.as_ptr() as *const u8
+    });
+}
+
+/// Row `row` of MLX affine weights decoded to bf16 (`scale·q + bias` in f32, rounded once):
+/// 4 and 8 bits 16 codes at a time, other widths through [`dequantize_affine_row`].
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn decode_affine_row(w: &AffineMatrix, row: usize, out: &mut [u16]) {
+    let (bits, group_size) = (w.bits(), w.group_size());
+    if !matches!(bits, 4 | 8) {
+        let mut values = vec![0f32; w.cols()];
+        dequantize_affine_row(w, row, &mut values);
+        for (value, chunk) in out.chunks_exact_mut(16).zip(values.chunks_exact(16)) {
+            store_bf16(value, _mm512_loadu_ps(chunk.as_ptr()));
+        }
+        return;
+    }
+    let (codes, (scales, biases)) = (w.row_codes(row), w.row_parameters(row));
+    let dtype = w.parameter_dtype();
+    for (group, values) in out.chunks_exact_mut(group_size).enumerate() {
+        let scale = _mm512_set1_ps(element(scales, group, dtype));
+        let offset = _mm512_set1_ps(element(biases, group, dtype));
+        for (part, values) in values.chunks_exact_mut(16).enumerate() {
+            let first = group * group_size + 16 * part;
+            let q = if bits == 8 {
+                _mm_loadu_si128(codes.as_ptr().add(first) as *const __m128i)
+            } else {
+                // Byte j holds weight 2j in its low nibble and 2j + 1 in its high one.
+                let packed = _mm_loadl_epi64(codes.as_ptr().add(first / 2) as *const __m128i);
+                let nibbles = _mm_set1_epi8(0x0f);
+                let high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibbles);
+                _mm_unpacklo_epi8(_mm_and_si128(packed, nibbles), high)
+            };
+            let weights = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), scale, offset);
+            store_bf16(values, weights);
+        }
+    }
+}
+
 /// A row of Q8_0/Q4_0 blocks decoded to bf16 weights (`d·q`, rounded once).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512bf16,f16c")]
 unsafe fn decode_small_row(block_type: BlockType, row: &[u8], out: &mut [u16]) {
@@ -186,13 +238,18 @@ unsafe fn decode_small_row(block_type: BlockType, row: &[u8], out: &mut [u16]) {
         let halves = [_mm256_castsi256_si128(codes), _mm256_extracti128_si256::<1>(codes)];
         for (half, codes) in halves.into_iter().enumerate() {
             let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
-            let weights = _mm512_cvtneps_pbh(_mm512_mul_ps(q, d));
-            _mm256_storeu_si256(
-                values.as_mut_ptr().add(16 * half) as *mut __m256i,
-                std::mem::transmute::<__m256bh, __m256i>(weights),
-            );
+            store_bf16(&mut values[16 * half..], _mm512_mul_ps(q, d));
         }
     }
+}
+
+/// The 16 values of `weights` rounded to bf16 into the first 16 of `out`.
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn store_bf16(out: &mut [u16], weights: __m512) {
+    assert!(out.len() >= 16, "16 bf16 values need room");
+    let rounded = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(weights));
+    _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, rounded);
 }
 
 /// Runs the products of every task of [`TASK_ROWS`] weight rows with all input rows of `x`;
@@ -259,11 +316,7 @@ unsafe fn decode_k_row(block_type: BlockType, row: &[u8], out: &mut [u16]) {
                 let scale =
                     _mm512_permutexvar_ps(_mm512_set1_epi32((group / groups_of_16_per_scale) as i32), scales);
                 let offset = _mm512_permutexvar_ps(_mm512_set1_epi32(group as i32), offsets);
-                let weights = _mm512_cvtneps_pbh(_mm512_fmadd_ps(q, scale, offset));
-                _mm256_storeu_si256(
-                    values.as_mut_ptr().add(16 * group) as *mut __m256i,
-                    std::mem::transmute::<__m256bh, __m256i>(weights),
-                );
+                store_bf16(&mut values[16 * group..], _mm512_fmadd_ps(q, scale, offset));
             }
         }
     }
