@@ -12,6 +12,10 @@
 //! dispatch picks and, where the CPU has them, AVX-512 BF16 dot products and plain AVX-512 FMAs
 //! beside it.
 //!
+//! "affine" times MLX's 4- and 8-bit weights (groups of 64, bf16 scales and biases) at the
+//! MLP's shapes against `KERNEL_BENCH_ROWS` input rows (1 for decoding), one thread, with
+//! every instruction set the CPU has: it measures the AVX2 kernels on an AVX-512 machine too.
+//!
 //! `cargo bench --bench kernels` (add `-- --quick` for a short run, a filter such as `blocks`
 //! for one group).
 
@@ -22,7 +26,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use xotorch_core::engine::kernels::{
-    linear, linear_blocks_with, linear_with, BlockMatrix, BlockType, Isa, WeightDType, WeightMatrix,
+    linear, linear_affine_with, linear_blocks_with, linear_with, AffineMatrix, BlockMatrix, BlockType, Isa,
+    WeightDType, WeightMatrix,
 };
 
 /// Llama-3.2-1B's MLP (up/gate) and attention (q/o) weights, `[rows, cols]`.
@@ -163,5 +168,52 @@ fn row_products(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matrix_vector, block_products, row_products);
+/// A `[rows, cols]` MLX-quantized matrix of `bits` in groups of 64: pseudo-random codes and
+/// small bf16 scales and biases.
+fn affine_matrix(rows: usize, cols: usize, bits: usize) -> AffineMatrix {
+    let code_bytes = rows * cols * bits / 8;
+    let codes: Vec<u8> = (0..code_bytes).map(|i| (i * 7919 % 251) as u8).collect();
+    let groups = cols / 64;
+    let parameters = |offset: usize| {
+        let bytes: Vec<u8> = (0..rows * groups)
+            .flat_map(|i| half::bf16::from_f32(((i + offset) % 17) as f32 / 4096.0).to_le_bytes())
+            .collect();
+        let len = bytes.len();
+        WeightMatrix::new(Arc::new(bytes), 0..len, rows, groups, WeightDType::BF16).expect("sizes agree")
+    };
+    AffineMatrix::new(Arc::new(codes), 0..code_bytes, parameters(0), parameters(5), cols, bits)
+        .expect("sizes agree")
+}
+
+fn affine_products(c: &mut Criterion) {
+    let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a thread pool");
+    let m = block_rows();
+    let mut group = c.benchmark_group("affine");
+    for bits in [4, 8] {
+        for (rows, cols) in [(8192, 2048), (2048, 8192)] {
+            let w = affine_matrix(rows, cols, bits);
+            let x: Vec<f32> = (0..m * cols).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+            let mut out = vec![0.0f32; m * rows];
+            group.throughput(Throughput::Elements((m * rows * cols) as u64));
+            let isas = [Isa::detect(), Isa::Avx512, Isa::Avx2, Isa::Portable];
+            for (i, isa) in isas.into_iter().enumerate() {
+                if !isa.available() || isas[..i].contains(&isa) {
+                    continue;
+                }
+                let id = BenchmarkId::new(format!("{bits}bit/{isa:?}/rows_{m}"), format!("{rows}x{cols}"));
+                group.bench_function(id, |b| {
+                    b.iter(|| {
+                        one_thread
+                            .install(|| linear_affine_with(isa, black_box(&x), &w, None, &mut out))
+                            .expect("shapes agree");
+                        black_box(&out);
+                    })
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, matrix_vector, block_products, row_products, affine_products);
 criterion_main!(benches);

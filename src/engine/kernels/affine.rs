@@ -8,7 +8,8 @@
 //! `Σ_blocks max|x_block| / 254 · Σ|w_block|` per dot product.
 //!
 //! 4- and 8-bit weights with groups of 32, 64 or 128 have AVX-512 VNNI kernels
-//! ([`super::x86_affine`]); other widths (2, 3, 5, 6 bits) and CPUs take the portable path.
+//! ([`super::x86_affine`]) and AVX2 ones ([`super::avx2_affine`]); other widths (2, 3, 5,
+//! 6 bits) and CPUs take the portable path.
 //! On a CPU with AMX, a product with [`super::x86_amx::MIN_BLOCK_ROWS`] input rows or more
 //! (a prompt) of any width takes [`super::x86_amx`] instead: weights decoded to bf16,
 //! activations rounded to bf16.
@@ -209,20 +210,28 @@ impl AffineInput {
     }
 }
 
-/// Whether the AVX-512 VNNI kernels multiply `matrix` on this CPU.
-fn accelerated(matrix: &AffineMatrix) -> bool {
+/// The kernel that dots one weight row with a block of input rows.
+#[derive(Clone, Copy)]
+enum RowKernel {
+    Avx512Vnni,
+    Avx2,
+    Portable,
+}
+
+/// The fastest row kernel for `matrix` on `isa`: SIMD for 4 and 8 bits in groups of 32, 64
+/// or 128, the portable one otherwise.
+fn row_kernel(isa: Isa, matrix: &AffineMatrix) -> RowKernel {
     #[cfg(target_arch = "x86_64")]
-    {
-        matches!(matrix.bits, 4 | 8)
-            && matches!(matrix.group_size(), 32 | 64 | 128)
-            && vnni_available()
-            && is_x86_feature_detected!("avx512vl")
+    if matches!(matrix.bits, 4 | 8) && matches!(matrix.group_size(), 32 | 64 | 128) {
+        if isa.has_avx512() && vnni_available() && is_x86_feature_detected!("avx512vl") {
+            return RowKernel::Avx512Vnni;
+        }
+        if isa != Isa::Portable {
+            return RowKernel::Avx2;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = matrix;
-        false
-    }
+    let _ = (isa, matrix);
+    RowKernel::Portable
 }
 
 /// `out[m, rows] = x[m, cols] · Wᵀ (+ bias)` for an MLX-quantized matrix, with the best
@@ -232,7 +241,7 @@ pub fn linear_affine(x: &[f32], w: &AffineMatrix, bias: Option<&[f32]>, out: &mu
 }
 
 /// [`linear_affine`] with a chosen instruction set (tests force each one); the AVX-512 paths
-/// need VNNI, AVX2 takes the portable path.
+/// need VNNI.
 pub fn linear_affine_with(
     isa: Isa,
     x: &[f32],
@@ -251,7 +260,7 @@ pub fn linear_affine_with(
         return Ok(());
     }
     let input = AffineInput::new(x, k, w.bits);
-    let simd = isa.has_avx512() && accelerated(w);
+    let kernel = row_kernel(isa, w);
     let out_ptr = OutPtr(out.as_mut_ptr());
     let tasks = n.div_ceil(ROWS_PER_TASK);
     (0..tasks).into_par_iter().for_each(|task| {
@@ -260,7 +269,7 @@ pub fn linear_affine_with(
         for first in (0..m).step_by(ROW_BLOCK) {
             let count = ROW_BLOCK.min(m - first);
             for row in task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(n) {
-                dot_rows(simd, w, row, &input, first..first + count, &mut dots[..count]);
+                dot_rows(kernel, w, row, &input, first..first + count, &mut dots[..count]);
                 let add = bias.map_or(0.0, |b| b[row]);
                 for (i, dot) in dots[..count].iter().enumerate() {
                     // SAFETY: (first + i, row) is inside `out`; no other task writes this row.
@@ -274,21 +283,22 @@ pub fn linear_affine_with(
 
 /// Dots of weight row `row` with the input rows `rows`.
 fn dot_rows(
-    simd: bool,
+    kernel: RowKernel,
     w: &AffineMatrix,
     row: usize,
     input: &AffineInput,
     rows: Range<usize>,
     dots: &mut [f32],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `accelerated` checked AVX-512F/BW/VL/VNNI, 4 or 8 bits and groups of 32-128;
-        // every input row holds whole chunks and scales padded to 8.
-        return unsafe { super::x86_affine::dot_rows(w, row, input, rows, dots) };
+    match kernel {
+        // SAFETY (both): `row_kernel` checked the CPU, 4 or 8 bits and groups of 32-128;
+        // every input row holds whole chunks and scales and sums padded to 8.
+        #[cfg(target_arch = "x86_64")]
+        RowKernel::Avx512Vnni => unsafe { super::x86_affine::dot_rows(w, row, input, rows, dots) },
+        #[cfg(target_arch = "x86_64")]
+        RowKernel::Avx2 => unsafe { super::avx2_affine::dot_rows(w, row, input, rows, dots) },
+        _ => dot_rows_portable(w, row, input, rows, dots),
     }
-    let _ = simd;
-    dot_rows_portable(w, row, input, rows, dots);
 }
 
 /// The portable dots: each 32 weights' codes summed against the input codes in integers,

@@ -11,12 +11,14 @@
 //! [`x86_blocks`] holds their AVX-512 VNNI kernels and [`x86_prompt_blocks`] the K formats'
 //! kernel for many input rows; [`x86_amx`] multiplies bf16 weights and K-format blocks by many
 //! input rows on AMX tiles; MLX's affine-quantized weights have
-//! [`affine`] and [`x86_affine`]. [`linear`], [`Isa`] and the matrix types
+//! [`affine`], [`x86_affine`] (AVX-512 VNNI) and [`avx2_affine`]. [`linear`], [`Isa`] and the matrix types
 //! are public for `benches/kernels.rs`.
 
 mod affine;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx2_affine;
 mod blocks;
 mod matrix;
 mod portable;

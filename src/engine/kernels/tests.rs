@@ -309,7 +309,8 @@ fn affine_products_match_the_decoded_weights() {
                     let x: Vec<f32> = pseudo_random(m * k, 9).iter().map(|v| v * 4.0).collect();
                     let bias: Vec<f32> = (0..n).map(|j| j as f32 / 8.0).collect();
                     let mut outputs = Vec::new();
-                    for isa in [Isa::Amx, Isa::Avx512, Isa::Portable].into_iter().filter(|i| i.available()) {
+                    let isas = [Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Portable];
+                    for isa in isas.into_iter().filter(|i| i.available()) {
                         let amx = quantized::takes_amx(isa, m, n, k);
                         let mut out = vec![0f32; m * n];
                         linear_affine_with(isa, &x, &matrix, Some(&bias), &mut out).unwrap();
