@@ -22,7 +22,8 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::Module;
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use xotorch_core::engine::kernels::{
@@ -96,11 +97,16 @@ fn block_rows() -> usize {
     std::env::var("KERNEL_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(128)
 }
 
-/// A `[rows, cols]` matrix of `ggml` blocks quantized from small pseudo-random values.
-fn block_matrix(rows: usize, cols: usize, block_type: BlockType, ggml: GgmlDType) -> BlockMatrix {
+/// A `[rows, cols]` tensor of `ggml` blocks quantized from small pseudo-random values.
+fn block_qtensor(rows: usize, cols: usize, ggml: GgmlDType) -> QTensor {
     let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1021) as f32 - 510.0) / 4096.0).collect();
     let tensor = Tensor::from_vec(values, (rows, cols), &Device::Cpu).expect("a tensor");
-    let bytes = QTensor::quantize(&tensor, ggml).expect("quantized").data().expect("bytes").into_owned();
+    QTensor::quantize(&tensor, ggml).expect("quantized")
+}
+
+/// [`block_qtensor`]'s blocks as the host kernels read them.
+fn block_matrix(rows: usize, cols: usize, block_type: BlockType, ggml: GgmlDType) -> BlockMatrix {
+    let bytes = block_qtensor(rows, cols, ggml).data().expect("bytes").into_owned();
     let len = bytes.len();
     BlockMatrix::new(Arc::new(bytes), 0..len, rows, cols, block_type).expect("sizes agree")
 }
@@ -123,6 +129,14 @@ fn block_products(c: &mut Criterion) {
             group.throughput(Throughput::Elements((m * rows * cols) as u64));
             let mut isas = vec![Isa::detect()];
             isas.extend([Isa::Avx512].into_iter().filter(|isa| isa.available() && *isa != Isa::detect()));
+            // candle's own quantized product (AVX2 where the CPU has it), which serves GGUF
+            // blocks on CPUs without AVX-512 VNNI; set RAYON_NUM_THREADS=1 to compare per thread.
+            let qmatmul = QMatMul::from_qtensor(block_qtensor(rows, cols, ggml)).expect("a product");
+            let input = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).expect("a tensor");
+            let id = BenchmarkId::new(format!("{block_type:?}/candle/rows_{m}"), format!("{rows}x{cols}"));
+            group.bench_function(id, |b| {
+                b.iter(|| black_box(qmatmul.forward(black_box(&input)).expect("a product")))
+            });
             for isa in isas {
                 let id =
                     BenchmarkId::new(format!("{block_type:?}/{isa:?}/rows_{m}"), format!("{rows}x{cols}"));
