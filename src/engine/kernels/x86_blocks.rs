@@ -256,7 +256,8 @@ unsafe fn small_chunks<const G: usize>(
     let mut q = [_mm512_setzero_si512(); G];
     let mut start = [_mm512_setzero_si512(); G];
     let mut index = [_mm512_setzero_si512(); G];
-    let mut d = [0f32; 8];
+    // The blocks' f16 scales, converted together.
+    let mut d = [0i16; 8];
     let block_bytes = block_type.block_bytes();
     prefetch_ahead(weights.as_ptr().add(2 * first * block_bytes), 2 * G * block_bytes);
     for p in 0..G {
@@ -266,7 +267,7 @@ unsafe fn small_chunks<const G: usize>(
         start[p] = _mm512_sub_epi32(_mm512_setzero_si512(), offset);
         index[p] = _mm512_loadu_si512(GROUP_OF_32[p].as_ptr() as *const _);
     }
-    let d = _mm256_set_ps(d[7], d[6], d[5], d[4], d[3], d[2], d[1], d[0]);
+    let d = _mm256_cvtph_ps(_mm_set_epi16(d[7], d[6], d[5], d[4], d[3], d[2], d[1], d[0]));
     for (r, sum) in acc.iter_mut().enumerate() {
         // The 8 blocks' weight scales times their activation scales, spread to lanes per chunk.
         let scales = _mm512_castps256_ps512(_mm256_mul_ps(d, _mm256_loadu_ps(rows.scales[r].add(2 * first))));
@@ -283,19 +284,20 @@ unsafe fn small_chunks<const G: usize>(
 }
 
 /// Chunk `c` (blocks `2c` and `2c + 1`) of a Q8_0/Q4_0 row: signed codes and the two
-/// blocks' scales; a missing second block is zeros.
+/// blocks' f16 scales as stored; a missing second block is zeros.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
 #[inline]
-unsafe fn small_chunk(block_type: BlockType, weights: &[u8], k: usize, c: usize) -> (__m512i, f32, f32) {
+unsafe fn small_chunk(block_type: BlockType, weights: &[u8], k: usize, c: usize) -> (__m512i, i16, i16) {
     let size = block_type.block_bytes();
     let first = weights.as_ptr().add(2 * c * size);
+    let d0 = std::ptr::read_unaligned(first as *const i16);
     if 2 * c + 1 >= k / 32 {
         let block = decode_small_block(block_type, &weights[2 * c * size..]);
         let q = _mm512_castsi256_si512(_mm256_loadu_si256(block.q.as_ptr() as *const __m256i));
-        return (_mm512_inserti64x4(q, _mm256_setzero_si256(), 1), block.d, 0.0);
+        return (_mm512_inserti64x4(q, _mm256_setzero_si256(), 1), d0, 0);
     }
     let second = first.add(size);
-    let (d0, d1) = (half_at(first), half_at(second));
+    let d1 = std::ptr::read_unaligned(second as *const i16);
     if block_type == BlockType::Q8_0 {
         let low = _mm256_loadu_si256(first.add(2) as *const __m256i);
         let high = _mm256_loadu_si256(second.add(2) as *const __m256i);
