@@ -1223,8 +1223,8 @@ mod tests {
         assert_eq!(
             reason,
             "The model 'deepseek-v3' is a deepseek_v3 model, and the candle engine (CandleInferenceEngine) runs \
-             only llama, mistral, qwen2, qwen3, phi3, qwen3_moe, mixtral, gemma2, gemma3_text, deepseek_v2 \
-             models."
+             only llama, mistral, qwen2, qwen3, phi3, qwen3_moe, mixtral, gemma2, gemma3_text, deepseek_v2, \
+             llava models."
         );
         let reason = unavailable_reason("no-such-model", CANDLE).unwrap();
         assert!(

@@ -56,7 +56,8 @@ pub struct LlavaConfig {
     pub vision: ClipConfig,
     /// The token whose embeddings an image's features replace.
     pub image_token_id: u32,
-    /// Encoder layers whose output is taken (`vision_feature_layer`: -2 is the one before last).
+    /// Encoder layers to run, the last one's output being the features (`vision_feature_layer`
+    /// -2 of a 24-layer tower runs 23).
     pub feature_layers: usize,
     /// Whether the class token's feature is kept (`vision_feature_select_strategy` "full").
     pub keeps_class_token: bool,
