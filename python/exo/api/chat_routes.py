@@ -141,14 +141,25 @@ class ChatRoutes(ApiServer):
         except errors.ExoError as e:
             raise error_from_exception(e) from e
         images = await self._images(chat, model, processor)
-        messages: list[dict[str, Any]] = self._messages(chat)
-        if processor is None:
-            return chat, model, tokenizer, self._render_prompt(tokenizer, messages, chat.tools), images
-        # A vision model's template takes parts; its processor repeats each image token and puts BOS in front.
+        messages = self._messages(chat)
         added = len(messages) - len(chat.messages)
-        messages = vision_messages(messages, [[]] * added + chat.images)
-        prompt = self._render_prompt(tokenizer, messages, chat.tools)
-        return chat, model, tokenizer, processor.expand_prompt(prompt, tokenizer.bos_token), images
+        prompt = self.prompt_for(tokenizer, processor, messages, [[]] * added + chat.images, chat.tools)
+        return chat, model, tokenizer, prompt, images
+
+    def prompt_for(
+        self,
+        tokenizer: Any,
+        processor: ImageProcessor | None,
+        messages: list[dict[str, Any]],
+        images: list[list[str]],
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The prompt of `messages` (each with its images' URLs) in the model's chat template. A vision model's
+        template takes parts, and its processor repeats each image token once per feature and puts BOS in front."""
+        if processor is None:
+            return self._render_prompt(tokenizer, messages, tools)
+        prompt = self._render_prompt(tokenizer, vision_messages(messages, images), tools)
+        return processor.expand_prompt(prompt, tokenizer.bos_token)
 
     async def handle_post_chat_token_encode(self, request: web.Request) -> web.Response:
         try:

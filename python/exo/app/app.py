@@ -30,7 +30,7 @@ from exo.download.new_shard_download import ensure_exo_home, new_shard_downloade
 from exo.download.shard_download import NoopShardDownloader
 from exo.errors import InferenceServerError, InvalidArgumentError, InvalidModelError
 from exo.inference.inference_engine import get_inference_engine
-from exo.inference.vision import ImageError, image_from_file, vision_messages
+from exo.inference.vision import ImageError, image_from_file
 from exo.models import unavailable_reason
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
@@ -368,13 +368,12 @@ class App:
             model = await resolve_model_async(model_name, self.engine_classname, self.shard_downloader)
             tokenizer = await self.api.tokenizer_for(model)
             processor = await self.api.image_processor_for(model)
+            images = [[image] if image else []]
+            templated = self.api.prompt_for(tokenizer, processor, [{"role": "user", "content": prompt}], images)
         except ApiError as e:
             print(f"Error: {e.message}", file=sys.stderr)
             return 2
-        messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
         extra: dict[str, Any] = {}
-        if processor is not None:
-            messages = vision_messages(messages, [[image] if image else []])
         if image is not None:
             if processor is None:
                 print(f"Error: {model.model_id} does not take images (--image)", file=sys.stderr)
@@ -384,9 +383,6 @@ class App:
             except ImageError as e:
                 print(f"Error: {e}", file=sys.stderr)
                 return 2
-        templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        if processor is not None:
-            templated = processor.expand_prompt(templated, tokenizer.bos_token)
         request_id = str(uuid.uuid4())
         print(f"Processing prompt: {prompt}")
         logger.log(debug_level(3), "Prompt of %s: %r", request_id, templated)
