@@ -119,6 +119,34 @@ async def test_logits_and_greedy_tokens_match_transformers(llava_dir: Path, pixe
     assert tokens == GOLDEN["greedy_tokens"]
 
 
+async def test_checkpoints_laid_out_as_transformers_5_names_them_give_the_same_logits(
+    llava_dir: Path, pixels: np.ndarray, tmp_path: Path
+) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    # transformers 5's module names (the tower without `vision_model`, the decoder under `model.language_model`).
+    renames = [
+        ("vision_tower.vision_model.", "model.vision_tower."),
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+    ]
+
+    def renamed(name: str) -> str:
+        for old, new in renames:
+            if name.startswith(old):
+                return new + name[len(old) :]
+        return name
+
+    newer = tmp_path / "newer"
+    shutil.copytree(llava_dir, newer)
+    tensors = {renamed(name): value for name, value in load_file(llava_dir / "model.safetensors").items()}
+    assert "model.language_model.layers.0.mlp.up_proj.weight" in tensors and "lm_head.weight" in tensors
+    save_file(tensors, newer / "model.safetensors")
+    ids = GOLDEN["prompt_ids"]
+    hub, saved = await Ring(llava_dir, 2).step(ids, pixels), await Ring(newer, 2).step(ids, pixels)
+    assert np.array_equal(hub, saved)
+
+
 async def test_the_engine_refuses_images_it_cannot_place(llava_dir: Path, pixels: np.ndarray, tmp_path: Path) -> None:
     engine = CandleInferenceEngine()
     shard = Shard(str(llava_dir), 0, LAYERS - 1, LAYERS)
