@@ -11,6 +11,7 @@
   psutil,
   aiohttp,
   rich,
+  pillow,
   uvloop,
 }:
 
@@ -58,6 +59,7 @@ buildPythonPackage {
     psutil
     aiohttp
     rich
+    pillow
     uvloop
   ];
 

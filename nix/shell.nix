@@ -29,6 +29,7 @@ let
     ps.psutil
     ps.aiohttp
     ps.rich
+    ps.pillow
     ps.uvloop
   ]);
 in

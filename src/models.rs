@@ -600,7 +600,7 @@ pub static MODEL_CARDS: &[ModelCard] = &[
         32,
         Some("LLaVa 1.5 7B (Vision Model)"),
         "llava",
-        &[(MLX, "llava-hf/llava-1.5-7b-hf")],
+        &[(CANDLE, "llava-hf/llava-1.5-7b-hf"), (MLX, "llava-hf/llava-1.5-7b-hf")],
     ),
     card(
         "qwen-2.5-0.5b",
@@ -1223,8 +1223,8 @@ mod tests {
         assert_eq!(
             reason,
             "The model 'deepseek-v3' is a deepseek_v3 model, and the candle engine (CandleInferenceEngine) runs \
-             only llama, mistral, qwen2, qwen3, phi3, qwen3_moe, mixtral, gemma2, gemma3_text, deepseek_v2 \
-             models."
+             only llama, mistral, qwen2, qwen3, phi3, qwen3_moe, mixtral, gemma2, gemma3_text, deepseek_v2, \
+             llava models."
         );
         let reason = unavailable_reason("no-such-model", CANDLE).unwrap();
         assert!(
@@ -1291,7 +1291,8 @@ mod tests {
         assert!(candle.contains(&"phi-3.5-mini") && candle.contains(&"phi-4"));
         assert!(candle.contains(&"gemma2-9b") && candle.contains(&"gemma2-27b"));
         assert!(candle.contains(&"deepseek-coder-v2-lite") && candle.contains(&"deepseek-coder-v2.5"));
-        for other in ["deepseek-v3", "deepseek-r1", "llava-1.5-7b-hf", "dummy"] {
+        assert!(candle.contains(&"llava-1.5-7b-hf"));
+        for other in ["deepseek-v3", "deepseek-r1", "dummy"] {
             assert!(!candle.contains(&other), "{other}");
         }
         let both = get_supported_models(&[vec!["candle".into()], vec![MLX.into()]]);

@@ -36,6 +36,7 @@ SAME_AS_CLASSIC = {
     "gemma2-27b": "mlx-community/gemma-2-27b-it-4bit",
     "deepseek-coder-v2-lite": "mlx-community/DeepSeek-Coder-V2-Lite-Instruct-4bit-mlx",
     "deepseek-coder-v2.5": "mlx-community/DeepSeek-V2.5-MLX-AQ4_1_64",
+    "llava-1.5-7b-hf": "llava-hf/llava-1.5-7b-hf",
 }
 # Registry ids of architectures candle does not run, with the architecture the error names.
 OTHER_ARCHITECTURES = {"deepseek-v3": "deepseek_v3", "deepseek-r1": "deepseek_v3"}
@@ -62,7 +63,7 @@ def test_other_architectures_have_no_candle_repository(model_id: str) -> None:
     assert reason == (
         f"The model '{model_id}' is a {OTHER_ARCHITECTURES[model_id]} model, and the candle engine "
         "(CandleInferenceEngine) runs only llama, mistral, qwen2, qwen3, phi3, qwen3_moe, mixtral, gemma2, "
-        "gemma3_text, deepseek_v2 models."
+        "gemma3_text, deepseek_v2, llava models."
     )
 
 

@@ -1,7 +1,8 @@
 """exo's command line (`python -m exo.main`, `exo`, `xot`): start a node, serve the API and web chat, show the TUI.
 
-Flags and defaults are exo classic's. `run MODEL --prompt TEXT` (or `--run-model`) answers one prompt and exits;
-`--chat-tui` chats in the terminal instead of showing the topology view.
+Flags and defaults are exo classic's. `run MODEL --prompt TEXT` (or `--run-model`) answers one prompt and exits
+(with `--image PATH`, about that image, for a vision model); `--chat-tui` chats in the terminal instead of showing
+the topology view.
 
 This module holds the argument parser and `run`/`main`; the node application they start lives in `exo.app`
 (see its package docstring). `App`, `CliError`, `choose_engine`, `mlx_available` and `ProgressBroadcastThrottle`
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-tui", action=argparse.BooleanOptionalAction, help="no Rich topology TUI")
     p.add_argument("--run-model", type=str, help="run this model on --prompt and exit")
     p.add_argument("--prompt", type=str, default="Who are you?", help="prompt for run / --run-model")
+    p.add_argument("--image", type=str, default=None, help="an image file the prompt asks about (vision models: LLaVA)")
     p.add_argument(
         "--default-temp", type=float, default=None, help="default sampling temperature (default: TEMPERATURE, else 0.0)"
     )

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use crate::engine::candle::{canonical_tensor_name, is_vision_tensor};
 use crate::error::{Error, Result};
 use crate::shard::Shard;
 
@@ -38,15 +39,20 @@ pub fn layer_of(tensor: &str) -> Option<i32> {
     number.parse().ok()
 }
 
-/// Whether a shard needs `tensor`: its own layers, the embeddings on the first shard (and on
-/// the last when the head is tied to them), every other non-layer tensor (norm, head) on the
-/// last shard.
+/// Whether a shard needs `tensor` (by its canonical name, see [`canonical_tensor_name`]): its
+/// own layers, the embeddings on the first shard (and on the last when the head is tied to
+/// them), LLaVA's vision tower and projector on the first, every other non-layer tensor (norm,
+/// head) on the last shard.
 pub fn shard_needs_tensor(shard: &Shard, tensor: &str, tied: bool) -> bool {
-    if let Some(layer) = layer_of(tensor) {
+    let tensor = canonical_tensor_name(tensor);
+    if let Some(layer) = layer_of(&tensor) {
         return shard.start_layer <= layer && layer <= shard.end_layer;
     }
     if tensor.starts_with("model.embed_tokens.") {
         return shard.is_first_layer() || (tied && shard.is_last_layer());
+    }
+    if is_vision_tensor(&tensor) {
+        return shard.is_first_layer();
     }
     shard.is_last_layer()
 }
@@ -78,7 +84,7 @@ impl WeightMap {
 
     /// Whether the head is tied to the embeddings: the config says so, or there is no `lm_head`.
     pub fn head_is_tied(&self, config_ties: bool) -> bool {
-        config_ties || !self.0.contains_key("lm_head.weight")
+        config_ties || !self.0.keys().any(|name| canonical_tensor_name(name) == "lm_head.weight")
     }
 
     /// The files holding the tensors `shard` needs, sorted.
@@ -165,6 +171,23 @@ mod tests {
         let untied = weight_map(true);
         assert!(untied.head_is_tied(true));
         assert!(!untied.head_is_tied(false));
+    }
+
+    #[test]
+    fn llava_layers_tower_and_head_go_where_a_llamas_would() {
+        // llava-hf's layout: the decoder under language_model, the tower under vision_tower.
+        let names = [
+            ("language_model.model.embed_tokens.weight", "a"),
+            ("vision_tower.vision_model.encoder.layers.7.mlp.fc1.weight", "b"),
+            ("multi_modal_projector.linear_1.weight", "b"),
+            ("language_model.model.layers.0.mlp.up_proj.weight", "c"),
+            ("language_model.model.layers.5.mlp.up_proj.weight", "d"),
+            ("language_model.lm_head.weight", "e"),
+        ];
+        let map = WeightMap(names.iter().map(|(n, f)| (n.to_string(), format!("{f}.safetensors"))).collect());
+        assert!(!map.head_is_tied(false));
+        assert_eq!(files(&map, 0, 2), ["a.safetensors", "b.safetensors", "c.safetensors"]);
+        assert_eq!(files(&map, 3, 5), ["d.safetensors", "e.safetensors"]);
     }
 
     #[test]

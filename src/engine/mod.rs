@@ -18,6 +18,11 @@ use crate::shard::Shard;
 use crate::tensor::{DType, WireTensor};
 use example::{Example, ExampleOutput};
 
+/// The key of a prompt's images in its inference state: `[n, channels, height, width]` f32
+/// pixel values, preprocessed as the model's image processor does. Only the prompt carries
+/// them, to the first shard, which embeds them; they go no further.
+pub const IMAGES_KEY: &str = "pixel_values";
+
 /// Per-request data that travels with a tensor between nodes (exo classic's `inference_state`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct InferenceState {

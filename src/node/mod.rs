@@ -25,6 +25,7 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::net::{Discovery, PeerHandle, Server};
 use crate::shard::Shard;
+use crate::tensor::WireTensor;
 use crate::topology::{
     assign_layers, balance_layers, DeviceCapabilities, MemoryFit, ModelCosts, Partition,
     PartitioningStrategy, Topology,
@@ -108,6 +109,8 @@ pub struct GenerateOptions {
     pub top_k: Option<usize>,
     /// Seed for reproducible sampling.
     pub seed: Option<u64>,
+    /// The prompt's images for the first shard, as [`crate::engine::IMAGES_KEY`] holds them.
+    pub images: Option<WireTensor>,
 }
 
 /// A cluster node. Always held in an `Arc`; background tasks hold it weakly.

@@ -17,7 +17,7 @@ use super::request::{
 };
 use super::{GenerateOptions, Node, NodeEvent};
 use crate::engine::example::{Example, ExampleLoss};
-use crate::engine::InferenceState;
+use crate::engine::{InferenceState, IMAGES_KEY};
 use crate::error::{Error, Result};
 use crate::net::{PeerHandle, RequestHandler};
 use crate::shard::Shard;
@@ -83,7 +83,8 @@ impl Node {
     }
 
     /// Starts a request on the ring and returns its id and its token stream at once; the
-    /// stream ends with `Finished` or `Failed`. Must be called inside the tokio runtime.
+    /// stream ends with `Finished` or `Failed`. The prompt's images, if any, travel with it to
+    /// the node holding the first layer. Must be called inside the tokio runtime.
     pub fn generate(
         &self,
         base: &Shard,
@@ -105,11 +106,15 @@ impl Node {
             seed: options.seed,
             layers: None,
         };
+        let state = options.images.map(|images| InferenceState {
+            tensors: [(IMAGES_KEY.to_string(), images)].into(),
+            ..Default::default()
+        });
         let (stream, receiver) = mpsc::unbounded_channel();
         self.start_request(&request_id, base, context.clone(), Some(stream));
         let (node, base, prompt, id) = (self.arc(), base.clone(), prompt.to_string(), request_id.clone());
         tokio::spawn(async move {
-            if let Err(e) = node.plan_and_run_prompt(&base, &prompt, &id, context, None).await {
+            if let Err(e) = node.plan_and_run_prompt(&base, &prompt, &id, context, state).await {
                 node.fail_request(&id, e).await;
             }
         });
@@ -259,13 +264,12 @@ impl Node {
             match step {
                 Ok((output, returned)) => {
                     result_size = output.shape().iter().product::<usize>();
-                    self.after_step(
-                        &shard,
-                        output,
-                        request_id,
-                        self.keep_context(request_id, returned.or(state)),
-                    )
-                    .await
+                    let mut next = returned.or(state);
+                    // The images were embedded here; the next node gets hidden states only.
+                    if let Some(next) = next.as_mut() {
+                        next.tensors.remove(IMAGES_KEY);
+                    }
+                    self.after_step(&shard, output, request_id, self.keep_context(request_id, next)).await
                 }
                 Err(e) => Err(e),
             }

@@ -325,8 +325,9 @@ impl PyNode {
         })
     }
 
-    /// Starts a request and returns the async iterator of its tokens at once.
-    #[pyo3(signature = (base_shard, prompt, request_id=None, *, max_tokens=None, temperature=None, top_p=None, top_k=None, seed=None))]
+    /// Starts a request and returns the async iterator of its tokens at once; `images` are
+    /// the prompt's preprocessed images (`[n, channels, height, width]` float32) for a vision model.
+    #[pyo3(signature = (base_shard, prompt, request_id=None, *, max_tokens=None, temperature=None, top_p=None, top_k=None, seed=None, images=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -339,9 +340,11 @@ impl PyNode {
         top_p: Option<f32>,
         top_k: Option<usize>,
         seed: Option<u64>,
+        images: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyTokenStream> {
         super::asyncio::remember_running_loop(py);
-        let options = GenerateOptions { max_tokens, temperature, top_p, top_k, seed };
+        let images = images.filter(|i| !i.is_none()).map(wire_from_ndarray).transpose()?;
+        let options = GenerateOptions { max_tokens, temperature, top_p, top_k, seed, images };
         let _runtime = pyo3_async_runtimes::tokio::get_runtime().enter();
         let (request_id, receiver) = self.inner.generate(&base_shard.inner, &prompt, request_id, options)?;
         Ok(PyTokenStream {

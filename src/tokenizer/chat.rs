@@ -17,12 +17,23 @@ pub struct ChatTemplate {
 const NAME: &str = "chat";
 
 impl ChatTemplate {
-    /// The template from `chat_template.jinja` or `tokenizer_config.json`'s `chat_template`
-    /// (a string, or a list of `{name, template}` whose `default` entry is used).
+    /// The template from `chat_template.jinja`, a processor's `chat_template.json` (LLaVA's) or
+    /// `tokenizer_config.json`'s `chat_template` (a string, or a list of `{name, template}`
+    /// whose `default` entry is used).
     pub fn from_model_dir(dir: &Path, config: &serde_json::Value) -> Result<Option<Self>> {
         let file = dir.join("chat_template.jinja");
         if let Ok(source) = read_limited(&file, CONFIG_FILE_LIMIT) {
             return Self::new(source).map(Some);
+        }
+        let processor = dir.join("chat_template.json");
+        if let Ok(text) = read_limited(&processor, CONFIG_FILE_LIMIT) {
+            let parsed: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                Error::InvalidModel(format!("{} is not valid JSON: {e}", processor.display()))
+            })?;
+            let source = parsed["chat_template"].as_str().ok_or_else(|| {
+                Error::InvalidModel(format!("{} has no chat_template string", processor.display()))
+            })?;
+            return Self::new(source.to_string()).map(Some);
         }
         let source = match config.get("chat_template") {
             Some(serde_json::Value::String(s)) => s.clone(),
@@ -69,7 +80,7 @@ impl ChatTemplate {
             })?;
             Ok(text)
         });
-        env.add_template_owned(NAME, source)
+        env.add_template_owned(NAME, without_generation_tags(&source))
             .map_err(|e| Error::InvalidModel(format!("invalid chat template: {e:#}")))?;
         Ok(Self { env })
     }
@@ -100,6 +111,32 @@ impl ChatTemplate {
             Error::InvalidArgument(format!("chat template failed: {}", e.detail().unwrap_or(&e.to_string())))
         })
     }
+}
+
+/// `source` with transformers' `{% generation %}` / `{% endgeneration %}` tags (which mark the
+/// assistant's text for training masks and render their body as is) as an always-true `if`
+/// block, each tag keeping its whitespace control.
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        let Some(len) = rest[start..].find("%}") else { break };
+        let tag = &rest[start..start + len + 2];
+        let inner = tag[2..tag.len() - 2].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
+        out.push_str(&rest[..start]);
+        let replacement = match inner {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replacement {
+            Some(word) => out.push_str(&tag.replacen(inner, word, 1)),
+            None => out.push_str(tag),
+        }
+        rest = &rest[start + len + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The text of a message content given as a string or a list of `{"type": "text", "text"}`
@@ -172,6 +209,27 @@ mod tests {
     fn bad_templates_and_messages_are_clear_errors() {
         assert!(ChatTemplate::new("{% for %}".into()).is_err());
         assert!(render(LLAMA, json!({"role": "user"})).is_err());
+    }
+
+    #[test]
+    fn llava_templates_select_image_and_text_parts_and_render_generation_blocks() {
+        // llava-hf/llava-1.5-7b-hf's template, as its chat_template.json holds it.
+        let llava = "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}\
+            {% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}\
+            {% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}\
+            {% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{%- generation -%}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}\
+            {% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}";
+        let messages = json!([
+            {"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+            {"role": "user", "content": [{"type": "text", "text": "Sure?"}]},
+        ]);
+        let text = render(llava, messages).unwrap();
+        assert_eq!(text, "USER: <image>\nWhat is this? ASSISTANT: A cat. USER: Sure? ASSISTANT:");
+        assert_eq!(
+            without_generation_tags("{% generation %}x{%- endgeneration +%}"),
+            "{% if true %}x{%- endif +%}"
+        );
     }
 
     #[test]

@@ -220,18 +220,21 @@ class EngineNode(FakeNode):
         top_p: float | None = None,
         top_k: int | None = None,
         seed: int | None = None,
+        images: np.ndarray | None = None,
     ):
         request_id = request_id or f"engine-{len(self.calls)}"
         self.calls.append({"prompt": prompt, "request_id": request_id, "max_tokens": max_tokens, "seed": seed})
         shard = self.get_current_shard(base_shard)
         limit = max_tokens if max_tokens is not None else self.max_generate_tokens
-        return self._tokens(request_id, shard, prompt, limit, temperature or 0.0, top_p or 1.0, top_k or 0, seed)
+        sampling = (temperature or 0.0, top_p or 1.0, top_k or 0, seed)
+        return self._tokens(request_id, shard, prompt, limit, *sampling, images)
 
-    async def _tokens(self, request_id, shard, prompt, limit, temperature, top_p, top_k, seed):
+    async def _tokens(self, request_id, shard, prompt, limit, temperature, top_p, top_k, seed, images):
         eos = set(self.tokenizer.eos_token_ids)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        state = None if images is None else {"pixel_values": images}
         try:
-            logits, _ = await self.engine.infer_tensor(request_id, shard, np.array([ids]))
+            logits, _ = await self.engine.infer_tensor(request_id, shard, np.array([ids]), state)
             for step in range(limit):
                 step_seed = None if seed is None else seed + step
                 token = await self.engine.sample(logits, temp=temperature, top_p=top_p, top_k=top_k, seed=step_seed)

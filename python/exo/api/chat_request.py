@@ -13,6 +13,8 @@ from typing import Any
 from exo.api.limits import MAX_CONTEXT_ENV, MAX_MESSAGES_ENV, ApiLimits
 
 ROLES = ("system", "user", "assistant", "developer")
+# Content parts that carry an image: OpenAI's, and exo classic's own.
+IMAGE_PARTS = ("image_url", "image")
 MAX_STOP_SEQUENCES = 16
 # Most likely tokens `top_k` may keep: above every vocabulary, below what the core's integers hold.
 MAX_TOP_K = 1 << 20
@@ -63,6 +65,12 @@ class ChatRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     tools: list[dict[str, Any]] | None = None
+    #: The URLs of each message's images (one list per message, most of them empty).
+    images: list[list[str]] = field(default_factory=list)
+
+    @property
+    def has_images(self) -> bool:
+        return any(self.images)
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -118,15 +126,27 @@ def _optional_bool(data: dict[str, Any], name: str) -> bool:
     return value
 
 
-def _content_text(content: Any, where: str) -> str:
-    """The text of a message's content: a string, or a list of `{"type": "text", "text": ...}` parts."""
+def _image_url(part: dict[str, Any], where: str) -> str:
+    """The URL of an image part: `{"type": "image_url", "image_url": {"url": ...}}` (or the URL as a string there),
+    or exo classic's `{"type": "image", "image": ...}`."""
+    value = part.get("image_url") if part.get("type") == "image_url" else part.get("image")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        field = "image_url.url" if part.get("type") == "image_url" else "image"
+        raise bad_request(f"{where}.{field} must be the image's data URL.", "invalid_image")
+    return url
+
+
+def _content_parts(content: Any, where: str) -> tuple[str, list[str]]:
+    """The text of a message's content (a string, or a list of text and image parts) and its images' URLs."""
     if isinstance(content, str):
-        return content
+        return content, []
     if content is None:
-        return ""
+        return "", []
     if not isinstance(content, list):
         raise bad_request(f"{where}.content must be a string or a list of parts.", "invalid_type")
-    texts = []
+    texts: list[str] = []
+    images: list[str] = []
     for i, part in enumerate(content):
         if isinstance(part, str):
             texts.append(part)
@@ -134,20 +154,29 @@ def _content_text(content: Any, where: str) -> str:
         if not isinstance(part, dict):
             raise bad_request(f"{where}.content[{i}] must be an object.", "invalid_type")
         kind = part.get("type")
+        if kind in IMAGE_PARTS:
+            images.append(_image_url(part, f"{where}.content[{i}]"))
+            continue
         if kind != "text":
             raise bad_request(
-                f"{where}.content[{i}] has type {json.dumps(kind)}; only text parts are supported.",
+                f"{where}.content[{i}] has type {json.dumps(kind)}; only text and image parts are supported.",
                 "unsupported_content",
             )
         text = part.get("text")
         if not isinstance(text, str):
             raise bad_request(f"{where}.content[{i}].text must be a string.", "invalid_type")
         texts.append(text)
-    return "".join(texts)
+    return "".join(texts), images
 
 
 def parse_messages(value: Any, max_messages: int = ApiLimits.max_messages) -> list[dict[str, str]]:
-    """The `messages` list as `{"role", "content"}` dicts with text content, at most `max_messages` of them."""
+    """The `messages` list as `{"role", "content"}` dicts with text content, at most `max_messages` of them (image
+    parts left out; `parse_chat_request` keeps them)."""
+    return [message for message, _ in _parse_messages(value, max_messages)]
+
+
+def _parse_messages(value: Any, max_messages: int) -> list[tuple[dict[str, str], list[str]]]:
+    """Each message as a `{"role", "content"}` dict with text content, with its images' URLs."""
     if value is None:
         raise bad_request("'messages' is required.", "missing_field")
     if not isinstance(value, list):
@@ -170,8 +199,8 @@ def parse_messages(value: Any, max_messages: int = ApiLimits.max_messages) -> li
             raise bad_request(f"{where}.role is {json.dumps(role)}; expected one of {allowed}.", "invalid_role")
         if "content" not in message:
             raise bad_request(f"{where}.content is required.", "missing_field")
-        text = _content_text(message["content"], where)
-        messages.append({"role": "system" if role == "developer" else role, "content": text})
+        text, images = _content_parts(message["content"], where)
+        messages.append(({"role": "system" if role == "developer" else role, "content": text}, images))
     return messages
 
 
@@ -204,7 +233,7 @@ def parse_chat_request(data: dict[str, Any], limits: ApiLimits | None = None) ->
     model = data.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise bad_request("'model' must be a non-empty string.", "invalid_type")
-    messages = parse_messages(data.get("messages"), limits.max_messages)
+    parsed = _parse_messages(data.get("messages"), limits.max_messages)
     n = data.get("n")
     if n is not None and n != 1:
         raise bad_request("Only 'n' = 1 is supported.", "invalid_value")
@@ -222,7 +251,8 @@ def parse_chat_request(data: dict[str, Any], limits: ApiLimits | None = None) ->
         raise bad_request("'tools' must be a list.", "invalid_type")
     return ChatRequest(
         model=model,
-        messages=messages,
+        messages=[message for message, _ in parsed],
+        images=[images for _, images in parsed],
         stream=_optional_bool(data, "stream"),
         include_usage=include_usage,
         temperature=_optional_number(data, "temperature", 0.0, 2.0),

@@ -27,6 +27,7 @@ from exo.api.responses import SSE_HEADERS, error_from_exception, sse
 from exo.api.server import ApiServer
 from exo.api.text_stream import count_tokens
 from exo.inference.tokenizers import resolve_tokenizer
+from exo.inference.vision import ImageError, ImageProcessor, image_from_data_url, image_processor_of, vision_messages
 from exo.settings import VERSION, debug_level
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ChatRoutes(ApiServer):
     admission: Admission
     _tokenizers: dict[str, Any]
     _tokenizer_locks: dict[str, asyncio.Lock]
+    _image_processors: dict[str, ImageProcessor | None]
 
     async def tokenizer_for(self, model: ResolvedModel) -> Any:
         """The tokenizer of `model`; downloads this node's shard of it first when it is not on disk yet."""
@@ -78,13 +80,48 @@ class ChatRoutes(ApiServer):
         engines = cluster_engine_classnames(self.node, self.inference_engine_classname)
         return await resolve_in_cluster(name, engines, downloader)
 
-    def _messages(self, chat: ChatRequest) -> list[dict[str, str]]:
+    def _messages(self, chat: ChatRequest) -> list[dict[str, Any]]:
         if self.system_prompt and not any(m["role"] == "system" for m in chat.messages):
             return [{"role": "system", "content": self.system_prompt}, *chat.messages]
         return chat.messages
 
+    async def image_processor_for(self, model: ResolvedModel) -> ImageProcessor | None:
+        """The image processor of `model` (after `tokenizer_for`), or None when it takes no images."""
+        source = model.tokenizer_source
+        if source not in self._image_processors:
+            try:
+                self._image_processors[source] = await image_processor_of(source)
+            except ImageError as e:
+                raise ApiError(500, f"The image settings of {model.model_id} are unusable: {e}", "invalid_model") from e
+        return self._image_processors[source]
+
+    async def _images(self, chat: ChatRequest, model: ResolvedModel, processor: ImageProcessor | None) -> Any:
+        """The request's images as pixel values for the first shard, or None when it sends none."""
+        if not chat.has_images:
+            return None
+        if processor is None:
+            raise bad_request(
+                f"{model.model_id} does not take images; send text only, or choose a vision model (LLaVA).",
+                "unsupported_content",
+            )
+        urls = [url for urls in chat.images for url in urls]
+        if not all(url.startswith("data:") for url in urls):
+            raise bad_request(
+                "Images must be sent as data URLs (data:image/png;base64,...): the API neither reads files nor "
+                "fetches URLs.",
+                "invalid_image",
+            )
+
+        def preprocess() -> Any:
+            return processor.pixel_values([image_from_data_url(url) for url in urls])
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, preprocess)
+        except ImageError as e:
+            raise bad_request(str(e), "invalid_image") from e
+
     @staticmethod
-    def _render_prompt(tokenizer: Any, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None) -> str:
+    def _render_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
         kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
         if tools:
             kwargs["tools"] = tools
@@ -93,20 +130,40 @@ class ChatRoutes(ApiServer):
         except errors.ExoError as e:
             raise bad_request(f"The messages do not fit the model's chat template: {e}", "invalid_messages") from e
 
-    async def _prepare(self, request: web.Request) -> tuple[ChatRequest, ResolvedModel, Any, str]:
+    async def _prepare(self, request: web.Request) -> tuple[ChatRequest, ResolvedModel, Any, str, Any]:
+        """The request, its model, the model's tokenizer, the prompt, and the images' pixel values (or None)."""
         chat = parse_chat_request(parse_json_object(await self.read_body(request)), self.limits)
         model = await asyncio.wait_for(self._model_for(chat), self.response_timeout)
         chat.model = model.model_id
         try:
             tokenizer = await asyncio.wait_for(self.tokenizer_for(model), self.response_timeout)
+            processor = await asyncio.wait_for(self.image_processor_for(model), self.response_timeout)
         except errors.ExoError as e:
             raise error_from_exception(e) from e
-        prompt = self._render_prompt(tokenizer, self._messages(chat), chat.tools)
-        return chat, model, tokenizer, prompt
+        images = await self._images(chat, model, processor)
+        messages = self._messages(chat)
+        added = len(messages) - len(chat.messages)
+        prompt = self.prompt_for(tokenizer, processor, messages, [[]] * added + chat.images, chat.tools)
+        return chat, model, tokenizer, prompt, images
+
+    def prompt_for(
+        self,
+        tokenizer: Any,
+        processor: ImageProcessor | None,
+        messages: list[dict[str, Any]],
+        images: list[list[str]],
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The prompt of `messages` (each with its images' URLs) in the model's chat template. A vision model's
+        template takes parts, and its processor repeats each image token once per feature and puts BOS in front."""
+        if processor is None:
+            return self._render_prompt(tokenizer, messages, tools)
+        prompt = self._render_prompt(tokenizer, vision_messages(messages, images), tools)
+        return processor.expand_prompt(prompt, tokenizer.bos_token)
 
     async def handle_post_chat_token_encode(self, request: web.Request) -> web.Response:
         try:
-            _chat, _model, tokenizer, prompt = await self._prepare(request)
+            _chat, _model, tokenizer, prompt, _images = await self._prepare(request)
         except asyncio.TimeoutError as e:
             raise ApiError(408, "Loading the model timed out.", "timeout") from e
         tokens = [int(t) for t in tokenizer.encode(prompt)]
@@ -116,7 +173,7 @@ class ChatRoutes(ApiServer):
 
     async def handle_post_chat_completions(self, request: web.Request) -> web.StreamResponse:
         try:
-            chat, model, tokenizer, prompt = await self._prepare(request)
+            chat, model, tokenizer, prompt, images = await self._prepare(request)
         except asyncio.TimeoutError as e:
             raise ApiError(408, "Loading the model timed out.", "timeout") from e
         self._check_context(chat, tokenizer, prompt)
@@ -125,7 +182,7 @@ class ChatRoutes(ApiServer):
             self._notify_listener(request_id, chat, prompt)
             logger.debug("Chat completion %s on %s", request_id, model.model_id)
             logger.log(debug_level(3), "Prompt of %s: %r", request_id, prompt)
-            generation = await self._start_generation(model, prompt, request_id, chat)
+            generation = await self._start_generation(model, prompt, request_id, chat, images)
             if chat.stream:
                 return await self._stream_completion(request, chat, tokenizer, prompt, request_id, generation)
             return await self._complete(chat, tokenizer, prompt, request_id, generation)
@@ -155,8 +212,10 @@ class ChatRoutes(ApiServer):
             logger.debug("on_chat_completion_request failed", exc_info=True)
 
     async def _start_generation(
-        self, model: ResolvedModel, prompt: str, request_id: str, chat: ChatRequest
+        self, model: ResolvedModel, prompt: str, request_id: str, chat: ChatRequest, images: Any
     ) -> AsyncIterator[int]:
+        # Only a request with images passes them, so nodes that take none keep working.
+        extra = {} if images is None else {"images": images}
         try:
             generation = self.node.generate(
                 model.base_shard,
@@ -167,6 +226,7 @@ class ChatRoutes(ApiServer):
                 top_p=chat.top_p,
                 top_k=chat.top_k,
                 seed=chat.seed,
+                **extra,
             )
             if inspect.isawaitable(generation):
                 generation = await generation

@@ -69,6 +69,7 @@ class ChatGPTAPI(ModelRoutes, ChatRoutes):
         self.created = int(time.time())
         self._tokenizers = {}
         self._tokenizer_locks = {}
+        self._image_processors = {}
         self._add_routes()
 
     def _add_routes(self) -> None:

@@ -30,6 +30,7 @@ from exo.download.new_shard_download import ensure_exo_home, new_shard_downloade
 from exo.download.shard_download import NoopShardDownloader
 from exo.errors import InferenceServerError, InvalidArgumentError, InvalidModelError
 from exo.inference.inference_engine import get_inference_engine
+from exo.inference.vision import ImageError, image_from_file
 from exo.models import unavailable_reason
 from exo.networking.grpc.grpc_peer_handle import GRPCPeerHandle
 from exo.networking.grpc.grpc_server import GRPCServer
@@ -309,7 +310,8 @@ class App:
         await self.node.start(wait_for_peers=args.wait_for_peers)
         try:
             if args.command == "run" or args.run_model:
-                return await self._until_stopped(self.run_model(args.model_name or args.run_model, args.prompt))
+                run = self.run_model(args.model_name or args.run_model, args.prompt, args.image)
+                return await self._until_stopped(run)
             if args.command == "eval":
                 return await self._until_stopped(evaluate(self, args.model_name, args.data, args.batch_size))
             if args.command == "train":
@@ -357,25 +359,37 @@ class App:
         if self.args.wait_for_peers > 0:
             await asyncio.sleep(1.0)  # let peers see this node leave before the process ends
 
-    async def run_model(self, model_name: str | None, prompt: str) -> int:
-        """`run MODEL --prompt TEXT`: stream the answer to stdout."""
+    async def run_model(self, model_name: str | None, prompt: str, image: str | None = None) -> int:
+        """`run MODEL --prompt TEXT [--image PATH]`: stream the answer to stdout."""
         if not model_name:
             print("Error: a model name is required with 'run' or --run-model", file=sys.stderr)
             return 2
         try:
             model = await resolve_model_async(model_name, self.engine_classname, self.shard_downloader)
+            tokenizer = await self.api.tokenizer_for(model)
+            processor = await self.api.image_processor_for(model)
+            images = [[image] if image else []]
+            templated = self.api.prompt_for(tokenizer, processor, [{"role": "user", "content": prompt}], images)
         except ApiError as e:
             print(f"Error: {e.message}", file=sys.stderr)
             return 2
-        tokenizer = await self.api.tokenizer_for(model)
-        templated = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        extra: dict[str, Any] = {}
+        if image is not None:
+            if processor is None:
+                print(f"Error: {model.model_id} does not take images (--image)", file=sys.stderr)
+                return 2
+            try:
+                extra["images"] = processor.pixel_values([image_from_file(image)])
+            except ImageError as e:
+                print(f"Error: {e}", file=sys.stderr)
+                return 2
         request_id = str(uuid.uuid4())
         print(f"Processing prompt: {prompt}")
         logger.log(debug_level(3), "Prompt of %s: %r", request_id, templated)
         text = TokenText(tokenizer)
         started = time.perf_counter()
         count = 0
-        generation = self.node.generate(model.base_shard, templated, request_id)
+        generation = self.node.generate(model.base_shard, templated, request_id, **extra)
         eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
         try:
             async for token in generation:

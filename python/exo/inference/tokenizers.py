@@ -67,6 +67,15 @@ async def _model_dir(repo_id_or_path: str | PathLike[str]) -> Path:
     return await HfShardDownloader().ensure_metadata(str(repo_id_or_path))
 
 
+async def model_dir_of(repo_id_or_path: str | PathLike[str]) -> Path | None:
+    """The directory holding a model's `config.json` and tokenizer files (fetched without weights if need be), or
+    None for a GGUF model and the dummy one."""
+    if str(repo_id_or_path) == "dummy" or _gguf_file(Path(repo_id_or_path)) is not None:
+        return None
+    found = await _model_dir(repo_id_or_path)
+    return None if found.suffix.lower() == ".gguf" else found
+
+
 def _gguf_file(local: Path) -> Path | None:
     """The GGUF file a local path names (itself, or the first of a directory's), if any."""
     if local.is_file() and local.suffix.lower() == ".gguf":
@@ -125,5 +134,6 @@ __all__ = [
     "Tokenizer",
     "describe_tokenizer",
     "downloads_dir",
+    "model_dir_of",
     "resolve_tokenizer",
 ]

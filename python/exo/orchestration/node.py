@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from exo._core import NativeNode, TokenStream
 from exo.callbacks import AsyncCallbackSystem
@@ -251,13 +252,16 @@ class Node:
         top_p: float | None = None,
         top_k: int | None = None,
         seed: int | None = None,
+        images: npt.NDArray[Any] | None = None,
     ) -> TokenStream:
         """Starts a request and returns the async iterator of its token ids.
 
         The iterator ends when generation ends (EOS or the token limit), raises the
         `exo.errors` exception of the failure's kind when the request fails anywhere in the ring
         (`ContextOverflowError` from any node's engine, `PeerError` for a lost peer, ...), and
-        `await stream.aclose()` cancels the request on every node.
+        `await stream.aclose()` cancels the request on every node. `images` are a vision model's
+        preprocessed images (`[n, channels, height, width]` float32, see `exo.inference.vision`);
+        they go with the prompt to the node holding the first layer, and no further.
         """
         return self._core.generate(
             base_shard,
@@ -268,6 +272,7 @@ class Node:
             top_p=top_p,
             top_k=top_k,
             seed=seed,
+            images=images,
         )
 
     async def cancel_request(self, request_id: str) -> None:

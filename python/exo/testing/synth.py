@@ -18,7 +18,8 @@ writes the model directory as `mlx_lm.convert --quantize --q-bits 4 --q-group-si
 from the `--dtype` one: each quantized weight as packed uint32 values with `scales` and `biases`
 in that dtype, and `quantization` in `config.json` (see `synth_mlx`; needs `mlx`). With
 `--mlx-reference`, the f32 model of the same checkpoint's dequantized weights instead.
-The same preset, dtype or type, bits, group size and seed always give the same bytes.
+The same preset, dtype or type, bits, group size and seed always give the same bytes. LLaVA presets
+(`tiny-llava`) are written by `exo.testing.synth_llava`, as one safetensors file.
 """
 
 import argparse
@@ -956,8 +957,10 @@ def cached_model(preset: str, root: str | Path, dtype: str = "f32", seed: int = 
 
 
 def main() -> None:
+    from exo.testing.synth_llava import LLAVA_PRESETS
+
     parser = argparse.ArgumentParser(description="Write a synthetic Hugging Face model directory.")
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--preset", required=True, choices=sorted([*PRESETS, *LLAVA_PRESETS]))
     parser.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=0)
@@ -994,7 +997,13 @@ def main() -> None:
 
 
 def _write(args: argparse.Namespace) -> None:
-    if args.gguf is not None:
+    from exo.testing.synth_llava import LLAVA_PRESETS, write_llava_model
+
+    if args.preset in LLAVA_PRESETS:
+        if args.gguf is not None or args.mlx_quantize is not None or args.shards != 1:
+            raise ValueError(f"{args.preset} is written as one safetensors file only")
+        write_llava_model(args.preset, args.out, args.dtype, args.seed)
+    elif args.gguf is not None:
         from exo.testing.synth_gguf import write_gguf
 
         write_gguf(args.preset, args.out, args.gguf.lower(), args.seed, args.split)

@@ -22,6 +22,11 @@
     ring: $("ring"),
     downloads: $("downloads"),
     downloadsSection: $("downloads-section"),
+    attach: $("attach"),
+    imageFile: $("image-file"),
+    attachment: $("attachment"),
+    attachmentPreview: $("attachment-preview"),
+    removeImage: $("remove-image"),
   };
 
   // ---------------------------------------------------------------- state kept across reloads
@@ -38,9 +43,15 @@
 
   const state = loadState();
   let controller = null;
+  // The image attached to the next message, as a data URL (sent as an `image_url` part).
+  let pendingImage = null;
 
   function save() {
-    localStorage.setItem(STORAGE_KEY, JSON.stringify(state));
+    try {
+      localStorage.setItem(STORAGE_KEY, JSON.stringify(state));
+    } catch (e) {
+      console.warn("the chat is too large to keep across reloads", e);
+    }
   }
 
   // ---------------------------------------------------------------- the API, with its key when it has one
@@ -101,11 +112,27 @@
 
   // ---------------------------------------------------------------- conversation view
 
+  // A message's content is its text, or a list of text and image parts.
+  function contentText(content) {
+    if (!Array.isArray(content)) return content;
+    return content.filter((p) => p.type === "text").map((p) => p.text).join("");
+  }
+
+  function contentImages(content) {
+    return Array.isArray(content) ? content.filter((p) => p.type === "image_url").map((p) => p.image_url.url) : [];
+  }
+
   function renderMessage(message) {
     const box = el("div", `message ${message.role}`);
     box.append(el("div", "who", message.role === "user" ? "You" : "exo"));
-    const body = el("div", "body", message.content);
+    const body = el("div", "body", contentText(message.content));
     box.append(body);
+    for (const url of contentImages(message.content)) {
+      const image = el("img", "image");
+      image.src = url;
+      image.alt = "Attached image";
+      box.append(image);
+    }
     const meta = el("div", "meta", message.meta || "");
     box.append(meta);
     els.messages.append(box);
@@ -167,9 +194,20 @@
     }
   }
 
+  function setPendingImage(url) {
+    pendingImage = url;
+    els.attachment.hidden = !url;
+    if (url) els.attachmentPreview.src = url;
+    else els.attachmentPreview.removeAttribute("src");
+  }
+
   async function send(text) {
     showError("");
-    const user = { role: "user", content: text };
+    const content = pendingImage
+      ? [{ type: "text", text }, { type: "image_url", image_url: { url: pendingImage } }]
+      : text;
+    setPendingImage(null);
+    const user = { role: "user", content };
     state.messages.push(user);
     els.empty.hidden = true;
     renderMessage(user);
@@ -390,6 +428,17 @@
     }
   });
   els.prompt.addEventListener("input", autosize);
+  els.attach.addEventListener("click", () => els.imageFile.click());
+  els.imageFile.addEventListener("change", () => {
+    const file = els.imageFile.files && els.imageFile.files[0];
+    els.imageFile.value = "";
+    if (!file) return;
+    const reader = new FileReader();
+    reader.onload = () => setPendingImage(reader.result);
+    reader.onerror = () => showError(`cannot read ${file.name}`);
+    reader.readAsDataURL(file);
+  });
+  els.removeImage.addEventListener("click", () => setPendingImage(null));
   els.stop.addEventListener("click", () => controller && controller.abort());
   els.newChat.addEventListener("click", () => {
     if (controller) controller.abort();

@@ -7,11 +7,13 @@ use serde::Deserialize;
 
 pub use super::deepseek::DeepseekFields;
 pub use super::gemma::GemmaFields;
+pub use super::llava::LlavaConfig;
 use crate::error::{Error, Result};
 use crate::file_limits::{read_limited, CONFIG_FILE_LIMIT};
 use crate::topology::ModelCosts;
 
-/// The `model_type`s of `config.json` the engine runs; [`ModelConfig::variant`] knows each.
+/// The `model_type`s of `config.json` the engine runs; [`ModelConfig::variant`] knows each but
+/// `llava`, whose decoder's own config (`text_config`) is a Llama's.
 pub const MODEL_TYPES: &[&str] = &[
     "llama",
     "mistral",
@@ -23,6 +25,7 @@ pub const MODEL_TYPES: &[&str] = &[
     "gemma2",
     "gemma3_text",
     "deepseek_v2",
+    "llava",
 ];
 
 /// Largest width, vocabulary or rank a config may give (released models stay below 300,000).
@@ -93,7 +96,7 @@ fn default_act() -> String {
 /// The fields of a Hugging Face `config.json` that the decoder needs.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelConfig {
-    /// `llama`, `mistral`, `qwen2` or `qwen3`.
+    /// `llama`, `mistral`, `qwen2`, `qwen3`, ... (a LLaVA's decoder's: `llama`).
     pub model_type: String,
     /// Width of the residual stream.
     pub hidden_size: usize,
@@ -167,6 +170,9 @@ pub struct ModelConfig {
     /// DeepSeek-V2's own fields (latent attention, grouped routing, ...).
     #[serde(flatten)]
     pub deepseek: DeepseekFields,
+    /// LLaVA's vision tower and projector; the fields above are then its decoder's.
+    #[serde(skip)]
+    pub llava: Option<LlavaConfig>,
 }
 
 /// The `quantization` (MLX) or `quantization_config` (other tools) entry of `config.json`.
@@ -198,10 +204,19 @@ impl ModelConfig {
         let path = dir.join("config.json");
         let text = read_limited(&path, CONFIG_FILE_LIMIT)
             .map_err(|e| Error::InvalidModel(format!("cannot read {}: {e}", path.display())))?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| {
-            Error::InvalidModel(format!("{} is not a valid model config: {e}", path.display()))
-        })?;
-        config.checked().map_err(|e| Error::InvalidModel(format!("{}: {e}", path.display())))
+        Self::from_json(&text).map_err(|e| Error::InvalidModel(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses and checks the text of a `config.json` (a LLaVA's decoder fields read from its
+    /// `text_config`).
+    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("not a valid model config: {e}"))?;
+        let (decoder, llava) = super::llava::split_config(value)?;
+        let mut config: Self =
+            serde_json::from_value(decoder).map_err(|e| format!("not a valid model config: {e}"))?;
+        config.llava = llava;
+        config.checked()
     }
 
     /// The config if the engine can run it, else what is wrong with it.
@@ -468,6 +483,11 @@ mod tests {
         let qwen3 = parse(&LLAMA.replace("\"llama\"", "\"qwen3\"")).unwrap();
         assert!(qwen3.variant().unwrap().qk_norm);
         for model_type in MODEL_TYPES {
+            if *model_type == "llava" {
+                let nested = format!(r#"{{"model_type": "llava", "text_config": {LLAMA}}}"#);
+                assert!(ModelConfig::from_json(&nested).is_ok_and(|c| c.llava.is_some()));
+                continue;
+            }
             let config = LLAMA.replace("\"llama\"", &format!("{model_type:?}"));
             // DeepSeek-V2 takes YaRN, not Llama 3's scaling, and needs its experts per token.
             let config = match *model_type {

@@ -198,7 +198,18 @@ impl Storage {
             }
             None => layer,
         };
-        let embedding = self.matrix(vocab, hidden, true);
+        // LLaVA's vision tower and projector load beside the embeddings, on the first shard.
+        let vision: u64 = config.llava.as_ref().map_or(0, |llava| {
+            llava
+                .tensors(hidden)
+                .iter()
+                .map(|(_, dims)| match dims[..] {
+                    [rows, cols] => self.matrix(rows, cols, false),
+                    _ => dims.iter().product::<usize>() as u64 * VECTOR_ELEMENT_BYTES,
+                })
+                .sum()
+        });
+        let embedding = self.matrix(vocab, hidden, true) + vision;
         let head = self.matrix(vocab, hidden, false) + hidden as u64 * VECTOR_ELEMENT_BYTES;
         // On the host, a tied head multiplies by the embedding table itself unless load-time
         // quantization gives the head blocks of its own.

@@ -304,6 +304,7 @@ impl GgufFile {
             mlp_only_layers: None,
             gemma: Default::default(),
             deepseek: Default::default(),
+            llava: None,
         };
         config.checked().map_err(|e| self.invalid(e))
     }

@@ -3,6 +3,7 @@
 
 mod batch;
 mod cache;
+mod clip;
 mod config;
 mod decode_attention;
 mod deepseek;
@@ -14,6 +15,7 @@ mod gemma;
 mod gguf;
 mod limits;
 mod linear;
+mod llava;
 mod lora;
 mod lora_merge;
 mod loss;
@@ -40,6 +42,7 @@ pub use device::{ComputeDevice, DEVICE_ENV};
 pub(crate) use gguf::GgufFile;
 pub use gguf::{gguf_files, part_names as gguf_part_names, tensor_range as gguf_tensor_range};
 pub use limits::{Limits, MAX_CONTEXT_ENV, MAX_KV_CACHE_GB_ENV};
+pub use llava::{canonical_name as canonical_tensor_name, is_vision_tensor};
 pub use lora::LoraConfig;
 #[cfg(test)]
 pub(crate) use lora_merge::LoraMerge;
@@ -64,7 +67,7 @@ use self::tensors::Checkpoint;
 use self::training::Training;
 use super::example::{Example, ExampleLoss, ExampleOutput};
 use super::sampling::sample_token;
-use super::{Engine, InferenceState, ModelLocator, SamplingParams};
+use super::{Engine, InferenceState, ModelLocator, SamplingParams, IMAGES_KEY};
 use crate::error::{Error, Result};
 use crate::shard::Shard;
 use crate::tensor::{DType, WireTensor};
@@ -299,6 +302,13 @@ fn shard_input(input: &WireTensor, first: bool) -> Result<ShardInput> {
     Ok(ShardInput::Tokens(ids.to_dtype(CandleDType::U32)?))
 }
 
+/// The images of a prompt (`[n, channels, size, size]` pixel values under [`IMAGES_KEY`]) taken
+/// out of its state: the first shard embeds them, and they go no further.
+fn take_images(state: Option<InferenceState>) -> (Option<WireTensor>, Option<InferenceState>) {
+    let Some(mut state) = state else { return (None, None) };
+    (state.tensors.remove(IMAGES_KEY), Some(state))
+}
+
 /// Refuses an input bigger than one request can be for `model`, before it is converted: at
 /// most its context of positions, each a token id (on the first shard) or a hidden state of
 /// the model's width. A peer's tensor is otherwise bounded only by the gRPC message limit.
@@ -380,7 +390,23 @@ impl Engine for CandleEngine {
     ) -> Result<(WireTensor, Option<InferenceState>)> {
         let loaded = self.model_for(shard).await?;
         check_input_size(&input, &loaded.model)?;
-        let hidden = loaded.model.embed(shard_input(&input, shard.is_first_layer())?)?;
+        let (images, state) = take_images(state);
+        let input = shard_input(&input, shard.is_first_layer())?;
+        let hidden = match (images, input) {
+            (None, input) => loaded.model.embed(input)?,
+            (Some(pixels), ShardInput::Tokens(ids)) => {
+                let (model, pixels) = (loaded.model.clone(), pixels.to_candle(&Device::Cpu)?);
+                tokio::task::spawn_blocking(move || model.embed_with_images(&ids, &pixels))
+                    .await
+                    .map_err(|e| Error::RequestFailed(format!("embedding the images stopped: {e}")))??
+            }
+            (Some(_), ShardInput::Hidden(_)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "images go to the first shard of {}, not to layers {}..={}",
+                    shard.model_id, shard.start_layer, shard.end_layer
+                )))
+            }
+        };
         let layers = loaded.model.layer_count();
         let cache = self.caches.lock().expect("cache lock poisoned").check_out(request_id, layers)?;
         if let Err(e) = loaded.model.check_room(cache.position, hidden.dim(1)?) {

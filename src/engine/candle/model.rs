@@ -1,5 +1,6 @@
 //! The decoder-only transformer shared by Llama, Mistral, Qwen2 and Qwen3, built for one
-//! shard: embeddings only on the first shard, final norm and LM head only on the last.
+//! shard: embeddings (and LLaVA's vision tower) only on the first shard, final norm and LM
+//! head only on the last.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use super::deepseek::{LatentAttention, LatentShape};
 use super::embedding::Embedding;
 use super::gemma::{self, Activation, Gemma};
 use super::linear::Linear;
+use super::llava::{self, VisionTower};
 use super::lora_merge::LoraMerge;
 use super::moe::{MoeSpec, Route, SparseMoe};
 use super::rope::Rope;
@@ -72,6 +74,11 @@ impl TensorPlan {
         let mut add = |name: String, shape: Vec<usize>| entries.push((name, shape));
         if shard.is_first_layer() || (shard.is_last_layer() && tied) {
             add("model.embed_tokens.weight".into(), vec![vocab, hidden]);
+        }
+        if let (true, Some(llava)) = (shard.is_first_layer(), &config.llava) {
+            for (name, shape) in llava.tensors(hidden) {
+                add(name, shape);
+            }
         }
         let fused = config.fused_projections();
         let latent = LatentShape::of(config);
@@ -514,6 +521,8 @@ pub struct ShardModel {
     config: ModelConfig,
     /// Rows looked up by token id; the hidden states then move to `device`.
     embed_tokens: Option<Embedding>,
+    /// LLaVA's vision tower and projector, on the first shard.
+    vision: Option<VisionTower>,
     blocks: Vec<Block>,
     norm: Option<RmsNorm>,
     lm_head: Option<Linear>,
@@ -565,6 +574,10 @@ impl ShardModel {
         } else {
             None
         };
+        let vision = match (&embed_tokens, &config.llava) {
+            (Some(_), Some(llava)) => Some(VisionTower::load(&weights, llava, hidden, device)?),
+            _ => None,
+        };
         // Layers load in parallel: each copies its matrices out of the checkpoint.
         let blocks = (shard.start_layer..=shard.end_layer)
             .into_par_iter()
@@ -592,6 +605,7 @@ impl ShardModel {
             shard: shard.clone(),
             config,
             embed_tokens,
+            vision,
             blocks,
             norm,
             lm_head,
@@ -800,6 +814,28 @@ impl ShardModel {
             at += parts[i].shape.0;
         }
         Ok(results)
+    }
+
+    /// The first shard's hidden states `[1, seq, hidden]` for the prompt `ids` `[1, seq]` with
+    /// images `pixels` `[n, channels, size, size]`: LLaVA's image features in place of its
+    /// image tokens' embeddings.
+    pub fn embed_with_images(&self, ids: &Tensor, pixels: &Tensor) -> Result<Tensor> {
+        let tower = self.vision.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{} does not take images (not a LLaVA model's first shard)",
+                self.shard.model_id
+            ))
+        })?;
+        if ids.dims2()?.0 != 1 {
+            return Err(Error::InvalidArgument("images go with one prompt at a time".into()));
+        }
+        let ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let image = tower.image_token_id();
+        // The image token may lie past the embedding table: its rows are replaced anyway.
+        let looked_up: Vec<u32> = ids.iter().map(|&id| if id == image { 0 } else { id }).collect();
+        let rows = self.embed(ShardInput::Tokens(Tensor::new(looked_up, &Device::Cpu)?.unsqueeze(0)?))?;
+        let features = tower.image_features(pixels)?;
+        Ok(llava::merge(&rows.squeeze(0)?, &ids, image, &features)?.unsqueeze(0)?)
     }
 
     /// The hidden states `[batch, seq, hidden]` entering the shard's first layer: token ids

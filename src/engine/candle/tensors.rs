@@ -174,13 +174,18 @@ impl GgufShard {
 impl ShardTensors {
     /// A small tensor widened to f32.
     pub fn vector_f32(&self, name: &str, len: usize, device: &Device) -> Result<Tensor> {
+        self.tensor_f32(name, &[len], device)
+    }
+
+    /// A float tensor of `shape` copied out and widened to f32.
+    pub fn tensor_f32(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
         match self {
-            Self::Safetensors { weights, .. } => weights.vector_f32(name, len, device),
+            Self::Safetensors { weights, .. } => weights.tensor_f32(name, shape, device),
             Self::Gguf(shard) => {
-                let (stored, pieces) = shard.pieces(name, &[len])?;
+                let (stored, pieces) = shard.pieces(name, shape)?;
                 let dtype = float_dtype(name, stored.dtype)?;
                 let bytes = read_pieces(name, &pieces)?;
-                Ok(Tensor::from_raw_buffer(&bytes, dtype, &[len], device)?.to_dtype(DType::F32)?)
+                Ok(Tensor::from_raw_buffer(&bytes, dtype, shape, device)?.to_dtype(DType::F32)?)
             }
         }
     }

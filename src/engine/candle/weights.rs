@@ -1,7 +1,8 @@
 //! Reading a shard's tensors from a Hugging Face safetensors checkpoint (one file or an
 //! indexed set), memory-mapped, opening only the files that hold the requested tensors.
 //! Matrices every token streams through are copied onto huge pages; a matrix read a row at a
-//! time (an embedding) is used in place from the map; small tensors are copied out.
+//! time (an embedding) is used in place from the map; small tensors are copied out. Tensors are
+//! known by their canonical names (see [`canonical_name`]: LLaVA's decoder as a Llama's).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -13,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
 
+use super::llava::canonical_name;
 use crate::engine::kernels::{AffineMatrix, WeightDType, WeightMatrix};
 use crate::error::{Error, Result};
 use crate::file_limits::{read_limited, CONFIG_FILE_LIMIT};
@@ -42,7 +44,10 @@ impl WeightIndex {
         let weight_map = index
             .get("weight_map")
             .and_then(|m| serde_json::from_value::<HashMap<String, String>>(m.clone()).ok())
-            .ok_or_else(|| Error::InvalidModel(format!("{} has no weight_map", index_path.display())))?;
+            .ok_or_else(|| Error::InvalidModel(format!("{} has no weight_map", index_path.display())))?
+            .into_iter()
+            .map(|(name, file)| (canonical_name(&name).into_owned(), file))
+            .collect();
         Ok(Self { dir: dir.to_path_buf(), weight_map: Some(weight_map) })
     }
 
@@ -104,7 +109,8 @@ fn map_file(path: &Path, tensors: &mut HashMap<String, StoredTensor>) -> Result<
         Error::InvalidModel(format!("{} is not a valid safetensors file: {e}", path.display()))
     })?;
     let base = map.as_ptr() as usize;
-    for (name, view) in parsed.tensors() {
+    for (stored_name, view) in parsed.tensors() {
+        let name = canonical_name(&stored_name).into_owned();
         let start = view.data().as_ptr() as usize - base;
         let stored = StoredTensor {
             map: map.clone(),
@@ -490,10 +496,15 @@ impl ShardWeights {
 
     /// A small tensor copied out of the map and widened to f32.
     pub fn vector_f32(&self, name: &str, len: usize, device: &Device) -> Result<Tensor> {
-        let stored = self.stored(name, &[len])?;
+        self.tensor_f32(name, &[len], device)
+    }
+
+    /// A float tensor of `shape` copied out of the map and widened to f32.
+    pub fn tensor_f32(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let stored = self.stored(name, shape)?;
         let dtype = candle_dtype(name, stored.dtype)?;
         let bytes = &stored.map[stored.range.clone()];
-        Ok(Tensor::from_raw_buffer(bytes, dtype, &[len], device)?.to_dtype(DType::F32)?)
+        Ok(Tensor::from_raw_buffer(bytes, dtype, shape, device)?.to_dtype(DType::F32)?)
     }
 }
 
