@@ -338,8 +338,16 @@ impl Node {
         if RequestContext::from_state(state).is_none() {
             return Ok(());
         }
-        let why = self.requests.ended_because(request_id).unwrap_or_else(|| "it ended".into());
-        Err(Error::RequestFailed(format!("request {request_id} has ended on node {}: {why}", self.id)))
+        // The refusal keeps the kind of the failure that ended the request: the sender fails it
+        // as it would have on learning of that failure first.
+        let why = self
+            .requests
+            .ended_because(request_id)
+            .unwrap_or_else(|| Error::RequestFailed("it ended".into()));
+        Err(Error::from_kind(
+            why.kind(),
+            &format!("request {request_id} has ended on node {}: {why}", self.id),
+        ))
     }
 
     /// `state` with the request's context in it, whatever the engine did with it.
@@ -519,7 +527,7 @@ impl Node {
     /// Forgets a request here and frees its cache; with an error, its stream and the
     /// listeners learn why, and late messages for it are dropped.
     pub(super) async fn end_request(&self, request_id: &str, error: Option<Error>) {
-        let request = self.requests.end(request_id, error.as_ref().map(ToString::to_string));
+        let request = self.requests.end(request_id, error.as_ref());
         if let Some(error) = error.map(Arc::new) {
             if let Some(stream) = request.as_ref().and_then(|r| r.stream.as_ref()) {
                 let _ = stream.send(StreamEvent::Failed(error.clone()));

@@ -6,6 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::request::{Phase, Request, RequestContext};
+use crate::error::Error;
 
 /// The requests known here, by id.
 #[derive(Default)]
@@ -24,6 +25,8 @@ struct State {
 /// A request that was cancelled or failed here.
 struct Ended {
     at: Instant,
+    /// The failure's kind ([`Error::kind`]) and text.
+    kind: &'static str,
     why: String,
 }
 
@@ -58,8 +61,8 @@ impl RequestTable {
     }
 
     /// Why `request_id` was cancelled or failed here, if it was.
-    pub fn ended_because(&self, request_id: &str) -> Option<String> {
-        self.state().ended.get(request_id).map(|ended| ended.why.clone())
+    pub fn ended_because(&self, request_id: &str) -> Option<Error> {
+        self.state().ended.get(request_id).map(|ended| Error::from_kind(ended.kind, &ended.why))
     }
 
     /// Records a request started here, replacing any earlier record under its id.
@@ -122,13 +125,14 @@ impl RequestTable {
         stalled.map(|(id, r)| (id.clone(), r.members.clone())).collect()
     }
 
-    /// Takes a request out of the table; one that failed (`why` it did) is remembered as ended.
-    /// A request restarted under the same id (`start`) forgets its earlier end.
-    pub fn end(&self, request_id: &str, failed: Option<String>) -> Option<Request> {
+    /// Takes a request out of the table; one that `failed` is remembered as ended, with its
+    /// failure. A request restarted under the same id (`start`) forgets its earlier end.
+    pub fn end(&self, request_id: &str, failed: Option<&Error>) -> Option<Request> {
         let mut state = self.state();
-        if let Some(why) = failed {
+        if let Some(error) = failed {
             // The first reason stays: a refusal of a late step names the failure behind it.
-            state.ended.entry(request_id.to_string()).or_insert(Ended { at: Instant::now(), why });
+            let (kind, why) = (error.kind(), error.to_string());
+            state.ended.entry(request_id.to_string()).or_insert(Ended { at: Instant::now(), kind, why });
         }
         state.running.remove(request_id)
     }
@@ -229,9 +233,11 @@ mod tests {
         let table = RequestTable::default();
         assert!(table.register("r", None));
         assert_eq!(table.outstanding(), [("r".to_string(), "processing")]);
-        assert!(table.end("r", Some("it was cancelled".into())).is_some());
+        let cancelled = Error::RequestFailed("it was cancelled".into());
+        assert!(table.end("r", Some(&cancelled)).is_some());
         assert!(table.has_ended("r") && !table.contains("r"));
-        assert_eq!(table.ended_because("r").as_deref(), Some("it was cancelled"));
+        let why = table.ended_because("r").expect("it ended");
+        assert_eq!((why.kind(), why.to_string()), (cancelled.kind(), cancelled.to_string()));
         assert!(!table.register("r", None));
         table.start("r", Request::new(None));
         assert!(!table.has_ended("r") && table.contains("r"));
