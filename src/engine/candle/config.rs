@@ -41,9 +41,10 @@ pub struct RopeScaling {
     /// `rope_type` (newer configs) or `type` (older ones).
     #[serde(alias = "type")]
     pub rope_type: String,
-    /// Context extension factor.
-    #[serde(default = "one")]
-    pub factor: f64,
+    /// Context extension factor, as given ([`RopeScaling::factor`] reads it); LongRoPE
+    /// derives it from the context's growth when absent.
+    #[serde(rename = "factor")]
+    pub given_factor: Option<f64>,
     /// Llama 3: wavelengths above `original / low_freq_factor` are divided by `factor`.
     #[serde(default = "one")]
     pub low_freq_factor: f64,
@@ -71,6 +72,13 @@ pub struct RopeScaling {
     pub mscale_all_dim: Option<f64>,
     /// YaRN: whether the ramp's ends are rounded to whole dimensions (true when absent).
     pub truncate: Option<bool>,
+}
+
+impl RopeScaling {
+    /// The context extension factor (1 when the config gives none).
+    pub fn factor(&self) -> f64 {
+        self.given_factor.unwrap_or(1.0)
+    }
 }
 
 fn one() -> f64 {
@@ -465,7 +473,7 @@ mod tests {
             c.variant().unwrap(),
             Variant { qkv_bias: false, o_bias: false, mlp_bias: false, qk_norm: false }
         );
-        assert_eq!(c.rope_scaling.unwrap().factor, 32.0);
+        assert_eq!(c.rope_scaling.unwrap().factor(), 32.0);
     }
 
     #[test]

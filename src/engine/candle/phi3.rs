@@ -36,12 +36,8 @@ impl LongRope {
         }
         let (short, long) = (scaling.short_factor.as_ref()?, scaling.long_factor.as_ref()?);
         let original = original_context(config);
-        // A factor of 1 is also the default when none is given: then it is the context's growth.
-        let factor = if scaling.factor != 1.0 {
-            scaling.factor
-        } else {
-            config.max_position_embeddings as f64 / original as f64
-        };
+        // Without a factor it is the context's growth; a given one counts, 1 included.
+        let factor = scaling.given_factor.unwrap_or(config.max_position_embeddings as f64 / original as f64);
         let attention_factor = scaling.attention_factor.unwrap_or(if factor <= 1.0 {
             1.0
         } else {
@@ -129,6 +125,21 @@ mod tests {
         assert!((rope.short[2] - third).abs() < 1e-9);
         assert!((rope.long[2] - third / 3.0).abs() < 1e-9);
         assert!((rope.short[7] - rope.long[7] * 4.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_given_factor_counts_even_when_it_is_one() {
+        // As transformers 5.25 computes it (`_compute_longrope_parameters`): a factor of 1
+        // means no attention scaling, another one sets it; only an absent one is the growth.
+        for (factor, expected) in [(1.0f32, 1.0f32), (4.0, (1.0 + 4f32.ln() / 8f32.ln()).sqrt())] {
+            let json = SU.replace("\"type\": \"su\"", &format!("\"type\": \"su\", \"factor\": {factor}"));
+            let rope = LongRope::from_config(&config(&json)).unwrap();
+            assert!(
+                (rope.attention_factor - expected).abs() < 1e-6,
+                "factor {factor}: {}",
+                rope.attention_factor
+            );
+        }
     }
 
     #[test]

@@ -108,7 +108,9 @@ fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
     match &config.rope_scaling {
         Some(scaling) if scaling.rope_type == "llama3" => plain.map(|f| llama3_scaled(f, scaling)).collect(),
         // Positions divided by `factor` (Gemma 3's global layers).
-        Some(scaling) if scaling.rope_type == "linear" => plain.map(|f| f / scaling.factor as f32).collect(),
+        Some(scaling) if scaling.rope_type == "linear" => {
+            plain.map(|f| f / scaling.factor() as f32).collect()
+        }
         Some(scaling) if scaling.rope_type == "yarn" => {
             yarn::inverse_frequencies(dim, config.rope_theta, scaling)
         }
@@ -119,7 +121,7 @@ fn inverse_frequencies(config: &ModelConfig) -> Vec<f32> {
 /// Llama 3's scaling: long wavelengths are divided by `factor`, short ones kept, and the
 /// band between them interpolated smoothly.
 fn llama3_scaled(freq: f32, scaling: &RopeScaling) -> f32 {
-    let factor = scaling.factor as f32;
+    let factor = scaling.factor() as f32;
     let original = scaling.original_max_position_embeddings as f32;
     let low_freq_wavelen = original / scaling.low_freq_factor as f32;
     let high_freq_wavelen = original / scaling.high_freq_factor as f32;
@@ -142,7 +144,7 @@ mod tests {
     fn scaling() -> RopeScaling {
         RopeScaling {
             rope_type: "llama3".into(),
-            factor: 32.0,
+            given_factor: Some(32.0),
             low_freq_factor: 1.0,
             high_freq_factor: 4.0,
             original_max_position_embeddings: 8192.0,

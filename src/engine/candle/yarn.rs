@@ -21,7 +21,7 @@ fn correction_dim(rotations: f64, dim: usize, base: f64, context: f64) -> f64 {
 
 /// Inverse frequencies of the `dim` rotated dimensions for RoPE base `base`.
 pub fn inverse_frequencies(dim: usize, base: f64, scaling: &RopeScaling) -> Vec<f32> {
-    let factor = scaling.factor as f32;
+    let factor = scaling.factor() as f32;
     let context = scaling.original_max_position_embeddings;
     let (beta_fast, beta_slow) = (scaling.beta_fast.unwrap_or(32.0), scaling.beta_slow.unwrap_or(1.0));
     let (mut low, mut high) =
@@ -52,8 +52,8 @@ pub fn attention_factor(scaling: &RopeScaling) -> f64 {
         return factor;
     }
     match (scaling.mscale.filter(|&m| m != 0.0), scaling.mscale_all_dim.filter(|&m| m != 0.0)) {
-        (Some(m), Some(all)) => mscale(scaling.factor, m) / mscale(scaling.factor, all),
-        _ => mscale(scaling.factor, 1.0),
+        (Some(m), Some(all)) => mscale(scaling.factor(), m) / mscale(scaling.factor(), all),
+        _ => mscale(scaling.factor(), 1.0),
     }
 }
 
@@ -61,7 +61,7 @@ pub fn attention_factor(scaling: &RopeScaling) -> f64 {
 /// `mscale_all_dim` is set, else 1.
 pub fn softmax_scale_factor(scaling: &RopeScaling) -> f64 {
     match scaling.mscale_all_dim.filter(|&m| m != 0.0) {
-        Some(all) => mscale(scaling.factor, all).powi(2),
+        Some(all) => mscale(scaling.factor(), all).powi(2),
         None => 1.0,
     }
 }
