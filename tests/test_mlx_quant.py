@@ -8,6 +8,7 @@ themselves must decode bit for bit.
 """
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -64,48 +65,53 @@ def test_dequantization_equals_mx_dequantize(bits: int, group_size: int, dtype: 
     assert np.array_equal(ours.view(np.uint32), reference.view(np.uint32))
 
 
-@pytest.mark.parametrize("bits", [3, 4, 6, 8])
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("rows_of_x", [1, 5, 16])
-def test_products_match_mx_quantized_matmul(bits: int, group_size: int, rows_of_x: int) -> None:
-    rows, cols = 80, 640
-    codes, scales, biases = _quantized(rows, cols, bits, group_size, "bf16", 7 * bits + group_size)
-    x = mx.random.normal((rows_of_x, cols), key=mx.random.key(rows_of_x))
+class ProductError(NamedTuple):
+    """Our product against `mx.quantized_matmul`, and what each activation rounding may move
+    each output by."""
+
+    error: np.ndarray
+    reference: np.ndarray
+    eight_bit: np.ndarray
+    bf16: np.ndarray
+
+
+def _product_error(rows: int, cols: int, rows_of_x: int, bits: int, group_size: int, seed: int) -> ProductError:
+    """Our product of `rows_of_x` random inputs with a random `[rows, cols]` MLX matrix."""
+    codes, scales, biases = _quantized(rows, cols, bits, group_size, "bf16", seed)
+    x = mx.random.normal((rows_of_x, cols), key=mx.random.key(rows_of_x + seed))
     ours = mlx_quantized_matmul(_raw(x), _raw(codes), _raw(scales), _raw(biases), rows, cols, bits, group_size, "bf16")
     ours = np.frombuffer(ours, np.float32).reshape(rows_of_x, rows)
     wide = (scales.astype(mx.float32), biases.astype(mx.float32))
     reference = np.array(mx.quantized_matmul(x, codes, *wide, transpose=True, group_size=group_size, bits=bits))
-    # Rounding x to 8 bits per 32 values moves each product by at most half a step (1/254 of
-    # the block's largest magnitude) times the block's weights: bound it per output.
     weights = np.array(mx.dequantize(codes, *wide, group_size=group_size, bits=bits))
+    # Rounding x to 8 bits per 32 values moves each product by at most half a step (1/254 of
+    # the block's largest magnitude) times the block's weights.
     x_blocks = np.abs(np.array(x)).reshape(rows_of_x, cols // 32, 32).max(axis=2) / 254
     w_blocks = np.abs(weights).reshape(rows, cols // 32, 32).sum(axis=2)
-    bound = x_blocks @ w_blocks.T + 1e-4 * (1 + np.abs(reference))
-    assert np.all(np.abs(ours - reference) <= bound), np.abs(ours - reference).max()
+    # bf16 keeps 8 significant bits: each of the two roundings moves a product by 2^-9 of it.
+    bf16 = np.abs(np.array(x)) @ np.abs(weights).T * 2.0**-8
+    return ProductError(np.abs(ours - reference), reference, x_blocks @ w_blocks.T, bf16)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows_of_x", [1, 5, 16])
+def test_products_match_mx_quantized_matmul(bits: int, group_size: int, rows_of_x: int) -> None:
+    got = _product_error(80, 640, rows_of_x, bits, group_size, 7 * bits + group_size)
+    bound = got.eight_bit + 1e-4 * (1 + np.abs(got.reference))
+    assert np.all(got.error <= bound), got.error.max()
     # The bound is loose; in practice the error is a small fraction of the outputs' spread.
-    assert np.abs(ours - reference).max() <= 0.01 * np.abs(reference).max()
+    assert got.error.max() <= 0.01 * np.abs(got.reference).max()
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
 def test_prompt_products_match_mx_quantized_matmul(bits: int) -> None:
     """A prompt's product (32 input rows, 96 weight rows): on a CPU with AMX it decodes the
     weights to bf16 and rounds the activations to bf16, elsewhere it takes the 8-bit path."""
-    rows, cols, rows_of_x, group_size = 96, 640, 32, 64
-    codes, scales, biases = _quantized(rows, cols, bits, group_size, "bf16", 11 * bits)
-    x = mx.random.normal((rows_of_x, cols), key=mx.random.key(3))
-    ours = mlx_quantized_matmul(_raw(x), _raw(codes), _raw(scales), _raw(biases), rows, cols, bits, group_size, "bf16")
-    ours = np.frombuffer(ours, np.float32).reshape(rows_of_x, rows)
-    wide = (scales.astype(mx.float32), biases.astype(mx.float32))
-    reference = np.array(mx.quantized_matmul(x, codes, *wide, transpose=True, group_size=group_size, bits=bits))
-    weights = np.array(mx.dequantize(codes, *wide, group_size=group_size, bits=bits))
-    x_blocks = np.abs(np.array(x)).reshape(rows_of_x, cols // 32, 32).max(axis=2) / 254
-    w_blocks = np.abs(weights).reshape(rows, cols // 32, 32).sum(axis=2)
-    eight_bit = x_blocks @ w_blocks.T
-    # bf16 keeps 8 significant bits: each of the two roundings moves a product by 2^-9 of it.
-    bf16 = np.abs(np.array(x)) @ np.abs(weights).T * 2.0**-8
-    bound = np.maximum(eight_bit, bf16) + 1e-4 * (1 + np.abs(reference))
-    assert np.all(np.abs(ours - reference) <= bound), np.abs(ours - reference).max()
-    assert np.abs(ours - reference).max() <= 0.01 * np.abs(reference).max()
+    got = _product_error(96, 640, 32, bits, 64, 11 * bits)
+    bound = np.maximum(got.eight_bit, got.bf16) + 1e-4 * (1 + np.abs(got.reference))
+    assert np.all(got.error <= bound), got.error.max()
+    assert got.error.max() <= 0.01 * np.abs(got.reference).max()
 
 
 @pytest.mark.parametrize(

@@ -164,6 +164,9 @@ fn chunk_position(bits: usize, i: usize) -> usize {
     }
 }
 
+/// One quantized input row: its codes, scales and sums (see [`AffineInput`]).
+pub type InputRow<'a> = (&'a [i8], &'a [f32], &'a [f32]);
+
 /// Input rows quantized for affine weights of one width: signed 8-bit codes (each chunk of 64
 /// ordered as [`chunk_position`] says), and per 32 values a scale and the scale times the
 /// codes' sum; rows padded to whole chunks, scales and sums to a multiple of 8 (256 values).
@@ -203,11 +206,28 @@ impl AffineInput {
         input
     }
 
+    /// Rows `rows` (the first [`ROW_BLOCK`] of them) as [`AffineInput::row`] gives each, and
+    /// how many there are.
+    pub(super) fn rows(&self, rows: Range<usize>) -> ([InputRow<'_>; ROW_BLOCK], usize) {
+        let count = rows.len().min(ROW_BLOCK);
+        let mut inputs = [(&[][..], &[][..], &[][..]); ROW_BLOCK];
+        for (slot, r) in inputs.iter_mut().zip(rows.take(count)) {
+            *slot = self.row(r);
+        }
+        (inputs, count)
+    }
+
     /// Row `r`'s codes, scales and sums.
-    pub fn row(&self, r: usize) -> (&[i8], &[f32], &[f32]) {
+    pub fn row(&self, r: usize) -> InputRow<'_> {
         let (c, s) = self.strides;
         (&self.codes[r * c..(r + 1) * c], &self.scales[r * s..(r + 1) * s], &self.sums[r * s..(r + 1) * s])
     }
+}
+
+/// For each block of 32 weights of a span of 256, its group of `group_size` counted from the
+/// span's first: which of a span's group scales and biases the SIMD kernels spread to it.
+pub(super) fn group_of_block(group_size: usize) -> [i32; 8] {
+    std::array::from_fn(|b| (32 * b / group_size) as i32)
 }
 
 /// The kernel that dots one weight row with a block of input rows.

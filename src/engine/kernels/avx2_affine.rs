@@ -19,7 +19,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::affine::{AffineInput, AffineMatrix};
+use super::affine::{group_of_block, AffineInput, AffineMatrix};
 use super::quantized::{CHUNK, ROW_BLOCK};
 use super::WeightDType;
 
@@ -40,18 +40,10 @@ pub unsafe fn dot_rows(
     rows: Range<usize>,
     dots: &mut [f32],
 ) {
-    let count = rows.len().min(ROW_BLOCK);
-    let mut inputs = [(&[][..], &[][..], &[][..]); ROW_BLOCK];
-    for (slot, r) in inputs.iter_mut().zip(rows.take(count)) {
-        *slot = input.row(r);
-    }
+    let (inputs, count) = input.rows(rows);
     let inputs = &inputs[..count];
     let codes = w.row_codes(row);
-    let mut group_of_block = [0i32; 8];
-    for (b, group) in group_of_block.iter_mut().enumerate() {
-        *group = (32 * b / w.group_size()) as i32;
-    }
-    let spread = _mm256_loadu_si256(group_of_block.as_ptr() as *const __m256i);
+    let spread = _mm256_loadu_si256(group_of_block(w.group_size()).as_ptr() as *const __m256i);
     let mut acc = [_mm256_setzero_ps(); ROW_BLOCK];
     let blocks = w.cols() / 32;
     for span in 0..blocks.div_ceil(8) {

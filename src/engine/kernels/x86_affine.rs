@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::affine::{AffineInput, AffineMatrix};
+use super::affine::{group_of_block, AffineInput, AffineMatrix};
 use super::quantized::{CHUNK, ROW_BLOCK};
 use super::WeightDType;
 
@@ -49,11 +49,7 @@ pub unsafe fn dot_rows(
     rows: Range<usize>,
     dots: &mut [f32],
 ) {
-    let count = rows.len().min(ROW_BLOCK);
-    let mut inputs = [(&[][..], &[][..], &[][..]); ROW_BLOCK];
-    for (slot, r) in inputs.iter_mut().zip(rows.take(count)) {
-        *slot = input.row(r);
-    }
+    let (inputs, count) = input.rows(rows);
     let inputs = &inputs[..count];
     let (codes, (scales, biases)) = (w.row_codes(row), w.row_parameters(row));
     let (bits, group_size, dtype) = (w.bits(), w.group_size(), w.parameter_dtype());
@@ -63,11 +59,7 @@ pub unsafe fn dot_rows(
         *lane = _mm512_loadu_si512(blocks.as_ptr() as *const _);
     }
     // The group of each of a span's 8 blocks, counted from the span's first group.
-    let mut group_of_block = [0i32; 8];
-    for (b, group) in group_of_block.iter_mut().enumerate() {
-        *group = (32 * b / group_size) as i32;
-    }
-    let group_of_block = _mm256_loadu_si256(group_of_block.as_ptr() as *const __m256i);
+    let group_of_block = _mm256_loadu_si256(group_of_block(group_size).as_ptr() as *const __m256i);
     let mut acc = [_mm512_setzero_ps(); ROW_BLOCK];
     let blocks = w.cols() / 32;
     for span in 0..blocks.div_ceil(8) {
