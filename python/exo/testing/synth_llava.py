@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from exo.inference.vision import CLIP_MEAN, CLIP_STD
 from exo.testing.synth import DTYPES, Family, Preset, _llama_config, _write_plain_file, tensor_plan, write_metadata
 
 # llava-hf/llava-1.5-7b-hf's chat template: images before text in each turn, `{% generation %}` marking what the
@@ -42,8 +43,6 @@ LLAVA = Family(
     adds_bos=True,
 )
 IMAGE_TOKEN = "<image>"
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass(frozen=True)
@@ -142,8 +141,8 @@ def _write_processor_files(spec: LlavaPreset, out: Path) -> None:
         "do_normalize": True,
         "do_rescale": True,
         "do_resize": True,
-        "image_mean": OPENAI_CLIP_MEAN,
-        "image_std": OPENAI_CLIP_STD,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
         "image_processor_type": "CLIPImageProcessor",
         "processor_class": "LlavaProcessor",
         "resample": 3,
