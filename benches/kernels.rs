@@ -16,6 +16,10 @@
 //! MLP's shapes against `KERNEL_BENCH_ROWS` input rows (1 for decoding), one thread, with
 //! every instruction set the CPU has: it measures the AVX2 kernels on an AVX-512 machine too.
 //!
+//! "split" times fine-tuning's f32 products with frozen weights (`x·Wᵀ` and the input's
+//! gradient `g·W`) at the MLP's shapes against `KERNEL_BENCH_ROWS` rows, one thread: AMX's
+//! split-bf16 kernel where the CPU has it, beside candle's f32 matmul.
+//!
 //! `cargo bench --bench kernels` (add `-- --quick` for a short run, a filter such as `blocks`
 //! for one group).
 
@@ -27,8 +31,8 @@ use candle_core::Module;
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use xotorch_core::engine::kernels::{
-    linear, linear_affine_with, linear_blocks_with, linear_with, AffineMatrix, BlockMatrix, BlockType, Isa,
-    WeightDType, WeightMatrix,
+    linear, linear_affine_with, linear_blocks_with, linear_with, split_f32_product, AffineMatrix,
+    BlockMatrix, BlockType, Isa, Orientation, WeightDType, WeightMatrix,
 };
 
 /// Llama-3.2-1B's MLP (up/gate) and attention (q/o) weights, `[rows, cols]`.
@@ -229,5 +233,45 @@ fn affine_products(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matrix_vector, block_products, row_products, affine_products);
+fn split_products(c: &mut Criterion) {
+    let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a thread pool");
+    let m = block_rows();
+    let mut group = c.benchmark_group("split");
+    for (rows, cols) in [(8192, 2048), (2048, 8192)] {
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7) % 23) as f32 * 0.01 - 0.11).collect();
+        let weight = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).expect("a tensor");
+        group.throughput(Throughput::Elements((m * rows * cols) as u64));
+        for orientation in [Orientation::Transposed, Orientation::AsStored] {
+            let (inner, outer) =
+                if orientation == Orientation::Transposed { (cols, rows) } else { (rows, cols) };
+            let x: Vec<f32> = (0..m * inner).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+            let input = Tensor::from_slice(&x, (m, inner), &Device::Cpu).expect("a tensor");
+            let mut out = vec![0.0f32; m * outer];
+            if Isa::detect() == Isa::Amx {
+                let id = BenchmarkId::new(format!("{orientation:?}/amx/rows_{m}"), format!("{rows}x{cols}"));
+                group.bench_function(id, |b| {
+                    b.iter(|| {
+                        let done = one_thread.install(|| {
+                            split_f32_product(black_box(&x), &w, (rows, cols), orientation, &mut out)
+                        });
+                        assert!(done, "AMX takes whole tiles");
+                    })
+                });
+            }
+            let id = BenchmarkId::new(format!("{orientation:?}/candle/rows_{m}"), format!("{rows}x{cols}"));
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    let product = one_thread.install(|| match orientation {
+                        Orientation::Transposed => input.matmul(&weight.t().expect("2-D")),
+                        Orientation::AsStored => input.matmul(&weight),
+                    });
+                    black_box(product.expect("shapes agree"));
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, matrix_vector, block_products, row_products, affine_products, split_products);
 criterion_main!(benches);

@@ -6,17 +6,40 @@
 //! positions, scoring one padding target per sequence shorter than the batch; this one scores
 //! exactly what transformers scores with padding labelled -100.)
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::error::{Error, Result};
 
-/// `[batch, seq]` mask: 1.0 where a position's target is a real token.
-pub fn position_mask(lengths: &[usize], seq: usize, device: &Device) -> Result<Tensor> {
-    let values: Vec<f32> = lengths
+/// The `[batch, seq]` mask of the positions `lengths` count, flattened, and their number; an
+/// error when `targets` (`batch` rows of `seq` ids below `vocab`) and `lengths` do not fit or
+/// leave nothing to score.
+pub fn scored_positions(
+    targets: &[Vec<u32>],
+    lengths: &[usize],
+    (batch, seq, vocab): (usize, usize, usize),
+) -> Result<(Vec<f32>, usize)> {
+    if targets.len() != batch || lengths.len() != batch || targets.iter().any(|row| row.len() != seq) {
+        return Err(Error::InvalidTensor(format!(
+            "targets {}x{} and {} lengths do not fit {batch} sequences of {seq} positions",
+            targets.len(),
+            targets.first().map_or(0, Vec::len),
+            lengths.len(),
+        )));
+    }
+    let count = lengths.iter().map(|&l| l.saturating_sub(1).min(seq)).sum::<usize>();
+    if count == 0 {
+        return Err(Error::InvalidArgument(
+            "the example has no position to score (every length is below 2)".into(),
+        ));
+    }
+    if let Some(id) = targets.iter().flatten().find(|&&id| id as usize >= vocab) {
+        return Err(Error::InvalidTensor(format!("target id {id} is outside the vocabulary of {vocab}")));
+    }
+    let mask = lengths
         .iter()
         .flat_map(|&length| (0..seq).map(move |i| if i + 1 < length { 1.0 } else { 0.0 }))
         .collect();
-    Ok(Tensor::from_vec(values, (lengths.len(), seq), device)?)
+    Ok((mask, count))
 }
 
 /// Mean cross entropy of `logits` (`[batch, seq, vocab]`, f32) against `targets` over the
@@ -27,25 +50,8 @@ pub fn masked_cross_entropy(
     lengths: &[usize],
 ) -> Result<(Tensor, usize)> {
     let (batch, seq, vocab) = logits.dims3()?;
-    if targets.len() != batch || lengths.len() != batch || targets.iter().any(|row| row.len() != seq) {
-        return Err(Error::InvalidTensor(format!(
-            "targets {}x{} and {} lengths do not fit logits {:?}",
-            targets.len(),
-            targets.first().map_or(0, Vec::len),
-            lengths.len(),
-            logits.dims()
-        )));
-    }
-    let mask = position_mask(lengths, seq, logits.device())?;
-    let count = lengths.iter().map(|&l| l.saturating_sub(1).min(seq)).sum::<usize>();
-    if count == 0 {
-        return Err(Error::InvalidArgument(
-            "the example has no position to score (every length is below 2)".into(),
-        ));
-    }
-    if let Some(id) = targets.iter().flatten().find(|&&id| id as usize >= vocab) {
-        return Err(Error::InvalidTensor(format!("target id {id} is outside the vocabulary of {vocab}")));
-    }
+    let (mask, count) = scored_positions(targets, lengths, (batch, seq, vocab))?;
+    let mask = Tensor::from_vec(mask, (batch, seq), logits.device())?;
     let ids: Vec<u32> = targets.iter().flatten().copied().collect();
     let ids = Tensor::from_vec(ids, (batch, seq, 1), logits.device())?;
     let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
@@ -57,6 +63,8 @@ pub fn masked_cross_entropy(
 
 #[cfg(test)]
 mod tests {
+    use candle_core::Device;
+
     use super::*;
 
     /// Two sequences of lengths 3 and 2 padded to 2 input positions: three positions count,

@@ -13,6 +13,7 @@ mod footprint;
 mod frozen_product;
 mod gemma;
 mod gguf;
+mod head_loss;
 mod limits;
 mod linear;
 mod llava;

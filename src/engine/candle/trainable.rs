@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor, D};
 
 use super::config::ModelConfig;
 use super::frozen_product::FrozenProduct;
+use super::head_loss::head_loss;
 use super::lora::Adapters;
 use super::model::ShardModel;
 use crate::error::Result;
@@ -121,14 +122,39 @@ impl TrainableShard {
     /// Hidden states `[batch, seq, hidden]` (f32, on the host) through the layers with
     /// `adapters`: hidden states out, or on the last shard the logits `[batch, seq, vocab]`.
     pub fn forward(&self, x: &Tensor, adapters: &Adapters) -> Result<Tensor> {
-        let mut x = x.clone();
-        for block in &self.blocks {
-            x = self.block(&x, block, adapters)?;
-        }
+        let x = self.layers(x, adapters)?;
         match (&self.norm, &self.head) {
             (Some(norm), Some(head)) => head.apply(&rms_norm(&x, norm, self.config.rms_norm_eps)?),
             _ => Ok(x),
         }
+    }
+
+    /// On the last shard, the mean cross entropy of the logits of hidden states `x`
+    /// (`[batch, seq, hidden]`, f32, on the host) through the layers with `adapters`, against
+    /// `targets` over the positions `lengths` count (see [`super::loss`]), with their number.
+    pub fn loss(
+        &self,
+        x: &Tensor,
+        adapters: &Adapters,
+        targets: &[Vec<u32>],
+        lengths: &[usize],
+    ) -> Result<(Tensor, usize)> {
+        let (Some(norm), Some(head)) = (&self.norm, &self.head) else {
+            return Err(crate::error::Error::RequestFailed(format!(
+                "layers {}..={} of {} hold no head to score an example with",
+                self.shard.start_layer, self.shard.end_layer, self.shard.model_id
+            )));
+        };
+        let x = self.layers(x, adapters)?;
+        head_loss(head, &rms_norm(&x, norm, self.config.rms_norm_eps)?, targets, lengths)
+    }
+
+    fn layers(&self, x: &Tensor, adapters: &Adapters) -> Result<Tensor> {
+        let mut x = x.clone();
+        for block in &self.blocks {
+            x = self.block(&x, block, adapters)?;
+        }
+        Ok(x)
     }
 
     fn block(&self, x: &Tensor, block: &DenseBlock, adapters: &Adapters) -> Result<Tensor> {

@@ -15,7 +15,6 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 use super::lora::{Adapters, LoraConfig};
-use super::loss::masked_cross_entropy;
 use super::model::ShardModel;
 use super::optimizer::Optimizer;
 use super::trainable::TrainableShard;
@@ -164,12 +163,12 @@ impl Training {
         targets: &[Vec<u32>],
         lengths: &[usize],
     ) -> Result<ExampleOutput> {
-        let output = self.model.forward(&hidden, &self.adapters)?;
         if !self.shard().is_last_layer() {
+            let output = self.model.forward(&hidden, &self.adapters)?;
             self.pending.insert(request_id.to_string(), Pending { input, output: output.clone() });
             return Ok(ExampleOutput::Hidden(crate::tensor::WireTensor::from_candle(&output.detach())?));
         }
-        let (loss, _) = masked_cross_entropy(&output, targets, lengths)?;
+        let (loss, _) = self.model.loss(&hidden, &self.adapters, targets, lengths)?;
         let grads = self.step(&loss)?;
         let input_grad = input.and_then(|var| grads.get(var.as_tensor()).cloned());
         Ok(ExampleOutput::Loss(ExampleLoss {

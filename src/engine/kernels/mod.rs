@@ -10,7 +10,7 @@
 //! their own: [`blocks`] decodes the formats, [`quantized`] runs the products and
 //! [`x86_blocks`] holds their AVX-512 VNNI kernels and [`x86_prompt_blocks`] the K formats'
 //! kernel for many input rows; [`x86_amx`] multiplies bf16 weights and K-format blocks by many
-//! input rows on AMX tiles; MLX's affine-quantized weights have
+//! input rows on AMX tiles, and [`x86_amx_split`] f32 weights (fine-tuning's) there; MLX's affine-quantized weights have
 //! [`affine`], [`x86_affine`] (AVX-512 VNNI) and [`avx2_affine`]. [`linear`], [`Isa`] and the matrix types
 //! are public for `benches/kernels.rs`.
 
@@ -31,6 +31,8 @@ mod x86;
 mod x86_affine;
 #[cfg(target_arch = "x86_64")]
 mod x86_amx;
+#[cfg(target_arch = "x86_64")]
+mod x86_amx_split;
 #[cfg(target_arch = "x86_64")]
 mod x86_blocks;
 #[cfg(target_arch = "x86_64")]
@@ -208,6 +210,57 @@ pub fn linear_with(
         }
     });
     Ok(())
+}
+
+/// How an f32 weight `W` (`[n, k]`) meets rows in [`split_f32_product`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Orientation {
+    /// `x · Wᵀ`: rows of `k` in, rows of `n` out (a layer's product).
+    Transposed,
+    /// `g · W`: rows of `n` in, rows of `k` out (the gradient for that product's input).
+    AsStored,
+}
+
+/// The product of `x`'s rows with the row-major f32 `w` (`[n, k]`) in `orientation`, on AMX
+/// as three bf16 products per f32 one (about 2⁻¹⁶ of each `|x·w|` lost; see
+/// [`x86_amx_split`]); `false`, with nothing written, where this CPU has no AMX, there are
+/// fewer than 8 rows, the shape is not whole tiles or the slices do not fit it.
+pub fn split_f32_product(
+    x: &[f32],
+    w: &[f32],
+    (n, k): (usize, usize),
+    orientation: Orientation,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (inner, outer) = match orientation {
+            Orientation::Transposed => (k, n),
+            Orientation::AsStored => (n, k),
+        };
+        let rows = x.len() / inner.max(1);
+        let fits = x86_amx_split::fits(n, k)
+            && w.len() == n * k
+            && x.len() == rows * inner
+            && out.len() == rows * outer
+            && rows >= x86_amx::MIN_ROWS;
+        if !fits || Isa::detect() != Isa::Amx {
+            return false;
+        }
+        // SAFETY: AMX is usable (`Isa::Amx`), the shape is whole tiles and the slices fit it.
+        unsafe {
+            match orientation {
+                Orientation::Transposed => x86_amx_split::linear(x, w, (n, k), out),
+                Orientation::AsStored => x86_amx_split::gradient(x, w, (n, k), out),
+            }
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, w, n, k, orientation, out);
+        false
+    }
 }
 
 /// Checks that `x` (rows of `k`), a `[n, k]` weight, `bias` and `out` fit one product, and

@@ -28,9 +28,9 @@ use super::x86_blocks::{half_at, k_codes, k_parameters};
 use super::OutPtr;
 
 /// Rows of every tile, and input rows per activation tile.
-const TILE: usize = 16;
+pub(super) const TILE: usize = 16;
 /// Columns per step: a tile line of 64 bytes holds 32 bf16.
-const STEP: usize = 32;
+pub(super) const STEP: usize = 32;
 /// Weight rows per task: two weight tiles.
 const TASK_ROWS: usize = 2 * TILE;
 /// Input rows from which a bf16 product takes this path. Loading the weight tiles bounds it at
@@ -84,10 +84,10 @@ fn request_tile_state() -> bool {
 
 /// The tile configuration: palette 1, all eight tiles 16 lines of 64 bytes.
 #[repr(C, align(64))]
-struct TileConfig([u8; 64]);
+pub(super) struct TileConfig(pub(super) [u8; 64]);
 
 impl TileConfig {
-    fn uniform() -> Self {
+    pub(super) fn uniform() -> Self {
         let mut bytes = [0u8; 64];
         bytes[0] = 1;
         for tile in 0..8 {
@@ -255,7 +255,7 @@ unsafe fn store_bf16(out: &mut [u16], weights: __m512) {
 /// Runs the products of every task of [`TASK_ROWS`] weight rows with all input rows of `x`;
 /// `rows_of(task, buffer)` gives the task's weights as bf16 rows of `k` (in place, or
 /// decoded into the task's buffer).
-unsafe fn for_each_task(
+pub(super) unsafe fn for_each_task(
     x: &[f32],
     n: usize,
     k: usize,
