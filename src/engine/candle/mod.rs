@@ -13,6 +13,8 @@ mod footprint;
 mod frozen_product;
 mod gemma;
 mod gguf;
+mod gguf_config;
+mod gguf_names;
 mod limits;
 mod linear;
 mod llava;

@@ -15,7 +15,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
 use super::embedding::Embedding;
-use super::gguf::{find_gguf, gguf_name, GgufFile, StoredTensor};
+use super::gguf::{find_gguf, GgufFile, StoredTensor};
+use super::gguf_names::{gguf_name, stacked_expert_name};
 use super::linear::Linear;
 use super::lora_merge::LoraMerge;
 use super::quant_type::ggml_dtype_name;
@@ -90,7 +91,9 @@ impl Checkpoint {
             Self::Gguf(file) => {
                 let heads = (config.num_attention_heads, config.num_key_value_heads());
                 let interleaved = file.interleaves_query_key_rows()?.then_some(heads);
-                let shard = GgufShard { file: file.clone(), interleaved };
+                let arch = file.architecture()?.to_string();
+                let shifted_norms = config.is_gemma();
+                let shard = GgufShard { file: file.clone(), arch, interleaved, shifted_norms };
                 for name in names {
                     shard.tensor(name)?;
                 }
@@ -123,17 +126,25 @@ pub enum ShardTensors {
 /// A GGUF file read by Hugging Face tensor names.
 pub struct GgufShard {
     file: Arc<GgufFile>,
+    /// llama.cpp's architecture, which names some tensors its own way (see [`gguf_name`]).
+    arch: String,
     /// Query and key heads, when their rows are stored in llama.cpp's interleaved order.
     interleaved: Option<(usize, usize)>,
+    /// Gemma: norm weights are stored as `1 + w` (the converter adds Gemma's offset).
+    shifted_norms: bool,
 }
 
 impl GgufShard {
     /// The stored tensor for the Hugging Face name `name`.
     fn tensor(&self, name: &str) -> Result<&StoredTensor> {
-        let gguf = gguf_name(name)
+        let gguf = gguf_name(name, &self.arch)
             .ok_or_else(|| Error::InvalidModel(format!("tensor {name} has no GGUF counterpart")))?;
         self.file.tensor(&gguf).ok_or_else(|| {
-            Error::InvalidModel(format!("{}: tensor {gguf} is missing", self.file.path().display()))
+            let missing = match stacked_expert_name(&gguf) {
+                Some(stacked) => format!("{stacked} (or {gguf})"),
+                None => gguf,
+            };
+            Error::InvalidModel(format!("{}: tensor {missing} is missing", self.file.path().display()))
         })
     }
 
@@ -185,7 +196,48 @@ impl ShardTensors {
                 let (stored, pieces) = shard.pieces(name, shape)?;
                 let dtype = float_dtype(name, stored.dtype)?;
                 let bytes = read_pieces(name, &pieces)?;
-                Ok(Tensor::from_raw_buffer(&bytes, dtype, shape, device)?.to_dtype(DType::F32)?)
+                let values = Tensor::from_raw_buffer(&bytes, dtype, shape, device)?.to_dtype(DType::F32)?;
+                // Back to Hugging Face's `w`, which the Gemma layers shift again: both steps are
+                // exact for stored values in [0.5, 4), so the layers use the stored `1 + w`.
+                if shard.shifted_norms && name.ends_with("norm.weight") {
+                    return Ok((values - 1.0)?);
+                }
+                Ok(values)
+            }
+        }
+    }
+
+    /// The weight `name` (`[rows, cols]`, no bias) multiplied in place from the mapped file by
+    /// the host kernels, so that its bytes are read only when a product uses it (an expert few
+    /// tokens route to): a float safetensors weight loaded as stored, or a GGUF weight of a
+    /// float or host block type. `None` where the weight must be copied out to be multiplied
+    /// (an accelerator, quantization at load, MLX codes, other block types).
+    pub fn in_place_linear(&self, name: &str, rows: usize, cols: usize, device: &Device) -> Result<Option<Linear>> {
+        if !device.is_cpu() {
+            return Ok(None);
+        }
+        match self {
+            Self::Safetensors { weights, quantize: None, .. } if !weights.is_affine(name) => {
+                Ok(Some(Linear::new(weights.matrix(name, rows, cols)?, None)?))
+            }
+            Self::Safetensors { .. } => Ok(None),
+            Self::Gguf(shard) => {
+                let stored = shard.tensor(name)?;
+                if stored.shape != [rows, cols] {
+                    return Err(Error::InvalidModel(format!(
+                        "tensor {name} has shape {:?} in the GGUF, the config implies {:?}",
+                        stored.shape,
+                        [rows, cols]
+                    )));
+                }
+                let (bytes, range) = (stored.map.clone(), stored.range.start as usize..stored.range.end as usize);
+                match (host_dtype(stored.dtype), host_blocks(stored.dtype)) {
+                    (Some(dtype), _) => Ok(Some(Linear::new(WeightMatrix::new(bytes, range, rows, cols, dtype)?, None)?)),
+                    (None, Some(blocks)) => {
+                        Ok(Some(Linear::new(BlockMatrix::new(bytes, range, rows, cols, blocks)?, None)?))
+                    }
+                    (None, None) => Ok(None),
+                }
             }
         }
     }
