@@ -64,6 +64,7 @@ ARCHITECTURES = {
     "phi3": "phi3",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "deepseek_v2": "deepseek2",
 }
 
 # Hugging Face name parts → GGUF name parts (gguf-py's tensor map for these architectures).
@@ -81,6 +82,15 @@ _LAYER_NAMES = {
     "mlp.down_proj": "ffn_down",
     "mlp.gate": "ffn_gate_inp",
     "block_sparse_moe.gate": "ffn_gate_inp",
+    "self_attn.q_a_proj": "attn_q_a",
+    "self_attn.q_a_layernorm": "attn_q_a_norm",
+    "self_attn.q_b_proj": "attn_q_b",
+    "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa",
+    "self_attn.kv_a_layernorm": "attn_kv_a_norm",
+    "self_attn.kv_b_proj": "attn_kv_b",
+    "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_experts.up_proj": "ffn_up_shexp",
+    "mlp.shared_experts.down_proj": "ffn_down_shexp",
     "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
 }
@@ -249,6 +259,13 @@ def tensor_layout(spec: Preset, ggml_type: str, vocab: int | None = None) -> lis
         name = gguf_name(hf_name, arch)
         if name == "token_embd.weight" and vocab is not None:
             shape = (vocab, *shape[1:])
+        if name.endswith(".attn_kv_b.weight") and arch == "deepseek2":
+            for part, part_shape in zip(("attn_k_b", "attn_v_b"), _kv_b_shapes(spec), strict=True):
+                part_name = name.replace("attn_kv_b", part)
+                layout.append(
+                    _Tensor(part_name, (hf_name,), part_shape, _stored_type(part_name, part_shape, ggml_type, spec))
+                )
+            continue
         if expert_of(hf_name) is None:
             layout.append(_Tensor(name, (hf_name,), shape, _stored_type(name, shape, ggml_type, spec)))
             continue
@@ -259,6 +276,27 @@ def tensor_layout(spec: Preset, ggml_type: str, vocab: int | None = None) -> lis
     return [
         _stacked(t.name, stacks[t.name], shapes[t.name], ggml_type, spec) if t.name in stacks else t for t in layout
     ]
+
+
+def _kv_b_shapes(spec: Preset) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    c = spec.config
+    heads, rank = c["num_attention_heads"], c["kv_lora_rank"]
+    return (heads, rank, c["qk_nope_head_dim"]), (heads, c["v_head_dim"], rank)
+
+
+def split_kv_b(kv_b: np.ndarray, spec: Preset) -> tuple[np.ndarray, np.ndarray]:
+    """The current converter's split of DeepSeek-V2's `kv_b_proj` (`[heads * (nope + v), rank]`)
+    for llama.cpp's absorbed latent attention: per head, the key rows transposed (`attn_k_b`,
+    `[heads, rank, nope]`) and the value rows (`attn_v_b`, `[heads, v, rank]`)."""
+    c = spec.config
+    per_head = kv_b.reshape(c["num_attention_heads"], c["qk_nope_head_dim"] + c["v_head_dim"], -1)
+    keys, values = per_head[:, : c["qk_nope_head_dim"]], per_head[:, c["qk_nope_head_dim"] :]
+    return np.ascontiguousarray(keys.transpose(0, 2, 1)), np.ascontiguousarray(values)
+
+
+def join_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
+    """`kv_b_proj` back from `split_kv_b`'s two parts."""
+    return np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(-1, k_b.shape[1])
 
 
 def _stacked(name: str, sources: list[str], shape: tuple[int, ...], ggml_type: str, spec: Preset) -> _Tensor:
@@ -317,6 +355,10 @@ def _values(tensor: _Tensor, spec: Preset, seed: int) -> np.ndarray:
     if len(tensor.sources) > 1 or expert_of(tensor.sources[0]) is not None:
         return np.stack([random_tensor(name, tensor.shape[1:], seed) for name in tensor.sources])
     (source,) = tensor.sources
+    if tensor.name.endswith((".attn_k_b.weight", ".attn_v_b.weight")):
+        (heads, rank, nope), (_, v, _) = _kv_b_shapes(spec)
+        k_b, v_b = split_kv_b(random_tensor(source, (heads * (nope + v), rank), seed), spec)
+        return k_b if tensor.name.endswith(".attn_k_b.weight") else v_b
     # Gemma 3's converter drops the embedding rows past the tokenizer's.
     shape = (spec.config["vocab_size"], *tensor.shape[1:]) if tensor.name == "token_embd.weight" else tensor.shape
     return _converted(source, random_tensor(source, shape, seed), spec)[: tensor.shape[0]]
@@ -344,7 +386,8 @@ def _add_model_metadata(writer: gguf.GGUFWriter, preset: str, spec: Preset, ggml
     writer.add_embedding_length(c["hidden_size"])
     writer.add_feed_forward_length(c["intermediate_size"])
     writer.add_head_count(heads)
-    writer.add_head_count_kv(c.get("num_key_value_heads", heads))
+    # DeepSeek-V2's latent attention is stored as one shared key/value head (MQA).
+    writer.add_head_count_kv(1 if arch == "deepseek2" else c.get("num_key_value_heads", heads))
     # Gemma 2's converter writes no RoPE base (llama.cpp's default, 10 000, is Gemma 2's).
     if arch != "gemma2":
         writer.add_rope_freq_base(c["rope_theta"])
@@ -366,10 +409,18 @@ def _add_model_metadata(writer: gguf.GGUFWriter, preset: str, spec: Preset, ggml
     if scaling.get("rope_type", scaling.get("type")) == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
+    if scaling.get("rope_type", scaling.get("type")) == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(scaling["factor"])
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        writer.add_rope_scaling_yarn_beta_fast(scaling["beta_fast"])
+        writer.add_rope_scaling_yarn_beta_slow(scaling["beta_slow"])
     if arch == "phi3":
         _add_phi3_metadata(writer, spec)
     if arch.startswith("gemma"):
         _add_gemma_metadata(writer, spec)
+    if arch == "deepseek2":
+        _add_deepseek_metadata(writer, spec)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -396,6 +447,34 @@ def _add_gemma_metadata(writer: gguf.GGUFWriter, spec: Preset) -> None:
     elif c.get("final_logit_softcapping"):
         writer.add_final_logit_softcapping(c["final_logit_softcapping"])
     writer.add_sliding_window(c["sliding_window"])
+
+
+def _add_deepseek_metadata(writer: gguf.GGUFWriter, spec: Preset) -> None:
+    """DeepSeek-V2's: the latent attention's widths (`key_length`/`value_length` those of the
+    latent, the `_mla` ones the heads'), the leading dense layers, the routing (groups, shared
+    experts, scale) and YaRN's `mscale_all_dim` as a log multiplier."""
+    c = spec.config
+    rank, nope, rope, v = c["kv_lora_rank"], c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+    writer.add_leading_dense_block_count(c["first_k_dense_replace"])
+    writer.add_vocab_size(c["vocab_size"])
+    if c["q_lora_rank"] is not None:
+        writer.add_q_lora_rank(c["q_lora_rank"])
+    writer.add_kv_lora_rank(rank)
+    writer.add_key_length(rank + rope)
+    writer.add_value_length(rank)
+    writer.add_key_length_mla(nope + rope)
+    writer.add_value_length_mla(v)
+    writer.add_expert_count(c["n_routed_experts"])
+    writer.add_expert_used_count(c["num_experts_per_tok"])
+    writer.add_expert_shared_count(c["n_shared_experts"])
+    writer.add_expert_group_count(c["n_group"])
+    writer.add_expert_group_used_count(c["topk_group"])
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+    writer.add_expert_weights_scale(c["routed_scaling_factor"])
+    if c["norm_topk_prob"]:
+        writer.add_expert_weights_norm(True)
+    writer.add_rope_dimension_count(rope)
+    writer.add_rope_scaling_yarn_log_mul(0.1 * c["rope_scaling"]["mscale_all_dim"])
 
 
 def _add_tokenizer_metadata(writer: gguf.GGUFWriter, spec: Preset, hf_dir: Path, n_tokens: int) -> None:
