@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as Q
 
 from exo import _core
 from exo.testing.synth import LLAMA3, PRESETS, QWEN3, write_model
-from exo.testing.synth_gguf import cached_gguf, gguf_name, llama3_rope_factors, write_gguf
+from exo.testing.synth_gguf import cached_gguf, gguf_name, join_kv_b, llama3_rope_factors, write_gguf
 
 # Byte offsets of the f16 scales in each type's block (the rest of a block is free bits; Q8_K's
 # scale is an f32 at 0).
@@ -357,3 +357,26 @@ def test_experts_are_stacked_with_the_expert_outermost(tmp_path: Path) -> None:
                 np.testing.assert_array_equal(
                     decoded[expert], gguf.quants.dequantize(gguf.quants.quantize(original, Q.Q8_0), Q.Q8_0)
                 )
+
+
+def test_deepseek_files_split_kv_b_and_name_the_latent_widths(tmp_path: Path) -> None:
+    hf = _safetensors(write_model("tiny-deepseek-v2", tmp_path / "hf") / "model.safetensors")
+    (path,) = write_gguf("tiny-deepseek-v2", tmp_path / "deepseek.gguf", "f32")
+    tensors, fields = _tensors([path]), _fields(gguf.GGUFReader(path))
+    c = PRESETS["tiny-deepseek-v2"].config
+    heads, rank, nope, v = c["num_attention_heads"], c["kv_lora_rank"], c["qk_nope_head_dim"], c["v_head_dim"]
+    k_b, v_b = np.asarray(tensors["blk.1.attn_k_b.weight"].data), np.asarray(tensors["blk.1.attn_v_b.weight"].data)
+    assert k_b.shape == (heads, rank, nope) and v_b.shape == (heads, v, rank)
+    assert "blk.1.attn_kv_b.weight" not in tensors
+    kv_b = hf["model.layers.1.self_attn.kv_b_proj.weight"]
+    np.testing.assert_array_equal(join_kv_b(k_b, v_b), kv_b)
+    # Head 2's first key row is the first column of its transposed block.
+    np.testing.assert_array_equal(k_b[2][:, 0], kv_b[2 * (nope + v)])
+    assert (fields["deepseek2.attention.key_length"], fields["deepseek2.attention.value_length"]) == (rank + 8, rank)
+    assert fields["deepseek2.attention.key_length_mla"] == nope + 8
+    assert fields["deepseek2.attention.value_length_mla"] == v
+    assert fields["deepseek2.attention.head_count_kv"] == 1
+    assert (fields["deepseek2.expert_group_count"], fields["deepseek2.expert_group_used_count"]) == (8, 2)
+    assert fields["deepseek2.leading_dense_block_count"] == 1 and fields["deepseek2.rope.scaling.type"] == "yarn"
+    assert fields["deepseek2.rope.scaling.yarn_log_multiplier"] == pytest.approx(0.1 * 0.707)
+    assert "blk.0.ffn_gate_inp.weight" not in tensors and "blk.1.ffn_up_shexp.weight" in tensors

@@ -245,6 +245,15 @@ impl GgufFile {
         self.integer(key)?.ok_or_else(|| self.invalid(format!("metadata {key} is missing")))
     }
 
+    /// A boolean metadata value; `None` when absent.
+    pub(super) fn boolean(&self, key: &str) -> Result<Option<bool>> {
+        match self.metadata.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(v)) => Ok(Some(*v)),
+            Some(other) => Err(self.invalid(format!("metadata {key} is {other:?}, not a boolean"))),
+        }
+    }
+
     /// A float metadata value; `None` when absent.
     pub(super) fn float(&self, key: &str) -> Result<Option<f64>> {
         match self.metadata.get(key) {
@@ -285,7 +294,8 @@ impl GgufFile {
 /// dimension, so each expert's rows are one contiguous byte range of the file, read (or mapped)
 /// only when that expert is. Other tensors have none.
 fn expert_views(name: &str, stacked: &StoredTensor) -> Vec<(String, StoredTensor)> {
-    let (Some(base), &[experts, rows, cols]) = (name.strip_suffix("_exps.weight"), stacked.shape.as_slice()) else {
+    let (Some(base), &[experts, rows, cols]) = (name.strip_suffix("_exps.weight"), stacked.shape.as_slice())
+    else {
         return Vec::new();
     };
     if experts == 0 {
@@ -295,7 +305,8 @@ fn expert_views(name: &str, stacked: &StoredTensor) -> Vec<(String, StoredTensor
     (0..experts)
         .map(|expert| {
             let start = stacked.range.start + expert as u64 * each;
-            let view = StoredTensor { shape: vec![rows, cols], range: start..start + each, ..stacked.clone() };
+            let view =
+                StoredTensor { shape: vec![rows, cols], range: start..start + each, ..stacked.clone() };
             (format!("{base}.{expert}.weight"), view)
         })
         .collect()

@@ -2,15 +2,17 @@
 //! `config.json` of the Hugging Face model it was converted from would give it. Where the
 //! converter drops a field, the value is the one llama.cpp assumes: Gemma's query scale from
 //! the head width (the hidden width per head in the 27B models), Gemma 3's local layers one in
-//! six with RoPE base 10 000, Qwen3-MoE's chosen experts always renormalised.
+//! six with RoPE base 10 000, Qwen3-MoE's chosen experts always renormalised, DeepSeek-V2's
+//! YaRN `mscale` equal to its `mscale_all_dim` (as in the released configs).
 
-use super::config::{ModelConfig, RopeScaling};
+use super::config::{DeepseekFields, ModelConfig, RopeScaling};
 use super::gemma::GemmaFields;
 use super::gguf::GgufFile;
 use crate::error::Result;
 
 /// The llama.cpp architectures the engine reads.
-const ARCHITECTURES: &[&str] = &["llama", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma2", "gemma3"];
+const ARCHITECTURES: &[&str] =
+    &["llama", "qwen2", "qwen3", "qwen3moe", "phi3", "gemma2", "gemma3", "deepseek2"];
 
 /// Layers of the Gemma models whose queries llama.cpp scales by `(hidden / heads)^-0.5`
 /// rather than `head_dim^-0.5`: the 27B ones (`query_pre_attn_scalar` 144 and 168).
@@ -41,6 +43,7 @@ impl GgufFile {
             "qwen3moe" => self.qwen3_moe_config(base)?,
             "phi3" => self.phi3_config(base)?,
             "gemma2" | "gemma3" => self.gemma_config(base)?,
+            "deepseek2" => self.deepseek_config(base)?,
             _ => base,
         };
         config.checked().map_err(|e| self.invalid(e))
@@ -91,7 +94,7 @@ impl GgufFile {
             decoder_sparse_step: None,
             mlp_only_layers: None,
             gemma: GemmaFields::default(),
-            deepseek: Default::default(),
+            deepseek: DeepseekFields::default(),
             llava: None,
         })
     }
@@ -102,11 +105,87 @@ impl GgufFile {
             None | Some("none" | "") => Ok(None),
             Some("linear") => {
                 let factor = self.float(&format!("{arch}.rope.scaling.factor"))?;
-                let factor = factor.ok_or_else(|| self.invalid(format!("metadata {arch}.rope.scaling.factor is missing")))?;
-                Ok(Some(RopeScaling { rope_type: "linear".into(), given_factor: Some(factor), ..plain_scaling() }))
+                let factor = factor
+                    .ok_or_else(|| self.invalid(format!("metadata {arch}.rope.scaling.factor is missing")))?;
+                Ok(Some(RopeScaling {
+                    rope_type: "linear".into(),
+                    given_factor: Some(factor),
+                    ..plain_scaling()
+                }))
             }
+            Some("yarn") if arch == "deepseek2" => self.yarn_scaling(arch).map(Some),
             Some(other) => Err(self.invalid(format!("rope scaling {other:?} is not supported for {arch}"))),
         }
+    }
+
+    /// DeepSeek-V2's YaRN: llama.cpp keeps `0.1 * mscale_all_dim` as `yarn_log_multiplier`;
+    /// `mscale` is taken to be the same (it is in every released DeepSeek-V2 config), so cos and
+    /// sin keep their scale and the softmax scale takes `mscale_all_dim`'s.
+    fn yarn_scaling(&self, arch: &str) -> Result<RopeScaling> {
+        let key = |name: &str| format!("{arch}.rope.scaling.{name}");
+        let factor = self.float(&key("factor"))?;
+        let factor = factor.ok_or_else(|| self.invalid(format!("metadata {} is missing", key("factor"))))?;
+        let mscale = self.float(&key("yarn_log_multiplier"))?.map(|multiplier| multiplier / 0.1);
+        Ok(RopeScaling {
+            rope_type: "yarn".into(),
+            given_factor: Some(factor),
+            original_max_position_embeddings: self.required(&key("original_context_length"))? as f64,
+            beta_fast: self.float(&key("yarn_beta_fast"))?,
+            beta_slow: self.float(&key("yarn_beta_slow"))?,
+            mscale,
+            mscale_all_dim: mscale,
+            ..plain_scaling()
+        })
+    }
+
+    /// DeepSeek-V2: the latent attention's widths (the heads' in the `_mla` keys of newer
+    /// converters, whose `key_length` is the latent's; in `key_length`/`value_length` before),
+    /// the leading dense layers, and the routing: groups, shared experts, scale, gating.
+    fn deepseek_config(&self, base: ModelConfig) -> Result<ModelConfig> {
+        let required = |name: &str| -> Result<usize> { self.required(&self.key(name)?) };
+        let rope = required("rope.dimension_count")?;
+        let (qk, v) = match self.integer(&self.key("attention.key_length_mla")?)? {
+            Some(qk) => (qk, required("attention.value_length_mla")?),
+            None => (required("attention.key_length")?, required("attention.value_length")?),
+        };
+        if qk <= rope {
+            return Err(
+                self.invalid(format!("heads of {qk} values cannot hold {rope} rotated ones and more"))
+            );
+        }
+        let scoring = match self.integer(&self.key("expert_gating_func")?)? {
+            None | Some(1) => "softmax".to_string(),
+            Some(2) => "sigmoid".to_string(),
+            Some(other) => format!("gating function {other}"),
+        };
+        let groups = self.integer(&self.key("expert_group_count")?)?.unwrap_or(1);
+        let deepseek = DeepseekFields {
+            q_lora_rank: Some(self.integer(&self.key("attention.q_lora_rank")?)?),
+            kv_lora_rank: Some(required("attention.kv_lora_rank")?),
+            qk_nope_head_dim: Some(qk - rope),
+            qk_rope_head_dim: Some(rope),
+            v_head_dim: Some(v),
+            n_shared_experts: Some(self.integer(&self.key("expert_shared_count")?)?.unwrap_or(0)),
+            routed_scaling_factor: self.float(&self.key("expert_weights_scale")?)?,
+            topk_method: Some(if groups > 1 { "group_limited_greedy" } else { "greedy" }.into()),
+            n_group: Some(groups),
+            topk_group: self.integer(&self.key("expert_group_used_count")?)?,
+            first_k_dense_replace: Some(self.integer(&self.key("leading_dense_block_count")?)?.unwrap_or(0)),
+            scoring_func: Some(scoring),
+            moe_layer_freq: None,
+            split_kv_b: self.tensor("blk.0.attn_k_b.weight").is_some(),
+        };
+        Ok(ModelConfig {
+            model_type: "deepseek_v2".into(),
+            head_dim: None,
+            num_key_value_heads: None,
+            num_experts: Some(required("expert_count")?),
+            num_experts_per_tok: Some(required("expert_used_count")?),
+            moe_intermediate_size: Some(required("expert_feed_forward_length")?),
+            norm_topk_prob: self.boolean(&self.key("expert_weights_norm")?)?,
+            deepseek,
+            ..base
+        })
     }
 
     /// Llama, Mistral and Mixtral (the same architecture; experts when `expert_count` says so).
@@ -155,25 +234,33 @@ impl GgufFile {
         let rotary = self.integer(&self.key("rope.dimension_count")?)?.unwrap_or(head_dim);
         let partial = (rotary != head_dim).then(|| rotary as f64 / head_dim as f64);
         if partial.is_some_and(|factor| (head_dim as f64 * factor) as usize != rotary) {
-            return Err(self.invalid(format!("a rotated width of {rotary} in heads of {head_dim} is not supported")));
+            return Err(
+                self.invalid(format!("a rotated width of {rotary} in heads of {head_dim} is not supported"))
+            );
         }
-        let longrope = match (self.tensor("rope_factors_short.weight"), self.tensor("rope_factors_long.weight")) {
-            (None, None) => None,
-            (Some(short), Some(long)) => Some(RopeScaling {
-                rope_type: "longrope".into(),
-                short_factor: Some(self.f32_values("rope_factors_short.weight", short)?),
-                long_factor: Some(self.f32_values("rope_factors_long.weight", long)?),
-                attention_factor: self.float(&self.key("rope.scaling.attn_factor")?)?,
-                ..plain_scaling()
-            }),
-            (Some(_), None) => return Err(self.invalid("tensor rope_factors_long.weight is missing".into())),
-            (None, Some(_)) => return Err(self.invalid("tensor rope_factors_short.weight is missing".into())),
-        };
+        let longrope =
+            match (self.tensor("rope_factors_short.weight"), self.tensor("rope_factors_long.weight")) {
+                (None, None) => None,
+                (Some(short), Some(long)) => Some(RopeScaling {
+                    rope_type: "longrope".into(),
+                    short_factor: Some(self.f32_values("rope_factors_short.weight", short)?),
+                    long_factor: Some(self.f32_values("rope_factors_long.weight", long)?),
+                    attention_factor: self.float(&self.key("rope.scaling.attn_factor")?)?,
+                    ..plain_scaling()
+                }),
+                (Some(_), None) => {
+                    return Err(self.invalid("tensor rope_factors_long.weight is missing".into()))
+                }
+                (None, Some(_)) => {
+                    return Err(self.invalid("tensor rope_factors_short.weight is missing".into()))
+                }
+            };
         Ok(ModelConfig {
             model_type: "phi3".into(),
             head_dim: None,
             partial_rotary_factor: partial,
-            original_max_position_embeddings: self.integer(&self.key("rope.scaling.original_context_length")?)?,
+            original_max_position_embeddings: self
+                .integer(&self.key("rope.scaling.original_context_length")?)?,
             sliding_window: self.integer(&self.key("attention.sliding_window")?)?.filter(|&w| w > 0),
             rope_scaling: longrope.or(base.rope_scaling.clone()),
             ..base
@@ -261,11 +348,15 @@ mod tests {
             (key("attention.head_count_kv"), gguf_file::Value::U32(2)),
         ];
         metadata.extend(extra.iter().map(|(name, value)| (key(name), value.clone())));
-        let vector = |len: usize| QTensor::quantize(&Tensor::ones(len, DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32);
-        let embedding = QTensor::quantize(&Tensor::zeros((10, 64), DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32);
+        let vector = |len: usize| {
+            QTensor::quantize(&Tensor::ones(len, DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32)
+        };
+        let embedding =
+            QTensor::quantize(&Tensor::zeros((10, 64), DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32);
         let mut stored = vec![("token_embd.weight".to_string(), embedding.unwrap())];
         stored.extend(tensors.iter().map(|(name, len)| (name.to_string(), vector(*len).unwrap())));
-        let metadata: Vec<(&str, &gguf_file::Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let metadata: Vec<(&str, &gguf_file::Value)> =
+            metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let stored: Vec<(&str, &QTensor)> = stored.iter().map(|(n, t)| (n.as_str(), t)).collect();
         gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &metadata, &stored).unwrap();
         GgufFile::open(&path)?.config()
@@ -308,18 +399,28 @@ mod tests {
         assert_eq!((scaling.rope_type.as_str(), scaling.attention_factor), ("longrope", Some(1.25)));
         assert_eq!(scaling.long_factor.unwrap(), [1.0; 6]);
         // Factors for another width are named.
-        let error = config_of("phi3", 2, &extra, &[("rope_factors_long.weight", 4), ("rope_factors_short.weight", 4)]);
+        let error = config_of(
+            "phi3",
+            2,
+            &extra,
+            &[("rope_factors_long.weight", 4), ("rope_factors_short.weight", 4)],
+        );
         assert!(error.unwrap_err().to_string().contains("6 values"));
     }
 
     #[test]
     fn experts_make_mixtral_and_qwen3_moe() {
-        let counts = [("expert_count", gguf_file::Value::U32(8)), ("expert_used_count", gguf_file::Value::U32(2))];
+        let counts =
+            [("expert_count", gguf_file::Value::U32(8)), ("expert_used_count", gguf_file::Value::U32(2))];
         let mixtral = config_of("llama", 2, &counts, &[]).unwrap();
-        assert_eq!((mixtral.model_type.as_str(), mixtral.num_experts, mixtral.num_experts_per_tok), ("mixtral", Some(8), Some(2)));
+        assert_eq!(
+            (mixtral.model_type.as_str(), mixtral.num_experts, mixtral.num_experts_per_tok),
+            ("mixtral", Some(8), Some(2))
+        );
         let llama = config_of("llama", 2, &[("expert_count", gguf_file::Value::U32(0))], &[]).unwrap();
         assert_eq!((llama.model_type.as_str(), llama.num_experts), ("llama", None));
-        let width = [counts[0].clone(), counts[1].clone(), ("expert_feed_forward_length", gguf_file::Value::U32(32))];
+        let width =
+            [counts[0].clone(), counts[1].clone(), ("expert_feed_forward_length", gguf_file::Value::U32(32))];
         // Layer 1 has a plain MLP and no router: one of Qwen3-MoE's dense layers.
         let moe = config_of("qwen3moe", 2, &width, &[("blk.1.ffn_gate.weight", 4)]).unwrap();
         assert_eq!(moe.model_type, "qwen3_moe");
@@ -327,6 +428,57 @@ mod tests {
         assert_eq!(moe.mlp_only_layers.unwrap(), [1]);
         let error = config_of("qwen3moe", 2, &counts[..1], &[]).unwrap_err().to_string();
         assert!(error.contains("metadata qwen3moe.expert_used_count is missing"), "{error}");
+    }
+
+    #[test]
+    fn deepseek2_reads_its_latent_widths_routing_and_yarn() {
+        let u32 = gguf_file::Value::U32;
+        let extra = [
+            ("attention.kv_lora_rank", u32(32)),
+            ("attention.key_length", u32(40)),
+            ("attention.value_length", u32(32)),
+            ("attention.key_length_mla", u32(24)),
+            ("attention.value_length_mla", u32(16)),
+            ("rope.dimension_count", u32(8)),
+            ("leading_dense_block_count", u32(1)),
+            ("expert_count", u32(16)),
+            ("expert_used_count", u32(3)),
+            ("expert_shared_count", u32(2)),
+            ("expert_feed_forward_length", u32(32)),
+            ("expert_group_count", u32(8)),
+            ("expert_group_used_count", u32(2)),
+            ("expert_weights_scale", gguf_file::Value::F32(16.0)),
+            ("rope.scaling.type", gguf_file::Value::String("yarn".into())),
+            ("rope.scaling.factor", gguf_file::Value::F32(40.0)),
+            ("rope.scaling.original_context_length", u32(4096)),
+            ("rope.scaling.yarn_log_multiplier", gguf_file::Value::F32(0.0707)),
+        ];
+        let config = config_of("deepseek2", 2, &extra, &[("blk.0.attn_k_b.weight", 4)]).unwrap();
+        let fields = &config.deepseek;
+        assert_eq!(config.model_type, "deepseek_v2");
+        assert_eq!((fields.kv_lora_rank, fields.q_lora_rank), (Some(32), Some(None)));
+        assert_eq!(
+            (fields.qk_nope_head_dim, fields.qk_rope_head_dim, fields.v_head_dim),
+            (Some(16), Some(8), Some(16))
+        );
+        assert_eq!(
+            (fields.n_group, fields.topk_group, fields.topk_method.as_deref()),
+            (Some(8), Some(2), Some("group_limited_greedy"))
+        );
+        assert_eq!(
+            (fields.first_k_dense_replace, fields.n_shared_experts, fields.routed_scaling_factor),
+            (Some(1), Some(2), Some(16.0))
+        );
+        assert!(fields.split_kv_b);
+        let yarn = config.rope_scaling.unwrap();
+        assert_eq!(
+            (yarn.rope_type.as_str(), yarn.factor(), yarn.original_max_position_embeddings),
+            ("yarn", 40.0, 4096.0)
+        );
+        assert!((yarn.mscale_all_dim.unwrap() - 0.707).abs() < 1e-6 && yarn.mscale == yarn.mscale_all_dim);
+        let sigmoid = [&extra[..], &[("expert_gating_func", u32(2))]].concat();
+        let error = config_of("deepseek2", 2, &sigmoid, &[]).unwrap_err().to_string();
+        assert!(error.contains("scoring_func \"sigmoid\" is not supported"), "{error}");
     }
 
     #[test]

@@ -30,6 +30,8 @@ fn layer_part(module: &str) -> Option<&'static str> {
         "self_attn.kv_a_proj_with_mqa" => "attn_kv_a_mqa",
         "self_attn.kv_a_layernorm" => "attn_kv_a_norm",
         "self_attn.kv_b_proj" => "attn_kv_b",
+        "self_attn.k_b_proj" => "attn_k_b",
+        "self_attn.v_b_proj" => "attn_v_b",
         "mlp.gate_proj" => "ffn_gate",
         "mlp.up_proj" => "ffn_up",
         "mlp.gate_up_proj" => "ffn_up",
@@ -47,7 +49,8 @@ fn layer_part(module: &str) -> Option<&'static str> {
 /// `(expert, part)` of an expert's module: `mlp.experts.E.gate_proj` (Qwen3-MoE, DeepSeek) or
 /// `block_sparse_moe.experts.E.w1` (Mixtral's w1, w3, w2: gate, up, down).
 fn expert_part(module: &str) -> Option<(usize, &'static str)> {
-    let rest = module.strip_prefix("mlp.experts.").or_else(|| module.strip_prefix("block_sparse_moe.experts."))?;
+    let rest =
+        module.strip_prefix("mlp.experts.").or_else(|| module.strip_prefix("block_sparse_moe.experts."))?;
     let (expert, projection) = rest.split_once('.')?;
     let part = match projection {
         "gate_proj" | "w1" => "ffn_gate",
@@ -110,7 +113,10 @@ mod tests {
     fn gemma_names_its_four_norms() {
         let gemma = |name| gguf_name(name, "gemma2").unwrap();
         assert_eq!(gemma("model.layers.2.input_layernorm.weight"), "blk.2.attn_norm.weight");
-        assert_eq!(gemma("model.layers.2.post_attention_layernorm.weight"), "blk.2.post_attention_norm.weight");
+        assert_eq!(
+            gemma("model.layers.2.post_attention_layernorm.weight"),
+            "blk.2.post_attention_norm.weight"
+        );
         assert_eq!(gemma("model.layers.2.pre_feedforward_layernorm.weight"), "blk.2.ffn_norm.weight");
         assert_eq!(gemma("model.layers.2.post_feedforward_layernorm.weight"), "blk.2.post_ffw_norm.weight");
         assert_eq!(

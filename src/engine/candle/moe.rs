@@ -274,8 +274,11 @@ impl SparseMoe {
                 let in_place = |proj: &str, rows, cols| {
                     weights.in_place_linear(&format!("{prefix}.{proj}.weight"), rows, cols, device)
                 };
-                let (gate_w, up_w, down_w) =
-                    (in_place(gate, inter, hidden)?, in_place(up, inter, hidden)?, in_place(down, hidden, inter)?);
+                let (gate_w, up_w, down_w) = (
+                    in_place(gate, inter, hidden)?,
+                    in_place(up, inter, hidden)?,
+                    in_place(down, hidden, inter)?,
+                );
                 if let (Some(gate_w), Some(up_w), Some(down_w)) = (gate_w, up_w, down_w) {
                     return Ok(Expert { gate_up: Linear::Split(vec![gate_w, up_w]), down: down_w });
                 }

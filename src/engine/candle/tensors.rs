@@ -212,7 +212,13 @@ impl ShardTensors {
     /// tokens route to): a float safetensors weight loaded as stored, or a GGUF weight of a
     /// float or host block type. `None` where the weight must be copied out to be multiplied
     /// (an accelerator, quantization at load, MLX codes, other block types).
-    pub fn in_place_linear(&self, name: &str, rows: usize, cols: usize, device: &Device) -> Result<Option<Linear>> {
+    pub fn in_place_linear(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        device: &Device,
+    ) -> Result<Option<Linear>> {
         if !device.is_cpu() {
             return Ok(None);
         }
@@ -230,9 +236,12 @@ impl ShardTensors {
                         [rows, cols]
                     )));
                 }
-                let (bytes, range) = (stored.map.clone(), stored.range.start as usize..stored.range.end as usize);
+                let (bytes, range) =
+                    (stored.map.clone(), stored.range.start as usize..stored.range.end as usize);
                 match (host_dtype(stored.dtype), host_blocks(stored.dtype)) {
-                    (Some(dtype), _) => Ok(Some(Linear::new(WeightMatrix::new(bytes, range, rows, cols, dtype)?, None)?)),
+                    (Some(dtype), _) => {
+                        Ok(Some(Linear::new(WeightMatrix::new(bytes, range, rows, cols, dtype)?, None)?))
+                    }
                     (None, Some(blocks)) => {
                         Ok(Some(Linear::new(BlockMatrix::new(bytes, range, rows, cols, blocks)?, None)?))
                     }
@@ -240,6 +249,19 @@ impl ShardTensors {
                 }
             }
         }
+    }
+
+    /// A small tensor of `shape` in any stored type (float, GGUF blocks) dequantized to f32, for
+    /// weights a layer transforms as it loads (DeepSeek's per-head key and value up-projections).
+    pub fn dequantized_f32(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let Self::Gguf(shard) = self else { return self.tensor_f32(name, shape, device) };
+        let (stored, pieces) = shard.pieces(name, shape)?;
+        if host_dtype(stored.dtype).is_some() {
+            return self.tensor_f32(name, shape, device);
+        }
+        let bytes = read_pieces(name, &pieces)?;
+        let storage = QStorage::from_data(Cow::Borrowed(&bytes), &Device::Cpu, stored.dtype)?;
+        Ok(QTensor::new(storage, shape)?.dequantize(device)?)
     }
 
     /// The layers `{prefix}.{name}` of `parts` (name and output features of each, all taking
@@ -441,11 +463,24 @@ fn gguf_layer(
             let weight = Tensor::from_raw_buffer(&bytes, float_dtype(name, dtype)?, &[rows, cols], device)?;
             Linear::on_device(weight, bias)
         }
+        (None, _) if pairs_blocks(dtype) && (cols / dtype.block_size()) % 2 == 1 => {
+            let bytes = read_pieces(name, pieces)?;
+            let weight =
+                quantized_tensor(&bytes, dtype, (rows, cols), &Device::Cpu)?.dequantize(&Device::Cpu)?;
+            dense_layer(weight, None, bias, device)
+        }
         (None, _) => {
             let bytes = read_pieces(name, pieces)?;
             Linear::quantized(Arc::new(quantized_tensor(&bytes, dtype, (rows, cols), device)?), bias)
         }
     }
+}
+
+/// Block types whose candle dot products take blocks two at a time (its debug builds assert an
+/// even count): rows of an odd number of them (32 or 96 values: the rows llama.cpp's Q4_K_M
+/// gives Q5_0 in small models) are decoded to f32 as they load instead.
+fn pairs_blocks(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
 }
 
 /// A layer over the float weight `dense` (`[rows, cols]`, on the host): quantized to
