@@ -168,8 +168,9 @@ def _use_more_bits(layer: int, layers: int) -> bool:
 
 
 def _experts(spec: Preset) -> int:
+    """Routed experts per sparse layer (0 for a dense model)."""
     c = spec.config
-    return c.get("num_local_experts") or c.get("num_experts") or 0
+    return c.get("num_local_experts") or c.get("num_experts") or c.get("n_routed_experts") or 0
 
 
 def _q4_k_m_type(name: str, spec: Preset) -> Q:
@@ -464,8 +465,6 @@ def _add_deepseek_metadata(writer: gguf.GGUFWriter, spec: Preset) -> None:
     writer.add_value_length(rank)
     writer.add_key_length_mla(nope + rope)
     writer.add_value_length_mla(v)
-    writer.add_expert_count(c["n_routed_experts"])
-    writer.add_expert_used_count(c["num_experts_per_tok"])
     writer.add_expert_shared_count(c["n_shared_experts"])
     writer.add_expert_group_count(c["n_group"])
     writer.add_expert_group_used_count(c["topk_group"])

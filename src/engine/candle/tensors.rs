@@ -148,8 +148,8 @@ impl GgufShard {
         })
     }
 
-    /// The tensor `name` of `shape`, as the file pieces to read, rows in Hugging Face's order.
-    fn pieces(&self, name: &str, shape: &[usize]) -> Result<(&StoredTensor, Vec<Piece<'_>>)> {
+    /// The stored tensor for `name`, which must have `shape`.
+    fn shaped(&self, name: &str, shape: &[usize]) -> Result<&StoredTensor> {
         let stored = self.tensor(name)?;
         if stored.shape != shape {
             return Err(Error::InvalidModel(format!(
@@ -157,6 +157,12 @@ impl GgufShard {
                 stored.shape
             )));
         }
+        Ok(stored)
+    }
+
+    /// The tensor `name` of `shape`, as the file pieces to read, rows in Hugging Face's order.
+    fn pieces(&self, name: &str, shape: &[usize]) -> Result<(&StoredTensor, Vec<Piece<'_>>)> {
+        let stored = self.shaped(name, shape)?;
         let whole = vec![(&*stored.file, stored.range.clone())];
         let Some((heads, kv_heads)) = self.interleaved else { return Ok((stored, whole)) };
         let heads = if name.contains(".q_proj.") {
@@ -228,14 +234,7 @@ impl ShardTensors {
             }
             Self::Safetensors { .. } => Ok(None),
             Self::Gguf(shard) => {
-                let stored = shard.tensor(name)?;
-                if stored.shape != [rows, cols] {
-                    return Err(Error::InvalidModel(format!(
-                        "tensor {name} has shape {:?} in the GGUF, the config implies {:?}",
-                        stored.shape,
-                        [rows, cols]
-                    )));
-                }
+                let stored = shard.shaped(name, &[rows, cols])?;
                 let (bytes, range) =
                     (stored.map.clone(), stored.range.start as usize..stored.range.end as usize);
                 match (host_dtype(stored.dtype), host_blocks(stored.dtype)) {
