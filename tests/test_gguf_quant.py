@@ -380,3 +380,20 @@ def test_deepseek_files_split_kv_b_and_name_the_latent_widths(tmp_path: Path) ->
     assert fields["deepseek2.leading_dense_block_count"] == 1 and fields["deepseek2.rope.scaling.type"] == "yarn"
     assert fields["deepseek2.rope.scaling.yarn_log_multiplier"] == pytest.approx(0.1 * 0.707)
     assert "blk.0.ffn_gate_inp.weight" not in tensors and "blk.1.ffn_up_shexp.weight" in tensors
+
+
+def test_q4_k_m_mix_of_the_new_families_follows_llama_quantize(root: Path) -> None:
+    def types(preset: str) -> dict[str, str]:
+        return {name: Q(t.tensor_type).name for name, t in _tensors(cached_gguf(preset, root, "q4_k_m")).items()}
+
+    # 8 experts: attn_k and attn_v Q8_0, attn_output Q5_K (here its fallback for rows of 128, Q5_1);
+    # the stacked ffn_down takes Q6_K in use_more_bits' layers (2 and 3 of 4; Q8_0 for rows of 64).
+    moe = types("tiny-qwen3-moe")
+    assert moe["blk.0.attn_k.weight"] == moe["blk.0.attn_v.weight"] == "Q8_0"
+    assert moe["blk.0.attn_output.weight"] == "Q5_1"
+    assert [moe[f"blk.{layer}.ffn_down_exps.weight"] for layer in (0, 1, 3)] == ["Q5_0", "Q5_0", "Q8_0"]
+    assert moe["blk.0.ffn_gate_inp.weight"] == "F32"
+    # 4 experts (Mixtral's tiny preset): no bump.
+    assert types("tiny-mixtral")["blk.0.attn_k.weight"] == "Q5_0"
+    # Phi-3's fused attn_qkv takes Q5_K (Q5_1 for rows of 64).
+    assert types("tiny-phi3")["blk.0.attn_qkv.weight"] == "Q5_1"
