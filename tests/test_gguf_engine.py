@@ -1,11 +1,13 @@
 """GGUF models on the candle engine, against the same weights in f32.
 
 The synthetic generator writes each preset both as a safetensors directory and as GGUF files
-(as llama.cpp's converter and quantizer would). An f32 GGUF must give the safetensors logits;
-a quantized GGUF must give the logits of its own dequantized weights (run in f32) up to the
-rounding of the activations (8 bits per 32 values; 14 bits per 256 in a long prompt's K-format
-products), and the same greedy tokens; any split of its layers
-across shards, or of its tensors across files, must give the same tokens as one shard.
+(as llama.cpp's converter and quantizer would). An f32 GGUF must give the safetensors logits
+(of the config llama.cpp reads back: `llama_cpp_config`); a quantized GGUF must give the logits
+of its own dequantized weights (run in f32) up to the rounding of the activations (8 bits per 32
+values; 14 bits per 256 in a long prompt's K-format products), and the same greedy tokens; any
+split of its layers across shards, or of its tensors across files, must give the same tokens as
+one shard. Each family the engine reads from GGUF is held to these: Llama (Mistral), Qwen 2 and
+3, Gemma 2 and 3, Phi-3 (with LongRoPE and a partial rotary width), Qwen3-MoE and Mixtral.
 """
 
 import json
@@ -18,12 +20,36 @@ import pytest
 from gguf import GGUFReader
 from safetensors.numpy import load_file, save_file
 
-from exo._core import Shard, dequantize, quantize
+from exo._core import Shard, dequantize, expert_routes, quantize
 from exo.errors import InvalidArgumentError, InvalidModelError
 from exo.inference.candle import CandleInferenceEngine
-from exo.testing.synth import cached_model
-from exo.testing.synth_gguf import cached_gguf, gguf_name, permute_rotary
+from exo.testing.synth import PRESETS, cached_model
+from exo.testing.synth_gguf import (
+    architecture,
+    cached_gguf,
+    expert_of,
+    gguf_name,
+    join_kv_b,
+    llama_cpp_config,
+    permute_rotary,
+    write_gguf,
+)
 from support.engine_runs import assert_follows_reference, greedy, prompt_logits
+from support.solo_cli import run_solo
+
+GOLDEN = Path(__file__).parent / "golden"
+
+# The families added to Llama and Qwen: each is held to the f32, quantized and split checks.
+FAMILIES = [
+    "tiny-gemma2",
+    "tiny-gemma3",
+    "tiny-phi3",
+    "tiny-phi3-partial",
+    "tiny-qwen3-moe",
+    "tiny-mixtral",
+    "tiny-deepseek-v2-lite",
+    "tiny-deepseek-v2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +63,54 @@ def _layers(path: Path) -> int:
     return int(reader.fields[f"{architecture}.block_count"].parts[-1][0])
 
 
-def _dequantized_checkpoint(gguf_file: Path, preset_dir: Path, out: Path) -> Path:
-    """A safetensors copy of `preset_dir` whose weights are `gguf_file`'s, dequantized to f32
-    (q/k rows of the llama architecture put back in Hugging Face's order)."""
+def _with_config(preset_dir: Path, config: dict[str, object], out: Path) -> Path:
+    """A copy of `preset_dir` whose `config.json` has `config`'s fields."""
+    shutil.copytree(preset_dir, out)
+    written = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(written | config))
+    return out
+
+
+def _reference_dir(preset: str, root: Path) -> Path:
+    """The preset's f32 safetensors directory with the config llama.cpp reads from its GGUF."""
+    directory = cached_model(preset, root / "safetensors", "f32")
+    out = root / "as-llama-cpp" / preset
+    return out if out.exists() else _with_config(directory, llama_cpp_config(preset), out)
+
+
+def _dequantized_checkpoint(gguf_file: Path, preset: str, root: Path, out: Path) -> Path:
+    """A safetensors copy of the preset whose weights are `gguf_file`'s, dequantized to f32 and
+    put back as Hugging Face stores them (llama's q/k rows in their order, Gemma's norms less the
+    converter's 1, experts unstacked), with the config llama.cpp reads."""
     reader = GGUFReader(gguf_file)
     stored = {t.name: t for t in reader.tensors}
-    config = json.loads((preset_dir / "config.json").read_text())
+    preset_dir = cached_model(preset, root / "safetensors", "f32")
+    arch, c = architecture(PRESETS[preset]), PRESETS[preset].config
     tensors = {}
+
+    def decoded(name: str) -> np.ndarray:
+        tensor = stored[name]
+        return gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+
     for name, original in load_file(preset_dir / "model.safetensors").items():
-        tensor = stored[gguf_name(name)]
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(original.shape)
-        if config["model_type"] in ("llama", "mistral") and ".q_proj." in name:
-            values = _unpermute(values, config["num_attention_heads"])
-        if config["model_type"] in ("llama", "mistral") and ".k_proj." in name:
-            values = _unpermute(values, config["num_key_value_heads"])
+        if arch == "deepseek2" and name.endswith(".kv_b_proj.weight"):
+            # The converter splits it per head into its key (transposed) and value rows.
+            stem = gguf_name(name, arch).removesuffix(".attn_kv_b.weight")
+            tensors[name] = join_kv_b(decoded(f"{stem}.attn_k_b.weight"), decoded(f"{stem}.attn_v_b.weight"))
+            continue
+        values = decoded(gguf_name(name, arch))
+        expert = expert_of(name)
+        # Gemma 3's embedding keeps the rows of its tokenizer only.
+        values = (values if expert is None else values[expert]).reshape(-1, *original.shape[1:])
+        if arch == "llama" and ".q_proj." in name:
+            values = _unpermute(values, c["num_attention_heads"])
+        if arch == "llama" and ".k_proj." in name:
+            values = _unpermute(values, c["num_key_value_heads"])
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            values = values - np.float32(1.0)
         tensors[name] = values
-    shutil.copytree(preset_dir, out)
+    vocab = tensors["model.embed_tokens.weight"].shape[0]
+    _with_config(preset_dir, llama_cpp_config(preset) | {"vocab_size": vocab}, out)
     save_file(tensors, out / "model.safetensors")
     return out
 
@@ -64,13 +122,76 @@ def _unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
     return restored
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama-k", "tiny-qwen2", "tiny-qwen3"])
+@pytest.mark.parametrize("preset", ["tiny-llama-k", "tiny-qwen2", "tiny-qwen3", *FAMILIES])
 async def test_an_f32_gguf_gives_the_safetensors_logits(root: Path, preset: str) -> None:
     (file,) = cached_gguf(preset, root, "f32")
-    directory = cached_model(preset, root / "safetensors", "f32")
+    directory = _reference_dir(preset, root)
     layers = _layers(file)
     ours, reference = await prompt_logits(str(file), layers), await prompt_logits(str(directory), layers)
+    # Gemma 3's GGUF holds the embedding rows of its tokenizer only: the logits of those tokens.
+    assert ours.size == (PRESETS[preset].config["vocab_size"] if preset != "tiny-gemma3" else 405)
+    reference = reference[: ours.size]
     np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-mixtral", "tiny-deepseek-v2-lite", "tiny-deepseek-v2"])
+def test_an_f32_gguf_routes_to_transformers_experts(root: Path, preset: str) -> None:
+    (file,) = cached_gguf(preset, root, "f32")
+    golden = json.loads((GOLDEN / f"{preset}.json").read_text())
+    routes = expert_routes(str(file), golden["prompt_ids"])
+    sparse = {str(layer): chosen for layer, chosen in enumerate(routes) if chosen is not None}
+    # tiny-qwen3-moe's dense layer 2 is stored with a plain MLP and no router.
+    assert sparse == golden["expert_routes"]
+
+
+# How far 8-bit activations move each family's logits, as a fraction of their range, along 16
+# greedy steps. Gemma's norms after attention and MLP scale each sublayer's output (and its
+# rounding) up to the residual stream's size: measured up to 4.5% for Gemma 2; Gemma 3's q/k
+# norms (weights near 2 in these synthetic models) sharpen its attention further, so rounding
+# moves its scores most: measured up to 15%. The others: up to 2.1%. (An F16 file of the same
+# weights: 0.) The test below holds every family's blocks exactly.
+ROUNDING_BOUNDS = {"tiny-gemma2": 0.06, "tiny-gemma3": 0.2}
+
+
+@pytest.mark.parametrize("ggml_type", ["q8_0", "q4_k_m"])
+@pytest.mark.parametrize("preset", FAMILIES)
+async def test_a_quantized_family_gguf_follows_its_dequantized_weights(
+    root: Path, tmp_path: Path, preset: str, ggml_type: str
+) -> None:
+    (file,) = cached_gguf(preset, root, ggml_type)
+    reference_dir = _dequantized_checkpoint(file, preset, root, tmp_path / "f32")
+    layers = _layers(file)
+    bound = ROUNDING_BOUNDS.get(preset, 0.03)
+    await assert_follows_reference(str(file), str(reference_dir), layers, bound, 16)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+async def test_a_q8_0_family_gguf_is_its_dequantized_weights_quantized_at_load(
+    root: Path, tmp_path: Path, preset: str
+) -> None:
+    # Quantizing the decoded Q8_0 values again gives the same blocks, which then go through
+    # the same kernels with the same activation rounding: the logits are the same bits.
+    (file,) = cached_gguf(preset, root, "q8_0")
+    reference_dir = _dequantized_checkpoint(file, preset, root, tmp_path / "f32")
+    layers = _layers(file)
+    ours, requantized = (
+        await prompt_logits(str(file), layers),
+        await prompt_logits(str(reference_dir), layers, quantize="q8_0"),
+    )
+    np.testing.assert_array_equal(ours, requantized)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+async def test_family_layer_and_file_splits_give_one_shards_tokens(root: Path, preset: str) -> None:
+    (file,) = cached_gguf(preset, root, "q8_0")
+    layers = _layers(file)
+    alone = await greedy(str(file), layers, 12)
+    assert await greedy(str(file), layers, 12, cuts=(1,)) == alone
+    assert await greedy(str(file), layers, 12, cuts=(0, 2)) == alone
+    for split in (2, 3):
+        parts = cached_gguf(preset, root, "q8_0", split=split)
+        assert len(parts) == split
+        assert await greedy(str(parts[0]), layers, 12, cuts=(1,)) == alone
 
 
 # The formats this project's block kernels multiply; the others run on candle's kernels.
@@ -82,9 +203,7 @@ async def test_a_quantized_gguf_gives_its_dequantized_weights_logits(
     root: Path, tmp_path: Path, ggml_type: str
 ) -> None:
     (file,) = cached_gguf("tiny-llama-k", root, ggml_type)
-    reference_dir = _dequantized_checkpoint(
-        file, cached_model("tiny-llama-k", root / "safetensors", "f32"), tmp_path / "f32"
-    )
+    reference_dir = _dequantized_checkpoint(file, "tiny-llama-k", root, tmp_path / "f32")
     layers = _layers(file)
     ours = await prompt_logits(str(file), layers)
     reference = await prompt_logits(str(reference_dir), layers)
@@ -122,9 +241,7 @@ def _has_amx() -> bool:
 @pytest.mark.parametrize("ggml_type", ["q4_k", "q5_k", "q6_k", "q4_k_m"])
 async def test_a_long_prompt_gives_the_dequantized_weights_logits(root: Path, tmp_path: Path, ggml_type: str) -> None:
     (file,) = cached_gguf("tiny-llama-k", root, ggml_type)
-    reference_dir = _dequantized_checkpoint(
-        file, cached_model("tiny-llama-k", root / "safetensors", "f32"), tmp_path / "f32"
-    )
+    reference_dir = _dequantized_checkpoint(file, "tiny-llama-k", root, tmp_path / "f32")
     layers = _layers(file)
     logits = []
     for model in (file, reference_dir):
@@ -207,3 +324,75 @@ async def test_bad_gguf_files_fail_clearly(root: Path, tmp_path: Path) -> None:
     (tmp_path / "not.gguf").write_bytes(b"GGUF but not really")
     with pytest.raises(InvalidModelError, match="not a readable GGUF file"):
         await prompt_logits(str(tmp_path / "not.gguf"), 4)
+
+
+def _metadata_only_gguf(path: Path, arch: str, keys: dict[str, object], tensors: dict[str, np.ndarray]) -> Path:
+    """A GGUF of a tiny model's hyperparameters (and `keys`) with only `tensors`: enough for its
+    config to be read."""
+    writer = gguf.GGUFWriter(path, arch)
+    base: dict[str, object] = {
+        "block_count": 2,
+        "context_length": 256,
+        "embedding_length": 32,
+        "feed_forward_length": 64,
+        "attention.head_count": 4,
+    }
+    for name, value in (base | keys).items():
+        if isinstance(value, str):
+            writer.add_string(f"{arch}.{name}", value)
+        elif isinstance(value, float):
+            writer.add_float32(f"{arch}.{name}", value)
+        else:
+            writer.add_uint32(f"{arch}.{name}", int(str(value)))
+    for name, values in {"token_embd.weight": np.zeros((8, 32), dtype=np.float32), **tensors}.items():
+        writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _without_tensor(source: Path, out: Path, dropped: str) -> Path:
+    """A copy of the single-file GGUF `source` without the tensor `dropped`."""
+    reader = GGUFReader(source)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    writer = gguf.GGUFWriter(out, arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        if tensor.name != dropped:
+            writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+async def test_bad_family_gguf_files_name_what_is_wrong(root: Path, tmp_path: Path) -> None:
+    moe = _metadata_only_gguf(tmp_path / "moe.gguf", "qwen3moe", {"expert_count": 8}, {})
+    with pytest.raises(InvalidModelError, match=r"metadata qwen3moe\.expert_used_count is missing"):
+        await prompt_logits(str(moe), 2)
+    factors = {"rope_factors_long.weight": np.ones(2, dtype=np.float32)}
+    phi3 = _metadata_only_gguf(tmp_path / "phi3.gguf", "phi3", {}, factors)
+    with pytest.raises(InvalidModelError, match=r"tensor rope_factors_short\.weight is missing"):
+        await prompt_logits(str(phi3), 2)
+    yarn = _metadata_only_gguf(tmp_path / "gemma3.gguf", "gemma3", {"rope.scaling.type": "yarn"}, {})
+    with pytest.raises(InvalidModelError, match='rope scaling "yarn" is not supported for gemma3'):
+        await prompt_logits(str(yarn), 2)
+    (mixtral,) = cached_gguf("tiny-mixtral", root, "f32")
+    broken = _without_tensor(mixtral, tmp_path / "mixtral.gguf", "blk.1.ffn_up_exps.weight")
+    with pytest.raises(InvalidModelError, match=r"tensor blk\.1\.ffn_up_exps\.weight \(or blk\.1\.ffn_up\.0\.weight\)"):
+        await prompt_logits(str(broken), 4)
+
+
+@pytest.mark.parametrize(("preset", "ggml_type"), [("tiny-gemma3", "q8_0"), ("tiny-qwen3-moe", "q4_k_m")])
+def test_the_cli_runs_a_family_gguf(tmp_path: Path, preset: str, ggml_type: str) -> None:
+    (file,) = write_gguf(preset, tmp_path / f"{preset}.gguf", ggml_type)
+    done = run_solo(tmp_path, "run", str(file), "--prompt", "Hello!", "--max-generate-tokens", "4")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Generated 4 tokens" in done.stdout

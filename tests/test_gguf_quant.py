@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as Q
 
 from exo import _core
 from exo.testing.synth import LLAMA3, PRESETS, QWEN3, write_model
-from exo.testing.synth_gguf import cached_gguf, gguf_name, llama3_rope_factors, write_gguf
+from exo.testing.synth_gguf import cached_gguf, gguf_name, join_kv_b, llama3_rope_factors, write_gguf
 
 # Byte offsets of the f16 scales in each type's block (the rest of a block is free bits; Q8_K's
 # scale is an f32 at 0).
@@ -275,3 +275,125 @@ def test_same_inputs_same_bytes_and_the_cli_writes_splits(tmp_path: Path) -> Non
     assert sorted(p.name for p in out.parent.iterdir()) == ["m-00001-of-00002.gguf", "m-00002-of-00002.gguf"]
     bad = subprocess.run([*command, "--gguf", "q9_9"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown GGUF type 'q9_9'" in bad.stderr
+
+
+def test_gemma_files_hold_norms_plus_one_and_gemma3_cuts_its_vocabulary(tmp_path: Path) -> None:
+    for preset, arch in (("tiny-gemma2", "gemma2"), ("tiny-gemma3", "gemma3")):
+        hf = _safetensors(write_model(preset, tmp_path / preset) / "model.safetensors")
+        (path,) = write_gguf(preset, tmp_path / f"{preset}.gguf", "f32")
+        tensors, fields = _tensors([path]), _fields(gguf.GGUFReader(path))
+        c = PRESETS[preset].config
+        assert fields["general.architecture"] == arch and "output.weight" not in tensors
+        for hf_name in ("model.layers.1.post_attention_layernorm.weight", "model.norm.weight"):
+            stored = np.asarray(tensors[gguf_name(hf_name, arch)].data)
+            np.testing.assert_array_equal(stored, hf[hf_name] + np.float32(1.0))
+        # The MLP's input norm is `ffn_norm`, its output norm `post_ffw_norm`.
+        pre = np.asarray(tensors["blk.0.ffn_norm.weight"].data)
+        np.testing.assert_array_equal(pre, hf["model.layers.0.pre_feedforward_layernorm.weight"] + np.float32(1.0))
+        assert "blk.0.post_ffw_norm.weight" in tensors and f"{arch}.attention.sliding_window" in fields
+        # The converter writes no query scale: llama.cpp derives it from the head width.
+        assert not any("query_pre_attn" in name or "scale" in name for name in fields if name.startswith(arch))
+        embedding = np.asarray(tensors["token_embd.weight"].data)
+        rows = embedding.shape[0]
+        tokens = fields["tokenizer.ggml.tokens"]
+        assert isinstance(tokens, list) and len(tokens) == rows
+        np.testing.assert_array_equal(embedding, hf["model.embed_tokens.weight"][:rows])
+        if arch == "gemma2":
+            assert rows == c["vocab_size"] and fields["gemma2.attn_logit_softcapping"] == pytest.approx(0.3)
+            assert "gemma2.rope.freq_base" not in fields
+        else:
+            # The tokenizer's vocabulary and added tokens (counted twice, as the converter does).
+            tokenizer = json.loads((tmp_path / preset / "tokenizer.json").read_text())
+            assert rows == len(tokenizer["model"]["vocab"]) + len(tokenizer["added_tokens"]) < c["vocab_size"]
+            assert fields["gemma3.rope.scaling.type"] == "linear" and fields["gemma3.rope.scaling.factor"] == 8.0
+            assert "gemma3.attn_logit_softcapping" not in fields
+
+
+def test_phi3_files_hold_fused_projections_and_longrope_factors(tmp_path: Path) -> None:
+    hf = _safetensors(write_model("tiny-phi3-partial", tmp_path / "hf") / "model.safetensors")
+    (path,) = write_gguf("tiny-phi3-partial", tmp_path / "phi3.gguf", "f32")
+    tensors, fields = _tensors([path]), _fields(gguf.GGUFReader(path))
+    c = PRESETS["tiny-phi3-partial"].config
+    scaling = c["rope_scaling"]
+    np.testing.assert_array_equal(tensors["rope_factors_long.weight"].data, np.float32(scaling["long_factor"]))
+    np.testing.assert_array_equal(tensors["rope_factors_short.weight"].data, np.float32(scaling["short_factor"]))
+    # Phi-3 is not permuted: the fused rows are Hugging Face's.
+    for hf_name, name in (("self_attn.qkv_proj", "attn_qkv"), ("mlp.gate_up_proj", "ffn_up")):
+        np.testing.assert_array_equal(
+            np.asarray(tensors[f"blk.1.{name}.weight"].data), hf[f"model.layers.1.{hf_name}.weight"]
+        )
+    assert fields["phi3.rope.dimension_count"] == 12  # 0.75 of 16
+    assert fields["phi3.attention.sliding_window"] == 0  # none: Phi-4's kind
+    assert fields["phi3.rope.scaling.original_context_length"] == 40
+    growth = c["max_position_embeddings"] / 40
+    assert fields["phi3.rope.scaling.attn_factor"] == pytest.approx(np.sqrt(1 + np.log(growth) / np.log(40)))
+    assert "phi3.attention.key_length" not in fields
+
+
+def test_experts_are_stacked_with_the_expert_outermost(tmp_path: Path) -> None:
+    for preset, arch, names in (
+        ("tiny-qwen3-moe", "qwen3moe", ("mlp", "gate_proj", "up_proj", "down_proj")),
+        ("tiny-mixtral", "llama", ("block_sparse_moe", "w1", "w3", "w2")),
+    ):
+        hf = _safetensors(write_model(preset, tmp_path / preset) / "model.safetensors")
+        (path,) = write_gguf(preset, tmp_path / f"{preset}.gguf", "q8_0")
+        tensors, fields = _tensors([path]), _fields(gguf.GGUFReader(path))
+        c = PRESETS[preset].config
+        experts = c.get("num_experts") or c["num_local_experts"]
+        assert (fields[f"{arch}.expert_count"], fields[f"{arch}.expert_used_count"]) == (experts, 2)
+        block, *projections = names
+        if arch == "qwen3moe":
+            # Its dense layer (`mlp_only_layers`) keeps a plain MLP and has no router.
+            assert "blk.2.ffn_gate_inp.weight" not in tensors and "blk.2.ffn_gate.weight" in tensors
+        # The router stays F32; each stack is [experts, rows, cols] (GGUF lists it innermost first).
+        assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == Q.F32
+        for projection, part in zip(projections, ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"), strict=True):
+            stacked = tensors[f"blk.0.{part}.weight"]
+            rows, cols = hf[f"model.layers.0.{block}.experts.0.{projection}.weight"].shape
+            assert stacked.shape.tolist() == [cols, rows, experts] and stacked.tensor_type == Q.Q8_0
+            decoded = gguf.quants.dequantize(stacked.data, stacked.tensor_type)
+            for expert in (0, experts - 1):
+                original = hf[f"model.layers.0.{block}.experts.{expert}.{projection}.weight"]
+                np.testing.assert_array_equal(
+                    decoded[expert], gguf.quants.dequantize(gguf.quants.quantize(original, Q.Q8_0), Q.Q8_0)
+                )
+
+
+def test_deepseek_files_split_kv_b_and_name_the_latent_widths(tmp_path: Path) -> None:
+    hf = _safetensors(write_model("tiny-deepseek-v2", tmp_path / "hf") / "model.safetensors")
+    (path,) = write_gguf("tiny-deepseek-v2", tmp_path / "deepseek.gguf", "f32")
+    tensors, fields = _tensors([path]), _fields(gguf.GGUFReader(path))
+    c = PRESETS["tiny-deepseek-v2"].config
+    heads, rank, nope, v = c["num_attention_heads"], c["kv_lora_rank"], c["qk_nope_head_dim"], c["v_head_dim"]
+    k_b, v_b = np.asarray(tensors["blk.1.attn_k_b.weight"].data), np.asarray(tensors["blk.1.attn_v_b.weight"].data)
+    assert k_b.shape == (heads, rank, nope) and v_b.shape == (heads, v, rank)
+    assert "blk.1.attn_kv_b.weight" not in tensors
+    kv_b = hf["model.layers.1.self_attn.kv_b_proj.weight"]
+    np.testing.assert_array_equal(join_kv_b(k_b, v_b), kv_b)
+    # Head 2's first key row is the first column of its transposed block.
+    np.testing.assert_array_equal(k_b[2][:, 0], kv_b[2 * (nope + v)])
+    assert (fields["deepseek2.attention.key_length"], fields["deepseek2.attention.value_length"]) == (rank + 8, rank)
+    assert fields["deepseek2.attention.key_length_mla"] == nope + 8
+    assert fields["deepseek2.attention.value_length_mla"] == v
+    assert fields["deepseek2.attention.head_count_kv"] == 1
+    assert (fields["deepseek2.expert_group_count"], fields["deepseek2.expert_group_used_count"]) == (8, 2)
+    assert fields["deepseek2.leading_dense_block_count"] == 1 and fields["deepseek2.rope.scaling.type"] == "yarn"
+    assert fields["deepseek2.rope.scaling.yarn_log_multiplier"] == pytest.approx(0.1 * 0.707)
+    assert "blk.0.ffn_gate_inp.weight" not in tensors and "blk.1.ffn_up_shexp.weight" in tensors
+
+
+def test_q4_k_m_mix_of_the_new_families_follows_llama_quantize(root: Path) -> None:
+    def types(preset: str) -> dict[str, str]:
+        return {name: Q(t.tensor_type).name for name, t in _tensors(cached_gguf(preset, root, "q4_k_m")).items()}
+
+    # 8 experts: attn_k and attn_v Q8_0, attn_output Q5_K (here its fallback for rows of 128, Q5_1);
+    # the stacked ffn_down takes Q6_K in use_more_bits' layers (2 and 3 of 4; Q8_0 for rows of 64).
+    moe = types("tiny-qwen3-moe")
+    assert moe["blk.0.attn_k.weight"] == moe["blk.0.attn_v.weight"] == "Q8_0"
+    assert moe["blk.0.attn_output.weight"] == "Q5_1"
+    assert [moe[f"blk.{layer}.ffn_down_exps.weight"] for layer in (0, 1, 3)] == ["Q5_0", "Q5_0", "Q8_0"]
+    assert moe["blk.0.ffn_gate_inp.weight"] == "F32"
+    # 4 experts (Mixtral's tiny preset): no bump.
+    assert types("tiny-mixtral")["blk.0.attn_k.weight"] == "Q5_0"
+    # Phi-3's fused attn_qkv takes Q5_K (Q5_1 for rows of 64).
+    assert types("tiny-phi3")["blk.0.attn_qkv.weight"] == "Q5_1"

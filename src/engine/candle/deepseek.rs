@@ -53,6 +53,11 @@ pub struct DeepseekFields {
     /// DeepSeek's reference code makes every `moe_layer_freq`-th layer sparse; transformers
     /// ignores it, so only 1 is accepted.
     pub moe_layer_freq: Option<usize>,
+    /// GGUF of llama.cpp's current converter: `kv_b_proj` is stored split per head, as
+    /// `k_b_proj` (its key rows, transposed: `[heads, kv_lora_rank, nope]`) and `v_b_proj` (its
+    /// value rows: `[heads, v, kv_lora_rank]`).
+    #[serde(skip)]
+    pub split_kv_b: bool,
 }
 
 /// A field that may be absent (`None`), null (`Some(None)`) or a number.
@@ -116,6 +121,8 @@ pub struct LatentShape {
     pub rope: usize,
     /// Per-head width of the values.
     pub v: usize,
+    /// `kv_b_proj` is stored as `k_b_proj` and `v_b_proj` (see [`DeepseekFields::split_kv_b`]).
+    pub split_kv_b: bool,
 }
 
 impl LatentShape {
@@ -132,6 +139,7 @@ impl LatentShape {
             nope: fields.qk_nope_head_dim.unwrap_or(128),
             rope: fields.qk_rope_head_dim.unwrap_or(64),
             v: fields.v_head_dim.unwrap_or(128),
+            split_kv_b: fields.split_kv_b,
         })
     }
 
@@ -154,18 +162,26 @@ impl LatentShape {
         entries.extend([
             (format!("{prefix}.kv_a_proj_with_mqa.weight"), vec![self.kv_lora_rank + self.rope, hidden]),
             (format!("{prefix}.kv_a_layernorm.weight"), vec![self.kv_lora_rank]),
-            (
+        ]);
+        if self.split_kv_b {
+            entries.extend([
+                (format!("{prefix}.k_b_proj.weight"), vec![self.heads, self.kv_lora_rank, self.nope]),
+                (format!("{prefix}.v_b_proj.weight"), vec![self.heads, self.v, self.kv_lora_rank]),
+            ]);
+        } else {
+            entries.push((
                 format!("{prefix}.kv_b_proj.weight"),
                 vec![self.heads * (self.nope + self.v), self.kv_lora_rank],
-            ),
-            (format!("{prefix}.o_proj.weight"), vec![hidden, self.heads * self.v]),
-        ]);
+            ));
+        }
+        entries.push((format!("{prefix}.o_proj.weight"), vec![hidden, self.heads * self.v]));
         entries
     }
 
     /// Weights of the attention's projections (what a token reads).
     pub fn weights(&self, hidden: usize) -> usize {
-        self.tensors("", hidden).iter().filter(|(_, shape)| shape.len() == 2).map(|(_, s)| s[0] * s[1]).sum()
+        let matrices = self.tensors("", hidden).into_iter().filter(|(_, shape)| shape.len() >= 2);
+        matrices.map(|(_, shape)| shape.iter().product::<usize>()).sum()
     }
 
     /// The softmax scale: `(nope + rope)^-0.5`, times YaRN's `mscale²` where configured.
@@ -217,15 +233,7 @@ impl LatentAttention {
             }
             None => (weights.linear(prefix, &[("q_proj", q_out), kv_a], hidden, false, device)?, None),
         };
-        let kv_b = float_matrix(
-            weights,
-            &format!("{prefix}.kv_b_proj.weight"),
-            shape.heads * (shape.nope + shape.v),
-            shape.kv_lora_rank,
-            device,
-        )?;
-        // (heads * (nope + v), rank) -> (heads, nope + v, rank), split into the key and value parts.
-        let kv_b = kv_b.reshape((shape.heads, shape.nope + shape.v, shape.kv_lora_rank))?;
+        let (key_up, value_up) = up_projections(weights, prefix, &shape, device)?;
         Ok(Self {
             input_proj,
             query_up,
@@ -236,8 +244,8 @@ impl LatentAttention {
                 eps,
                 device,
             )?,
-            key_up: kv_b.narrow(1, 0, shape.nope)?.contiguous()?,
-            value_up: kv_b.narrow(1, shape.nope, shape.v)?.transpose(1, 2)?.contiguous()?,
+            key_up,
+            value_up,
             o_proj: weights.linear(prefix, &[("o_proj", hidden)], shape.heads * shape.v, false, device)?,
             shape,
             scale: shape.scale(config),
@@ -318,6 +326,40 @@ impl LatentAttention {
 
 /// The weight `name` (`[rows, cols]`) as an f32 tensor on `device`, MLX's affine codes
 /// decoded: what is folded into other products must be plain numbers.
+/// `kv_b_proj`'s key part per head `[heads, nope, rank]` and its value part transposed
+/// `[heads, rank, v]` (f32), from `kv_b_proj` or from llama.cpp's split of it.
+fn up_projections(
+    weights: &ShardTensors,
+    prefix: &str,
+    shape: &LatentShape,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let (heads, rank) = (shape.heads, shape.kv_lora_rank);
+    if shape.split_kv_b {
+        let k_b = weights.dequantized_f32(
+            &format!("{prefix}.k_b_proj.weight"),
+            &[heads, rank, shape.nope],
+            device,
+        )?;
+        let v_b =
+            weights.dequantized_f32(&format!("{prefix}.v_b_proj.weight"), &[heads, shape.v, rank], device)?;
+        return Ok((k_b.transpose(1, 2)?.contiguous()?, v_b.transpose(1, 2)?.contiguous()?));
+    }
+    let kv_b = float_matrix(
+        weights,
+        &format!("{prefix}.kv_b_proj.weight"),
+        heads * (shape.nope + shape.v),
+        rank,
+        device,
+    )?;
+    // (heads * (nope + v), rank) -> (heads, nope + v, rank), split into the key and value parts.
+    let kv_b = kv_b.reshape((heads, shape.nope + shape.v, rank))?;
+    Ok((
+        kv_b.narrow(1, 0, shape.nope)?.contiguous()?,
+        kv_b.narrow(1, shape.nope, shape.v)?.transpose(1, 2)?.contiguous()?,
+    ))
+}
+
 fn float_matrix(
     weights: &ShardTensors,
     name: &str,
@@ -326,7 +368,7 @@ fn float_matrix(
     device: &Device,
 ) -> Result<Tensor> {
     let ShardTensors::Safetensors { weights: stored, .. } = weights else {
-        return Err(Error::InvalidModel(format!("{name}: GGUF deepseek_v2 checkpoints are not supported")));
+        return weights.dequantized_f32(name, &[rows, cols], device);
     };
     if !stored.is_affine(name) {
         return Ok(stored.device_matrix(&[(name, rows)], cols, device)?.to_dtype(DType::F32)?);

@@ -13,7 +13,6 @@ use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::GgmlDType;
 use memmap2::Mmap;
 
-use super::config::{ModelConfig, RopeScaling};
 use super::quant_type::ggml_dtype_name;
 use super::weights::read_exact_at;
 use crate::error::{Error, Result};
@@ -140,6 +139,9 @@ pub struct GgufFile {
     path: PathBuf,
     metadata: HashMap<String, Value>,
     tensors: HashMap<String, StoredTensor>,
+    /// Each expert's slice of a stacked `blk.N.ffn_gate_exps.weight`, as
+    /// `blk.N.ffn_gate.E.weight` (see [`expert_views`]).
+    experts: HashMap<String, StoredTensor>,
 }
 
 impl GgufFile {
@@ -147,6 +149,7 @@ impl GgufFile {
     pub fn open(first: &Path) -> Result<Self> {
         let mut metadata = None;
         let mut tensors = HashMap::new();
+        let mut experts = HashMap::new();
         for path in part_paths(first)? {
             let mut file = File::open(&path)
                 .map_err(|e| Error::InvalidModel(format!("cannot open {}: {e}", path.display())))?;
@@ -175,11 +178,12 @@ impl GgufFile {
                     shape: dims,
                     range,
                 };
+                experts.extend(expert_views(name, &stored));
                 tensors.insert(name.clone(), stored);
             }
             metadata.get_or_insert(content.metadata);
         }
-        Ok(Self { path: first.to_path_buf(), metadata: metadata.unwrap_or_default(), tensors })
+        Ok(Self { path: first.to_path_buf(), metadata: metadata.unwrap_or_default(), tensors, experts })
     }
 
     /// The first file's path.
@@ -187,9 +191,10 @@ impl GgufFile {
         &self.path
     }
 
-    /// The tensor `name`, if the checkpoint has it.
+    /// The tensor `name`, if the checkpoint has it (one expert's slice of a stacked tensor by
+    /// its own name, `blk.N.ffn_gate.E.weight`).
     pub fn tensor(&self, name: &str) -> Option<&StoredTensor> {
-        self.tensors.get(name)
+        self.tensors.get(name).or_else(|| self.experts.get(name))
     }
 
     /// Bytes of every tensor whose name starts with `prefix`, as stored.
@@ -207,15 +212,20 @@ impl GgufFile {
     }
 
     fn string(&self, key: &str) -> Result<&str> {
+        self.optional_string(key)?.ok_or_else(|| self.invalid(format!("metadata {key} is missing")))
+    }
+
+    /// A string metadata value; `None` when absent.
+    pub(super) fn optional_string(&self, key: &str) -> Result<Option<&str>> {
         match self.metadata.get(key) {
-            Some(Value::String(s)) => Ok(s),
+            Some(Value::String(s)) => Ok(Some(s)),
             Some(other) => Err(self.invalid(format!("metadata {key} is {other:?}, not a string"))),
-            None => Err(self.invalid(format!("metadata {key} is missing"))),
+            None => Ok(None),
         }
     }
 
     /// An integer metadata value of any integer width; `None` when absent.
-    fn integer(&self, key: &str) -> Result<Option<usize>> {
+    pub(super) fn integer(&self, key: &str) -> Result<Option<usize>> {
         let value = match self.metadata.get(key) {
             None => return Ok(None),
             Some(Value::U8(v)) => *v as i128,
@@ -231,12 +241,21 @@ impl GgufFile {
         usize::try_from(value).map(Some).map_err(|_| self.invalid(format!("metadata {key} is {value}")))
     }
 
-    fn required(&self, key: &str) -> Result<usize> {
+    pub(super) fn required(&self, key: &str) -> Result<usize> {
         self.integer(key)?.ok_or_else(|| self.invalid(format!("metadata {key} is missing")))
     }
 
+    /// A boolean metadata value; `None` when absent.
+    pub(super) fn boolean(&self, key: &str) -> Result<Option<bool>> {
+        match self.metadata.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(v)) => Ok(Some(*v)),
+            Some(other) => Err(self.invalid(format!("metadata {key} is {other:?}, not a boolean"))),
+        }
+    }
+
     /// A float metadata value; `None` when absent.
-    fn float(&self, key: &str) -> Result<Option<f64>> {
+    pub(super) fn float(&self, key: &str) -> Result<Option<f64>> {
         match self.metadata.get(key) {
             None => Ok(None),
             Some(Value::F32(v)) => Ok(Some(*v as f64)),
@@ -245,72 +264,13 @@ impl GgufFile {
         }
     }
 
-    fn invalid(&self, message: String) -> Error {
+    /// An `InvalidModel` error naming this file.
+    pub(super) fn invalid(&self, message: String) -> Error {
         Error::InvalidModel(format!("{}: {message}", self.path.display()))
     }
 
-    /// The model config the metadata describes, as `config.json` would give it; Llama 3's
-    /// frequency scaling comes from the `rope_freqs.weight` tensor.
-    pub fn config(&self) -> Result<ModelConfig> {
-        let arch = self.architecture()?.to_string();
-        if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3") {
-            return Err(self.invalid(format!(
-                "architecture {arch:?} is not supported (llama, mistral as llama, qwen2, qwen3)"
-            )));
-        }
-        let key = |name: &str| format!("{arch}.{name}");
-        if let Ok(kind) = self.string(&key("rope.scaling.type")) {
-            if !matches!(kind, "none" | "") {
-                return Err(self.invalid(format!("rope scaling {kind:?} is not supported")));
-            }
-        }
-        let heads = self.required(&key("attention.head_count"))?;
-        let hidden = self.required(&key("embedding_length"))?;
-        let embedding = self
-            .tensor("token_embd.weight")
-            .ok_or_else(|| self.invalid("tensor token_embd.weight is missing".into()))?;
-        let vocab = embedding.shape.first().copied().unwrap_or(0);
-        let config = ModelConfig {
-            model_type: arch.clone(),
-            hidden_size: hidden,
-            intermediate_size: self.required(&key("feed_forward_length"))?,
-            num_hidden_layers: self.required(&key("block_count"))?,
-            num_attention_heads: heads,
-            num_key_value_heads: self.integer(&key("attention.head_count_kv"))?,
-            head_dim: self.integer(&key("attention.key_length"))?,
-            vocab_size: vocab,
-            rms_norm_eps: self.float(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
-            rope_theta: self.float(&key("rope.freq_base"))?.unwrap_or(10_000.0),
-            rope_scaling: None::<RopeScaling>,
-            tie_word_embeddings: self.tensor("output.weight").is_none(),
-            max_position_embeddings: self.required(&key("context_length"))?,
-            attention_bias: Some(self.tensor("blk.0.attn_q.bias").is_some() && arch != "qwen2"),
-            mlp_bias: false,
-            hidden_act: "silu".into(),
-            rope_freq_factors: match self.tensor("rope_freqs.weight") {
-                Some(stored) => Some(self.f32_values("rope_freqs.weight", stored)?),
-                None => None,
-            },
-            quantization: None,
-            quantization_config: None,
-            original_max_position_embeddings: None,
-            partial_rotary_factor: None,
-            sliding_window: None,
-            num_experts: self.integer(&key("expert_count"))?,
-            num_experts_per_tok: None,
-            moe_intermediate_size: None,
-            norm_topk_prob: None,
-            decoder_sparse_step: None,
-            mlp_only_layers: None,
-            gemma: Default::default(),
-            deepseek: Default::default(),
-            llava: None,
-        };
-        config.checked().map_err(|e| self.invalid(e))
-    }
-
     /// The values of a 1-D F32 tensor.
-    fn f32_values(&self, name: &str, stored: &StoredTensor) -> Result<Vec<f32>> {
+    pub(super) fn f32_values(&self, name: &str, stored: &StoredTensor) -> Result<Vec<f32>> {
         if stored.dtype != GgmlDType::F32 || stored.shape.len() != 1 {
             return Err(self.invalid(format!("tensor {name} must be a 1-D F32 tensor")));
         }
@@ -321,60 +281,40 @@ impl GgufFile {
     }
 
     /// Whether the q and k projections are stored with each head's rows interleaved in pairs
-    /// (llama.cpp's converter does so for the `llama` architecture, whose GGML RoPE rotates
-    /// adjacent pairs); Qwen models keep Hugging Face's halves.
+    /// (llama.cpp's converter does so for the `llama` architecture, Mixtral's included, whose
+    /// GGML RoPE rotates adjacent pairs); the others (Qwen, Phi-3, Gemma) keep Hugging Face's
+    /// halves, which llama.cpp rotates as NeoX does.
     pub fn interleaves_query_key_rows(&self) -> Result<bool> {
         Ok(self.architecture()? == "llama")
     }
 }
 
-/// The GGUF name of a tensor given by its Hugging Face name; `None` for names GGUF lacks.
-pub fn gguf_name(hf_name: &str) -> Option<String> {
-    let fixed = match hf_name {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
+/// One view per expert of the stacked expert tensor `name` (`blk.N.ffn_gate_exps.weight`,
+/// `[experts, rows, cols]`), named `blk.N.ffn_gate.E.weight`: the expert is the outermost
+/// dimension, so each expert's rows are one contiguous byte range of the file, read (or mapped)
+/// only when that expert is. Other tensors have none.
+fn expert_views(name: &str, stacked: &StoredTensor) -> Vec<(String, StoredTensor)> {
+    let (Some(base), &[experts, rows, cols]) = (name.strip_suffix("_exps.weight"), stacked.shape.as_slice())
+    else {
+        return Vec::new();
     };
-    if let Some(name) = fixed {
-        return Some(name.into());
+    if experts == 0 {
+        return Vec::new();
     }
-    let rest = hf_name.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let short = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "self_attn.q_norm" => "attn_q_norm",
-        "self_attn.k_norm" => "attn_k_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{short}.{kind}"))
+    let each = (stacked.range.end - stacked.range.start) / experts as u64;
+    (0..experts)
+        .map(|expert| {
+            let start = stacked.range.start + expert as u64 * each;
+            let view =
+                StoredTensor { shape: vec![rows, cols], range: start..start + each, ..stacked.clone() };
+            (format!("{base}.{expert}.weight"), view)
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_translate_to_gguf() {
-        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.weight").unwrap(), "blk.3.attn_q.weight");
-        assert_eq!(gguf_name("model.layers.0.self_attn.k_proj.bias").unwrap(), "blk.0.attn_k.bias");
-        assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight").unwrap(), "blk.12.ffn_down.weight");
-        assert_eq!(
-            gguf_name("model.layers.1.post_attention_layernorm.weight").unwrap(),
-            "blk.1.ffn_norm.weight"
-        );
-        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
-        assert!(gguf_name("model.layers.1.mlp.experts.weight").is_none());
-    }
 
     #[test]
     fn tensor_ranges_past_64_bits_are_errors() {
@@ -391,6 +331,30 @@ mod tests {
             let error = tensor_range(&content, "t", &info(dims, offset)).unwrap_err().to_string();
             assert!(error.contains("GGUF tensor t") && error.contains("overflows"), "{error}");
         }
+    }
+
+    #[test]
+    fn each_expert_is_its_own_slice_of_a_stacked_tensor() {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(1024).unwrap();
+        // SAFETY: a private temporary file, mapped read-only and never truncated.
+        let map = unsafe { Mmap::map(&file) }.unwrap();
+        // 3 experts of 4 rows of 64 Q8_0 values (2 blocks of 34 bytes a row): 272 bytes each.
+        let stacked = StoredTensor {
+            file: Arc::new(file),
+            map: Arc::new(map),
+            dtype: GgmlDType::Q8_0,
+            shape: vec![3, 4, 64],
+            range: 100..100 + 3 * 272,
+        };
+        let views = expert_views("blk.2.ffn_up_exps.weight", &stacked);
+        let names: Vec<&str> = views.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["blk.2.ffn_up.0.weight", "blk.2.ffn_up.1.weight", "blk.2.ffn_up.2.weight"]);
+        for (expert, (_, view)) in views.iter().enumerate() {
+            let start = 100 + 272 * expert as u64;
+            assert_eq!((view.range.clone(), view.shape.as_slice()), (start..start + 272, &[4, 64][..]));
+        }
+        assert!(expert_views("blk.2.ffn_up.weight", &stacked).is_empty());
     }
 
     #[test]

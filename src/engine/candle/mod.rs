@@ -13,6 +13,8 @@ mod footprint;
 mod frozen_product;
 mod gemma;
 mod gguf;
+mod gguf_config;
+mod gguf_names;
 mod head_loss;
 mod limits;
 mod linear;

@@ -3,14 +3,15 @@
 //! groups of experts), and the token's output is the weighted sum of those experts' gated SiLU
 //! MLPs, plus DeepSeek's shared experts, which every token goes through. Only routed experts are multiplied: the rows of a step are
 //! grouped by expert, so each chosen expert's matrices stream once per step, and experts no
-//! row chose are never read (on the host, dense experts stay in place in the mapped file).
+//! row chose are never read (on the host, float experts and GGUF experts of the host kernels'
+//! block types stay in place in the mapped file).
 
 use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
 use super::linear::Linear;
 use super::tensors::ShardTensors;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// How a family names its experts' tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,8 +242,9 @@ pub type Route = Vec<(usize, f32)>;
 
 impl SparseMoe {
     /// Loads `layer`'s router and experts. The router stays in its stored dtype (never
-    /// quantized at load time: its choices must not move). On the host, dense experts are
-    /// multiplied in place from the mapped file, so unrouted experts are never read.
+    /// quantized at load time: its choices must not move). On the host, experts are multiplied
+    /// in place from the mapped file where their format allows
+    /// ([`ShardTensors::in_place_linear`]), so unrouted experts are never read.
     pub fn load(
         weights: &ShardTensors,
         spec: &MoeSpec,
@@ -262,45 +264,28 @@ impl SparseMoe {
                     Linear::on_device(stored.device_matrix(&[(name, spec.experts)], hidden, device)?, None)?
                 }
             }
-            ShardTensors::Safetensors { .. } => {
-                weights.linear(&p, &[("gate", spec.experts)], hidden, false, device)?
-            }
-            ShardTensors::Gguf(_) => {
-                return Err(Error::InvalidModel("mixture-of-experts GGUF files are not supported".into()))
-            }
+            _ => weights.linear(&p, &[("gate", spec.experts)], hidden, false, device)?,
         };
         let [gate, up, down] = spec.naming.projections();
         let inter = spec.intermediate;
         let experts = (0..spec.experts)
             .map(|e| {
                 let prefix = format!("{p}.experts.{e}");
-                let name = |proj: &str| format!("{prefix}.{proj}.weight");
-                match weights {
-                    ShardTensors::Safetensors { weights: stored, quantize: None, .. }
-                        if device.is_cpu() && !stored.is_affine(&name(gate)) =>
-                    {
-                        let in_place = |proj: &str, rows, cols| -> Result<Linear> {
-                            Linear::new(stored.matrix(&name(proj), rows, cols)?, None)
-                        };
-                        Ok(Expert {
-                            gate_up: Linear::Split(vec![
-                                in_place(gate, inter, hidden)?,
-                                in_place(up, inter, hidden)?,
-                            ]),
-                            down: in_place(down, hidden, inter)?,
-                        })
-                    }
-                    _ => Ok(Expert {
-                        gate_up: weights.linear(
-                            &prefix,
-                            &[(gate, inter), (up, inter)],
-                            hidden,
-                            false,
-                            device,
-                        )?,
-                        down: weights.linear(&prefix, &[(down, hidden)], inter, false, device)?,
-                    }),
+                let in_place = |proj: &str, rows, cols| {
+                    weights.in_place_linear(&format!("{prefix}.{proj}.weight"), rows, cols, device)
+                };
+                let (gate_w, up_w, down_w) = (
+                    in_place(gate, inter, hidden)?,
+                    in_place(up, inter, hidden)?,
+                    in_place(down, hidden, inter)?,
+                );
+                if let (Some(gate_w), Some(up_w), Some(down_w)) = (gate_w, up_w, down_w) {
+                    return Ok(Expert { gate_up: Linear::Split(vec![gate_w, up_w]), down: down_w });
                 }
+                Ok(Expert {
+                    gate_up: weights.linear(&prefix, &[(gate, inter), (up, inter)], hidden, false, device)?,
+                    down: weights.linear(&prefix, &[(down, hidden)], inter, false, device)?,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         let shared = match spec.shared_intermediate {

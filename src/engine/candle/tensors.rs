@@ -15,7 +15,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
 use super::embedding::Embedding;
-use super::gguf::{find_gguf, gguf_name, GgufFile, StoredTensor};
+use super::gguf::{find_gguf, GgufFile, StoredTensor};
+use super::gguf_names::{gguf_name, stacked_expert_name};
 use super::linear::Linear;
 use super::lora_merge::LoraMerge;
 use super::quant_type::ggml_dtype_name;
@@ -90,7 +91,9 @@ impl Checkpoint {
             Self::Gguf(file) => {
                 let heads = (config.num_attention_heads, config.num_key_value_heads());
                 let interleaved = file.interleaves_query_key_rows()?.then_some(heads);
-                let shard = GgufShard { file: file.clone(), interleaved };
+                let arch = file.architecture()?.to_string();
+                let shifted_norms = config.is_gemma();
+                let shard = GgufShard { file: file.clone(), arch, interleaved, shifted_norms };
                 for name in names {
                     shard.tensor(name)?;
                 }
@@ -123,22 +126,30 @@ pub enum ShardTensors {
 /// A GGUF file read by Hugging Face tensor names.
 pub struct GgufShard {
     file: Arc<GgufFile>,
+    /// llama.cpp's architecture, which names some tensors its own way (see [`gguf_name`]).
+    arch: String,
     /// Query and key heads, when their rows are stored in llama.cpp's interleaved order.
     interleaved: Option<(usize, usize)>,
+    /// Gemma: norm weights are stored as `1 + w` (the converter adds Gemma's offset).
+    shifted_norms: bool,
 }
 
 impl GgufShard {
     /// The stored tensor for the Hugging Face name `name`.
     fn tensor(&self, name: &str) -> Result<&StoredTensor> {
-        let gguf = gguf_name(name)
+        let gguf = gguf_name(name, &self.arch)
             .ok_or_else(|| Error::InvalidModel(format!("tensor {name} has no GGUF counterpart")))?;
         self.file.tensor(&gguf).ok_or_else(|| {
-            Error::InvalidModel(format!("{}: tensor {gguf} is missing", self.file.path().display()))
+            let missing = match stacked_expert_name(&gguf) {
+                Some(stacked) => format!("{stacked} (or {gguf})"),
+                None => gguf,
+            };
+            Error::InvalidModel(format!("{}: tensor {missing} is missing", self.file.path().display()))
         })
     }
 
-    /// The tensor `name` of `shape`, as the file pieces to read, rows in Hugging Face's order.
-    fn pieces(&self, name: &str, shape: &[usize]) -> Result<(&StoredTensor, Vec<Piece<'_>>)> {
+    /// The stored tensor for `name`, which must have `shape`.
+    fn shaped(&self, name: &str, shape: &[usize]) -> Result<&StoredTensor> {
         let stored = self.tensor(name)?;
         if stored.shape != shape {
             return Err(Error::InvalidModel(format!(
@@ -146,6 +157,12 @@ impl GgufShard {
                 stored.shape
             )));
         }
+        Ok(stored)
+    }
+
+    /// The tensor `name` of `shape`, as the file pieces to read, rows in Hugging Face's order.
+    fn pieces(&self, name: &str, shape: &[usize]) -> Result<(&StoredTensor, Vec<Piece<'_>>)> {
+        let stored = self.shaped(name, shape)?;
         let whole = vec![(&*stored.file, stored.range.clone())];
         let Some((heads, kv_heads)) = self.interleaved else { return Ok((stored, whole)) };
         let heads = if name.contains(".q_proj.") {
@@ -185,9 +202,65 @@ impl ShardTensors {
                 let (stored, pieces) = shard.pieces(name, shape)?;
                 let dtype = float_dtype(name, stored.dtype)?;
                 let bytes = read_pieces(name, &pieces)?;
-                Ok(Tensor::from_raw_buffer(&bytes, dtype, shape, device)?.to_dtype(DType::F32)?)
+                let values = Tensor::from_raw_buffer(&bytes, dtype, shape, device)?.to_dtype(DType::F32)?;
+                // Back to Hugging Face's `w`, which the Gemma layers shift again: both steps are
+                // exact for stored values in [0.5, 4), so the layers use the stored `1 + w`.
+                if shard.shifted_norms && name.ends_with("norm.weight") {
+                    return Ok((values - 1.0)?);
+                }
+                Ok(values)
             }
         }
+    }
+
+    /// The weight `name` (`[rows, cols]`, no bias) multiplied in place from the mapped file by
+    /// the host kernels, so that its bytes are read only when a product uses it (an expert few
+    /// tokens route to): a float safetensors weight loaded as stored, or a GGUF weight of a
+    /// float or host block type. `None` where the weight must be copied out to be multiplied
+    /// (an accelerator, quantization at load, MLX codes, other block types).
+    pub fn in_place_linear(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        device: &Device,
+    ) -> Result<Option<Linear>> {
+        if !device.is_cpu() {
+            return Ok(None);
+        }
+        match self {
+            Self::Safetensors { weights, quantize: None, .. } if !weights.is_affine(name) => {
+                Ok(Some(Linear::new(weights.matrix(name, rows, cols)?, None)?))
+            }
+            Self::Safetensors { .. } => Ok(None),
+            Self::Gguf(shard) => {
+                let stored = shard.shaped(name, &[rows, cols])?;
+                let (bytes, range) =
+                    (stored.map.clone(), stored.range.start as usize..stored.range.end as usize);
+                match (host_dtype(stored.dtype), host_blocks(stored.dtype)) {
+                    (Some(dtype), _) => {
+                        Ok(Some(Linear::new(WeightMatrix::new(bytes, range, rows, cols, dtype)?, None)?))
+                    }
+                    (None, Some(blocks)) => {
+                        Ok(Some(Linear::new(BlockMatrix::new(bytes, range, rows, cols, blocks)?, None)?))
+                    }
+                    (None, None) => Ok(None),
+                }
+            }
+        }
+    }
+
+    /// A small tensor of `shape` in any stored type (float, GGUF blocks) dequantized to f32, for
+    /// weights a layer transforms as it loads (DeepSeek's per-head key and value up-projections).
+    pub fn dequantized_f32(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let Self::Gguf(shard) = self else { return self.tensor_f32(name, shape, device) };
+        let (stored, pieces) = shard.pieces(name, shape)?;
+        if host_dtype(stored.dtype).is_some() {
+            return self.tensor_f32(name, shape, device);
+        }
+        let bytes = read_pieces(name, &pieces)?;
+        let storage = QStorage::from_data(Cow::Borrowed(&bytes), &Device::Cpu, stored.dtype)?;
+        Ok(QTensor::new(storage, shape)?.dequantize(device)?)
     }
 
     /// The layers `{prefix}.{name}` of `parts` (name and output features of each, all taking
@@ -389,11 +462,24 @@ fn gguf_layer(
             let weight = Tensor::from_raw_buffer(&bytes, float_dtype(name, dtype)?, &[rows, cols], device)?;
             Linear::on_device(weight, bias)
         }
+        (None, _) if pairs_blocks(dtype) && (cols / dtype.block_size()) % 2 == 1 => {
+            let bytes = read_pieces(name, pieces)?;
+            let weight =
+                quantized_tensor(&bytes, dtype, (rows, cols), &Device::Cpu)?.dequantize(&Device::Cpu)?;
+            dense_layer(weight, None, bias, device)
+        }
         (None, _) => {
             let bytes = read_pieces(name, pieces)?;
             Linear::quantized(Arc::new(quantized_tensor(&bytes, dtype, (rows, cols), device)?), bias)
         }
     }
+}
+
+/// Block types whose candle dot products take blocks two at a time (its debug builds assert an
+/// even count): rows of an odd number of them (32 or 96 values: the rows llama.cpp's Q4_K_M
+/// gives Q5_0 in small models) are decoded to f32 as they load instead.
+fn pairs_blocks(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
 }
 
 /// A layer over the float weight `dense` (`[rows, cols]`, on the host): quantized to
