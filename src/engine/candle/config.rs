@@ -74,6 +74,28 @@ pub struct RopeScaling {
     pub truncate: Option<bool>,
 }
 
+/// A `rope_scaling` entry with no type and every other field as an absent key reads.
+impl Default for RopeScaling {
+    fn default() -> Self {
+        Self {
+            rope_type: String::new(),
+            given_factor: None,
+            low_freq_factor: one(),
+            high_freq_factor: four(),
+            original_max_position_embeddings: original_context(),
+            short_factor: None,
+            long_factor: None,
+            attention_factor: None,
+            partial_rotary_factor: None,
+            beta_fast: None,
+            beta_slow: None,
+            mscale: None,
+            mscale_all_dim: None,
+            truncate: None,
+        }
+    }
+}
+
 impl RopeScaling {
     /// The context extension factor (1 when the config gives none).
     pub fn factor(&self) -> f64 {

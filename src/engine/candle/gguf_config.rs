@@ -110,7 +110,7 @@ impl GgufFile {
                 Ok(Some(RopeScaling {
                     rope_type: "linear".into(),
                     given_factor: Some(factor),
-                    ..plain_scaling()
+                    ..Default::default()
                 }))
             }
             Some("yarn") if arch == "deepseek2" => self.yarn_scaling(arch).map(Some),
@@ -134,7 +134,7 @@ impl GgufFile {
             beta_slow: self.float(&key("yarn_beta_slow"))?,
             mscale,
             mscale_all_dim: mscale,
-            ..plain_scaling()
+            ..Default::default()
         })
     }
 
@@ -246,7 +246,7 @@ impl GgufFile {
                     short_factor: Some(self.f32_values("rope_factors_short.weight", short)?),
                     long_factor: Some(self.f32_values("rope_factors_long.weight", long)?),
                     attention_factor: self.float(&self.key("rope.scaling.attn_factor")?)?,
-                    ..plain_scaling()
+                    ..Default::default()
                 }),
                 (Some(_), None) => {
                     return Err(self.invalid("tensor rope_factors_long.weight is missing".into()))
@@ -297,26 +297,6 @@ impl GgufFile {
             gemma,
             ..base
         })
-    }
-}
-
-/// A `rope_scaling` entry with no settings beyond its type (filled in by the caller).
-fn plain_scaling() -> RopeScaling {
-    RopeScaling {
-        rope_type: String::new(),
-        given_factor: None,
-        low_freq_factor: 1.0,
-        high_freq_factor: 4.0,
-        original_max_position_embeddings: 8192.0,
-        short_factor: None,
-        long_factor: None,
-        attention_factor: None,
-        partial_rotary_factor: None,
-        beta_fast: None,
-        beta_slow: None,
-        mscale: None,
-        mscale_all_dim: None,
-        truncate: None,
     }
 }
 

@@ -142,22 +142,7 @@ mod tests {
     use super::*;
 
     fn scaling() -> RopeScaling {
-        RopeScaling {
-            rope_type: "llama3".into(),
-            given_factor: Some(32.0),
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: 8192.0,
-            short_factor: None,
-            long_factor: None,
-            attention_factor: None,
-            partial_rotary_factor: None,
-            beta_fast: None,
-            beta_slow: None,
-            mscale: None,
-            mscale_all_dim: None,
-            truncate: None,
-        }
+        RopeScaling { rope_type: "llama3".into(), given_factor: Some(32.0), ..Default::default() }
     }
 
     #[test]
