@@ -242,8 +242,7 @@ fn split_products(c: &mut Criterion) {
         let weight = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).expect("a tensor");
         group.throughput(Throughput::Elements((m * rows * cols) as u64));
         for orientation in [Orientation::Transposed, Orientation::AsStored] {
-            let (inner, outer) =
-                if orientation == Orientation::Transposed { (cols, rows) } else { (rows, cols) };
+            let (inner, outer) = orientation.widths((rows, cols));
             let x: Vec<f32> = (0..m * inner).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
             let input = Tensor::from_slice(&x, (m, inner), &Device::Cpu).expect("a tensor");
             let mut out = vec![0.0f32; m * outer];

@@ -55,10 +55,7 @@ impl FrozenProduct {
     /// where that kernel does not take it (and candle's matmul does).
     fn split_product(&self, x: &Tensor, orientation: Orientation) -> candle_core::Result<Option<Tensor>> {
         let (n, k) = (self.rows(), self.cols());
-        let (inner, outer) = match orientation {
-            Orientation::Transposed => (k, n),
-            Orientation::AsStored => (n, k),
-        };
+        let (inner, outer) = orientation.widths((n, k));
         if x.dtype() != DType::F32
             || self.weight.dtype() != DType::F32
             || !x.device().is_cpu()

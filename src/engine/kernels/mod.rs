@@ -10,9 +10,10 @@
 //! their own: [`blocks`] decodes the formats, [`quantized`] runs the products and
 //! [`x86_blocks`] holds their AVX-512 VNNI kernels and [`x86_prompt_blocks`] the K formats'
 //! kernel for many input rows; [`x86_amx`] multiplies bf16 weights and K-format blocks by many
-//! input rows on AMX tiles, and [`x86_amx_split`] f32 weights (fine-tuning's) there; MLX's affine-quantized weights have
-//! [`affine`], [`x86_affine`] (AVX-512 VNNI) and [`avx2_affine`]. [`linear`], [`Isa`] and the matrix types
-//! are public for `benches/kernels.rs`.
+//! input rows on AMX tiles, and [`x86_amx_split`] fine-tuning's f32 weights there. MLX's
+//! affine-quantized weights have [`affine`], [`x86_affine`] (AVX-512 VNNI) and [`avx2_affine`].
+//! [`linear`], [`Isa`], [`split_f32_product`] and the matrix types are public for
+//! `benches/kernels.rs`.
 
 mod affine;
 #[cfg(target_arch = "x86_64")]
@@ -221,6 +222,16 @@ pub enum Orientation {
     AsStored,
 }
 
+impl Orientation {
+    /// The widths of the rows in and out of a product with a `[n, k]` weight.
+    pub fn widths(self, (n, k): (usize, usize)) -> (usize, usize) {
+        match self {
+            Orientation::Transposed => (k, n),
+            Orientation::AsStored => (n, k),
+        }
+    }
+}
+
 /// The product of `x`'s rows with the row-major f32 `w` (`[n, k]`) in `orientation`, on AMX
 /// as three bf16 products per f32 one (about 2⁻¹⁶ of each `|x·w|` lost; see
 /// [`x86_amx_split`]); `false`, with nothing written, where this CPU has no AMX, there are
@@ -234,10 +245,7 @@ pub fn split_f32_product(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        let (inner, outer) = match orientation {
-            Orientation::Transposed => (k, n),
-            Orientation::AsStored => (n, k),
-        };
+        let (inner, outer) = orientation.widths((n, k));
         let rows = x.len() / inner.max(1);
         let fits = x86_amx_split::fits(n, k)
             && w.len() == n * k

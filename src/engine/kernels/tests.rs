@@ -382,10 +382,8 @@ fn split_f32_products_are_as_close_as_their_split_allows() {
     for (m, n, k) in [(8, 32, 32), (40, 64, 96), (64, 1056, 128), (17, 96, 64)] {
         let (x, w, g) = (pseudo_random(m * k, 3), pseudo_random(n * k, 5), pseudo_random(m * n, 7));
         for orientation in [Orientation::Transposed, Orientation::AsStored] {
-            let (input, inner, outer) = match orientation {
-                Orientation::Transposed => (&x, k, n),
-                Orientation::AsStored => (&g, n, k),
-            };
+            let (inner, outer) = orientation.widths((n, k));
+            let input = if orientation == Orientation::Transposed { &x } else { &g };
             let weight = |i: usize, o: usize| match orientation {
                 Orientation::Transposed => w[o * k + i],
                 Orientation::AsStored => w[i * k + o],
