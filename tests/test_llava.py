@@ -32,7 +32,6 @@ from exo.testing.synth_llava import synthetic_image, write_llava_model
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "llava" / "tiny-llava.json").read_text())
 F32_TOLERANCE = 1e-4
 LAYERS = 4
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -250,37 +249,22 @@ def test_run_answers_about_an_image_file(llava_dir: Path, tmp_path: Path) -> Non
 
 
 async def test_the_web_chat_sends_an_attached_image(llava_dir: Path, tmp_path: Path) -> None:
-    from playwright.async_api import async_playwright
-
-    from exo.api import ChatGPTAPI
-    from exo.helpers import find_available_port
     from support.cluster import running_cluster
+    from support.web_chat import web_chat_page
 
     picture = tmp_path / "picture.png"
     picture.write_bytes(_png(synthetic_image()))
     async with running_cluster(["a"], CandleInferenceEngine, max_generate_tokens=8) as ring:
-        api = ChatGPTAPI(ring[0], "CandleInferenceEngine", default_model=str(llava_dir))
-        port = find_available_port("127.0.0.1")
-        await api.run(host="127.0.0.1", port=port)
-        try:
-            async with async_playwright() as p:
-                browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-                try:
-                    page = await browser.new_page(viewport={"width": 1280, "height": 800})
-                    await page.goto(f"http://127.0.0.1:{port}/")
-                    await page.set_input_files("#image-file", str(picture))
-                    await page.wait_for_selector("#attachment:not([hidden])")
-                    await page.fill("#prompt", _question())
-                    await page.keyboard.press("Enter")
-                    await page.wait_for_selector(".message.assistant .meta:not(:empty)", timeout=120_000)
-                    assert await page.locator(".message.user img.image").count() == 1
-                    assert await page.is_hidden("#attachment")
-                    answer = await page.text_content(".message.assistant .body")
-                    shown_error = await page.text_content("#error")
-                    await page.screenshot(path=str(tmp_path / "web-chat-image.png"), full_page=True)
-                finally:
-                    await browser.close()
-        finally:
-            await api.stop()
+        async with web_chat_page(ring[0], llava_dir) as page:
+            await page.set_input_files("#image-file", str(picture))
+            await page.wait_for_selector("#attachment:not([hidden])")
+            await page.fill("#prompt", _question())
+            await page.keyboard.press("Enter")
+            await page.wait_for_selector(".message.assistant .meta:not(:empty)", timeout=120_000)
+            assert await page.locator(".message.user img.image").count() == 1
+            assert await page.is_hidden("#attachment")
+            answer = await page.text_content(".message.assistant .body")
+            shown_error = await page.text_content("#error")
+            await page.screenshot(path=str(tmp_path / "web-chat-image.png"), full_page=True)
     assert not shown_error
     assert answer == _greedy_text(Tokenizer.from_dir(llava_dir), 8)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from playwright.async_api import Dialog, async_playwright
@@ -10,8 +9,7 @@ from playwright.async_api import Dialog, async_playwright
 from exo.inference.tokenizers import Tokenizer
 from support.app_harness import REPLY, Served, reply_tokens, serve
 from support.fake_node import FakeNode
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+from support.web_chat import CHROMIUM, web_chat_page
 
 
 async def test_send_a_message_and_see_it_stream(served: Served, tmp_path: Path) -> None:
@@ -109,32 +107,18 @@ async def test_a_node_with_an_api_key_asks_for_it_once(model_dir: Path, tokenize
 
 async def test_web_chat_on_a_real_two_node_ring(model_dir: Path, tmp_path: Path) -> None:
     """The page over real nodes (candle, gRPC over loopback), sampling at temperature 1 for varied text."""
-    from exo.api import ChatGPTAPI
-    from exo.helpers import find_available_port
     from exo.inference.candle import CandleInferenceEngine
     from support.cluster import running_cluster
 
     async with running_cluster(["a", "b"], CandleInferenceEngine, default_sample_temperature=1.0) as nodes:
-        api = ChatGPTAPI(nodes[0], "CandleInferenceEngine", default_model=str(model_dir))
-        port = find_available_port("127.0.0.1")
-        await api.run(host="127.0.0.1", port=port)
-        try:
-            async with async_playwright() as p:
-                browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-                try:
-                    page = await browser.new_page(viewport={"width": 1280, "height": 800})
-                    await page.goto(f"http://127.0.0.1:{port}/")
-                    await page.wait_for_function("document.getElementById('node-count').textContent === '2'")
-                    await page.fill("#prompt", "Hello ring")
-                    await page.keyboard.press("Enter")
-                    await page.wait_for_selector(".message.assistant .meta:not(:empty)", timeout=120_000)
-                    answer = await page.text_content(".message.assistant .body")
-                    meta = await page.text_content(".message.assistant .meta")
-                    await page.screenshot(path=str(tmp_path / "web-chat-ring.png"), full_page=True)
-                finally:
-                    await browser.close()
-        finally:
-            await api.stop()
+        async with web_chat_page(nodes[0], model_dir) as page:
+            await page.wait_for_function("document.getElementById('node-count').textContent === '2'")
+            await page.fill("#prompt", "Hello ring")
+            await page.keyboard.press("Enter")
+            await page.wait_for_selector(".message.assistant .meta:not(:empty)", timeout=120_000)
+            answer = await page.text_content(".message.assistant .body")
+            meta = await page.text_content(".message.assistant .meta")
+            await page.screenshot(path=str(tmp_path / "web-chat-ring.png"), full_page=True)
         assert answer and answer.strip()
         assert "tokens/s" in meta
         assert all(not n.outstanding_requests for n in nodes)
