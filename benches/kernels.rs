@@ -18,7 +18,8 @@
 //!
 //! "split" times fine-tuning's f32 products with frozen weights (`x·Wᵀ` and the input's
 //! gradient `g·W`) at the MLP's shapes against `KERNEL_BENCH_ROWS` rows, one thread: AMX's
-//! split-bf16 kernel where the CPU has it, beside candle's f32 matmul.
+//! split-bf16 kernel where the CPU has it (for f32 weights and for bf16 ones), beside candle's
+//! f32 matmul.
 //!
 //! `cargo bench --bench kernels` (add `-- --quick` for a short run, a filter such as `blocks`
 //! for one group).
@@ -31,8 +32,8 @@ use candle_core::Module;
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use xotorch_core::engine::kernels::{
-    linear, linear_affine_with, linear_blocks_with, linear_with, split_f32_product, AffineMatrix,
-    BlockMatrix, BlockType, Isa, Orientation, WeightDType, WeightMatrix,
+    linear, linear_affine_with, linear_blocks_with, linear_with, split_product, AffineMatrix, BlockMatrix,
+    BlockType, Isa, Orientation, SplitMatrix, WeightDType, WeightMatrix,
 };
 
 /// Llama-3.2-1B's MLP (up/gate) and attention (q/o) weights, `[rows, cols]`.
@@ -240,20 +241,29 @@ fn split_products(c: &mut Criterion) {
     for (rows, cols) in [(8192, 2048), (2048, 8192)] {
         let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7) % 23) as f32 * 0.01 - 0.11).collect();
         let weight = Tensor::from_slice(&w, (rows, cols), &Device::Cpu).expect("a tensor");
+        // f32 values take three bf16 passes, bf16 values (a bf16 checkpoint's) two.
+        let bf16_values: Vec<f32> = w.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        let splits = [
+            ("f32", SplitMatrix::new(&w, (rows, cols))),
+            ("bf16", SplitMatrix::new(&bf16_values, (rows, cols))),
+        ];
         group.throughput(Throughput::Elements((m * rows * cols) as u64));
         for orientation in [Orientation::Transposed, Orientation::AsStored] {
             let (inner, outer) = orientation.widths((rows, cols));
             let x: Vec<f32> = (0..m * inner).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
             let input = Tensor::from_slice(&x, (m, inner), &Device::Cpu).expect("a tensor");
             let mut out = vec![0.0f32; m * outer];
-            if Isa::detect() == Isa::Amx {
-                let id = BenchmarkId::new(format!("{orientation:?}/amx/rows_{m}"), format!("{rows}x{cols}"));
+            for (values, split) in &splits {
+                let Some(split) = split else { continue };
+                let id = BenchmarkId::new(
+                    format!("{orientation:?}/amx-{values}/rows_{m}"),
+                    format!("{rows}x{cols}"),
+                );
                 group.bench_function(id, |b| {
                     b.iter(|| {
-                        let done = one_thread.install(|| {
-                            split_f32_product(black_box(&x), &w, (rows, cols), orientation, &mut out)
-                        });
-                        assert!(done, "AMX takes whole tiles");
+                        let done =
+                            one_thread.install(|| split_product(black_box(&x), split, orientation, &mut out));
+                        assert!(done, "the shapes fit");
                     })
                 });
             }

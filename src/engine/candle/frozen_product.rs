@@ -3,31 +3,50 @@
 //! product with a frozen projection costs, every training step, a weight-sized product and a
 //! weight-sized buffer that nothing reads.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, D};
+use std::sync::Arc;
 
-use crate::engine::kernels::{self, Orientation};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
+
+use crate::engine::kernels::{self, Orientation, SplitMatrix};
 use crate::error::Result;
 
-/// A frozen f32 weight `[out, in]` on the host, as the right operand of products.
+/// A frozen weight `[out, in]` on the host, as the right operand of products: split to bf16
+/// parts for AMX ([`SplitMatrix`]) where this CPU has it and the shape is whole tiles, else an
+/// f32 tensor for candle's matmul.
 #[derive(Clone)]
-pub struct FrozenProduct {
-    weight: Tensor,
+pub enum FrozenProduct {
+    /// Multiplied on AMX by [`kernels::split_product`].
+    Split(Arc<SplitMatrix>),
+    /// Multiplied by candle's f32 matmul.
+    Dense(Tensor),
 }
 
 impl FrozenProduct {
-    /// Products with `weight` (`[out, in]`).
-    pub fn new(weight: Tensor) -> Self {
-        Self { weight }
+    /// Products with `weight` (`[out, in]`, any float dtype; f32 products of its values).
+    pub fn new(weight: Tensor) -> Result<Self> {
+        let weight = weight.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let (rows, cols) = weight.dims2()?;
+        let split = SplitMatrix::new(&weight.flatten_all()?.to_vec1::<f32>()?, (rows, cols));
+        Ok(match split {
+            Some(split) => Self::Split(Arc::new(split)),
+            None => Self::Dense(weight),
+        })
     }
 
     /// Output features.
     pub fn rows(&self) -> usize {
-        self.weight.dim(0).unwrap_or(0)
+        match self {
+            Self::Split(w) => w.rows(),
+            Self::Dense(w) => w.dim(0).unwrap_or(0),
+        }
     }
 
     /// Input features.
     pub fn cols(&self) -> usize {
-        self.weight.dim(1).unwrap_or(0)
+        match self {
+            Self::Split(w) => w.cols(),
+            Self::Dense(w) => w.dim(1).unwrap_or(0),
+        }
     }
 
     /// `x Wᵀ` (`[..., in]` to `[..., out]`), differentiable in `x` only.
@@ -37,46 +56,40 @@ impl FrozenProduct {
 
     /// `x Wᵀ` of rows `x` (`[..., in]`), tracking nothing.
     pub fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self.split_product(x, Orientation::Transposed)? {
-            Some(y) => Ok(y),
-            None => x.broadcast_matmul(&self.weight.t()?),
+        match self {
+            Self::Split(w) => split_product(w, x, Orientation::Transposed),
+            Self::Dense(w) => x.broadcast_matmul(&w.t()?),
         }
     }
 
     /// `g W` (`[..., out]` to `[..., in]`): the input's gradient given the output's.
     pub fn input_gradient(&self, g: &Tensor) -> candle_core::Result<Tensor> {
-        match self.split_product(g, Orientation::AsStored)? {
-            Some(y) => Ok(y),
-            None => g.broadcast_matmul(&self.weight),
+        match self {
+            Self::Split(w) => split_product(w, g, Orientation::AsStored),
+            Self::Dense(w) => g.broadcast_matmul(w),
         }
     }
+}
 
-    /// The product on AMX's split-f32 kernel ([`kernels::split_f32_product`]), or `None`
-    /// where that kernel does not take it (and candle's matmul does).
-    fn split_product(&self, x: &Tensor, orientation: Orientation) -> candle_core::Result<Option<Tensor>> {
-        let (n, k) = (self.rows(), self.cols());
-        let (inner, outer) = orientation.widths((n, k));
-        if x.dtype() != DType::F32
-            || self.weight.dtype() != DType::F32
-            || !x.device().is_cpu()
-            || x.dim(D::Minus1)? != inner
-        {
-            return Ok(None);
-        }
-        let (storage, layout) = self.weight.storage_and_layout();
-        let (Storage::Cpu(weights), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
-            return Ok(None);
-        };
-        let input = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; input.len() / inner * outer];
-        let w = &weights.as_slice::<f32>()?[start..end];
-        if !kernels::split_f32_product(&input, w, (n, k), orientation, &mut out) {
-            return Ok(None);
-        }
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("a product's input has an axis") = outer;
-        Ok(Some(Tensor::from_vec(out, dims, &Device::Cpu)?))
+/// The product of `x`'s rows (f32 on the host) with `w` in `orientation`.
+fn split_product(w: &SplitMatrix, x: &Tensor, orientation: Orientation) -> candle_core::Result<Tensor> {
+    let (inner, outer) = orientation.widths((w.rows(), w.cols()));
+    if x.dim(D::Minus1)? != inner {
+        candle_core::bail!(
+            "rows of {} values do not meet a {}x{} weight",
+            x.dim(D::Minus1)?,
+            w.rows(),
+            w.cols()
+        )
     }
+    let input = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; input.len() / inner * outer];
+    if !kernels::split_product(&input, w, orientation, &mut out) {
+        candle_core::bail!("{} values do not fit rows of {inner}", input.len())
+    }
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("a product's input has an axis") = outer;
+    Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
 impl CustomOp1 for FrozenProduct {
@@ -110,7 +123,7 @@ mod tests {
         let device = Device::Cpu;
         let weight = Tensor::randn(0f32, 1.0, (5, 3), &device).unwrap();
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 4, 3), &device).unwrap()).unwrap();
-        let frozen = FrozenProduct::new(weight.clone());
+        let frozen = FrozenProduct::new(weight.clone()).unwrap();
         let y = frozen.apply(x.as_tensor()).unwrap();
         let expected = x.as_tensor().broadcast_matmul(&weight.t().unwrap()).unwrap();
         let difference = |a: &Tensor, b: &Tensor| {

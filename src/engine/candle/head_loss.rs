@@ -140,7 +140,7 @@ mod tests {
         let targets: Vec<Vec<u32>> =
             (0..batch).map(|b| (0..seq).map(|i| ((7 * i + 3 * b) % vocab) as u32).collect()).collect();
         let lengths = [seq + 1, 25];
-        let head = FrozenProduct::new(weight.clone());
+        let head = FrozenProduct::new(weight.clone()).unwrap();
         let (fused, count) = head_loss(&head, x.as_tensor(), &targets, &lengths).unwrap();
         let logits = x.as_tensor().broadcast_matmul(&weight.t().unwrap()).unwrap();
         let (plain, plain_count) = masked_cross_entropy(&logits, &targets, &lengths).unwrap();
@@ -157,7 +157,8 @@ mod tests {
 
     #[test]
     fn refuses_targets_outside_the_vocabulary() {
-        let head = FrozenProduct::new(Tensor::zeros((5, 4), candle_core::DType::F32, &Device::Cpu).unwrap());
+        let head = FrozenProduct::new(Tensor::zeros((5, 4), candle_core::DType::F32, &Device::Cpu).unwrap())
+            .unwrap();
         let x = Tensor::zeros((1, 2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
         let message = head_loss(&head, &x, &[vec![9, 0]], &[3]).unwrap_err().to_string();
         assert!(message.contains("target id 9 is outside the vocabulary of 5"), "{message}");

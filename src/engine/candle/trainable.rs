@@ -82,7 +82,7 @@ impl TrainableShard {
                 let prefix = format!("{p}.{module}.{name}");
                 let weight = model.dense(&format!("{prefix}.weight"), &[out, input])?;
                 let bias = if bias { Some(model.dense(&format!("{prefix}.bias"), &[out])?) } else { None };
-                projections.push((name, Frozen { weight: FrozenProduct::new(weight), bias }));
+                projections.push((name, Frozen { weight: FrozenProduct::new(weight)?, bias }));
             }
             let norm = |name: &str, len: usize| model.dense(&format!("{p}.{name}.weight"), &[len]);
             blocks.push(DenseBlock {
@@ -104,7 +104,7 @@ impl TrainableShard {
             };
             (
                 Some(model.dense("model.norm.weight", &[hidden])?),
-                Some(FrozenProduct::new(model.dense(head_name, &[config.vocab_size, hidden])?)),
+                Some(FrozenProduct::new(model.dense(head_name, &[config.vocab_size, hidden])?)?),
             )
         } else {
             (None, None)

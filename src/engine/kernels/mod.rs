@@ -10,9 +10,10 @@
 //! their own: [`blocks`] decodes the formats, [`quantized`] runs the products and
 //! [`x86_blocks`] holds their AVX-512 VNNI kernels and [`x86_prompt_blocks`] the K formats'
 //! kernel for many input rows; [`x86_amx`] multiplies bf16 weights and K-format blocks by many
-//! input rows on AMX tiles, and [`x86_amx_split`] fine-tuning's f32 weights there. MLX's
-//! affine-quantized weights have [`affine`], [`x86_affine`] (AVX-512 VNNI) and [`avx2_affine`].
-//! [`linear`], [`Isa`], [`split_f32_product`] and the matrix types are public for
+//! input rows on AMX tiles, and [`x86_amx_split`] fine-tuning's frozen weights there, split to
+//! bf16 parts by [`split`]. MLX's affine-quantized weights have [`affine`], [`x86_affine`]
+//! (AVX-512 VNNI) and [`avx2_affine`].
+//! [`linear`], [`Isa`], [`split_product`] and the matrix types are public for
 //! `benches/kernels.rs`.
 
 mod affine;
@@ -24,6 +25,7 @@ mod blocks;
 mod matrix;
 mod portable;
 mod quantized;
+mod split;
 #[cfg(test)]
 mod tests;
 #[cfg(target_arch = "x86_64")]
@@ -47,6 +49,7 @@ pub use affine::{dequantize_affine_row, linear_affine, linear_affine_with, Affin
 pub use blocks::{dequantize_row, BlockMatrix, BlockType};
 pub use matrix::{WeightDType, WeightMatrix};
 pub use quantized::{block_kernels_accelerated, linear_blocks, linear_blocks_with};
+pub use split::{split_product, Orientation, SplitMatrix};
 
 use crate::error::{Error, Result};
 
@@ -211,64 +214,6 @@ pub fn linear_with(
         }
     });
     Ok(())
-}
-
-/// How an f32 weight `W` (`[n, k]`) meets rows in [`split_f32_product`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Orientation {
-    /// `x · Wᵀ`: rows of `k` in, rows of `n` out (a layer's product).
-    Transposed,
-    /// `g · W`: rows of `n` in, rows of `k` out (the gradient for that product's input).
-    AsStored,
-}
-
-impl Orientation {
-    /// The widths of the rows in and out of a product with a `[n, k]` weight.
-    pub fn widths(self, (n, k): (usize, usize)) -> (usize, usize) {
-        match self {
-            Orientation::Transposed => (k, n),
-            Orientation::AsStored => (n, k),
-        }
-    }
-}
-
-/// The product of `x`'s rows with the row-major f32 `w` (`[n, k]`) in `orientation`, on AMX
-/// as three bf16 products per f32 one (about 2⁻¹⁶ of each `|x·w|` lost; see
-/// [`x86_amx_split`]); `false`, with nothing written, where this CPU has no AMX, there are
-/// fewer than 8 rows, the shape is not whole tiles or the slices do not fit it.
-pub fn split_f32_product(
-    x: &[f32],
-    w: &[f32],
-    (n, k): (usize, usize),
-    orientation: Orientation,
-    out: &mut [f32],
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let (inner, outer) = orientation.widths((n, k));
-        let rows = x.len() / inner.max(1);
-        let fits = x86_amx_split::fits(n, k)
-            && w.len() == n * k
-            && x.len() == rows * inner
-            && out.len() == rows * outer
-            && rows >= x86_amx::MIN_ROWS;
-        if !fits || Isa::detect() != Isa::Amx {
-            return false;
-        }
-        // SAFETY: AMX is usable (`Isa::Amx`), the shape is whole tiles and the slices fit it.
-        unsafe {
-            match orientation {
-                Orientation::Transposed => x86_amx_split::linear(x, w, (n, k), out),
-                Orientation::AsStored => x86_amx_split::gradient(x, w, (n, k), out),
-            }
-        }
-        true
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (x, w, n, k, orientation, out);
-        false
-    }
 }
 
 /// Checks that `x` (rows of `k`), a `[n, k]` weight, `bias` and `out` fit one product, and

@@ -373,51 +373,59 @@ fn mismatched_affine_sizes_are_errors() {
         .contains("groups"));
 }
 
-/// The split f32 products (three bf16 products each) on AMX stay within `Σ|x·w|·2⁻¹⁵` of the
-/// f64 product in both orientations, where one bf16 rounding of each operand would not; on a
-/// CPU without AMX, or a shape that is not whole tiles, they decline and write nothing.
+/// The products of split weights on AMX (three bf16 products each, two for bf16 weights) stay
+/// within `Σ|x·w|·2⁻¹⁵` of the f64 product in both orientations, where one bf16 rounding of
+/// each operand would not; a weight of bf16 values is held without `lo`. On a CPU without AMX,
+/// or a shape that is not whole tiles, no split matrix is made.
 #[test]
-fn split_f32_products_are_as_close_as_their_split_allows() {
-    // (rows, n, k): more rows than one pair of tiles, and more of W's rows than one chunk.
-    for (m, n, k) in [(8, 32, 32), (40, 64, 96), (64, 1056, 128), (17, 96, 64)] {
-        let (x, w, g) = (pseudo_random(m * k, 3), pseudo_random(n * k, 5), pseudo_random(m * n, 7));
-        for orientation in [Orientation::Transposed, Orientation::AsStored] {
-            let (inner, outer) = orientation.widths((n, k));
-            let input = if orientation == Orientation::Transposed { &x } else { &g };
-            let weight = |i: usize, o: usize| match orientation {
-                Orientation::Transposed => w[o * k + i],
-                Orientation::AsStored => w[i * k + o],
-            };
-            let mut out = vec![f32::NAN; m * outer];
-            if !split_f32_product(input, &w, (n, k), orientation, &mut out) {
-                assert_ne!(Isa::detect(), Isa::Amx, "AMX declined {m}x{n}x{k} {orientation:?}");
-                assert!(out.iter().all(|v| v.is_nan()), "a declined product wrote its output");
+fn split_products_are_as_close_as_their_split_allows() {
+    // (rows, n, k): more rows than one pair of tiles, more of W's rows than one chunk, and
+    // column blocks of several tiles with a shorter last one.
+    for (m, n, k) in [(8, 32, 32), (40, 64, 96), (64, 1056, 128), (17, 96, 64), (1, 32, 64), (24, 64, 320)] {
+        let (x, g) = (pseudo_random(m * k, 3), pseudo_random(m * n, 7));
+        let f32_weight = pseudo_random(n * k, 5);
+        let bf16_weight: Vec<f32> = f32_weight.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        for (w, bf16_values) in [(f32_weight, false), (bf16_weight, true)] {
+            let Some(split) = SplitMatrix::new(&w, (n, k)) else {
+                assert_ne!(Isa::detect(), Isa::Amx, "AMX declined {n}x{k}");
                 continue;
-            }
-            let bf16 = |v: f32| f64::from(half::bf16::from_f32(v).to_f32());
-            let (mut worst, mut worst_bf16) = (0f64, 0f64);
-            for r in 0..m {
-                for o in 0..outer {
-                    let terms =
-                        (0..inner).map(|i| (f64::from(input[r * inner + i]), f64::from(weight(i, o))));
-                    let exact: f64 = terms.clone().map(|(a, b)| a * b).sum();
-                    let scale: f64 = terms.clone().map(|(a, b)| (a * b).abs()).sum();
-                    let rounded: f64 = terms.map(|(a, b)| bf16(a as f32) * bf16(b as f32)).sum();
-                    worst = worst.max((f64::from(out[r * outer + o]) - exact).abs() / scale);
-                    worst_bf16 = worst_bf16.max((rounded - exact).abs() / scale);
+            };
+            assert_eq!(split.with_lo(), !bf16_values, "only values bf16 cannot hold need a lo part");
+            for orientation in [Orientation::Transposed, Orientation::AsStored] {
+                let (inner, outer) = orientation.widths((n, k));
+                let input = if orientation == Orientation::Transposed { &x } else { &g };
+                let weight = |i: usize, o: usize| match orientation {
+                    Orientation::Transposed => w[o * k + i],
+                    Orientation::AsStored => w[i * k + o],
+                };
+                let mut out = vec![f32::NAN; m * outer];
+                assert!(split_product(input, &split, orientation, &mut out), "{m}x{n}x{k} {orientation:?}");
+                let bf16 = |v: f32| f64::from(half::bf16::from_f32(v).to_f32());
+                let (mut worst, mut worst_bf16) = (0f64, 0f64);
+                for r in 0..m {
+                    for o in 0..outer {
+                        let terms =
+                            (0..inner).map(|i| (f64::from(input[r * inner + i]), f64::from(weight(i, o))));
+                        let exact: f64 = terms.clone().map(|(a, b)| a * b).sum();
+                        let scale: f64 = terms.clone().map(|(a, b)| (a * b).abs()).sum();
+                        let rounded: f64 = terms.map(|(a, b)| bf16(a as f32) * bf16(b as f32)).sum();
+                        worst = worst.max((f64::from(out[r * outer + o]) - exact).abs() / scale);
+                        worst_bf16 = worst_bf16.max((rounded - exact).abs() / scale);
+                    }
                 }
+                let bound = 2f64.powi(-15);
+                assert!(worst <= bound, "{m}x{n}x{k} {orientation:?}: off by {worst:.3e} of Σ|x·w|");
+                assert!(
+                    worst_bf16 > bound,
+                    "the test cannot tell one bf16 rounding ({worst_bf16:.3e}) apart"
+                );
             }
-            let bound = 2f64.powi(-15);
-            assert!(worst <= bound, "{m}x{n}x{k} {orientation:?}: off by {worst:.3e} of Σ|x·w|");
-            assert!(worst_bf16 > bound, "the test cannot tell one bf16 rounding ({worst_bf16:.3e}) apart");
+            let mut wrong = vec![0f32; m * n + 1];
+            assert!(
+                !split_product(&x, &split, Orientation::Transposed, &mut wrong),
+                "an output that does not fit"
+            );
         }
     }
-    let mut out = vec![0f32; 8 * 33];
-    assert!(!split_f32_product(
-        &pseudo_random(8 * 32, 1),
-        &pseudo_random(33 * 32, 2),
-        (33, 32),
-        Orientation::Transposed,
-        &mut out
-    ));
+    assert!(SplitMatrix::new(&pseudo_random(33 * 32, 2), (33, 32)).is_none(), "33 rows are not whole tiles");
 }

@@ -105,14 +105,15 @@ pub fn fits(n: usize, k: usize) -> bool {
 
 /// Input rows rounded to bf16 and packed as activation tiles (see the module's doc), in
 /// groups of 16 rows padded with zeros, an even number of groups.
-struct PackedInput {
+pub(super) struct PackedInput {
     tiles: Vec<u16>,
+    rows: usize,
     groups: usize,
     steps: usize,
 }
 
 impl PackedInput {
-    fn new(x: &[f32], k: usize) -> Self {
+    pub(super) fn new(x: &[f32], k: usize) -> Self {
         let m = x.len() / k;
         let groups = m.div_ceil(TILE).next_multiple_of(2);
         let steps = k / STEP;
@@ -128,7 +129,7 @@ impl PackedInput {
                 }
             }
         }
-        Self { tiles, groups, steps }
+        Self { tiles, rows: m, groups, steps }
     }
 
     /// The activation tile of `group` at `step`.
@@ -263,20 +264,47 @@ pub(super) unsafe fn for_each_task(
     out: &mut [f32],
     rows_of: impl Fn(usize, &mut Vec<u16>) -> *const u8 + Sync,
 ) {
-    let m = x.len() / k;
     let input = PackedInput::new(x, k);
-    let row_bytes = 2 * k;
+    for_each_task_of_runs(&[Run { offset: 0, input: &input }], false, n, 2 * k, bias, out, rows_of);
+}
+
+/// Activation tiles and where in each weight row the columns they meet begin (bytes).
+pub(super) struct Run<'a> {
+    pub offset: usize,
+    pub input: &'a PackedInput,
+}
+
+/// [`for_each_task`] over several runs summed into each output: weight rows of `row_bytes`,
+/// every run's input holding the same rows. `in_place`: each task's rows are the matrix's own,
+/// the next task's right after them.
+pub(super) unsafe fn for_each_task_of_runs(
+    runs: &[Run<'_>],
+    in_place: bool,
+    n: usize,
+    row_bytes: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    rows_of: impl Fn(usize, &mut Vec<u16>) -> *const u8 + Sync,
+) {
+    let (m, groups) = (runs[0].input.rows, runs[0].input.groups);
     let out_ptr = OutPtr(out.as_mut_ptr());
     (0..n / TASK_ROWS).into_par_iter().for_each_init(Vec::new, |buffer, task| {
         let config = TileConfig::uniform();
         let mut sums = [[0f32; TILE * TILE]; 4];
         let weights = rows_of(task, buffer);
+        // Weights in place: the next task's rows follow this one's, and are asked for while
+        // this task multiplies (see `product`).
+        let next = if in_place && task + 1 < n / TASK_ROWS {
+            weights.wrapping_add(TASK_ROWS * row_bytes)
+        } else {
+            std::ptr::null()
+        };
         // SAFETY: the caller checked AMX; the configuration is loaded before any tile is used.
         unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
-        for pair in (0..input.groups).step_by(2) {
-            // SAFETY: every tile read lies inside the weights (rows of this task, `k` columns)
-            // or inside the packed input (groups `pair`, `pair + 1`, all steps).
-            unsafe { product(weights, row_bytes, &input, pair, &mut sums) };
+        for pair in (0..groups).step_by(2) {
+            // SAFETY: every tile read lies inside the weights (rows of this task, each run's
+            // columns) or inside the packed inputs (groups `pair`, `pair + 1`, all steps).
+            unsafe { product((weights, next), row_bytes, runs, pair, &mut sums) };
             for (t, sums) in sums.iter().enumerate() {
                 let (first_row, group) = (task * TASK_ROWS + TILE * (t / 2), pair + t % 2);
                 for lane in 0..TILE.min(m.saturating_sub(group * TILE)) {
@@ -323,37 +351,48 @@ unsafe fn decode_k_row(block_type: BlockType, row: &[u8], out: &mut [u16]) {
 }
 
 /// The sums of weight tiles 0 and 1 (rows `0..16`, `16..32` at `weights`) with activation
-/// groups `pair` and `pair + 1`, over all columns: `sums[2·w + g]`, line = weight row,
-/// column = input row.
+/// groups `pair` and `pair + 1`, over every run's columns: `sums[2·w + g]`, line = weight row,
+/// column = input row. Unless `next` is null, each step asks for the lines of the same columns
+/// of the 32 rows at `next` into L2: loaded by the tiles alone, a task's rows came from memory
+/// a tile line at a time, 32 rows apart, which the hardware prefetchers do not follow.
 #[inline(never)]
 unsafe fn product(
-    weights: *const u8,
+    (weights, next): (*const u8, *const u8),
     row_bytes: usize,
-    input: &PackedInput,
+    runs: &[Run<'_>],
     pair: usize,
     sums: &mut [[f32; TILE * TILE]; 4],
 ) {
-    let half = weights.add(TILE * row_bytes);
     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-    for step in 0..input.steps {
-        let (first, second) = (input.tile(pair, step), input.tile(pair + 1, step));
-        asm!(
-            "tileloadd tmm4, [{w0} + {stride}*1]",
-            "tileloadd tmm5, [{w1} + {stride}*1]",
-            "tileloadd tmm6, [{x0} + {line}*1]",
-            "tileloadd tmm7, [{x1} + {line}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            w0 = in(reg) weights.add(2 * STEP * step),
-            w1 = in(reg) half.add(2 * STEP * step),
-            x0 = in(reg) first,
-            x1 = in(reg) second,
-            stride = in(reg) row_bytes,
-            line = in(reg) 2 * STEP,
-            options(nostack, readonly),
-        );
+    for run in runs {
+        let first_rows = weights.add(run.offset);
+        let second_rows = first_rows.add(TILE * row_bytes);
+        for step in 0..run.input.steps {
+            if !next.is_null() {
+                for row in 0..TASK_ROWS {
+                    let line = next.wrapping_add(row * row_bytes + run.offset + 2 * STEP * step);
+                    _mm_prefetch::<_MM_HINT_T1>(line as *const i8);
+                }
+            }
+            let (first, second) = (run.input.tile(pair, step), run.input.tile(pair + 1, step));
+            asm!(
+                "tileloadd tmm4, [{w0} + {stride}*1]",
+                "tileloadd tmm5, [{w1} + {stride}*1]",
+                "tileloadd tmm6, [{x0} + {line}*1]",
+                "tileloadd tmm7, [{x1} + {line}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                w0 = in(reg) first_rows.add(2 * STEP * step),
+                w1 = in(reg) second_rows.add(2 * STEP * step),
+                x0 = in(reg) first,
+                x1 = in(reg) second,
+                stride = in(reg) row_bytes,
+                line = in(reg) 2 * STEP,
+                options(nostack, readonly),
+            );
+        }
     }
     let line = 4 * TILE;
     asm!(
