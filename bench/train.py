@@ -2,8 +2,11 @@
 1e-4, no weight decay, f32) on the synthetic llama-3.2-1b, on one node and on a ring of two
 nodes, against PyTorch + PEFT on the same weights, adapter and batches in the same run.
 
-    python bench/train.py [--preset llama-3.2-1b] [--threads 2] [--steps 3] [--repeat 3]
-                          [--batch-size 1] [--seq-len 128] [--reference-python PATH]
+    python bench/train.py [--preset llama-3.2-1b] [--dtype f32] [--threads 2] [--steps 3]
+                          [--repeat 3] [--batch-size 1] [--seq-len 128] [--reference-python PATH]
+
+`--dtype` is the checkpoint's (f32, or bf16 as most published checkpoints are); both sides
+compute in f32 either way (PyTorch loads the weights as f32).
 
 Every node is its own process (`RAYON_NUM_THREADS=--threads`, not pinned: a ring trains one
 batch at a time, so only one node computes at any moment), and the batches start from a driver
@@ -186,9 +189,9 @@ def _rate(run: dict[str, Any], tokens_per_step: int) -> float:
 def _report(runs: dict[str, list[dict[str, Any] | None]], tokens_per_step: int, args: argparse.Namespace) -> None:
     rates = {name: [_rate(r, tokens_per_step) if r else None for r in rs] for name, rs in runs.items()}
     print(
-        f"\n{args.preset} f32, LoRA rank 8 on q_proj,v_proj, AdamW lr {LEARNING_RATE:g}; batch {args.batch_size}"
-        f" x {args.seq_len} tokens ({tokens_per_step} a step), {args.threads} threads, {args.steps} timed steps,"
-        f" medians of the repeats that ran of {args.repeat}"
+        f"\n{args.preset} {args.dtype} checkpoint, LoRA rank 8 on q_proj,v_proj, AdamW lr {LEARNING_RATE:g};"
+        f" batch {args.batch_size} x {args.seq_len} tokens ({tokens_per_step} a step), {args.threads} threads,"
+        f" {args.steps} timed steps, medians of the repeats that ran of {args.repeat}"
     )
     header = f"{'configuration':<16}{'tokens/s':>10}{'step s':>9}{'first step s':>14}{'peak RSS MB':>24}"
     print(header + f"{'first loss':>12}")
@@ -235,8 +238,8 @@ def _bench(args: argparse.Namespace) -> None:
     from exo.testing.synth import cached, cached_model
     from exo.testing.synth_adapter import write_adapter
 
-    model_dir = cached_model(args.preset, args.models, "f32")
-    adapter_dir = cached(args.models / f"{args.preset}-f32-lora-r8", lambda out: write_adapter(out, model_dir))
+    model_dir = cached_model(args.preset, args.models, args.dtype)
+    adapter_dir = cached(args.models / f"{args.preset}-{args.dtype}-lora-r8", lambda out: write_adapter(out, model_dir))
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     with_torch = _torch_available(args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,6 +272,7 @@ def _bench(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=PRESET, help="synthetic preset (exo.testing.synth)")
+    parser.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="the checkpoint's dtype")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run, after one untimed step")
     parser.add_argument("--repeat", type=int, default=3)

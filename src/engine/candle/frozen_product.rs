@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, D};
 
 use crate::engine::kernels::{self, Orientation, SplitMatrix};
 use crate::error::Result;
@@ -24,9 +24,14 @@ pub enum FrozenProduct {
 impl FrozenProduct {
     /// Products with `weight` (`[out, in]`, any float dtype; f32 products of its values).
     pub fn new(weight: Tensor) -> Result<Self> {
-        let weight = weight.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let weight = weight.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
         let (rows, cols) = weight.dims2()?;
-        let split = SplitMatrix::new(&weight.flatten_all()?.to_vec1::<f32>()?, (rows, cols));
+        let split = match (&*weight.storage_and_layout().0, weight.layout().contiguous_offsets()) {
+            (Storage::Cpu(values), Some((start, end))) => {
+                SplitMatrix::new(&values.as_slice::<f32>()?[start..end], (rows, cols))
+            }
+            _ => None,
+        };
         Ok(match split {
             Some(split) => Self::Split(Arc::new(split)),
             None => Self::Dense(weight),
@@ -118,23 +123,40 @@ mod tests {
 
     use super::*;
 
+    /// For a weight candle multiplies (not whole tiles) and one split for AMX where the CPU has
+    /// it (whole tiles, bf16 parts: within the kernels' bound, `Σ|x·w|·2⁻¹⁵`, about 1e-3 for
+    /// sums of 64 such terms).
     #[test]
     fn the_product_and_the_input_gradient_equal_a_plain_matmul() {
         let device = Device::Cpu;
-        let weight = Tensor::randn(0f32, 1.0, (5, 3), &device).unwrap();
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 4, 3), &device).unwrap()).unwrap();
-        let frozen = FrozenProduct::new(weight.clone()).unwrap();
-        let y = frozen.apply(x.as_tensor()).unwrap();
-        let expected = x.as_tensor().broadcast_matmul(&weight.t().unwrap()).unwrap();
-        let difference = |a: &Tensor, b: &Tensor| {
-            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-        };
-        assert!(difference(&y, &expected) < 1e-6);
-        // Any upstream gradient, not only ones.
-        let upstream = Tensor::randn(0f32, 1.0, (2, 4, 5), &device).unwrap();
-        let grads = (y * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
-        let plain = (expected * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
-        let grad = grads.get(x.as_tensor()).unwrap();
-        assert!(difference(grad, plain.get(x.as_tensor()).unwrap()) < 1e-6);
+        for ((out, input), tolerance) in [((5, 3), 1e-6), ((64, 32), 1e-3)] {
+            let weight = Tensor::randn(0f32, 1.0, (out, input), &device).unwrap();
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 4, input), &device).unwrap()).unwrap();
+            let frozen = FrozenProduct::new(weight.clone()).unwrap();
+            let split =
+                crate::engine::kernels::Isa::detect() == crate::engine::kernels::Isa::Amx && out == 64;
+            assert_eq!(matches!(frozen, FrozenProduct::Split(_)), split, "{out}x{input}");
+            let y = frozen.apply(x.as_tensor()).unwrap();
+            let expected = x.as_tensor().broadcast_matmul(&weight.t().unwrap()).unwrap();
+            let difference = |a: &Tensor, b: &Tensor| {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(difference(&y, &expected) < tolerance, "{out}x{input}: {}", difference(&y, &expected));
+            // Any upstream gradient, not only ones.
+            let upstream = Tensor::randn(0f32, 1.0, (2, 4, out), &device).unwrap();
+            let grads = (y * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+            let plain = (expected * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+            let (grad, plain) = (grads.get(x.as_tensor()).unwrap(), plain.get(x.as_tensor()).unwrap());
+            assert!(difference(grad, plain) < tolerance, "{out}x{input}: {}", difference(grad, plain));
+        }
     }
 }

@@ -108,11 +108,16 @@ fn score_row(row: &mut [f32], weight: f32, target: usize) -> f64 {
         return 0.0;
     }
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
-    let log_sum = sum.ln() as f32 + max;
-    let loss = (log_sum - row[target]) as f64 * weight as f64;
+    let target_logit = row[target];
+    let mut sum = 0f64;
     for v in row.iter_mut() {
-        *v = weight * (*v - log_sum).exp();
+        *v = (*v - max).exp();
+        sum += f64::from(*v);
+    }
+    let loss = (sum.ln() as f32 + max - target_logit) as f64 * weight as f64;
+    let scale = weight / sum as f32;
+    for v in row.iter_mut() {
+        *v *= scale;
     }
     row[target] -= weight;
     loss
