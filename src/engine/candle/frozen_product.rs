@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 
 use crate::engine::kernels::{self, Orientation, SplitMatrix};
 use crate::error::Result;
@@ -59,42 +59,46 @@ impl FrozenProduct {
         Ok(x.contiguous()?.apply_op1(self.clone())?)
     }
 
-    /// `x Wᵀ` of rows `x` (`[..., in]`), tracking nothing.
-    pub fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Split(w) => split_product(w, x, Orientation::Transposed),
-            Self::Dense(w) => x.broadcast_matmul(&w.t()?),
-        }
+    /// `x Wᵀ` of the rows `x` (each `in` values): rows of `out` values, tracking nothing.
+    pub fn product(&self, x: &[f32]) -> candle_core::Result<Vec<f32>> {
+        self.rows_product(x, Orientation::Transposed)
     }
 
-    /// `g W` (`[..., out]` to `[..., in]`): the input's gradient given the output's.
-    pub fn input_gradient(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+    /// `g W` of the rows `g` (each `out` values): the input's gradient given the output's, rows
+    /// of `in` values.
+    pub fn input_gradient(&self, g: &[f32]) -> candle_core::Result<Vec<f32>> {
+        self.rows_product(g, Orientation::AsStored)
+    }
+
+    fn rows_product(&self, x: &[f32], orientation: Orientation) -> candle_core::Result<Vec<f32>> {
+        let (inner, outer) = orientation.widths((self.rows(), self.cols()));
+        if inner == 0 || !x.len().is_multiple_of(inner) {
+            candle_core::bail!(
+                "{} values are not rows of {inner} for a {}x{} weight",
+                x.len(),
+                self.rows(),
+                self.cols()
+            )
+        }
+        let rows = x.len() / inner;
         match self {
-            Self::Split(w) => split_product(w, g, Orientation::AsStored),
-            Self::Dense(w) => g.broadcast_matmul(w),
+            Self::Split(w) => {
+                let mut out = vec![0f32; rows * outer];
+                if !kernels::split_product(x, w, orientation, &mut out) {
+                    candle_core::bail!("{rows} rows do not meet a {}x{} weight", w.rows(), w.cols())
+                }
+                Ok(out)
+            }
+            Self::Dense(w) => {
+                let x = Tensor::from_slice(x, (rows, inner), &Device::Cpu)?;
+                let y = match orientation {
+                    Orientation::Transposed => x.matmul(&w.t()?)?,
+                    Orientation::AsStored => x.matmul(w)?,
+                };
+                y.flatten_all()?.to_vec1::<f32>()
+            }
         }
     }
-}
-
-/// The product of `x`'s rows (f32 on the host) with `w` in `orientation`.
-fn split_product(w: &SplitMatrix, x: &Tensor, orientation: Orientation) -> candle_core::Result<Tensor> {
-    let (inner, outer) = orientation.widths((w.rows(), w.cols()));
-    if x.dim(D::Minus1)? != inner {
-        candle_core::bail!(
-            "rows of {} values do not meet a {}x{} weight",
-            x.dim(D::Minus1)?,
-            w.rows(),
-            w.cols()
-        )
-    }
-    let input = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; input.len() / inner * outer];
-    if !kernels::split_product(&input, w, orientation, &mut out) {
-        candle_core::bail!("{} values do not fit rows of {inner}", input.len())
-    }
-    let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("a product's input has an axis") = outer;
-    Tensor::from_vec(out, dims, &Device::Cpu)
 }
 
 impl CustomOp1 for FrozenProduct {
@@ -106,14 +110,23 @@ impl CustomOp1 for FrozenProduct {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("a frozen product takes a contiguous input")
         };
-        let x = Tensor::from_slice(&storage.as_slice::<f32>()?[start..end], layout.shape(), &Device::Cpu)?;
-        let y = self.product(&x)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+        let y = self.product(&storage.as_slice::<f32>()?[start..end])?;
+        let mut dims = layout.dims().to_vec();
+        *dims.last_mut().expect("a product's input has an axis") = self.rows();
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(self.input_gradient(grad_y)?))
+        let grad_y = grad_y.to_dtype(DType::F32)?.contiguous()?;
+        let gradient = match (&*grad_y.storage_and_layout().0, grad_y.layout().contiguous_offsets()) {
+            (Storage::Cpu(values), Some((start, end))) => {
+                self.input_gradient(&values.as_slice::<f32>()?[start..end])?
+            }
+            _ => candle_core::bail!("a frozen product's gradient is on the host"),
+        };
+        let mut dims = grad_y.dims().to_vec();
+        *dims.last_mut().expect("a product's output has an axis") = self.cols();
+        Ok(Some(Tensor::from_vec(gradient, dims, &Device::Cpu)?))
     }
 }
 

@@ -71,12 +71,7 @@ impl CustomOp1 for HeadLoss {
         let mut gradient = vec![0f32; positions * hidden];
         for first in (0..positions).step_by(POSITIONS) {
             let rows = POSITIONS.min(positions - first);
-            let chunk = Tensor::from_slice(
-                &x[first * hidden..(first + rows) * hidden],
-                (rows, hidden),
-                &Device::Cpu,
-            )?;
-            let mut logits = self.head.product(&chunk)?.flatten_all()?.to_vec1::<f32>()?;
+            let mut logits = self.head.product(&x[first * hidden..(first + rows) * hidden])?;
             let scored = &self.weights[first..first + rows];
             let targets = &self.targets[first..first + rows];
             loss += logits
@@ -84,8 +79,7 @@ impl CustomOp1 for HeadLoss {
                 .zip(scored.par_iter().zip(targets.par_iter()))
                 .map(|(row, (&weight, &target))| score_row(row, weight, target as usize))
                 .sum::<f64>();
-            let logit_gradient = Tensor::from_vec(logits, (rows, vocab), &Device::Cpu)?;
-            let rows_gradient = self.head.input_gradient(&logit_gradient)?.flatten_all()?.to_vec1::<f32>()?;
+            let rows_gradient = self.head.input_gradient(&logits)?;
             gradient[first * hidden..(first + rows) * hidden].copy_from_slice(&rows_gradient);
         }
         let gradient = Tensor::from_vec(gradient, (positions, hidden), &Device::Cpu)?;
