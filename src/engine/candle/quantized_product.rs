@@ -339,4 +339,18 @@ mod tests {
         let reference = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
         check(&Linear::new(weight, None).unwrap(), 0..rows, &reference, 8);
     }
+
+    #[test]
+    fn a_float_matrix_of_a_quantized_checkpoint_equals_a_matmul() {
+        // An f16 matrix, as a GGUF file may hold beside its blocks.
+        let (rows, cols) = (32, 64);
+        let values: Vec<half::f16> =
+            (0..rows * cols).map(|i| half::f16::from_f32(((i * 29 % 61) as f32 - 30.0) / 32.0)).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let len = bytes.len();
+        let matrix = WeightMatrix::new(Arc::new(bytes), 0..len, rows, cols, WeightDType::F16).unwrap();
+        let widened: Vec<f32> = values.iter().map(|v| v.to_f32()).collect();
+        let reference = Tensor::from_vec(widened, (rows, cols), &Device::Cpu).unwrap();
+        check(&Linear::new(matrix, None).unwrap(), 0..rows, &reference, 8);
+    }
 }
