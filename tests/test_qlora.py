@@ -1,5 +1,5 @@
 """LoRA fine-tuning on quantized base weights, which stay quantized: a GGUF file (Q8_0, and
-tiny-llama-k's real Q4_K blocks), an MLX 4-bit checkpoint and an f32 checkpoint loaded with
+tiny-llama-k's real Q4_K and Q3_K blocks), an MLX 4-bit checkpoint and an f32 checkpoint loaded with
 `--quantize q8_0`. On one node and across two, the loss and the adapters' gradients equal the float
 path's on an f32 checkpoint of the same weights dequantized (the path tests/test_lora.py holds to
 torch with PEFT) within 1e-4; AdamW steps then lower the loss; and `exo train` takes a GGUF file.
@@ -81,6 +81,8 @@ def _quantized_at_load(root: Path, preset: str) -> Quantized:
 FORMATS: dict[str, Callable[[Path], Quantized]] = {
     "gguf-q8_0": lambda root: _gguf(root, "tiny-llama", "q8_0"),
     "gguf-q4_k": lambda root: _gguf(root, "tiny-llama-k", "q4_k"),
+    # Blocks the host kernels do not multiply: candle's quantized tensors, dequantized by candle.
+    "gguf-q3_k": lambda root: _gguf(root, "tiny-llama-k", "q3_k"),
     "mlx-4bit": lambda root: _mlx(root, "tiny-llama"),
     "quantize-q8_0": lambda root: _quantized_at_load(root, "tiny-llama"),
 }
