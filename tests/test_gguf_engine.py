@@ -25,16 +25,12 @@ from exo.errors import InvalidArgumentError, InvalidModelError
 from exo.inference.candle import CandleInferenceEngine
 from exo.testing.synth import PRESETS, cached_model
 from exo.testing.synth_gguf import (
-    architecture,
     cached_gguf,
-    expert_of,
-    gguf_name,
-    join_kv_b,
     llama_cpp_config,
-    permute_rotary,
     write_gguf,
 )
 from support.engine_runs import assert_follows_reference, greedy, prompt_logits
+from support.gguf_reference import dequantized_checkpoint, with_config
 from support.solo_cli import run_solo
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -63,63 +59,11 @@ def _layers(path: Path) -> int:
     return int(reader.fields[f"{architecture}.block_count"].parts[-1][0])
 
 
-def _with_config(preset_dir: Path, config: dict[str, object], out: Path) -> Path:
-    """A copy of `preset_dir` whose `config.json` has `config`'s fields."""
-    shutil.copytree(preset_dir, out)
-    written = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(written | config))
-    return out
-
-
 def _reference_dir(preset: str, root: Path) -> Path:
     """The preset's f32 safetensors directory with the config llama.cpp reads from its GGUF."""
     directory = cached_model(preset, root / "safetensors", "f32")
     out = root / "as-llama-cpp" / preset
-    return out if out.exists() else _with_config(directory, llama_cpp_config(preset), out)
-
-
-def _dequantized_checkpoint(gguf_file: Path, preset: str, root: Path, out: Path) -> Path:
-    """A safetensors copy of the preset whose weights are `gguf_file`'s, dequantized to f32 and
-    put back as Hugging Face stores them (llama's q/k rows in their order, Gemma's norms less the
-    converter's 1, experts unstacked), with the config llama.cpp reads."""
-    reader = GGUFReader(gguf_file)
-    stored = {t.name: t for t in reader.tensors}
-    preset_dir = cached_model(preset, root / "safetensors", "f32")
-    arch, c = architecture(PRESETS[preset]), PRESETS[preset].config
-    tensors = {}
-
-    def decoded(name: str) -> np.ndarray:
-        tensor = stored[name]
-        return gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-
-    for name, original in load_file(preset_dir / "model.safetensors").items():
-        if arch == "deepseek2" and name.endswith(".kv_b_proj.weight"):
-            # The converter splits it per head into its key (transposed) and value rows.
-            stem = gguf_name(name, arch).removesuffix(".attn_kv_b.weight")
-            tensors[name] = join_kv_b(decoded(f"{stem}.attn_k_b.weight"), decoded(f"{stem}.attn_v_b.weight"))
-            continue
-        values = decoded(gguf_name(name, arch))
-        expert = expert_of(name)
-        # Gemma 3's embedding keeps the rows of its tokenizer only.
-        values = (values if expert is None else values[expert]).reshape(-1, *original.shape[1:])
-        if arch == "llama" and ".q_proj." in name:
-            values = _unpermute(values, c["num_attention_heads"])
-        if arch == "llama" and ".k_proj." in name:
-            values = _unpermute(values, c["num_key_value_heads"])
-        if arch.startswith("gemma") and name.endswith("norm.weight"):
-            values = values - np.float32(1.0)
-        tensors[name] = values
-    vocab = tensors["model.embed_tokens.weight"].shape[0]
-    _with_config(preset_dir, llama_cpp_config(preset) | {"vocab_size": vocab}, out)
-    save_file(tensors, out / "model.safetensors")
-    return out
-
-
-def _unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
-    restored = weight.reshape(heads, weight.shape[0] // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2)
-    restored = restored.reshape(weight.shape)
-    assert np.array_equal(permute_rotary(restored, heads), weight)
-    return restored
+    return out if out.exists() else with_config(directory, llama_cpp_config(preset), out)
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama-k", "tiny-qwen2", "tiny-qwen3", *FAMILIES])
@@ -159,7 +103,7 @@ async def test_a_quantized_family_gguf_follows_its_dequantized_weights(
     root: Path, tmp_path: Path, preset: str, ggml_type: str
 ) -> None:
     (file,) = cached_gguf(preset, root, ggml_type)
-    reference_dir = _dequantized_checkpoint(file, preset, root, tmp_path / "f32")
+    reference_dir = dequantized_checkpoint(file, preset, root, tmp_path / "f32")
     layers = _layers(file)
     bound = ROUNDING_BOUNDS.get(preset, 0.03)
     await assert_follows_reference(str(file), str(reference_dir), layers, bound, 16)
@@ -172,7 +116,7 @@ async def test_a_q8_0_family_gguf_is_its_dequantized_weights_quantized_at_load(
     # Quantizing the decoded Q8_0 values again gives the same blocks, which then go through
     # the same kernels with the same activation rounding: the logits are the same bits.
     (file,) = cached_gguf(preset, root, "q8_0")
-    reference_dir = _dequantized_checkpoint(file, preset, root, tmp_path / "f32")
+    reference_dir = dequantized_checkpoint(file, preset, root, tmp_path / "f32")
     layers = _layers(file)
     ours, requantized = (
         await prompt_logits(str(file), layers),
@@ -203,7 +147,7 @@ async def test_a_quantized_gguf_gives_its_dequantized_weights_logits(
     root: Path, tmp_path: Path, ggml_type: str
 ) -> None:
     (file,) = cached_gguf("tiny-llama-k", root, ggml_type)
-    reference_dir = _dequantized_checkpoint(file, "tiny-llama-k", root, tmp_path / "f32")
+    reference_dir = dequantized_checkpoint(file, "tiny-llama-k", root, tmp_path / "f32")
     layers = _layers(file)
     ours = await prompt_logits(str(file), layers)
     reference = await prompt_logits(str(reference_dir), layers)
@@ -241,7 +185,7 @@ def _has_amx() -> bool:
 @pytest.mark.parametrize("ggml_type", ["q4_k", "q5_k", "q6_k", "q4_k_m"])
 async def test_a_long_prompt_gives_the_dequantized_weights_logits(root: Path, tmp_path: Path, ggml_type: str) -> None:
     (file,) = cached_gguf("tiny-llama-k", root, ggml_type)
-    reference_dir = _dequantized_checkpoint(file, "tiny-llama-k", root, tmp_path / "f32")
+    reference_dir = dequantized_checkpoint(file, "tiny-llama-k", root, tmp_path / "f32")
     layers = _layers(file)
     logits = []
     for model in (file, reference_dir):

@@ -62,7 +62,7 @@ proptest! {
                 }
             }
             for len in [4, 0] {
-                if let Err(error) = weights.vector_f32(name, len, &Device::Cpu) {
+                if let Err(error) = weights.tensor_f32(name, &[len], &Device::Cpu) {
                     assert_clear(&error)?;
                 }
             }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::frozen_product::FrozenProduct;
+use super::frozen_weight::FrozenWeight;
 use super::loss::scored_positions;
 use crate::error::{Error, Result};
 
@@ -23,7 +23,7 @@ const POSITIONS: usize = 64;
 /// host) against `targets` over the positions `lengths` count (see [`super::loss`]), as a
 /// scalar tensor differentiable in `normed`, with the number of those positions.
 pub fn head_loss(
-    head: &FrozenProduct,
+    head: &FrozenWeight,
     normed: &Tensor,
     targets: &[Vec<u32>],
     lengths: &[usize],
@@ -49,7 +49,7 @@ pub fn head_loss(
 /// The op: its head, each position's target and weight (1/count where it is scored, else 0),
 /// and the input's gradient, worked out by the forward pass for the backward pass.
 struct HeadLoss {
-    head: FrozenProduct,
+    head: FrozenWeight,
     targets: Vec<u32>,
     weights: Vec<f32>,
     gradient: Arc<Mutex<Option<Tensor>>>,
@@ -122,6 +122,7 @@ mod tests {
     use candle_core::{Device, Tensor, Var};
 
     use super::*;
+    use crate::engine::candle::frozen_product::FrozenProduct;
     use crate::engine::candle::loss::masked_cross_entropy;
 
     fn largest_difference(a: &Tensor, b: &Tensor) -> f32 {
@@ -139,7 +140,7 @@ mod tests {
         let targets: Vec<Vec<u32>> =
             (0..batch).map(|b| (0..seq).map(|i| ((7 * i + 3 * b) % vocab) as u32).collect()).collect();
         let lengths = [seq + 1, 25];
-        let head = FrozenProduct::new(weight.clone()).unwrap();
+        let head = FrozenWeight::Float(FrozenProduct::new(weight.clone()).unwrap());
         let (fused, count) = head_loss(&head, x.as_tensor(), &targets, &lengths).unwrap();
         let logits = x.as_tensor().broadcast_matmul(&weight.t().unwrap()).unwrap();
         let (plain, plain_count) = masked_cross_entropy(&logits, &targets, &lengths).unwrap();
@@ -156,8 +157,8 @@ mod tests {
 
     #[test]
     fn refuses_targets_outside_the_vocabulary() {
-        let head = FrozenProduct::new(Tensor::zeros((5, 4), candle_core::DType::F32, &Device::Cpu).unwrap())
-            .unwrap();
+        let weight = Tensor::zeros((5, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let head = FrozenWeight::Float(FrozenProduct::new(weight).unwrap());
         let x = Tensor::zeros((1, 2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
         let message = head_loss(&head, &x, &[vec![9, 0]], &[3]).unwrap_err().to_string();
         assert!(message.contains("target id 9 is outside the vocabulary of 5"), "{message}");

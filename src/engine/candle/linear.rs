@@ -25,7 +25,8 @@ pub enum HostMatrix {
 }
 
 impl HostMatrix {
-    fn rows(&self) -> usize {
+    /// Output features.
+    pub(super) fn rows(&self) -> usize {
         match self {
             Self::Dense(w) => w.rows(),
             Self::Blocks(w) => w.rows(),
@@ -33,11 +34,21 @@ impl HostMatrix {
         }
     }
 
-    fn cols(&self) -> usize {
+    /// Input features.
+    pub(super) fn cols(&self) -> usize {
         match self {
             Self::Dense(w) => w.cols(),
             Self::Blocks(w) => w.cols(),
             Self::Affine(w) => w.cols(),
+        }
+    }
+
+    /// Row `row` widened or dequantized to f32 (`out` has `cols` values).
+    pub(super) fn row_f32(&self, row: usize, out: &mut [f32]) {
+        match self {
+            Self::Dense(w) => w.row_f32(row, out),
+            Self::Blocks(w) => kernels::dequantize_row(w, row, out),
+            Self::Affine(w) => kernels::dequantize_affine_row(w, row, out),
         }
     }
 }
@@ -83,7 +94,7 @@ impl Linear {
     }
 
     /// Output features.
-    fn rows(&self) -> usize {
+    pub(super) fn rows(&self) -> usize {
         match self {
             Self::Host { weight, .. } => weight.rows(),
             Self::Device { weight, .. } => weight.dim(0).expect("a device weight is 2-D"),

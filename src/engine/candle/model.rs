@@ -2,6 +2,7 @@
 //! shard: embeddings (and LLaVA's vision tower) only on the first shard, final norm and LM
 //! head only on the last.
 
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -209,6 +210,18 @@ impl Attention {
         })
     }
 
+    /// The layer holding projection `name` (q/k/v or o) and its rows there.
+    fn projection(&self, name: &str) -> Option<(&Linear, Range<usize>)> {
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        match name {
+            "q_proj" => Some((&self.qkv_proj, 0..q)),
+            "k_proj" => Some((&self.qkv_proj, q..q + kv)),
+            "v_proj" => Some((&self.qkv_proj, q + kv..q + 2 * kv)),
+            "o_proj" => Some((&self.o_proj, 0..self.o_proj.rows())),
+            _ => None,
+        }
+    }
+
     /// `x` holds every part's rows packed as `[1, rows, hidden]`, part after part; each
     /// part attends over its own cache only.
     fn forward(&self, x: &Tensor, parts: &mut [BatchPart], rope: &Rope, layer: usize) -> Result<Tensor> {
@@ -348,6 +361,17 @@ impl Mlp {
         })
     }
 
+    /// The layer holding projection `name` (gate/up or down) and its rows there.
+    fn projection(&self, name: &str) -> Option<(&Linear, Range<usize>)> {
+        let inter = self.intermediate;
+        match name {
+            "gate_proj" => Some((&self.gate_up_proj, 0..inter)),
+            "up_proj" => Some((&self.gate_up_proj, inter..2 * inter)),
+            "down_proj" => Some((&self.down_proj, 0..self.down_proj.rows())),
+            _ => None,
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let [gate, up]: [Tensor; 2] = self
             .gate_up_proj
@@ -467,6 +491,19 @@ impl Block {
         let x = (x + attended)?;
         let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + mlp)?)
+    }
+
+    /// The layer holding projection `name` and its rows there (see [`ShardModel::projection`]).
+    fn projection(&self, name: &str) -> Option<(&Linear, Range<usize>)> {
+        let attention = match &self.attention {
+            SelfAttention::Grouped(attention) => attention.projection(name),
+            SelfAttention::Latent(_) => None,
+        };
+        let mlp = match &self.mlp {
+            FeedForward::Dense(mlp) => mlp.projection(name),
+            FeedForward::Sparse(_) => None,
+        };
+        attention.or(mlp)
     }
 
     /// [`Self::forward`], also giving each row's chosen experts in a sparse layer.
@@ -648,18 +685,14 @@ impl ShardModel {
         }
     }
 
-    /// The float tensor `name` of `shape` widened to f32 on the host, with the inference
-    /// adapter merged if one was given, for the training path (safetensors checkpoints with
-    /// float weights only).
+    /// The float tensor `name` of `shape` widened to f32 on the host, for the training path: a
+    /// vector (a norm, a bias) of any checkpoint, or a matrix of a float safetensors checkpoint
+    /// loaded without --quantize ([`Self::is_float`]), with the inference adapter merged if one
+    /// was given.
     pub fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let ShardTensors::Safetensors { weights, quantize: None, adapter } = &self.weights else {
-            return Err(Error::InvalidArgument(
-                "training needs a safetensors checkpoint loaded without --quantize".into(),
-            ));
-        };
-        match shape {
-            [len] => weights.vector_f32(name, *len, &Device::Cpu),
-            [rows, cols] => {
+        match (shape, &self.weights) {
+            ([len], weights) => weights.vector_f32(name, *len, &Device::Cpu),
+            ([rows, cols], ShardTensors::Safetensors { weights, adapter, .. }) if self.is_float(name) => {
                 let names = [(name.to_string(), *rows)];
                 let stored = weights.device_matrix(&names, *cols, &Device::Cpu)?;
                 let merged = match adapter {
@@ -668,7 +701,40 @@ impl ShardModel {
                 };
                 Ok(merged.to_dtype(DType::F32)?)
             }
+            ([_, _], _) => Err(Error::InvalidArgument(format!(
+                "{name} is a quantized weight: the training path multiplies it as stored"
+            ))),
             _ => Err(Error::InvalidArgument(format!("{name}: tensors of shape {shape:?} are not weights"))),
+        }
+    }
+
+    /// Whether the training path copies the matrix `name` to f32 ([`Self::dense`]): a float
+    /// weight of a safetensors checkpoint loaded without --quantize. It multiplies the others
+    /// (GGUF, MLX-quantized, quantized at load) as the inference layers hold them.
+    pub fn is_float(&self, name: &str) -> bool {
+        matches!(&self.weights, ShardTensors::Safetensors { weights, quantize: None, .. } if !weights.is_affine(name))
+    }
+
+    /// The inference layer holding projection `name` (`q_proj`, ..., `down_proj`) of `layer`,
+    /// and the rows of its weight that are `name`'s (q/k/v and gate/up are stacked).
+    pub fn projection(&self, layer: i32, name: &str) -> Result<(&Linear, Range<usize>)> {
+        let block = usize::try_from(layer - self.shard.start_layer).ok().and_then(|i| self.blocks.get(i));
+        block.and_then(|block| block.projection(name)).ok_or_else(|| {
+            Error::InvalidModel(format!("layer {layer} of {} has no projection {name}", self.shard.model_id))
+        })
+    }
+
+    /// The LM head's layer, on the last shard.
+    pub fn head(&self) -> Option<&Linear> {
+        self.lm_head.as_ref()
+    }
+
+    /// The name of the LM head's weight: its own, or the embedding's when tied.
+    pub fn head_name(&self) -> &'static str {
+        if self.tensor_names.iter().any(|name| name == "lm_head.weight") {
+            "lm_head.weight"
+        } else {
+            "model.embed_tokens.weight"
         }
     }
 

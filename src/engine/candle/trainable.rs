@@ -1,22 +1,28 @@
 //! The training path: a shard's layers over whole sequences built only from candle ops that
-//! autograd differentiates (matmul, broadcast arithmetic, exp, sums), on frozen f32 copies of
-//! the weights with LoRA adapters added. The inference path's SIMD kernels, fused RMS norm,
-//! RoPE and softmax have no backward, so nothing here uses them; the numbers are the same up to
-//! rounding (the evaluation tests hold both to transformers).
+//! autograd differentiates (matmul, broadcast arithmetic, exp, sums), on frozen weights (f32
+//! copies of a float checkpoint's, a quantized checkpoint's as stored) with LoRA adapters
+//! added. The inference path's SIMD kernels, fused RMS norm, RoPE and softmax have no backward,
+//! so nothing here uses them; the numbers are the same up to rounding (the evaluation tests
+//! hold both to transformers).
+
+use std::ops::Range;
 
 use candle_core::{Device, Tensor, D};
 
 use super::config::ModelConfig;
 use super::frozen_product::FrozenProduct;
+use super::frozen_weight::FrozenWeight;
 use super::head_loss::head_loss;
+use super::linear::Linear;
 use super::lora::Adapters;
 use super::model::ShardModel;
+use super::quantized_product::QuantizedProduct;
 use crate::error::Result;
 use crate::shard::Shard;
 
 /// A frozen projection `[out, in]` with an optional bias `[out]`.
 struct Frozen {
-    weight: FrozenProduct,
+    weight: FrozenWeight,
     bias: Option<Tensor>,
 }
 
@@ -36,13 +42,13 @@ impl DenseBlock {
     }
 }
 
-/// A shard's layers (and final norm and head on the last shard) as frozen f32 tensors.
+/// A shard's layers (and final norm and head on the last shard) as frozen weights.
 pub struct TrainableShard {
     shard: Shard,
     config: ModelConfig,
     blocks: Vec<DenseBlock>,
     norm: Option<Tensor>,
-    head: Option<FrozenProduct>,
+    head: Option<FrozenWeight>,
     cos: Tensor,
     sin: Tensor,
 }
@@ -53,7 +59,7 @@ const TRAINABLE_MODEL_TYPES: [&str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
 const PROJECTIONS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 impl TrainableShard {
-    /// Frozen f32 copies of `model`'s weights.
+    /// Frozen weights of `model`: f32 copies of float weights, quantized weights shared.
     pub fn load(model: &ShardModel) -> Result<Self> {
         let (config, shard) = (model.config().clone(), model.shard().clone());
         if !TRAINABLE_MODEL_TYPES.contains(&config.model_type.as_str()) {
@@ -80,9 +86,11 @@ impl TrainableShard {
                     _ => ("mlp", hidden, inter, variant.mlp_bias),
                 };
                 let prefix = format!("{p}.{module}.{name}");
-                let weight = model.dense(&format!("{prefix}.weight"), &[out, input])?;
+                let weight = frozen(model, &format!("{prefix}.weight"), [out, input], || {
+                    model.projection(layer, name)
+                })?;
                 let bias = if bias { Some(model.dense(&format!("{prefix}.bias"), &[out])?) } else { None };
-                projections.push((name, Frozen { weight: FrozenProduct::new(weight)?, bias }));
+                projections.push((name, Frozen { weight, bias }));
             }
             let norm = |name: &str, len: usize| model.dense(&format!("{p}.{name}.weight"), &[len]);
             blocks.push(DenseBlock {
@@ -95,17 +103,13 @@ impl TrainableShard {
             });
         }
         let (norm, head) = if shard.is_last_layer() {
-            let head_name = if config.tie_word_embeddings
-                || model.dense("lm_head.weight", &[config.vocab_size, hidden]).is_err()
-            {
-                "model.embed_tokens.weight"
-            } else {
-                "lm_head.weight"
-            };
-            (
-                Some(model.dense("model.norm.weight", &[hidden])?),
-                Some(FrozenProduct::new(model.dense(head_name, &[config.vocab_size, hidden])?)?),
-            )
+            let vocab = config.vocab_size;
+            let head = frozen(model, model.head_name(), [vocab, hidden], || {
+                model.head().map(|head| (head, 0..vocab)).ok_or_else(|| {
+                    crate::error::Error::InvalidModel(format!("{} holds no LM head", shard.model_id))
+                })
+            })?;
+            (Some(model.dense("model.norm.weight", &[hidden])?), Some(head))
         } else {
             (None, None)
         };
@@ -223,6 +227,29 @@ impl TrainableShard {
         let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
         Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
     }
+}
+
+/// The frozen weight `name` (`[out, in]`): an f32 copy where `model` holds it as a float weight,
+/// else rows of the inference layer that `stored` gives, multiplied as that layer holds them.
+fn frozen<'a>(
+    model: &'a ShardModel,
+    name: &str,
+    [out, input]: [usize; 2],
+    stored: impl FnOnce() -> Result<(&'a Linear, Range<usize>)>,
+) -> Result<FrozenWeight> {
+    if model.is_float(name) {
+        return Ok(FrozenWeight::Float(FrozenProduct::new(model.dense(name, &[out, input])?)?));
+    }
+    let (layer, rows) = stored()?;
+    let weight = QuantizedProduct::of(layer, rows)?;
+    if (weight.rows(), weight.cols()) != (out, input) {
+        return Err(crate::error::Error::InvalidModel(format!(
+            "{name} is {}x{}, the config implies {out}x{input}",
+            weight.rows(),
+            weight.cols()
+        )));
+    }
+    Ok(FrozenWeight::Quantized(weight))
 }
 
 /// `x Wᵀ + b`, plus the adapter's `scaling · x Aᵀ Bᵀ` where `name` of `layer` is adapted.

@@ -494,11 +494,6 @@ impl ShardWeights {
         Ok(AffineParts { codes, scales, biases, bits })
     }
 
-    /// A small tensor copied out of the map and widened to f32.
-    pub fn vector_f32(&self, name: &str, len: usize, device: &Device) -> Result<Tensor> {
-        self.tensor_f32(name, &[len], device)
-    }
-
     /// A float tensor of `shape` copied out of the map and widened to f32.
     pub fn tensor_f32(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
         let stored = self.stored(name, shape)?;
