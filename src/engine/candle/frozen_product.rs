@@ -1,11 +1,9 @@
-//! `x Wᵀ` for a weight that does not train, as one autograd op whose backward gives only the
-//! input's gradient. candle's matmul backward forms the gradient of both operands, so a plain
-//! product with a frozen projection costs, every training step, a weight-sized product and a
-//! weight-sized buffer that nothing reads.
+//! Products with an f32 copy of a float checkpoint's frozen weight: split to bf16 parts for
+//! AMX where this CPU has it, else candle's f32 matmul.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 
 use crate::engine::kernels::{self, Orientation, SplitMatrix};
 use crate::error::Result;
@@ -54,11 +52,6 @@ impl FrozenProduct {
         }
     }
 
-    /// `x Wᵀ` (`[..., in]` to `[..., out]`), differentiable in `x` only.
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.contiguous()?.apply_op1(self.clone())?)
-    }
-
     /// `x Wᵀ` of the rows `x` (each `in` values): rows of `out` values, tracking nothing.
     pub fn product(&self, x: &[f32]) -> candle_core::Result<Vec<f32>> {
         self.rows_product(x, Orientation::Transposed)
@@ -101,40 +94,12 @@ impl FrozenProduct {
     }
 }
 
-impl CustomOp1 for FrozenProduct {
-    fn name(&self) -> &'static str {
-        "frozen-product"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("a frozen product takes a contiguous input")
-        };
-        let y = self.product(&storage.as_slice::<f32>()?[start..end])?;
-        let mut dims = layout.dims().to_vec();
-        *dims.last_mut().expect("a product's input has an axis") = self.rows();
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let grad_y = grad_y.to_dtype(DType::F32)?.contiguous()?;
-        let gradient = match (&*grad_y.storage_and_layout().0, grad_y.layout().contiguous_offsets()) {
-            (Storage::Cpu(values), Some((start, end))) => {
-                self.input_gradient(&values.as_slice::<f32>()?[start..end])?
-            }
-            _ => candle_core::bail!("a frozen product's gradient is on the host"),
-        };
-        let mut dims = grad_y.dims().to_vec();
-        *dims.last_mut().expect("a product's output has an axis") = self.cols();
-        Ok(Some(Tensor::from_vec(gradient, dims, &Device::Cpu)?))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor, Var};
 
     use super::*;
+    use crate::engine::candle::frozen_weight::FrozenWeight;
 
     /// For a weight candle multiplies (not whole tiles) and one split for AMX where the CPU has
     /// it (whole tiles, bf16 parts: within the kernels' bound, `Σ|x·w|·2⁻¹⁵`, about 1e-3 for
@@ -149,7 +114,7 @@ mod tests {
             let split =
                 crate::engine::kernels::Isa::detect() == crate::engine::kernels::Isa::Amx && out == 64;
             assert_eq!(matches!(frozen, FrozenProduct::Split(_)), split, "{out}x{input}");
-            let y = frozen.apply(x.as_tensor()).unwrap();
+            let y = FrozenWeight::Float(frozen).apply(x.as_tensor()).unwrap();
             let expected = x.as_tensor().broadcast_matmul(&weight.t().unwrap()).unwrap();
             let difference = |a: &Tensor, b: &Tensor| {
                 (a - b)

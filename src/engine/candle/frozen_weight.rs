@@ -1,7 +1,12 @@
-//! A frozen weight of the training path: an f32 copy of a float checkpoint's weight
-//! ([`FrozenProduct`]), or a quantized checkpoint's weight as stored ([`QuantizedProduct`]).
+//! `x Wᵀ` for a weight that does not train, as one autograd op whose backward gives only the
+//! input's gradient. candle's matmul backward forms the gradient of both operands, so a plain
+//! product with a frozen projection costs, every training step, a weight-sized product and a
+//! weight-sized buffer that nothing reads.
+//!
+//! The weight is an f32 copy of a float checkpoint's ([`FrozenProduct`]), or a quantized
+//! checkpoint's weight as stored ([`QuantizedProduct`]).
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
 
 use super::frozen_product::FrozenProduct;
 use super::quantized_product::QuantizedProduct;
@@ -35,25 +40,52 @@ impl FrozenWeight {
 
     /// `x Wᵀ` (`[..., in]` to `[..., out]`), differentiable in `x` only.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Float(w) => w.apply(x),
-            Self::Quantized(w) => w.apply(x),
-        }
+        Ok(x.contiguous()?.apply_op1(self.clone())?)
     }
 
-    /// `x Wᵀ` of rows `x` (`[..., in]`), tracking nothing.
-    pub fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x Wᵀ` of the rows `x` (each `in` values): rows of `out` values, tracking nothing.
+    pub fn product(&self, x: &[f32]) -> candle_core::Result<Vec<f32>> {
         match self {
             Self::Float(w) => w.product(x),
             Self::Quantized(w) => w.product(x),
         }
     }
 
-    /// `g W` (`[..., out]` to `[..., in]`): the input's gradient given the output's.
-    pub fn input_gradient(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+    /// `g W` of the rows `g` (each `out` values): the input's gradient given the output's, rows
+    /// of `in` values.
+    pub fn input_gradient(&self, g: &[f32]) -> candle_core::Result<Vec<f32>> {
         match self {
             Self::Float(w) => w.input_gradient(g),
             Self::Quantized(w) => w.input_gradient(g),
         }
+    }
+}
+
+impl CustomOp1 for FrozenWeight {
+    fn name(&self) -> &'static str {
+        "frozen-product"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("a frozen product takes a contiguous input")
+        };
+        let y = self.product(&storage.as_slice::<f32>()?[start..end])?;
+        let mut dims = layout.dims().to_vec();
+        *dims.last_mut().expect("a product's input has an axis") = self.rows();
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad_y = grad_y.to_dtype(DType::F32)?.contiguous()?;
+        let gradient = match (&*grad_y.storage_and_layout().0, grad_y.layout().contiguous_offsets()) {
+            (Storage::Cpu(values), Some((start, end))) => {
+                self.input_gradient(&values.as_slice::<f32>()?[start..end])?
+            }
+            _ => candle_core::bail!("a frozen product's gradient is on the host"),
+        };
+        let mut dims = grad_y.dims().to_vec();
+        *dims.last_mut().expect("a product's output has an axis") = self.cols();
+        Ok(Some(Tensor::from_vec(gradient, dims, &Device::Cpu)?))
     }
 }

@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::quantized::{QStorage, QTensor};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, D};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::linear::{HostMatrix, Linear};
@@ -84,41 +84,36 @@ impl QuantizedProduct {
         self.cols
     }
 
-    /// `x Wᵀ` (`[..., in]` to `[..., out]`), differentiable in `x` only.
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.contiguous()?.apply_op1(self.clone())?)
-    }
-
-    /// `x Wᵀ` of rows `x` (`[..., in]`), tracking nothing: each chunk of the weight's rows
-    /// gives its columns of the output.
-    pub fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x Wᵀ` of the rows `x` (each `in` values): rows of `out` values, tracking nothing. Each
+    /// chunk of the weight's rows gives its columns of the output.
+    pub fn product(&self, x: &[f32]) -> candle_core::Result<Vec<f32>> {
         let (n, k) = (self.rows(), self.cols);
-        let input = values_of(x, k)?;
-        let mut out = vec![0f32; input.len() / k * n];
+        let rows = rows_of(x, k)?;
+        let mut out = vec![0f32; rows * n];
         for chunk in self.chunks() {
             let (start, width) = (chunk.start - self.rows.start, chunk.len());
-            let part = multiply(&input, self.dequantize(chunk)?, (width, k), Orientation::Transposed)?;
+            let part = multiply(x, self.dequantize(chunk)?, (width, k), Orientation::Transposed)?;
             for (row, values) in out.chunks_exact_mut(n).zip(part.chunks_exact(width)) {
                 row[start..start + width].copy_from_slice(values);
             }
         }
-        with_width(out, x, n)
+        Ok(out)
     }
 
-    /// `g W` (`[..., out]` to `[..., in]`): the input's gradient given the output's, summed
-    /// over chunks of the weight's rows.
-    pub fn input_gradient(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+    /// `g W` of the rows `g` (each `out` values): the input's gradient given the output's, rows
+    /// of `in` values, summed over chunks of the weight's rows.
+    pub fn input_gradient(&self, g: &[f32]) -> candle_core::Result<Vec<f32>> {
         let (n, k) = (self.rows(), self.cols);
-        let gradient = values_of(g, n)?;
-        let mut out = vec![0f32; gradient.len() / n * k];
+        let rows = rows_of(g, n)?;
+        let mut out = vec![0f32; rows * k];
         for chunk in self.chunks() {
             let (start, width) = (chunk.start - self.rows.start, chunk.len());
             let columns: Vec<f32> =
-                gradient.chunks_exact(n).flat_map(|row| &row[start..start + width]).copied().collect();
+                g.chunks_exact(n).flat_map(|row| &row[start..start + width]).copied().collect();
             let part = multiply(&columns, self.dequantize(chunk)?, (width, k), Orientation::AsStored)?;
             out.iter_mut().zip(part).for_each(|(sum, value)| *sum += value);
         }
-        with_width(out, g, k)
+        Ok(out)
     }
 
     /// The weight's rows in chunks of about [`CHUNK_VALUES`] values.
@@ -152,26 +147,6 @@ impl QuantizedProduct {
     }
 }
 
-impl CustomOp1 for QuantizedProduct {
-    fn name(&self) -> &'static str {
-        "quantized-frozen-product"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("a frozen product takes a contiguous input")
-        };
-        let x = Tensor::from_slice(&storage.as_slice::<f32>()?[start..end], layout.shape(), &Device::Cpu)?;
-        let y = self.product(&x)?;
-        let shape = y.shape().clone();
-        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(self.input_gradient(grad_y)?))
-    }
-}
-
 /// The refusal of a quantized weight held off the host.
 fn on_device(device: &Device) -> Error {
     Error::InvalidModel(format!(
@@ -180,20 +155,12 @@ fn on_device(device: &Device) -> Error {
     ))
 }
 
-/// `x`'s values, f32 rows of `width`, on the host.
-fn values_of(x: &Tensor, width: usize) -> candle_core::Result<Vec<f32>> {
-    let last = x.dim(D::Minus1)?;
-    if last != width {
-        candle_core::bail!("rows of {last} values do not fit a product over {width}")
+/// The number of rows of `width` values in `x`.
+fn rows_of(x: &[f32], width: usize) -> candle_core::Result<usize> {
+    if width == 0 || !x.len().is_multiple_of(width) {
+        candle_core::bail!("{} values are not rows of {width} for a product", x.len())
     }
-    x.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
-}
-
-/// `values` shaped as `like` with its last axis `width` wide.
-fn with_width(values: Vec<f32>, like: &Tensor, width: usize) -> candle_core::Result<Tensor> {
-    let mut dims = like.dims().to_vec();
-    *dims.last_mut().expect("a product's input has an axis") = width;
-    Tensor::from_vec(values, dims, &Device::Cpu)
+    Ok(x.len() / width)
 }
 
 /// Rows `x` times the f32 chunk `w` (`[n, k]`) in `orientation`: split to bf16 parts for AMX
@@ -227,6 +194,7 @@ mod tests {
     use candle_core::Var;
 
     use super::*;
+    use crate::engine::candle::frozen_weight::FrozenWeight;
     use crate::engine::kernels::{AffineMatrix, BlockMatrix, BlockType, WeightDType, WeightMatrix};
 
     /// A `[rows, cols]` weight of smooth varied values, quantized by candle to `dtype`.
@@ -241,6 +209,7 @@ mod tests {
     fn check(layer: &Linear, rows: Range<usize>, reference: &Tensor, batch: usize) {
         let frozen = QuantizedProduct::of(layer, rows.clone()).unwrap();
         let (n, k) = (rows.len(), frozen.cols());
+        let frozen = FrozenWeight::Quantized(frozen);
         let w: Vec<f32> =
             reference.narrow(0, rows.start, n).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         let x = Tensor::randn(0f32, 1.0, (batch, 2, k), &Device::Cpu).unwrap();
