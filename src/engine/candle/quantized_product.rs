@@ -12,8 +12,9 @@ use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use super::frozen_product::FrozenProduct;
 use super::linear::{HostMatrix, Linear};
-use crate::engine::kernels::{self, Orientation, SplitMatrix};
+use crate::engine::kernels::Orientation;
 use crate::error::{Error, Result};
 
 /// Values of one dequantized chunk of rows: 4 MiB of f32.
@@ -163,29 +164,20 @@ fn rows_of(x: &[f32], width: usize) -> candle_core::Result<usize> {
     Ok(x.len() / width)
 }
 
-/// Rows `x` times the f32 chunk `w` (`[n, k]`) in `orientation`: split to bf16 parts for AMX
-/// where [`SplitMatrix`] takes it, else candle's f32 matmul.
+/// Rows `x` times the f32 chunk `w` (`[n, k]`) in `orientation`, as a float weight's frozen
+/// product multiplies it.
 fn multiply(
     x: &[f32],
     w: Vec<f32>,
     (n, k): (usize, usize),
     orientation: Orientation,
 ) -> candle_core::Result<Vec<f32>> {
-    let (inner, outer) = orientation.widths((n, k));
-    let rows = x.len() / inner;
-    if let Some(split) = SplitMatrix::new(&w, (n, k)) {
-        let mut out = vec![0f32; rows * outer];
-        if kernels::split_product(x, &split, orientation, &mut out) {
-            return Ok(out);
-        }
+    let chunk =
+        FrozenProduct::new(Tensor::from_vec(w, (n, k), &Device::Cpu)?).map_err(candle_core::Error::wrap)?;
+    match orientation {
+        Orientation::Transposed => chunk.product(x),
+        Orientation::AsStored => chunk.input_gradient(x),
     }
-    let (x, w) =
-        (Tensor::from_slice(x, (rows, inner), &Device::Cpu)?, Tensor::from_vec(w, (n, k), &Device::Cpu)?);
-    let y = match orientation {
-        Orientation::Transposed => x.matmul(&w.t()?)?,
-        Orientation::AsStored => x.matmul(&w)?,
-    };
-    y.flatten_all()?.to_vec1()
 }
 
 #[cfg(test)]
