@@ -6,9 +6,10 @@
 //! The weight is an f32 copy of a float checkpoint's ([`FrozenProduct`]), or a quantized
 //! checkpoint's weight as stored ([`QuantizedProduct`]).
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 
 use super::frozen_product::FrozenProduct;
+use super::fused::with_values;
 use super::quantized_product::QuantizedProduct;
 use crate::error::Result;
 
@@ -77,13 +78,7 @@ impl CustomOp1 for FrozenWeight {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let grad_y = grad_y.to_dtype(DType::F32)?.contiguous()?;
-        let gradient = match (&*grad_y.storage_and_layout().0, grad_y.layout().contiguous_offsets()) {
-            (Storage::Cpu(values), Some((start, end))) => {
-                self.input_gradient(&values.as_slice::<f32>()?[start..end])?
-            }
-            _ => candle_core::bail!("a frozen product's gradient is on the host"),
-        };
+        let gradient = with_values(grad_y, |g| self.input_gradient(g))?;
         let mut dims = grad_y.dims().to_vec();
         *dims.last_mut().expect("a product's output has an axis") = self.cols();
         Ok(Some(Tensor::from_vec(gradient, dims, &Device::Cpu)?))

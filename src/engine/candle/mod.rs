@@ -12,6 +12,7 @@ mod embedding;
 mod footprint;
 mod frozen_product;
 mod frozen_weight;
+mod fused;
 mod gemma;
 mod gguf;
 mod gguf_config;

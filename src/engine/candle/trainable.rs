@@ -1,17 +1,24 @@
-//! The training path: a shard's layers over whole sequences built only from candle ops that
-//! autograd differentiates (matmul, broadcast arithmetic, exp, sums), on frozen weights (f32
-//! copies of a float checkpoint's, a quantized checkpoint's as stored) with LoRA adapters
-//! added. The inference path's SIMD kernels, fused RMS norm, RoPE and softmax have no backward,
-//! so nothing here uses them; the numbers are the same up to rounding (the evaluation tests
-//! hold both to transformers).
+//! The training path: a shard's layers over whole sequences, on frozen weights (f32 copies of a
+//! float checkpoint's, a quantized checkpoint's as stored) with LoRA adapters added. Which
+//! path each op takes through autograd:
+//! - frozen products: [`FrozenWeight`], one op whose backward gives only the input's gradient;
+//! - RMS norms, RoPE, causal attention and SwiGLU: the ops of [`super::fused`], each with its
+//!   own backward;
+//! - the LoRA products and residual sums: candle's matmul and arithmetic, differentiated by
+//!   candle;
+//! - the head and its loss: [`head_loss`].
+//!
+//! The inference path's kernels have no backward, so nothing here uses them; the numbers are
+//! the same up to rounding (the evaluation tests hold both to transformers).
 
 use std::ops::Range;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 use super::config::ModelConfig;
 use super::frozen_product::FrozenProduct;
 use super::frozen_weight::FrozenWeight;
+use super::fused::{causal_attention, swiglu, HalfRotation, RmsNorm};
 use super::head_loss::head_loss;
 use super::linear::Linear;
 use super::lora::Adapters;
@@ -29,11 +36,11 @@ struct Frozen {
 /// One layer's frozen weights.
 struct DenseBlock {
     layer: i32,
-    input_norm: Tensor,
-    post_norm: Tensor,
+    input_norm: RmsNorm,
+    post_norm: RmsNorm,
     projections: Vec<(&'static str, Frozen)>,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
 }
 
 impl DenseBlock {
@@ -47,10 +54,9 @@ pub struct TrainableShard {
     shard: Shard,
     config: ModelConfig,
     blocks: Vec<DenseBlock>,
-    norm: Option<Tensor>,
+    norm: Option<RmsNorm>,
     head: Option<FrozenWeight>,
-    cos: Tensor,
-    sin: Tensor,
+    rope: HalfRotation,
 }
 
 /// The families whose layers this path builds (plain attention and gated MLP, unfused).
@@ -92,7 +98,9 @@ impl TrainableShard {
                 let bias = if bias { Some(model.dense(&format!("{prefix}.bias"), &[out])?) } else { None };
                 projections.push((name, Frozen { weight, bias }));
             }
-            let norm = |name: &str, len: usize| model.dense(&format!("{p}.{name}.weight"), &[len]);
+            let norm = |name: &str, len: usize| {
+                RmsNorm::new(&model.dense(&format!("{p}.{name}.weight"), &[len])?, config.rms_norm_eps)
+            };
             blocks.push(DenseBlock {
                 layer,
                 input_norm: norm("input_layernorm", hidden)?,
@@ -109,13 +117,16 @@ impl TrainableShard {
                     crate::error::Error::InvalidModel(format!("{} holds no LM head", shard.model_id))
                 })
             })?;
-            (Some(model.dense("model.norm.weight", &[hidden])?), Some(head))
+            (
+                Some(RmsNorm::new(&model.dense("model.norm.weight", &[hidden])?, config.rms_norm_eps)?),
+                Some(head),
+            )
         } else {
             (None, None)
         };
         let (cos, sin) = model.rope().tables(model.max_context())?;
-        let (cos, sin) = (cos.to_device(&Device::Cpu)?, sin.to_device(&Device::Cpu)?);
-        Ok(Self { shard, config, blocks, norm, head, cos, sin })
+        let rope = HalfRotation::new(&cos.to_device(&Device::Cpu)?, &sin.to_device(&Device::Cpu)?)?;
+        Ok(Self { shard, config, blocks, norm, head, rope })
     }
 
     /// The shard whose weights these are.
@@ -128,7 +139,7 @@ impl TrainableShard {
     pub fn forward(&self, x: &Tensor, adapters: &Adapters) -> Result<Tensor> {
         let x = self.layers(x, adapters)?;
         match (&self.norm, &self.head) {
-            (Some(norm), Some(head)) => head.apply(&rms_norm(&x, norm, self.config.rms_norm_eps)?),
+            (Some(norm), Some(head)) => head.apply(&norm.apply(&x)?),
             _ => Ok(x),
         }
     }
@@ -150,7 +161,7 @@ impl TrainableShard {
             )));
         };
         let x = self.layers(x, adapters)?;
-        head_loss(head, &rms_norm(&x, norm, self.config.rms_norm_eps)?, targets, lengths)
+        head_loss(head, &norm.apply(&x)?, targets, lengths)
     }
 
     fn layers(&self, x: &Tensor, adapters: &Adapters) -> Result<Tensor> {
@@ -162,18 +173,13 @@ impl TrainableShard {
     }
 
     fn block(&self, x: &Tensor, block: &DenseBlock, adapters: &Adapters) -> Result<Tensor> {
-        let eps = self.config.rms_norm_eps;
         let project =
             |name: &str, input: &Tensor| project(input, block.projection(name), adapters, block.layer, name);
-        let normed = rms_norm(x, &block.input_norm, eps)?;
-        let attended = self.attention(&normed, block, &project)?;
+        let attended = self.attention(&block.input_norm.apply(x)?, block, &project)?;
         let x = (x + project("o_proj", &attended)?)?;
-        let normed = rms_norm(&x, &block.post_norm, eps)?;
-        let gate = project("gate_proj", &normed)?;
-        // SiLU as x / (1 + e^-x), from differentiable parts.
-        let silu = (&gate / (gate.neg()?.exp()? + 1.0)?)?;
-        let mlp = project("down_proj", &(silu * project("up_proj", &normed)?)?)?;
-        Ok((x + mlp)?)
+        let normed = block.post_norm.apply(&x)?;
+        let activated = swiglu(&project("gate_proj", &normed)?, &project("up_proj", &normed)?)?;
+        Ok((&x + project("down_proj", &activated)?)?)
     }
 
     /// Causal self-attention over whole sequences: `[batch, seq, hidden]` in,
@@ -187,45 +193,16 @@ impl TrainableShard {
         let (b, seq, _) = x.dims3()?;
         let (heads, kv_heads, d) =
             (self.config.num_attention_heads, self.config.num_key_value_heads(), self.config.head_dim());
-        let eps = self.config.rms_norm_eps;
-        let split = |t: Tensor, n: usize, norm: &Option<Tensor>| -> Result<Tensor> {
-            // (b, seq, n * d) -> (b, seq, n, d) -> optional per-head norm -> (b, n, seq, d)
+        // (b, seq, n * d) -> (b, seq, n, d), then the optional per-head norm.
+        let split = |t: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
             let t = t.reshape((b, seq, n, d))?;
-            let t = match norm {
-                Some(w) => rms_norm(&t, w, eps)?,
-                None => t,
-            };
-            Ok(t.transpose(1, 2)?)
+            norm.as_ref().map_or(Ok(t.clone()), |norm| norm.apply(&t))
         };
-        let q = self.rotate(&split(project("q_proj", x)?, heads, &block.q_norm)?, seq)?;
-        let k = self.rotate(&split(project("k_proj", x)?, kv_heads, &block.k_norm)?, seq)?;
+        let q = self.rope.apply(&split(project("q_proj", x)?, heads, &block.q_norm)?)?;
+        let k = self.rope.apply(&split(project("k_proj", x)?, kv_heads, &block.k_norm)?)?;
         let v = split(project("v_proj", x)?, kv_heads, &None)?;
-        // Each key/value head serves `group` query heads: (b, kv, s, d) -> (b, kv * group, s, d).
-        let group = heads / kv_heads;
-        let widen = |t: Tensor| -> Result<Tensor> {
-            Ok(t.unsqueeze(2)?.broadcast_as((b, kv_heads, group, seq, d))?.reshape((b, heads, seq, d))?)
-        };
-        let (k, v) = (widen(k)?, widen(v)?);
-        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
-        let mask: Vec<f32> = (0..seq)
-            .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let scores = scores.broadcast_add(&Tensor::from_vec(mask, (seq, seq), &Device::Cpu)?)?;
-        let probs = softmax_last(&scores)?;
-        let out = probs.matmul(&v.contiguous()?)?;
-        // (b, heads, seq, d) -> (b, seq, heads * d)
-        Ok(out.transpose(1, 2)?.reshape((b, seq, heads * d))?)
-    }
-
-    /// RoPE on `[batch, heads, seq, head_dim]` as transformers applies it (halves rotated).
-    fn rotate(&self, x: &Tensor, seq: usize) -> Result<Tensor> {
-        let half = self.config.head_dim() / 2;
-        let cos = self.cos.narrow(0, 0, seq)?;
-        let sin = self.sin.narrow(0, 0, seq)?;
-        let (cos, sin) = (Tensor::cat(&[&cos, &cos], 1)?, Tensor::cat(&[&sin, &sin], 1)?);
-        let (first, second) = (x.narrow(D::Minus1, 0, half)?, x.narrow(D::Minus1, half, half)?);
-        let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
-        Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+        // (b, seq, heads, d) -> (b, seq, heads * d)
+        Ok(causal_attention(&q, &k, &v)?.reshape((b, seq, heads * d))?)
     }
 }
 
@@ -261,17 +238,4 @@ fn project(x: &Tensor, frozen: &Frozen, adapters: &Adapters, layer: i32, name: &
     let Some(pair) = adapters.pair(layer, name) else { return Ok(y) };
     let update = x.broadcast_matmul(&pair.a.as_tensor().t()?)?.broadcast_matmul(&pair.b.as_tensor().t()?)?;
     Ok((y + (update * adapters.config().scaling())?)?)
-}
-
-/// RMS norm over the last axis, as transformers computes it in f32.
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let scale = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&scale)?.broadcast_mul(weight)?)
-}
-
-/// Softmax over the last axis, stabilised by the row maximum (held constant, as it cancels).
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
-    let exp = shifted.exp()?;
-    Ok(exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?)
 }
