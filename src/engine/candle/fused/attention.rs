@@ -26,6 +26,8 @@ struct Sizes {
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
+    /// `1 / √head_dim`.
+    scale: f32,
 }
 
 impl Sizes {
@@ -36,7 +38,7 @@ impl Sizes {
         if k != v || (kb, ks, kd) != (batch, seq, head_dim) || kv_heads == 0 || heads % kv_heads != 0 {
             candle_core::bail!("attention's queries {q:?}, keys {k:?} and values {v:?} do not fit together")
         }
-        Ok(Self { batch, seq, heads, kv_heads, head_dim })
+        Ok(Self { batch, seq, heads, kv_heads, head_dim, scale: (head_dim as f32).sqrt().recip() })
     }
 
     /// The values of `head`'s row at `position` of sequence `b`, in a tensor of `heads` heads.
@@ -49,17 +51,13 @@ impl Sizes {
         self.heads / self.kv_heads
     }
 
-    fn scale(&self) -> f32 {
-        (self.head_dim as f32).sqrt().recip()
-    }
-
     /// The probabilities of query `i` of `head` over positions `0..=i`, written to `p`.
     fn probabilities(&self, q: &[f32], k: &[f32], (b, head, i): (usize, usize, usize), p: &mut [f32]) {
         let query = self.row(q, self.heads, b, i, head);
         let kv_head = head / self.group();
         let mut max = f32::NEG_INFINITY;
         for (j, p) in p[..=i].iter_mut().enumerate() {
-            *p = dot(query, self.row(k, self.kv_heads, b, j, kv_head)) * self.scale();
+            *p = dot(query, self.row(k, self.kv_heads, b, j, kv_head)) * self.scale;
             max = max.max(*p);
         }
         let mut sum = 0f32;
@@ -175,7 +173,7 @@ fn gradients(sizes: Sizes, q: &[f32], k: &[f32], v: &[f32], grad: &[f32]) -> (Ve
                     let expected: f32 = p[..=i].iter().zip(&dp[..=i]).map(|(p, dp)| p * dp).sum();
                     let query = sizes.row(q, sizes.heads, b, i, head);
                     for j in 0..=i {
-                        let ds = p[j] * (dp[j] - expected) * sizes.scale();
+                        let ds = p[j] * (dp[j] - expected) * sizes.scale;
                         add_scaled(dq_row, ds, sizes.row(k, kv_heads, b, j, kv_head));
                         add_scaled(&mut dk[j * d..(j + 1) * d], ds, query);
                         add_scaled(&mut dv[j * d..(j + 1) * d], p[j], upstream);
