@@ -1,4 +1,4 @@
-"""Shared fixtures: a synthetic tiny model, its tokenizer, the ChatGPT API served over a fake node
+"""Shared fixtures: a synthetic tiny model, its tokenizer, a tiny LLaVA model, the ChatGPT API served over a fake node
 and Python modules generated from the proto by grpcio-tools."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 
 from exo.inference.tokenizers import Tokenizer, resolve_tokenizer
 from exo.testing.synth import write_model
+from exo.testing.synth_llava import write_llava_model
 from support.app_harness import Served, reply_tokens, serve
 from support.fake_node import FakeNode
 
@@ -26,6 +27,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 async def tokenizer(model_dir: Path) -> Tokenizer:
     return await resolve_tokenizer(model_dir)
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_llava_model("tiny-llava", tmp_path_factory.mktemp("tiny-llava") / "f32")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from exo import errors
-from exo.api import model_routes
+from exo.api import model_choice, model_routes
 from exo.inference.shard import Shard
 from exo.inference.tokenizers import Tokenizer
 from support.app_harness import REPLY, Served, reply_tokens, serve, wait_until
@@ -368,6 +368,15 @@ async def test_info_routes(served: Served) -> None:
             assert (await r.json())["error"]["code"] == "not_found"
     listed = await served.client().models.list()
     assert listed.data[0].id == served.api.default_model
+
+
+async def test_models_say_which_take_images(served: Served, llava_dir: Path) -> None:
+    async with aiohttp.ClientSession() as session, session.get(served.url + "/v1/models") as r:
+        listed = {m["id"]: m["vision"] for m in (await r.json())["data"]}
+    assert listed[served.api.default_model] is False
+    assert (listed["llava-1.5-7b-hf"], listed["llama-3.2-1b"]) == (True, False)
+    # A local model directory says so in its config.json.
+    assert model_choice.takes_images(str(llava_dir))
 
 
 async def test_cors(served: Served) -> None:

@@ -27,16 +27,11 @@ from exo.inference.shard import Shard
 from exo.inference.tokenizers import Tokenizer, resolve_tokenizer
 from exo.inference.vision import ImageProcessor, vision_messages
 from exo.testing.synth import write_model
-from exo.testing.synth_llava import synthetic_image, write_llava_model
+from exo.testing.synth_llava import synthetic_image
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "llava" / "tiny-llava.json").read_text())
 F32_TOLERANCE = 1e-4
 LAYERS = 4
-
-
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_llava_model("tiny-llava", tmp_path_factory.mktemp("tiny-llava") / "f32")
 
 
 @pytest.fixture(scope="module")

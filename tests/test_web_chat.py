@@ -1,4 +1,5 @@
-"""The web chat page in headless Chromium (the OS's package, driven by Playwright): send, stream, persist."""
+"""The web chat page in headless Chromium (the OS's package, driven by Playwright): send, stream, persist, and the
+Image button for vision models only."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 from playwright.async_api import Dialog, async_playwright
 
-from exo.inference.tokenizers import Tokenizer
+from exo.inference.tokenizers import Tokenizer, resolve_tokenizer
+from exo.testing.synth_llava import synthetic_image
 from support.app_harness import REPLY, Served, reply_tokens, serve
 from support.fake_node import FakeNode
 from support.web_chat import CHROMIUM, web_chat_page
@@ -73,6 +75,42 @@ async def test_server_errors_are_shown(served: Served) -> None:
             assert "went away" in await page.text_content("#error")
         finally:
             await browser.close()
+
+
+async def test_the_image_button_is_hidden_for_a_text_model(served: Served) -> None:
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page()
+            await page.goto(served.url + "/")
+            await page.wait_for_function("document.querySelectorAll('#model-select option').length > 0")
+            assert await page.is_hidden("#attach")
+        finally:
+            await browser.close()
+
+
+async def test_the_image_button_shows_for_a_vision_model_only(llava_dir: Path, tmp_path: Path) -> None:
+    """Shown for LLaVA; hidden, and the attached image dropped, on switching to a text model; shown again after."""
+    picture = tmp_path / "picture.png"
+    synthetic_image().save(picture)
+    tokenizer = await resolve_tokenizer(llava_dir)
+    async for s in serve(FakeNode(reply_tokens(tokenizer)), llava_dir, tokenizer):
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+            try:
+                page = await browser.new_page()
+                await page.goto(s.url + "/")
+                await page.wait_for_selector("#attach", state="visible")
+                await page.set_input_files("#image-file", str(picture))
+                await page.wait_for_selector("#attachment:not([hidden])")
+                await page.select_option("#model-select", "llama-3.2-1b")
+                assert await page.is_hidden("#attach")
+                assert await page.is_hidden("#attachment")
+                await page.select_option("#model-select", str(llava_dir))
+                assert await page.is_visible("#attach")
+                assert await page.is_hidden("#attachment")
+            finally:
+                await browser.close()
 
 
 async def test_a_node_with_an_api_key_asks_for_it_once(model_dir: Path, tokenizer: Tokenizer) -> None:

@@ -53,6 +53,7 @@ __all__ = [
     "downloads_dir",
     "exo_home",
     "expert_routes",
+    "get_architecture",
     "get_pretty_name",
     "get_repo",
     "get_supported_models",
@@ -684,6 +685,9 @@ def reset_model_cards() -> None:
 
 def get_repo(model_id: str, inference_engine_classname: str) -> str | None: ...
 def get_pretty_name(model_id: str) -> str | None: ...
+def get_architecture(model_id: str) -> str | None:
+    """The `model_type` of a registry model's weights; None for an unknown id or one added at run time."""
+
 def unavailable_reason(model_id: str, inference_engine_classname: str) -> str | None:
     """Why the engine (a name or class name) can load nothing the id names, naming both; None when it can."""
 

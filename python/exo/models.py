@@ -184,6 +184,12 @@ def get_pretty_name(model_id: str) -> str | None:
     return _core.get_pretty_name(model_id)
 
 
+def get_architecture(model_id: str) -> str | None:
+    """The `model_type` of a registry model's weights (`llama`, `llava`, ...); None for an id the registry does not
+    know or one added at run time, whose weights' `config.json` decides."""
+    return _core.get_architecture(model_id)
+
+
 def build_base_shard(model_id: str, inference_engine_classname: str) -> Shard | None:
     """`Shard(model_id, 0, 0, n_layers)`, or None when the engine has no repository for the model or its
     layer count is not known without network (see `build_base_shard_async`)."""
@@ -221,6 +227,7 @@ __all__ = [
     "build_base_shard",
     "build_base_shard_async",
     "build_full_shard",
+    "get_architecture",
     "get_pretty_name",
     "get_repo",
     "get_supported_models",

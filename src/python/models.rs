@@ -84,6 +84,13 @@ fn get_pretty_name(model_id: &str) -> Option<&'static str> {
     models::get_pretty_name(model_id)
 }
 
+/// The `model_type` of a registry model's weights (`llama`, `llava`, ...); None for an id the
+/// registry does not know or one added at run time, whose weights' `config.json` decides.
+#[pyfunction]
+fn get_architecture(model_id: &str) -> Option<&'static str> {
+    models::model_card(model_id)?.architecture
+}
+
 /// Registry models that every list of engines (names or class names) can run.
 #[pyfunction]
 #[pyo3(signature = (supported_inference_engine_lists=None))]
@@ -137,6 +144,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reset_model_cards, m)?)?;
     m.add_function(wrap_pyfunction!(get_repo, m)?)?;
     m.add_function(wrap_pyfunction!(get_pretty_name, m)?)?;
+    m.add_function(wrap_pyfunction!(get_architecture, m)?)?;
     m.add_function(wrap_pyfunction!(unavailable_reason, m)?)?;
     m.add_function(wrap_pyfunction!(get_supported_models, m)?)?;
     m.add_function(wrap_pyfunction!(build_base_shard, m)?)?;

@@ -12,6 +12,7 @@ from exo import models
 from exo.api.chat_request import ApiError
 from exo.inference.inference_engine import inference_engine_classes
 from exo.inference.shard import Shard
+from exo.inference.vision import VISION_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +29,30 @@ class ResolvedModel:
     engine_classname: str
 
 
-def local_model_layers(path: str) -> int | None:
-    """The layer count of a local model directory (`config.json`'s `num_hidden_layers`), or None if not one."""
+def _local_config(path: str) -> dict[str, Any]:
+    """The `config.json` of a local model directory, or {} if not one."""
     config_path = Path(path).expanduser() / "config.json"
     if not config_path.is_file():
-        return None
+        return {}
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         logger.debug("Unreadable model config %s: %s", config_path, e)
-        return None
-    layers = config.get("num_hidden_layers") if isinstance(config, dict) else None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def local_model_layers(path: str) -> int | None:
+    """The layer count of a local model directory (`config.json`'s `num_hidden_layers`), or None if not one."""
+    layers = _local_config(path).get("num_hidden_layers")
     return layers if isinstance(layers, int) and layers > 0 else None
+
+
+def takes_images(model_id: str) -> bool:
+    """Whether `model_id` is a vision model (LLaVA), as the registry or a local model directory's `config.json` says;
+    False for a model neither knows (a hub repo id, a card added at run time)."""
+    model_type = models.get_architecture(model_id) or _local_config(model_id).get("model_type")
+    return model_type in VISION_MODEL_TYPES
 
 
 def supported_model_ids(engine_classname: str) -> list[str]:

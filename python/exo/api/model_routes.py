@@ -1,6 +1,6 @@
-"""The model routes of the API: the models a node can run (`/models`, `/initial_models`), their download
-states (`/modelpool`, `/v1/download/progress`), starting a download (`/download`) and deleting one
-(`DELETE /models/{name}`)."""
+"""The model routes of the API: the models a node can run (`/models`, whose `vision` says which take images, and
+`/initial_models`), their download states (`/modelpool`, `/v1/download/progress`), starting a download (`/download`)
+and deleting one (`DELETE /models/{name}`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ from typing import Any
 from aiohttp import web
 
 from exo.api.chat_request import ApiError, bad_request, parse_json_object
-from exo.api.model_choice import cluster_engine_classnames, pretty_name, resolve_model, supported_model_ids
+from exo.api.model_choice import (
+    cluster_engine_classnames,
+    pretty_name,
+    resolve_model,
+    supported_model_ids,
+    takes_images,
+)
 from exo.api.responses import SSE_HEADERS, sse
 from exo.api.server import ApiServer
 from exo.download.new_shard_download import delete_model
@@ -48,6 +54,7 @@ class ModelRoutes(ApiServer):
                 "owned_by": "exo",
                 "ready": True,
                 "name": pretty_name(model_id),
+                "vision": takes_images(model_id),
             }
             for model_id in self._listed_models()
         ]

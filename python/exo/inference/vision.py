@@ -28,6 +28,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # `CLIPVisionConfig`'s defaults, and the tower LLaVA's config makes when it gives none.
 CLIP_DEFAULTS = {"image_size": 224, "patch_size": 32}
 LLAVA_VISION_DEFAULTS = {"image_size": 336, "patch_size": 14}
+# The `model_type`s of the models that take images.
+VISION_MODEL_TYPES = ("llava",)
 # Pillow's BICUBIC, `CLIPImageProcessor`'s resampling filter.
 BICUBIC = 3
 
@@ -80,7 +82,7 @@ class ImageProcessor:
         """The processor of the model in `model_dir`, or None when the model takes no images (not LLaVA)."""
         model_dir = Path(model_dir)
         config = _read_json(model_dir / "config.json")
-        if config.get("model_type") != "llava":
+        if config.get("model_type") not in VISION_MODEL_TYPES:
             return None
         given = config.get("vision_config")
         vision = {**CLIP_DEFAULTS, **given} if isinstance(given, dict) else LLAVA_VISION_DEFAULTS
@@ -214,6 +216,7 @@ def image_from_file(path: str | Path) -> Any:
 
 
 __all__ = [
+    "VISION_MODEL_TYPES",
     "ImageError",
     "ImageProcessor",
     "image_from_data_url",

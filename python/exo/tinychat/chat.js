@@ -290,15 +290,26 @@
         const option = el("option", "", model.name || model.id);
         option.value = model.id;
         option.dataset.name = model.name || model.id;
+        option.dataset.vision = String(Boolean(model.vision));
         els.model.append(option);
       }
       if (state.model && data.some((m) => m.id === state.model)) els.model.value = state.model;
       else if (data.length) state.model = data[0].id;
       save();
+      fitAttachToModel();
       refreshModelPool();
     } catch (e) {
       showError(`Could not list models: ${e.message}`);
     }
+  }
+
+  // Only a vision model (`vision` in /v1/models) takes images: the Image button shows for it alone, and an image
+  // attached for one is dropped on switching to a model without.
+  function fitAttachToModel() {
+    const option = els.model.selectedOptions[0];
+    const vision = Boolean(option) && option.dataset.vision === "true";
+    els.attach.hidden = !vision;
+    if (!vision) setPendingImage(null);
   }
 
   async function refreshModelPool() {
@@ -451,6 +462,7 @@
   els.model.addEventListener("change", () => {
     state.model = els.model.value;
     save();
+    fitAttachToModel();
   });
 
   renderAll();
