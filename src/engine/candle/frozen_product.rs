@@ -36,6 +36,32 @@ impl FrozenProduct {
         })
     }
 
+    /// Products with the row-major `[rows, cols]` weight stored as `bytes` of `dtype` (f32,
+    /// bf16 or f16, little-endian), split from those bytes with no f32 copy of the whole.
+    pub fn from_stored(bytes: &[u8], dtype: DType, (rows, cols): (usize, usize)) -> Result<Self> {
+        let size = dtype.size_in_bytes();
+        if bytes.len() != rows * cols * size || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(crate::error::Error::InvalidModel(format!(
+                "{} bytes of {dtype:?} are no [{rows}, {cols}] float weight",
+                bytes.len()
+            )));
+        }
+        let decode = |row: usize, out: &mut [f32]| {
+            let values = bytes[row * cols * size..(row + 1) * cols * size].chunks_exact(size);
+            for (out, value) in out.iter_mut().zip(values) {
+                *out = match dtype {
+                    DType::BF16 => half::bf16::from_le_bytes([value[0], value[1]]).to_f32(),
+                    DType::F16 => half::f16::from_le_bytes([value[0], value[1]]).to_f32(),
+                    _ => f32::from_le_bytes([value[0], value[1], value[2], value[3]]),
+                };
+            }
+        };
+        match SplitMatrix::from_rows((rows, cols), decode) {
+            Some(split) => Ok(Self::Split(Arc::new(split))),
+            None => Self::new(Tensor::from_raw_buffer(bytes, dtype, &[rows, cols], &Device::Cpu)?),
+        }
+    }
+
     /// Output features.
     pub fn rows(&self) -> usize {
         match self {
@@ -136,5 +162,56 @@ mod tests {
             let (grad, plain) = (grads.get(x.as_tensor()).unwrap(), plain.get(x.as_tensor()).unwrap());
             assert!(difference(grad, plain) < tolerance, "{out}x{input}: {}", difference(grad, plain));
         }
+    }
+
+    /// A weight taken from its stored bytes multiplies exactly as the same values given as a
+    /// tensor, in each float dtype, split (whole tiles) or not; bytes that do not fit are refused.
+    #[test]
+    fn a_stored_weight_multiplies_as_its_tensor() {
+        let device = Device::Cpu;
+        for (out, input) in [(5, 3), (64, 32)] {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let weight =
+                    Tensor::randn(0f32, 1.0, (out, input), &device).unwrap().to_dtype(dtype).unwrap();
+                let bytes: Vec<u8> = match dtype {
+                    DType::F32 => weight
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect(),
+                    DType::BF16 => weight
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<half::bf16>()
+                        .unwrap()
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect(),
+                    _ => weight
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<half::f16>()
+                        .unwrap()
+                        .iter()
+                        .flat_map(|v| v.to_le_bytes())
+                        .collect(),
+                };
+                let stored = FrozenProduct::from_stored(&bytes, dtype, (out, input)).unwrap();
+                let given = FrozenProduct::new(weight).unwrap();
+                let x: Vec<f32> = (0..3 * input).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+                assert_eq!(
+                    stored.product(&x).unwrap(),
+                    given.product(&x).unwrap(),
+                    "{dtype:?} {out}x{input}"
+                );
+                let g: Vec<f32> = (0..3 * out).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
+                assert_eq!(stored.input_gradient(&g).unwrap(), given.input_gradient(&g).unwrap());
+            }
+        }
+        let message = FrozenProduct::from_stored(&[0; 10], DType::F32, (2, 2)).err().unwrap().to_string();
+        assert!(message.contains("10 bytes of F32 are no [2, 2] float weight"), "{message}");
     }
 }

@@ -708,6 +708,21 @@ impl ShardModel {
         }
     }
 
+    /// The float matrix `name` of `shape` as the checkpoint stores it (bytes read in place, and
+    /// their dtype), for the training path to take without a copy; `None` where [`Self::dense`]
+    /// must make it (the inference adapter merged into it) or it is no float weight.
+    pub fn stored_matrix(&self, name: &str, shape: [usize; 2]) -> Result<Option<(&[u8], DType)>> {
+        match &self.weights {
+            ShardTensors::Safetensors { weights, adapter, .. } if self.is_float(name) => {
+                if adapter.as_ref().is_some_and(|adapter| adapter.adapts(&[(name.to_string(), shape[0])])) {
+                    return Ok(None);
+                }
+                Ok(Some(weights.stored_matrix(name, shape)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Whether the training path copies the matrix `name` to f32 ([`Self::dense`]): a float
     /// weight of a safetensors checkpoint loaded without --quantize. It multiplies the others
     /// (GGUF, MLX-quantized, quantized at load) as the inference layers hold them.

@@ -214,6 +214,9 @@ fn frozen<'a>(
     [out, input]: [usize; 2],
     stored: impl FnOnce() -> Result<(&'a Linear, Range<usize>)>,
 ) -> Result<FrozenWeight> {
+    if let Some((bytes, dtype)) = model.stored_matrix(name, [out, input])? {
+        return Ok(FrozenWeight::Float(FrozenProduct::from_stored(bytes, dtype, (out, input))?));
+    }
     if model.is_float(name) {
         return Ok(FrozenWeight::Float(FrozenProduct::new(model.dense(name, &[out, input])?)?));
     }

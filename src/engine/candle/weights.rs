@@ -368,6 +368,13 @@ impl ShardWeights {
         WeightMatrix::new(Arc::new(copy), 0..len, rows, cols, dtype)
     }
 
+    /// The bytes of the float matrix `name` of `shape` as stored (read in place from the map),
+    /// with their dtype.
+    pub fn stored_matrix(&self, name: &str, shape: [usize; 2]) -> Result<(&[u8], DType)> {
+        let stored = self.stored(name, &shape)?;
+        Ok((&stored.map[stored.range.clone()], candle_dtype(name, stored.dtype)?))
+    }
+
     /// Weights that share their input (`parts`: name and rows of each, all `cols` wide and of
     /// one dtype) as one `[rows, cols]` tensor on `device`, in their stored dtype: what an
     /// accelerator multiplies, as [`Self::stacked_matrix`] is for the host kernels.

@@ -44,16 +44,32 @@ impl SplitMatrix {
     /// the shape is not whole tiles (32 rows and 32 columns at a time), and the products of
     /// [`split_product`] would not run.
     pub fn new(values: &[f32], (rows, cols): (usize, usize)) -> Option<Self> {
-        if !usable(rows, cols) || values.len() != rows * cols {
+        if values.len() != rows * cols {
+            return None;
+        }
+        Self::from_rows((rows, cols), |row, out| out.copy_from_slice(&values[row * cols..(row + 1) * cols]))
+    }
+
+    /// As [`Self::new`], each row's values written by `row_values(row, out)`: weights decoded
+    /// a row at a time, with no f32 copy of the whole.
+    pub fn from_rows(
+        (rows, cols): (usize, usize),
+        row_values: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Option<Self> {
+        if !usable(rows, cols) {
             return None;
         }
         let mut parts = vec![0u16; 2 * rows * cols];
-        parts.par_chunks_exact_mut(2 * cols).zip(values.par_chunks_exact(cols)).for_each(|(row, values)| {
-            let (hi, lo) = row.split_at_mut(cols);
-            for ((hi, lo), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(values) {
-                (*hi, *lo) = split(v);
-            }
-        });
+        parts.par_chunks_exact_mut(2 * cols).enumerate().for_each_init(
+            || vec![0f32; cols],
+            |values, (row, parts)| {
+                row_values(row, values);
+                let (hi, lo) = parts.split_at_mut(cols);
+                for ((hi, lo), &v) in hi.iter_mut().zip(lo.iter_mut()).zip(values.iter()) {
+                    (*hi, *lo) = split(v);
+                }
+            },
+        );
         let with_lo = parts.par_chunks_exact(2 * cols).any(|row| !row[cols..].iter().all(|&b| is_zero(b)));
         let parts: Arc<[u16]> = if with_lo {
             parts.into()
