@@ -3,7 +3,7 @@
 //! product with a frozen projection costs, every training step, a weight-sized product and a
 //! weight-sized buffer that nothing reads.
 //!
-//! The weight is an f32 copy of a float checkpoint's ([`FrozenProduct`]), or a quantized
+//! The weight is a float checkpoint's, split for the products ([`FrozenProduct`]), or a quantized
 //! checkpoint's weight as stored ([`QuantizedProduct`]).
 
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};

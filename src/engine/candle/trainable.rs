@@ -1,6 +1,6 @@
-//! The training path: a shard's layers over whole sequences, on frozen weights (f32 copies of a
-//! float checkpoint's, a quantized checkpoint's as stored) with LoRA adapters added. Which
-//! path each op takes through autograd:
+//! The training path: a shard's layers over whole sequences, on frozen weights (a float
+//! checkpoint's split from its map, a quantized checkpoint's as stored) with LoRA adapters
+//! added. Which path each op takes through autograd:
 //! - frozen products: [`FrozenWeight`], one op whose backward gives only the input's gradient;
 //! - RMS norms, RoPE, causal attention and SwiGLU: the ops of [`super::fused`], each with its
 //!   own backward;
@@ -206,8 +206,9 @@ impl TrainableShard {
     }
 }
 
-/// The frozen weight `name` (`[out, in]`): an f32 copy where `model` holds it as a float weight,
-/// else rows of the inference layer that `stored` gives, multiplied as that layer holds them.
+/// The frozen weight `name` (`[out, in]`): a float weight taken from the checkpoint's bytes, or
+/// from an f32 copy where the inference adapter was merged into it; else rows of the inference
+/// layer that `stored` gives, multiplied as that layer holds them.
 fn frozen<'a>(
     model: &'a ShardModel,
     name: &str,
