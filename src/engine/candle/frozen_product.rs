@@ -173,32 +173,17 @@ mod tests {
             for dtype in [DType::F32, DType::BF16, DType::F16] {
                 let weight =
                     Tensor::randn(0f32, 1.0, (out, input), &device).unwrap().to_dtype(dtype).unwrap();
-                let bytes: Vec<u8> = match dtype {
-                    DType::F32 => weight
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<f32>()
-                        .unwrap()
-                        .iter()
-                        .flat_map(|v| v.to_le_bytes())
-                        .collect(),
-                    DType::BF16 => weight
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<half::bf16>()
-                        .unwrap()
-                        .iter()
-                        .flat_map(|v| v.to_le_bytes())
-                        .collect(),
-                    _ => weight
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1::<half::f16>()
-                        .unwrap()
-                        .iter()
-                        .flat_map(|v| v.to_le_bytes())
-                        .collect(),
-                };
+                // Each value is exact in `dtype`, so encoding it from f32 loses nothing.
+                let values =
+                    weight.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let bytes: Vec<u8> = values
+                    .iter()
+                    .flat_map(|&v| match dtype {
+                        DType::F32 => v.to_le_bytes().to_vec(),
+                        DType::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+                        _ => half::f16::from_f32(v).to_le_bytes().to_vec(),
+                    })
+                    .collect();
                 let stored = FrozenProduct::from_stored(&bytes, dtype, (out, input)).unwrap();
                 let given = FrozenProduct::new(weight).unwrap();
                 let x: Vec<f32> = (0..3 * input).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();

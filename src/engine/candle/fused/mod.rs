@@ -63,3 +63,19 @@ fn add_scaled(y: &mut [f32], alpha: f32, x: &[f32]) {
 fn largest_difference(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
+
+/// Asserts that an op's output `ours` equals `reference` (the same op from candle's own ops),
+/// and that the gradients of each of `inputs` through both agree, for a random upstream
+/// gradient, all within `tolerance`.
+#[cfg(test)]
+fn assert_same_op(ours: Tensor, reference: Tensor, inputs: &[&Tensor], tolerance: f32) {
+    let difference = largest_difference(&ours, &reference);
+    assert!(difference < tolerance, "output: {difference}");
+    let upstream = Tensor::randn(0f32, 1.0, ours.shape(), ours.device()).unwrap();
+    let grad = |y: Tensor| (y * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+    let (ours, reference) = (grad(ours), grad(reference));
+    for (i, input) in inputs.iter().enumerate() {
+        let difference = largest_difference(ours.get(input).unwrap(), reference.get(input).unwrap());
+        assert!(difference < tolerance, "gradient of input {i}: {difference}");
+    }
+}
