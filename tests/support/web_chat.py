@@ -14,6 +14,17 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @contextlib.asynccontextmanager
+async def browser_page(**options: Any) -> AsyncIterator[Page]:
+    """A new page (Playwright's `new_page` `options`) in headless Chromium, closed after."""
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield await browser.new_page(**options)
+        finally:
+            await browser.close()
+
+
+@contextlib.asynccontextmanager
 async def web_chat_page(node: Any, model_dir: Path) -> AsyncIterator[Page]:
     """A page open on the web chat of an API over `node` (candle, default model `model_dir`);
     the browser and the API stop after."""
@@ -24,13 +35,8 @@ async def web_chat_page(node: Any, model_dir: Path) -> AsyncIterator[Page]:
     port = find_available_port("127.0.0.1")
     await api.run(host="127.0.0.1", port=port)
     try:
-        async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-            try:
-                page = await browser.new_page(viewport={"width": 1280, "height": 800})
-                await page.goto(f"http://127.0.0.1:{port}/")
-                yield page
-            finally:
-                await browser.close()
+        async with browser_page(viewport={"width": 1280, "height": 800}) as page:
+            await page.goto(f"http://127.0.0.1:{port}/")
+            yield page
     finally:
         await api.stop()
