@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 
 use super::frozen_product::FrozenProduct;
-use super::fused::with_values;
+use super::fused::{input_values, with_values};
 use super::quantized_product::QuantizedProduct;
 use crate::error::Result;
 
@@ -68,10 +68,7 @@ impl CustomOp1 for FrozenWeight {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("a frozen product takes a contiguous input")
-        };
-        let y = self.product(&storage.as_slice::<f32>()?[start..end])?;
+        let y = self.product(input_values(storage, layout, "a frozen product")?)?;
         let mut dims = layout.dims().to_vec();
         *dims.last_mut().expect("a product's input has an axis") = self.rows();
         Ok((CpuStorage::F32(y), Shape::from(dims)))

@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::frozen_weight::FrozenWeight;
+use super::fused::input_values;
 use super::loss::scored_positions;
 use crate::error::{Error, Result};
 
@@ -61,10 +62,7 @@ impl CustomOp1 for HeadLoss {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("the head's loss takes contiguous hidden states")
-        };
-        let x = &storage.as_slice::<f32>()?[start..end];
+        let x = input_values(storage, layout, "the head's loss")?;
         let (positions, hidden) = layout.shape().dims2()?;
         let vocab = self.head.rows();
         let mut loss = 0f64;

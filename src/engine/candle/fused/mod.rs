@@ -18,7 +18,11 @@ pub use swiglu::swiglu;
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 
 /// The values of a contiguous op input.
-fn input_values<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+pub(super) fn input_values<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [f32]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&storage.as_slice::<f32>()?[start..end]),
         None => candle_core::bail!("{op} takes contiguous inputs"),
